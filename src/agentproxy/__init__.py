@@ -1,0 +1,1 @@
+"""agentproxy: a sidecar authorization proxy for AI agents."""

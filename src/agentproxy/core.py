@@ -1,0 +1,153 @@
+"""The shared types: what is asked (`Action`), who asks (`Principal`), what was decided
+(`Decision`) and the one mutable record of a call (`Call`).
+
+Values are frozen and check their invariants when built, so no caller has to.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from agentproxy.errors import Refusal
+
+EMPTY: Mapping[str, Any] = MappingProxyType({})
+
+
+class Effect(enum.Enum):
+    ALLOW = "allow"
+    DENY = "deny"
+    REQUIRE_APPROVAL = "require_approval"
+
+
+class Mode(enum.Enum):
+    ENFORCE = "enforce"
+    SHADOW = "shadow"
+
+
+@dataclass(frozen=True, slots=True)
+class Action:
+    """What the caller asks for, as one protocol adapter names it.
+
+    `name` is the canonical action (`http:GET /v1/employees/42`) that policy globs match;
+    `target` is the normalized path (or method, tool, model) that is also what gets forwarded.
+    """
+
+    protocol: str
+    operation: str
+    target: str
+    query: Mapping[str, str | tuple[str, ...]] = EMPTY
+    args: Any = None
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.protocol or ":" in self.protocol:
+            raise ValueError(f"invalid protocol {self.protocol!r}")
+        if not self.name:
+            sep = " " if self.protocol == "http" else "/"
+            object.__setattr__(self, "name", f"{self.protocol}:{self.operation}{sep}{self.target}")
+        elif not self.name.startswith(self.protocol + ":"):
+            raise ValueError(f"action {self.name!r} does not start with {self.protocol!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """Who is calling: the agent now acting, the user it acts for, and earlier actors.
+
+    RFC 8693 §4.1: with an `act` claim the token's subject is the user and `act.sub` the
+    current actor; nested `act` claims are earlier actors. `chain` lists those earlier actors,
+    the earliest first. Without `act` the subject is the agent and `acting_for` is None.
+    """
+
+    agent: str
+    acting_for: str | None = None
+    chain: tuple[str, ...] = ()
+    roles: frozenset[str] = frozenset()
+    claims: Mapping[str, Any] = EMPTY
+    issuer: str = ""
+    token_id: str | None = None
+    expires_at: float = 0.0
+    task: str | None = None
+
+    def __post_init__(self) -> None:
+        for value in (self.agent, self.acting_for, *self.chain):
+            if value is not None and not is_safe_identifier(value):
+                raise ValueError(f"unsafe identifier {value!r} in principal")
+        if not self.agent:
+            raise ValueError("a principal needs an agent")
+
+
+def is_safe_identifier(value: str) -> bool:
+    """Identifiers travel in headers and logs: non-empty, bounded, no control characters."""
+    return 0 < len(value) <= 256 and value.isprintable()
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """The policy's answer. Only the default deny has no rule.
+
+    `enforced` is False when the deciding rule is in shadow mode. `shadow_effect` and
+    `shadow_rule` say what the policy would have decided had its shadow rules been enforced,
+    when that differs from `effect`.
+    """
+
+    effect: Effect
+    rule_id: str | None
+    reason: str
+    policy_version: str
+    matched_action: str | None = None
+    shadow_effect: Effect | None = None
+    shadow_rule: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.rule_id is None and self.effect is not Effect.DENY:
+            raise ValueError("only the default deny may lack a rule id")
+        if self.shadow_rule is not None and self.shadow_effect is None:
+            raise ValueError("shadow_rule requires shadow_effect")
+
+
+@dataclass(frozen=True, slots=True)
+class TraceContext:
+    """W3C Trace Context (traceparent): the trace we continue and our own span in it."""
+
+    trace_id: str
+    span_id: str
+    flags: str = "01"
+    state: str | None = None
+
+    @property
+    def traceparent(self) -> str:
+        return f"00-{self.trace_id}-{self.span_id}-{self.flags}"
+
+
+@dataclass(slots=True, eq=False)
+class Call:
+    """The one mutable record of a call, walked through the pipeline once and recorded once.
+
+    Once `refusal` is set nothing is forwarded. `bearer` is the raw credential: it is read by
+    the identify stage and never logged, forwarded or recorded.
+    """
+
+    id: str
+    action: Action
+    upstream: str
+    started: float
+    now: float
+    trace: TraceContext
+    bearer: str | None = field(default=None, repr=False)
+    declared_task: str | None = None
+    principal: Principal | None = None
+    task: str | None = None
+    decision: Decision | None = None
+    enforced: bool = True
+    refusal: Refusal | None = None
+    status: int | None = None
+    error: str | None = None
+    decision_seconds: float | None = None
+    upstream_seconds: float | None = None
+    bytes_in: int = 0
+    bytes_out: int = 0

@@ -1,0 +1,134 @@
+"""The faults that refuse a call.
+
+A policy deny is a value (`core.Decision`); everything in this module is an exception that
+stops a call. Each class carries whose fault it is and the status it maps to, so the entry
+points have one `except Refusal` and render it in their own protocol (h11's `ProtocolError`
+carries a status hint the same way). Detail lives in fields, not in more classes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import ClassVar, Literal
+
+Fault = Literal["client", "policy", "proxy", "upstream"]
+
+PROBLEM_BASE = "https://agentproxy.dev/problems/"
+
+
+class Refusal(Exception):
+    """A call that will not be forwarded (or could not be completed).
+
+    `detail` is shown to the caller: it must never hold a token or a secret.
+    `headers` are extra response headers the protocol adapter may emit (e.g. `Retry-After`).
+    """
+
+    status: ClassVar[int] = 500
+    problem: ClassVar[str] = "internal"
+    title: ClassVar[str] = "Internal error"
+    fault: ClassVar[Fault] = "proxy"
+
+    def __init__(
+        self,
+        detail: str,
+        *,
+        rule: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.rule = rule
+        self.headers: Mapping[str, str] = headers or {}
+
+    @property
+    def problem_type(self) -> str:
+        return PROBLEM_BASE + self.problem
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.detail!r})"
+
+
+class BadRequest(Refusal):
+    """The request cannot be interpreted unambiguously (path tricks, bad headers)."""
+
+    status = 400
+    problem = "bad-request"
+    title = "Bad request"
+    fault = "client"
+
+
+class Unauthenticated(Refusal):
+    """No credential, or one that does not verify. Maps to 401 + `WWW-Authenticate`."""
+
+    status = 401
+    problem = "unauthenticated"
+    title = "Unauthenticated"
+    fault = "client"
+
+
+class Denied(Refusal):
+    """The policy refused the call (an enforced deny or default deny)."""
+
+    status = 403
+    problem = "denied"
+    title = "Denied by policy"
+    fault = "policy"
+
+
+class NoRoute(Refusal):
+    """No upstream is configured for this request."""
+
+    status = 404
+    problem = "no-route"
+    title = "No upstream for this path"
+    fault = "client"
+
+
+class PayloadTooLarge(Refusal):
+    status = 413
+    problem = "payload-too-large"
+    title = "Request body too large"
+    fault = "client"
+
+
+class Unavailable(Refusal):
+    """A dependency the decision needs is down (identity keys, store, audit): fail closed.
+
+    `component` names it and becomes the problem type: `identity-unavailable`,
+    `store-unavailable`, `audit-unavailable`.
+    """
+
+    status = 503
+    title = "Service unavailable"
+    fault = "proxy"
+
+    def __init__(self, detail: str, *, component: str, **kw: object) -> None:
+        super().__init__(detail, **kw)  # type: ignore[arg-type]
+        self.component = component
+
+    @property
+    def problem_type(self) -> str:
+        return f"{PROBLEM_BASE}{self.component}-unavailable"
+
+
+class UpstreamFailed(Refusal):
+    status = 502
+    problem = "upstream-unavailable"
+    title = "Upstream unavailable"
+    fault = "upstream"
+
+
+class UpstreamTimeout(Refusal, TimeoutError):
+    status = 504
+    problem = "upstream-timeout"
+    title = "Upstream timed out"
+    fault = "upstream"
+
+
+class InternalError(Refusal):
+    """A bug in the proxy. The detail shown to callers is always generic."""
+
+    status = 500
+    problem = "internal"
+    title = "Internal error"
+    fault = "proxy"
