@@ -40,7 +40,7 @@ class Action:
     protocol: str
     operation: str
     target: str
-    query: Mapping[str, str | tuple[str, ...]] = EMPTY
+    query: Mapping[str, str | tuple[str, ...]] = field(default_factory=lambda: EMPTY)
     args: Any = None
     name: str = ""
 
@@ -67,7 +67,7 @@ class Principal:
     acting_for: str | None = None
     chain: tuple[str, ...] = ()
     roles: frozenset[str] = frozenset()
-    claims: Mapping[str, Any] = EMPTY
+    claims: Mapping[str, Any] = field(default_factory=lambda: EMPTY)
     issuer: str = ""
     token_id: str | None = None
     expires_at: float = 0.0
