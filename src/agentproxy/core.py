@@ -111,6 +111,13 @@ class Decision:
 
 
 @dataclass(frozen=True, slots=True)
+class Facts:
+    """State the pipeline fetched for a decision, so that `decide()` itself does no I/O."""
+
+    task_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class TraceContext:
     """W3C Trace Context (traceparent): the trace we continue and our own span in it."""
 

@@ -66,6 +66,13 @@ class Unauthenticated(Refusal):
     fault = "client"
 
 
+class MissingCredential(Unauthenticated):
+    """No credential at all. RFC 6750 §3.1: the challenge then carries no error code."""
+
+    def __init__(self, detail: str = "missing bearer token", **kw: object) -> None:
+        super().__init__(detail, **kw)  # type: ignore[arg-type]
+
+
 class Denied(Refusal):
     """The policy refused the call (an enforced deny or default deny)."""
 

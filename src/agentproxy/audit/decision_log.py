@@ -1,0 +1,64 @@
+"""The JSON decision log: one line per call, on every path, never a token or a secret.
+
+This is the operator's log (stdout for cluster log shippers); the tamper-evident audit trail
+is a separate sink.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any, BinaryIO
+
+import orjson
+
+from agentproxy.core import Call
+
+
+class DecisionLog:
+    def __init__(self, target: str) -> None:
+        self._out: BinaryIO | None = {
+            "stdout": sys.stdout.buffer,
+            "stderr": sys.stderr.buffer,
+        }.get(target)
+
+    def write(self, call: Call, latency: float) -> None:
+        if self._out is None:
+            return
+        self._out.write(orjson.dumps(entry(call, latency, time.time()), option=orjson.OPT_APPEND_NEWLINE))
+        self._out.flush()
+
+
+def entry(call: Call, latency: float, now: float) -> dict[str, Any]:
+    """The log record of a finished call. Built from the Call's fields only: no headers, no body."""
+    p = call.principal
+    d = call.decision
+    record: dict[str, Any] = {
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now % 1 * 1000):03d}Z",
+        "decision_id": call.id,
+        "trace_id": call.trace.trace_id,
+        "agent": p.agent if p else None,
+        "user": p.acting_for if p else None,
+        "chain": list(p.chain) if p and p.chain else None,
+        "task": call.task,
+        "action": call.action.name,
+        "upstream": call.upstream,
+        "effect": d.effect.value if d else None,
+        "rule": d.rule_id if d else None,
+        "reason": d.reason if d else None,
+        "enforced": call.enforced,
+        "policy_version": d.policy_version if d else None,
+        "status": call.status,
+        "latency_ms": round(latency * 1000, 3),
+    }
+    if d is not None and d.shadow_effect is not None:
+        record["shadow"] = {"effect": d.shadow_effect.value, "rule": d.shadow_rule}
+    if call.refusal is not None:
+        record["refusal"] = {"type": call.refusal.problem_type, "detail": call.refusal.detail}
+    if call.error is not None:
+        record["error"] = call.error
+    if call.decision_seconds is not None:
+        record["decision_us"] = round(call.decision_seconds * 1e6, 1)
+    if call.upstream_seconds is not None:
+        record["upstream_ms"] = round(call.upstream_seconds * 1000, 3)
+    return {k: v for k, v in record.items() if v is not None}

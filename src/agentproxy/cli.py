@@ -1,0 +1,146 @@
+"""`agentproxy run | validate | token`. Every command exits non-zero on failure and says what
+to change."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from agentproxy import config as config_module
+from agentproxy.config import ConfigError
+from agentproxy.errors import Unavailable
+from agentproxy.proxy import runtime as runtime_module
+
+log = logging.getLogger("agentproxy")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="agentproxy", description="Authorization proxy for AI agents.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", help="run the proxy")
+    run.add_argument("--config", required=True, type=Path, help="path to agentproxy.yaml")
+    run.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
+    validate = commands.add_parser("validate", help="check a config and its policies; print every problem")
+    validate.add_argument("--config", required=True, type=Path)
+
+    token = commands.add_parser("token", help="mint a test token (demo and development only)")
+    token.add_argument("--key", required=True, type=Path, help="issuer private key (PEM) or HMAC secret file")
+    token.add_argument("--issuer", required=True)
+    token.add_argument("--audience", required=True)
+    token.add_argument("--agent", required=True, help="the acting agent")
+    token.add_argument("--for-user", help="the user the agent acts for (RFC 8693: sub=user, act.sub=agent)")
+    token.add_argument("--via", action="append", default=[], help="an earlier actor in the chain (repeatable)")
+    token.add_argument("--role", action="append", default=[], help="a role (repeatable)")
+    token.add_argument("--task", help="task id claim")
+    token.add_argument("--ttl", default="15m", help='lifetime, e.g. "15m"')
+
+    args = parser.parse_args(argv)
+    if args.command == "run":
+        return _run(args.config, args.log_level)
+    if args.command == "validate":
+        return _validate(args.config)
+    return _token(args)
+
+
+def _validate(path: Path) -> int:
+    try:
+        config = config_module.load(path)
+        policy = runtime_module.check(config)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        print(f"{len(exc.issues)} problem(s) found", file=sys.stderr)
+        return 1
+    rules = len(policy.rules)
+    print(f"{path}: ok ({len(config.upstreams)} upstream(s), {rules} rule(s), policy version {policy.version})")
+    return 0
+
+
+def _run(path: Path, level: str) -> int:
+    logging.basicConfig(
+        level=level.upper(), stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        config = config_module.load(path)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:  # uvloop is optional on platforms it does not support
+        log.info("uvloop not available; using the default event loop")
+    try:
+        return asyncio.run(_serve(config))
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    except Unavailable as exc:
+        print(f"cannot start: {exc.detail}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"cannot start: {exc}", file=sys.stderr)
+        return 1
+
+
+async def _serve(config: config_module.Config) -> int:
+    from agentproxy.proxy.server import ProxyServer
+
+    server = ProxyServer(config)
+    await server.start()
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(server.reload()))
+    listen = config.listen
+    log.info(
+        "agentproxy ready: data plane http://%s:%d, admin http://%s:%d (policy version %s)",
+        listen.http.host, server.http_port, listen.admin.host, server.admin_port,
+        server.pipeline.runtime.policy.version,
+    )
+    await stop.wait()
+    log.info("shutting down")
+    await server.stop()
+    return 0
+
+
+def _token(args: argparse.Namespace) -> int:
+    from agentproxy.config.yamldoc import parse_duration
+    from agentproxy.identity.issue import mint_token
+
+    ttl = parse_duration(args.ttl)
+    if ttl is None:
+        print(f'invalid --ttl {args.ttl!r} (write e.g. "15m")', file=sys.stderr)
+        return 1
+    extra = {"roles": args.role} if args.role else {}
+    if args.task:
+        extra["task"] = args.task
+    if args.via and not args.for_user:
+        print("--via needs --for-user: a delegation chain acts for a user", file=sys.stderr)
+        return 1
+    # `--via` lists earlier actors earliest first; nested `act` claims put the latest outside.
+    actors = [args.agent, *reversed(args.via)] if args.for_user else []
+    subject = args.for_user or args.agent
+    try:
+        token = mint_token(
+            key_file=args.key, issuer=args.issuer, audience=args.audience, subject=subject,
+            actors=actors, ttl=ttl, claims=extra, now=time.time(),
+        )
+    except (OSError, ValueError) as exc:
+        print(f"cannot mint token: {exc}", file=sys.stderr)
+        return 1
+    print(token)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,350 @@
+"""The one loader behind `validate`, start and reload.
+
+It reads `agentproxy.yaml` and the policy files it names, checks every key and value, reads
+secrets from their files, and raises one `ConfigError` holding every problem, sorted, each as
+`file:line:column: $.path: what to change`. It does not compile CEL or load keys: the policy
+compiler and the identity layer report those problems in the same format.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import re
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from agentproxy.config.model import (
+    ClaimNames,
+    Config,
+    ContextToken,
+    Credentials,
+    HostPort,
+    Identity,
+    Issuer,
+    Listen,
+    PolicyFile,
+    RuleSpec,
+    Secret,
+    Upstream,
+)
+from agentproxy.config.yamldoc import ConfigError, Document, Issue
+from agentproxy.core import Effect, Mode
+
+TOP_KEYS = ("mode", "listen", "upstreams", "identity", "context_token", "policy_files", "decision_log")
+ASYMMETRIC_ALGORITHMS = frozenset(
+    {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"}
+)
+HMAC_ALGORITHMS = frozenset({"HS256", "HS384", "HS512"})
+SUPPORTED_PROTOCOLS = ("http",)
+_NAME = re.compile(r"[a-z0-9][a-z0-9_.-]{0,62}")
+_RULE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}")
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+_SECRET_FILE_LIMIT = 64 * 1024
+
+
+def load(path: str | Path) -> Config:
+    """Loads and checks a config file and its policy files.
+
+    Raises ConfigError with every problem found (never the first one alone).
+    """
+    source = Path(path).resolve()
+    issues: list[Issue] = []
+    doc = Document(str(path), issues)
+    try:
+        text = source.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError([Issue(str(path), 1, 1, "", f"cannot read config: {exc}")]) from None
+    raw = doc.mapping(doc.parse(text), "$", TOP_KEYS)
+    base = source.parent
+    loader = _Loader(doc, base)
+    config = Config(
+        source=source,
+        mode=Mode(doc.choice(raw, "$", "mode", [m.value for m in Mode], "enforce")),
+        listen=loader.listen(raw.get("listen")),
+        upstreams=loader.upstreams(raw.get("upstreams")),
+        identity=loader.identity(raw.get("identity")),
+        context_token=loader.context_token(raw.get("context_token")),
+        policy_files=load_policies(
+            doc.strings(raw, "$", "policy_files", required=True), base, doc, issues, exclude=source
+        ),
+        decision_log=doc.choice(raw, "$", "decision_log", ["stdout", "stderr", "off"], "stdout"),  # type: ignore[arg-type]
+    )
+    if issues:
+        raise ConfigError(issues)
+    return config
+
+
+class _Loader:
+    def __init__(self, doc: Document, base: Path) -> None:
+        self.doc = doc
+        self.base = base
+
+    def path(self, value: str) -> Path:
+        return (self.base / value).resolve()
+
+    def secret(self, section: dict[str, Any], path: str, key: str, *, required: bool) -> Secret | None:
+        name = self.doc.get(section, path, key, str, required=required)
+        if name is None:
+            return None
+        file = self.path(name)
+        try:
+            data = file.read_bytes()
+        except OSError as exc:
+            self.doc.error(f"{path}.{key}", f"cannot read secret file {name!r}: {exc.strerror}")
+            return None
+        if len(data) > _SECRET_FILE_LIMIT:
+            self.doc.error(f"{path}.{key}", f"secret file {name!r} is larger than 64 KiB")
+            return None
+        # Kubernetes secret mounts and `echo` leave a trailing newline that is not part of it.
+        data = data.rstrip(b"\r\n")
+        if not data:
+            self.doc.error(f"{path}.{key}", f"secret file {name!r} is empty")
+            return None
+        return Secret(data, str(file))
+
+    def existing_file(self, section: dict[str, Any], path: str, key: str) -> Path | None:
+        name = self.doc.get(section, path, key, str)
+        if name is None:
+            return None
+        file = self.path(name)
+        if not file.is_file():
+            self.doc.error(f"{path}.{key}", f"file {name!r} does not exist (resolved to {file})")
+            return None
+        return file
+
+    def listen(self, value: Any) -> Listen:
+        doc = self.doc
+        section = doc.mapping(value, "$.listen", ("http", "admin"))
+        return Listen(
+            http=self.host_port(section, "$.listen", "http", "0.0.0.0:8080"),
+            admin=self.host_port(section, "$.listen", "admin", "0.0.0.0:9901"),
+        )
+
+    def host_port(self, section: dict[str, Any], path: str, key: str, default: str) -> HostPort:
+        text = self.doc.get(section, path, key, str, default) or default
+        parsed = parse_host_port(text)
+        if parsed is None:
+            self.doc.error(f"{path}.{key}", f'invalid address {text!r} (write "host:port", e.g. "0.0.0.0:8080")')
+            return parse_host_port(default)  # type: ignore[return-value]
+        return parsed
+
+    def upstreams(self, value: Any) -> tuple[Upstream, ...]:
+        doc = self.doc
+        items = doc.each(value, "$.upstreams", self.upstream)
+        if value is None:
+            doc.error("$", 'missing required key "upstreams" (at least one upstream to forward to)')
+        seen: set[str] = set()
+        defaults = 0
+        for i, up in enumerate(items):
+            if up.name in seen:
+                doc.error(f"$.upstreams[{i}].name", f"duplicate upstream name {up.name!r}")
+            seen.add(up.name)
+            defaults += up.path_prefix is None
+        if defaults > 1:
+            doc.error("$.upstreams", "more than one upstream has no match: only one may be the default")
+        return tuple(items)
+
+    def upstream(self, value: Any, path: str) -> Upstream | None:
+        doc = self.doc
+        keys = ("name", "url", "protocol", "match", "timeout", "credentials", "max_body_bytes")
+        section = doc.mapping(value, path, keys)
+        name = doc.get(section, path, "name", str, required=True) or ""
+        doc.check(not name or bool(_NAME.fullmatch(name)), f"{path}.name",
+                  "must be lowercase letters, digits, '.', '_' or '-'")
+        url = doc.get(section, path, "url", str, required=True) or ""
+        if url:
+            parts = urlsplit(url)
+            doc.check(parts.scheme in ("http", "https") and bool(parts.hostname)
+                      and not parts.query and not parts.fragment and not parts.username,
+                      f"{path}.url", f"must be an http(s) URL with a host and no query, not {url!r}")
+        protocol = doc.choice(section, path, "protocol", ["http", "mcp", "llm", "grpc"], "http")
+        doc.check(protocol in SUPPORTED_PROTOCOLS, f"{path}.protocol",
+                  f'protocol "{protocol}" is not available in this version (supported: http)')
+        match = doc.mapping(section.get("match"), f"{path}.match", ("path_prefix",))
+        prefix = doc.get(match, f"{path}.match", "path_prefix", str)
+        if prefix is not None:
+            doc.check(prefix.startswith("/") and "//" not in prefix and "%" not in prefix,
+                      f"{path}.match.path_prefix", "must start with '/' and be a plain path")
+            prefix = prefix.rstrip("/") or "/"
+        credentials = None
+        if section.get("credentials") is not None:
+            cpath = f"{path}.credentials"
+            creds = doc.mapping(section["credentials"], cpath, ("header", "value_file", "prefix"))
+            header = doc.get(creds, cpath, "header", str, required=True) or ""
+            doc.check(not header or bool(_HEADER_NAME.fullmatch(header)), f"{cpath}.header",
+                      "must be an HTTP header name")
+            secret = self.secret(creds, cpath, "value_file", required=True)
+            if header and secret is not None:
+                credentials = Credentials(header, secret, doc.get(creds, cpath, "prefix", str, "") or "")
+        max_body = doc.get(section, path, "max_body_bytes", int, 64 * 1024 * 1024) or 0
+        doc.check(max_body > 0, f"{path}.max_body_bytes", "must be a positive number of bytes")
+        timeout = doc.duration(section, path, "timeout", 30.0)
+        doc.check(timeout > 0, f"{path}.timeout", "must be more than 0")
+        return Upstream(name=name, url=url.rstrip("/"), protocol=protocol,  # type: ignore[arg-type]
+                        path_prefix=prefix, timeout=timeout, credentials=credentials,
+                        max_body_bytes=max_body)
+
+    def identity(self, value: Any) -> Identity:
+        doc = self.doc
+        section = doc.mapping(value, "$.identity", ("issuers", "claims", "max_token_bytes"))
+        if value is None:
+            doc.error("$", 'missing required key "identity" (every call must carry a verified token)')
+        issuers = doc.each(section.get("issuers"), "$.identity.issuers", self.issuer)
+        if value is not None and not section.get("issuers"):
+            doc.error("$.identity", "at least one issuer is required in identity.issuers")
+        names = [i.issuer for i in issuers]
+        for dup in {n for n in names if names.count(n) > 1}:
+            doc.error("$.identity.issuers", f"issuer {dup!r} is configured twice")
+        cpath = "$.identity.claims"
+        claims = doc.mapping(section.get("claims"), cpath, ("agent", "roles", "task"))
+        names_cfg = ClaimNames(
+            agent=doc.get(claims, cpath, "agent", str, "sub") or "sub",
+            roles=doc.get(claims, cpath, "roles", str, "roles") or "roles",
+            task=doc.get(claims, cpath, "task", str, "task") or "task",
+        )
+        max_bytes = doc.get(section, "$.identity", "max_token_bytes", int, 8192) or 8192
+        return Identity(tuple(issuers), names_cfg, max_bytes)
+
+    def issuer(self, value: Any, path: str) -> Issuer | None:
+        doc = self.doc
+        keys = ("issuer", "audiences", "algorithms", "jwks_url", "jwks_file", "public_key_file",
+                "hs256_secret_file", "leeway")
+        section = doc.mapping(value, path, keys)
+        name = doc.get(section, path, "issuer", str, required=True)
+        audiences = doc.strings(section, path, "audiences", required=True)
+        if "audiences" in section and not audiences:
+            doc.error(f"{path}.audiences", "at least one audience is required (a token for another service must not pass)")
+        algorithms = doc.strings(section, path, "algorithms", required=True)
+        for alg in algorithms:
+            doc.check(alg in ASYMMETRIC_ALGORITHMS | HMAC_ALGORITHMS, f"{path}.algorithms",
+                      f"unsupported algorithm {alg!r} (use e.g. RS256, ES256, EdDSA, HS256)")
+        sources = [k for k in ("jwks_url", "jwks_file", "public_key_file", "hs256_secret_file") if section.get(k)]
+        if len(sources) != 1:
+            doc.error(path, "set exactly one of jwks_url, jwks_file, public_key_file, hs256_secret_file"
+                      + (f" (found {', '.join(sources)})" if sources else ""))
+        hmac = bool(section.get("hs256_secret_file"))
+        # Key confusion: an HMAC algorithm next to a public key lets anyone who has the
+        # public key forge tokens; refuse the mix at load.
+        if hmac and set(algorithms) - HMAC_ALGORITHMS:
+            doc.error(f"{path}.algorithms", "hs256_secret_file takes only HS256/HS384/HS512")
+        if not hmac and set(algorithms) & HMAC_ALGORITHMS:
+            doc.error(f"{path}.algorithms", "HS* algorithms need hs256_secret_file; public keys take RS/PS/ES/EdDSA")
+        jwks_url = doc.get(section, path, "jwks_url", str)
+        if jwks_url is not None:
+            doc.check(urlsplit(jwks_url).scheme in ("http", "https"), f"{path}.jwks_url", "must be an http(s) URL")
+        issuer = Issuer(
+            issuer=name or "",
+            audiences=audiences,
+            algorithms=algorithms,
+            jwks_url=jwks_url,
+            jwks_file=self.existing_file(section, path, "jwks_file"),
+            public_key_file=self.existing_file(section, path, "public_key_file"),
+            hs256_secret=self.secret(section, path, "hs256_secret_file", required=False),
+            leeway=doc.duration(section, path, "leeway", 0.0),
+        )
+        return issuer if name else None
+
+    def context_token(self, value: Any) -> ContextToken:
+        doc = self.doc
+        path = "$.context_token"
+        section = doc.mapping(value, path, ("signing_key_file", "ttl", "audience"))
+        ttl = doc.duration(section, path, "ttl", 60.0)
+        doc.check(1 <= ttl <= 3600, f"{path}.ttl", "must be between 1s and 1h")
+        return ContextToken(
+            signing_key_file=self.existing_file(section, path, "signing_key_file"),
+            ttl=ttl,
+            audience=doc.get(section, path, "audience", str, "tools") or "tools",
+        )
+
+
+def parse_host_port(text: str) -> HostPort | None:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        return None
+    host = host.strip("[]") or "0.0.0.0"  # noqa: S104 - listening on all interfaces is the sidecar default
+    return HostPort(host, int(port))
+
+
+def load_policies(
+    patterns: tuple[str, ...],
+    base: Path,
+    config_doc: Document,
+    issues: list[Issue],
+    *,
+    exclude: Path | None = None,
+) -> tuple[PolicyFile, ...]:
+    """Expands `policy_files` globs (relative to the config) and reads each policy file.
+
+    Files named `*_test.yaml` are policy tests, not policies, and are skipped.
+    """
+    files: list[Path] = []
+    for i, pattern in enumerate(patterns):
+        full = str(base / pattern)
+        matched = sorted(Path(p).resolve() for p in glob.glob(full, recursive=True))
+        matched = [
+            p for p in matched if p.is_file() and p != exclude and not p.name.endswith("_test.yaml")
+        ]
+        if not matched:
+            config_doc.error(f"$.policy_files[{i}]", f"{pattern!r} matches no policy file")
+        files.extend(p for p in matched if p not in files)
+    out = [read_policy_file(path, issues) for path in files]
+    ids: dict[str, RuleSpec] = {}
+    for policy in out:
+        for rule in policy.rules:
+            if rule.id in ids:
+                first = ids[rule.id].position
+                pos = rule.position
+                issues.append(Issue(pos.file, pos.line, pos.column, "$.rules",
+                                    f"rule id {rule.id!r} is already used at {first}"))
+            ids.setdefault(rule.id, rule)
+    return tuple(out)
+
+
+RULE_KEYS = ("id", "description", "agents", "users", "actions", "when", "effect", "reason", "mode")
+
+
+def read_policy_file(path: Path, issues: list[Issue]) -> PolicyFile:
+    """Reads one policy file into rule specs; problems go to `issues`."""
+    doc = Document(str(path), issues)
+    try:
+        data = path.read_bytes()
+        text = data.decode("utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        issues.append(Issue(str(path), 1, 1, "", f"cannot read policy file: {exc}"))
+        return PolicyFile(str(path), (), "")
+    raw = doc.mapping(doc.parse(text), "$", ("default", "rules"))
+    doc.check(raw.get("default", "deny") == "deny", "$.default",
+              'only "deny" is supported: a call no rule allows is refused')
+    rules = tuple(doc.each(raw.get("rules"), "$.rules", lambda v, p: _rule(doc, v, p)))
+    return PolicyFile(str(path), rules, hashlib.sha256(data).hexdigest())
+
+
+def _rule(doc: Document, value: Any, path: str) -> RuleSpec | None:
+    section = doc.mapping(value, path, RULE_KEYS)
+    if not section:
+        return None
+    rule_id = doc.get(section, path, "id", str, required=True) or ""
+    doc.check(not rule_id or bool(_RULE_ID.fullmatch(rule_id)), f"{path}.id",
+              "must be letters, digits, '.', '_', ':' or '-' (at most 128)")
+    agents = doc.strings(section, path, "agents", required=True)
+    actions = doc.strings(section, path, "actions", required=True)
+    doc.check("actions" not in section or bool(actions), f"{path}.actions", "must name at least one action")
+    doc.check("agents" not in section or bool(agents), f"{path}.agents", 'must name at least one agent (or "*")')
+    effect = doc.choice(section, path, "effect", [e.value for e in Effect], "deny")
+    if "effect" not in section:
+        doc.error(path, 'missing required key "effect" (allow, deny or require_approval)')
+    when = doc.get(section, path, "when", str)
+    return RuleSpec(
+        id=rule_id,
+        agents=agents,
+        users=doc.strings(section, path, "users"),
+        actions=actions,
+        effect=Effect(effect),
+        when=when,
+        reason=doc.get(section, path, "reason", str, "") or "",
+        mode=Mode(doc.choice(section, path, "mode", [m.value for m in Mode], "enforce")),
+        position=doc.position(path),
+        when_position=doc.position(f"{path}.when") if when is not None else None,
+    )

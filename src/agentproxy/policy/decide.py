@@ -1,0 +1,165 @@
+"""`decide()`: pure, synchronous, no I/O and no clock.
+
+The pipeline fetches the facts and reads the clock once per call; `explain` calls this same
+function with a collecting trace, so explanation can never drift from enforcement.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import unquote
+
+from cel_expr_python import cel
+
+from agentproxy.core import Action, Decision, Effect, Facts, Mode, Principal
+from agentproxy.policy.compiler import PolicySet, Rule
+
+_PRIORITY = {Effect.DENY: 0, Effect.REQUIRE_APPROVAL: 1, Effect.ALLOW: 2}
+
+
+@dataclass(frozen=True, slots=True)
+class TraceStep:
+    """One rule considered for a call, and what became of it."""
+
+    rule: str
+    pattern: str
+    outcome: str
+
+
+@dataclass(frozen=True, slots=True)
+class _Match:
+    rule: Rule
+    pattern: str
+    effect: Effect
+    reason: str
+
+
+def decide(
+    policy: PolicySet,
+    action: Action,
+    principal: Principal,
+    facts: Facts,
+    now: float,
+    trace: list[TraceStep] | None = None,
+) -> Decision:
+    """Deny overrides require_approval overrides allow; no matching rule is the default deny.
+
+    A rule whose condition fails to evaluate counts as a deny by that rule (there is no
+    lenient mode: a broken deny condition must never turn into "no match"). Shadow rules are
+    evaluated too, and what they would change is reported in `shadow_effect`.
+    """
+    enforced: list[_Match] = []
+    shadow: list[_Match] = []
+    inputs: dict[str, Any] | None = None
+    seen: set[str] = set()
+    for rule, pattern in policy.index.candidates(action.name):
+        if rule.id in seen:
+            continue
+        bindings = pattern.match(action.name)
+        if bindings is None:
+            continue
+        if not rule.principals.matches(principal):
+            if trace is not None:
+                trace.append(TraceStep(rule.id, pattern.text, "agent or user does not match"))
+            continue
+        seen.add(rule.id)
+        effect, reason = rule.effect, rule.reason or f"{rule.effect.value} by rule {rule.id}"
+        if rule.condition is not None:
+            if inputs is None:
+                inputs = cel_inputs(action, principal, facts, now)
+            outcome = _evaluate(rule.condition, inputs, bindings)
+            if outcome is False:
+                if trace is not None:
+                    trace.append(TraceStep(rule.id, pattern.text, f"condition false: {rule.when}"))
+                continue
+            if outcome is not True:
+                effect = Effect.DENY
+                reason = f"condition of rule {rule.id} could not be evaluated: {outcome}"
+        if trace is not None:
+            trace.append(TraceStep(rule.id, pattern.text, f"matched: {effect.value}"))
+        (shadow if rule.mode is Mode.SHADOW else enforced).append(_Match(rule, pattern.text, effect, reason))
+
+    winner = strongest(enforced)
+    if winner is None:
+        decision = Decision(
+            effect=Effect.DENY,
+            rule_id=None,
+            reason=f"no rule allows {action.name} for agent {principal.agent}",
+            policy_version=policy.version,
+        )
+    else:
+        decision = Decision(winner.effect, winner.rule.id, winner.reason, policy.version, winner.pattern)
+    if shadow:
+        would = strongest(enforced + shadow)
+        would_effect = would.effect if would else Effect.DENY
+        would_rule = would.rule.id if would else None
+        if (would_effect, would_rule) != (decision.effect, decision.rule_id):
+            return Decision(
+                decision.effect, decision.rule_id, decision.reason, decision.policy_version,
+                decision.matched_action, shadow_effect=would_effect, shadow_rule=would_rule,
+            )
+    return decision
+
+
+def strongest(matches: list[_Match]) -> _Match | None:
+    """Deny > require_approval > allow; among equals, the rule written first wins."""
+    best: _Match | None = None
+    for match in matches:
+        if best is None or _PRIORITY[match.effect] < _PRIORITY[best.effect]:
+            best = match
+    return best
+
+
+def cel_inputs(action: Action, principal: Principal, facts: Facts, now: float) -> dict[str, Any]:
+    """The CEL variables for one call, as plain dicts and lists (what cel-cpp accepts)."""
+    query = {k: (list(v) if isinstance(v, tuple) else v) for k, v in action.query.items()}
+    return {
+        "principal": {
+            "agent": principal.agent,
+            "user": principal.acting_for,
+            "chain": list(principal.chain),
+            "roles": sorted(principal.roles),
+            "claims": plain(principal.claims),
+            "issuer": principal.issuer,
+        },
+        "action": {
+            "name": action.name,
+            "protocol": action.protocol,
+            "operation": action.operation,
+            "target": action.target,
+        },
+        "args": plain(action.args) if action.args is not None else {},
+        "task": {"id": facts.task_id},
+        "request": {"method": action.operation, "path": action.target, "query": query},
+        "now": datetime.fromtimestamp(now, UTC),
+    }
+
+
+def _evaluate(condition: cel.Expression, inputs: dict[str, Any], bindings: Mapping[str, str]) -> bool | str:
+    """True or False, or the evaluation error's message."""
+    resource: dict[str, Any] = {name: unquote(value, errors="strict") for name, value in bindings.items()}
+    resource["query"] = inputs["request"]["query"]
+    data = dict(inputs)
+    data["resource"] = resource
+    try:
+        result = condition.eval(data=data)
+    except Exception as exc:  # cel-cpp raises on values it cannot convert
+        return f"{type(exc).__name__}: {exc}"
+    value = result.value()
+    if isinstance(value, bool):
+        return value
+    if result.type() == cel.Type.ERROR:
+        return str(value)
+    return f"condition returned {result.type().name()}, not a boolean"
+
+
+def plain(value: Any) -> Any:
+    """Mappings → dicts, tuples → lists, recursively: cel-cpp refuses anything else."""
+    if isinstance(value, Mapping):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [plain(v) for v in value]
+    return value

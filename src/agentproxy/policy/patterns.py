@@ -1,0 +1,135 @@
+"""Action patterns: globs and path templates over canonical action names.
+
+`http:GET /v1/employees/{id}` matches `http:GET /v1/employees/42` and binds `id` to `42`.
+In a pattern, `{name}` is one path segment, `{name...}` one or more segments, `*` any run
+of characters within a segment, `**` anything (slashes included), and a pattern of a single
+`*` matches every action. Everything else is literal and case-sensitive.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+PROTOCOLS = ("http", "mcp", "grpc", "llm")
+_TOKEN = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)(\.\.\.)?\}|\*\*|\*|[{}]")
+
+T = TypeVar("T")
+
+
+class PatternError(ValueError):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class ActionPattern:
+    text: str
+    regex: re.Pattern[str]
+    names: tuple[str, ...]
+    literal_prefix: tuple[str, ...]
+
+    def match(self, action: str) -> dict[str, str] | None:
+        """The template bindings if `action` matches (still percent-encoded), else None."""
+        m = self.regex.fullmatch(action)
+        if m is None:
+            return None
+        return m.groupdict() if self.names else {}
+
+
+def compile_pattern(text: str) -> ActionPattern:
+    """Raises PatternError saying what is wrong with the pattern."""
+    if text == "*":
+        return ActionPattern(text, re.compile(r".*", re.DOTALL), (), ())
+    protocol, sep, rest = text.partition(":")
+    if not sep or protocol not in PROTOCOLS:
+        raise PatternError(f'must start with one of {", ".join(p + ":" for p in PROTOCOLS)} or be "*"')
+    if protocol == "http":
+        method, space, path = rest.partition(" ")
+        if not space or not method or not path.startswith("/"):
+            raise PatternError('an http action is "http:METHOD /path" (METHOD may be *)')
+    parts: list[str] = []
+    names: list[str] = []
+    pos = 0
+    for m in _TOKEN.finditer(text):
+        parts.append(re.escape(text[pos : m.start()]))
+        token = m.group(0)
+        if token in "{}":
+            raise PatternError(f"unbalanced {token!r} at column {m.start() + 1}")
+        if m.group(1):
+            name = m.group(1)
+            if name == "query":
+                raise PatternError("'query' is reserved: the query string is resource.query")
+            if name in names:
+                raise PatternError(f"template name {name!r} is used twice")
+            names.append(name)
+            parts.append(f"(?P<{name}>{'[^/]+(?:/[^/]+)*' if m.group(2) else '[^/]+'})")
+        elif token == "**":
+            parts.append(".*")
+        else:
+            parts.append("[^/]*")
+        pos = m.end()
+    parts.append(re.escape(text[pos:]))
+    return ActionPattern(text, re.compile("".join(parts), re.DOTALL), tuple(names), _literal_prefix(text))
+
+
+def _literal_prefix(text: str) -> tuple[str, ...]:
+    """The leading '/'-separated segments that hold no wildcard or template."""
+    prefix: list[str] = []
+    for segment in text.split("/"):
+        if "*" in segment or "{" in segment:
+            break
+        prefix.append(segment)
+    return tuple(prefix)
+
+
+@dataclass(slots=True)
+class _Node(Generic[T]):
+    children: dict[str, _Node[T]] = field(default_factory=dict)
+    entries: list[tuple[int, T]] = field(default_factory=list)
+
+
+class PatternIndex(Generic[T]):
+    """Finds the entries whose patterns could match an action without scanning them all.
+
+    Entries sit in a trie under their pattern's literal leading segments; a lookup walks the
+    action's segments and collects the entries met on the way, so a 10,000-rule policy costs
+    what its few candidate rules cost. Candidates come back in insertion order.
+    """
+
+    def __init__(self) -> None:
+        self._root: _Node[T] = _Node()
+        self._count = 0
+
+    def add(self, pattern: ActionPattern, entry: T) -> None:
+        node = self._root
+        for segment in pattern.literal_prefix:
+            node = node.children.setdefault(segment, _Node())
+        node.entries.append((self._count, entry))
+        self._count += 1
+
+    def candidates(self, action: str) -> list[T]:
+        found: list[tuple[int, T]] = list(self._root.entries)
+        node = self._root
+        for segment in action.split("/"):
+            child = node.children.get(segment)
+            if child is None:
+                break
+            found.extend(child.entries)
+            node = child
+        found.sort(key=_first)
+        return [entry for _, entry in found]
+
+    def __iter__(self) -> Iterator[T]:
+        stack = [self._root]
+        out: list[tuple[int, T]] = []
+        while stack:
+            node = stack.pop()
+            out.extend(node.entries)
+            stack.extend(node.children.values())
+        out.sort(key=_first)
+        return iter(entry for _, entry in out)
+
+
+_first: Callable[[tuple[int, object]], int] = lambda pair: pair[0]  # noqa: E731

@@ -1,0 +1,41 @@
+"""The propagated authorization context: the headers a tool receives with every call.
+
+Only the proxy sets these: every inbound `X-Agentproxy-*` header was stripped before. The
+same facts travel signed in `X-Agentproxy-Context` (a short-lived JWT), so a tool that must
+not trust the network can verify them against the proxy's `/.well-known/jwks.json`.
+"""
+
+from __future__ import annotations
+
+from agentproxy.core import Call
+from agentproxy.identity.context import ContextSigner
+from agentproxy.protocols.http import header_value
+
+
+def context_headers(call: Call, signer: ContextSigner) -> list[tuple[str, str]]:
+    """Header values are percent-encoded UTF-8 (RFC 3986) so any identifier fits a header and
+    a comma-separated list; absent facts are absent headers (inbound ones never survive)."""
+    principal = call.principal
+    if principal is None:
+        raise ValueError("context headers need a verified principal")
+    decision = call.decision
+    headers = [("X-Agentproxy-Agent", header_value(principal.agent))]
+    if principal.acting_for is not None:
+        headers.append(("X-Agentproxy-User", header_value(principal.acting_for)))
+    if principal.chain:
+        headers.append(("X-Agentproxy-Chain", ",".join(header_value(a) for a in principal.chain)))
+    if call.task is not None:
+        headers.append(("X-Agentproxy-Task", call.task))
+    headers.append(("X-Agentproxy-Decision", call.id))
+    headers.append(("traceparent", call.trace.traceparent))
+    if call.trace.state is not None:
+        headers.append(("tracestate", call.trace.state))
+    token = signer.sign(
+        principal=principal,
+        task=call.task,
+        rule=decision.rule_id if decision else None,
+        upstream=call.upstream,
+        now=call.now,
+    )
+    headers.append(("X-Agentproxy-Context", token))
+    return headers

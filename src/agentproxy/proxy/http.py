@@ -1,0 +1,259 @@
+"""The HTTP data plane: the aiohttp shell around the HTTP adapter and the pipeline.
+
+It owns the sockets: it reads the request head, asks the adapter to describe it, runs the
+pipeline, and streams allowed calls both ways without holding bodies in memory.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from collections.abc import AsyncIterator, Callable
+
+import aiohttp
+from aiohttp import web
+from yarl import URL
+
+from agentproxy.config.model import Upstream
+from agentproxy.core import Action, Call
+from agentproxy.errors import (
+    BadRequest,
+    PayloadTooLarge,
+    Refusal,
+    Unauthenticated,
+    UpstreamFailed,
+    UpstreamTimeout,
+)
+from agentproxy.protocols.http import (
+    bearer_token,
+    describe,
+    parse_declared_task,
+    parse_traceparent,
+    render,
+    request_headers_to_forward,
+    response_headers_to_return,
+)
+from agentproxy.proxy.context import context_headers
+from agentproxy.proxy.pipeline import Pipeline
+from agentproxy.proxy.runtime import Runtime
+
+log = logging.getLogger("agentproxy.http")
+
+CHUNK = 64 * 1024
+UNPARSED = Action("http", "?", "<unparsed>")
+# Set by the proxy (context) or by the exchange itself; an inbound copy never passes.
+_ALWAYS_STRIPPED = frozenset({"traceparent", "tracestate", "expect"})
+
+
+class UpstreamSessions:
+    """One aiohttp client session per upstream, shared by every call to it."""
+
+    def __init__(self) -> None:
+        self._sessions: dict[str, aiohttp.ClientSession] = {}
+
+    def get(self, upstream: Upstream) -> aiohttp.ClientSession:
+        session = self._sessions.get(upstream.name)
+        if session is None or session.closed:
+            session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=0, limit_per_host=0, ttl_dns_cache=30),
+                # Bytes pass through untouched: the agent gets the upstream's encoding.
+                auto_decompress=False,
+                # A shared jar would hand one agent's cookies to the next caller.
+                cookie_jar=aiohttp.DummyCookieJar(),
+                skip_auto_headers=("User-Agent", "Accept-Encoding", "Accept", "Content-Type"),
+                trust_env=False,
+            )
+            self._sessions[upstream.name] = session
+        return session
+
+    async def close(self) -> None:
+        for session in self._sessions.values():
+            await session.close()
+        self._sessions.clear()
+
+
+class HttpDataPlane:
+    def __init__(self, current: Callable[[], Pipeline], sessions: UpstreamSessions) -> None:
+        self._current = current
+        self._sessions = sessions
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        started = time.perf_counter()
+        now = time.time()
+        pipeline = self._current()
+        runtime = pipeline.runtime
+        headers = request.headers
+        trace = parse_traceparent(
+            headers.get("traceparent"), headers.get("tracestate"),
+            secrets.token_hex(16), secrets.token_hex(8),
+        )
+        action, raw_query, upstream, bearer, declared = UNPARSED, "", None, None, None
+        refusal: Refusal | None = None
+        try:
+            action, raw_query = describe(request.method, request.raw_path)
+            upstream = runtime.route(action.target)
+            authorization = headers.getall("Authorization", [])
+            if len(authorization) > 1:
+                raise Unauthenticated("more than one Authorization header")
+            bearer = bearer_token(authorization[0] if authorization else None)
+            tasks = headers.getall("X-Agentproxy-Task", [])
+            if len(tasks) > 1:
+                raise BadRequest("more than one X-Agentproxy-Task header")
+            declared = parse_declared_task(tasks[0] if tasks else None)
+        except Refusal as exc:
+            refusal = exc
+        call = Call(
+            id=secrets.token_hex(12),
+            action=action,
+            upstream=upstream.name if upstream else "-",
+            started=started,
+            now=now,
+            trace=trace,
+            bearer=bearer,
+            declared_task=declared,
+        )
+        call.refusal = refusal
+        exchange = HttpExchange(request, runtime, upstream, raw_query, self._sessions)
+        await pipeline.run(call, exchange)
+        return exchange.response
+
+
+class HttpExchange:
+    """One HTTP call's shell: forwards it upstream or answers its refusal."""
+
+    def __init__(
+        self,
+        request: web.Request,
+        runtime: Runtime,
+        upstream: Upstream | None,
+        raw_query: str,
+        sessions: UpstreamSessions,
+    ) -> None:
+        self.request = request
+        self.runtime = runtime
+        self.upstream = upstream
+        self.raw_query = raw_query
+        self.sessions = sessions
+        self.response: web.StreamResponse = web.Response(status=500)
+        self._responded = False
+        self._body_too_large = False
+
+    @property
+    def responded(self) -> bool:
+        return self._responded
+
+    async def refuse(self, call: Call) -> None:
+        refusal = call.refusal
+        if refusal is None:
+            raise ValueError("refuse() needs call.refusal")
+        reply = render(refusal, decision_id=call.id)
+        response = web.Response(status=reply.status, body=reply.body)
+        for name, value in reply.headers:
+            response.headers.add(name, value)
+        response.headers["Server"] = "agentproxy"
+        if self.request.body_exists:
+            # The body was not read; close rather than make the client wait while it drains.
+            response.force_close()
+        call.status = reply.status
+        self.response = response
+
+    async def forward(self, call: Call) -> None:
+        """Streams the request upstream and the answer back.
+
+        Raises PayloadTooLarge, UpstreamFailed or UpstreamTimeout before anything was sent to
+        the caller; after that, failures close the connection so that a cut-off answer never
+        looks complete.
+        """
+        upstream = self.upstream
+        if upstream is None:
+            raise UpstreamFailed("no upstream chosen")
+        request = self.request
+        length = request.content_length
+        if length is not None and length > upstream.max_body_bytes:
+            raise PayloadTooLarge(f"request body is {length} bytes; the limit is {upstream.max_body_bytes}")
+        headers = self._upstream_headers(call, upstream)
+        url = upstream.url + call.action.target + ("?" + self.raw_query if self.raw_query else "")
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=upstream.timeout, sock_read=upstream.timeout)
+        session = self.sessions.get(upstream)
+        sent = time.perf_counter()
+        try:
+            upstream_response = await session.request(
+                request.method,
+                URL(url, encoded=True),  # already normalized: re-encoding would change it
+                headers=headers,
+                data=self._body(call, upstream.max_body_bytes) if request.body_exists else None,
+                allow_redirects=False,
+                timeout=timeout,
+            )
+        except (TimeoutError, aiohttp.ServerTimeoutError):
+            self._check_body_size(upstream)
+            call.upstream_seconds = time.perf_counter() - sent
+            raise UpstreamTimeout(f"upstream {upstream.name} did not answer within {upstream.timeout:g}s") from None
+        except (aiohttp.ClientError, OSError) as exc:
+            self._check_body_size(upstream)
+            call.upstream_seconds = time.perf_counter() - sent
+            log.warning("upstream %s failed for call %s: %r", upstream.name, call.id, exc)
+            raise UpstreamFailed(f"upstream {upstream.name} is unreachable or broke the connection") from None
+        try:
+            await self._stream_back(call, upstream_response)
+        finally:
+            upstream_response.release()
+            call.upstream_seconds = time.perf_counter() - sent
+
+    def _check_body_size(self, upstream: Upstream) -> None:
+        if self._body_too_large:
+            raise PayloadTooLarge(f"request body exceeds the limit of {upstream.max_body_bytes} bytes")
+
+    def _upstream_headers(self, call: Call, upstream: Upstream) -> list[tuple[str, str]]:
+        strip = set(_ALWAYS_STRIPPED)
+        if upstream.credentials is not None:
+            strip.add(upstream.credentials.header.lower())
+        headers = request_headers_to_forward(self.request.headers.items(), strip=frozenset(strip))
+        peer = self.request.remote
+        if peer:
+            headers.append(("X-Forwarded-For", peer))
+        headers.append(("X-Forwarded-Proto", self.request.scheme))
+        host = self.request.headers.get("Host")
+        if host:
+            headers.append(("X-Forwarded-Host", host))
+        headers.extend(context_headers(call, self.runtime.signer))
+        creds = upstream.credentials
+        if creds is not None:
+            headers.append((creds.header, creds.prefix + creds.value.value.decode("latin-1")))
+        return headers
+
+    async def _body(self, call: Call, limit: int) -> AsyncIterator[bytes]:
+        async for chunk in self.request.content.iter_chunked(CHUNK):
+            call.bytes_in += len(chunk)
+            if call.bytes_in > limit:
+                # Aborting the upload cuts the upstream request short: it never sees a
+                # complete body, and the caller gets a 413.
+                self._body_too_large = True
+                raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
+            yield chunk
+
+    async def _stream_back(self, call: Call, upstream_response: aiohttp.ClientResponse) -> None:
+        response = web.StreamResponse(status=upstream_response.status, reason=upstream_response.reason)
+        for name, value in response_headers_to_return(upstream_response.headers.items()):
+            response.headers.add(name, value)
+        call.status = upstream_response.status
+        self.response = response
+        await response.prepare(self.request)
+        self._responded = True
+        try:
+            async for chunk in upstream_response.content.iter_any():
+                call.bytes_out += len(chunk)
+                await response.write(chunk)
+        except (TimeoutError, aiohttp.ClientError, ConnectionError) as exc:
+            call.error = f"stream cut short: {type(exc).__name__}"
+            self._abort()
+            return
+        await response.write_eof()
+
+    def _abort(self) -> None:
+        # Closing without the final chunk (or short of Content-Length) tells the caller the
+        # answer is incomplete; finishing it normally would make a cut-off body look whole.
+        transport = self.request.transport
+        if transport is not None:
+            transport.abort()

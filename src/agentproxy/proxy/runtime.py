@@ -1,0 +1,76 @@
+"""A runtime snapshot: config, compiled policy, keys and routes, built whole or not at all.
+
+A call takes the snapshot current when it starts and keeps it to the end, so a reload never
+changes the rules under a call in flight.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from agentproxy.config import Config, ConfigError, Issue
+from agentproxy.config.model import Upstream
+from agentproxy.errors import NoRoute
+from agentproxy.identity.context import ContextSigner
+from agentproxy.identity.verifier import TokenVerifier
+from agentproxy.policy import PolicySet, compile_policy
+
+
+@dataclass(frozen=True, slots=True)
+class Runtime:
+    config: Config
+    policy: PolicySet
+    verifier: TokenVerifier
+    signer: ContextSigner
+    routes: tuple[Upstream, ...]
+
+    def route(self, path: str) -> Upstream:
+        """The upstream with the longest `path_prefix` that contains `path`, else the default.
+
+        A prefix matches whole segments only: `/v1` serves `/v1` and `/v1/x`, never `/v10`.
+        Raises NoRoute when nothing matches.
+        """
+        for upstream in self.routes:
+            prefix = upstream.path_prefix
+            if prefix is None or prefix == "/" or path == prefix or path.startswith(prefix + "/"):
+                return upstream
+        raise NoRoute(f"no upstream is configured for {path}")
+
+
+def check(config: Config) -> PolicySet:
+    """Everything `validate` checks beyond the loader: policy compiles, key files load.
+
+    Raises ConfigError with every problem found.
+    """
+    issues: list[Issue] = []
+    policy = None
+    try:
+        policy = compile_policy(config.policy_files)
+    except ConfigError as exc:
+        issues.extend(exc.issues)
+    try:
+        ContextSigner.load(config.context_token)
+    except ValueError as exc:
+        issues.append(Issue(str(config.source), 1, 1, "$.context_token.signing_key_file", str(exc)))
+    if issues or policy is None:
+        raise ConfigError(issues)
+    return policy
+
+
+async def build(config: Config) -> Runtime:
+    """Compiles policy, loads keys (fetching JWKS URLs) and orders routes.
+
+    Raises ConfigError for problems in the files, Unavailable if a JWKS URL cannot be fetched.
+    """
+    policy = check(config)
+    verifier = TokenVerifier(config.identity)
+    try:
+        await verifier.start()
+    except ValueError as exc:
+        raise ConfigError([Issue(str(config.source), 1, 1, "$.identity.issuers", str(exc))]) from None
+    signer = ContextSigner.load(config.context_token)
+    routes = sorted(
+        config.upstreams,
+        key=lambda u: (u.path_prefix is None, -len(u.path_prefix or "")),
+    )
+    return Runtime(config, policy, verifier, signer, tuple(routes))

@@ -1,0 +1,117 @@
+"""The proxy process: listeners, the current runtime snapshot, reload and shutdown."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from agentproxy import config as config_module
+from agentproxy.admin.server import admin_app
+from agentproxy.audit.decision_log import DecisionLog
+from agentproxy.config import Config, ConfigError
+from agentproxy.metering.metrics import Metrics
+from agentproxy.proxy import runtime as runtime_module
+from agentproxy.proxy.http import HttpDataPlane, UpstreamSessions
+from agentproxy.proxy.pipeline import Pipeline
+
+log = logging.getLogger("agentproxy")
+
+# Request lines and header fields up to 16 KiB reach us (aiohttp refuses longer ones with 400
+# itself); tokens have their own, lower limit (`identity.max_token_bytes`).
+MAX_FIELD = 16 * 1024
+SHUTDOWN_GRACE = 10.0
+
+
+class ProxyServer:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.metrics = Metrics()
+        self.decision_log = DecisionLog(config.decision_log)
+        self.sessions = UpstreamSessions()
+        self._pipeline: Pipeline | None = None
+        self._runners: list[web.BaseRunner[Any]] = []
+        self._ready = False
+        self.http_port = 0
+        self.admin_port = 0
+
+    @property
+    def pipeline(self) -> Pipeline:
+        if self._pipeline is None:
+            raise RuntimeError("the proxy has not started")
+        return self._pipeline
+
+    def is_ready(self) -> bool:
+        return self._ready
+
+    async def start(self) -> None:
+        """Builds the runtime, then opens the listeners. Raises ConfigError or Unavailable."""
+        try:
+            runtime = await runtime_module.build(self.config)
+        except Exception:
+            self.metrics.policy_reloads.labels("failure").inc()
+            raise
+        self.metrics.policy_reloads.labels("success").inc()
+        self._pipeline = Pipeline(runtime, self.metrics, self.decision_log)
+        data_plane = HttpDataPlane(lambda: self.pipeline, self.sessions)
+        listen = self.config.listen
+        admin = web.AppRunner(
+            admin_app(self.metrics.registry, self.is_ready, lambda: self.pipeline.runtime.signer.jwks()),
+            access_log=None,
+        )
+        http = web.ServerRunner(
+            web.Server(data_plane.handle, max_field_size=MAX_FIELD, max_line_size=MAX_FIELD),
+            access_log=None,
+            shutdown_timeout=SHUTDOWN_GRACE,
+        )
+        for runner in (admin, http):
+            await runner.setup()
+            self._runners.append(runner)
+        admin_site = web.TCPSite(admin, listen.admin.host, listen.admin.port)
+        http_site = web.TCPSite(http, listen.http.host, listen.http.port, reuse_port=False)
+        await admin_site.start()
+        await http_site.start()
+        self.admin_port = _bound_port(admin)
+        self.http_port = _bound_port(http)
+        self._ready = True
+
+    async def reload(self, path: Path | None = None) -> bool:
+        """Builds a complete new snapshot from the config file, or keeps the current one.
+
+        Calls in flight finish under the snapshot they started with. Listener addresses are
+        read at start only. Returns whether the new snapshot took effect.
+        """
+        try:
+            config = config_module.load(path or self.config.source)
+            runtime = await runtime_module.build(config)
+        except ConfigError as exc:
+            self.metrics.policy_reloads.labels("failure").inc()
+            log.error("reload rejected, the previous policy stays in force:\n%s", exc)
+            return False
+        except Exception as exc:
+            self.metrics.policy_reloads.labels("failure").inc()
+            log.error("reload failed, the previous policy stays in force: %s", exc)
+            return False
+        if config.listen != self.config.listen:
+            log.warning("listen addresses changed; they take effect at the next restart")
+        self._pipeline = Pipeline(runtime, self.metrics, DecisionLog(config.decision_log))
+        self.metrics.policy_reloads.labels("success").inc()
+        log.info("reloaded: policy version %s", runtime.policy.version)
+        return True
+
+    async def stop(self) -> None:
+        """Not ready first, then stop accepting, let calls in flight finish, close upstreams."""
+        self._ready = False
+        for runner in reversed(self._runners):
+            await runner.cleanup()
+        self._runners.clear()
+        await self.sessions.close()
+
+
+def _bound_port(runner: web.BaseRunner[Any]) -> int:
+    for address in runner.addresses:
+        if isinstance(address, tuple):
+            return int(address[1])
+    return 0
