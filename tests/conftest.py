@@ -15,7 +15,7 @@ from aiohttp import web
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from agentproxy import config as config_module
+from agentproxy.proxy.runtime import load_config
 from agentproxy.proxy.server import ProxyServer
 
 ISSUER = "https://idp.test"
@@ -253,7 +253,7 @@ async def make_proxy(tmp_path: Path, keys: Keys, upstream: Upstream) -> AsyncIte
         d = tmp_path / f"proxy{len(servers)}"
         d.mkdir()
         path = write_config(d, keys, kw.pop("upstream_url", upstream.url), **kw)
-        server = ProxyServer(config_module.load(path))
+        server = ProxyServer(load_config(path))
         await server.start()
         servers.append(server)
         return Proxy(server, f"http://127.0.0.1:{server.http_port}", f"http://127.0.0.1:{server.admin_port}", d)

@@ -52,7 +52,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _validate(path: Path) -> int:
     try:
-        config = config_module.load(path)
+        config = runtime_module.load_config(path)
         policy = runtime_module.check(config)
     except ConfigError as exc:
         print(exc, file=sys.stderr)
@@ -68,7 +68,7 @@ def _run(path: Path, level: str) -> int:
         level=level.upper(), stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     try:
-        config = config_module.load(path)
+        config = runtime_module.load_config(path)
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return 1
@@ -121,9 +121,7 @@ def _token(args: argparse.Namespace) -> int:
     if ttl is None:
         print(f'invalid --ttl {args.ttl!r} (write e.g. "15m")', file=sys.stderr)
         return 1
-    extra = {"roles": args.role} if args.role else {}
-    if args.task:
-        extra["task"] = args.task
+    extra = {"task": args.task} if args.task else {}
     if args.via and not args.for_user:
         print("--via needs --for-user: a delegation chain acts for a user", file=sys.stderr)
         return 1
@@ -133,7 +131,7 @@ def _token(args: argparse.Namespace) -> int:
     try:
         token = mint_token(
             key_file=args.key, issuer=args.issuer, audience=args.audience, subject=subject,
-            actors=actors, ttl=ttl, claims=extra, now=time.time(),
+            actors=actors, roles=args.role, ttl=ttl, claims=extra, now=time.time(),
         )
     except (OSError, ValueError) as exc:
         print(f"cannot mint token: {exc}", file=sys.stderr)

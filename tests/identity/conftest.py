@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import base64
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +14,9 @@ import pytest
 from aiohttp import web
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from cryptography.hazmat.primitives.asymmetric.ec import EllipticCurvePrivateKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey
 
 from agentproxy.config.model import Identity, Issuer, Secret
 from agentproxy.identity.keys import PrivateKey, public_jwk
@@ -35,7 +38,9 @@ def b64url(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
 
 
-def claims(issuer: str = RSA_ISSUER, *, without: tuple[str, ...] = (), **extra: Any) -> dict[str, Any]:
+def claims(
+    issuer: str = RSA_ISSUER, *, without: tuple[str, ...] = (), **extra: Any
+) -> dict[str, Any]:
     """Valid claims for `issuer` at NOW, with `extra` claims set and `without` removed."""
     base: dict[str, Any] = {
         "iss": issuer,
@@ -51,14 +56,18 @@ def claims(issuer: str = RSA_ISSUER, *, without: tuple[str, ...] = (), **extra: 
     return base
 
 
-def sign(payload: dict[str, Any], key: PrivateKey | bytes, algorithm: str, kid: str | None = None) -> str:
+def sign(
+    payload: dict[str, Any], key: PrivateKey | bytes, algorithm: str, kid: str | None = None
+) -> str:
     headers = {"kid": kid} if kid is not None else None
     return jwt.encode(payload, key, algorithm=algorithm, headers=headers)
 
 
 def unsigned(header: dict[str, Any], payload: dict[str, Any], signature: bytes = b"") -> str:
     """A compact JWS built by hand, for tokens PyJWT refuses to produce."""
-    return ".".join((b64url(orjson.dumps(header)), b64url(orjson.dumps(payload)), b64url(signature)))
+    return ".".join(
+        (b64url(orjson.dumps(header)), b64url(orjson.dumps(payload)), b64url(signature))
+    )
 
 
 def public_pem(key: PrivateKey) -> bytes:
@@ -79,10 +88,10 @@ def jwk(key: PrivateKey, kid: str, alg: str) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class Keys:
-    rsa: rsa.RSAPrivateKey
-    rsa_other: rsa.RSAPrivateKey
-    ec: ec.EllipticCurvePrivateKey
-    ed: ed25519.Ed25519PrivateKey
+    rsa: RSAPrivateKey
+    rsa_other: RSAPrivateKey
+    ec: EllipticCurvePrivateKey
+    ed: Ed25519PrivateKey
 
 
 @pytest.fixture(scope="session")
@@ -141,6 +150,8 @@ class JwksServer:
 
     keys: list[dict[str, Any]]
     requests: int = 0
+    status: int = 200
+    body: bytes | None = None  # served instead of the JWKS when set
     url: str = ""
     runner: web.AppRunner | None = None
 
@@ -156,8 +167,8 @@ async def jwks_server(keys: Keys) -> AsyncIterator[JwksServer]:
 
     async def publish(request: web.Request) -> web.Response:
         server.requests += 1
-        body = orjson.dumps({"keys": server.keys})
-        return web.Response(body=body, content_type="application/json")
+        body = server.body if server.body is not None else orjson.dumps({"keys": server.keys})
+        return web.Response(body=body, status=server.status, content_type="application/json")
 
     app = web.Application()
     app.router.add_get("/jwks.json", publish)

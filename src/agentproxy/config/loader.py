@@ -11,6 +11,7 @@ from __future__ import annotations
 import glob
 import hashlib
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -44,9 +45,14 @@ _HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _SECRET_FILE_LIMIT = 64 * 1024
 
 
-def load(path: str | Path) -> Config:
+PolicyChecker = Callable[[tuple[PolicyFile, ...]], list[Issue]]
+
+
+def load(path: str | Path, *, check_policies: PolicyChecker | None = None) -> Config:
     """Loads and checks a config file and its policy files.
 
+    `check_policies` (the policy compiler, injected so that config imports nothing) runs on
+    the policy files even when the config has problems, so that one run reports them all.
     Raises ConfigError with every problem found (never the first one alone).
     """
     source = Path(path).resolve()
@@ -56,7 +62,10 @@ def load(path: str | Path) -> Config:
         text = source.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError([Issue(str(path), 1, 1, "", f"cannot read config: {exc}")]) from None
-    raw = doc.mapping(doc.parse(text), "$", TOP_KEYS)
+    parsed = doc.parse(text)
+    if issues:
+        raise ConfigError(issues)  # the rest would only be noise about what could not be read
+    raw = doc.mapping(parsed, "$", TOP_KEYS)
     base = source.parent
     loader = _Loader(doc, base)
     config = Config(
@@ -71,6 +80,8 @@ def load(path: str | Path) -> Config:
         ),
         decision_log=doc.choice(raw, "$", "decision_log", ["stdout", "stderr", "off"], "stdout"),  # type: ignore[arg-type]
     )
+    if check_policies is not None:
+        issues.extend(check_policies(config.policy_files))
     if issues:
         raise ConfigError(issues)
     return config

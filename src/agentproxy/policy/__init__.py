@@ -1,6 +1,7 @@
 """Policy: the rule compiler, CEL conditions, the action index and `decide()`."""
 
-from agentproxy.policy.compiler import PolicySet, compile_policy
+from agentproxy.policy.compiler import PolicySet, compile_policy, policy_issues
 from agentproxy.policy.decide import TraceStep, decide
 
-__all__ = ["PolicySet", "TraceStep", "compile_policy", "decide"]
+__all__ = ["PolicySet", "TraceStep", "compile_policy",
+    "policy_issues", "decide"]

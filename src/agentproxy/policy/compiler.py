@@ -110,6 +110,15 @@ def compile_policy(files: Iterable[PolicyFile]) -> PolicySet:
     )
 
 
+def policy_issues(files: tuple[PolicyFile, ...]) -> list[Issue]:
+    """The compile problems of these policy files, for `config.load(check_policies=...)`."""
+    try:
+        compile_policy(files)
+    except ConfigError as exc:
+        return list(exc.issues)
+    return []
+
+
 def _compile_rule(spec: RuleSpec, issues: list[Issue]) -> Rule | None:
     pos = spec.position
     ok = True

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from agentproxy.config import Config, ConfigError, Issue
+from pathlib import Path
+
+from agentproxy.config import Config, ConfigError, Issue, load
 from agentproxy.config.model import Upstream
 from agentproxy.errors import NoRoute
 from agentproxy.identity.context import ContextSigner
 from agentproxy.identity.verifier import TokenVerifier
-from agentproxy.policy import PolicySet, compile_policy
+from agentproxy.policy import PolicySet, compile_policy, policy_issues
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,6 +37,14 @@ class Runtime:
             if prefix is None or prefix == "/" or path == prefix or path.startswith(prefix + "/"):
                 return upstream
         raise NoRoute(f"no upstream is configured for {path}")
+
+
+def load_config(path: str | Path) -> Config:
+    """The one loader `validate`, start and reload use: config, policy files and their CEL.
+
+    Raises ConfigError with every problem in every file.
+    """
+    return load(path, check_policies=policy_issues)
 
 
 def check(config: Config) -> PolicySet:

@@ -8,7 +8,6 @@ from typing import Any
 
 from aiohttp import web
 
-from agentproxy import config as config_module
 from agentproxy.admin.server import admin_app
 from agentproxy.audit.decision_log import DecisionLog
 from agentproxy.config import Config, ConfigError
@@ -84,7 +83,7 @@ class ProxyServer:
         read at start only. Returns whether the new snapshot took effect.
         """
         try:
-            config = config_module.load(path or self.config.source)
+            config = runtime_module.load_config(path or self.config.source)
             runtime = await runtime_module.build(config)
         except ConfigError as exc:
             self.metrics.policy_reloads.labels("failure").inc()

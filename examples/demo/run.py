@@ -1,0 +1,73 @@
+"""`make run`: the demo upstream and the proxy in front of it, on the embedded default.
+
+Creates a demo token issuer key (examples/demo/.keys/, never committed), starts the HR API
+on :8000 and `agentproxy run` on :8080 (admin :9901), and prints what to try.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+BIN = Path(sys.executable).parent
+ISSUER = "https://idp.demo.local"
+
+
+def main() -> int:
+    from agentproxy.identity.issue import generate_demo_keypair
+
+    keys = HERE / ".keys"
+    if not (keys / "issuer.pem").exists():
+        keys.mkdir(exist_ok=True)
+        generate_demo_keypair(keys / "issuer.pem", keys / "issuer.pub.pem")
+    # `kill` of this script stops the demo too (finally, below), not only Ctrl-C.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    upstream = subprocess.Popen([sys.executable, str(HERE / "upstream.py")], cwd=HERE)
+    proxy = subprocess.Popen([str(BIN / "agentproxy"), "run", "--config", str(HERE / "agentproxy.yaml")])
+    time.sleep(1.0)
+    ap = f"{BIN / 'agentproxy'}"
+    key = keys / "issuer.pem"
+    print(
+        f"""
+agentproxy demo is running (Ctrl-C stops it)
+  data plane  http://127.0.0.1:8080   -> demo HR API on http://127.0.0.1:8000
+  admin       http://127.0.0.1:9901/metrics  /healthz  /readyz  /.well-known/jwks.json
+
+Mint a demo token for the agent "hr-bot" with role "hr":
+  TOKEN=$({ap} token --key {key} --issuer {ISSUER} --audience agentproxy --agent hr-bot --role hr)
+
+Then try:
+  curl -s -H "Authorization: Bearer $TOKEN" http://127.0.0.1:8080/v1/employees/42          # allowed
+  curl -s -H "Authorization: Bearer $TOKEN" http://127.0.0.1:8080/v1/employees/42/salary   # denied (403)
+  curl -s -H "Authorization: Bearer $TOKEN" http://127.0.0.1:8080/v1/employees/1           # denied by a CEL condition
+  curl -s http://127.0.0.1:8080/v1/employees/42                                            # no token (401)
+
+An assistant acting for alice (RFC 8693 delegation):
+  TOKEN=$({ap} token --key {key} --issuer {ISSUER} --audience agentproxy --agent assistant --for-user alice)
+  curl -s -H "Authorization: Bearer $TOKEN" http://127.0.0.1:8080/v1/employees/alice       # allowed: its own user
+""",
+        flush=True,
+    )
+    try:
+        while proxy.poll() is None and upstream.poll() is None:
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        for process in (proxy, upstream):
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        for process in (proxy, upstream):
+            try:
+                process.wait(10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+    return proxy.returncode or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,160 @@
+"""ContextSigner: tokens an upstream verifies with our JWKS, reuse, and key files."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import jwt
+import pytest
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+from jwt.utils import base64url_decode
+
+from agentproxy.config.model import ContextToken
+from agentproxy.core import Principal
+from agentproxy.identity.context import ContextSigner
+
+from .conftest import Keys, private_pem, write
+
+SETTINGS = ContextToken(ttl=60.0, audience="tools")
+PRINCIPAL = Principal(
+    agent="agent-b", acting_for="alice", chain=("agent-a",), roles=frozenset({"r"})
+)
+
+# RFC 8037 Appendix A.1 (the Ed25519 private key) and A.3 (its RFC 7638 thumbprint).
+RFC8037_D = "nWGxne_9WmC6hEr0kuwsxERJxWl7MmkZcDusAxyuf2A"
+RFC8037_THUMBPRINT = "kPrK_qmxVWaYVA9wwBF6Iuo3vVzz7TxHCTwXBygrS4k"
+
+
+def verify_with_jwks(signer: ContextSigner, token: str) -> dict[str, Any]:
+    """Verify as an upstream would, with the key the published JWKS has for its `kid`.
+
+    The lifetime is not checked: these tokens are signed at a made-up `now`.
+    """
+    published = {key["kid"]: key for key in signer.jwks()["keys"]}
+    key = jwt.PyJWK(published[jwt.get_unverified_header(token)["kid"]])
+    return jwt.decode(
+        token,
+        key,
+        algorithms=[key.algorithm_name],
+        audience="tools",
+        issuer="agentproxy",
+        options={"verify_exp": False, "verify_nbf": False, "verify_iat": False},
+    )
+
+
+def test_a_context_token_verifies_with_the_published_jwks() -> None:
+    signer = ContextSigner.load(SETTINGS)
+    now = time.time()
+    token = signer.sign(
+        principal=PRINCIPAL, task="TASK-1", rule="allow-reads", upstream="hr", now=now
+    )
+    # Full verification, exp and nbf included, against the real clock.
+    published = signer.jwks()["keys"][0]
+    assert published["use"] == "sig" and published["alg"] == "EdDSA" and "d" not in published
+    claims = jwt.decode(
+        token, jwt.PyJWK(published), algorithms=["EdDSA"], audience="tools", issuer="agentproxy"
+    )
+    assert claims["sub"] == claims["agent"] == "agent-b"
+    assert claims["user"] == "alice"
+    assert claims["chain"] == ["agent-a"]
+    assert claims["task"] == "TASK-1"
+    assert claims["rule"] == "allow-reads"
+    assert claims["upstream"] == "hr"
+    assert claims["iat"] == claims["nbf"] == int(now)
+    assert claims["exp"] == int(now + 60)
+    assert isinstance(claims["jti"], str) and claims["jti"]
+    assert jwt.get_unverified_header(token)["kid"] == signer.kid
+
+
+def test_absent_user_task_and_rule_are_omitted() -> None:
+    signer = ContextSigner.load(SETTINGS)
+    token = signer.sign(
+        principal=Principal(agent="agent-a"), task=None, rule=None, upstream="hr", now=1000.0
+    )
+    claims = verify_with_jwks(signer, token)
+    assert "user" not in claims and "task" not in claims and "rule" not in claims
+    assert claims["chain"] == []
+
+
+def test_a_token_is_reused_while_half_its_ttl_remains() -> None:
+    signer = ContextSigner.load(SETTINGS)
+    now = 1000.0
+
+    def sign(at: float, task: str = "TASK-1", upstream: str = "hr") -> str:
+        return signer.sign(principal=PRINCIPAL, task=task, rule="r1", upstream=upstream, now=at)
+
+    first = sign(now)
+    assert sign(now + 1) == first
+    assert sign(now + 30) == first  # exactly half of 60 s remains
+    assert sign(now, task="TASK-2") != first
+    assert sign(now, upstream="billing") != first
+    assert (
+        signer.sign(principal=PRINCIPAL, task="TASK-1", rule="r2", upstream="hr", now=now) != first
+    )
+    later = sign(now + 31)
+    assert later != first
+    assert verify_with_jwks(signer, later)["iat"] == int(now + 31)
+    assert sign(now + 40) == later
+
+
+def test_the_reuse_cache_is_bounded() -> None:
+    signer = ContextSigner(ed25519.Ed25519PrivateKey.generate(), SETTINGS, cache_size=2)
+    tokens = [
+        signer.sign(principal=PRINCIPAL, task=f"T-{n}", rule="r", upstream="hr", now=1000.0)
+        for n in range(3)
+    ]
+    assert (
+        signer.sign(principal=PRINCIPAL, task="T-2", rule="r", upstream="hr", now=1001.0)
+        == tokens[2]
+    )
+    assert (
+        signer.sign(principal=PRINCIPAL, task="T-0", rule="r", upstream="hr", now=1001.0)
+        != tokens[0]
+    )
+
+
+def test_an_ed25519_key_file_gives_the_same_kid_on_every_load(tmp_path: Path) -> None:
+    key = ed25519.Ed25519PrivateKey.from_private_bytes(base64url_decode(RFC8037_D))
+    settings = ContextToken(signing_key_file=write(tmp_path / "context.pem", private_pem(key)))
+    first, second = ContextSigner.load(settings), ContextSigner.load(settings)
+    assert first.kid == second.kid == RFC8037_THUMBPRINT
+    token = first.sign(principal=PRINCIPAL, task=None, rule="r", upstream="hr", now=1000.0)
+    assert verify_with_jwks(second, token)["agent"] == "agent-b"
+
+
+def test_an_ephemeral_key_differs_per_load() -> None:
+    assert ContextSigner.load(SETTINGS).kid != ContextSigner.load(SETTINGS).kid
+
+
+def test_a_p256_key_file_signs_es256(tmp_path: Path, keys: Keys) -> None:
+    settings = ContextToken(signing_key_file=write(tmp_path / "ec.pem", private_pem(keys.ec)))
+    signer = ContextSigner.load(settings)
+    assert signer.algorithm == "ES256"
+    assert signer.jwks()["keys"][0]["crv"] == "P-256"
+    token = signer.sign(principal=PRINCIPAL, task=None, rule="r", upstream="hr", now=1000.0)
+    assert verify_with_jwks(signer, token)["user"] == "alice"
+
+
+def test_an_rsa_key_file_is_refused(tmp_path: Path, keys: Keys) -> None:
+    path = write(tmp_path / "rsa.pem", private_pem(keys.rsa))
+    with pytest.raises(ValueError, match=r"RSA keys are refused.*use an Ed25519 key") as caught:
+        ContextSigner.load(ContextToken(signing_key_file=path))
+    assert str(path) in str(caught.value)
+
+
+@pytest.mark.parametrize("content", [None, b"not a key", b"-----BEGIN PRIVATE KEY-----\nAAAA\n"])
+def test_an_unusable_key_file_is_named(tmp_path: Path, content: bytes | None) -> None:
+    path = tmp_path / "context.pem"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(ValueError, match=str(path)):
+        ContextSigner.load(ContextToken(signing_key_file=path))
+
+
+def test_a_p384_key_is_refused(tmp_path: Path) -> None:
+    key = ec.generate_private_key(ec.SECP384R1())
+    path = write(tmp_path / "p384.pem", private_pem(key))
+    with pytest.raises(ValueError, match="Ed25519 or EC P-256, not ES384"):
+        ContextSigner.load(ContextToken(signing_key_file=path))

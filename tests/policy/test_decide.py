@@ -1,0 +1,193 @@
+"""`decide()` on its own: no ports, no clock, values in and values out."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from agentproxy.config.loader import read_policy_file
+from agentproxy.config.yamldoc import Issue
+from agentproxy.core import Action, Effect, Facts, Principal
+from agentproxy.policy import PolicySet, TraceStep, compile_policy, decide
+from agentproxy.policy.patterns import PatternIndex, compile_pattern
+
+POLICY = """
+default: deny
+rules:
+  - id: read
+    agents: [hr-bot, "role:hr"]
+    actions: ["http:GET /v1/employees/{id}"]
+    when: 'resource.id != "13"'
+    effect: allow
+  - id: no-salary
+    agents: ["*"]
+    actions: ["http:* /v1/employees/{id}/salary"]
+    effect: deny
+  - id: ops
+    agents: ["role:ops"]
+    actions: ["http:* /**"]
+    effect: allow
+  - id: broken-deny
+    agents: [hr-bot]
+    actions: ["http:GET /v1/reports/{name}"]
+    when: 'resource.nope == "x"'
+    effect: deny
+  - id: reports
+    agents: [hr-bot]
+    actions: ["http:GET /v1/reports/{name}"]
+    effect: allow
+  - id: bots
+    agents: ["bot-*"]
+    users: [alice, "team-*"]
+    actions: ["http:GET /v1/me", "http:GET /v1/files/{path...}"]
+    when: 'principal.user != null && resource.query.limit == "10"'
+    effect: allow
+  - id: shadow-no-put
+    agents: ["*"]
+    actions: ["http:PUT /**"]
+    effect: deny
+    mode: shadow
+  - id: task-scoped
+    agents: [hr-bot]
+    actions: ["http:POST /v1/tasks/{id}/done"]
+    when: 'task.id == resource.id && now > timestamp("2020-01-01T00:00:00Z")'
+    effect: allow
+"""
+
+
+def compile_text(tmp_path: Path, text: str) -> PolicySet:
+    path = tmp_path / "p.yaml"
+    path.write_text(text)
+    issues: list[Issue] = []
+    policy = read_policy_file(path, issues)
+    assert issues == []
+    return compile_policy([policy])
+
+
+@pytest.fixture
+def policy(tmp_path: Path) -> PolicySet:
+    return compile_text(tmp_path, POLICY)
+
+
+def http(method: str, path: str, query: dict[str, str] | None = None) -> Action:
+    return Action("http", method, path, query=query or {})
+
+
+HR = Principal(agent="hr-bot")
+NOW = time.time()
+
+
+def test_allow_and_cel_on_path_params(policy: PolicySet) -> None:
+    d = decide(policy, http("GET", "/v1/employees/42"), HR, Facts(), NOW)
+    assert (d.effect, d.rule_id, d.matched_action) == (Effect.ALLOW, "read", "http:GET /v1/employees/{id}")
+    d = decide(policy, http("GET", "/v1/employees/13"), HR, Facts(), NOW)
+    assert (d.effect, d.rule_id) == (Effect.DENY, None)
+
+
+def test_roles_and_default_deny(policy: PolicySet) -> None:
+    hr_role = Principal(agent="someone", roles=frozenset({"hr"}))
+    assert decide(policy, http("GET", "/v1/employees/1"), hr_role, Facts(), NOW).effect is Effect.ALLOW
+    stranger = Principal(agent="stranger")
+    d = decide(policy, http("GET", "/v1/employees/1"), stranger, Facts(), NOW)
+    assert d.effect is Effect.DENY and d.rule_id is None and "no rule allows" in d.reason
+
+
+def test_deny_overrides_allow(policy: PolicySet) -> None:
+    ops = Principal(agent="o", roles=frozenset({"ops"}))
+    assert decide(policy, http("DELETE", "/anything"), ops, Facts(), NOW).effect is Effect.ALLOW
+    d = decide(policy, http("GET", "/v1/employees/7/salary"), ops, Facts(), NOW)
+    assert (d.effect, d.rule_id) == (Effect.DENY, "no-salary")
+
+
+def test_a_condition_error_denies_and_names_the_rule(policy: PolicySet) -> None:
+    trace: list[TraceStep] = []
+    d = decide(policy, http("GET", "/v1/reports/q3"), HR, Facts(), NOW, trace)
+    assert (d.effect, d.rule_id) == (Effect.DENY, "broken-deny")
+    assert "could not be evaluated" in d.reason
+    assert any(step.rule == "reports" and step.outcome == "matched: allow" for step in trace)
+
+
+def test_users_globs_query_and_rest_templates(policy: PolicySet) -> None:
+    alice = Principal(agent="bot-1", acting_for="alice")
+    assert decide(policy, http("GET", "/v1/me", {"limit": "10"}), alice, Facts(), NOW).effect is Effect.ALLOW
+    team = Principal(agent="bot-1", acting_for="team-x")
+    action = http("GET", "/v1/files/a/b%20c.txt", {"limit": "10"})
+    assert decide(policy, action, team, Facts(), NOW).effect is Effect.ALLOW
+    bob = Principal(agent="bot-1", acting_for="bob")
+    assert decide(policy, http("GET", "/v1/me", {"limit": "10"}), bob, Facts(), NOW).effect is Effect.DENY
+    no_user = Principal(agent="bot-1")
+    assert decide(policy, http("GET", "/v1/me", {"limit": "10"}), no_user, Facts(), NOW).effect is Effect.DENY
+    # parameter pollution: a repeated name is a list, the string comparison errors, the rule denies
+    polluted = Action("http", "GET", "/v1/me", query={"limit": ("10", "100000")})
+    assert decide(policy, polluted, alice, Facts(), NOW).effect is Effect.DENY
+
+
+def test_shadow_rules_report_what_they_would_change(policy: PolicySet) -> None:
+    ops = Principal(agent="o", roles=frozenset({"ops"}))
+    d = decide(policy, http("PUT", "/v1/x"), ops, Facts(), NOW)
+    assert (d.effect, d.rule_id) == (Effect.ALLOW, "ops")
+    assert (d.shadow_effect, d.shadow_rule) == (Effect.DENY, "shadow-no-put")
+    d = decide(policy, http("GET", "/v1/x"), ops, Facts(), NOW)
+    assert d.shadow_effect is None
+
+
+def test_task_and_now_facts(policy: PolicySet) -> None:
+    action = http("POST", "/v1/tasks/t-1/done")
+    assert decide(policy, action, HR, Facts(task_id="t-1"), NOW).effect is Effect.ALLOW
+    assert decide(policy, action, HR, Facts(task_id="t-2"), NOW).effect is Effect.DENY
+    assert decide(policy, action, HR, Facts(task_id="t-1"), 0.0).effect is Effect.DENY
+
+
+def test_methods_and_paths_are_case_sensitive(policy: PolicySet) -> None:
+    assert decide(policy, http("get", "/v1/employees/42"), HR, Facts(), NOW).effect is Effect.DENY
+    assert decide(policy, http("GET", "/V1/employees/42"), HR, Facts(), NOW).effect is Effect.DENY
+
+
+def test_policy_version_follows_the_bytes(tmp_path: Path) -> None:
+    a = compile_text(tmp_path, POLICY)
+    b = compile_text(tmp_path, POLICY)
+    c = compile_text(tmp_path, POLICY + "\n# a comment changes the file\n")
+    assert a.version == b.version != c.version
+
+
+@pytest.mark.parametrize(
+    ("pattern", "action", "bindings"),
+    [
+        ("http:GET /v1/employees/{id}", "http:GET /v1/employees/42", {"id": "42"}),
+        ("http:GET /v1/employees/{id}", "http:GET /v1/employees/42/salary", None),
+        ("http:GET /v1/files/{path...}", "http:GET /v1/files/a/b/c", {"path": "a/b/c"}),
+        ("http:GET /v1/files/{path...}", "http:GET /v1/files/", None),
+        ("http:* /v1/*", "http:DELETE /v1/x", {}),
+        ("http:* /v1/*", "http:DELETE /v1/x/y", None),
+        ("http:GET /v1/**", "http:GET /v1/x/y", {}),
+        ("mcp:tools/call/pay*", "mcp:tools/call/payments.transfer", {}),
+        ("*", "grpc:/pkg.Svc/Method", {}),
+        ("http:GET /a.b", "http:GET /aXb", None),
+    ],
+)
+def test_patterns(pattern: str, action: str, bindings: dict[str, str] | None) -> None:
+    assert compile_pattern(pattern).match(action) == bindings
+
+
+def test_index_returns_only_candidates_in_rule_order() -> None:
+    index: PatternIndex[int] = PatternIndex()
+    patterns = ["http:GET /v1/a/{id}", "http:* /**", "http:GET /v1/b", "http:GET /v1/a/x", "*"]
+    for i, text in enumerate(patterns):
+        index.add(compile_pattern(text), i)
+    assert index.candidates("http:GET /v1/a/x") == [0, 1, 3, 4]
+    assert index.candidates("http:GET /v1/b") == [1, 2, 4]
+    assert index.candidates("mcp:tools/call/x") == [1, 4]
+    assert sorted(index) == [0, 1, 2, 3, 4]
+
+
+def test_ten_thousand_rules_stay_indexed(tmp_path: Path) -> None:
+    rules = "".join(
+        f'  - id: r{i}\n    agents: [a{i}]\n    actions: ["http:GET /svc{i}/items/{{id}}"]\n    effect: allow\n'
+        for i in range(10_000)
+    )
+    policy = compile_text(tmp_path, "default: deny\nrules:\n" + rules)
+    assert len(policy.index.candidates("http:GET /svc7777/items/1")) == 1
+    d = decide(policy, http("GET", "/svc7777/items/1"), Principal(agent="a7777"), Facts(), NOW)
+    assert d.rule_id == "r7777"

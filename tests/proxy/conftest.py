@@ -1,0 +1,172 @@
+"""Helpers for the end-to-end proxy tests: raw HTTP, header lookups, log parsing, custom configs.
+
+The shared fixtures (`keys`, `upstream`, `make_proxy`, `proxy`) live in `tests/conftest.py`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from agentproxy import config as config_module
+from agentproxy.proxy.server import ProxyServer
+from tests.conftest import Proxy, Seen
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def header_values(seen: Seen, name: str) -> list[str]:
+    """Every value the upstream received for `name`, matched case-insensitively."""
+    return [value for key, value in seen.header_list if key.lower() == name.lower()]
+
+
+def only_header(seen: Seen, name: str) -> str:
+    """The single value the upstream received for `name`; fails if absent or repeated."""
+    found = header_values(seen, name)
+    assert len(found) == 1, f"{name}: expected exactly one value, upstream got {found!r}"
+    return found[0]
+
+
+def b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def closed_port() -> int:
+    """A localhost port nothing listens on (bound, then released)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+@dataclass
+class RawResponse:
+    status: int
+    headers: list[tuple[str, str]]
+    body: bytes
+
+    def header(self, name: str) -> str | None:
+        for key, value in self.headers:
+            if key.lower() == name.lower():
+                return value
+        return None
+
+    def json(self) -> dict[str, Any]:
+        data = orjson.loads(self.body)
+        assert isinstance(data, dict)
+        return data
+
+
+async def raw_request(
+    base: str,
+    method: str,
+    target: str,
+    headers: list[tuple[str, str]] | None = None,
+    body: bytes = b"",
+) -> RawResponse:
+    """Sends one request exactly as written (no client-side normalization) and reads the answer.
+
+    The request asks for `Connection: close` (unless it sets its own Connection header), so the
+    answer ends at EOF; a chunked answer is de-chunked.
+    """
+    host_port = base.removeprefix("http://")
+    host, _, port = host_port.rpartition(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        lines = [f"{method} {target} HTTP/1.1", f"Host: {host_port}"]
+        names = {name.lower() for name, _ in headers or []}
+        if "connection" not in names:
+            lines.append("Connection: close")
+        if body and "content-length" not in names and "transfer-encoding" not in names:
+            lines.append(f"Content-Length: {len(body)}")
+        lines.extend(f"{name}: {value}" for name, value in headers or [])
+        writer.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body)
+        await writer.drain()
+        raw = await asyncio.wait_for(reader.read(-1), timeout=10)
+    finally:
+        writer.close()
+    return parse_response(raw)
+
+
+def parse_response(raw: bytes) -> RawResponse:
+    head, _, rest = raw.partition(b"\r\n\r\n")
+    status_line, *header_lines = head.decode("latin-1").split("\r\n")
+    status = int(status_line.split(" ", 2)[1])
+    headers = []
+    for line in header_lines:
+        name, _, value = line.partition(":")
+        headers.append((name.strip(), value.strip()))
+    response = RawResponse(status, headers, rest)
+    if (response.header("Transfer-Encoding") or "").lower() == "chunked":
+        response.body = _dechunk(rest)
+    return response
+
+
+def _dechunk(data: bytes) -> bytes:
+    out = bytearray()
+    while data:
+        size_line, _, data = data.partition(b"\r\n")
+        size = int(size_line.split(b";")[0], 16)
+        if size == 0:
+            break
+        out += data[:size]
+        data = data[size + 2 :]
+    return bytes(out)
+
+
+def log_records(text: str) -> list[dict[str, Any]]:
+    """The decision log lines in captured output (one JSON object per line)."""
+    records = []
+    for line in text.splitlines():
+        if line.startswith("{"):
+            record = orjson.loads(line)
+            assert isinstance(record, dict)
+            records.append(record)
+    return records
+
+
+def record_for(records: list[dict[str, Any]], decision_id: str) -> dict[str, Any]:
+    """The one log record of a call; fails unless exactly one line carries `decision_id`."""
+    found = [r for r in records if r.get("decision_id") == decision_id]
+    assert len(found) == 1, f"expected one log line for {decision_id}, found {len(found)}"
+    return found[0]
+
+
+CustomProxyFactory = Callable[[str, dict[str, bytes]], Awaitable[Proxy]]
+
+
+@pytest.fixture
+async def custom_proxy(tmp_path: Path) -> AsyncIterator[CustomProxyFactory]:
+    """Starts a proxy from a whole config text, with extra files written next to it."""
+    servers: list[ProxyServer] = []
+
+    async def factory(config_text: str, files: dict[str, bytes]) -> Proxy:
+        d = tmp_path / f"custom{len(servers)}"
+        d.mkdir()
+        for name, content in files.items():
+            (d / name).parent.mkdir(parents=True, exist_ok=True)
+            (d / name).write_bytes(content)
+        (d / "agentproxy.yaml").write_text(config_text)
+        server = ProxyServer(config_module.load(d / "agentproxy.yaml"))
+        await server.start()
+        servers.append(server)
+        return Proxy(
+            server,
+            f"http://127.0.0.1:{server.http_port}",
+            f"http://127.0.0.1:{server.admin_port}",
+            d,
+        )
+
+    yield factory
+    for server in servers:
+        await server.stop()
