@@ -31,9 +31,17 @@ class Keys:
 
     def token(self, sub: str = "hr-bot", **claims: Any) -> str:
         now = int(time.time())
-        payload: dict[str, Any] = {"iss": ISSUER, "aud": AUDIENCE, "sub": sub, "iat": now, "exp": now + 300}
+        payload: dict[str, Any] = {
+            "iss": ISSUER,
+            "aud": AUDIENCE,
+            "sub": sub,
+            "iat": now,
+            "exp": now + 300,
+        }
         payload.update(claims)
-        return jwt.encode({k: v for k, v in payload.items() if v is not None}, self.private, algorithm="RS256")
+        return jwt.encode(
+            {k: v for k, v in payload.items() if v is not None}, self.private, algorithm="RS256"
+        )
 
 
 @pytest.fixture(scope="session")
@@ -45,7 +53,9 @@ def keys() -> Keys:
             serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
         ),
         private_pem=private.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
         ),
     )
 
@@ -85,13 +95,22 @@ async def upstream() -> AsyncIterator[Upstream]:
         size = 0
         async for chunk in request.content.iter_chunked(256 * 1024):
             size += len(chunk)
-        state.seen.append(Seen(request.method, request.raw_path, dict(request.headers),
-                               list(request.headers.items()), size))
+        state.seen.append(
+            Seen(
+                request.method,
+                request.raw_path,
+                dict(request.headers),
+                list(request.headers.items()),
+                size,
+            )
+        )
         return size
 
     async def echo(request: web.Request) -> web.StreamResponse:
         size = await record(request)
-        return web.json_response({"path": request.raw_path, "method": request.method, "bytes": size})
+        return web.json_response(
+            {"path": request.raw_path, "method": request.method, "bytes": size}
+        )
 
     async def sse(request: web.Request) -> web.StreamResponse:
         await record(request)
@@ -185,8 +204,8 @@ rules:
     effect: allow
   - id: public
     agents: ["*"]
-    actions: ["http:GET /public/**", "http:* /sse", "http:* /download", "http:* /slow", "http:* /cut",
-              "http:POST /upload", "http:GET /cookie"]
+    actions: ["http:GET /public/**", "http:* /sse", "http:* /download", "http:* /slow",
+              "http:* /cut", "http:POST /upload", "http:GET /cookie"]
     effect: allow
 """
 
@@ -256,7 +275,12 @@ async def make_proxy(tmp_path: Path, keys: Keys, upstream: Upstream) -> AsyncIte
         server = ProxyServer(load_config(path))
         await server.start()
         servers.append(server)
-        return Proxy(server, f"http://127.0.0.1:{server.http_port}", f"http://127.0.0.1:{server.admin_port}", d)
+        return Proxy(
+            server,
+            f"http://127.0.0.1:{server.http_port}",
+            f"http://127.0.0.1:{server.admin_port}",
+            d,
+        )
 
     yield factory
     for server in servers:

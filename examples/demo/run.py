@@ -27,7 +27,9 @@ def main() -> int:
     # `kill` of this script stops the demo too (finally, below), not only Ctrl-C.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     upstream = subprocess.Popen([sys.executable, str(HERE / "upstream.py")], cwd=HERE)
-    proxy = subprocess.Popen([str(BIN / "agentproxy"), "run", "--config", str(HERE / "agentproxy.yaml")])
+    proxy = subprocess.Popen(
+        [str(BIN / "agentproxy"), "run", "--config", str(HERE / "agentproxy.yaml")]
+    )
     time.sleep(1.0)
     ap = f"{BIN / 'agentproxy'}"
     key = keys / "issuer.pem"

@@ -44,23 +44,27 @@ def make_app(api_key: str, jwks_url: str) -> web.Application:
         employee = EMPLOYEES.get(request.match_info["id"])
         if employee is None:
             return web.json_response({"error": "no such employee"}, status=404)
-        return web.json_response({
-            "employee": employee,
-            "seen_by_tool": {
-                "agent": request.headers.get("X-Agentproxy-Agent"),
-                "user": request.headers.get("X-Agentproxy-User"),
-                "task": request.headers.get("X-Agentproxy-Task"),
-                "decision": request.headers.get("X-Agentproxy-Decision"),
-                "traceparent": request.headers.get("traceparent"),
-                "context": await context(request),
-            },
-        })
+        return web.json_response(
+            {
+                "employee": employee,
+                "seen_by_tool": {
+                    "agent": request.headers.get("X-Agentproxy-Agent"),
+                    "user": request.headers.get("X-Agentproxy-User"),
+                    "task": request.headers.get("X-Agentproxy-Task"),
+                    "decision": request.headers.get("X-Agentproxy-Decision"),
+                    "traceparent": request.headers.get("traceparent"),
+                    "context": await context(request),
+                },
+            }
+        )
 
     async def salary(request: web.Request) -> web.Response:
         return web.json_response({"salary": 1_000_000})
 
     async def update(request: web.Request) -> web.Response:
-        return web.json_response({"updated": request.match_info["id"], "body": await request.json()})
+        return web.json_response(
+            {"updated": request.match_info["id"], "body": await request.json()}
+        )
 
     async def delete(request: web.Request) -> web.Response:
         return web.json_response({"deleted": request.match_info["id"]})
@@ -81,7 +85,13 @@ def main() -> int:
     args = parser.parse_args()
     with open(args.api_key_file) as f:
         api_key = f.read().strip()
-    web.run_app(make_app(api_key, args.jwks_url), host="127.0.0.1", port=args.port, print=None, access_log=None)
+    web.run_app(
+        make_app(api_key, args.jwks_url),
+        host="127.0.0.1",
+        port=args.port,
+        print=None,
+        access_log=None,
+    )
     return 0
 
 

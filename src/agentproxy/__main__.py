@@ -1,4 +1,5 @@
 """`python -m agentproxy`."""
+
 import sys
 
 from agentproxy.cli import main

@@ -21,23 +21,33 @@ log = logging.getLogger("agentproxy")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="agentproxy", description="Authorization proxy for AI agents.")
+    parser = argparse.ArgumentParser(
+        prog="agentproxy", description="Authorization proxy for AI agents."
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
     run = commands.add_parser("run", help="run the proxy")
     run.add_argument("--config", required=True, type=Path, help="path to agentproxy.yaml")
     run.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
-    validate = commands.add_parser("validate", help="check a config and its policies; print every problem")
+    validate = commands.add_parser(
+        "validate", help="check a config and its policies; print every problem"
+    )
     validate.add_argument("--config", required=True, type=Path)
 
     token = commands.add_parser("token", help="mint a test token (demo and development only)")
-    token.add_argument("--key", required=True, type=Path, help="issuer private key (PEM) or HMAC secret file")
+    token.add_argument(
+        "--key", required=True, type=Path, help="issuer private key (PEM) or HMAC secret file"
+    )
     token.add_argument("--issuer", required=True)
     token.add_argument("--audience", required=True)
     token.add_argument("--agent", required=True, help="the acting agent")
-    token.add_argument("--for-user", help="the user the agent acts for (RFC 8693: sub=user, act.sub=agent)")
-    token.add_argument("--via", action="append", default=[], help="an earlier actor in the chain (repeatable)")
+    token.add_argument(
+        "--for-user", help="the user the agent acts for (RFC 8693: sub=user, act.sub=agent)"
+    )
+    token.add_argument(
+        "--via", action="append", default=[], help="an earlier actor in the chain (repeatable)"
+    )
     token.add_argument("--role", action="append", default=[], help="a role (repeatable)")
     token.add_argument("--task", help="task id claim")
     token.add_argument("--ttl", default="15m", help='lifetime, e.g. "15m"')
@@ -58,14 +68,16 @@ def _validate(path: Path) -> int:
         print(exc, file=sys.stderr)
         print(f"{len(exc.issues)} problem(s) found", file=sys.stderr)
         return 1
-    rules = len(policy.rules)
-    print(f"{path}: ok ({len(config.upstreams)} upstream(s), {rules} rule(s), policy version {policy.version})")
+    upstreams, rules = len(config.upstreams), len(policy.rules)
+    print(f"{path}: ok ({upstreams} upstream(s), {rules} rule(s), policy version {policy.version})")
     return 0
 
 
 def _run(path: Path, level: str) -> int:
     logging.basicConfig(
-        level=level.upper(), stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        level=level.upper(),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:
         config = runtime_module.load_config(path)
@@ -104,7 +116,10 @@ async def _serve(config: config_module.Config) -> int:
     listen = config.listen
     log.info(
         "agentproxy ready: data plane http://%s:%d, admin http://%s:%d (policy version %s)",
-        listen.http.host, server.http_port, listen.admin.host, server.admin_port,
+        listen.http.host,
+        server.http_port,
+        listen.admin.host,
+        server.admin_port,
         server.pipeline.runtime.policy.version,
     )
     await stop.wait()
@@ -130,8 +145,15 @@ def _token(args: argparse.Namespace) -> int:
     subject = args.for_user or args.agent
     try:
         token = mint_token(
-            key_file=args.key, issuer=args.issuer, audience=args.audience, subject=subject,
-            actors=actors, roles=args.role, ttl=ttl, claims=extra, now=time.time(),
+            key_file=args.key,
+            issuer=args.issuer,
+            audience=args.audience,
+            subject=subject,
+            actors=actors,
+            roles=args.role,
+            ttl=ttl,
+            claims=extra,
+            now=time.time(),
         )
     except (OSError, ValueError) as exc:
         print(f"cannot mint token: {exc}", file=sys.stderr)

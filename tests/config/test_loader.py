@@ -81,7 +81,9 @@ def test_unknown_key_suggests_the_right_one(tmp_path: Path) -> None:
 
 
 def test_every_problem_is_reported_at_once_sorted(tmp_path: Path) -> None:
-    bad_policy = GOOD_POLICY.replace("effect: allow", "efect: allow") + "  - id: x\n    agents: [a]\n"
+    bad_policy = (
+        GOOD_POLICY.replace("effect: allow", "efect: allow") + "  - id: x\n    agents: [a]\n"
+    )
     main = MAIN.replace("5s", "5 seconds").replace("RS256", "none")
     lines = problems(write(tmp_path, main, bad_policy))
     text = "\n".join(lines)
@@ -97,7 +99,9 @@ def test_bad_cel_is_a_load_error_at_the_when_line(tmp_path: Path) -> None:
     policy = GOOD_POLICY + "    when: 'resource.id =='\n"
     path = write(tmp_path, MAIN, policy)
     (line,) = problems(path)
-    assert line.startswith(f"{tmp_path / 'policies' / 'p.yaml'}:7:11: rule read.when: CEL does not compile")
+    assert line.startswith(
+        f"{tmp_path / 'policies' / 'p.yaml'}:7:11: rule read.when: CEL does not compile"
+    )
 
 
 def test_cel_must_be_boolean_and_reference_known_variables(tmp_path: Path) -> None:
@@ -108,7 +112,9 @@ def test_cel_must_be_boolean_and_reference_known_variables(tmp_path: Path) -> No
 
 
 def test_duplicate_keys_and_rule_ids_are_refused(tmp_path: Path) -> None:
-    policy = GOOD_POLICY + GOOD_POLICY.split("rules:\n")[1].replace("agents: [hr-bot]", "agents: [x]\n    agents: [y]")
+    policy = GOOD_POLICY + GOOD_POLICY.split("rules:\n")[1].replace(
+        "agents: [hr-bot]", "agents: [x]\n    agents: [y]"
+    )
     text = "\n".join(problems(write(tmp_path, MAIN, policy)))
     assert "duplicate key" in text
     assert "rule id 'read' is already used at" in text
@@ -116,26 +122,34 @@ def test_duplicate_keys_and_rule_ids_are_refused(tmp_path: Path) -> None:
 
 def test_key_confusion_is_refused_at_load(tmp_path: Path) -> None:
     main = MAIN.replace("algorithms: [RS256]", "algorithms: [RS256, HS256]")
-    assert any("HS* algorithms need hs256_secret_file" in line for line in problems(write(tmp_path, main)))
+    assert any(
+        "HS* algorithms need hs256_secret_file" in line for line in problems(write(tmp_path, main))
+    )
 
 
 def test_audience_and_key_source_are_required(tmp_path: Path) -> None:
-    main = MAIN.replace("      audiences: [agentproxy]\n", "").replace("      public_key_file: pub.pem\n", "")
+    main = MAIN.replace("      audiences: [agentproxy]\n", "").replace(
+        "      public_key_file: pub.pem\n", ""
+    )
     text = "\n".join(problems(write(tmp_path, main)))
     assert 'missing required key "audiences"' in text
     assert "set exactly one of jwks_url" in text
 
 
 def test_missing_files_and_empty_globs(tmp_path: Path) -> None:
-    main = MAIN.replace("value_file: secret", "value_file: nope").replace("policies/*.yaml", "nowhere/*.yaml")
+    main = MAIN.replace("value_file: secret", "value_file: nope").replace(
+        "policies/*.yaml", "nowhere/*.yaml"
+    )
     text = "\n".join(problems(write(tmp_path, main)))
     assert "cannot read secret file 'nope'" in text
     assert "'nowhere/*.yaml' matches no policy file" in text
 
 
 def test_future_protocols_and_effects_are_refused_not_ignored(tmp_path: Path) -> None:
-    main = MAIN.replace('    timeout: 5s\n', '    timeout: 5s\n    protocol: mcp\n')
-    assert any('protocol "mcp" is not available' in line for line in problems(write(tmp_path, main)))
+    main = MAIN.replace("    timeout: 5s\n", "    timeout: 5s\n    protocol: mcp\n")
+    assert any(
+        'protocol "mcp" is not available' in line for line in problems(write(tmp_path, main))
+    )
 
 
 def test_policy_test_files_are_not_policies(tmp_path: Path) -> None:
@@ -159,18 +173,37 @@ def test_bad_action_patterns(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("text", "seconds"),
-    [("50ms", 0.05), ("30s", 30.0), ("15m", 900.0), ("24h", 86400.0), ("1h30m", 5400.0), (2, 2.0),
-     ("", None), ("5", None), ("-1s", None), ("1d", None), (True, None), ("1 h", None)],
+    [
+        ("50ms", 0.05),
+        ("30s", 30.0),
+        ("15m", 900.0),
+        ("24h", 86400.0),
+        ("1h30m", 5400.0),
+        (2, 2.0),
+        ("", None),
+        ("5", None),
+        ("-1s", None),
+        ("1d", None),
+        (True, None),
+        ("1 h", None),
+    ],
 )
 def test_durations(text: object, seconds: float | None) -> None:
     assert parse_duration(text) == seconds
 
 
 def test_validate_command_prints_every_problem_and_exits_1(tmp_path: Path) -> None:
-    path = write(tmp_path, MAIN.replace("    timeout: 5s", "    timout: 5s"),
-                 GOOD_POLICY + "    when: 'resource.id =='\n")
-    out = subprocess.run([sys.executable, "-m", "agentproxy", "validate", "--config", str(path)],
-                         capture_output=True, text=True, check=False)
+    path = write(
+        tmp_path,
+        MAIN.replace("    timeout: 5s", "    timout: 5s"),
+        GOOD_POLICY + "    when: 'resource.id =='\n",
+    )
+    out = subprocess.run(
+        [sys.executable, "-m", "agentproxy", "validate", "--config", str(path)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert out.returncode == 1
     assert f"{path}:6:5: $.upstreams[0].timout: unknown key" in out.stderr
     assert "p.yaml:7:11: rule read.when: CEL does not compile" in out.stderr
@@ -182,6 +215,10 @@ def test_validate_command_accepts_the_examples() -> None:
         if not (example.parent / ".keys").exists():
             # the demo's issuer key is made by `make run`; validate the rest of it
             continue
-        out = subprocess.run([sys.executable, "-m", "agentproxy", "validate", "--config", str(example)],
-                             capture_output=True, text=True, check=False)
+        out = subprocess.run(
+            [sys.executable, "-m", "agentproxy", "validate", "--config", str(example)],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
         assert out.returncode == 0, out.stderr

@@ -81,14 +81,20 @@ NOW = time.time()
 
 def test_allow_and_cel_on_path_params(policy: PolicySet) -> None:
     d = decide(policy, http("GET", "/v1/employees/42"), HR, Facts(), NOW)
-    assert (d.effect, d.rule_id, d.matched_action) == (Effect.ALLOW, "read", "http:GET /v1/employees/{id}")
+    assert (d.effect, d.rule_id, d.matched_action) == (
+        Effect.ALLOW,
+        "read",
+        "http:GET /v1/employees/{id}",
+    )
     d = decide(policy, http("GET", "/v1/employees/13"), HR, Facts(), NOW)
     assert (d.effect, d.rule_id) == (Effect.DENY, None)
 
 
 def test_roles_and_default_deny(policy: PolicySet) -> None:
     hr_role = Principal(agent="someone", roles=frozenset({"hr"}))
-    assert decide(policy, http("GET", "/v1/employees/1"), hr_role, Facts(), NOW).effect is Effect.ALLOW
+    assert (
+        decide(policy, http("GET", "/v1/employees/1"), hr_role, Facts(), NOW).effect is Effect.ALLOW
+    )
     stranger = Principal(agent="stranger")
     d = decide(policy, http("GET", "/v1/employees/1"), stranger, Facts(), NOW)
     assert d.effect is Effect.DENY and d.rule_id is None and "no rule allows" in d.reason
@@ -111,14 +117,23 @@ def test_a_condition_error_denies_and_names_the_rule(policy: PolicySet) -> None:
 
 def test_users_globs_query_and_rest_templates(policy: PolicySet) -> None:
     alice = Principal(agent="bot-1", acting_for="alice")
-    assert decide(policy, http("GET", "/v1/me", {"limit": "10"}), alice, Facts(), NOW).effect is Effect.ALLOW
+    assert (
+        decide(policy, http("GET", "/v1/me", {"limit": "10"}), alice, Facts(), NOW).effect
+        is Effect.ALLOW
+    )
     team = Principal(agent="bot-1", acting_for="team-x")
     action = http("GET", "/v1/files/a/b%20c.txt", {"limit": "10"})
     assert decide(policy, action, team, Facts(), NOW).effect is Effect.ALLOW
     bob = Principal(agent="bot-1", acting_for="bob")
-    assert decide(policy, http("GET", "/v1/me", {"limit": "10"}), bob, Facts(), NOW).effect is Effect.DENY
+    assert (
+        decide(policy, http("GET", "/v1/me", {"limit": "10"}), bob, Facts(), NOW).effect
+        is Effect.DENY
+    )
     no_user = Principal(agent="bot-1")
-    assert decide(policy, http("GET", "/v1/me", {"limit": "10"}), no_user, Facts(), NOW).effect is Effect.DENY
+    assert (
+        decide(policy, http("GET", "/v1/me", {"limit": "10"}), no_user, Facts(), NOW).effect
+        is Effect.DENY
+    )
     # parameter pollution: a repeated name is a list, the string comparison errors, the rule denies
     polluted = Action("http", "GET", "/v1/me", query={"limit": ("10", "100000")})
     assert decide(policy, polluted, alice, Facts(), NOW).effect is Effect.DENY
@@ -183,10 +198,8 @@ def test_index_returns_only_candidates_in_rule_order() -> None:
 
 
 def test_ten_thousand_rules_stay_indexed(tmp_path: Path) -> None:
-    rules = "".join(
-        f'  - id: r{i}\n    agents: [a{i}]\n    actions: ["http:GET /svc{i}/items/{{id}}"]\n    effect: allow\n'
-        for i in range(10_000)
-    )
+    rule = '  - id: r{i}\n    agents: [a{i}]\n    actions: ["http:GET /svc{i}/items/{{id}}"]\n'
+    rules = "".join(rule.format(i=i) + "    effect: allow\n" for i in range(10_000))
     policy = compile_text(tmp_path, "default: deny\nrules:\n" + rules)
     assert len(policy.index.candidates("http:GET /svc7777/items/1")) == 1
     d = decide(policy, http("GET", "/svc7777/items/1"), Principal(agent="a7777"), Facts(), NOW)

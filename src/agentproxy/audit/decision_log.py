@@ -25,7 +25,9 @@ class DecisionLog:
     def write(self, call: Call, latency: float) -> None:
         if self._out is None:
             return
-        self._out.write(orjson.dumps(entry(call, latency, time.time()), option=orjson.OPT_APPEND_NEWLINE))
+        self._out.write(
+            orjson.dumps(entry(call, latency, time.time()), option=orjson.OPT_APPEND_NEWLINE)
+        )
         self._out.flush()
 
 
@@ -34,7 +36,8 @@ def entry(call: Call, latency: float, now: float) -> dict[str, Any]:
     p = call.principal
     d = call.decision
     record: dict[str, Any] = {
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now % 1 * 1000):03d}Z",
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now))
+        + f".{int(now % 1 * 1000):03d}Z",
         "decision_id": call.id,
         "trace_id": call.trace.trace_id,
         "agent": p.agent if p else None,

@@ -33,7 +33,15 @@ from agentproxy.config.model import (
 from agentproxy.config.yamldoc import ConfigError, Document, Issue
 from agentproxy.core import Effect, Mode
 
-TOP_KEYS = ("mode", "listen", "upstreams", "identity", "context_token", "policy_files", "decision_log")
+TOP_KEYS = (
+    "mode",
+    "listen",
+    "upstreams",
+    "identity",
+    "context_token",
+    "policy_files",
+    "decision_log",
+)
 ASYMMETRIC_ALGORITHMS = frozenset(
     {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"}
 )
@@ -95,7 +103,9 @@ class _Loader:
     def path(self, value: str) -> Path:
         return (self.base / value).resolve()
 
-    def secret(self, section: dict[str, Any], path: str, key: str, *, required: bool) -> Secret | None:
+    def secret(
+        self, section: dict[str, Any], path: str, key: str, *, required: bool
+    ) -> Secret | None:
         name = self.doc.get(section, path, key, str, required=required)
         if name is None:
             return None
@@ -137,7 +147,10 @@ class _Loader:
         text = self.doc.get(section, path, key, str, default) or default
         parsed = parse_host_port(text)
         if parsed is None:
-            self.doc.error(f"{path}.{key}", f'invalid address {text!r} (write "host:port", e.g. "0.0.0.0:8080")')
+            self.doc.error(
+                f"{path}.{key}",
+                f'invalid address {text!r} (write "host:port", e.g. "0.0.0.0:8080")',
+            )
             return parse_host_port(default)  # type: ignore[return-value]
         return parsed
 
@@ -154,7 +167,9 @@ class _Loader:
             seen.add(up.name)
             defaults += up.path_prefix is None
         if defaults > 1:
-            doc.error("$.upstreams", "more than one upstream has no match: only one may be the default")
+            doc.error(
+                "$.upstreams", "more than one upstream has no match: only one may be the default"
+            )
         return tuple(items)
 
     def upstream(self, value: Any, path: str) -> Upstream | None:
@@ -162,46 +177,74 @@ class _Loader:
         keys = ("name", "url", "protocol", "match", "timeout", "credentials", "max_body_bytes")
         section = doc.mapping(value, path, keys)
         name = doc.get(section, path, "name", str, required=True) or ""
-        doc.check(not name or bool(_NAME.fullmatch(name)), f"{path}.name",
-                  "must be lowercase letters, digits, '.', '_' or '-'")
+        doc.check(
+            not name or bool(_NAME.fullmatch(name)),
+            f"{path}.name",
+            "must be lowercase letters, digits, '.', '_' or '-'",
+        )
         url = doc.get(section, path, "url", str, required=True) or ""
         if url:
             parts = urlsplit(url)
-            doc.check(parts.scheme in ("http", "https") and bool(parts.hostname)
-                      and not parts.query and not parts.fragment and not parts.username,
-                      f"{path}.url", f"must be an http(s) URL with a host and no query, not {url!r}")
+            doc.check(
+                parts.scheme in ("http", "https")
+                and bool(parts.hostname)
+                and not parts.query
+                and not parts.fragment
+                and not parts.username,
+                f"{path}.url",
+                f"must be an http(s) URL with a host and no query, not {url!r}",
+            )
         protocol = doc.choice(section, path, "protocol", ["http", "mcp", "llm", "grpc"], "http")
-        doc.check(protocol in SUPPORTED_PROTOCOLS, f"{path}.protocol",
-                  f'protocol "{protocol}" is not available in this version (supported: http)')
+        doc.check(
+            protocol in SUPPORTED_PROTOCOLS,
+            f"{path}.protocol",
+            f'protocol "{protocol}" is not available in this version (supported: http)',
+        )
         match = doc.mapping(section.get("match"), f"{path}.match", ("path_prefix",))
         prefix = doc.get(match, f"{path}.match", "path_prefix", str)
         if prefix is not None:
-            doc.check(prefix.startswith("/") and "//" not in prefix and "%" not in prefix,
-                      f"{path}.match.path_prefix", "must start with '/' and be a plain path")
+            doc.check(
+                prefix.startswith("/") and "//" not in prefix and "%" not in prefix,
+                f"{path}.match.path_prefix",
+                "must start with '/' and be a plain path",
+            )
             prefix = prefix.rstrip("/") or "/"
         credentials = None
         if section.get("credentials") is not None:
             cpath = f"{path}.credentials"
             creds = doc.mapping(section["credentials"], cpath, ("header", "value_file", "prefix"))
             header = doc.get(creds, cpath, "header", str, required=True) or ""
-            doc.check(not header or bool(_HEADER_NAME.fullmatch(header)), f"{cpath}.header",
-                      "must be an HTTP header name")
+            doc.check(
+                not header or bool(_HEADER_NAME.fullmatch(header)),
+                f"{cpath}.header",
+                "must be an HTTP header name",
+            )
             secret = self.secret(creds, cpath, "value_file", required=True)
             if header and secret is not None:
-                credentials = Credentials(header, secret, doc.get(creds, cpath, "prefix", str, "") or "")
+                credentials = Credentials(
+                    header, secret, doc.get(creds, cpath, "prefix", str, "") or ""
+                )
         max_body = doc.get(section, path, "max_body_bytes", int, 64 * 1024 * 1024) or 0
         doc.check(max_body > 0, f"{path}.max_body_bytes", "must be a positive number of bytes")
         timeout = doc.duration(section, path, "timeout", 30.0)
         doc.check(timeout > 0, f"{path}.timeout", "must be more than 0")
-        return Upstream(name=name, url=url.rstrip("/"), protocol=protocol,  # type: ignore[arg-type]
-                        path_prefix=prefix, timeout=timeout, credentials=credentials,
-                        max_body_bytes=max_body)
+        return Upstream(
+            name=name,
+            url=url.rstrip("/"),
+            protocol=protocol,  # type: ignore[arg-type]
+            path_prefix=prefix,
+            timeout=timeout,
+            credentials=credentials,
+            max_body_bytes=max_body,
+        )
 
     def identity(self, value: Any) -> Identity:
         doc = self.doc
         section = doc.mapping(value, "$.identity", ("issuers", "claims", "max_token_bytes"))
         if value is None:
-            doc.error("$", 'missing required key "identity" (every call must carry a verified token)')
+            doc.error(
+                "$", 'missing required key "identity" (every call must carry a verified token)'
+            )
         issuers = doc.each(section.get("issuers"), "$.identity.issuers", self.issuer)
         if value is not None and not section.get("issuers"):
             doc.error("$.identity", "at least one issuer is required in identity.issuers")
@@ -220,31 +263,59 @@ class _Loader:
 
     def issuer(self, value: Any, path: str) -> Issuer | None:
         doc = self.doc
-        keys = ("issuer", "audiences", "algorithms", "jwks_url", "jwks_file", "public_key_file",
-                "hs256_secret_file", "leeway")
+        keys = (
+            "issuer",
+            "audiences",
+            "algorithms",
+            "jwks_url",
+            "jwks_file",
+            "public_key_file",
+            "hs256_secret_file",
+            "leeway",
+        )
         section = doc.mapping(value, path, keys)
         name = doc.get(section, path, "issuer", str, required=True)
         audiences = doc.strings(section, path, "audiences", required=True)
         if "audiences" in section and not audiences:
-            doc.error(f"{path}.audiences", "at least one audience is required (a token for another service must not pass)")
+            doc.error(
+                f"{path}.audiences",
+                "at least one audience is required (a token for another service must not pass)",
+            )
         algorithms = doc.strings(section, path, "algorithms", required=True)
         for alg in algorithms:
-            doc.check(alg in ASYMMETRIC_ALGORITHMS | HMAC_ALGORITHMS, f"{path}.algorithms",
-                      f"unsupported algorithm {alg!r} (use e.g. RS256, ES256, EdDSA, HS256)")
-        sources = [k for k in ("jwks_url", "jwks_file", "public_key_file", "hs256_secret_file") if section.get(k)]
+            doc.check(
+                alg in ASYMMETRIC_ALGORITHMS | HMAC_ALGORITHMS,
+                f"{path}.algorithms",
+                f"unsupported algorithm {alg!r} (use e.g. RS256, ES256, EdDSA, HS256)",
+            )
+        sources = [
+            k
+            for k in ("jwks_url", "jwks_file", "public_key_file", "hs256_secret_file")
+            if section.get(k)
+        ]
         if len(sources) != 1:
-            doc.error(path, "set exactly one of jwks_url, jwks_file, public_key_file, hs256_secret_file"
-                      + (f" (found {', '.join(sources)})" if sources else ""))
+            doc.error(
+                path,
+                "set exactly one of jwks_url, jwks_file, public_key_file, hs256_secret_file"
+                + (f" (found {', '.join(sources)})" if sources else ""),
+            )
         hmac = bool(section.get("hs256_secret_file"))
         # Key confusion: an HMAC algorithm next to a public key lets anyone who has the
         # public key forge tokens; refuse the mix at load.
         if hmac and set(algorithms) - HMAC_ALGORITHMS:
             doc.error(f"{path}.algorithms", "hs256_secret_file takes only HS256/HS384/HS512")
         if not hmac and set(algorithms) & HMAC_ALGORITHMS:
-            doc.error(f"{path}.algorithms", "HS* algorithms need hs256_secret_file; public keys take RS/PS/ES/EdDSA")
+            doc.error(
+                f"{path}.algorithms",
+                "HS* algorithms need hs256_secret_file; public keys take RS/PS/ES/EdDSA",
+            )
         jwks_url = doc.get(section, path, "jwks_url", str)
         if jwks_url is not None:
-            doc.check(urlsplit(jwks_url).scheme in ("http", "https"), f"{path}.jwks_url", "must be an http(s) URL")
+            doc.check(
+                urlsplit(jwks_url).scheme in ("http", "https"),
+                f"{path}.jwks_url",
+                "must be an http(s) URL",
+            )
         issuer = Issuer(
             issuer=name or "",
             audiences=audiences,
@@ -307,8 +378,15 @@ def load_policies(
             if rule.id in ids:
                 first = ids[rule.id].position
                 pos = rule.position
-                issues.append(Issue(pos.file, pos.line, pos.column, "$.rules",
-                                    f"rule id {rule.id!r} is already used at {first}"))
+                issues.append(
+                    Issue(
+                        pos.file,
+                        pos.line,
+                        pos.column,
+                        "$.rules",
+                        f"rule id {rule.id!r} is already used at {first}",
+                    )
+                )
             ids.setdefault(rule.id, rule)
     return tuple(out)
 
@@ -326,8 +404,11 @@ def read_policy_file(path: Path, issues: list[Issue]) -> PolicyFile:
         issues.append(Issue(str(path), 1, 1, "", f"cannot read policy file: {exc}"))
         return PolicyFile(str(path), (), "")
     raw = doc.mapping(doc.parse(text), "$", ("default", "rules"))
-    doc.check(raw.get("default", "deny") == "deny", "$.default",
-              'only "deny" is supported: a call no rule allows is refused')
+    doc.check(
+        raw.get("default", "deny") == "deny",
+        "$.default",
+        'only "deny" is supported: a call no rule allows is refused',
+    )
     rules = tuple(doc.each(raw.get("rules"), "$.rules", lambda v, p: _rule(doc, v, p)))
     return PolicyFile(str(path), rules, hashlib.sha256(data).hexdigest())
 
@@ -337,12 +418,23 @@ def _rule(doc: Document, value: Any, path: str) -> RuleSpec | None:
     if not section:
         return None
     rule_id = doc.get(section, path, "id", str, required=True) or ""
-    doc.check(not rule_id or bool(_RULE_ID.fullmatch(rule_id)), f"{path}.id",
-              "must be letters, digits, '.', '_', ':' or '-' (at most 128)")
+    doc.check(
+        not rule_id or bool(_RULE_ID.fullmatch(rule_id)),
+        f"{path}.id",
+        "must be letters, digits, '.', '_', ':' or '-' (at most 128)",
+    )
     agents = doc.strings(section, path, "agents", required=True)
     actions = doc.strings(section, path, "actions", required=True)
-    doc.check("actions" not in section or bool(actions), f"{path}.actions", "must name at least one action")
-    doc.check("agents" not in section or bool(agents), f"{path}.agents", 'must name at least one agent (or "*")')
+    doc.check(
+        "actions" not in section or bool(actions),
+        f"{path}.actions",
+        "must name at least one action",
+    )
+    doc.check(
+        "agents" not in section or bool(agents),
+        f"{path}.agents",
+        'must name at least one agent (or "*")',
+    )
     effect = doc.choice(section, path, "effect", [e.value for e in Effect], "deny")
     if "effect" not in section:
         doc.error(path, 'missing required key "effect" (allow, deny or require_approval)')

@@ -18,6 +18,8 @@ import yaml
 from agentproxy.config.model import Position
 
 T = TypeVar("T")
+# libyaml's parser keeps marks too and is ~10x faster on large policies.
+_Loader: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
@@ -58,7 +60,7 @@ class Document:
 
     def parse(self, text: str) -> Any:
         """Returns the document's value, or None (with an issue recorded) if it is not YAML."""
-        loader = yaml.SafeLoader(text)
+        loader = _Loader(text)
         try:
             node = loader.get_single_node()
             if node is None:
@@ -133,7 +135,9 @@ class Document:
         for key in value:
             if key not in known:
                 close = difflib.get_close_matches(key, known, n=1)
-                hint = f' (did you mean "{close[0]}"?)' if close else f" (allowed: {', '.join(known)})"
+                hint = (
+                    f' (did you mean "{close[0]}"?)' if close else f" (allowed: {', '.join(known)})"
+                )
                 self.error(f"{path}.{key}", f"unknown key{hint}")
         return value
 
@@ -160,7 +164,9 @@ class Document:
             return default
         return value
 
-    def strings(self, section: dict[str, Any], path: str, key: str, *, required: bool = False) -> tuple[str, ...]:
+    def strings(
+        self, section: dict[str, Any], path: str, key: str, *, required: bool = False
+    ) -> tuple[str, ...]:
         """A list of strings (a single string is accepted as a one-item list)."""
         value = section.get(key)
         if value is None:
@@ -180,11 +186,16 @@ class Document:
             return default
         seconds = parse_duration(value)
         if seconds is None:
-            self.error(f"{path}.{key}", f'invalid duration {value!r} (write e.g. "50ms", "30s", "15m", "24h")')
+            self.error(
+                f"{path}.{key}",
+                f'invalid duration {value!r} (write e.g. "50ms", "30s", "15m", "24h")',
+            )
             return default
         return seconds
 
-    def choice(self, section: dict[str, Any], path: str, key: str, options: Iterable[str], default: str) -> str:
+    def choice(
+        self, section: dict[str, Any], path: str, key: str, options: Iterable[str], default: str
+    ) -> str:
         value = section.get(key, default)
         allowed = list(options)
         if value not in allowed:

@@ -30,7 +30,7 @@ ISSUER = "agentproxy"
 
 ContextKey = ed25519.Ed25519PrivateKey | ec.EllipticCurvePrivateKey
 
-_Reuse = tuple[str, str | None, tuple[str, ...], str | None, str | None, str]
+_ReuseKey = tuple[str, str | None, tuple[str, ...], str | None, str | None, str]
 
 
 class ContextSigner:
@@ -48,7 +48,7 @@ class ContextSigner:
         self._public_jwk = public_jwk(key.public_key())
         self.kid = thumbprint(self._public_jwk)
         self._cache_size = cache_size
-        self._cache: OrderedDict[_Reuse, tuple[str, int, int]] = OrderedDict()
+        self._cache: OrderedDict[_ReuseKey, tuple[str, int, int]] = OrderedDict()
 
     @classmethod
     def load(cls, settings: ContextToken) -> ContextSigner:

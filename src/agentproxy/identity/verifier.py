@@ -304,9 +304,10 @@ class _KeyFile:
 class _JwksClient(jwt.PyJWKClient):
     """PyJWKClient, with every failure to fetch a usable key set as a connection error.
 
-    PyJWKClient raises the same PyJWKClientError for a body that is not a JSON object as
-    for an unknown `kid`, and lets a body that is not JSON through as a ValueError; the
-    first is the endpoint's fault (503), the second the token's (401).
+    PyJWKClient raises the same PyJWKClientError for an endpoint serving something other
+    than a JSON object as for a `kid` it does not know, and lets a body that is not JSON
+    escape as a ValueError. Here the endpoint's failures (503) are all connection errors,
+    so a remaining PyJWKClientError means the token's `kid` is unknown (401).
     """
 
     def fetch_data(self) -> Any:

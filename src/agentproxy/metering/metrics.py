@@ -7,17 +7,50 @@ caller cannot mint label values; calls no rule matched are labelled `other`.
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client import gc_collector, platform_collector, process_collector
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    gc_collector,
+    platform_collector,
+    process_collector,
+)
 
 # 100 µs to 60 s, roughly three buckets a decade.
 LATENCY_BUCKETS = (
-    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
-    0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
 )
 # The decision stage is measured in microseconds.
 DECISION_BUCKETS = (
-    0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.1,
+    0.00001,
+    0.000025,
+    0.00005,
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.05,
+    0.1,
 )
 
 
@@ -31,32 +64,48 @@ class Metrics:
         gc_collector.GCCollector(registry=self.registry)
         r = self.registry
         self.requests = Counter(
-            "agentproxy_requests", "Calls seen, by upstream, matched action pattern and decision.",
-            ["upstream", "action", "decision"], registry=r,
+            "agentproxy_requests",
+            "Calls seen, by upstream, matched action pattern and decision.",
+            ["upstream", "action", "decision"],
+            registry=r,
         )
         self.shadow_decisions = Counter(
             "agentproxy_shadow_decisions",
             "Decisions computed but not enforced (shadow mode): what would have happened.",
-            ["action", "rule", "decision"], registry=r,
+            ["action", "rule", "decision"],
+            registry=r,
         )
         self.decision_seconds = Histogram(
-            "agentproxy_decision_seconds", "Time to identify the caller and decide.",
-            buckets=DECISION_BUCKETS, registry=r,
+            "agentproxy_decision_seconds",
+            "Time to identify the caller and decide.",
+            buckets=DECISION_BUCKETS,
+            registry=r,
         )
         self.upstream_seconds = Histogram(
-            "agentproxy_upstream_seconds", "Time from sending upstream to its last response byte.",
-            ["upstream"], buckets=LATENCY_BUCKETS, registry=r,
+            "agentproxy_upstream_seconds",
+            "Time from sending upstream to its last response byte.",
+            ["upstream"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
         self.request_seconds = Histogram(
-            "agentproxy_request_seconds", "Time from the request reaching the proxy to the end of the answer.",
-            ["upstream"], buckets=LATENCY_BUCKETS, registry=r,
+            "agentproxy_request_seconds",
+            "Time from the request reaching the proxy to the end of the answer.",
+            ["upstream"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
         self.overhead_seconds = Histogram(
-            "agentproxy_overhead_seconds", "Time spent in the proxy itself (request time minus upstream time).",
-            buckets=LATENCY_BUCKETS, registry=r,
+            "agentproxy_overhead_seconds",
+            "Time spent in the proxy itself (request time minus upstream time).",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
         self.policy_reloads = Counter(
-            "agentproxy_policy_reloads", "Policy and config loads, by result.", ["result"], registry=r,
+            "agentproxy_policy_reloads",
+            "Policy and config loads, by result.",
+            ["result"],
+            registry=r,
         )
         # Pre-create the children users alert on, so they exist (at 0) from the first scrape.
         for result in ("success", "failure"):

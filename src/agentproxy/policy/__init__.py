@@ -3,5 +3,4 @@
 from agentproxy.policy.compiler import PolicySet, compile_policy, policy_issues
 from agentproxy.policy.decide import TraceStep, decide
 
-__all__ = ["PolicySet", "TraceStep", "compile_policy",
-    "policy_issues", "decide"]
+__all__ = ["PolicySet", "TraceStep", "compile_policy", "decide", "policy_issues"]

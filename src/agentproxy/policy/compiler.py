@@ -56,7 +56,8 @@ class PrincipalMatcher:
             return True
         user = principal.acting_for
         return user is not None and (
-            user in self.users or (self.user_globs is not None and bool(self.user_globs.fullmatch(user)))
+            user in self.users
+            or (self.user_globs is not None and bool(self.user_globs.fullmatch(user)))
         )
 
 
@@ -127,8 +128,9 @@ def _compile_rule(spec: RuleSpec, issues: list[Issue]) -> Rule | None:
         try:
             patterns.append(compile_pattern(text))
         except PatternError as exc:
-            issues.append(Issue(pos.file, pos.line, pos.column, f"rule {spec.id}",
-                                f"action {text!r}: {exc}"))
+            issues.append(
+                Issue(pos.file, pos.line, pos.column, f"rule {spec.id}", f"action {text!r}: {exc}")
+            )
             ok = False
     condition = None
     if spec.when is not None:
@@ -136,14 +138,28 @@ def _compile_rule(spec: RuleSpec, issues: list[Issue]) -> Rule | None:
         try:
             condition = CEL_ENV.compile(spec.when)
         except RuntimeError as exc:
-            issues.append(Issue(where.file, where.line, where.column, f"rule {spec.id}.when",
-                                f"CEL does not compile: {_cel_message(exc)}"))
+            issues.append(
+                Issue(
+                    where.file,
+                    where.line,
+                    where.column,
+                    f"rule {spec.id}.when",
+                    f"CEL does not compile: {_cel_message(exc)}",
+                )
+            )
             ok = False
         else:
             returns = condition.return_type()
             if returns != cel.Type.BOOL and returns != cel.Type.DYN:
-                issues.append(Issue(where.file, where.line, where.column, f"rule {spec.id}.when",
-                                    f"must be a boolean expression, not {returns.name()}"))
+                issues.append(
+                    Issue(
+                        where.file,
+                        where.line,
+                        where.column,
+                        f"rule {spec.id}.when",
+                        f"must be a boolean expression, not {returns.name()}",
+                    )
+                )
                 ok = False
     if not ok:
         return None

@@ -80,7 +80,9 @@ def decide(
                 reason = f"condition of rule {rule.id} could not be evaluated: {outcome}"
         if trace is not None:
             trace.append(TraceStep(rule.id, pattern.text, f"matched: {effect.value}"))
-        (shadow if rule.mode is Mode.SHADOW else enforced).append(_Match(rule, pattern.text, effect, reason))
+        (shadow if rule.mode is Mode.SHADOW else enforced).append(
+            _Match(rule, pattern.text, effect, reason)
+        )
 
     winner = strongest(enforced)
     if winner is None:
@@ -91,15 +93,22 @@ def decide(
             policy_version=policy.version,
         )
     else:
-        decision = Decision(winner.effect, winner.rule.id, winner.reason, policy.version, winner.pattern)
+        decision = Decision(
+            winner.effect, winner.rule.id, winner.reason, policy.version, winner.pattern
+        )
     if shadow:
         would = strongest(enforced + shadow)
         would_effect = would.effect if would else Effect.DENY
         would_rule = would.rule.id if would else None
         if (would_effect, would_rule) != (decision.effect, decision.rule_id):
             return Decision(
-                decision.effect, decision.rule_id, decision.reason, decision.policy_version,
-                decision.matched_action, shadow_effect=would_effect, shadow_rule=would_rule,
+                decision.effect,
+                decision.rule_id,
+                decision.reason,
+                decision.policy_version,
+                decision.matched_action,
+                shadow_effect=would_effect,
+                shadow_rule=would_rule,
             )
     return decision
 
@@ -138,9 +147,13 @@ def cel_inputs(action: Action, principal: Principal, facts: Facts, now: float) -
     }
 
 
-def _evaluate(condition: cel.Expression, inputs: dict[str, Any], bindings: Mapping[str, str]) -> bool | str:
+def _evaluate(
+    condition: cel.Expression, inputs: dict[str, Any], bindings: Mapping[str, str]
+) -> bool | str:
     """True or False, or the evaluation error's message."""
-    resource: dict[str, Any] = {name: unquote(value, errors="strict") for name, value in bindings.items()}
+    resource: dict[str, Any] = {
+        name: unquote(value, errors="strict") for name, value in bindings.items()
+    }
     resource["query"] = inputs["request"]["query"]
     data = dict(inputs)
     data["resource"] = resource

@@ -44,7 +44,9 @@ def compile_pattern(text: str) -> ActionPattern:
         return ActionPattern(text, re.compile(r".*", re.DOTALL), (), ())
     protocol, sep, rest = text.partition(":")
     if not sep or protocol not in PROTOCOLS:
-        raise PatternError(f'must start with one of {", ".join(p + ":" for p in PROTOCOLS)} or be "*"')
+        raise PatternError(
+            f'must start with one of {", ".join(p + ":" for p in PROTOCOLS)} or be "*"'
+        )
     if protocol == "http":
         method, space, path = rest.partition(" ")
         if not space or not method or not path.startswith("/"):
@@ -54,9 +56,9 @@ def compile_pattern(text: str) -> ActionPattern:
     pos = 0
     for m in _TOKEN.finditer(text):
         parts.append(re.escape(text[pos : m.start()]))
-        token = m.group(0)
-        if token in "{}":
-            raise PatternError(f"unbalanced {token!r} at column {m.start() + 1}")
+        piece = m.group(0)
+        if piece in "{}":
+            raise PatternError(f"unbalanced {piece!r} at column {m.start() + 1}")
         if m.group(1):
             name = m.group(1)
             if name == "query":
@@ -65,13 +67,15 @@ def compile_pattern(text: str) -> ActionPattern:
                 raise PatternError(f"template name {name!r} is used twice")
             names.append(name)
             parts.append(f"(?P<{name}>{'[^/]+(?:/[^/]+)*' if m.group(2) else '[^/]+'})")
-        elif token == "**":
+        elif piece == "**":
             parts.append(".*")
         else:
             parts.append("[^/]*")
         pos = m.end()
     parts.append(re.escape(text[pos:]))
-    return ActionPattern(text, re.compile("".join(parts), re.DOTALL), tuple(names), _literal_prefix(text))
+    return ActionPattern(
+        text, re.compile("".join(parts), re.DOTALL), tuple(names), _literal_prefix(text)
+    )
 
 
 def _literal_prefix(text: str) -> tuple[str, ...]:

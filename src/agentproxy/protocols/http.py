@@ -405,6 +405,7 @@ def bearer_token(authorization: str | None) -> str | None:
 
 # --- refusals --------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True, slots=True)
 class WireReply:
     """A complete HTTP response for the shell to send as is."""

@@ -78,15 +78,17 @@ class HttpDataPlane:
         self._current = current
         self._sessions = sessions
 
-    async def handle(self, request: web.Request) -> web.StreamResponse:
+    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         started = time.perf_counter()
         now = time.time()
         pipeline = self._current()
         runtime = pipeline.runtime
         headers = request.headers
         trace = parse_traceparent(
-            headers.get("traceparent"), headers.get("tracestate"),
-            secrets.token_hex(16), secrets.token_hex(8),
+            headers.get("traceparent"),
+            headers.get("tracestate"),
+            secrets.token_hex(16),
+            secrets.token_hex(8),
         )
         action, raw_query, upstream, bearer, declared = UNPARSED, "", None, None, None
         refusal: Refusal | None = None
@@ -124,7 +126,7 @@ class HttpExchange:
 
     def __init__(
         self,
-        request: web.Request,
+        request: web.BaseRequest,
         runtime: Runtime,
         upstream: Upstream | None,
         raw_query: str,
@@ -171,10 +173,14 @@ class HttpExchange:
         request = self.request
         length = request.content_length
         if length is not None and length > upstream.max_body_bytes:
-            raise PayloadTooLarge(f"request body is {length} bytes; the limit is {upstream.max_body_bytes}")
+            raise PayloadTooLarge(
+                f"request body is {length} bytes; the limit is {upstream.max_body_bytes}"
+            )
         headers = self._upstream_headers(call, upstream)
         url = upstream.url + call.action.target + ("?" + self.raw_query if self.raw_query else "")
-        timeout = aiohttp.ClientTimeout(total=None, sock_connect=upstream.timeout, sock_read=upstream.timeout)
+        timeout = aiohttp.ClientTimeout(
+            total=None, sock_connect=upstream.timeout, sock_read=upstream.timeout
+        )
         session = self.sessions.get(upstream)
         sent = time.perf_counter()
         try:
@@ -189,12 +195,16 @@ class HttpExchange:
         except (TimeoutError, aiohttp.ServerTimeoutError):
             self._check_body_size(upstream)
             call.upstream_seconds = time.perf_counter() - sent
-            raise UpstreamTimeout(f"upstream {upstream.name} did not answer within {upstream.timeout:g}s") from None
+            raise UpstreamTimeout(
+                f"upstream {upstream.name} did not answer within {upstream.timeout:g}s"
+            ) from None
         except (aiohttp.ClientError, OSError) as exc:
             self._check_body_size(upstream)
             call.upstream_seconds = time.perf_counter() - sent
             log.warning("upstream %s failed for call %s: %r", upstream.name, call.id, exc)
-            raise UpstreamFailed(f"upstream {upstream.name} is unreachable or broke the connection") from None
+            raise UpstreamFailed(
+                f"upstream {upstream.name} is unreachable or broke the connection"
+            ) from None
         try:
             await self._stream_back(call, upstream_response)
         finally:
@@ -203,7 +213,9 @@ class HttpExchange:
 
     def _check_body_size(self, upstream: Upstream) -> None:
         if self._body_too_large:
-            raise PayloadTooLarge(f"request body exceeds the limit of {upstream.max_body_bytes} bytes")
+            raise PayloadTooLarge(
+                f"request body exceeds the limit of {upstream.max_body_bytes} bytes"
+            )
 
     def _upstream_headers(self, call: Call, upstream: Upstream) -> list[tuple[str, str]]:
         strip = set(_ALWAYS_STRIPPED)
@@ -234,7 +246,9 @@ class HttpExchange:
             yield chunk
 
     async def _stream_back(self, call: Call, upstream_response: aiohttp.ClientResponse) -> None:
-        response = web.StreamResponse(status=upstream_response.status, reason=upstream_response.reason)
+        response = web.StreamResponse(
+            status=upstream_response.status, reason=upstream_response.reason
+        )
         for name, value in response_headers_to_return(upstream_response.headers.items()):
             response.headers.add(name, value)
         call.status = upstream_response.status

@@ -111,9 +111,13 @@ class Pipeline:
             m.requests.labels(call.upstream, action, outcome_label(call)).inc()
             if decision is not None:
                 if not call.enforced and decision.effect is not Effect.ALLOW:
-                    m.shadow_decisions.labels(action, decision.rule_id or "", decision.effect.value).inc()
+                    m.shadow_decisions.labels(
+                        action, decision.rule_id or "", decision.effect.value
+                    ).inc()
                 if decision.shadow_effect is not None:
-                    m.shadow_decisions.labels(action, decision.shadow_rule or "", decision.shadow_effect.value).inc()
+                    m.shadow_decisions.labels(
+                        action, decision.shadow_rule or "", decision.shadow_effect.value
+                    ).inc()
             if call.decision_seconds is not None:
                 m.decision_seconds.observe(call.decision_seconds)
             total = finished - call.started

@@ -7,7 +7,6 @@ changes the rules under a call in flight.
 from __future__ import annotations
 
 from dataclasses import dataclass
-
 from pathlib import Path
 
 from agentproxy.config import Config, ConfigError, Issue, load
@@ -77,7 +76,9 @@ async def build(config: Config) -> Runtime:
     try:
         await verifier.start()
     except ValueError as exc:
-        raise ConfigError([Issue(str(config.source), 1, 1, "$.identity.issuers", str(exc))]) from None
+        raise ConfigError(
+            [Issue(str(config.source), 1, 1, "$.identity.issuers", str(exc))]
+        ) from None
     signer = ContextSigner.load(config.context_token)
     routes = sorted(
         config.upstreams,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
 
 from aiohttp import web
 
@@ -31,7 +30,7 @@ class ProxyServer:
         self.decision_log = DecisionLog(config.decision_log)
         self.sessions = UpstreamSessions()
         self._pipeline: Pipeline | None = None
-        self._runners: list[web.BaseRunner[Any]] = []
+        self._runners: list[web.BaseRunner] = []
         self._ready = False
         self.http_port = 0
         self.admin_port = 0
@@ -57,7 +56,9 @@ class ProxyServer:
         data_plane = HttpDataPlane(lambda: self.pipeline, self.sessions)
         listen = self.config.listen
         admin = web.AppRunner(
-            admin_app(self.metrics.registry, self.is_ready, lambda: self.pipeline.runtime.signer.jwks()),
+            admin_app(
+                self.metrics.registry, self.is_ready, lambda: self.pipeline.runtime.signer.jwks()
+            ),
             access_log=None,
         )
         http = web.ServerRunner(
@@ -109,7 +110,7 @@ class ProxyServer:
         await self.sessions.close()
 
 
-def _bound_port(runner: web.BaseRunner[Any]) -> int:
+def _bound_port(runner: web.BaseRunner) -> int:
     for address in runner.addresses:
         if isinstance(address, tuple):
             return int(address[1])
