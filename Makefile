@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 SHARED ?= ../shared
 
-.PHONY: run test lint pytest smoke install system-deps clean
+.PHONY: run test lint pytest smoke install system-deps bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,14 +25,19 @@ pytest: install
 	$(PY) -m pytest
 
 lint: install
-	$(VENV)/bin/ruff check src tests examples
-	$(VENV)/bin/ruff format --check src tests examples
+	$(VENV)/bin/ruff check src tests examples bench
+	$(VENV)/bin/ruff format --check src tests examples bench
 	$(VENV)/bin/mypy
 
 smoke: install
 	@if [ -f $(SHARED)/smoke/contract_smoke.py ]; then \
 		$(PY) $(SHARED)/smoke/contract_smoke.py $(VENV)/bin/agentproxy; \
 	else echo "smoke: $(SHARED)/smoke/contract_smoke.py not found; skipped (it lives beside the repo)"; fi
+
+## make bench: overhead against a direct call, as ratios from the same run (not part of test)
+bench: install
+	@command -v wrk >/dev/null 2>&1 || { echo "wrk is missing: apt-get install wrk"; exit 1; }
+	$(PY) bench/http_overhead.py
 
 # promtool (Debian package "prometheus") checks our /metrics exposition in the tests.
 system-deps:

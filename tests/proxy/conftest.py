@@ -92,13 +92,32 @@ async def raw_request(
         lines.extend(f"{name}: {value}" for name, value in headers or [])
         writer.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body)
         await writer.drain()
-        raw = await asyncio.wait_for(reader.read(-1), timeout=10)
+        return await asyncio.wait_for(read_response(reader), timeout=10)
     finally:
         writer.close()
-    return parse_response(raw)
+
+
+async def read_response(reader: asyncio.StreamReader) -> RawResponse:
+    """Reads one response: by Content-Length when it has one, else chunked, else to EOF.
+
+    Not waiting for EOF matters: after refusing a request whose body it did not read, aiohttp
+    keeps the connection open for a while to drain the body (so that a reset cannot destroy
+    the answer before the client reads it).
+    """
+    head = await reader.readuntil(b"\r\n\r\n")
+    response = parse_response(head)
+    length = response.header("Content-Length")
+    if length is not None:
+        response.body = await reader.readexactly(int(length))
+    elif (response.header("Transfer-Encoding") or "").lower() == "chunked":
+        response.body = _dechunk(await reader.read(-1))
+    else:
+        response.body = await reader.read(-1)
+    return response
 
 
 def parse_response(raw: bytes) -> RawResponse:
+    """Parses a whole response (head and body) given as bytes."""
     head, _, rest = raw.partition(b"\r\n\r\n")
     status_line, *header_lines = head.decode("latin-1").split("\r\n")
     status = int(status_line.split(" ", 2)[1])
@@ -122,6 +141,18 @@ def _dechunk(data: bytes) -> bytes:
         out += data[:size]
         data = data[size + 2 :]
     return bytes(out)
+
+
+def captured(capsys: pytest.CaptureFixture[str], *proxies: Proxy) -> tuple[str, str]:
+    """stdout and stderr so far, once every proxy's decision log has written what it holds.
+
+    The decision log batches lines (a few ms late); flushing first makes the read exact.
+    The proxies must have been started inside the test, after `capsys` replaced stdout.
+    """
+    for proxy in proxies:
+        proxy.server.decision_log.flush()
+    out, err = capsys.readouterr()
+    return out, err
 
 
 def log_records(text: str) -> list[dict[str, Any]]:

@@ -11,7 +11,7 @@ import orjson
 import pytest
 
 from tests.conftest import Keys, Proxy, ProxyFactory, Upstream
-from tests.proxy.conftest import bearer, only_header
+from tests.proxy.conftest import bearer, only_header, raw_request
 
 TRACEPARENT = re.compile(r"00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
 
@@ -41,7 +41,9 @@ async def test_allow_forwards_the_exact_path(proxy: Proxy, upstream: Upstream, k
     assert [s.path for s in upstream.seen] == ["/v1/employees/42"]
 
 
-async def test_deny_rule_names_rule_and_reason(proxy: Proxy, upstream: Upstream, keys: Keys) -> None:
+async def test_deny_rule_names_rule_and_reason(
+    proxy: Proxy, upstream: Upstream, keys: Keys
+) -> None:
     status, ctype, body = await call(proxy, keys.token(), "/v1/employees/7/salary")
     assert status == 403
     assert ctype == "application/problem+json"
@@ -190,9 +192,7 @@ async def test_invalid_task_header_is_400(
 async def test_context_token_verifies_with_published_jwks(
     proxy: Proxy, upstream: Upstream, keys: Keys
 ) -> None:
-    token = keys.token(
-        "alice", act={"sub": "assistant", "act": {"sub": "planner"}}, task="t-1"
-    )
+    token = keys.token("alice", act={"sub": "assistant", "act": {"sub": "planner"}}, task="t-1")
     status, _, _ = await call(proxy, token, "/v1/me/profile")
     assert status == 200
     context = only_header(upstream.seen[0], "X-Agentproxy-Context")
@@ -288,7 +288,9 @@ async def test_missing_traceparent_starts_a_trace(
     assert traces[0][3:35] != traces[1][3:35]
 
 
-async def test_policy_from_custom_file(make_proxy: ProxyFactory, upstream: Upstream, keys: Keys) -> None:
+async def test_policy_from_custom_file(
+    make_proxy: ProxyFactory, upstream: Upstream, keys: Keys
+) -> None:
     proxy = await make_proxy(
         policy="""
 default: deny
@@ -305,3 +307,24 @@ rules:
     # Parameter pollution: a repeated name is a list, so `== "ok"` cannot hold.
     assert (await call(proxy, keys.token(), "/v1/search?q=ok&q=no"))[0] == 403
     assert [s.path for s in upstream.seen] == ["/v1/search?q=ok"]
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        "/v1/employees/%31%33",
+        "/v1/employees/x/../13",
+        "/v1/employees/7/%73alary",
+        "/v1//employees/7/salary",
+    ],
+)
+async def test_encodings_cannot_dodge_conditions_or_denies(
+    proxy: Proxy, upstream: Upstream, keys: Keys, target: str
+) -> None:
+    # "%31%33" is "13" and "%73alary" is "salary" (RFC 3986 §2.3): the condition on the id
+    # and the salary deny must see the decoded, normalized path.
+    response = await raw_request(
+        proxy.base, "GET", target, [("Authorization", f"Bearer {keys.token()}")]
+    )
+    assert response.status == 403
+    assert upstream.seen == []

@@ -45,8 +45,12 @@ async def test_spoofed_identity_headers_are_replaced(
     context = only_header(seen, "X-Agentproxy-Context")
     assert context not in {value for _, value in SPOOFED}
     # Absent facts are absent headers, not the agent's values.
-    for name in ("X-Agentproxy-User", "X-Agentproxy-Chain", "X-Agentproxy-Rule",
-                 "X-Agentproxy-Whatever"):
+    for name in (
+        "X-Agentproxy-User",
+        "X-Agentproxy-Chain",
+        "X-Agentproxy-Rule",
+        "X-Agentproxy-Whatever",
+    ):
         assert header_values(seen, name) == []
     received = {value for _, value in seen.header_list}
     for _, value in SPOOFED:
@@ -57,11 +61,16 @@ async def test_spoofed_user_and_chain_replaced_on_delegation(
     proxy: Proxy, upstream: Upstream, keys: Keys
 ) -> None:
     token = keys.token("alice", act={"sub": "assistant", "act": {"sub": "planner"}})
-    response = await raw_request(proxy.base, "GET", "/v1/me/x", [
-        ("Authorization", f"Bearer {token}"),
-        ("X-Agentproxy-User", "team-admin"),
-        ("x-agentproxy-chain", "root"),
-    ])
+    response = await raw_request(
+        proxy.base,
+        "GET",
+        "/v1/me/x",
+        [
+            ("Authorization", f"Bearer {token}"),
+            ("X-Agentproxy-User", "team-admin"),
+            ("x-agentproxy-chain", "root"),
+        ],
+    )
     assert response.status == 200
     seen = upstream.seen[0]
     assert only_header(seen, "X-Agentproxy-User") == "alice"
@@ -72,19 +81,29 @@ async def test_spoofed_headers_do_not_influence_policy(
     proxy: Proxy, upstream: Upstream, keys: Keys
 ) -> None:
     # A stranger claiming to be hr-bot in a header stays a stranger.
-    response = await raw_request(proxy.base, "GET", "/v1/employees/42", [
-        ("Authorization", f"Bearer {keys.token('stranger')}"),
-        ("X-Agentproxy-Agent", "hr-bot"),
-    ])
+    response = await raw_request(
+        proxy.base,
+        "GET",
+        "/v1/employees/42",
+        [
+            ("Authorization", f"Bearer {keys.token('stranger')}"),
+            ("X-Agentproxy-Agent", "hr-bot"),
+        ],
+    )
     assert response.status == 403
     assert upstream.seen == []
 
 
 async def test_authorization_never_forwarded(proxy: Proxy, upstream: Upstream, keys: Keys) -> None:
     token = keys.token()
-    response = await raw_request(proxy.base, "GET", "/v1/employees/42", [
-        ("authorization", f"Bearer {token}"),
-    ])
+    response = await raw_request(
+        proxy.base,
+        "GET",
+        "/v1/employees/42",
+        [
+            ("authorization", f"Bearer {token}"),
+        ],
+    )
     assert response.status == 200
     seen = upstream.seen[0]
     assert header_values(seen, "Authorization") == []
@@ -94,11 +113,16 @@ async def test_authorization_never_forwarded(proxy: Proxy, upstream: Upstream, k
 async def test_agent_supplied_credential_is_replaced(
     proxy: Proxy, upstream: Upstream, keys: Keys
 ) -> None:
-    response = await raw_request(proxy.base, "GET", "/v1/employees/42", [
-        ("Authorization", f"Bearer {keys.token()}"),
-        ("X-Api-Key", "agent-chosen-key"),
-        ("x-api-key", "another-one"),
-    ])
+    response = await raw_request(
+        proxy.base,
+        "GET",
+        "/v1/employees/42",
+        [
+            ("Authorization", f"Bearer {keys.token()}"),
+            ("X-Api-Key", "agent-chosen-key"),
+            ("x-api-key", "another-one"),
+        ],
+    )
     assert response.status == 200
     assert only_header(upstream.seen[0], "X-Api-Key") == UPSTREAM_SECRET
 
@@ -106,10 +130,18 @@ async def test_agent_supplied_credential_is_replaced(
 async def test_connection_header_cannot_drop_injected_credential(
     proxy: Proxy, upstream: Upstream, keys: Keys
 ) -> None:
-    response = await raw_request(proxy.base, "GET", "/v1/employees/42", [
-        ("Authorization", f"Bearer {keys.token()}"),
-        ("Connection", "close, X-Api-Key, X-Agentproxy-Agent, X-Agentproxy-Context, traceparent"),
-    ])
+    response = await raw_request(
+        proxy.base,
+        "GET",
+        "/v1/employees/42",
+        [
+            ("Authorization", f"Bearer {keys.token()}"),
+            (
+                "Connection",
+                "close, X-Api-Key, X-Agentproxy-Agent, X-Agentproxy-Context, traceparent",
+            ),
+        ],
+    )
     assert response.status == 200
     seen = upstream.seen[0]
     assert only_header(seen, "X-Api-Key") == UPSTREAM_SECRET
@@ -121,39 +153,76 @@ async def test_connection_header_cannot_drop_injected_credential(
 async def test_hop_by_hop_headers_not_forwarded(
     proxy: Proxy, upstream: Upstream, keys: Keys
 ) -> None:
-    response = await raw_request(proxy.base, "GET", "/v1/employees/42", [
-        ("Authorization", f"Bearer {keys.token()}"),
-        ("Connection", "close, X-Custom-Hop"),
-        ("X-Custom-Hop", "named-by-connection"),
-        ("Keep-Alive", "timeout=99"),
-        ("TE", "trailers"),
-        ("Upgrade", "h2c"),
-        ("Proxy-Authorization", "Basic cHJveHk6c2VjcmV0"),
-        ("Proxy-Connection", "keep-alive"),
-        ("X-End-To-End", "kept"),
-    ])
+    response = await raw_request(
+        proxy.base,
+        "GET",
+        "/v1/employees/42",
+        [
+            ("Authorization", f"Bearer {keys.token()}"),
+            ("Connection", "close, X-Custom-Hop"),
+            ("X-Custom-Hop", "named-by-connection"),
+            ("Keep-Alive", "timeout=99"),
+            ("TE", "trailers"),
+            ("Upgrade", "h2c"),
+            ("Proxy-Authorization", "Basic cHJveHk6c2VjcmV0"),
+            ("Proxy-Connection", "keep-alive"),
+            ("X-End-To-End", "kept"),
+        ],
+    )
     assert response.status == 200
     seen = upstream.seen[0]
-    for name in ("Keep-Alive", "TE", "Upgrade", "Proxy-Authorization", "Proxy-Connection",
-                 "X-Custom-Hop"):
+    for name in (
+        "Keep-Alive",
+        "TE",
+        "Upgrade",
+        "Proxy-Authorization",
+        "Proxy-Connection",
+        "X-Custom-Hop",
+    ):
         assert header_values(seen, name) == [], name
     for value in header_values(seen, "Connection"):
         assert "x-custom-hop" not in value.lower()
         assert "close" not in value.lower()
     assert only_header(seen, "X-End-To-End") == "kept"
+    # Host names the upstream the proxy chose, not the one the agent addressed.
+    assert only_header(seen, "Host") == upstream.url.removeprefix("http://")
+
+
+async def test_identifiers_are_encoded_to_stay_one_list_item(
+    proxy: Proxy, upstream: Upstream, keys: Keys
+) -> None:
+    # A comma in a subject must not add a second item to X-Agentproxy-Chain-style lists.
+    token = keys.token("alice, root", act={"sub": "assistant", "act": {"sub": "plan,ner"}})
+    response = await raw_request(
+        proxy.base,
+        "GET",
+        "/public/x",
+        [
+            ("Authorization", f"Bearer {token}"),
+        ],
+    )
+    assert response.status == 200
+    seen = upstream.seen[0]
+    assert only_header(seen, "X-Agentproxy-User") == "alice%2C%20root"
+    assert only_header(seen, "X-Agentproxy-Chain") == "plan%2Cner"
 
 
 async def test_forwarded_headers_are_the_proxy_s_own(
     proxy: Proxy, upstream: Upstream, keys: Keys
 ) -> None:
-    response = await raw_request(proxy.base, "GET", "/v1/employees/42", [
-        ("Authorization", f"Bearer {keys.token()}"),
-        ("X-Forwarded-For", "10.0.0.1"),
-        ("x-forwarded-for", "10.0.0.2"),
-        ("Forwarded", "for=10.0.0.3"),
-        ("X-Forwarded-Host", "evil.test"),
-        ("X-Forwarded-Proto", "https"),
-    ])
+    response = await raw_request(
+        proxy.base,
+        "GET",
+        "/v1/employees/42",
+        [
+            ("Authorization", f"Bearer {keys.token()}"),
+            ("X-Forwarded-For", "10.0.0.1"),
+            ("x-forwarded-for", "10.0.0.2"),
+            ("Forwarded", "for=10.0.0.3"),
+            ("X-Forwarded-Host", "evil.test"),
+            ("X-Forwarded-Proto", "https"),
+        ],
+    )
     assert response.status == 200
     seen = upstream.seen[0]
     assert only_header(seen, "X-Forwarded-For") == "127.0.0.1"
@@ -183,9 +252,14 @@ async def test_forwarded_headers_are_the_proxy_s_own(
 async def test_traversal_is_matched_after_normalization(
     proxy: Proxy, upstream: Upstream, keys: Keys, target: str, normalized: str
 ) -> None:
-    response = await raw_request(proxy.base, "GET", target, [
-        ("Authorization", f"Bearer {keys.token('nobody')}"),
-    ])
+    response = await raw_request(
+        proxy.base,
+        "GET",
+        target,
+        [
+            ("Authorization", f"Bearer {keys.token('nobody')}"),
+        ],
+    )
     assert response.status == 403
     # The policy judged the normalized path (the default deny names the action it refused).
     assert f"http:GET {normalized} " in response.json()["detail"]
@@ -209,14 +283,20 @@ async def test_traversal_is_matched_after_normalization(
         "/public/%zz",
         "/public/x%",
         "/public/a\\..\\admin",
+        "/public/" + "a" * 9000,
     ],
 )
 async def test_ambiguous_paths_are_400(
     proxy: Proxy, upstream: Upstream, keys: Keys, target: str
 ) -> None:
-    response = await raw_request(proxy.base, "GET", target, [
-        ("Authorization", f"Bearer {keys.token('nobody')}"),
-    ])
+    response = await raw_request(
+        proxy.base,
+        "GET",
+        target,
+        [
+            ("Authorization", f"Bearer {keys.token('nobody')}"),
+        ],
+    )
     assert response.status == 400
     assert response.header("Content-Type") == "application/problem+json"
     assert response.json()["status"] == 400
@@ -241,9 +321,14 @@ async def test_ambiguous_paths_are_400(
 async def test_upstream_receives_exactly_the_matched_path(
     proxy: Proxy, upstream: Upstream, keys: Keys, target: str, forwarded: str
 ) -> None:
-    response = await raw_request(proxy.base, "GET", target, [
-        ("Authorization", f"Bearer {keys.token('nobody')}"),
-    ])
+    response = await raw_request(
+        proxy.base,
+        "GET",
+        target,
+        [
+            ("Authorization", f"Bearer {keys.token('nobody')}"),
+        ],
+    )
     assert response.status == 200
     assert [s.path for s in upstream.seen] == [forwarded]
 
@@ -254,9 +339,14 @@ async def test_methods_are_case_sensitive(
 ) -> None:
     # RFC 9110 §9.1: "get" is not "GET". aiohttp's parser already refuses lowercase methods
     # (400); any that got through would meet the default deny (403). Neither reaches upstream.
-    response = await raw_request(proxy.base, method, "/public/x", [
-        ("Authorization", f"Bearer {keys.token('nobody')}"),
-    ])
+    response = await raw_request(
+        proxy.base,
+        method,
+        "/public/x",
+        [
+            ("Authorization", f"Bearer {keys.token('nobody')}"),
+        ],
+    )
     assert response.status in (400, 403)
     assert upstream.seen == []
 

@@ -23,6 +23,7 @@ from tests.proxy.conftest import (
     CustomProxyFactory,
     b64url,
     bearer,
+    captured,
     log_records,
     only_header,
 )
@@ -146,7 +147,9 @@ async def test_wrong_audience(proxy: Proxy, upstream: Upstream, keys: Keys) -> N
 async def test_missing_required_claim(
     proxy: Proxy, upstream: Upstream, keys: Keys, claim: str
 ) -> None:
-    await expect_401(proxy, upstream, bearer(keys.token(**{claim: None})))
+    payload = {k: v for k, v in claims().items() if k != claim}
+    token = jwt.encode(payload, keys.private, algorithm="RS256")
+    await expect_401(proxy, upstream, bearer(token))
 
 
 @pytest.mark.parametrize(
@@ -171,6 +174,16 @@ async def test_signed_by_another_key(proxy: Proxy, upstream: Upstream) -> None:
     await expect_401(proxy, upstream, bearer(token))
     token = jwt.encode(claims(), other, algorithm="RS256", headers={"kid": "issuer-key"})
     await expect_401(proxy, upstream, bearer(token))
+
+
+async def test_key_named_by_the_token_is_ignored(proxy: Proxy, upstream: Upstream) -> None:
+    # RFC 8725 §3.10: keys come from configuration, never from the token's own `jwk`, `jku`
+    # or `x5u` header (the "embedded key" attacks).
+    other = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    jwk = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(other.public_key()))
+    for header in ({"jwk": jwk}, {"jku": "http://127.0.0.1:1/jwks.json"}, {"x5u": "http://x/c"}):
+        token = jwt.encode(claims(), other, algorithm="RS256", headers=header)
+        await expect_401(proxy, upstream, bearer(token))
 
 
 async def test_tampered_payload(proxy: Proxy, upstream: Upstream, keys: Keys) -> None:
@@ -297,9 +310,7 @@ async def test_subject_with_control_characters(
     await expect_401(proxy, upstream, bearer(keys.token(subject)))
 
 
-async def test_actor_with_control_characters(
-    proxy: Proxy, upstream: Upstream, keys: Keys
-) -> None:
+async def test_actor_with_control_characters(proxy: Proxy, upstream: Upstream, keys: Keys) -> None:
     token = keys.token("alice", act={"sub": "assistant\nX-Injected: 1"})
     await expect_401(proxy, upstream, bearer(token))
 
@@ -310,8 +321,9 @@ async def test_lowercase_bearer_scheme_is_accepted(
     # RFC 9110 §11.1: the auth scheme is case-insensitive.
     async with (
         aiohttp.ClientSession() as s,
-        s.get(proxy.base + "/v1/employees/42", headers={"Authorization": f"bearer {keys.token()}"})
-        as r,
+        s.get(
+            proxy.base + "/v1/employees/42", headers={"Authorization": f"bearer {keys.token()}"}
+        ) as r,
     ):
         assert r.status == 200
     assert only_header(upstream.seen[0], "X-Agentproxy-Agent") == "hr-bot"
@@ -333,7 +345,7 @@ async def test_tokens_never_reach_the_decision_log(
         for token in tokens.values():
             async with s.get(proxy.base + "/v1/employees/42", headers=bearer(token)) as r:
                 await r.read()
-    out, err = capsys.readouterr()
+    out, err = captured(capsys, proxy)
     records = log_records(out)
     assert len(records) == len(tokens)
     for token in tokens.values():

@@ -6,6 +6,8 @@ is a separate sink.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import sys
 import time
 from typing import Any, BinaryIO
@@ -14,21 +16,51 @@ import orjson
 
 from agentproxy.core import Call
 
+log = logging.getLogger("agentproxy.decision_log")
+
 
 class DecisionLog:
-    def __init__(self, target: str) -> None:
-        self._out: BinaryIO | None = {
+    """Lines are gathered and written together: at most `FLUSH_AFTER` seconds or
+    `FLUSH_LINES` lines late, so that a busy proxy does not make a system call per call."""
+
+    FLUSH_AFTER = 0.05
+    FLUSH_LINES = 256
+
+    def __init__(self, target: str, stream: BinaryIO | None = None) -> None:
+        self._out: BinaryIO | None = stream or {
             "stdout": sys.stdout.buffer,
             "stderr": sys.stderr.buffer,
         }.get(target)
+        self._pending: list[bytes] = []
+        self._timer: asyncio.TimerHandle | None = None
 
     def write(self, call: Call, latency: float) -> None:
         if self._out is None:
             return
-        self._out.write(
+        self._pending.append(
             orjson.dumps(entry(call, latency, time.time()), option=orjson.OPT_APPEND_NEWLINE)
         )
-        self._out.flush()
+        if len(self._pending) >= self.FLUSH_LINES:
+            self.flush()
+        elif self._timer is None:
+            try:
+                self._timer = asyncio.get_running_loop().call_later(self.FLUSH_AFTER, self.flush)
+            except RuntimeError:  # no loop (a CLI command): write now
+                self.flush()
+
+    def flush(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._out is None or not self._pending:
+            return
+        lines, self._pending = self._pending, []
+        try:
+            self._out.write(b"".join(lines))
+            self._out.flush()
+        except (OSError, ValueError) as exc:
+            # The operator's log must not take calls down with it; say so on stderr.
+            log.error("decision log: %d line(s) lost: %s", len(lines), exc)
 
 
 def entry(call: Call, latency: float, now: float) -> dict[str, Any]:

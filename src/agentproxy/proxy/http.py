@@ -7,7 +7,7 @@ pipeline, and streams allowed calls both ways without holding bodies in memory.
 from __future__ import annotations
 
 import logging
-import secrets
+import os
 import time
 from collections.abc import AsyncIterator, Callable
 
@@ -84,11 +84,10 @@ class HttpDataPlane:
         pipeline = self._current()
         runtime = pipeline.runtime
         headers = request.headers
+        # One read of the OS's randomness for the trace, span and decision ids.
+        ids = os.urandom(36).hex()
         trace = parse_traceparent(
-            headers.get("traceparent"),
-            headers.get("tracestate"),
-            secrets.token_hex(16),
-            secrets.token_hex(8),
+            headers.get("traceparent"), headers.get("tracestate"), ids[:32], ids[32:48]
         )
         action, raw_query, upstream, bearer, declared = UNPARSED, "", None, None, None
         refusal: Refusal | None = None
@@ -106,7 +105,7 @@ class HttpDataPlane:
         except Refusal as exc:
             refusal = exc
         call = Call(
-            id=secrets.token_hex(12),
+            id=ids[48:],
             action=action,
             upstream=upstream.name if upstream else "-",
             started=started,
@@ -176,6 +175,14 @@ class HttpExchange:
             raise PayloadTooLarge(
                 f"request body is {length} bytes; the limit is {upstream.max_body_bytes}"
             )
+        if (
+            request.version >= (1, 1)
+            and request.headers.get("Expect", "").lower() == "100-continue"
+        ):
+            # RFC 9110 §10.1.1: the client waits for this before sending the body. Only now,
+            # once the call is allowed, is it invited; a refused call never sends its body.
+            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            request.writer.output_size = 0
         headers = self._upstream_headers(call, upstream)
         url = upstream.url + call.action.target + ("?" + self.raw_query if self.raw_query else "")
         timeout = aiohttp.ClientTimeout(

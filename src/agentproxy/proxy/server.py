@@ -96,7 +96,11 @@ class ProxyServer:
             return False
         if config.listen != self.config.listen:
             log.warning("listen addresses changed; they take effect at the next restart")
-        self._pipeline = Pipeline(runtime, self.metrics, DecisionLog(config.decision_log))
+        if config.decision_log != self.config.decision_log:
+            self.decision_log.flush()
+            self.decision_log = DecisionLog(config.decision_log)
+        self.config = config
+        self._pipeline = Pipeline(runtime, self.metrics, self.decision_log)
         self.metrics.policy_reloads.labels("success").inc()
         log.info("reloaded: policy version %s", runtime.policy.version)
         return True
@@ -108,6 +112,7 @@ class ProxyServer:
             await runner.cleanup()
         self._runners.clear()
         await self.sessions.close()
+        self.decision_log.flush()
 
 
 def _bound_port(runner: web.BaseRunner) -> int:
