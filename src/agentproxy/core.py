@@ -102,6 +102,7 @@ class Decision:
     matched_action: str | None = None
     shadow_effect: Effect | None = None
     shadow_rule: str | None = None
+    memoizable: bool = False
 
     def __post_init__(self) -> None:
         if self.rule_id is None and self.effect is not Effect.DENY:
@@ -112,9 +113,32 @@ class Decision:
 
 @dataclass(frozen=True, slots=True)
 class Facts:
-    """State the pipeline fetched for a decision, so that `decide()` itself does no I/O."""
+    """State the pipeline fetched for a decision, so that `decide()` itself does no I/O.
+
+    The task history (`labels`, `calls`, `spent`) is fetched only when a rule reads `task`.
+    """
 
     task_id: str | None = None
+    task_labels: frozenset[str] = frozenset()
+    task_calls: int = 0
+    task_spent: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    """Take `amount` from the counter `key`, whose fixed window is `window` seconds long
+    (aligned to multiples of `window` since the epoch), unless the window's total would then
+    exceed `limit`."""
+
+    name: str
+    key: str
+    amount: float
+    limit: float
+    window: float
+
+    def __post_init__(self) -> None:
+        if self.window <= 0 or self.limit < 0 or self.amount < 0:
+            raise ValueError(f"invalid reservation {self!r}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,3 +182,6 @@ class Call:
     upstream_seconds: float | None = None
     bytes_in: int = 0
     bytes_out: int = 0
+    memo_hit: bool = False
+    store_error: str | None = None
+    reservations: tuple[Reservation, ...] = ()

@@ -8,6 +8,7 @@ carries a status hint the same way). Detail lives in fields, not in more classes
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import ClassVar, Literal
 
@@ -34,11 +35,15 @@ class Refusal(Exception):
         *,
         rule: str | None = None,
         headers: Mapping[str, str] | None = None,
+        members: Mapping[str, str | int | float] | None = None,
     ) -> None:
         super().__init__(detail)
         self.detail = detail
         self.rule = rule
         self.headers: Mapping[str, str] = headers or {}
+        # Protocol-neutral extra facts (`limit`, `approval_id`): problem+json members,
+        # JSON-RPC error data, gRPC trailing metadata.
+        self.members: Mapping[str, str | int | float] = members or {}
 
     @property
     def problem_type(self) -> str:
@@ -89,6 +94,27 @@ class NoRoute(Refusal):
     problem = "no-route"
     title = "No upstream for this path"
     fault = "client"
+
+
+class LimitRefused(Refusal):
+    """A rate limit or budget of the allowing rule is used up for this window.
+
+    Carries `Retry-After` (RFC 9110 §10.2.3) and the limit's name as the `limit` member.
+    """
+
+    status = 429
+    problem = "limit-exceeded"
+    title = "Limit exceeded"
+    fault = "client"
+
+    def __init__(
+        self, detail: str, *, limit: str, retry_after: float, rule: str | None = None
+    ) -> None:
+        seconds = str(max(1, math.ceil(retry_after)))
+        super().__init__(
+            detail, rule=rule, headers={"Retry-After": seconds}, members={"limit": limit}
+        )
+        self.limit = limit
 
 
 class PayloadTooLarge(Refusal):

@@ -1,36 +1,145 @@
-"""The admin listener: metrics, health, readiness and the context-token keys."""
+"""The admin listener: metrics, health, readiness, the context-token keys, revocations."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+import math
+import time
+from typing import Any, Protocol
 
+import orjson
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 from prometheus_client.aiohttp import make_aiohttp_handler
 
+from agentproxy.config.yamldoc import parse_duration
+from agentproxy.core import Principal
+from agentproxy.errors import Denied, Refusal, Unauthenticated
+from agentproxy.protocols.http import bearer_token, render
+from agentproxy.store import Revocation, StoreError
 
-def admin_app(
-    registry: CollectorRegistry,
-    is_ready: Callable[[], bool],
-    jwks: Callable[[], dict[str, Any]],
-) -> web.Application:
-    """Probes need no token (Kubernetes sends none); nothing here reveals a secret."""
+
+class AdminBackend(Protocol):
+    @property
+    def registry(self) -> CollectorRegistry: ...
+
+    def is_ready(self) -> bool: ...
+
+    def jwks(self) -> dict[str, Any]: ...
+
+    async def operator(self, token: str) -> Principal:
+        """The verified principal of an operator token. Raises Unauthenticated or Denied."""
+
+    async def revoke(self, revocation: Revocation) -> None:
+        """Raises StoreError."""
+
+
+def admin_app(backend: AdminBackend) -> web.Application:
+    """Probes need no token (Kubernetes sends none); writes need an operator's bearer JWT."""
 
     async def healthz(_: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
 
     async def readyz(_: web.Request) -> web.Response:
-        if is_ready():
+        if backend.is_ready():
             return web.json_response({"status": "ready"})
         return web.json_response({"status": "not ready"}, status=503)
 
     async def jwks_json(_: web.Request) -> web.Response:
-        return web.json_response(jwks(), headers={"Cache-Control": "max-age=60"})
+        return web.json_response(backend.jwks(), headers={"Cache-Control": "max-age=60"})
 
-    app = web.Application()
-    app.router.add_get("/metrics", make_aiohttp_handler(registry))
+    async def revocations(request: web.Request) -> web.Response:
+        try:
+            token = bearer_token(request.headers.get("Authorization"))
+            if token is None:
+                raise Unauthenticated("an operator bearer token is required")
+            operator = await backend.operator(token)
+            revocation = parse_revocation(await request.read(), time.time())
+            await backend.revoke(revocation)
+        except Refusal as refusal:
+            reply = render(refusal, decision_id="admin")
+            return web.Response(status=reply.status, body=reply.body, headers=dict(reply.headers))
+        except StoreError:
+            return web.json_response({"error": "the decision store is unavailable"}, status=503)
+        body = revocation_json(revocation) | {"by": operator.agent}
+        return web.json_response(body, status=201)
+
+    app = web.Application(client_max_size=64 * 1024)
+    app.router.add_get("/metrics", make_aiohttp_handler(backend.registry))
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/.well-known/jwks.json", jwks_json)
+    app.router.add_post("/v1/revocations", revocations)
     return app
+
+
+class BadRevocation(Refusal):
+    status = 400
+    problem = "bad-request"
+    title = "Bad revocation"
+    fault = "client"
+
+
+def parse_revocation(body: bytes, now: float) -> Revocation:
+    """`{"agent" | "token_id", "until"?, "reason"?}`; `until` is RFC 3339 or a duration from
+    now ("1h"). Raises BadRevocation saying what to change."""
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        raise BadRevocation("the body must be JSON") from None
+    if not isinstance(data, dict) or set(data) - {"agent", "token_id", "until", "reason"}:
+        raise BadRevocation('send {"agent" or "token_id", optional "until" and "reason"}')
+    kinds = [k for k in ("agent", "token_id") if k in data]
+    if len(kinds) != 1 or not isinstance(data[kinds[0]], str):
+        raise BadRevocation('name exactly one of "agent" or "token_id" (a string)')
+    reason = data.get("reason", "")
+    if not isinstance(reason, str) or len(reason) > 500:
+        raise BadRevocation('"reason" must be a string of at most 500 characters')
+    until = parse_until(data.get("until"), now)
+    try:
+        return Revocation(
+            "agent" if kinds[0] == "agent" else "token", data[kinds[0]], until, reason
+        )
+    except ValueError as exc:
+        raise BadRevocation(str(exc)) from None
+
+
+def parse_until(value: object, now: float) -> float:
+    """None → for good; "1h" → now + 1h; "2026-12-01T00:00:00Z" → that time."""
+    if value is None:
+        return math.inf
+    if isinstance(value, str):
+        seconds = parse_duration(value)
+        if seconds is not None:
+            return now + seconds
+        try:
+            from datetime import datetime
+
+            return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+        except ValueError:
+            pass
+    raise BadRevocation('"until" must be an RFC 3339 time or a duration such as "24h"')
+
+
+def revocation_json(revocation: Revocation) -> dict[str, Any]:
+    until = None if revocation.until == math.inf else revocation.until
+    return {
+        "kind": revocation.kind,
+        "subject": revocation.subject,
+        "until": until,
+        "reason": revocation.reason,
+    }
+
+
+def operator_allowed(principal: Principal, operators: tuple[str, ...]) -> None:
+    """Raises Denied unless the principal is a configured operator (id or `role:NAME`).
+
+    A token acting for a user is the agent's, not the operator's: delegated tokens are refused.
+    """
+    if principal.acting_for is not None:
+        raise Denied("operator calls need the operator's own token, not a delegated one")
+    roles = {o[5:] for o in operators if o.startswith("role:")}
+    if principal.agent in operators or roles & principal.roles:
+        return
+    raise Denied(
+        "not an operator (admin.operators)" if operators else "no admin.operators are configured"
+    )

@@ -17,18 +17,24 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from agentproxy.config.model import (
+    AdminSettings,
     ClaimNames,
     Config,
     ContextToken,
+    CostSpec,
     Credentials,
     HostPort,
     Identity,
     Issuer,
+    LimitSpec,
     Listen,
     PolicyFile,
+    RedisSettings,
     RuleSpec,
     Secret,
+    StoreSettings,
     Upstream,
+    redact_url,
 )
 from agentproxy.config.yamldoc import ConfigError, Document, Issue
 from agentproxy.core import Effect, Mode
@@ -85,6 +91,12 @@ def load(path: str | Path, *, check_policies: PolicyChecker | None = None) -> Co
         context_token=loader.context_token(raw.get("context_token")),
         policy_files=load_policies(
             doc.strings(raw, "$", "policy_files", required=True), base, doc, issues, exclude=source
+        ),
+        store=loader.store(raw.get("store")),
+        admin=AdminSettings(
+            operators=doc.strings(
+                doc.mapping(raw.get("admin"), "$.admin", ("operators",)), "$.admin", "operators"
+            )
         ),
         decision_log=doc.choice(raw, "$", "decision_log", ["stdout", "stderr", "off"], "stdout"),  # type: ignore[arg-type]
     )
@@ -328,6 +340,31 @@ class _Loader:
         )
         return issuer if name else None
 
+    def store(self, value: Any) -> StoreSettings:
+        doc = self.doc
+        path = "$.store"
+        section = doc.mapping(value, path, ("redis", "on_error", "task_ttl"))
+        redis = None
+        if section.get("redis") is not None:
+            rpath = f"{path}.redis"
+            r = doc.mapping(section["redis"], rpath, ("url", "key_prefix", "pool_size", "timeout"))
+            url = doc.get(r, rpath, "url", str, required=True) or ""
+            doc.check(
+                not url or urlsplit(url).scheme in ("redis", "rediss", "unix"),
+                f"{rpath}.url",
+                f"must be a redis://, rediss:// or unix:// URL, not {redact_url(url)!r}",
+            )
+            pool = doc.get(r, rpath, "pool_size", int, 20) or 20
+            doc.check(pool > 0, f"{rpath}.pool_size", "must be more than 0")
+            timeout = doc.duration(r, rpath, "timeout", 0.05)
+            doc.check(0 < timeout <= 10, f"{rpath}.timeout", "must be between 1ms and 10s")
+            prefix = doc.get(r, rpath, "key_prefix", str, "agentproxy:") or "agentproxy:"
+            redis = RedisSettings(url=url, key_prefix=prefix, pool_size=pool, timeout=timeout)
+        on_error = doc.choice(section, path, "on_error", ["deny", "allow_cached"], "deny")
+        ttl = doc.duration(section, path, "task_ttl", 24 * 3600.0)
+        doc.check(ttl >= 1, f"{path}.task_ttl", "must be at least 1s")
+        return StoreSettings(redis=redis, on_error=on_error, task_ttl=ttl)  # type: ignore[arg-type]
+
     def context_token(self, value: Any) -> ContextToken:
         doc = self.doc
         path = "$.context_token"
@@ -391,7 +428,22 @@ def load_policies(
     return tuple(out)
 
 
-RULE_KEYS = ("id", "description", "agents", "users", "actions", "when", "effect", "reason", "mode")
+RULE_KEYS = (
+    "id",
+    "description",
+    "agents",
+    "users",
+    "actions",
+    "when",
+    "effect",
+    "reason",
+    "mode",
+    "limits",
+    "cost",
+    "obligations",
+)
+_LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,63}")
+_CURRENCY = re.compile(r"[A-Z]{3}")
 
 
 def read_policy_file(path: Path, issues: list[Issue]) -> PolicyFile:
@@ -439,7 +491,40 @@ def _rule(doc: Document, value: Any, path: str) -> RuleSpec | None:
     if "effect" not in section:
         doc.error(path, 'missing required key "effect" (allow, deny or require_approval)')
     when = doc.get(section, path, "when", str)
+    cost = _cost(doc, section.get("cost"), f"{path}.cost")
+    limits = tuple(
+        doc.each(section.get("limits"), f"{path}.limits", lambda v, p: _limit(doc, v, p))
+    )
+    names = [limit.name for limit in limits]
+    for dup in {n for n in names if names.count(n) > 1}:
+        doc.error(f"{path}.limits", f"limit {dup!r} is listed twice")
+    for i, limit in enumerate(limits):
+        if limit.spend is None:
+            continue
+        if cost is None:
+            doc.error(
+                f"{path}.limits[{i}]",
+                "a spend limit needs a cost on the rule (cost: {amount, currency})",
+            )
+        elif limit.currency != cost.currency:
+            doc.error(
+                f"{path}.limits[{i}].currency",
+                f"must match the rule's cost currency {cost.currency}",
+            )
+    obligations = doc.mapping(section.get("obligations"), f"{path}.obligations", ("label_task",))
+    labels = doc.strings(obligations, f"{path}.obligations", "label_task")
+    for label in labels:
+        doc.check(
+            bool(_LABEL.fullmatch(label)),
+            f"{path}.obligations.label_task",
+            f"label {label!r}: letters, digits, '.', '_', ':' or '-' (at most 64)",
+        )
+    if (limits or cost or labels) and effect == "deny":
+        doc.error(path, "limits, cost and obligations apply to calls a rule allows, not to a deny")
     return RuleSpec(
+        limits=limits,
+        cost=cost,
+        label_task=labels,
         id=rule_id,
         agents=agents,
         users=doc.strings(section, path, "users"),
@@ -450,4 +535,55 @@ def _rule(doc: Document, value: Any, path: str) -> RuleSpec | None:
         mode=Mode(doc.choice(section, path, "mode", [m.value for m in Mode], "enforce")),
         position=doc.position(path),
         when_position=doc.position(f"{path}.when") if when is not None else None,
+    )
+
+
+def _cost(doc: Document, value: Any, path: str) -> CostSpec | None:
+    if value is None:
+        return None
+    section = doc.mapping(value, path, ("amount", "currency"))
+    amount = doc.get(section, path, "amount", float, required=True)
+    currency = doc.get(section, path, "currency", str, required=True)
+    if amount is None or currency is None:
+        return None
+    doc.check(amount >= 0, f"{path}.amount", "must not be negative")
+    doc.check(
+        bool(_CURRENCY.fullmatch(currency)),
+        f"{path}.currency",
+        "must be an ISO 4217 code such as USD",
+    )
+    return CostSpec(amount, currency)
+
+
+def _limit(doc: Document, value: Any, path: str) -> LimitSpec | None:
+    section = doc.mapping(value, path, ("name", "calls", "spend", "currency", "window", "key"))
+    name = doc.get(section, path, "name", str, required=True)
+    if name is not None:
+        doc.check(
+            bool(_LABEL.fullmatch(name)), f"{path}.name", "letters, digits, '.', '_', ':' or '-'"
+        )
+    calls = doc.get(section, path, "calls", int)
+    spend = doc.get(section, path, "spend", float)
+    if (calls is None) == (spend is None):
+        doc.error(path, "set exactly one of calls (per window) or spend (per window)")
+    doc.check(calls is None or calls > 0, f"{path}.calls", "must be more than 0")
+    doc.check(spend is None or spend > 0, f"{path}.spend", "must be more than 0")
+    currency = doc.get(section, path, "currency", str)
+    if spend is not None and currency is None:
+        doc.error(path, 'a spend limit needs "currency"')
+    if "window" not in section:
+        doc.error(path, 'missing required key "window" (e.g. "1m", "24h")')
+    window = doc.duration(section, path, "window", 60.0)
+    doc.check(window >= 1, f"{path}.window", "must be at least 1s")
+    key = doc.get(section, path, "key", str, "agent") or "agent"
+    if name is None or (calls is None) == (spend is None):
+        return None
+    return LimitSpec(
+        name=name,
+        window=window,
+        key=key,
+        calls=calls,
+        spend=spend,
+        currency=currency,
+        position=doc.position(path),
     )

@@ -116,6 +116,26 @@ class ContextToken:
 
 
 @dataclass(frozen=True, slots=True)
+class LimitSpec:
+    """A calls-per-window or spend-per-window limit of a rule. Limits with the same name
+    share one counter, whichever rule takes from it."""
+
+    name: str
+    window: float
+    key: str
+    calls: int | None = None
+    spend: float | None = None
+    currency: str | None = None
+    position: Position = Position("<memory>", 1, 1)
+
+
+@dataclass(frozen=True, slots=True)
+class CostSpec:
+    amount: float
+    currency: str
+
+
+@dataclass(frozen=True, slots=True)
 class RuleSpec:
     id: str
     agents: tuple[str, ...]
@@ -127,6 +147,9 @@ class RuleSpec:
     mode: Mode = Mode.ENFORCE
     position: Position = Position("<memory>", 1, 1)
     when_position: Position | None = None
+    limits: tuple[LimitSpec, ...] = ()
+    cost: CostSpec | None = None
+    label_task: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,6 +157,44 @@ class PolicyFile:
     path: str
     rules: tuple[RuleSpec, ...]
     source_digest: str
+
+
+@dataclass(frozen=True, slots=True)
+class RedisSettings:
+    """`url` may carry a password (`redis://:pw@host:6379/0`): `repr` hides it."""
+
+    url: str
+    key_prefix: str = "agentproxy:"
+    pool_size: int = 20
+    timeout: float = 0.05
+
+    def __repr__(self) -> str:
+        return f"RedisSettings(url={redact_url(self.url)!r}, key_prefix={self.key_prefix!r})"
+
+
+def redact_url(url: str) -> str:
+    scheme, sep, rest = url.partition("://")
+    if "@" not in rest:
+        return url
+    return f"{scheme}{sep}***@{rest.rsplit('@', 1)[1]}"
+
+
+@dataclass(frozen=True, slots=True)
+class StoreSettings:
+    """No `redis`: the embedded memory store. `on_error` says what a call that needs the
+    store gets when it cannot answer: `deny` (503) or `allow_cached` (a memoized allow)."""
+
+    redis: RedisSettings | None = None
+    on_error: Literal["deny", "allow_cached"] = "deny"
+    task_ttl: float = 24 * 3600.0
+
+
+@dataclass(frozen=True, slots=True)
+class AdminSettings:
+    """Who may call the admin API's write endpoints (revocations): agent or user ids and
+    `role:NAME`, matched against a bearer token verified with `identity`."""
+
+    operators: tuple[str, ...] = ()
 
 
 DecisionLog = Literal["stdout", "stderr", "off"]
@@ -149,3 +210,5 @@ class Config:
     context_token: ContextToken
     policy_files: tuple[PolicyFile, ...]
     decision_log: DecisionLog = "stdout"
+    store: StoreSettings = StoreSettings()
+    admin: AdminSettings = AdminSettings()

@@ -107,6 +107,20 @@ class Metrics:
             ["result"],
             registry=r,
         )
+        self.decision_cache = Counter(
+            "agentproxy_decision_cache",
+            "Memoized decision lookups, by result.",
+            ["result"],
+            registry=r,
+        )
+        self.store_errors = Counter(
+            "agentproxy_store_errors",
+            "Decision store operations that failed, by operation.",
+            ["op"],
+            registry=r,
+        )
         # Pre-create the children users alert on, so they exist (at 0) from the first scrape.
         for result in ("success", "failure"):
             self.policy_reloads.labels(result)
+        for result in ("hit", "miss"):
+            self.decision_cache.labels(result)

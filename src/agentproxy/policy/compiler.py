@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from cel_expr_python import cel
 
-from agentproxy.config.model import PolicyFile, Position, RuleSpec
+from agentproxy.config.model import CostSpec, PolicyFile, Position, RuleSpec
 from agentproxy.config.yamldoc import ConfigError, Issue
 from agentproxy.core import Effect, Mode, Principal
 from agentproxy.policy.patterns import ActionPattern, PatternError, PatternIndex, compile_pattern
@@ -62,6 +62,18 @@ class PrincipalMatcher:
 
 
 @dataclass(frozen=True, slots=True)
+class Limit:
+    """A compiled limit: `key` is agent, user, task, or a CEL expression (`key_expr`)."""
+
+    name: str
+    window: float
+    key: str
+    key_expr: cel.Expression | None
+    calls: int | None
+    spend: float | None
+
+
+@dataclass(frozen=True, slots=True)
 class Rule:
     id: str
     effect: Effect
@@ -72,6 +84,13 @@ class Rule:
     when: str | None
     condition: cel.Expression | None
     position: Position
+    limits: tuple[Limit, ...] = ()
+    cost: CostSpec | None = None
+    label_task: tuple[str, ...] = ()
+    # False when the condition reads per-call facts (args, now, task, request): its
+    # decision for a principal and action cannot be reused for the next call.
+    memoizable: bool = True
+    reads_task: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +101,13 @@ class PolicySet:
     rules: tuple[Rule, ...]
     index: PatternIndex[tuple[Rule, ActionPattern]]
     has_shadow_rules: bool
+    reads_task: bool = False
+
+    def rule(self, rule_id: str) -> Rule:
+        for rule in self.rules:
+            if rule.id == rule_id:
+                return rule
+        raise KeyError(rule_id)
 
 
 def compile_policy(files: Iterable[PolicyFile]) -> PolicySet:
@@ -108,6 +134,7 @@ def compile_policy(files: Iterable[PolicyFile]) -> PolicySet:
         rules=tuple(rules),
         index=index,
         has_shadow_rules=any(r.mode is Mode.SHADOW for r in rules),
+        reads_task=any(r.reads_task for r in rules),
     )
 
 
@@ -161,8 +188,52 @@ def _compile_rule(spec: RuleSpec, issues: list[Issue]) -> Rule | None:
                     )
                 )
                 ok = False
+    limits = []
+    for spec_limit in spec.limits:
+        key_expr = None
+        if spec_limit.key not in ("agent", "user", "task"):
+            where = spec_limit.position
+            try:
+                key_expr = CEL_ENV.compile(spec_limit.key)
+            except RuntimeError as exc:
+                issues.append(
+                    Issue(
+                        where.file,
+                        where.line,
+                        where.column,
+                        f"rule {spec.id}.limits",
+                        f"limit {spec_limit.name!r} key is not agent, user, task or "
+                        f"CEL that compiles: {_cel_message(exc)}",
+                    )
+                )
+                ok = False
+        limits.append(
+            Limit(
+                spec_limit.name,
+                spec_limit.window,
+                spec_limit.key,
+                key_expr,
+                spec_limit.calls,
+                spec_limit.spend,
+            )
+        )
+    if spec.effect is Effect.REQUIRE_APPROVAL:
+        issues.append(
+            Issue(
+                pos.file,
+                pos.line,
+                pos.column,
+                f"rule {spec.id}.effect",
+                "require_approval needs approval gates, which this version does not "
+                "have yet; use deny (or allow) for now",
+            )
+        )
+        ok = False
     if not ok:
         return None
+    reads = _reads(spec.when) | set().union(
+        *(_reads(lim.key) for lim in spec.limits if lim.key not in ("agent", "user", "task"))
+    )
     return Rule(
         id=spec.id,
         effect=spec.effect,
@@ -173,7 +244,23 @@ def _compile_rule(spec: RuleSpec, issues: list[Issue]) -> Rule | None:
         when=spec.when,
         condition=condition,
         position=pos,
+        limits=tuple(limits),
+        cost=spec.cost,
+        label_task=spec.label_task,
+        memoizable=not reads & {"args", "now", "task", "request"},
+        reads_task="task" in reads,
     )
+
+
+_STRING_LITERAL = re.compile(r"'(?:[^'\\]|\\.)*'" + r'|"(?:[^"\\]|\\.)*"')
+_IDENTIFIER = re.compile(r"(?<![.\w])([A-Za-z_]\w*)")
+
+
+def _reads(source: str | None) -> set[str]:
+    """The top-level variables a CEL source may read (string literals removed first)."""
+    if not source:
+        return set()
+    return set(_IDENTIFIER.findall(_STRING_LITERAL.sub("''", source))) & set(CEL_VARIABLES)
 
 
 def _principal_matcher(agents: tuple[str, ...], users: tuple[str, ...]) -> PrincipalMatcher:

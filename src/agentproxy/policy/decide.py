@@ -55,6 +55,7 @@ def decide(
     shadow: list[_Match] = []
     inputs: dict[str, Any] | None = None
     seen: set[str] = set()
+    memoizable = True
     for rule, pattern in policy.index.candidates(action.name):
         if rule.id in seen:
             continue
@@ -66,6 +67,7 @@ def decide(
                 trace.append(TraceStep(rule.id, pattern.text, "agent or user does not match"))
             continue
         seen.add(rule.id)
+        memoizable = memoizable and rule.memoizable
         effect, reason = rule.effect, rule.reason or f"{rule.effect.value} by rule {rule.id}"
         if rule.condition is not None:
             if inputs is None:
@@ -91,10 +93,16 @@ def decide(
             rule_id=None,
             reason=f"no rule allows {action.name} for agent {principal.agent}",
             policy_version=policy.version,
+            memoizable=memoizable,
         )
     else:
         decision = Decision(
-            winner.effect, winner.rule.id, winner.reason, policy.version, winner.pattern
+            winner.effect,
+            winner.rule.id,
+            winner.reason,
+            policy.version,
+            winner.pattern,
+            memoizable=memoizable,
         )
     if shadow:
         would = strongest(enforced + shadow)
@@ -109,6 +117,7 @@ def decide(
                 decision.matched_action,
                 shadow_effect=would_effect,
                 shadow_rule=would_rule,
+                memoizable=memoizable,
             )
     return decision
 
@@ -141,7 +150,12 @@ def cel_inputs(action: Action, principal: Principal, facts: Facts, now: float) -
             "target": action.target,
         },
         "args": plain(action.args) if action.args is not None else {},
-        "task": {"id": facts.task_id},
+        "task": {
+            "id": facts.task_id,
+            "labels": sorted(facts.task_labels),
+            "calls": facts.task_calls,
+            "spent": facts.task_spent,
+        },
         "request": {"method": action.operation, "path": action.target, "query": query},
         "now": datetime.fromtimestamp(now, UTC),
     }

@@ -425,7 +425,8 @@ _SET_BY_RENDER: Final = frozenset({"content-type", "cache-control", "www-authent
 def render(refusal: Refusal, *, decision_id: str, instance: str | None = None) -> WireReply:
     """Render a refusal as an RFC 9457 problem+json response.
 
-    Members: type, title, status, detail, decision_id, and `rule` and `instance` when set.
+    Members: type, title, status, detail, decision_id, and `rule`, the refusal's own members
+    (e.g. `limit`) and `instance` when set.
     `Unauthenticated` adds `WWW-Authenticate` (RFC 6750 §3): bare `Bearer` for
     `MissingCredential`, else `error="invalid_token"` with the sanitized detail. The refusal's
     own headers (e.g. Retry-After) are added unless invalid or one render sets itself. Details
@@ -440,6 +441,8 @@ def render(refusal: Refusal, *, decision_id: str, instance: str | None = None) -
     }
     if refusal.rule is not None:
         problem["rule"] = refusal.rule
+    for name, value in refusal.members.items():
+        problem.setdefault(name, value)
     if instance is not None:
         problem["instance"] = instance
 

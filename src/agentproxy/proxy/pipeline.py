@@ -11,16 +11,30 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Protocol
 
 from agentproxy.audit.decision_log import DecisionLog
 from agentproxy.core import Call, Effect, Facts, Mode
-from agentproxy.errors import Denied, InternalError, MissingCredential, Refusal, Unauthenticated
+from agentproxy.errors import (
+    Denied,
+    InternalError,
+    LimitRefused,
+    MissingCredential,
+    Refusal,
+    Unauthenticated,
+    Unavailable,
+)
+from agentproxy.identity.revocations import RevocationList
 from agentproxy.metering.metrics import Metrics
 from agentproxy.policy import decide
+from agentproxy.policy.limits import LimitKeyError, reservations
+from agentproxy.policy.memo import DecisionMemo, memo_key
 from agentproxy.proxy.runtime import Runtime
+from agentproxy.store import Store, StoreError
 
 log = logging.getLogger("agentproxy.pipeline")
 
@@ -41,14 +55,27 @@ class Exchange(Protocol):
         """Answers `call.refusal` in the protocol's own shape."""
 
 
+@dataclass(slots=True)
+class Services:
+    """What outlives a reload: the store and its mirrors, metrics, the decision log."""
+
+    store: Store
+    revocations: RevocationList
+    metrics: Metrics
+    decision_log: DecisionLog
+    on_error: str = "deny"
+    task_ttl: float = 24 * 3600.0
+
+
 class Pipeline:
     """Built once per runtime snapshot; in-flight calls keep the snapshot they started with."""
 
-    def __init__(self, runtime: Runtime, metrics: Metrics, decision_log: DecisionLog) -> None:
+    def __init__(self, runtime: Runtime, services: Services) -> None:
         self.runtime = runtime
-        self.metrics = metrics
-        self.decision_log = decision_log
-        self.before_forward: tuple[Stage, ...] = (self.identify, self.decide)
+        self.services = services
+        self.metrics = services.metrics
+        self.memo = DecisionMemo()
+        self.before_forward: tuple[Stage, ...] = (self.identify, self.decide, self.take_limits)
 
     async def run(self, call: Call, exchange: Exchange) -> None:
         """Walks the call through every stage; records it exactly once, on every path."""
@@ -61,7 +88,10 @@ class Pipeline:
                         if call.refusal is not None:
                             break
                     else:
-                        await exchange.forward(call)
+                        try:
+                            await exchange.forward(call)
+                        finally:
+                            await self.settle(call)
             except Refusal as refusal:
                 call.refusal = refusal
             except asyncio.CancelledError:
@@ -73,10 +103,12 @@ class Pipeline:
             if call.refusal is not None and not exchange.responded:
                 await exchange.refuse(call)
         finally:
+            if call.reservations and call.status is None:
+                await self.release(call)
             self.record(call)
 
     async def identify(self, call: Call) -> None:
-        """Verifies the bearer token and settles the task id.
+        """Verifies the bearer token, checks the deny list and settles the task id.
 
         The task comes from the token's task claim; only if it has none, from the agent's own
         declaration (`X-Agentproxy-Task`), already validated by the protocol adapter.
@@ -84,22 +116,136 @@ class Pipeline:
         started = time.perf_counter()
         if call.bearer is None:
             raise MissingCredential()
-        call.principal = await self.runtime.verifier.verify(call.bearer, call.now)
-        call.task = call.principal.task or call.declared_task
+        principal = await self.runtime.verifier.verify(call.bearer, call.now)
+        call.principal = principal
+        call.task = principal.task or call.declared_task
+        revocations = self.services.revocations
+        if not revocations.fresh():
+            call.store_error = "revocations could not be refreshed"
+        revoked = revocations.check(principal, call.now)
+        if revoked is not None:
+            until = "" if revoked.until == math.inf else f" until {_iso(revoked.until)}"
+            if revoked.kind == "token":
+                raise Unauthenticated(f"token revoked{until}")
+            raise Denied(
+                f"agent {principal.agent} is revoked{until}"
+                + (f": {revoked.reason}" if revoked.reason else "")
+            )
         call.decision_seconds = time.perf_counter() - started
 
     async def decide(self, call: Call) -> None:
-        if call.principal is None:
-            raise Unauthenticated("missing bearer token")
+        principal = call.principal
+        if principal is None or call.bearer is None:
+            raise MissingCredential()
         started = time.perf_counter()
-        decision = decide(
-            self.runtime.policy, call.action, call.principal, Facts(task_id=call.task), call.now
-        )
+        policy = self.runtime.policy
+        key = memo_key(call.bearer, call.action)
+        decision = self.memo.get(key)
+        if decision is not None:
+            call.memo_hit = True
+            self.metrics.decision_cache.labels("hit").inc()
+        else:
+            self.metrics.decision_cache.labels("miss").inc()
+            facts = Facts(task_id=call.task)
+            if policy.reads_task and call.task is not None:
+                facts = await self._task_facts(call, call.task)
+            decision = decide(policy, call.action, principal, facts, call.now)
+            if decision.memoizable:
+                self.memo.put(key, decision)
         call.decision = decision
         call.enforced = self.runtime.config.mode is Mode.ENFORCE
         call.decision_seconds = (call.decision_seconds or 0.0) + time.perf_counter() - started
+        if call.store_error is not None:
+            self._degraded(call)
         if decision.effect is not Effect.ALLOW and call.enforced:
             call.refusal = Denied(decision.reason, rule=decision.rule_id)
+
+    async def take_limits(self, call: Call) -> None:
+        """Reserves every limit of the allowing rule atomically, or refuses with 429."""
+        decision = call.decision
+        if decision is None or decision.effect is not Effect.ALLOW or decision.rule_id is None:
+            return
+        rule = self.runtime.policy.rule(decision.rule_id)
+        if not rule.limits or call.store_error is not None:
+            return  # with the store down, only allow_cached reaches here, by design
+        principal = call.principal
+        if principal is None:
+            raise MissingCredential()
+        try:
+            wanted = reservations(rule, call.action, principal, Facts(task_id=call.task), call.now)
+        except LimitKeyError as exc:
+            raise Denied(str(exc), rule=rule.id) from None
+        try:
+            exceeded = await self.services.store.reserve(wanted, call.now)
+        except StoreError as exc:
+            self.metrics.store_errors.labels("reserve").inc()
+            call.store_error = str(exc)
+            self._degraded(call)
+            return
+        if exceeded is None:
+            call.reservations = tuple(wanted)
+            return
+        refusal = LimitRefused(
+            f"limit {exceeded.name} of rule {rule.id} is used up for this window "
+            f"({exceeded.used:g} of {exceeded.limit:g})",
+            limit=exceeded.name,
+            retry_after=exceeded.retry_after,
+            rule=rule.id,
+        )
+        if call.enforced:
+            call.refusal = refusal
+        else:
+            call.error = f"shadow: {refusal.detail}"
+
+    async def settle(self, call: Call) -> None:
+        """After the answer: the task's history. Never raises (the answer is already sent)."""
+        decision = call.decision
+        if decision is None or decision.rule_id is None or call.task is None:
+            return
+        if call.status is None or call.status >= 400:
+            return
+        rule = self.runtime.policy.rule(decision.rule_id)
+        if not (rule.label_task or rule.cost or self.runtime.policy.reads_task):
+            return
+        spent = rule.cost.amount if rule.cost else 0.0
+        try:
+            await self.services.store.record_task(
+                call.task, rule.label_task, spent, self.services.task_ttl, call.now
+            )
+        except StoreError as exc:
+            self.metrics.store_errors.labels("record_task").inc()
+            log.error("call %s: task history not recorded: %s", call.id, exc)
+
+    async def release(self, call: Call) -> None:
+        """Gives back the reservations of a call that never reached the upstream."""
+        try:
+            await self.services.store.release(call.reservations, call.now)
+        except StoreError as exc:
+            self.metrics.store_errors.labels("release").inc()
+            log.error("call %s: reservations not released: %s", call.id, exc)
+        call.reservations = ()
+
+    async def _task_facts(self, call: Call, task: str) -> Facts:
+        try:
+            history = await self.services.store.task_history(task, call.now)
+        except StoreError as exc:
+            self.metrics.store_errors.labels("task_history").inc()
+            call.store_error = str(exc)
+            return Facts(task_id=task)
+        return Facts(task, history.labels, history.calls, history.spent)
+
+    def _degraded(self, call: Call) -> None:
+        """The store could not answer. `on_error: allow_cached` lets a memoized allow through;
+        everything else is refused with 503 (fail closed)."""
+        decision = call.decision
+        if (
+            self.services.on_error == "allow_cached"
+            and call.memo_hit
+            and decision is not None
+            and decision.effect is Effect.ALLOW
+        ):
+            return
+        raise Unavailable("the decision store is unavailable; try again shortly", component="store")
 
     def record(self, call: Call) -> None:
         """Metrics and the decision log line. Never raises: a record failure is logged."""
@@ -125,16 +271,24 @@ class Pipeline:
             if call.upstream_seconds is not None:
                 m.upstream_seconds.labels(call.upstream).observe(call.upstream_seconds)
             m.overhead_seconds.observe(max(0.0, total - (call.upstream_seconds or 0.0)))
-            self.decision_log.write(call, total)
+            self.services.decision_log.write(call, total)
         except Exception:
             log.exception("failed to record call %s", call.id)
 
 
+def _iso(epoch: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch))
+
+
 def outcome_label(call: Call) -> str:
     """The `decision` label: the policy's effect, or why no decision was made."""
+    refusal = call.refusal
+    if isinstance(refusal, LimitRefused):
+        return "limited"
+    if isinstance(refusal, Unavailable):
+        return "error"
     if call.decision is not None:
         return call.decision.effect.value
-    refusal = call.refusal
     if isinstance(refusal, Unauthenticated):
         return "unauthenticated"
     if refusal is None or refusal.fault == "client":

@@ -2,18 +2,27 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+import time
 from pathlib import Path
+from typing import Any
 
 from aiohttp import web
+from prometheus_client import CollectorRegistry
 
-from agentproxy.admin.server import admin_app
+from agentproxy.admin.server import admin_app, operator_allowed
 from agentproxy.audit.decision_log import DecisionLog
 from agentproxy.config import Config, ConfigError
+from agentproxy.config.model import StoreSettings
+from agentproxy.core import Principal
+from agentproxy.identity.revocations import RevocationList
 from agentproxy.metering.metrics import Metrics
 from agentproxy.proxy import runtime as runtime_module
 from agentproxy.proxy.http import HttpDataPlane, UpstreamSessions
-from agentproxy.proxy.pipeline import Pipeline
+from agentproxy.proxy.pipeline import Pipeline, Services
+from agentproxy.store import MemoryStore, Revocation, Store
 
 log = logging.getLogger("agentproxy")
 
@@ -27,7 +36,18 @@ class ProxyServer:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.metrics = Metrics()
-        self.decision_log = DecisionLog(config.decision_log)
+        self.store = make_store(config.store)
+        self.services = Services(
+            store=self.store,
+            revocations=RevocationList(
+                self.store, on_error=lambda op: self.metrics.store_errors.labels(op).inc()
+            ),
+            metrics=self.metrics,
+            decision_log=DecisionLog(config.decision_log),
+            on_error=config.store.on_error,
+            task_ttl=config.store.task_ttl,
+        )
+        self._refresher: asyncio.Task[None] | None = None
         self.sessions = UpstreamSessions()
         self._pipeline: Pipeline | None = None
         self._runners: list[web.BaseRunner] = []
@@ -41,8 +61,30 @@ class ProxyServer:
             raise RuntimeError("the proxy has not started")
         return self._pipeline
 
+    @property
+    def decision_log(self) -> DecisionLog:
+        return self.services.decision_log
+
     def is_ready(self) -> bool:
         return self._ready
+
+    @property
+    def registry(self) -> CollectorRegistry:
+        return self.metrics.registry
+
+    def jwks(self) -> dict[str, Any]:
+        return self.pipeline.runtime.signer.jwks()
+
+    async def operator(self, token: str) -> Principal:
+        principal = await self.pipeline.runtime.verifier.verify(token, time.time())
+        operator_allowed(principal, self.config.admin.operators)
+        return principal
+
+    async def revoke(self, revocation: Revocation) -> None:
+        """Writes to the store (the fleet sees it within a second) and applies it here now."""
+        await self.store.revoke(revocation)
+        await self.services.revocations.refresh(time.time())
+        log.warning("revoked %s %s until %s", revocation.kind, revocation.subject, revocation.until)
 
     async def start(self) -> None:
         """Builds the runtime, then opens the listeners. Raises ConfigError or Unavailable."""
@@ -52,15 +94,13 @@ class ProxyServer:
             self.metrics.policy_reloads.labels("failure").inc()
             raise
         self.metrics.policy_reloads.labels("success").inc()
-        self._pipeline = Pipeline(runtime, self.metrics, self.decision_log)
+        await self.store.start()
+        await self.services.revocations.refresh(time.time())
+        self._refresher = asyncio.get_running_loop().create_task(self.services.revocations.run())
+        self._pipeline = Pipeline(runtime, self.services)
         data_plane = HttpDataPlane(lambda: self.pipeline, self.sessions)
         listen = self.config.listen
-        admin = web.AppRunner(
-            admin_app(
-                self.metrics.registry, self.is_ready, lambda: self.pipeline.runtime.signer.jwks()
-            ),
-            access_log=None,
-        )
+        admin = web.AppRunner(admin_app(self), access_log=None)
         http = web.ServerRunner(
             web.Server(data_plane.handle, max_field_size=MAX_FIELD, max_line_size=MAX_FIELD),
             access_log=None,
@@ -96,11 +136,15 @@ class ProxyServer:
             return False
         if config.listen != self.config.listen:
             log.warning("listen addresses changed; they take effect at the next restart")
+        if config.store != self.config.store:
+            log.warning("store settings changed; they take effect at the next restart")
         if config.decision_log != self.config.decision_log:
-            self.decision_log.flush()
-            self.decision_log = DecisionLog(config.decision_log)
+            self.services.decision_log.flush()
+            self.services.decision_log = DecisionLog(config.decision_log)
+        self.services.on_error = config.store.on_error
+        self.services.task_ttl = config.store.task_ttl
         self.config = config
-        self._pipeline = Pipeline(runtime, self.metrics, self.decision_log)
+        self._pipeline = Pipeline(runtime, self.services)
         self.metrics.policy_reloads.labels("success").inc()
         log.info("reloaded: policy version %s", runtime.policy.version)
         return True
@@ -111,8 +155,22 @@ class ProxyServer:
         for runner in reversed(self._runners):
             await runner.cleanup()
         self._runners.clear()
+        if self._refresher is not None:
+            self._refresher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._refresher
         await self.sessions.close()
-        self.decision_log.flush()
+        await self.store.close()
+        self.services.decision_log.flush()
+
+
+def make_store(settings: StoreSettings) -> Store:
+    """No `store.redis`: the embedded memory store."""
+    if settings.redis is None:
+        return MemoryStore()
+    from agentproxy.store.redis import RedisStore
+
+    return RedisStore(settings.redis)
 
 
 def _bound_port(runner: web.BaseRunner) -> int:

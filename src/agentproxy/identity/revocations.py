@@ -1,0 +1,64 @@
+"""The deny list of agents and tokens, mirrored from the store into each proxy.
+
+Asking the store on every call would put a network round trip on the hot path; instead each
+proxy refreshes its copy every `REFRESH_EVERY` seconds (so a revocation made on any replica
+is enforced everywhere within a second) and checks calls against the copy. If the copy has
+not been refreshed for `STALE_AFTER` seconds the store is treated as unavailable: a
+revocation made meanwhile could be missed, so calls then follow `store.on_error`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+
+from agentproxy.core import Principal
+from agentproxy.store import Revocation, Store, StoreError
+
+log = logging.getLogger("agentproxy.revocations")
+
+REFRESH_EVERY = 0.5
+STALE_AFTER = 2.0
+
+
+class RevocationList:
+    def __init__(self, store: Store, *, on_error: Callable[[str], None] | None = None) -> None:
+        self._store = store
+        self._agents: dict[str, Revocation] = {}
+        self._tokens: dict[str, Revocation] = {}
+        self._fresh_at = -float("inf")  # monotonic time of the last successful refresh
+        self._on_error = on_error
+
+    async def refresh(self, now: float) -> None:
+        """Raises StoreError (the previous copy is kept)."""
+        revocations = await self._store.revocations(now)
+        self._agents = {r.subject: r for r in revocations if r.kind == "agent"}
+        self._tokens = {r.subject: r for r in revocations if r.kind == "token"}
+        self._fresh_at = time.monotonic()
+
+    def fresh(self) -> bool:
+        return time.monotonic() - self._fresh_at < STALE_AFTER
+
+    def check(self, principal: Principal, now: float) -> Revocation | None:
+        """The revocation that applies to this principal at `now`, if any."""
+        revoked = self._agents.get(principal.agent)
+        if revoked is not None and revoked.active(now):
+            return revoked
+        if principal.token_id is not None:
+            revoked = self._tokens.get(principal.token_id)
+            if revoked is not None and revoked.active(now):
+                return revoked
+        return None
+
+    async def run(self) -> None:
+        """Refreshes until cancelled; store failures are counted and logged, never raised."""
+        while True:
+            try:
+                await self.refresh(time.time())
+            except StoreError as exc:
+                if self._on_error is not None:
+                    self._on_error("revocations")
+                log.warning("cannot refresh revocations: %s", exc)
+            await asyncio.sleep(REFRESH_EVERY)

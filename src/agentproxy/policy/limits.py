@@ -1,0 +1,60 @@
+"""Which counters a call takes from: the allowing rule's limits, keyed per call.
+
+Pure: the pipeline passes the result to the store, which takes them atomically.
+"""
+
+from __future__ import annotations
+
+from cel_expr_python import cel
+
+from agentproxy.core import Action, Facts, Principal, Reservation
+from agentproxy.policy.compiler import Limit, Rule
+from agentproxy.policy.decide import cel_inputs
+
+
+class LimitKeyError(ValueError):
+    """A limit's CEL key could not be evaluated for this call (the call is refused)."""
+
+
+def reservations(
+    rule: Rule, action: Action, principal: Principal, facts: Facts, now: float
+) -> list[Reservation]:
+    """Raises LimitKeyError when a CEL key fails to evaluate or is not a string or number."""
+    out = []
+    inputs = None
+    for limit in rule.limits:
+        if limit.key_expr is not None and inputs is None:
+            inputs = cel_inputs(action, principal, facts, now)
+        key = limit_key(limit, principal, facts, inputs)
+        amount = 1.0 if limit.calls is not None else (rule.cost.amount if rule.cost else 0.0)
+        ceiling = float(limit.calls) if limit.calls is not None else float(limit.spend or 0.0)
+        out.append(Reservation(limit.name, f"{limit.name}:{key}", amount, ceiling, limit.window))
+    return out
+
+
+def limit_key(
+    limit: Limit, principal: Principal, facts: Facts, inputs: dict[str, object] | None
+) -> str:
+    """`agent`, `user` or `task`, or the CEL key's value, as a counter key.
+
+    A per-task counter is also per agent: the task id is the agent's own to choose, so a
+    task limit can never let one agent spend another's budget or escape its own.
+    """
+    if limit.key == "agent":
+        return "agent=" + principal.agent
+    if limit.key == "user":
+        return "user=" + (principal.acting_for or "-")
+    if limit.key == "task":
+        return f"agent={principal.agent}/task={facts.task_id or '-'}"
+    if limit.key_expr is None or inputs is None:
+        raise LimitKeyError(f"limit {limit.name}: no key")
+    try:
+        result = limit.key_expr.eval(data=dict(inputs, resource={}))
+    except Exception as exc:  # cel-cpp raises on values it cannot convert
+        raise LimitKeyError(f"limit {limit.name}: key could not be evaluated: {exc}") from None
+    value = result.value()
+    if result.type() == cel.Type.ERROR:
+        raise LimitKeyError(f"limit {limit.name}: key could not be evaluated: {value}")
+    if isinstance(value, bool) or not isinstance(value, str | int | float):
+        raise LimitKeyError(f"limit {limit.name}: key {limit.key!r} gave {value!r}, not a string")
+    return "expr=" + str(value)

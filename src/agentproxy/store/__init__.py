@@ -1,0 +1,21 @@
+"""The decision store: `MemoryStore` (embedded default) and `RedisStore` (a fleet)."""
+
+from agentproxy.store.base import (
+    LimitExceeded,
+    Reservation,
+    Revocation,
+    Store,
+    StoreError,
+    TaskHistory,
+)
+from agentproxy.store.memory import MemoryStore
+
+__all__ = [
+    "LimitExceeded",
+    "MemoryStore",
+    "Reservation",
+    "Revocation",
+    "Store",
+    "StoreError",
+    "TaskHistory",
+]

@@ -1,0 +1,113 @@
+"""The decision store: the state decisions need, behind one protocol.
+
+`MemoryStore` (the embedded default) and `RedisStore` (shared by a fleet of sidecars) pass the
+same contract suite (`tests/store/test_contract.py`). Every operation is bounded in time by
+the caller; a store that cannot answer raises `StoreError`, which the pipeline turns into a
+503 or, with `store.on_error: allow_cached`, a memoized allow.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+from agentproxy.core import Reservation
+
+__all__ = [
+    "LimitExceeded",
+    "Reservation",
+    "Revocation",
+    "RevocationKind",
+    "Store",
+    "StoreError",
+    "TaskHistory",
+    "window_start",
+]
+
+RevocationKind = Literal["agent", "token"]
+
+
+class StoreError(Exception):
+    """The store could not answer (unreachable, timed out, or refused the operation)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Revocation:
+    """An agent or a single token (`jti`) on the deny list until `until` (epoch seconds;
+    `math.inf` means for good)."""
+
+    kind: RevocationKind
+    subject: str
+    until: float = math.inf
+    reason: str = ""
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("agent", "token"):
+            raise ValueError(f"revocation kind must be agent or token, not {self.kind!r}")
+        if not self.subject or len(self.subject) > 512:
+            raise ValueError("a revocation needs a subject of at most 512 characters")
+
+    def active(self, now: float) -> bool:
+        return now < self.until
+
+
+@dataclass(frozen=True, slots=True)
+class LimitExceeded:
+    """Which reservation did not fit, and when its window ends."""
+
+    name: str
+    used: float
+    limit: float
+    retry_after: float
+
+
+@dataclass(frozen=True, slots=True)
+class TaskHistory:
+    """What a task has done so far: the facts `task.*` exposes to CEL."""
+
+    labels: frozenset[str] = frozenset()
+    calls: int = 0
+    spent: float = 0.0
+
+
+def window_start(now: float, window: float) -> float:
+    return math.floor(now / window) * window
+
+
+class Store(Protocol):
+    """What decisions may read and write. Implementations apply the same semantics."""
+
+    async def start(self) -> None:
+        """Connects (Redis) and checks the store is usable. Raises StoreError."""
+
+    async def close(self) -> None: ...
+
+    async def revoke(self, revocation: Revocation) -> None:
+        """Adds or replaces the revocation of `(kind, subject)`. Raises StoreError."""
+
+    async def revocations(self, now: float) -> list[Revocation]:
+        """Every revocation still active at `now`. Raises StoreError."""
+
+    async def reserve(
+        self, reservations: Iterable[Reservation], now: float
+    ) -> LimitExceeded | None:
+        """Atomically takes every reservation, or none of them.
+
+        Returns the first that does not fit (nothing is taken then), or None when all were
+        taken. Raises StoreError.
+        """
+
+    async def release(self, reservations: Iterable[Reservation], now: float) -> None:
+        """Gives back reservations taken in the window that contains `now` (a call that was
+        refused after its reservation, or settled for less). Raises StoreError."""
+
+    async def task_history(self, task: str, now: float) -> TaskHistory:
+        """The history of `task` at `now` (empty if unknown or expired). Raises StoreError."""
+
+    async def record_task(
+        self, task: str, labels: Iterable[str], spent: float, ttl: float, now: float
+    ) -> None:
+        """Counts one call of `task`, adds its labels and spend; the history expires `ttl`
+        seconds after its last call. Raises StoreError."""
