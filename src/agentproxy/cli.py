@@ -52,11 +52,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     token.add_argument("--task", help="task id claim")
     token.add_argument("--ttl", default="15m", help='lifetime, e.g. "15m"')
 
+    revoke = commands.add_parser("revoke", help="put an agent or a token on the fleet's deny list")
+    revoke.add_argument("--config", required=True, type=Path)
+    who = revoke.add_mutually_exclusive_group(required=True)
+    who.add_argument("--agent", help="the agent id (token sub, or act.sub when delegated)")
+    who.add_argument("--token-id", help="one token's jti")
+    revoke.add_argument(
+        "--until", help='RFC 3339 time or a duration from now ("24h"); default: for good'
+    )
+    revoke.add_argument("--reason", default="")
+
     args = parser.parse_args(argv)
     if args.command == "run":
         return _run(args.config, args.log_level)
     if args.command == "validate":
         return _validate(args.config)
+    if args.command == "revoke":
+        return asyncio.run(_revoke(args))
     return _token(args)
 
 
@@ -125,6 +137,48 @@ async def _serve(config: config_module.Config) -> int:
     await stop.wait()
     log.info("shutting down")
     await server.stop()
+    return 0
+
+
+async def _revoke(args: argparse.Namespace) -> int:
+    from agentproxy.admin.server import BadRevocation, parse_until
+    from agentproxy.proxy.server import make_store
+    from agentproxy.store import Revocation, StoreError
+
+    try:
+        config = runtime_module.load_config(args.config)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    if config.store.redis is None:
+        print(
+            "this config uses the embedded memory store, which lives inside the running proxy:\n"
+            "  revoke through its admin API (POST /v1/revocations with an operator token),\n"
+            "  or configure store.redis so that the CLI and the whole fleet share revocations",
+            file=sys.stderr,
+        )
+        return 1
+    try:
+        until = parse_until(args.until, time.time())
+        revocation = Revocation(
+            "agent" if args.agent else "token", args.agent or args.token_id, until, args.reason
+        )
+    except (BadRevocation, ValueError) as exc:
+        print(f"cannot revoke: {exc}", file=sys.stderr)
+        return 1
+    store = make_store(config.store)
+    try:
+        await store.start()
+        await store.revoke(revocation)
+    except StoreError as exc:
+        print(f"cannot revoke: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        await store.close()
+    when = "for good" if revocation.until == float("inf") else f"until {args.until}"
+    print(
+        f"revoked {revocation.kind} {revocation.subject} {when}; every proxy refuses it within 1s"
+    )
     return 0
 
 

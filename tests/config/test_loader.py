@@ -222,3 +222,47 @@ def test_validate_command_accepts_the_examples() -> None:
             check=False,
         )
         assert out.returncode == 0, out.stderr
+
+
+def test_store_and_admin_sections(tmp_path: Path) -> None:
+    main = MAIN + (
+        "store:\n  redis: {url: 'redis://:hunter2@127.0.0.1:6379/0', timeout: 20ms}\n"
+        "  on_error: allow_cached\n  task_ttl: 1h\nadmin: {operators: ['role:security']}\n"
+    )
+    cfg = config.load(write(tmp_path, main))
+    assert cfg.store.redis is not None and cfg.store.redis.timeout == 0.02
+    assert cfg.store.on_error == "allow_cached" and cfg.store.task_ttl == 3600
+    assert "hunter2" not in repr(cfg)
+    assert cfg.admin.operators == ("role:security",)
+    bad = MAIN + "store:\n  redis: {url: 'http://x'}\n  on_eror: deny\n"
+    text = "\n".join(problems(write(tmp_path, bad)))
+    assert "must be a redis://" in text
+    assert 'unknown key (did you mean "on_error"?)' in text
+
+
+def test_limits_cost_and_obligations_are_checked(tmp_path: Path) -> None:
+    policy = GOOD_POLICY + (
+        "    cost: {amount: 0.5, currency: usd}\n"
+        "    obligations: {label_task: ['bad label']}\n"
+        "    limits:\n"
+        "      - {name: a, calls: 10, spend: 1.0, window: 1m}\n"
+        "      - {name: b, spend: 1.0, currency: EUR, window: 1m}\n"
+        "      - {name: c, calls: 5}\n"
+        "      - {name: d, calls: 5, window: 1m, key: 'principal.nope('}\n"
+        "  - id: deny-with-limits\n    agents: [x]\n    actions: ['http:GET /x']\n"
+        "    effect: deny\n    limits: [{name: e, calls: 1, window: 1m}]\n"
+        "  - id: needs-approval\n    agents: [x]\n    actions: ['http:GET /y']\n"
+        "    effect: require_approval\n"
+    )
+    text = "\n".join(problems(write(tmp_path, MAIN, policy)))
+    for expected in [
+        "must be an ISO 4217 code",
+        "label 'bad label'",
+        "set exactly one of calls (per window) or spend (per window)",
+        "must match the rule's cost currency",
+        'missing required key "window"',
+        "key is not agent, user, task or CEL that compiles",
+        "limits, cost and obligations apply to calls a rule allows",
+        "require_approval needs approval gates",
+    ]:
+        assert expected in text, expected

@@ -47,6 +47,8 @@ TOP_KEYS = (
     "context_token",
     "policy_files",
     "decision_log",
+    "store",
+    "admin",
 )
 ASYMMETRIC_ALGORITHMS = frozenset(
     {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"}
