@@ -85,9 +85,11 @@ async def test_calls_limit_answers_429_with_retry_after_and_limit(
     assert 0 < retry_after <= 3600
     assert len(upstream.seen) == 3
     # another agent has its own counter
-    async with aiohttp.ClientSession() as s:
-        async with s.get(proxy.base + "/v1/employees/1", headers=auth(keys.token("hr-bot"))) as r:
-            assert r.status == 200
+    async with (
+        aiohttp.ClientSession() as s,
+        s.get(proxy.base + "/v1/employees/1", headers=auth(keys.token("hr-bot"))) as r,
+    ):
+        assert r.status == 200
 
 
 async def test_200_concurrent_calls_against_100_let_exactly_100_through(
