@@ -38,6 +38,7 @@ smoke: install
 bench: install
 	@command -v wrk >/dev/null 2>&1 || { echo "wrk is missing: apt-get install wrk"; exit 1; }
 	$(PY) bench/http_overhead.py
+	$(PY) bench/decision_store.py
 
 # promtool (Debian package "prometheus") checks our /metrics exposition in the tests.
 system-deps:

@@ -24,8 +24,17 @@ STALE_AFTER = 2.0
 
 
 class RevocationList:
-    def __init__(self, store: Store, *, on_error: Callable[[str], None] | None = None) -> None:
+    def __init__(
+        self,
+        store: Store,
+        *,
+        shared: bool = True,
+        on_error: Callable[[str], None] | None = None,
+    ) -> None:
+        """`shared`: the store is another process (Redis). An in-process store is written
+        and read by this proxy alone, so its copy here cannot go stale."""
         self._store = store
+        self._shared = shared
         self._agents: dict[str, Revocation] = {}
         self._tokens: dict[str, Revocation] = {}
         self._fresh_at = -float("inf")  # monotonic time of the last successful refresh
@@ -39,7 +48,7 @@ class RevocationList:
         self._fresh_at = time.monotonic()
 
     def fresh(self) -> bool:
-        return time.monotonic() - self._fresh_at < STALE_AFTER
+        return not self._shared or time.monotonic() - self._fresh_at < STALE_AFTER
 
     def check(self, principal: Principal, now: float) -> Revocation | None:
         """The revocation that applies to this principal at `now`, if any."""

@@ -40,7 +40,9 @@ class ProxyServer:
         self.services = Services(
             store=self.store,
             revocations=RevocationList(
-                self.store, on_error=lambda op: self.metrics.store_errors.labels(op).inc()
+                self.store,
+                shared=config.store.redis is not None,
+                on_error=lambda op: self.metrics.store_errors.labels(op).inc(),
             ),
             metrics=self.metrics,
             decision_log=DecisionLog(config.decision_log),
