@@ -88,11 +88,15 @@ async def main() -> int:
     n = args.calls
 
     rows: dict[str, list[int]] = {}
-    rows["decide() in process (baseline)"] = timed(lambda: decide(policy, action, principal, Facts(), now), n)
+    rows["decide() in process (baseline)"] = timed(
+        lambda: decide(policy, action, principal, Facts(), now), n
+    )
     memo = DecisionMemo()
     key = memo_key("token-bytes", action)
     memo.put(key, decide(policy, action, principal, Facts(), now))
-    rows["memo hit (key + LRU lookup)"] = timed(lambda: memo.get(memo_key("token-bytes", action)), n)
+    rows["memo hit (key + LRU lookup)"] = timed(
+        lambda: memo.get(memo_key("token-bytes", action)), n
+    )
 
     def miss() -> object:
         k = memo_key("token-bytes", action)
@@ -103,11 +107,23 @@ async def main() -> int:
     rows["memo miss (lookup + decide)"] = timed(miss, n)
     reservation = [Reservation("rate", "rate:agent=hr-bot", 1.0, 1e12, 3600.0)]
     memory = MemoryStore()
-    rows["limit check, memory store"] = await timed_async(lambda: memory.reserve(reservation, now), n)
+    rows["limit check, memory store"] = await timed_async(
+        lambda: memory.reserve(reservation, now), n
+    )
 
     port = free_port()
-    redis = subprocess.Popen(
-        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+    redis = subprocess.Popen(  # noqa: ASYNC220 - started once, before anything is measured
+        [
+            "redis-server",
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ],
         stdout=subprocess.DEVNULL,
     )
     try:
@@ -139,7 +155,9 @@ async def main() -> int:
     ]
     for name, samples in rows.items():
         p50, p99 = percentiles(samples)
-        lines.append(f"| {name} | {p50:.1f} | {p99:.1f} | {p50 / base_p50:.2f} | {p99 / base_p99:.2f} |")
+        lines.append(
+            f"| {name} | {p50:.1f} | {p99:.1f} | {p50 / base_p50:.2f} | {p99 / base_p99:.2f} |"
+        )
     text = "\n".join(lines) + "\n"
     print(text)
     (HERE / "results").mkdir(exist_ok=True)

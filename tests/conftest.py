@@ -17,6 +17,9 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from agentproxy.proxy.runtime import load_config
 from agentproxy.proxy.server import ProxyServer
+from tests.redis_server import make_redis_server, redis_server, redis_url
+
+__all__ = ["make_redis_server", "redis_server", "redis_url"]  # fixtures, shared with tests/store
 
 ISSUER = "https://idp.test"
 AUDIENCE = "agentproxy"

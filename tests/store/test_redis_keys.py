@@ -1,0 +1,42 @@
+"""What RedisStore leaves in Redis: every key under its prefix, and every key that may be
+lost carries a TTL (revocations and the epoch marker do not, see the module docstring)."""
+
+from __future__ import annotations
+
+import pytest
+
+from agentproxy.config.model import RedisSettings
+from agentproxy.store import Reservation, Revocation
+from agentproxy.store.redis import WINDOW_MARGIN, RedisStore
+from tests.redis_server import RedisServer
+
+NOW = 1_000_000.5
+
+
+async def test_keys_live_under_the_prefix_and_expire(
+    redis_server: RedisServer, redis_url: str
+) -> None:
+    store = RedisStore(RedisSettings(url=redis_url, key_prefix="app1:", timeout=2.0))
+    await store.start()
+    try:
+        await store.revoke(Revocation("agent", "a"))
+        budget = Reservation("spend", "user:u", amount=0.5, limit=10, window=60)
+        assert await store.reserve([budget], NOW) is None
+        await store.record_task("t", ["pii"], 0.5, ttl=30, now=NOW)
+    finally:
+        await store.close()
+
+    with redis_server.client() as client:
+        keys = set(client.keys("*"))
+        assert keys == {
+            "app1:epoch",
+            "app1:revocations",
+            "app1:limit:user:u:999960",
+            "app1:task:t",
+        }
+        assert client.ttl("app1:epoch") == client.ttl("app1:revocations") == -1
+        # The window ends 19.5 s after NOW; the counter outlives it by the margin.
+        counter_ttl = client.pttl("app1:limit:user:u:999960") / 1000
+        assert counter_ttl == pytest.approx(19.5 + WINDOW_MARGIN, abs=0.5)
+        assert 29 <= client.ttl("app1:task:t") <= 30
+        assert client.get("app1:limit:user:u:999960") == "0.5"
