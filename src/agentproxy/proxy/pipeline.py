@@ -235,9 +235,12 @@ class Pipeline:
         return Facts(task, history.labels, history.calls, history.spent)
 
     def _degraded(self, call: Call) -> None:
-        """The store could not answer. `on_error: allow_cached` lets a memoized allow through;
-        everything else is refused with 503 (fail closed)."""
+        """The store could not answer. A deny stands (refusing is safe whatever the store
+        would have said); `on_error: allow_cached` lets a memoized allow through; every other
+        allow is refused with 503 (fail closed)."""
         decision = call.decision
+        if decision is not None and decision.effect is not Effect.ALLOW:
+            return
         if (
             self.services.on_error == "allow_cached"
             and call.memo_hit

@@ -1,0 +1,141 @@
+"""Proxies sharing a real Redis: what one replica learns, every replica enforces; and what
+happens while Redis is down."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import time
+
+import aiohttp
+import orjson
+
+from tests.conftest import Keys, ProxyFactory, Upstream
+from tests.proxy.test_state import POLICY
+from tests.redis_server import MakeRedisServer
+
+
+def store(url: str, on_error: str = "deny") -> str:
+    return (
+        f"store: {{redis: {{url: '{url}', timeout: 50ms}}, on_error: {on_error}}}\n"
+        'admin: {operators: ["role:security"]}'
+    )
+
+
+def auth(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+async def status(s: aiohttp.ClientSession, method: str, url: str, token: str) -> int:
+    async with s.request(method, url, headers=auth(token)) as r:
+        await r.read()
+        return r.status
+
+
+async def test_revocation_and_counters_are_shared_by_the_fleet(
+    make_proxy: ProxyFactory, keys: Keys, redis_url: str
+) -> None:
+    a = await make_proxy(policy=POLICY, extra=store(redis_url))
+    b = await make_proxy(policy=POLICY, extra=store(redis_url))
+    reader = keys.token("reader")
+    async with aiohttp.ClientSession() as s:
+        # read-rate allows 3 calls an hour per agent, across both replicas
+        got = [
+            await status(s, "GET", a.base + "/v1/employees/1", reader),
+            await status(s, "GET", b.base + "/v1/employees/1", reader),
+            await status(s, "GET", a.base + "/v1/employees/1", reader),
+            await status(s, "GET", b.base + "/v1/employees/1", reader),
+        ]
+        assert got == [200, 200, 200, 429]
+
+        hr = keys.token("hr-bot")
+        assert await status(s, "GET", b.base + "/v1/employees/2", hr) == 200
+        operator = keys.token("sec", roles=["security"])
+        async with s.post(
+            a.admin + "/v1/revocations", headers=auth(operator), json={"agent": "hr-bot"}
+        ) as r:
+            assert r.status == 201
+        revoked_at = time.monotonic()
+        while await status(s, "GET", b.base + "/v1/employees/2", hr) != 403:
+            assert time.monotonic() - revoked_at < 1.5, "replica b did not see the revocation"
+            await asyncio.sleep(0.05)
+
+
+async def test_cli_revoke_reaches_a_running_proxy(
+    make_proxy: ProxyFactory, keys: Keys, redis_url: str
+) -> None:
+    proxy = await make_proxy(policy=POLICY, extra=store(redis_url))
+    token = keys.token("hr-bot", jti="tok-cli")
+    async with aiohttp.ClientSession() as s:
+        assert await status(s, "GET", proxy.base + "/v1/employees/2", token) == 200
+        out = await asyncio.to_thread(
+            subprocess.run,
+            [
+                sys.executable,
+                "-m",
+                "agentproxy",
+                "revoke",
+                "--config",
+                str(proxy.config_path),
+                "--token-id",
+                "tok-cli",
+                "--until",
+                "1h",
+                "--reason",
+                "leaked",
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert out.returncode == 0, out.stderr
+        assert "revoked token tok-cli" in out.stdout
+        await asyncio.sleep(1.0)
+        assert await status(s, "GET", proxy.base + "/v1/employees/2", token) == 401
+
+
+async def test_store_down_fails_closed_and_recovers(
+    make_proxy: ProxyFactory, keys: Keys, make_redis_server: MakeRedisServer, upstream: Upstream
+) -> None:
+    redis = make_redis_server()
+    proxy = await make_proxy(policy=POLICY, extra=store(redis.url))
+    reader = keys.token("reader")
+    async with aiohttp.ClientSession() as s:
+        assert await status(s, "GET", proxy.base + "/v1/employees/1", reader) == 200
+        await asyncio.to_thread(redis.stop)
+        seen = len(upstream.seen)
+        async with s.get(proxy.base + "/v1/employees/1", headers=auth(reader)) as r:
+            assert r.status == 503
+            body = orjson.loads(await r.read())
+        assert body["type"].endswith("/store-unavailable")
+        # a rule without limits still needs the revocation list: refused once it is stale
+        await asyncio.sleep(2.2)
+        assert await status(s, "POST", proxy.base + "/v1/mail", keys.token("mailer")) == 503
+        assert len(upstream.seen) == seen
+        async with s.get(proxy.admin + "/metrics") as r:
+            assert 'agentproxy_store_errors_total{op="reserve"}' in await r.text()
+
+        await asyncio.to_thread(redis.restart)
+        deadline = time.monotonic() + 3
+        while await status(s, "POST", proxy.base + "/v1/mail", keys.token("mailer")) != 200:
+            assert time.monotonic() < deadline, "the proxy did not recover by itself"
+            await asyncio.sleep(0.1)
+
+
+async def test_allow_cached_lets_memoized_allows_through(
+    make_proxy: ProxyFactory, keys: Keys, make_redis_server: MakeRedisServer
+) -> None:
+    redis = make_redis_server()
+    proxy = await make_proxy(extra=store(redis.url, on_error="allow_cached"))
+    known = keys.token("hr-bot")
+    async with aiohttp.ClientSession() as s:
+        assert await status(s, "GET", proxy.base + "/v1/employees/42", known) == 200
+        await asyncio.to_thread(redis.stop)
+        await asyncio.sleep(2.2)  # the revocation mirror is now stale
+        assert await status(s, "GET", proxy.base + "/v1/employees/42", known) == 200
+        # not memoized: a new credential, or a different action
+        assert await status(s, "GET", proxy.base + "/v1/employees/42", keys.token("hr-bot")) == 503
+        assert await status(s, "GET", proxy.base + "/v1/employees/43", known) == 503
+        # a memoized deny stays a deny
+        assert await status(s, "GET", proxy.base + "/v1/employees/7/salary", known) == 403
