@@ -4,14 +4,16 @@ happens while Redis is down."""
 from __future__ import annotations
 
 import asyncio
+import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import aiohttp
 import orjson
 
-from tests.conftest import Keys, ProxyFactory, Upstream
+from tests.conftest import Keys, ProxyFactory, Upstream, write_config
 from tests.proxy.test_state import POLICY
 from tests.redis_server import MakeRedisServer
 
@@ -34,32 +36,81 @@ async def status(s: aiohttp.ClientSession, method: str, url: str, token: str) ->
 
 
 async def test_revocation_and_counters_are_shared_by_the_fleet(
-    make_proxy: ProxyFactory, keys: Keys, redis_url: str
+    make_proxy: ProxyFactory, keys: Keys, redis_url: str, tmp_path: Path, upstream: Upstream
 ) -> None:
+    """Replica a runs in this process, replica b is a separate `agentproxy run` process."""
     a = await make_proxy(policy=POLICY, extra=store(redis_url))
-    b = await make_proxy(policy=POLICY, extra=store(redis_url))
+    http_port, admin_port = free_port(), free_port()
+    config = write_config(tmp_path, keys, upstream.url, policy=POLICY, extra=store(redis_url))
+    config.write_text(
+        config.read_text().replace(
+            'listen: {http: "127.0.0.1:0", admin: "127.0.0.1:0"}',
+            f'listen: {{http: "127.0.0.1:{http_port}", admin: "127.0.0.1:{admin_port}"}}',
+        )
+    )
+    log = tmp_path / "b.log"
+    with log.open("wb") as err:
+        b = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "agentproxy",
+            "run",
+            "--config",
+            str(config),
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=err,
+        )
+    b_base = f"http://127.0.0.1:{http_port}"
     reader = keys.token("reader")
-    async with aiohttp.ClientSession() as s:
-        # read-rate allows 3 calls an hour per agent, across both replicas
-        got = [
-            await status(s, "GET", a.base + "/v1/employees/1", reader),
-            await status(s, "GET", b.base + "/v1/employees/1", reader),
-            await status(s, "GET", a.base + "/v1/employees/1", reader),
-            await status(s, "GET", b.base + "/v1/employees/1", reader),
-        ]
-        assert got == [200, 200, 200, 429]
+    try:
+        async with aiohttp.ClientSession() as s:
+            await wait_ready(s, f"http://127.0.0.1:{admin_port}/readyz", b, log)
+            # read-rate allows 3 calls an hour per agent, across both replicas
+            got = [
+                await status(s, "GET", a.base + "/v1/employees/1", reader),
+                await status(s, "GET", b_base + "/v1/employees/1", reader),
+                await status(s, "GET", a.base + "/v1/employees/1", reader),
+                await status(s, "GET", b_base + "/v1/employees/1", reader),
+            ]
+            assert got == [200, 200, 200, 429]
 
-        hr = keys.token("hr-bot")
-        assert await status(s, "GET", b.base + "/v1/employees/2", hr) == 200
-        operator = keys.token("sec", roles=["security"])
-        async with s.post(
-            a.admin + "/v1/revocations", headers=auth(operator), json={"agent": "hr-bot"}
-        ) as r:
-            assert r.status == 201
-        revoked_at = time.monotonic()
-        while await status(s, "GET", b.base + "/v1/employees/2", hr) != 403:
-            assert time.monotonic() - revoked_at < 1.5, "replica b did not see the revocation"
-            await asyncio.sleep(0.05)
+            hr = keys.token("hr-bot")
+            assert await status(s, "GET", b_base + "/v1/employees/2", hr) == 200
+            operator = keys.token("sec", roles=["security"])
+            async with s.post(
+                a.admin + "/v1/revocations", headers=auth(operator), json={"agent": "hr-bot"}
+            ) as r:
+                assert r.status == 201
+            revoked_at = time.monotonic()
+            while await status(s, "GET", b_base + "/v1/employees/2", hr) != 403:
+                assert time.monotonic() - revoked_at < 1.5, "replica b did not see the revocation"
+                await asyncio.sleep(0.05)
+    finally:
+        b.terminate()
+        await asyncio.wait_for(b.wait(), 10)
+
+
+async def wait_ready(
+    s: aiohttp.ClientSession, url: str, process: asyncio.subprocess.Process, log: Path
+) -> None:
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        if process.returncode is not None:
+            raise AssertionError(f"proxy exited: {log.read_text()[-2000:]}")
+        try:
+            async with s.get(url) as r:
+                if r.status == 200:
+                    return
+        except aiohttp.ClientError:
+            pass
+        await asyncio.sleep(0.1)
+    raise AssertionError("proxy did not become ready")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 async def test_cli_revoke_reaches_a_running_proxy(
