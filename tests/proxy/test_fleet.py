@@ -96,7 +96,8 @@ async def wait_ready(
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline:
         if process.returncode is not None:
-            raise AssertionError(f"proxy exited: {log.read_text()[-2000:]}")
+            tail = await asyncio.to_thread(log.read_text)
+            raise AssertionError(f"proxy exited: {tail[-2000:]}")
         try:
             async with s.get(url) as r:
                 if r.status == 200:
