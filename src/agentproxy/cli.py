@@ -62,6 +62,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     revoke.add_argument("--reason", default="")
 
+    explain = commands.add_parser("explain", help="why a call would be allowed or denied")
+    explain.add_argument("--config", required=True, type=Path)
+    explain.add_argument("--token", required=True, help="the caller's bearer token")
+    explain.add_argument("--request", required=True, help='e.g. "GET /v1/employees/42"')
+    explain.add_argument("--task", help="a declared task id (X-Agentproxy-Task)")
+    explain.add_argument("--json", action="store_true", help="machine-readable output")
+
+    policy = commands.add_parser("policy", help="policy tools")
+    policy_commands = policy.add_subparsers(dest="policy_command", required=True)
+    policy_test = policy_commands.add_parser("test", help="run the *_test.yaml suites in DIR")
+    policy_test.add_argument("dir", type=Path)
+    policy_test.add_argument("--verbose", "-v", action="store_true", help="list passing cases too")
+
     args = parser.parse_args(argv)
     if args.command == "run":
         return _run(args.config, args.log_level)
@@ -69,6 +82,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _validate(args.config)
     if args.command == "revoke":
         return asyncio.run(_revoke(args))
+    if args.command == "explain":
+        return asyncio.run(_explain(args))
+    if args.command == "policy":
+        return _policy_test(args.dir, args.verbose)
     return _token(args)
 
 
@@ -180,6 +197,69 @@ async def _revoke(args: argparse.Namespace) -> int:
         f"revoked {revocation.kind} {revocation.subject} {when}; every proxy refuses it within 1s"
     )
     return 0
+
+
+async def _explain(args: argparse.Namespace) -> int:
+    import orjson
+
+    from agentproxy.errors import Refusal
+    from agentproxy.proxy.explain import explain
+    from agentproxy.proxy.server import make_store
+    from agentproxy.store import StoreError
+
+    try:
+        config = runtime_module.load_config(args.config)
+        runtime = await runtime_module.build(config)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    except Unavailable as exc:
+        print(f"cannot explain: {exc.detail}", file=sys.stderr)
+        return 1
+    store = make_store(config.store) if config.store.redis is not None else None
+    try:
+        if store is not None:
+            await store.start()
+        result = await explain(
+            runtime, args.token, args.request, time.time(), task=args.task, store=store
+        )
+    except Refusal as exc:
+        print(
+            f"the proxy would refuse this call before deciding: {exc.status} {exc.detail}",
+            file=sys.stderr,
+        )
+        return 1
+    except StoreError as exc:
+        print(f"cannot read the task history: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        if store is not None:
+            await store.close()
+    if args.json:
+        sys.stdout.buffer.write(orjson.dumps(result, option=orjson.OPT_INDENT_2) + b"\n")
+    else:
+        print(result["text"])
+    return 0
+
+
+def _policy_test(directory: Path, verbose: bool) -> int:
+    from agentproxy.core import Action
+    from agentproxy.policy.testing import format_report, run_dir
+    from agentproxy.protocols.http import describe
+
+    def describe_request(method: str, target: str) -> Action:
+        return describe(method, target)[0]
+
+    if not directory.is_dir():
+        print(f"{directory} is not a directory", file=sys.stderr)
+        return 1
+    try:
+        report = run_dir(directory, describe_request)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    print(format_report(report, verbose=verbose))
+    return 1 if report.failed else 0
 
 
 def _token(args: argparse.Namespace) -> int:

@@ -32,6 +32,9 @@ class AdminBackend(Protocol):
     async def revoke(self, revocation: Revocation) -> None:
         """Raises StoreError."""
 
+    async def explain(self, token: str, request: str, task: str | None) -> dict[str, Any]:
+        """Raises Refusal (the token or request would be refused) or StoreError."""
+
 
 def admin_app(backend: AdminBackend) -> web.Application:
     """Probes need no token (Kubernetes sends none); writes need an operator's bearer JWT."""
@@ -49,19 +52,37 @@ def admin_app(backend: AdminBackend) -> web.Application:
 
     async def revocations(request: web.Request) -> web.Response:
         try:
-            token = bearer_token(request.headers.get("Authorization"))
-            if token is None:
-                raise Unauthenticated("an operator bearer token is required")
-            operator = await backend.operator(token)
+            operator = await _operator(request)
             revocation = parse_revocation(await request.read(), time.time())
             await backend.revoke(revocation)
         except Refusal as refusal:
-            reply = render(refusal, decision_id="admin")
-            return web.Response(status=reply.status, body=reply.body, headers=dict(reply.headers))
+            return _problem(refusal)
         except StoreError:
             return web.json_response({"error": "the decision store is unavailable"}, status=503)
         body = revocation_json(revocation) | {"by": operator.agent}
         return web.json_response(body, status=201)
+
+    async def explain(request: web.Request) -> web.Response:
+        try:
+            await _operator(request)
+            data = _json_object(await request.read(), {"token", "request", "task"})
+            token, line, task = data.get("token"), data.get("request"), data.get("task")
+            if not isinstance(token, str) or not isinstance(line, str):
+                raise BadRevocation('send {"token": "…", "request": "GET /path"}')
+            if task is not None and not isinstance(task, str):
+                raise BadRevocation('"task" must be a string')
+            result = await backend.explain(token, line, task)
+        except Refusal as refusal:
+            return _problem(refusal)
+        except StoreError:
+            return web.json_response({"error": "the decision store is unavailable"}, status=503)
+        return web.json_response(result)
+
+    async def _operator(request: web.Request) -> Principal:
+        token = bearer_token(request.headers.get("Authorization"))
+        if token is None:
+            raise Unauthenticated("an operator bearer token is required")
+        return await backend.operator(token)
 
     app = web.Application(client_max_size=64 * 1024)
     app.router.add_get("/metrics", make_aiohttp_handler(backend.registry))
@@ -69,7 +90,27 @@ def admin_app(backend: AdminBackend) -> web.Application:
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/.well-known/jwks.json", jwks_json)
     app.router.add_post("/v1/revocations", revocations)
+    app.router.add_post("/v1/explain", explain)
     return app
+
+
+def _problem(refusal: Refusal) -> web.Response:
+    reply = render(refusal, decision_id="admin")
+    return web.Response(status=reply.status, body=reply.body, headers=dict(reply.headers))
+
+
+def _json_object(body: bytes, allowed: set[str]) -> dict[str, Any]:
+    """Raises BadRevocation unless the body is a JSON object with only `allowed` members."""
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        raise BadRevocation("the body must be JSON") from None
+    if not isinstance(data, dict):
+        raise BadRevocation("the body must be a JSON object")
+    unknown = set(data) - allowed
+    if unknown:
+        raise BadRevocation(f"unknown member(s): {', '.join(sorted(unknown))}")
+    return data
 
 
 class BadRevocation(Refusal):

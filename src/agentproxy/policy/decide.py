@@ -6,8 +6,10 @@ function with a collecting trace, so explanation can never drift from enforcemen
 
 from __future__ import annotations
 
+import functools
+import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import unquote
@@ -15,18 +17,23 @@ from urllib.parse import unquote
 from cel_expr_python import cel
 
 from agentproxy.core import Action, Decision, Effect, Facts, Mode, Principal
-from agentproxy.policy.compiler import PolicySet, Rule
+from agentproxy.policy.compiler import CEL_ENV, PolicySet, Rule
 
 _PRIORITY = {Effect.DENY: 0, Effect.REQUIRE_APPROVAL: 1, Effect.ALLOW: 2}
 
 
 @dataclass(frozen=True, slots=True)
 class TraceStep:
-    """One rule considered for a call, and what became of it."""
+    """One rule considered for a call, and what became of it.
+
+    `values` are what the rule's condition read (`resource.id` → "13"), or an error text
+    for a path that could not be read; filled only when a trace is collected (explain).
+    """
 
     rule: str
     pattern: str
     outcome: str
+    values: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,16 +79,25 @@ def decide(
         if rule.condition is not None:
             if inputs is None:
                 inputs = cel_inputs(action, principal, facts, now)
-            outcome = _evaluate(rule.condition, inputs, bindings)
+            data = _activation(inputs, bindings)
+            outcome = _evaluate(rule.condition, data)
+            read = read_values(rule.when, data) if trace is not None else {}
             if outcome is False:
                 if trace is not None:
-                    trace.append(TraceStep(rule.id, pattern.text, f"condition false: {rule.when}"))
+                    trace.append(
+                        TraceStep(rule.id, pattern.text, f"condition false: {rule.when}", read)
+                    )
                 continue
             if outcome is not True:
                 effect = Effect.DENY
                 reason = f"condition of rule {rule.id} could not be evaluated: {outcome}"
+        else:
+            read = {}
         if trace is not None:
-            trace.append(TraceStep(rule.id, pattern.text, f"matched: {effect.value}"))
+            outcome_text = f"matched: {effect.value}"
+            if rule.condition is not None and effect is not rule.effect:
+                outcome_text = f"condition error, counted as deny: {reason}"
+            trace.append(TraceStep(rule.id, pattern.text, outcome_text, read))
         (shadow if rule.mode is Mode.SHADOW else enforced).append(
             _Match(rule, pattern.text, effect, reason)
         )
@@ -161,16 +177,19 @@ def cel_inputs(action: Action, principal: Principal, facts: Facts, now: float) -
     }
 
 
-def _evaluate(
-    condition: cel.Expression, inputs: dict[str, Any], bindings: Mapping[str, str]
-) -> bool | str:
-    """True or False, or the evaluation error's message."""
+def _activation(inputs: dict[str, Any], bindings: Mapping[str, str]) -> dict[str, Any]:
+    """The CEL variables for one rule: the call's, plus `resource` from its own template."""
     resource: dict[str, Any] = {
         name: unquote(value, errors="strict") for name, value in bindings.items()
     }
     resource["query"] = inputs["request"]["query"]
     data = dict(inputs)
     data["resource"] = resource
+    return data
+
+
+def _evaluate(condition: cel.Expression, data: dict[str, Any]) -> bool | str:
+    """True or False, or the evaluation error's message."""
     try:
         result = condition.eval(data=data)
     except Exception as exc:  # cel-cpp raises on values it cannot convert
@@ -181,6 +200,56 @@ def _evaluate(
     if result.type() == cel.Type.ERROR:
         return str(value)
     return f"condition returned {result.type().name()}, not a boolean"
+
+
+_STRINGS = re.compile(r"'(?:[^'\\]|\\.)*'" + r'|"(?:[^"\\]|\\.)*"')
+_PATH = re.compile(r"(?<![.\w])((?:principal|resource|request|action|task|args|now)(?:\.\w+)*)")
+
+
+def read_values(source: str | None, data: dict[str, Any]) -> dict[str, Any]:
+    """The value of every variable path a condition mentions, for explanations.
+
+    Each path is evaluated on its own in the same activation, so the explanation shows what
+    the condition saw, not a re-implementation of it. Only runs when a trace is collected.
+    """
+    if not source:
+        return {}
+    text = _STRINGS.sub("''", source)
+    paths = []
+    for match in _PATH.finditer(text):
+        path = match.group(1)
+        if text[match.end() : match.end() + 1] == "(" and "." in path:
+            path = path.rsplit(".", 1)[0]  # `principal.roles.exists(...)`: the list it reads
+        paths.append(path)
+    out: dict[str, Any] = {}
+    for path in dict.fromkeys(paths):
+        try:
+            result = _path_expression(path).eval(data=data)
+            value = result.value()
+            if result.type() == cel.Type.ERROR:
+                out[path] = f"error: {value}"
+            else:
+                out[path] = _printable(result.plain_value())
+        except Exception as exc:  # a path the condition guards with has() may not exist
+            out[path] = f"error: {exc}"
+    return out
+
+
+@functools.lru_cache(maxsize=1024)
+def _path_expression(path: str) -> cel.Expression:
+    return CEL_ENV.compile(path)
+
+
+def _printable(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, dict):
+        return {str(k): _printable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_printable(v) for v in value]
+    if isinstance(value, str | int | float | bool) or value is None:
+        return value
+    return str(value)
 
 
 def plain(value: Any) -> Any:

@@ -20,6 +20,7 @@ from agentproxy.core import Principal
 from agentproxy.identity.revocations import RevocationList
 from agentproxy.metering.metrics import Metrics
 from agentproxy.proxy import runtime as runtime_module
+from agentproxy.proxy.explain import explain
 from agentproxy.proxy.http import HttpDataPlane, UpstreamSessions
 from agentproxy.proxy.pipeline import Pipeline, Services
 from agentproxy.store import MemoryStore, Revocation, Store
@@ -81,6 +82,11 @@ class ProxyServer:
         principal = await self.pipeline.runtime.verifier.verify(token, time.time())
         operator_allowed(principal, self.config.admin.operators)
         return principal
+
+    async def explain(self, token: str, request: str, task: str | None) -> dict[str, Any]:
+        return await explain(
+            self.pipeline.runtime, token, request, time.time(), task=task, store=self.store
+        )
 
     async def revoke(self, revocation: Revocation) -> None:
         """Writes to the store (the fleet sees it within a second) and applies it here now."""

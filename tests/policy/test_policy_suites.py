@@ -1,0 +1,82 @@
+"""Policy behaviour as YAML case files, run by the same runner as `agentproxy policy test`."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from agentproxy.config.yamldoc import ConfigError
+from agentproxy.core import Action
+from agentproxy.policy.testing import format_report, run_dir
+from agentproxy.protocols.http import describe
+
+CASES = Path(__file__).parent / "cases"
+
+
+def describe_request(method: str, target: str) -> Action:
+    return describe(method, target)[0]
+
+
+def test_case_files_pass_and_cover_every_rule() -> None:
+    report = run_dir(CASES, describe_request)
+    assert report.failed == [], format_report(report)
+    assert report.uncovered == []
+    assert len(report.results) == 9
+
+
+def test_a_failing_case_is_reported_with_its_trace(tmp_path: Path) -> None:
+    (tmp_path / "hr.yaml").write_text((CASES / "hr.yaml").read_text())
+    suite = (CASES / "hr_test.yaml").read_text().split("  - name: deny overrides")[0]
+    (tmp_path / "hr_test.yaml").write_text(
+        suite.replace("    expect: deny\n    rule: none", "    expect: allow")
+    )
+    report = run_dir(tmp_path, describe_request)
+    assert len(report.failed) == 1
+    text = format_report(report)
+    assert "FAIL the CEO's record is default-denied" in text
+    assert "expected: allow" in text and "got:      deny by rule none" in text
+    assert "resource.id = '1'" in text
+    assert "rules no test exercised:" in text and "hr-updates" in text
+    assert text.endswith("1 passed, 1 failed")
+
+
+def test_bad_suites_are_load_errors_with_lines(tmp_path: Path) -> None:
+    (tmp_path / "hr.yaml").write_text((CASES / "hr.yaml").read_text())
+    (tmp_path / "x_test.yaml").write_text(
+        "tests:\n  - name: a\n    principal: {agent: a}\n    request: 'GET /a/../%2f'\n"
+        "    expect: allow\n  - name: b\n    principal: {agnt: a}\n    expect: maybe\n"
+    )
+    with pytest.raises(ConfigError) as info:
+        run_dir(tmp_path, describe_request)
+    text = str(info.value)
+    assert "x_test.yaml:4:5: $.tests[0].request" in text
+    assert 'did you mean "agent"' in text
+    assert "must be one of allow, deny, require_approval" in text
+    assert 'give exactly one of "request"' in text
+
+
+def test_cli_policy_test_exit_codes(tmp_path: Path) -> None:
+    ok = subprocess.run(
+        [sys.executable, "-m", "agentproxy", "policy", "test", str(CASES)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert ok.stdout.strip().endswith("9 passed, 0 failed")
+    (tmp_path / "hr.yaml").write_text((CASES / "hr.yaml").read_text())
+    (tmp_path / "hr_test.yaml").write_text(
+        "tests:\n  - name: wrong\n    principal: {agent: hr-bot}\n"
+        "    request: 'GET /v1/employees/42'\n    expect: deny\n"
+    )
+    bad = subprocess.run(
+        [sys.executable, "-m", "agentproxy", "policy", "test", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert bad.returncode == 1
+    assert "FAIL wrong" in bad.stdout
