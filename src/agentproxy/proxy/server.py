@@ -23,6 +23,7 @@ from agentproxy.proxy import runtime as runtime_module
 from agentproxy.proxy.explain import explain
 from agentproxy.proxy.http import HttpDataPlane, UpstreamSessions
 from agentproxy.proxy.pipeline import Pipeline, Services
+from agentproxy.proxy.watch import watch
 from agentproxy.store import MemoryStore, Revocation, Store
 
 log = logging.getLogger("agentproxy")
@@ -34,8 +35,12 @@ SHUTDOWN_GRACE = 10.0
 
 
 class ProxyServer:
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, *, watch_interval: float | None = 1.0) -> None:
+        """`watch_interval`: how often config and policy files are checked for changes
+        (None: only SIGHUP and `reload()` reload)."""
         self.config = config
+        self._watch_interval = watch_interval
+        self._watcher: asyncio.Task[None] | None = None
         self.metrics = Metrics()
         self.store = make_store(config.store)
         self.services = Services(
@@ -123,6 +128,15 @@ class ProxyServer:
         await http_site.start()
         self.admin_port = _bound_port(admin)
         self.http_port = _bound_port(http)
+        if self._watch_interval is not None:
+            self._watcher = asyncio.get_running_loop().create_task(
+                watch(
+                    lambda: self.config,
+                    lambda: self.config.policy_globs,
+                    self.reload,
+                    self._watch_interval,
+                )
+            )
         self._ready = True
 
     async def reload(self, path: Path | None = None) -> bool:
@@ -160,6 +174,12 @@ class ProxyServer:
     async def stop(self) -> None:
         """Not ready first, then stop accepting, let calls in flight finish, close upstreams."""
         self._ready = False
+        if self._watcher is not None:
+            self._watcher.cancel()  # no reload while shutting down
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watcher
+        # The data plane first (reversed start order): it stops accepting and lets calls in
+        # flight finish within SHUTDOWN_GRACE; the admin listener answers not-ready meanwhile.
         for runner in reversed(self._runners):
             await runner.cleanup()
         self._runners.clear()

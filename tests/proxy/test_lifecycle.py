@@ -1,0 +1,149 @@
+"""Hot reload from a ConfigMap-style symlink swap, and a graceful SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import sys
+import time
+from pathlib import Path
+
+import aiohttp
+
+from agentproxy.proxy.runtime import load_config
+from agentproxy.proxy.server import ProxyServer
+from tests.conftest import DEFAULT_POLICY, Keys, Upstream, write_config
+
+
+def configmap_layout(d: Path, generation: str, files: dict[str, str]) -> None:
+    """What the kubelet does: write a new timestamped directory, then atomically point
+    `..data` at it; the visible files are symlinks through `..data`."""
+    target = d / f"..{generation}"
+    target.mkdir()
+    for name, text in files.items():
+        (target / name).write_text(text)
+    tmp = d / "..data_tmp"
+    tmp.symlink_to(target.name)
+    os.replace(tmp, d / "..data")
+    for name in files:
+        link = d / name
+        if not link.is_symlink():
+            link.symlink_to(f"..data/{name}")
+
+
+async def test_configmap_symlink_swap_is_noticed(
+    tmp_path: Path, keys: Keys, upstream: Upstream
+) -> None:
+    base = write_config(tmp_path, keys, upstream.url)  # keys and secrets beside the ConfigMap
+    cm = tmp_path / "cm"
+    cm.mkdir()
+    config_text = base.read_text().replace(
+        'policy_files: ["policies/*.yaml"]', 'policy_files: ["main.yaml"]'
+    )
+    config_text = config_text.replace("issuer.pem", str(tmp_path / "issuer.pem"))
+    config_text = config_text.replace("value_file: secret", f"value_file: {tmp_path / 'secret'}")
+    configmap_layout(
+        cm, "2026_11_25_1", {"agentproxy.yaml": config_text, "main.yaml": DEFAULT_POLICY}
+    )
+    server = ProxyServer(load_config(cm / "agentproxy.yaml"), watch_interval=0.1)
+    await server.start()
+    headers = {"Authorization": f"Bearer {keys.token()}"}
+    url = f"http://127.0.0.1:{server.http_port}/v1/employees/42"
+    try:
+        async with aiohttp.ClientSession() as s:
+            async with s.get(url, headers=headers) as r:
+                assert r.status == 200
+            changed = DEFAULT_POLICY.replace('resource.id != "13"', 'resource.id != "42"')
+            await asyncio.to_thread(
+                configmap_layout,
+                cm,
+                "2026_11_25_2",
+                {"agentproxy.yaml": config_text, "main.yaml": changed},
+            )
+            deadline = time.monotonic() + 5
+            while True:
+                async with s.get(url, headers=headers) as r:
+                    if r.status == 403:
+                        break
+                assert time.monotonic() < deadline, "the swap was not noticed"
+                await asyncio.sleep(0.05)
+            # a broken update is rejected and the last good policy keeps answering
+            await asyncio.to_thread(
+                configmap_layout,
+                cm,
+                "2026_11_25_3",
+                {"agentproxy.yaml": config_text, "main.yaml": "rules: [{id: x}]"},
+            )
+            await asyncio.sleep(0.6)
+            async with s.get(url, headers=headers) as r:
+                assert r.status == 403
+            async with s.get(f"http://127.0.0.1:{server.admin_port}/metrics") as r:
+                text = await r.text()
+            assert 'agentproxy_policy_reloads_total{result="failure"} 1.0' in text
+    finally:
+        await server.stop()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def test_sigterm_lets_200_calls_in_flight_finish(
+    tmp_path: Path, keys: Keys, upstream: Upstream
+) -> None:
+    http_port, admin_port = free_port(), free_port()
+    config = write_config(tmp_path, keys, upstream.url)
+    config.write_text(
+        config.read_text()
+        .replace(
+            'listen: {http: "127.0.0.1:0", admin: "127.0.0.1:0"}',
+            f'listen: {{http: "127.0.0.1:{http_port}", admin: "127.0.0.1:{admin_port}"}}',
+        )
+        .replace("decision_log: stdout", "decision_log: off")
+    )
+    log = tmp_path / "proxy.log"
+    with log.open("wb") as err:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "agentproxy",
+            "run",
+            "--config",
+            str(config),
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=err,
+        )
+    headers = {"Authorization": f"Bearer {keys.token()}"}
+    try:
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=300)) as s:
+            deadline = time.monotonic() + 15
+            while True:
+                try:
+                    async with s.get(f"http://127.0.0.1:{admin_port}/readyz") as r:
+                        if r.status == 200:
+                            break
+                except aiohttp.ClientError:
+                    pass
+                assert time.monotonic() < deadline, "proxy did not start"
+                await asyncio.sleep(0.1)
+
+            async def call() -> int:
+                async with s.get(f"http://127.0.0.1:{http_port}/slow?s=1", headers=headers) as r:
+                    await r.read()
+                    return r.status
+
+            calls = [asyncio.ensure_future(call()) for _ in range(200)]
+            while len(upstream.seen) < 200:  # noqa: ASYNC110 - the fixture records, it does not signal
+                await asyncio.sleep(0.02)
+            proc.send_signal(signal.SIGTERM)
+            statuses = await asyncio.gather(*calls)
+            assert statuses == [200] * 200
+            assert await asyncio.wait_for(proc.wait(), 15) == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
