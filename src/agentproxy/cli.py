@@ -29,6 +29,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     run = commands.add_parser("run", help="run the proxy")
     run.add_argument("--config", required=True, type=Path, help="path to agentproxy.yaml")
     run.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    run.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="processes sharing the ports (SO_REUSEPORT); more than 1 needs store.redis",
+    )
+    run.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
 
     validate = commands.add_parser(
         "validate", help="check a config and its policies; print every problem"
@@ -77,7 +84,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     args = parser.parse_args(argv)
     if args.command == "run":
-        return _run(args.config, args.log_level)
+        if args.workers > 1:
+            return _run_workers(args.config, args.log_level, args.workers)
+        return _run(args.config, args.log_level, worker=args.worker)
     if args.command == "validate":
         return _validate(args.config)
     if args.command == "revoke":
@@ -102,7 +111,63 @@ def _validate(path: Path) -> int:
     return 0
 
 
-def _run(path: Path, level: str) -> int:
+def _run_workers(path: Path, level: str, workers: int) -> int:
+    """Starts `workers` processes on the same ports and supervises them: signals are passed
+    on, and if one dies the rest are stopped (the orchestrator restarts the pod)."""
+    import os
+    import subprocess
+    import tempfile
+
+    try:
+        config = runtime_module.load_config(path)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    if config.store.redis is None:
+        print(
+            f"--workers {workers} needs store.redis: each worker is its own process, and the "
+            "embedded memory store (revocations, limits, task history) is per process",
+            file=sys.stderr,
+        )
+        return 1
+    metrics_dir = tempfile.mkdtemp(prefix="agentproxy-metrics-")
+    env = dict(os.environ, PROMETHEUS_MULTIPROC_DIR=metrics_dir)
+    command = [
+        sys.executable,
+        "-m",
+        "agentproxy",
+        "run",
+        "--config",
+        str(path),
+        "--log-level",
+        level,
+        "--worker",
+    ]
+    children = [subprocess.Popen(command, env=env) for _ in range(workers)]
+
+    def forward(signum: int, _frame: object) -> None:
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signum)
+
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, forward)
+    code = 0
+    try:
+        while all(child.poll() is None for child in children):
+            time.sleep(0.2)
+        code = next(c.returncode for c in children if c.returncode is not None)
+        forward(signal.SIGTERM, None)
+        for child in children:
+            child.wait()
+    finally:
+        import shutil
+
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+    return code
+
+
+def _run(path: Path, level: str, *, worker: bool = False) -> int:
     logging.basicConfig(
         level=level.upper(),
         stream=sys.stderr,
@@ -120,7 +185,7 @@ def _run(path: Path, level: str) -> int:
     except ImportError:  # uvloop is optional on platforms it does not support
         log.info("uvloop not available; using the default event loop")
     try:
-        return asyncio.run(_serve(config))
+        return asyncio.run(_serve(config, reuse_port=worker))
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return 1
@@ -132,10 +197,10 @@ def _run(path: Path, level: str) -> int:
         return 1
 
 
-async def _serve(config: config_module.Config) -> int:
+async def _serve(config: config_module.Config, *, reuse_port: bool = False) -> int:
     from agentproxy.proxy.server import ProxyServer
 
-    server = ProxyServer(config)
+    server = ProxyServer(config, reuse_port=reuse_port)
     await server.start()
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()

@@ -7,6 +7,8 @@ caller cannot mint label values; calls no rule matched are labelled `other`.
 
 from __future__ import annotations
 
+import os
+
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -15,6 +17,7 @@ from prometheus_client import (
     platform_collector,
     process_collector,
 )
+from prometheus_client.multiprocess import MultiProcessCollector
 
 # 100 µs to 60 s, roughly three buckets a decade.
 LATENCY_BUCKETS = (
@@ -58,10 +61,18 @@ class Metrics:
     """One registry per proxy process (tests run several proxies in one interpreter)."""
 
     def __init__(self) -> None:
+        # `exposition` is what /metrics serves. With --workers N every worker writes its
+        # values to PROMETHEUS_MULTIPROC_DIR and any worker's scrape sums them all.
         self.registry = CollectorRegistry()
-        process_collector.ProcessCollector(registry=self.registry)
-        platform_collector.PlatformCollector(registry=self.registry)
-        gc_collector.GCCollector(registry=self.registry)
+        self.exposition = self.registry
+        multiproc_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+        if multiproc_dir:
+            self.exposition = CollectorRegistry()
+            MultiProcessCollector(self.exposition, path=multiproc_dir)  # type: ignore[no-untyped-call]
+        else:
+            process_collector.ProcessCollector(registry=self.registry)
+            platform_collector.PlatformCollector(registry=self.registry)
+            gc_collector.GCCollector(registry=self.registry)
         r = self.registry
         self.requests = Counter(
             "agentproxy_requests",

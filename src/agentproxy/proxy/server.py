@@ -35,10 +35,14 @@ SHUTDOWN_GRACE = 10.0
 
 
 class ProxyServer:
-    def __init__(self, config: Config, *, watch_interval: float | None = 1.0) -> None:
+    def __init__(
+        self, config: Config, *, watch_interval: float | None = 1.0, reuse_port: bool = False
+    ) -> None:
         """`watch_interval`: how often config and policy files are checked for changes
-        (None: only SIGHUP and `reload()` reload)."""
+        (None: only SIGHUP and `reload()` reload). `reuse_port`: several worker processes
+        share the listeners (SO_REUSEPORT; the kernel spreads connections among them)."""
         self.config = config
+        self._reuse_port = reuse_port
         self._watch_interval = watch_interval
         self._watcher: asyncio.Task[None] | None = None
         self.metrics = Metrics()
@@ -78,7 +82,7 @@ class ProxyServer:
 
     @property
     def registry(self) -> CollectorRegistry:
-        return self.metrics.registry
+        return self.metrics.exposition
 
     def jwks(self) -> dict[str, Any]:
         return self.pipeline.runtime.signer.jwks()
@@ -122,8 +126,9 @@ class ProxyServer:
         for runner in (admin, http):
             await runner.setup()
             self._runners.append(runner)
-        admin_site = web.TCPSite(admin, listen.admin.host, listen.admin.port)
-        http_site = web.TCPSite(http, listen.http.host, listen.http.port, reuse_port=False)
+        reuse = self._reuse_port or None
+        admin_site = web.TCPSite(admin, listen.admin.host, listen.admin.port, reuse_port=reuse)
+        http_site = web.TCPSite(http, listen.http.host, listen.http.port, reuse_port=reuse)
         await admin_site.start()
         await http_site.start()
         self.admin_port = _bound_port(admin)

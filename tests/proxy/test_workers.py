@@ -1,0 +1,114 @@
+"""`--workers N`: processes sharing the ports, metrics summed across them."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import sys
+import time
+from pathlib import Path
+
+import aiohttp
+
+from tests.conftest import Keys, Upstream, write_config
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def requests_total(text: str) -> float:
+    return sum(
+        float(line.split()[-1])
+        for line in text.splitlines()
+        if line.startswith("agentproxy_requests_total{")
+    )
+
+
+async def test_two_workers_share_ports_and_metrics(
+    tmp_path: Path, keys: Keys, upstream: Upstream, redis_url: str
+) -> None:
+    http_port, admin_port = free_port(), free_port()
+    config = write_config(
+        tmp_path, keys, upstream.url, extra=f"store: {{redis: {{url: '{redis_url}'}}}}"
+    )
+    config.write_text(
+        config.read_text()
+        .replace(
+            'listen: {http: "127.0.0.1:0", admin: "127.0.0.1:0"}',
+            f'listen: {{http: "127.0.0.1:{http_port}", admin: "127.0.0.1:{admin_port}"}}',
+        )
+        .replace("decision_log: stdout", "decision_log: off")
+    )
+    log = tmp_path / "workers.log"
+    with log.open("wb") as err:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "agentproxy",
+            "run",
+            "--config",
+            str(config),
+            "--workers",
+            "2",
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=err,
+        )
+    headers = {"Authorization": f"Bearer {keys.token()}"}
+    try:
+        async with aiohttp.ClientSession() as s:
+            deadline = time.monotonic() + 20
+            while True:
+                try:
+                    async with s.get(f"http://127.0.0.1:{admin_port}/readyz") as r:
+                        if r.status == 200:
+                            break
+                except aiohttp.ClientError:
+                    pass
+                assert time.monotonic() < deadline, await asyncio.to_thread(log.read_text)
+                await asyncio.sleep(0.1)
+            await asyncio.sleep(1.0)  # let the second worker bind too
+            # new connections each time, so the kernel spreads them over both workers
+            for _ in range(40):
+                async with (
+                    aiohttp.ClientSession() as one,
+                    one.get(f"http://127.0.0.1:{http_port}/v1/employees/42", headers=headers) as r,
+                ):
+                    assert r.status == 200
+            children_file = Path(f"/proc/{proc.pid}/task/{proc.pid}/children")
+            children = (await asyncio.to_thread(children_file.read_text)).split()
+            assert len(children) == 2
+            for _ in range(10):
+                async with (
+                    aiohttp.ClientSession() as one,
+                    one.get(f"http://127.0.0.1:{admin_port}/metrics") as r,
+                ):
+                    text = await r.text()
+                assert requests_total(text) == 40.0  # whichever worker answers, it sums all
+        proc.terminate()
+        assert await asyncio.wait_for(proc.wait(), 15) == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+async def test_workers_need_redis(tmp_path: Path, keys: Keys) -> None:
+    config = write_config(tmp_path, keys, "http://127.0.0.1:9")
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "agentproxy",
+        "run",
+        "--config",
+        str(config),
+        "--workers",
+        "2",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    _, err = await proc.communicate()
+    assert proc.returncode == 1
+    assert b"--workers 2 needs store.redis" in err
