@@ -82,6 +82,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     policy_test.add_argument("dir", type=Path)
     policy_test.add_argument("--verbose", "-v", action="store_true", help="list passing cases too")
 
+    audit = commands.add_parser("audit", help="audit trail tools")
+    audit_commands = audit.add_subparsers(dest="audit_command", required=True)
+    verify = audit_commands.add_parser("verify", help="check hash chains and signed checkpoints")
+    verify.add_argument("files", nargs="+", type=Path)
+    verify.add_argument(
+        "--key", type=Path, help="Ed25519 key (public or private PEM) of checkpoints"
+    )
+    query = audit_commands.add_parser("query", help="filter audit records (JSONL out)")
+    query.add_argument("files", nargs="+", type=Path)
+    for name in ("agent", "user", "task", "action", "effect"):
+        query.add_argument(f"--{name}")
+    query.add_argument("--since", help="RFC 3339 time, or a duration back from now (24h)")
+    query.add_argument("--until", help="RFC 3339 time, or a duration back from now")
+    audit_hash = audit_commands.add_parser(
+        "hash", help="the HMAC a redacted value would have (is it this value?)"
+    )
+    audit_hash.add_argument("--key", type=Path, required=True, help="audit.hmac_key_file")
+    audit_hash.add_argument("value", help="the value, as JSON if it parses as JSON, else a string")
+
     args = parser.parse_args(argv)
     if args.command == "run":
         if args.workers > 1:
@@ -95,6 +114,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return asyncio.run(_explain(args))
     if args.command == "policy":
         return _policy_test(args.dir, args.verbose)
+    if args.command == "audit":
+        return _audit(args)
     return _token(args)
 
 
@@ -143,7 +164,9 @@ def _run_workers(path: Path, level: str, workers: int) -> int:
         level,
         "--worker",
     ]
-    children = [subprocess.Popen(command, env=env) for _ in range(workers)]
+    children = [
+        subprocess.Popen(command, env=dict(env, AGENTPROXY_WORKER=str(i))) for i in range(workers)
+    ]
 
     def forward(signum: int, _frame: object) -> None:
         for child in children:
@@ -325,6 +348,89 @@ def _policy_test(directory: Path, verbose: bool) -> int:
         return 1
     print(format_report(report, verbose=verbose))
     return 1 if report.failed else 0
+
+
+def _audit(args: argparse.Namespace) -> int:
+    import orjson
+
+    if args.audit_command == "verify":
+        from agentproxy.audit.keys import load_public_key
+        from agentproxy.audit.verify import verify
+
+        try:
+            key = load_public_key(args.key) if args.key else None
+        except (OSError, ValueError) as exc:
+            print(f"cannot read the checkpoint key: {exc}", file=sys.stderr)
+            return 1
+        report = verify(args.files, key)
+        for note in report.notes:
+            print(f"note: {note}")
+        for problem in report.problems:
+            print(problem, file=sys.stderr)
+        if report.omitted:
+            print(f"... and {report.omitted} more problem(s)", file=sys.stderr)
+        chains = ", ".join(f"{c} (to seq {s})" for c, s in sorted(report.chains.items()))
+        verdict = "ok" if report.ok else "FAILED"
+        print(
+            f"{verdict}: {report.records} record(s), {report.checkpoints} checkpoint(s); "
+            f"chains: {chains or 'none'}"
+        )
+        if key is None and report.checkpoints:
+            print("note: checkpoint signatures not checked (give --key)")
+        return 0 if report.ok else 1
+    if args.audit_command == "query":
+        from agentproxy.admin.server import BadRevocation
+        from agentproxy.audit.query import query
+
+        now = time.time()
+        try:
+            since = _moment(args.since, now)
+            until = _moment(args.until, now)
+        except BadRevocation as exc:
+            print(f"invalid time: {exc.detail}", file=sys.stderr)
+            return 1
+        try:
+            for record in query(
+                args.files,
+                agent=args.agent,
+                user=args.user,
+                task=args.task,
+                action=args.action,
+                effect=args.effect,
+                since=since,
+                until=until,
+            ):
+                sys.stdout.buffer.write(orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE))
+        except OSError as exc:
+            print(f"cannot read: {exc}", file=sys.stderr)
+            return 1
+        return 0
+    from agentproxy.audit.chain import hmac_value
+
+    try:
+        key = args.key.read_bytes().rstrip(b"\r\n")
+    except OSError as exc:
+        print(f"cannot read the key: {exc}", file=sys.stderr)
+        return 1
+    try:
+        value = orjson.loads(args.value)
+    except orjson.JSONDecodeError:
+        value = args.value
+    print(hmac_value(key, value))
+    return 0
+
+
+def _moment(text: str | None, now: float) -> float | None:
+    """An RFC 3339 time, or a duration meaning that long before `now`."""
+    if text is None:
+        return None
+    from agentproxy.admin.server import parse_until
+    from agentproxy.config.yamldoc import parse_duration
+
+    seconds = parse_duration(text)
+    if seconds is not None:
+        return now - seconds
+    return parse_until(text, now)
 
 
 def _token(args: argparse.Namespace) -> int:

@@ -183,5 +183,6 @@ class Call:
     bytes_in: int = 0
     bytes_out: int = 0
     memo_hit: bool = False
+    audited: bool = False
     store_error: str | None = None
     reservations: tuple[Reservation, ...] = ()

@@ -48,7 +48,7 @@ def query(
                     continue
                 if not isinstance(record, dict):
                     continue
-                if any(record.get(k) != v for k, v in exact.items()):
+                if any(_field(record, k) != v for k, v in exact.items()):
                     continue
                 if action is not None:
                     name = record.get("action")
@@ -61,6 +61,15 @@ def query(
                     if (start is not None and when < start) or (end is not None and when >= end):
                         continue
                 yield record
+
+
+def _field(record: dict[str, Any], name: str) -> Any:
+    """Decision records keep who asked under `principal` (`agent`, `user`); other facts, and
+    records written by other tools, at the top level."""
+    principal = record.get("principal")
+    if name in ("agent", "user") and isinstance(principal, dict):
+        return principal.get(name)
+    return record.get(name)
 
 
 def _epoch(moment: Moment) -> float:

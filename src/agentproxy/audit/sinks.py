@@ -152,7 +152,7 @@ class FileSink:
             raise AuditError(f"audit file {self.path}: cannot open: {_why(exc)}") from None
 
     async def write(self, lines: list[bytes]) -> None:
-        """Appends the lines and fsyncs. Raises AuditError (nothing of the batch remains)."""
+        """Appends the lines and fsyncs. Raises AuditError (and cuts off what got in)."""
         await asyncio.to_thread(self._write, b"\n".join(lines) + b"\n")
 
     async def save_checkpoint(self, chain: str, line: bytes) -> None:

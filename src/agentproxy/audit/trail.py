@@ -191,8 +191,9 @@ class AuditTrail:
         if not self._running:
             return self._fail(future, "audit trail is not running")
         reserved = [name for name in SEALED_MEMBERS if name in record]
-        if reserved or record.get("kind") in CONTROL_KINDS:
-            what = ", ".join(reserved) or f"kind {record['kind']!r}"
+        kind = record.get("kind")
+        if reserved or (isinstance(kind, str) and kind in CONTROL_KINDS):
+            what = ", ".join(reserved) or f"kind {kind!r}"
             return self._fail(future, f"record carries what only the trail may write: {what}")
         try:
             if self.settings.redact:

@@ -130,6 +130,11 @@ class Metrics:
             ["op"],
             registry=r,
         )
+        self.audit_dropped = Counter(
+            "agentproxy_audit_dropped",
+            "Audit records that did not reach every sink.",
+            registry=r,
+        )
         # Pre-create the children users alert on, so they exist (at 0) from the first scrape.
         for result in ("success", "failure"):
             self.policy_reloads.labels(result)

@@ -15,9 +15,12 @@ import math
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from agentproxy.audit.decision_log import DecisionLog
+from agentproxy.audit.records import decision_record, outcome_record
+from agentproxy.audit.sinks import AuditError
+from agentproxy.audit.trail import AuditTrail
 from agentproxy.core import Call, Effect, Facts, Mode
 from agentproxy.errors import (
     Denied,
@@ -37,6 +40,9 @@ from agentproxy.proxy.runtime import Runtime
 from agentproxy.store import Store, StoreError
 
 log = logging.getLogger("agentproxy.pipeline")
+
+# How long a call waits for its decision record when `audit.required` (then 503).
+AUDIT_WAIT = 2.0
 
 Stage = Callable[[Call], Awaitable[None]]
 
@@ -65,6 +71,8 @@ class Services:
     decision_log: DecisionLog
     on_error: str = "deny"
     task_ttl: float = 24 * 3600.0
+    audit: AuditTrail | None = None
+    audit_required: bool = False
 
 
 class Pipeline:
@@ -75,7 +83,12 @@ class Pipeline:
         self.services = services
         self.metrics = services.metrics
         self.memo = DecisionMemo()
-        self.before_forward: tuple[Stage, ...] = (self.identify, self.decide, self.take_limits)
+        self.before_forward: tuple[Stage, ...] = (
+            self.identify,
+            self.decide,
+            self.take_limits,
+            self.audit_decision,
+        )
 
     async def run(self, call: Call, exchange: Exchange) -> None:
         """Walks the call through every stage; records it exactly once, on every path."""
@@ -197,6 +210,34 @@ class Pipeline:
         else:
             call.error = f"shadow: {refusal.detail}"
 
+    async def audit_decision(self, call: Call) -> None:
+        """The decision's record, before anything is forwarded. With `audit.required` it is
+        awaited, and a record that cannot be written refuses the call (503), as secret
+        managers treat their audit devices; otherwise a loss is counted and logged."""
+        trail = self.services.audit
+        if trail is None:
+            return
+        call.audited = True
+        written = trail.submit(decision_record(call, time.time(), self._cost(call)))
+        if not self.services.audit_required:
+            return
+        try:
+            await asyncio.wait_for(asyncio.shield(written), AUDIT_WAIT)
+        except (AuditError, TimeoutError) as exc:
+            raise Unavailable(
+                "the audit trail cannot record this call, so it is not forwarded",
+                component="audit",
+            ) from exc
+
+    def _cost(self, call: Call) -> dict[str, Any] | None:
+        decision = call.decision
+        if decision is None or decision.rule_id is None:
+            return None
+        rule = self.runtime.policy.rule(decision.rule_id)
+        if rule.cost is None:
+            return None
+        return {"amount": rule.cost.amount, "currency": rule.cost.currency}
+
     async def settle(self, call: Call) -> None:
         """After the answer: the task's history. Never raises (the answer is already sent)."""
         decision = call.decision
@@ -275,6 +316,13 @@ class Pipeline:
                 m.upstream_seconds.labels(call.upstream).observe(call.upstream_seconds)
             m.overhead_seconds.observe(max(0.0, total - (call.upstream_seconds or 0.0)))
             self.services.decision_log.write(call, total)
+            trail = self.services.audit
+            if trail is not None:
+                now = time.time()
+                if call.audited:
+                    trail.submit(outcome_record(call, now, total))
+                else:
+                    trail.submit(decision_record(call, now, self._cost(call)))
         except Exception:
             log.exception("failed to record call %s", call.id)
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -14,6 +16,9 @@ from prometheus_client import CollectorRegistry
 
 from agentproxy.admin.server import admin_app, operator_allowed
 from agentproxy.audit.decision_log import DecisionLog
+from agentproxy.audit.settings import AuditSettings
+from agentproxy.audit.sinks import AuditError
+from agentproxy.audit.trail import AuditTrail
 from agentproxy.config import Config, ConfigError
 from agentproxy.config.model import StoreSettings
 from agentproxy.core import Principal
@@ -112,6 +117,11 @@ class ProxyServer:
             raise
         self.metrics.policy_reloads.labels("success").inc()
         await self.store.start()
+        if self.config.audit.enabled:
+            trail = AuditTrail(audit_settings(self.config), on_drop=self.metrics.audit_dropped.inc)
+            await trail.start()
+            self.services.audit = trail
+            self.services.audit_required = self.config.audit.required
         await self.services.revocations.refresh(time.time())
         self._refresher = asyncio.get_running_loop().create_task(self.services.revocations.run())
         self._pipeline = Pipeline(runtime, self.services)
@@ -168,6 +178,8 @@ class ProxyServer:
         if config.decision_log != self.config.decision_log:
             self.services.decision_log.flush()
             self.services.decision_log = DecisionLog(config.decision_log)
+        if config.audit != self.config.audit:
+            log.warning("audit settings changed; they take effect at the next restart")
         self.services.on_error = config.store.on_error
         self.services.task_ttl = config.store.task_ttl
         self.config = config
@@ -193,8 +205,38 @@ class ProxyServer:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._refresher
         await self.sessions.close()
+        if self.services.audit is not None:
+            try:
+                await self.services.audit.close()  # flushes what is queued
+            except AuditError as exc:
+                log.error("audit: records lost at shutdown: %s", exc)
         await self.store.close()
         self.services.decision_log.flush()
+
+
+def audit_settings(config: Config) -> AuditSettings:
+    """One chain per writer: the host name (a pod name is stable across restarts, so the
+    chain continues), and with --workers a file and chain per worker."""
+    audit = config.audit
+    worker = os.environ.get("AGENTPROXY_WORKER")
+    replica = socket.gethostname() + (f"-w{worker}" if worker else "")
+    file = audit.file
+    if file is not None and worker:
+        file = file.with_name(f"{file.stem}.w{worker}{file.suffix}")
+    return AuditSettings(
+        file=file,
+        stdout=audit.stdout,
+        redis_stream=audit.redis_stream,
+        redis=config.store.redis,
+        hmac_key=audit.hmac_key.value if audit.hmac_key else None,
+        signing_key_file=audit.signing_key_file,
+        checkpoint_every=audit.checkpoint_every,
+        required=audit.required,
+        max_file_bytes=audit.max_file_bytes,
+        rotate_every=audit.rotate_every,
+        replica=replica,
+        redact=audit.redact,
+    )
 
 
 def make_store(settings: StoreSettings) -> Store:

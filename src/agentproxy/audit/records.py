@@ -1,0 +1,97 @@
+"""What the audit trail says about a call: built from the `Call`'s fields only.
+
+A `decision` record for every call (allow, deny, refusal, error), written before anything is
+forwarded; an `outcome` record for calls that were forwarded (status, latency, bytes). No
+header, no body, no token: the arguments policy saw are recorded in a safe view, and the
+configured `audit.redact` paths are replaced by keyed HMACs by the trail.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from agentproxy.core import Call
+
+
+def plain(value: Any) -> Any:
+    """Mappings and tuples as JSON objects and arrays."""
+    if isinstance(value, Mapping):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [plain(v) for v in value]
+    return value
+
+
+def iso(epoch: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(epoch)) + f".{int(epoch % 1 * 1e6):06d}Z"
+
+
+def decision_record(call: Call, now: float, cost: dict[str, Any] | None = None) -> dict[str, Any]:
+    p = call.principal
+    d = call.decision
+    record: dict[str, Any] = {
+        "kind": "decision",
+        "time": iso(now),
+        "decision_id": call.id,
+        "trace_id": call.trace.trace_id,
+        "principal": None
+        if p is None
+        else {
+            "agent": p.agent,
+            "user": p.acting_for,
+            "chain": list(p.chain),
+            "roles": sorted(p.roles),
+            "claims": plain(p.claims),
+            "issuer": p.issuer,
+            "token_id": p.token_id,
+        },
+        "task": call.task,
+        "action": call.action.name,
+        "upstream": call.upstream,
+        "resource": {"path": call.action.target, "query": plain(call.action.query)},
+        "args": plain(call.action.args),
+        "effect": d.effect.value if d else None,
+        "rule": d.rule_id if d else None,
+        "reason": d.reason if d else None,
+        "policy_version": d.policy_version if d else None,
+        "enforced": call.enforced,
+        "shadow": None
+        if d is None or d.shadow_effect is None
+        else {"effect": d.shadow_effect.value, "rule": d.shadow_rule},
+        "cost": cost,
+    }
+    if call.refusal is not None:
+        record["refusal"] = {
+            "status": call.refusal.status,
+            "type": call.refusal.problem_type,
+            "detail": call.refusal.detail,
+            **dict(call.refusal.members),
+        }
+        record["status"] = call.status
+        record["latency_ms"] = round((time.perf_counter() - call.started) * 1000, 3)
+    return record
+
+
+def outcome_record(call: Call, now: float, latency: float) -> dict[str, Any]:
+    return {
+        "kind": "outcome",
+        "time": iso(now),
+        "decision_id": call.id,
+        "status": call.status,
+        "latency_ms": round(latency * 1000, 3),
+        "upstream_ms": None
+        if call.upstream_seconds is None
+        else round(call.upstream_seconds * 1000, 3),
+        "bytes_in": call.bytes_in,
+        "bytes_out": call.bytes_out,
+        "error": call.error,
+        "refusal": None
+        if call.refusal is None
+        else {
+            "status": call.refusal.status,
+            "type": call.refusal.problem_type,
+            "detail": call.refusal.detail,
+        },
+    }

@@ -1,0 +1,181 @@
+"""The sink contract, run on every sink (STYLE §10), and the Redis stream on a real server:
+records readable with XRANGE, a chain that continues, bounded failures without passwords."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import orjson
+import pytest
+import redis
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from agentproxy.audit.chain import Chain
+from agentproxy.audit.settings import AuditSettings
+from agentproxy.audit.sinks import AuditError, FileSink, RedisStreamSink, Sink, StdoutSink
+from agentproxy.audit.trail import AuditTrail
+from agentproxy.audit.verify import verify
+from agentproxy.config.model import RedisSettings
+from tests.audit.conftest import decision
+from tests.redis_server import MakeRedisServer
+
+
+def xrange_lines(url: str, stream: str) -> list[bytes]:
+    with redis.Redis.from_url(url) as client:
+        return [fields[b"record"] for _, fields in client.xrange(stream)]
+
+
+@dataclass
+class Subject:
+    sink: Sink
+    read: Callable[[], list[bytes]]
+    readable: bool  # whether `start` finds where a chain stands
+
+
+@pytest.fixture(params=["file", "stdout", "redis"])
+async def subject(request: pytest.FixtureRequest, log_path: Path) -> AsyncIterator[Subject]:
+    if request.param == "file":
+        sink: Sink = FileSink(log_path)
+        yield Subject(sink, lambda: log_path.read_bytes().splitlines(), True)
+    elif request.param == "stdout":
+        stream = io.BytesIO()
+        yield Subject(StdoutSink(stream), lambda: stream.getvalue().splitlines(), False)
+    else:
+        url: str = request.getfixturevalue("redis_url")
+        name = f"audit-{uuid.uuid4().hex}"
+        yield Subject(
+            RedisStreamSink(name, RedisSettings(url=url)), lambda: xrange_lines(url, name), True
+        )
+
+
+async def test_a_sink_keeps_every_line_in_order(subject: Subject) -> None:
+    chain = Chain("r1")
+    first = [chain.seal_line(decision(n)).line for n in range(3)]
+    second = [chain.seal_line(decision(n)).line for n in range(3, 700)]
+    assert (await subject.sink.start("r1")).last is None
+    await subject.sink.write(first)
+    await subject.sink.write(second)
+    await subject.sink.close()
+    assert subject.read() == first + second
+
+
+async def test_a_sink_says_where_a_chain_stands(subject: Subject) -> None:
+    chain, other = Chain("r1"), Chain("r2")
+    await subject.sink.start("r1")
+    await subject.sink.write([chain.seal_line(decision(n)).line for n in range(5)])
+    await subject.sink.close()
+    if isinstance(subject.sink, RedisStreamSink):
+        # heads are per chain: r2's writer (its own sink) leaves r1's alone
+        await subject.sink.start("r2")
+        await subject.sink.write([other.seal_line(decision(0)).line])
+        await subject.sink.close()
+    elif isinstance(subject.sink, FileSink):
+        await subject.sink.start("r2")
+        await subject.sink.write([other.seal_line(decision(0)).line])
+        await subject.sink.close()
+    resumed = await subject.sink.start("r1")
+    await subject.sink.close()
+    if subject.readable:
+        assert resumed.last is not None
+        assert (resumed.last["seq"], resumed.last["hash"]) == (4, chain.head)
+    else:
+        assert resumed.last is None
+
+
+async def test_a_trail_writes_the_stream(
+    redis_url: str, key_file: Path, signing_key: Ed25519PrivateKey, tmp_path: Path
+) -> None:
+    settings = AuditSettings(
+        redis_stream="agentproxy:audit",
+        redis=RedisSettings(url=redis_url),
+        signing_key_file=key_file,
+        checkpoint_every=10,
+        replica="pod-a",
+    )
+    for start in (0, 20):  # a restart continues the chain from the stream's head
+        trail = AuditTrail(settings)
+        await trail.start()
+        await asyncio.gather(*(trail.submit(decision(n)) for n in range(start, start + 20)))
+        await trail.close()
+    streamed = xrange_lines(redis_url, "agentproxy:audit")
+    assert [orjson.loads(line)["seq"] for line in streamed] == list(range(len(streamed)))
+    exported = tmp_path / "stream.jsonl"
+    exported.write_bytes(b"".join(line + b"\n" for line in streamed))
+    report = verify([exported], signing_key.public_key())
+    assert report.ok and report.notes == [], (report.problems, report.notes)
+    assert report.chains == {"pod-a": len(streamed) - 1}
+
+
+async def test_a_stream_that_joins_late_gets_a_gap_record(
+    redis_url: str, log_path: Path, tmp_path: Path
+) -> None:
+    file_only = AuditSettings(file=log_path, replica="pod-a")
+    trail = AuditTrail(file_only)
+    await trail.start()
+    await trail.submit(decision(0))
+    await trail.close()
+    both = AuditSettings(
+        file=log_path, redis_stream="s", redis=RedisSettings(url=redis_url), replica="pod-a"
+    )
+    trail = AuditTrail(both)
+    await trail.start()
+    await trail.submit(decision(1))
+    await trail.close()
+    exported = tmp_path / "stream.jsonl"
+    exported.write_bytes(b"".join(line + b"\n" for line in xrange_lines(redis_url, "s")))
+    report = verify([exported], None)
+    assert report.ok, report.problems
+    assert report.notes[0].startswith(
+        "stream.jsonl:1: records 0..0 were not written to every sink, as the writer recorded: "
+        "redis:s: it held the chain only up to seq -1"
+    )
+    assert verify([log_path], None).ok
+
+
+async def test_redis_failures_are_bounded_and_never_show_the_password(
+    make_redis_server: MakeRedisServer, log_path: Path
+) -> None:
+    password = "pw-Sup3r-s3cret"
+    server = make_redis_server(password=password)
+    settings = AuditSettings(
+        file=log_path,
+        redis_stream="s",
+        redis=RedisSettings(url=server.url, timeout=0.05),
+        replica="pod-a",
+    )
+    trail = AuditTrail(settings)
+    await trail.start()
+    await trail.submit(decision(0))
+    server.freeze()
+    try:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        with pytest.raises(AuditError) as caught:
+            await trail.submit(decision(1))
+        assert loop.time() - started < 5
+        assert "Timeout" in str(caught.value) and password not in str(caught.value)
+        assert "***@127.0.0.1" in str(caught.value)
+    finally:
+        server.thaw()
+    await asyncio.to_thread(server.stop)
+    with pytest.raises(AuditError) as caught:
+        await trail.submit(decision(2))
+    assert password not in str(caught.value)
+    assert trail.dropped == 2
+    with pytest.raises(AuditError) as caught:
+        await trail.close()  # the gap record cannot reach the stream either
+    assert password not in str(caught.value)
+    with pytest.raises(AuditError) as caught:
+        await AuditTrail(settings).start()
+    assert password not in str(caught.value) and "audit redis start failed" in str(caught.value)
+
+
+def test_a_bad_redis_url_is_refused_without_its_password() -> None:
+    with pytest.raises(AuditError) as caught:
+        RedisStreamSink("s", RedisSettings(url="bogus://:pw-secret-1@host:1/0"))
+    assert "pw-secret-1" not in str(caught.value)
