@@ -16,6 +16,7 @@ import pytest
 
 from agentproxy.config.model import RedisSettings
 from agentproxy.store import (
+    ApprovalGrant,
     LimitExceeded,
     MemoryStore,
     Reservation,
@@ -224,3 +225,30 @@ async def test_task_history_expires_ttl_after_the_last_call(store: Store) -> Non
     assert await store.task_history("t", time.time()) == TaskHistory(frozenset({"pii"}), 2, 2.0)
     await asyncio.sleep(ttl + 0.05)
     assert await store.task_history("t", time.time()) == TaskHistory()
+
+
+async def test_a_one_use_grant_lets_exactly_one_of_many_through(store: Store) -> None:
+    now = 1_000.0
+    await store.put_grant(ApprovalGrant("fp-1", "ap-1", expires=now + 60, approver="carol"), now)
+    got = await asyncio.gather(*(store.use_grant("fp-1", now) for _ in range(50)))
+    used = [g for g in got if g is not None]
+    assert len(used) == 1
+    assert (used[0].approval_id, used[0].approver, used[0].uses) == ("ap-1", "carol", 1)
+    assert await store.use_grant("fp-1", now) is None
+
+
+async def test_a_ttl_grant_serves_until_it_expires(store: Store) -> None:
+    now = 1_000.0
+    await store.put_grant(ApprovalGrant("fp-2", "ap-2", expires=now + 60, uses=None), now)
+    for _ in range(5):
+        grant = await store.use_grant("fp-2", now + 30)
+        assert grant is not None and grant.uses is None
+    assert await store.use_grant("fp-2", now + 60) is None
+    assert await store.use_grant("fp-other", now) is None
+
+
+async def test_a_counted_grant_runs_out(store: Store) -> None:
+    now = 1_000.0
+    await store.put_grant(ApprovalGrant("fp-3", "ap-3", expires=now + 60, uses=3), now)
+    left = [await store.use_grant("fp-3", now) for _ in range(4)]
+    assert [g.uses if g else None for g in left] == [3, 2, 1, None]

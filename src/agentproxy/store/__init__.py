@@ -1,6 +1,7 @@
 """The decision store: `MemoryStore` (embedded default) and `RedisStore` (a fleet)."""
 
 from agentproxy.store.base import (
+    ApprovalGrant,
     LimitExceeded,
     Reservation,
     Revocation,
@@ -11,6 +12,7 @@ from agentproxy.store.base import (
 from agentproxy.store.memory import MemoryStore
 
 __all__ = [
+    "ApprovalGrant",
     "LimitExceeded",
     "MemoryStore",
     "Reservation",

@@ -16,6 +16,7 @@ from typing import Literal, Protocol
 from agentproxy.core import Reservation
 
 __all__ = [
+    "ApprovalGrant",
     "LimitExceeded",
     "Reservation",
     "Revocation",
@@ -72,6 +73,24 @@ class TaskHistory:
     spent: float = 0.0
 
 
+@dataclass(frozen=True, slots=True)
+class ApprovalGrant:
+    """Permission, given by an approver, for calls whose fingerprint (a hash of principal,
+    action and arguments) matches: `uses` calls (None: any number) until `expires`."""
+
+    fingerprint: str
+    approval_id: str
+    expires: float
+    uses: int | None = 1
+    approver: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.fingerprint or not self.approval_id:
+            raise ValueError("a grant needs a fingerprint and an approval id")
+        if self.uses is not None and self.uses < 1:
+            raise ValueError("a grant allows at least one call")
+
+
 def window_start(now: float, window: float) -> float:
     return math.floor(now / window) * window
 
@@ -102,6 +121,14 @@ class Store(Protocol):
     async def release(self, reservations: Iterable[Reservation], now: float) -> None:
         """Gives back reservations taken in the window that contains `now` (a call that was
         refused after its reservation, or settled for less). Raises StoreError."""
+
+    async def put_grant(self, grant: ApprovalGrant, now: float) -> None:
+        """Stores (or replaces) the grant for its fingerprint. Raises StoreError."""
+
+    async def use_grant(self, fingerprint: str, now: float) -> ApprovalGrant | None:
+        """Atomically uses the grant for `fingerprint` once: the grant as it was, or None if
+        there is none, it expired, or its uses are spent (so of N concurrent callers of a
+        one-use grant exactly one gets it). Raises StoreError."""
 
     async def task_history(self, task: str, now: float) -> TaskHistory:
         """The history of `task` at `now` (empty if unknown or expired). Raises StoreError."""

@@ -8,9 +8,10 @@ exactly 100 through). State lives as long as the process.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from agentproxy.store.base import (
+    ApprovalGrant,
     LimitExceeded,
     Reservation,
     Revocation,
@@ -36,6 +37,7 @@ class MemoryStore:
         self._revocations: dict[tuple[str, str], Revocation] = {}
         self._counters: dict[tuple[str, float], tuple[float, float]] = {}  # → (used, expires)
         self._tasks: dict[str, _Task] = {}
+        self._grants: dict[str, ApprovalGrant] = {}
 
     async def start(self) -> None:
         return None
@@ -74,6 +76,23 @@ class MemoryStore:
             if slot in self._counters:
                 used, expires = self._counters[slot]
                 self._counters[slot] = (max(0.0, used - r.amount), expires)
+
+    async def put_grant(self, grant: ApprovalGrant, now: float) -> None:
+        if len(self._grants) >= MAX_COUNTERS:
+            self._grants = {k: g for k, g in self._grants.items() if g.expires > now}
+        self._grants[grant.fingerprint] = grant
+
+    async def use_grant(self, fingerprint: str, now: float) -> ApprovalGrant | None:
+        grant = self._grants.get(fingerprint)
+        if grant is None or grant.expires <= now:
+            self._grants.pop(fingerprint, None)
+            return None
+        if grant.uses is not None:
+            if grant.uses <= 1:
+                del self._grants[fingerprint]
+            else:
+                self._grants[fingerprint] = replace(grant, uses=grant.uses - 1)
+        return grant
 
     async def task_history(self, task: str, now: float) -> TaskHistory:
         entry = self._tasks.get(task)

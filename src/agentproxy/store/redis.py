@@ -63,6 +63,7 @@ from redis.typing import EncodableT, FieldT
 
 from agentproxy.config.model import RedisSettings, redact_url
 from agentproxy.store.base import (
+    ApprovalGrant,
     LimitExceeded,
     Reservation,
     Revocation,
@@ -137,6 +138,29 @@ end
 return 0
 """
 
+# KEYS[1]: the grant hash. ARGV[1]: now (seconds). Returns the grant's JSON as it was before
+# this use, or false. A one-use grant is deleted by the use that takes it, in the same script,
+# so of N concurrent callers exactly one gets it.
+_USE_GRANT = """
+local grant = redis.call('GET', KEYS[1])
+if not grant then return false end
+local g = cjson.decode(grant)
+if tonumber(g['expires']) <= tonumber(ARGV[1]) then
+  redis.call('DEL', KEYS[1])
+  return false
+end
+if g['uses'] ~= cjson.null then
+  if tonumber(g['uses']) <= 1 then
+    redis.call('DEL', KEYS[1])
+  else
+    local left = cjson.decode(grant)
+    left['uses'] = tonumber(g['uses']) - 1
+    redis.call('SET', KEYS[1], cjson.encode(left), 'KEEPTTL')
+  end
+end
+return grant
+"""
+
 _RevocationKey = tuple[str, str]
 
 
@@ -175,6 +199,7 @@ class RedisStore:
         self._release = self._redis.register_script(_RELEASE)
         self._reapply = self._redis.register_script(_REAPPLY)
         self._prune = self._redis.register_script(_PRUNE)
+        self._use_grant = self._redis.register_script(_USE_GRANT)
         self._revocations_key = f"{self._prefix}revocations"
         self._epoch_key = f"{self._prefix}epoch"
         self._epoch: str | None = None
@@ -281,6 +306,43 @@ class RedisStore:
         args = [repr(-float(r.amount)) for r in given]
         async with self._bounded("release"):
             await self._release(keys=keys, args=args)
+
+    async def put_grant(self, grant: ApprovalGrant, now: float) -> None:
+        """Stores the grant under `grant:<fingerprint>`, expiring with it. Raises StoreError."""
+        ttl_ms = max(1, math.ceil((grant.expires - now) * 1000))
+        body = orjson.dumps(
+            {
+                "fingerprint": grant.fingerprint,
+                "approval_id": grant.approval_id,
+                "expires": grant.expires,
+                "uses": grant.uses,
+                "approver": grant.approver,
+            }
+        )
+        async with self._bounded("put_grant"):
+            await self._redis.set(self._grant_key(grant.fingerprint), body, px=ttl_ms)
+
+    async def use_grant(self, fingerprint: str, now: float) -> ApprovalGrant | None:
+        """Uses the grant once, atomically (one Lua script). Raises StoreError."""
+        async with self._bounded("use_grant"):
+            raw = await self._use_grant(keys=[self._grant_key(fingerprint)], args=[repr(now)])
+        if not raw:
+            return None
+        try:
+            data = orjson.loads(raw)
+            return ApprovalGrant(
+                fingerprint=str(data["fingerprint"]),
+                approval_id=str(data["approval_id"]),
+                expires=float(data["expires"]),
+                uses=None if data["uses"] is None else int(data["uses"]),
+                approver=str(data.get("approver", "")),
+            )
+        except (ValueError, KeyError, TypeError) as exc:
+            # Fail closed: a grant that cannot be read grants nothing.
+            raise StoreError(f"unreadable grant for {fingerprint[:16]}…: {exc}") from None
+
+    def _grant_key(self, fingerprint: str) -> str:
+        return f"{self._prefix}grant:{fingerprint}"
 
     async def task_history(self, task: str, now: float) -> TaskHistory:
         """The history of `task` (empty if unknown or expired). `now` is unused: the key's TTL
