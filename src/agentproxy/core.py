@@ -184,5 +184,9 @@ class Call:
     bytes_out: int = 0
     memo_hit: bool = False
     audited: bool = False
+    # An MCP JSON-RPC batch: the actions after `action`, and which one was refused.
+    batch: tuple[Action, ...] = ()
+    refused_at: int | None = None
+    session: str | None = None
     store_error: str | None = None
     reservations: tuple[Reservation, ...] = ()

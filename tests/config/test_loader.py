@@ -146,10 +146,12 @@ def test_missing_files_and_empty_globs(tmp_path: Path) -> None:
 
 
 def test_future_protocols_and_effects_are_refused_not_ignored(tmp_path: Path) -> None:
-    main = MAIN.replace("    timeout: 5s\n", "    timeout: 5s\n    protocol: mcp\n")
+    main = MAIN.replace("    timeout: 5s\n", "    timeout: 5s\n    protocol: grpc\n")
     assert any(
-        'protocol "mcp" is not available' in line for line in problems(write(tmp_path, main))
+        'protocol "grpc" is not available' in line for line in problems(write(tmp_path, main))
     )
+    main = MAIN.replace("    timeout: 5s\n", "    timeout: 5s\n    pin_tools: enforce\n")
+    assert any("applies to protocol: mcp only" in line for line in problems(write(tmp_path, main)))
 
 
 def test_policy_test_files_are_not_policies(tmp_path: Path) -> None:

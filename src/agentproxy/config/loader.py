@@ -56,7 +56,7 @@ ASYMMETRIC_ALGORITHMS = frozenset(
     {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"}
 )
 HMAC_ALGORITHMS = frozenset({"HS256", "HS384", "HS512"})
-SUPPORTED_PROTOCOLS = ("http",)
+SUPPORTED_PROTOCOLS = ("http", "mcp")
 _NAME = re.compile(r"[a-z0-9][a-z0-9_.-]{0,62}")
 _RULE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}")
 _HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
@@ -195,7 +195,17 @@ class _Loader:
 
     def upstream(self, value: Any, path: str) -> Upstream | None:
         doc = self.doc
-        keys = ("name", "url", "protocol", "match", "timeout", "credentials", "max_body_bytes")
+        keys = (
+            "name",
+            "url",
+            "protocol",
+            "match",
+            "timeout",
+            "credentials",
+            "max_body_bytes",
+            "pin_tools",
+            "tool_errors",
+        )
         section = doc.mapping(value, path, keys)
         name = doc.get(section, path, "name", str, required=True) or ""
         doc.check(
@@ -219,7 +229,7 @@ class _Loader:
         doc.check(
             protocol in SUPPORTED_PROTOCOLS,
             f"{path}.protocol",
-            f'protocol "{protocol}" is not available in this version (supported: http)',
+            f'protocol "{protocol}" is not available in this version (supported: http, mcp)',
         )
         match = doc.mapping(section.get("match"), f"{path}.match", ("path_prefix",))
         prefix = doc.get(match, f"{path}.match", "path_prefix", str)
@@ -249,7 +259,17 @@ class _Loader:
         doc.check(max_body > 0, f"{path}.max_body_bytes", "must be a positive number of bytes")
         timeout = doc.duration(section, path, "timeout", 30.0)
         doc.check(timeout > 0, f"{path}.timeout", "must be more than 0")
+        pin_tools = doc.choice(section, path, "pin_tools", ["off", "report", "enforce"], "report")
+        tool_errors = doc.choice(section, path, "tool_errors", ["jsonrpc", "result"], "jsonrpc")
+        for key in ("pin_tools", "tool_errors"):
+            doc.check(
+                key not in section or protocol == "mcp",
+                f"{path}.{key}",
+                "applies to protocol: mcp only",
+            )
         return Upstream(
+            pin_tools=pin_tools,  # type: ignore[arg-type]
+            tool_errors=tool_errors,  # type: ignore[arg-type]
             name=name,
             url=url.rstrip("/"),
             protocol=protocol,  # type: ignore[arg-type]

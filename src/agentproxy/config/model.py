@@ -74,6 +74,10 @@ class Upstream:
     timeout: float = 30.0
     credentials: Credentials | None = None
     max_body_bytes: int = 64 * 1024 * 1024
+    # MCP only: tool pinning (off | report | enforce) and how a refused tools/call is
+    # answered (a JSON-RPC error, or a CallToolResult with isError the model can read).
+    pin_tools: Literal["off", "report", "enforce"] = "report"
+    tool_errors: Literal["jsonrpc", "result"] = "jsonrpc"
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,6 +154,7 @@ class RuleSpec:
     limits: tuple[LimitSpec, ...] = ()
     cost: CostSpec | None = None
     label_task: tuple[str, ...] = ()
+    builtin: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,6 +1,13 @@
 """Policy: the rule compiler, CEL conditions, the action index and `decide()`."""
 
 from agentproxy.policy.compiler import PolicySet, compile_policy, policy_issues
-from agentproxy.policy.decide import TraceStep, decide
+from agentproxy.policy.decide import TraceStep, could_allow, decide
 
-__all__ = ["PolicySet", "TraceStep", "compile_policy", "decide", "policy_issues"]
+__all__ = [
+    "PolicySet",
+    "TraceStep",
+    "compile_policy",
+    "could_allow",
+    "decide",
+    "policy_issues",
+]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from cel_expr_python import cel
@@ -91,6 +91,7 @@ class Rule:
     # decision for a principal and action cannot be reused for the next call.
     memoizable: bool = True
     reads_task: bool = False
+    builtin: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,16 +111,20 @@ class PolicySet:
         raise KeyError(rule_id)
 
 
-def compile_policy(files: Iterable[PolicyFile]) -> PolicySet:
-    """Raises ConfigError listing every rule that does not compile."""
+def compile_policy(files: Iterable[PolicyFile], builtin: Sequence[RuleSpec] = ()) -> PolicySet:
+    """Raises ConfigError listing every rule that does not compile.
+
+    `builtin` rules (e.g. the MCP baseline) come after the files' rules; the files' deny
+    rules override them like any other allow.
+    """
     files = tuple(files)
     issues: list[Issue] = []
     rules: list[Rule] = []
-    for policy in files:
-        for spec in policy.rules:
-            rule = _compile_rule(spec, issues)
-            if rule is not None:
-                rules.append(rule)
+    specs = [spec for policy in files for spec in policy.rules] + list(builtin)
+    for spec in specs:
+        rule = _compile_rule(spec, issues)
+        if rule is not None:
+            rules.append(rule)
     if issues:
         raise ConfigError(issues)
     index: PatternIndex[tuple[Rule, ActionPattern]] = PatternIndex()
@@ -129,6 +134,8 @@ def compile_policy(files: Iterable[PolicyFile]) -> PolicySet:
     digest = hashlib.sha256()
     for policy in files:
         digest.update(policy.path.encode() + b"\0" + policy.source_digest.encode() + b"\0")
+    for spec in builtin:
+        digest.update(repr((spec.id, spec.actions, spec.effect.value)).encode())
     return PolicySet(
         version=digest.hexdigest()[:12],
         rules=tuple(rules),
@@ -249,6 +256,7 @@ def _compile_rule(spec: RuleSpec, issues: list[Issue]) -> Rule | None:
         label_task=spec.label_task,
         memoizable=not reads & {"args", "now", "task", "request"},
         reads_task="task" in reads,
+        builtin=spec.builtin,
     )
 
 

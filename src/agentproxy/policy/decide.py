@@ -138,6 +138,26 @@ def decide(
     return decision
 
 
+def could_allow(policy: PolicySet, action: str, principal: Principal) -> bool:
+    """Whether any call of `action` by this principal could ever be allowed: an enforced
+    allow rule matches it (its condition aside), and no unconditional deny does.
+
+    Used to hide what an agent can never use (MCP `tools/list`); the call itself is still
+    decided in full when it comes.
+    """
+    allowed = False
+    for rule, pattern in policy.index.candidates(action):
+        if rule.mode is Mode.SHADOW or pattern.match(action) is None:
+            continue
+        if not rule.principals.matches(principal):
+            continue
+        if rule.effect is Effect.DENY and rule.condition is None:
+            return False
+        if rule.effect is not Effect.DENY:
+            allowed = True
+    return allowed
+
+
 def strongest(matches: list[_Match]) -> _Match | None:
     """Deny > require_approval > allow; among equals, the rule written first wins."""
     best: _Match | None = None

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from agentproxy.config.loader import read_policy_file
+from agentproxy.config.model import RuleSpec
 from agentproxy.config.yamldoc import ConfigError, Document, Issue
 from agentproxy.core import Action, Effect, Facts, Principal
 from agentproxy.errors import Refusal
@@ -75,7 +76,7 @@ class Report:
         return [r for r in self.results if not r.passed]
 
 
-def run_dir(directory: Path, describe: DescribeRequest) -> Report:
+def run_dir(directory: Path, describe: DescribeRequest, builtin: Sequence[RuleSpec] = ()) -> Report:
     """Runs every suite under `directory` against the policies beside them.
 
     Raises ConfigError for policies or suites that do not load.
@@ -89,7 +90,7 @@ def run_dir(directory: Path, describe: DescribeRequest) -> Report:
     policy_files = [read_policy_file(p, issues) for p in policies]
     if issues:
         raise ConfigError(issues)
-    policy = compile_policy(policy_files)
+    policy = compile_policy(policy_files, builtin)
     cases = [case for suite in suites for case in read_suite(suite, issues, describe)]
     if issues:
         raise ConfigError(issues)
@@ -104,7 +105,7 @@ def run(policy: PolicySet, cases: Iterable[Case]) -> Report:
         decision = decide(policy, case.action, case.principal, case.facts, case.now, trace)
         exercised.update(step.rule for step in trace if step.outcome.startswith("matched"))
         report.results.append(Result(case, decision.effect, decision.rule_id, trace))
-    report.uncovered = [r.id for r in policy.rules if r.id not in exercised]
+    report.uncovered = [r.id for r in policy.rules if r.id not in exercised and not r.builtin]
     return report
 
 

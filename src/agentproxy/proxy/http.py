@@ -144,6 +144,9 @@ class HttpExchange:
     def responded(self) -> bool:
         return self._responded
 
+    async def describe(self, call: Call) -> None:
+        """Plain HTTP is fully described by its request line."""
+
     async def refuse(self, call: Call) -> None:
         refusal = call.refusal
         if refusal is None:

@@ -21,7 +21,7 @@ from agentproxy.audit.decision_log import DecisionLog
 from agentproxy.audit.records import decision_record, outcome_record
 from agentproxy.audit.sinks import AuditError
 from agentproxy.audit.trail import AuditTrail
-from agentproxy.core import Call, Effect, Facts, Mode
+from agentproxy.core import Call, Decision, Effect, Facts, Mode
 from agentproxy.errors import (
     Denied,
     InternalError,
@@ -44,7 +44,7 @@ log = logging.getLogger("agentproxy.pipeline")
 # How long a call waits for its decision record when `audit.required` (then 503).
 AUDIT_WAIT = 2.0
 
-Stage = Callable[[Call], Awaitable[None]]
+Stage = Callable[[Call, "Exchange"], Awaitable[None]]
 
 
 class Exchange(Protocol):
@@ -53,6 +53,11 @@ class Exchange(Protocol):
     @property
     def responded(self) -> bool:
         """True once anything was sent to the caller (a refusal can no longer be rendered)."""
+
+    async def describe(self, call: Call) -> None:
+        """Completes `call.action` from what only an authenticated caller may make the proxy
+        read (an MCP body: the JSON-RPC message names the tool); a no-op for plain HTTP.
+        Raises Refusal for a body that cannot be described unambiguously."""
 
     async def forward(self, call: Call) -> None:
         """Sends the call upstream and streams the answer back. Raises Refusal before responding."""
@@ -85,6 +90,7 @@ class Pipeline:
         self.memo = DecisionMemo()
         self.before_forward: tuple[Stage, ...] = (
             self.identify,
+            self.describe,
             self.decide,
             self.take_limits,
             self.audit_decision,
@@ -97,7 +103,7 @@ class Pipeline:
                 # A call the adapter could not describe arrives already refused.
                 if call.refusal is None:
                     for stage in self.before_forward:
-                        await stage(call)
+                        await stage(call, exchange)
                         if call.refusal is not None:
                             break
                     else:
@@ -120,7 +126,7 @@ class Pipeline:
                 await self.release(call)
             self.record(call)
 
-    async def identify(self, call: Call) -> None:
+    async def identify(self, call: Call, _: Exchange) -> None:
         """Verifies the bearer token, checks the deny list and settles the task id.
 
         The task comes from the token's task claim; only if it has none, from the agent's own
@@ -146,34 +152,51 @@ class Pipeline:
             )
         call.decision_seconds = time.perf_counter() - started
 
-    async def decide(self, call: Call) -> None:
+    async def describe(self, call: Call, exchange: Exchange) -> None:
+        await exchange.describe(call)
+
+    async def decide(self, call: Call, _: Exchange) -> None:
+        """Decides the call's action, and every other action of a batch (an MCP JSON-RPC
+        batch): a batch is forwarded only if every message in it is allowed."""
         principal = call.principal
         if principal is None or call.bearer is None:
             raise MissingCredential()
         started = time.perf_counter()
-        policy = self.runtime.policy
-        key = memo_key(call.bearer, call.action)
-        decision = self.memo.get(key)
-        if decision is not None:
-            call.memo_hit = True
-            self.metrics.decision_cache.labels("hit").inc()
-        else:
-            self.metrics.decision_cache.labels("miss").inc()
-            facts = Facts(task_id=call.task)
-            if policy.reads_task and call.task is not None:
-                facts = await self._task_facts(call, call.task)
-            decision = decide(policy, call.action, principal, facts, call.now)
-            if decision.memoizable:
-                self.memo.put(key, decision)
-        call.decision = decision
+        facts: Facts | None = None
+        decisions: list[Decision] = []
+        hits = 0
+        for action in (call.action, *call.batch):
+            key = memo_key(call.bearer, action)
+            decision = self.memo.get(key)
+            if decision is not None:
+                hits += 1
+                self.metrics.decision_cache.labels("hit").inc()
+            else:
+                self.metrics.decision_cache.labels("miss").inc()
+                if facts is None:
+                    facts = await self._facts(call)
+                decision = decide(self.runtime.policy, action, principal, facts, call.now)
+                if decision.memoizable:
+                    self.memo.put(key, decision)
+            decisions.append(decision)
+        call.memo_hit = hits == len(decisions)
+        refused = next((i for i, d in enumerate(decisions) if d.effect is not Effect.ALLOW), None)
+        call.refused_at = refused
+        call.decision = decisions[refused if refused is not None else 0]
         call.enforced = self.runtime.config.mode is Mode.ENFORCE
         call.decision_seconds = (call.decision_seconds or 0.0) + time.perf_counter() - started
         if call.store_error is not None:
             self._degraded(call)
+        decision = call.decision
         if decision.effect is not Effect.ALLOW and call.enforced:
             call.refusal = Denied(decision.reason, rule=decision.rule_id)
 
-    async def take_limits(self, call: Call) -> None:
+    async def _facts(self, call: Call) -> Facts:
+        if self.runtime.policy.reads_task and call.task is not None:
+            return await self._task_facts(call, call.task)
+        return Facts(task_id=call.task)
+
+    async def take_limits(self, call: Call, _: Exchange) -> None:
         """Reserves every limit of the allowing rule atomically, or refuses with 429."""
         decision = call.decision
         if decision is None or decision.effect is not Effect.ALLOW or decision.rule_id is None:
@@ -210,7 +233,7 @@ class Pipeline:
         else:
             call.error = f"shadow: {refusal.detail}"
 
-    async def audit_decision(self, call: Call) -> None:
+    async def audit_decision(self, call: Call, _: Exchange) -> None:
         """The decision's record, before anything is forwarded. With `audit.required` it is
         awaited, and a record that cannot be written refuses the call (503), as secret
         managers treat their audit devices; otherwise a loss is counted and logged."""
