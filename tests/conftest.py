@@ -79,7 +79,7 @@ class Upstream:
     events: dict[str, asyncio.Event] = field(default_factory=dict)
 
 
-async def _start(app: web.Application) -> tuple[web.AppRunner, int]:
+async def start_app(app: web.Application) -> tuple[web.AppRunner, int]:
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
@@ -168,7 +168,7 @@ async def upstream() -> AsyncIterator[Upstream]:
     app.router.add_route("*", "/cut", cut)
     app.router.add_route("*", "/cookie", cookie)
     app.router.add_route("*", "/{tail:.*}", echo)
-    runner, port = await _start(app)
+    runner, port = await start_app(app)
     state.url = f"http://127.0.0.1:{port}"
     try:
         yield state

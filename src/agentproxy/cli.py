@@ -101,6 +101,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     audit_hash.add_argument("--key", type=Path, required=True, help="audit.hmac_key_file")
     audit_hash.add_argument("value", help="the value, as JSON if it parses as JSON, else a string")
 
+    tools = commands.add_parser("tools", help="MCP tool pinning")
+    tools_commands = tools.add_subparsers(dest="tools_command", required=True)
+    accept = tools_commands.add_parser("accept", help="accept a changed tool's new definition")
+    accept.add_argument("--admin", required=True, help="admin URL, e.g. http://127.0.0.1:9901")
+    accept.add_argument("--token", required=True, help="an operator's bearer token")
+    accept.add_argument("--upstream", required=True)
+    accept.add_argument("--tool", required=True)
+
     args = parser.parse_args(argv)
     if args.command == "run":
         if args.workers > 1:
@@ -116,6 +124,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _policy_test(args.dir, args.verbose)
     if args.command == "audit":
         return _audit(args)
+    if args.command == "tools":
+        return asyncio.run(_tools_accept(args))
     return _token(args)
 
 
@@ -342,7 +352,7 @@ def _policy_test(directory: Path, verbose: bool) -> int:
         print(f"{directory} is not a directory", file=sys.stderr)
         return 1
     try:
-        report = run_dir(directory, describe_request)
+        report = run_dir(directory, describe_request, runtime_module.builtin_rules())
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return 1
@@ -417,6 +427,28 @@ def _audit(args: argparse.Namespace) -> int:
     except orjson.JSONDecodeError:
         value = args.value
     print(hmac_value(key, value))
+    return 0
+
+
+async def _tools_accept(args: argparse.Namespace) -> int:
+    import aiohttp
+
+    url = args.admin.rstrip("/") + "/v1/tools/accept"
+    body = {"upstream": args.upstream, "tool": args.tool}
+    headers = {"Authorization": f"Bearer {args.token}"}
+    try:
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(url, json=body, headers=headers) as response,
+        ):
+            text = await response.text()
+            if response.status != 200:
+                print(f"not accepted ({response.status}): {text}", file=sys.stderr)
+                return 1
+    except aiohttp.ClientError as exc:
+        print(f"cannot reach {url}: {exc}", file=sys.stderr)
+        return 1
+    print(text)
     return 0
 
 

@@ -35,6 +35,9 @@ class AdminBackend(Protocol):
     async def explain(self, token: str, request: str, task: str | None) -> dict[str, Any]:
         """Raises Refusal (the token or request would be refused) or StoreError."""
 
+    async def accept_tool(self, upstream: str, tool: str) -> str | None:
+        """Pins a changed MCP tool's new definition; its fingerprint, or None if unchanged."""
+
 
 def admin_app(backend: AdminBackend) -> web.Application:
     """Probes need no token (Kubernetes sends none); writes need an operator's bearer JWT."""
@@ -78,6 +81,25 @@ def admin_app(backend: AdminBackend) -> web.Application:
             return web.json_response({"error": "the decision store is unavailable"}, status=503)
         return web.json_response(result)
 
+    async def accept_tool(request: web.Request) -> web.Response:
+        try:
+            operator = await _operator(request)
+            data = _json_object(await request.read(), {"upstream", "tool"})
+            upstream, tool = data.get("upstream"), data.get("tool")
+            if not isinstance(upstream, str) or not isinstance(tool, str):
+                raise BadRevocation('send {"upstream": "…", "tool": "…"}')
+        except Refusal as refusal:
+            return _problem(refusal)
+        fingerprint = await backend.accept_tool(upstream, tool)
+        if fingerprint is None:
+            return web.json_response(
+                {"error": f"tool {tool!r} of upstream {upstream!r} has no unaccepted change"},
+                status=404,
+            )
+        return web.json_response(
+            {"upstream": upstream, "tool": tool, "fingerprint": fingerprint, "by": operator.agent}
+        )
+
     async def _operator(request: web.Request) -> Principal:
         token = bearer_token(request.headers.get("Authorization"))
         if token is None:
@@ -91,6 +113,7 @@ def admin_app(backend: AdminBackend) -> web.Application:
     app.router.add_get("/.well-known/jwks.json", jwks_json)
     app.router.add_post("/v1/revocations", revocations)
     app.router.add_post("/v1/explain", explain)
+    app.router.add_post("/v1/tools/accept", accept_tool)
     return app
 
 

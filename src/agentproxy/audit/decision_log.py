@@ -76,6 +76,7 @@ def entry(call: Call, latency: float, now: float) -> dict[str, Any]:
         "user": p.acting_for if p else None,
         "chain": list(p.chain) if p and p.chain else None,
         "task": call.task,
+        "session": call.session,
         "action": call.action.name,
         "upstream": call.upstream,
         "effect": d.effect.value if d else None,

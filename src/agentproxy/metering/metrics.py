@@ -130,6 +130,12 @@ class Metrics:
             ["op"],
             registry=r,
         )
+        self.tool_changes = Counter(
+            "agentproxy_tool_changes",
+            "MCP tool definitions seen changed since they were pinned.",
+            ["upstream", "tool"],
+            registry=r,
+        )
         self.audit_dropped = Counter(
             "agentproxy_audit_dropped",
             "Audit records that did not reach every sink.",

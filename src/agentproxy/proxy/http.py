@@ -10,6 +10,7 @@ import logging
 import os
 import time
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
 
 import aiohttp
 from aiohttp import web
@@ -35,6 +36,7 @@ from agentproxy.protocols.http import (
     response_headers_to_return,
 )
 from agentproxy.proxy.context import context_headers
+from agentproxy.proxy.pins import ToolPins
 from agentproxy.proxy.pipeline import Pipeline
 from agentproxy.proxy.runtime import Runtime
 
@@ -44,6 +46,14 @@ CHUNK = 64 * 1024
 UNPARSED = Action("http", "?", "<unparsed>")
 # Set by the proxy (context) or by the exchange itself; an inbound copy never passes.
 _ALWAYS_STRIPPED = frozenset({"traceparent", "tracestate", "expect"})
+
+
+@dataclass(slots=True)
+class McpState:
+    """What MCP exchanges share across calls and reloads: tool pins, and how to count."""
+
+    pins: ToolPins = field(default_factory=ToolPins)
+    on_tool_change: Callable[[str, str], None] | None = None
 
 
 class UpstreamSessions:
@@ -74,9 +84,15 @@ class UpstreamSessions:
 
 
 class HttpDataPlane:
-    def __init__(self, current: Callable[[], Pipeline], sessions: UpstreamSessions) -> None:
+    def __init__(
+        self,
+        current: Callable[[], Pipeline],
+        sessions: UpstreamSessions,
+        mcp: McpState | None = None,
+    ) -> None:
         self._current = current
         self._sessions = sessions
+        self._mcp = mcp or McpState()
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         started = time.perf_counter()
@@ -115,7 +131,17 @@ class HttpDataPlane:
             declared_task=declared,
         )
         call.refusal = refusal
-        exchange = HttpExchange(request, runtime, upstream, raw_query, self._sessions)
+        exchange: HttpExchange
+        if upstream is not None and upstream.protocol == "mcp":
+            from agentproxy.proxy.mcp import McpExchange
+
+            exchange = McpExchange(
+                request, runtime, upstream, action.target, raw_query, self._sessions, self._mcp
+            )
+        else:
+            exchange = HttpExchange(
+                request, runtime, upstream, action.target, raw_query, self._sessions
+            )
         await pipeline.run(call, exchange)
         return exchange.response
 
@@ -128,6 +154,7 @@ class HttpExchange:
         request: web.BaseRequest,
         runtime: Runtime,
         upstream: Upstream | None,
+        path: str,
         raw_query: str,
         sessions: UpstreamSessions,
     ) -> None:
@@ -135,6 +162,9 @@ class HttpExchange:
         self.runtime = runtime
         self.upstream = upstream
         self.raw_query = raw_query
+        # The normalized path the HTTP adapter described: what is forwarded, whatever action
+        # a protocol adapter later names (an MCP tool) for policy.
+        self.path = path
         self.sessions = sessions
         self.response: web.StreamResponse = web.Response(status=500)
         self._responded = False
@@ -187,7 +217,7 @@ class HttpExchange:
             await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
             request.writer.output_size = 0
         headers = self._upstream_headers(call, upstream)
-        url = upstream.url + call.action.target + ("?" + self.raw_query if self.raw_query else "")
+        url = upstream.url + self.path + ("?" + self.raw_query if self.raw_query else "")
         timeout = aiohttp.ClientTimeout(
             total=None, sock_connect=upstream.timeout, sock_read=upstream.timeout
         )
@@ -198,7 +228,7 @@ class HttpExchange:
                 request.method,
                 URL(url, encoded=True),  # already normalized: re-encoding would change it
                 headers=headers,
-                data=self._body(call, upstream.max_body_bytes) if request.body_exists else None,
+                data=self._request_data(call, upstream),
                 allow_redirects=False,
                 timeout=timeout,
             )
@@ -244,6 +274,12 @@ class HttpExchange:
         if creds is not None:
             headers.append((creds.header, creds.prefix + creds.value.value.decode("latin-1")))
         return headers
+
+    def _request_data(self, call: Call, upstream: Upstream) -> AsyncIterator[bytes] | bytes | None:
+        """What is sent upstream as the body: the caller's, streamed."""
+        if not self.request.body_exists:
+            return None
+        return self._body(call, upstream.max_body_bytes)
 
     async def _body(self, call: Call, limit: int) -> AsyncIterator[bytes]:
         async for chunk in self.request.content.iter_chunked(CHUNK):

@@ -10,11 +10,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from agentproxy.config import Config, ConfigError, Issue, load
-from agentproxy.config.model import Upstream
+from agentproxy.config.model import RuleSpec, Upstream
+from agentproxy.core import Effect
 from agentproxy.errors import NoRoute
 from agentproxy.identity.context import ContextSigner
 from agentproxy.identity.verifier import TokenVerifier
 from agentproxy.policy import PolicySet, compile_policy, policy_issues
+from agentproxy.protocols import mcp
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,6 +40,22 @@ class Runtime:
         raise NoRoute(f"no upstream is configured for {path}")
 
 
+def builtin_rules() -> tuple[RuleSpec, ...]:
+    """The MCP baseline: session housekeeping and discovery (initialize, ping,
+    notifications, listings) for every authenticated agent unless a policy denies them."""
+    return (
+        RuleSpec(
+            id="mcp-baseline",
+            agents=("*",),
+            users=(),
+            actions=mcp.BASELINE_ACTIONS,
+            effect=Effect.ALLOW,
+            reason="MCP session housekeeping and discovery (built in)",
+            builtin=True,
+        ),
+    )
+
+
 def load_config(path: str | Path) -> Config:
     """The one loader `validate`, start and reload use: config, policy files and their CEL.
 
@@ -54,7 +72,7 @@ def check(config: Config) -> PolicySet:
     issues: list[Issue] = []
     policy = None
     try:
-        policy = compile_policy(config.policy_files)
+        policy = compile_policy(config.policy_files, builtin_rules())
     except ConfigError as exc:
         issues.extend(exc.issues)
     try:

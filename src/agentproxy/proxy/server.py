@@ -26,7 +26,7 @@ from agentproxy.identity.revocations import RevocationList
 from agentproxy.metering.metrics import Metrics
 from agentproxy.proxy import runtime as runtime_module
 from agentproxy.proxy.explain import explain
-from agentproxy.proxy.http import HttpDataPlane, UpstreamSessions
+from agentproxy.proxy.http import HttpDataPlane, McpState, UpstreamSessions
 from agentproxy.proxy.pipeline import Pipeline, Services
 from agentproxy.proxy.watch import watch
 from agentproxy.store import MemoryStore, Revocation, Store
@@ -66,6 +66,11 @@ class ProxyServer:
         )
         self._refresher: asyncio.Task[None] | None = None
         self.sessions = UpstreamSessions()
+        self.mcp = McpState(
+            on_tool_change=lambda upstream, tool: self.metrics.tool_changes.labels(
+                upstream, tool
+            ).inc()
+        )
         self._pipeline: Pipeline | None = None
         self._runners: list[web.BaseRunner] = []
         self._ready = False
@@ -102,6 +107,9 @@ class ProxyServer:
             self.pipeline.runtime, token, request, time.time(), task=task, store=self.store
         )
 
+    async def accept_tool(self, upstream: str, tool: str) -> str | None:
+        return self.mcp.pins.accept(upstream, tool)
+
     async def revoke(self, revocation: Revocation) -> None:
         """Writes to the store (the fleet sees it within a second) and applies it here now."""
         await self.store.revoke(revocation)
@@ -125,11 +133,18 @@ class ProxyServer:
         await self.services.revocations.refresh(time.time())
         self._refresher = asyncio.get_running_loop().create_task(self.services.revocations.run())
         self._pipeline = Pipeline(runtime, self.services)
-        data_plane = HttpDataPlane(lambda: self.pipeline, self.sessions)
+        data_plane = HttpDataPlane(lambda: self.pipeline, self.sessions, self.mcp)
         listen = self.config.listen
         admin = web.AppRunner(admin_app(self), access_log=None)
         http = web.ServerRunner(
-            web.Server(data_plane.handle, max_field_size=MAX_FIELD, max_line_size=MAX_FIELD),
+            # auto_decompress=False: bodies pass through as sent (a gzip body stays gzip, with
+            # its Content-Encoding and length); the MCP adapter decodes what it authorizes.
+            web.Server(
+                data_plane.handle,
+                max_field_size=MAX_FIELD,
+                max_line_size=MAX_FIELD,
+                auto_decompress=False,
+            ),
             access_log=None,
             shutdown_timeout=SHUTDOWN_GRACE,
         )

@@ -1,0 +1,200 @@
+"""The MCP (Streamable HTTP) shell: the HTTP exchange, plus what MCP needs on top of it.
+
+After the caller is authenticated it reads the (bounded) JSON-RPC body and lets the MCP
+adapter name every message in it, so policy sees `mcp:tools/call/payments.transfer` with its
+arguments instead of `POST /mcp`. The body forwarded is the one authorized, byte for byte.
+Refusals answer the JSON-RPC request (HTTP 200), since older SDK clients tear the session
+down on a 4xx. A `tools/list` answer is filtered to the tools this principal could ever be
+allowed to call, and its definitions are pinned.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from agentproxy.config.model import Upstream
+from agentproxy.core import Call
+from agentproxy.errors import BadRequest, Denied, PayloadTooLarge, UpstreamFailed
+from agentproxy.policy import could_allow
+from agentproxy.protocols import mcp
+from agentproxy.protocols.http import response_headers_to_return
+from agentproxy.proxy.http import HttpExchange, McpState, UpstreamSessions
+from agentproxy.proxy.runtime import Runtime
+
+log = logging.getLogger("agentproxy.mcp")
+
+# A tools/list answer is read whole to filter it; far larger than any real tool catalogue.
+MAX_LISTING_BYTES = 16 * 1024 * 1024
+
+
+class McpExchange(HttpExchange):
+    def __init__(
+        self,
+        request: web.BaseRequest,
+        runtime: Runtime,
+        upstream: Upstream,
+        path: str,
+        raw_query: str,
+        sessions: UpstreamSessions,
+        state: McpState,
+    ) -> None:
+        super().__init__(request, runtime, upstream, path, raw_query, sessions)
+        self.mcp_upstream = upstream
+        self.state = state
+        self.parsed: mcp.McpRequest | None = None
+
+    async def describe(self, call: Call) -> None:
+        """Reads the body (bounded by `max_body_bytes`) and names every message in it.
+
+        Raises BadRequest or PayloadTooLarge for a body that cannot be read unambiguously,
+        Denied for a tool whose definition changed under `pin_tools: enforce`.
+        """
+        request = self.request
+        upstream = self.mcp_upstream
+        call.session = request.headers.get("Mcp-Session-Id")
+        body = b""
+        if request.method == "POST":
+            body = await self._read_body(call, upstream.max_body_bytes)
+        headers: dict[str, str] = {}
+        for name, value in request.headers.items():
+            lower = name.lower()
+            if lower in headers and lower.startswith("mcp-"):
+                # Servers may route on these: two copies could be read either way.
+                raise BadRequest(f"more than one {name} header")
+            headers[lower] = value
+        parsed = mcp.describe(request.method, headers, body, max_bytes=upstream.max_body_bytes)
+        self.parsed = parsed
+        call.action = parsed.actions[0]
+        call.batch = parsed.actions[1:]
+        if upstream.pin_tools == "enforce":
+            for index, action in enumerate(parsed.actions):
+                if action.operation == "tools/call" and self.state.pins.is_changed(
+                    upstream.name, action.target
+                ):
+                    call.refused_at = index
+                    raise Denied(
+                        f"tool {action.target!r} changed since it was pinned; an operator must "
+                        "accept the new definition (agentproxy tools accept)"
+                    )
+
+    async def _read_body(self, call: Call, limit: int) -> bytes:
+        length = self.request.content_length
+        if length is not None and length > limit:
+            raise PayloadTooLarge(f"request body is {length} bytes; the limit is {limit}")
+        chunks: list[bytes] = []
+        async for chunk in self.request.content.iter_chunked(64 * 1024):
+            call.bytes_in += len(chunk)
+            if call.bytes_in > limit:
+                raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def _request_data(self, call: Call, upstream: Upstream) -> AsyncIterator[bytes] | bytes | None:
+        # Exactly the JSON that was authorized, decoded (already counted in describe).
+        if self.request.method != "POST" or self.parsed is None:
+            return None
+        return self.parsed.body
+
+    def _upstream_headers(self, call: Call, upstream: Upstream) -> list[tuple[str, str]]:
+        headers = [
+            (k, v)
+            for k, v in super()._upstream_headers(call, upstream)
+            # the body goes out decoded, and aiohttp sets its length
+            if k.lower() not in ("content-encoding", "content-length")
+        ]
+        if self.parsed is not None and mcp.is_tools_list(self.parsed):
+            # The listing is read and filtered here: ask for it uncompressed.
+            headers = [(k, v) for k, v in headers if k.lower() != "accept-encoding"]
+        return headers
+
+    async def refuse(self, call: Call) -> None:
+        refusal = call.refusal
+        if refusal is None:
+            raise ValueError("refuse() needs call.refusal")
+        reply = mcp.render(
+            refusal,
+            decision_id=call.id,
+            request=self.parsed,
+            tool_errors=self.mcp_upstream.tool_errors,
+            refused_index=call.refused_at or 0,
+        )
+        response = web.Response(status=reply.status, body=reply.body)
+        for name, value in reply.headers:
+            response.headers.add(name, value)
+        response.headers["Server"] = "agentproxy"
+        call.status = reply.status
+        self.response = response
+
+    async def _stream_back(self, call: Call, upstream_response: aiohttp.ClientResponse) -> None:
+        parsed = self.parsed
+        if parsed is None or not mcp.is_tools_list(parsed) or upstream_response.status != 200:
+            await super()._stream_back(call, upstream_response)
+            return
+        payload = await self._read_listing(upstream_response)
+        content_type = upstream_response.headers.get("Content-Type", "")
+        request_id = parsed.ids[0]
+        if request_id is None:
+            raise UpstreamFailed("tools/list without an id")
+        try:
+            self._pin(mcp.listed_tools(payload, content_type, request_id))
+            filtered = mcp.filter_tools_list(payload, content_type, request_id, self._keep(call))
+        except ValueError as exc:
+            # Never pass on a listing we could not read: it might list what is hidden.
+            log.warning(
+                "upstream %s sent a tools/list answer we cannot read: %s",
+                self.mcp_upstream.name,
+                exc,
+            )
+            raise UpstreamFailed("the upstream's tools/list answer could not be read") from None
+        response = web.Response(status=200, body=filtered)
+        for name, value in response_headers_to_return(upstream_response.headers.items()):
+            if name.lower() not in ("content-length", "content-encoding", "transfer-encoding"):
+                response.headers.add(name, value)
+        call.status = 200
+        call.bytes_out = len(filtered)
+        self.response = response
+
+    async def _read_listing(self, upstream_response: aiohttp.ClientResponse) -> bytes:
+        if upstream_response.headers.get("Content-Encoding", "identity") != "identity":
+            raise UpstreamFailed("the upstream compressed its tools/list answer")
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in upstream_response.content.iter_any():
+            size += len(chunk)
+            if size > MAX_LISTING_BYTES:
+                raise UpstreamFailed("the upstream's tools/list answer is too large to inspect")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def _pin(self, tools: list[dict[str, Any]]) -> None:
+        upstream = self.mcp_upstream
+        if upstream.pin_tools == "off":
+            return
+        for tool in tools:
+            name = tool.get("name")
+            if not isinstance(name, str):
+                continue
+            seen = self.state.pins.observe(upstream.name, name, mcp.tool_fingerprint(tool))
+            if seen == "changed" and self.state.on_tool_change is not None:
+                self.state.on_tool_change(upstream.name, name)
+
+    def _keep(self, call: Call) -> Any:
+        policy = self.runtime.policy
+        principal = call.principal
+        upstream = self.mcp_upstream
+        pins = self.state.pins
+
+        def keep(tool: dict[str, Any]) -> bool:
+            name = tool.get("name")
+            if not isinstance(name, str) or principal is None:
+                return False
+            if upstream.pin_tools == "enforce" and pins.is_changed(upstream.name, name):
+                return False
+            return could_allow(policy, f"mcp:tools/call/{name}", principal)
+
+        return keep
