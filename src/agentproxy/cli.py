@@ -101,6 +101,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     audit_hash.add_argument("--key", type=Path, required=True, help="audit.hmac_key_file")
     audit_hash.add_argument("value", help="the value, as JSON if it parses as JSON, else a string")
 
+    approvals = commands.add_parser("approvals", help="list and decide pending approvals")
+    approval_commands = approvals.add_subparsers(dest="approvals_command", required=True)
+    for name, text in (
+        ("list", "pending approvals you may decide"),
+        ("show", "one approval"),
+        ("approve", "approve one"),
+        ("deny", "deny one"),
+    ):
+        sub = approval_commands.add_parser(name, help=text)
+        sub.add_argument("--admin", required=True, help="admin URL, e.g. http://127.0.0.1:9901")
+        sub.add_argument("--token", required=True, help="your own bearer token (approver)")
+        if name == "list":
+            sub.add_argument(
+                "--state", default="pending", choices=["pending", "approved", "denied", "expired"]
+            )
+        else:
+            sub.add_argument("id")
+        if name in ("approve", "deny"):
+            sub.add_argument("--reason", default="")
+
     tools = commands.add_parser("tools", help="MCP tool pinning")
     tools_commands = tools.add_subparsers(dest="tools_command", required=True)
     accept = tools_commands.add_parser("accept", help="accept a changed tool's new definition")
@@ -126,6 +146,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _audit(args)
     if args.command == "tools":
         return asyncio.run(_tools_accept(args))
+    if args.command == "approvals":
+        return asyncio.run(_approvals(args))
     return _token(args)
 
 
@@ -427,6 +449,53 @@ def _audit(args: argparse.Namespace) -> int:
     except orjson.JSONDecodeError:
         value = args.value
     print(hmac_value(key, value))
+    return 0
+
+
+async def _approvals(args: argparse.Namespace) -> int:
+    import aiohttp
+    import orjson
+
+    base = args.admin.rstrip("/") + "/v1/approvals"
+    headers = {"Authorization": f"Bearer {args.token}"}
+    command = args.approvals_command
+    if command == "list":
+        method, url, body = "GET", f"{base}?state={args.state}", None
+    elif command == "show":
+        method, url, body = "GET", f"{base}/{args.id}", None
+    else:
+        method, url, body = "POST", f"{base}/{args.id}/{command}", {"reason": args.reason}
+    try:
+        async with (
+            aiohttp.ClientSession() as session,
+            session.request(method, url, json=body, headers=headers) as response,
+        ):
+            payload = await response.read()
+            status = response.status
+    except aiohttp.ClientError as exc:
+        print(f"cannot reach {args.admin}: {exc}", file=sys.stderr)
+        return 1
+    try:
+        data = orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        data = {"detail": payload.decode(errors="replace")}
+    if status != 200:
+        print(
+            f"{command} failed ({status}): {data.get('detail') or data.get('error') or data}",
+            file=sys.stderr,
+        )
+        return 1
+    if command == "list":
+        for a in data["approvals"]:
+            user = f" for {a['user']}" if a["user"] else ""
+            print(
+                f"{a['id']}  {a['state']:8}  {a['agent']}{user}  {a['action']}  "
+                f"rule {a['rule']}: {a['reason']}"
+            )
+        if not data["approvals"]:
+            print(f"no {args.state} approvals you may see")
+    else:
+        sys.stdout.buffer.write(orjson.dumps(data, option=orjson.OPT_INDENT_2) + b"\n")
     return 0
 
 

@@ -188,5 +188,6 @@ class Call:
     batch: tuple[Action, ...] = ()
     refused_at: int | None = None
     session: str | None = None
+    approval: str | None = None  # the approval whose grant let this call through
     store_error: str | None = None
     reservations: tuple[Reservation, ...] = ()

@@ -117,6 +117,50 @@ class LimitRefused(Refusal):
         self.limit = limit
 
 
+class ApprovalRefused(Refusal):
+    """A call that needs a human's approval and does not have it (yet).
+
+    `outcome` is `pending` (ask again after Retry-After: the call goes through once
+    approved), `denied` (with the approver's reason), `expired` or `used` (a one-call grant
+    already spent); it names the problem type. `approval_id` travels as a member.
+    """
+
+    status = 403
+    title = "Approval required"
+    fault = "policy"
+
+    def __init__(
+        self,
+        detail: str,
+        *,
+        outcome: str,
+        approval_id: str,
+        rule: str | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        headers = {"Retry-After": str(max(1, math.ceil(retry_after)))} if retry_after else None
+        super().__init__(detail, rule=rule, headers=headers, members={"approval_id": approval_id})
+        self.outcome = outcome
+        self.approval_id = approval_id
+
+    @property
+    def problem_type(self) -> str:
+        name = "approval-pending" if self.outcome == "pending" else f"approval-{self.outcome}"
+        return PROBLEM_BASE + name
+
+
+class ApprovalCap(Refusal):
+    """Too many approvals are pending (in total or for this agent): ask again later."""
+
+    status = 429
+    problem = "approval-cap"
+    title = "Too many pending approvals"
+    fault = "client"
+
+    def __init__(self, detail: str, *, retry_after: float = 60.0) -> None:
+        super().__init__(detail, headers={"Retry-After": str(max(1, math.ceil(retry_after)))})
+
+
 class PayloadTooLarge(Refusal):
     status = 413
     problem = "payload-too-large"

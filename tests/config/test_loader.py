@@ -265,6 +265,34 @@ def test_limits_cost_and_obligations_are_checked(tmp_path: Path) -> None:
         'missing required key "window"',
         "key is not agent, user, task or CEL that compiles",
         "limits, cost and obligations apply to calls a rule allows",
-        "require_approval needs approval gates",
+        'require_approval needs "approval: {approvers',
     ]:
         assert expected in text, expected
+
+
+def test_approval_specs(tmp_path: Path) -> None:
+    policy = GOOD_POLICY.replace("effect: allow", "effect: require_approval") + (
+        "    approval: {approvers: ['role:finance', 'user:carol'], timeout: 1h, hold: 20s,"
+        " grant: {ttl: 30m}}\n"
+    )
+    cfg = config.load(write(tmp_path, MAIN, policy))
+    spec = cfg.policy_files[0].rules[0].approval
+    assert spec is not None
+    assert (spec.approvers, spec.timeout, spec.hold, spec.grant_ttl) == (
+        ("role:finance", "user:carol"),
+        3600.0,
+        20.0,
+        1800.0,
+    )
+    bad = GOOD_POLICY.replace("effect: allow", "effect: require_approval") + (
+        "    approval: {approvers: [], hold: 5m, grant: twice}\n"
+    )
+    text = "\n".join(problems(write(tmp_path, MAIN, bad)))
+    assert "name at least one approver" in text
+    assert "must be between 0s and 55s" in text
+    assert 'write "once" or {ttl: 1h}' in text
+    misplaced = GOOD_POLICY + "    approval: {approvers: [carol]}\n"
+    assert any(
+        "applies to effect: require_approval only" in line
+        for line in problems(write(tmp_path, MAIN, misplaced))
+    )

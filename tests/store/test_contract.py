@@ -1,7 +1,7 @@
 """The `Store` contract: one suite, run on every implementation (STYLE §10).
 
 Times are explicit `now` values, as the pipeline passes them; only task expiry runs on the
-real clock, because Redis expires keys by its own.
+real clock, because Redis expires keys by its own, and waits run on the real clock.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
+from agentproxy.approvals.lifecycle import Approval, Event, IllegalTransition, State, advance
 from agentproxy.config.model import RedisSettings
 from agentproxy.store import (
     ApprovalGrant,
@@ -252,3 +253,268 @@ async def test_a_counted_grant_runs_out(store: Store) -> None:
     await store.put_grant(ApprovalGrant("fp-3", "ap-3", expires=now + 60, uses=3), now)
     left = [await store.use_grant("fp-3", now) for _ in range(4)]
     assert [g.uses if g else None for g in left] == [3, 2, 1, None]
+
+
+# Approvals
+
+LIFETIME = 60.0
+CAPS = {"max_pending": 100, "max_pending_per_agent": 100}
+
+
+def approval(
+    fingerprint: str = "fp-1",
+    *,
+    agent: str = "hr-bot",
+    created: float = NOW,
+    lifetime: float = LIFETIME,
+    grant_ttl: float | None = None,
+) -> Approval:
+    return Approval(
+        id=uuid.uuid4().hex,
+        fingerprint=fingerprint,
+        state=State.PENDING,
+        rule="transfers-need-finance",
+        reason="large transfer",
+        agent=agent,
+        user="alice",
+        chain=("alice", agent),
+        action="POST /transfers",
+        summary={"amount": 50, "currency": "EUR", "memo": "é" * 3},
+        approvers=("role:finance-approver", "user:carol"),
+        created=created,
+        expires=created + lifetime,
+        grant_ttl=grant_ttl,
+    )
+
+
+async def opened(store: Store, wanted: Approval, now: float = NOW, **caps: int) -> Approval:
+    """Opens `wanted` and checks that it was created as given."""
+    result = await store.open_approval(wanted, now, **{**CAPS, **caps})
+    assert result == (wanted, True)
+    return wanted
+
+
+async def test_open_creates_then_finds_by_fingerprint(store: Store) -> None:
+    first = await opened(store, approval("fp-1"))
+    assert await store.open_approval(approval("fp-1"), NOW + 1, **CAPS) == (first, False)
+    other = await opened(store, approval("fp-2"), NOW + 2)
+    assert other.id != first.id
+    assert await store.get_approval(first.id, NOW + 3) == first
+    assert await store.get_approval("nope", NOW) is None
+
+
+async def test_caps_refuse_and_create_nothing(store: Store) -> None:
+    await opened(store, approval("a1", agent="a"), max_pending=2, max_pending_per_agent=1)
+    assert (
+        await store.open_approval(
+            approval("a2", agent="a"), NOW, max_pending=2, max_pending_per_agent=1
+        )
+        is None
+    )
+    await opened(store, approval("b1", agent="b"), max_pending=2, max_pending_per_agent=1)
+    refused = approval("c1", agent="c")
+    assert await store.open_approval(refused, NOW, max_pending=2, max_pending_per_agent=1) is None
+    assert {a.fingerprint for a in await store.list_approvals(None, NOW)} == {"a1", "b1"}
+    assert await store.get_approval(refused.id, NOW) is None
+    # An existing approval is still found at the cap: finding creates nothing.
+    found = await store.open_approval(
+        approval("a1", agent="a"), NOW, max_pending=0, max_pending_per_agent=0
+    )
+    assert found is not None and found[1] is False
+
+
+async def test_caps_count_only_approvals_still_pending(store: Store) -> None:
+    first = await opened(store, approval("a1", lifetime=10), max_pending=1)
+    await store.decide_approval(first.id, Event.DENY, "carol", "no", NOW + 1)
+    await opened(store, approval("a2", created=NOW + 1, lifetime=10), NOW + 1, max_pending=1)
+    # a2 is overdue at NOW + 11: it no longer holds the cap.
+    await opened(store, approval("a3", created=NOW + 11), NOW + 11, max_pending=1)
+
+
+async def test_approve_stores_a_one_use_grant(store: Store) -> None:
+    pending = await opened(store, approval())
+    approved = await store.decide_approval(pending.id, Event.APPROVE, "carol", "ok", NOW + 5)
+    assert approved.state is State.APPROVED
+    assert (approved.decided_by, approved.decided_reason, approved.decided_at) == (
+        "carol",
+        "ok",
+        NOW + 5,
+    )
+    assert await store.get_approval(pending.id, NOW + 6) == approved
+    grant = await store.use_grant(pending.fingerprint, NOW + 6)
+    assert grant is not None
+    assert (grant.approval_id, grant.approver, grant.uses) == (pending.id, "carol", 1)
+    assert grant.expires == pending.expires  # when the approval itself would have expired
+    assert await store.use_grant(pending.fingerprint, NOW + 6) is None
+
+
+async def test_approve_with_a_ttl_stores_a_grant_for_many_calls(store: Store) -> None:
+    pending = await opened(store, approval(grant_ttl=3600.25))
+    await store.decide_approval(pending.id, Event.APPROVE, "carol", "", NOW + 5)
+    for _ in range(3):
+        grant = await store.use_grant(pending.fingerprint, NOW + 3600)
+        assert grant is not None
+        assert (grant.uses, grant.expires) == (None, NOW + 5 + 3600.25)
+    assert await store.use_grant(pending.fingerprint, NOW + 5 + 3600.25) is None
+
+
+async def test_deny_stores_no_grant(store: Store) -> None:
+    pending = await opened(store, approval())
+    denied = await store.decide_approval(pending.id, Event.DENY, "carol", "too much", NOW)
+    assert (denied.state, denied.decided_reason) == (State.DENIED, "too much")
+    assert await store.use_grant(pending.fingerprint, NOW) is None
+    assert (await store.list_approvals("denied", NOW)) == [denied]
+    assert (await store.list_approvals("pending", NOW)) == []
+
+
+async def test_every_transition_follows_the_lifecycle_table(store: Store) -> None:
+    """Each (state, event) pair, on both stores, does what `advance` says: Redis applies the
+    table in Lua."""
+    reach = {State.APPROVED: Event.APPROVE, State.DENIED: Event.DENY, State.EXPIRED: Event.EXPIRE}
+    for state in State:
+        for event in Event:
+            subject = await opened(store, approval(f"fp-{state.value}-{event.value}"))
+            if state is not State.PENDING:
+                await store.decide_approval(subject.id, reach[state], "setup", "", NOW)
+            try:
+                expected: State | None = advance(state, event)
+            except IllegalTransition:
+                expected = None
+            if expected is None:
+                with pytest.raises(IllegalTransition):
+                    await store.decide_approval(subject.id, event, "carol", "r", NOW + 1)
+                after = await store.get_approval(subject.id, NOW + 1)
+                assert after is not None and after.state is state
+            else:
+                decided = await store.decide_approval(subject.id, event, "carol", "r", NOW + 1)
+                assert decided.state is expected
+                assert decided == await store.get_approval(subject.id, NOW + 1)
+
+
+async def test_deciding_an_unknown_approval_is_a_key_error(store: Store) -> None:
+    with pytest.raises(KeyError):
+        await store.decide_approval("nope", Event.APPROVE, "carol", "", NOW)
+
+
+async def test_approving_twice_is_illegal(store: Store) -> None:
+    pending = await opened(store, approval())
+    await store.decide_approval(pending.id, Event.APPROVE, "carol", "", NOW)
+    assert await store.use_grant(pending.fingerprint, NOW) is not None
+    with pytest.raises(IllegalTransition, match="cannot approve an approval that is approved"):
+        await store.decide_approval(pending.id, Event.APPROVE, "dave", "", NOW)
+    assert await store.use_grant(pending.fingerprint, NOW) is None  # no second grant
+
+
+async def test_an_overdue_approval_is_expired_when_met(store: Store) -> None:
+    pending = await opened(store, approval())
+    expires = pending.expires
+    assert (await store.get_approval(pending.id, expires - 0.5)) == pending
+    expired = await store.get_approval(pending.id, expires)  # `expires` is exclusive
+    assert expired is not None
+    assert (expired.state, expired.decided_at, expired.decided_by) == (
+        State.EXPIRED,
+        expires,
+        None,
+    )
+    assert await store.list_approvals("pending", expires) == []
+    assert await store.list_approvals("expired", expires + 1) == [expired]
+
+
+async def test_list_expires_overdue_approvals(store: Store) -> None:
+    pending = await opened(store, approval())
+    listed = await store.list_approvals(None, pending.expires + 1)
+    assert [(a.id, a.state) for a in listed] == [(pending.id, State.EXPIRED)]
+
+
+async def test_approving_after_expiry_is_illegal(store: Store) -> None:
+    pending = await opened(store, approval())
+    with pytest.raises(IllegalTransition, match="expired"):
+        await store.decide_approval(pending.id, Event.APPROVE, "carol", "", pending.expires)
+    after = await store.get_approval(pending.id, pending.expires)
+    assert after is not None and after.state is State.EXPIRED
+    assert await store.use_grant(pending.fingerprint, pending.expires - 1) is None
+
+
+async def test_open_finds_an_expired_approval_until_its_window_ends(store: Store) -> None:
+    pending = await opened(store, approval(lifetime=10))
+    found = await store.open_approval(approval(), pending.expires + 9, **CAPS)
+    assert found is not None
+    assert (found[0].id, found[0].state, found[1]) == (pending.id, State.EXPIRED, False)
+    # The window: decided_at (= expires) + lifetime.
+    fresh = approval(created=pending.expires + 10)
+    assert await store.open_approval(fresh, pending.expires + 10, **CAPS) == (fresh, True)
+
+
+async def test_open_finds_a_decision_until_its_window_ends(store: Store) -> None:
+    pending = await opened(store, approval(lifetime=10))
+    denied = await store.decide_approval(pending.id, Event.DENY, "carol", "no", NOW + 2)
+    retry = approval(created=NOW + 11.5)
+    assert await store.open_approval(retry, NOW + 11.5, **CAPS) == (denied, False)
+    assert await store.open_approval(retry, NOW + 12, **CAPS) == (retry, True)
+    assert [a.id for a in await store.list_approvals(None, NOW + 12)] == [pending.id, retry.id]
+
+
+async def test_list_is_oldest_first_and_filters_by_state(store: Store) -> None:
+    late = await opened(store, approval("late", created=NOW + 2))
+    early = await opened(store, approval("early", created=NOW), NOW + 2)
+    middle = await opened(store, approval("middle", created=NOW + 1, lifetime=5), NOW + 2)
+    approved = await store.decide_approval(middle.id, Event.APPROVE, "carol", "", NOW + 3)
+    assert await store.list_approvals(None, NOW + 3) == [early, approved, late]
+    assert await store.list_approvals("pending", NOW + 3) == [early, late]
+    assert await store.list_approvals("approved", NOW + 3) == [approved]
+    assert await store.list_approvals("expired", NOW + 3) == []
+    with pytest.raises(ValueError):
+        await store.list_approvals("maybe", NOW)
+
+
+async def test_wait_returns_at_once_when_not_pending(store: Store) -> None:
+    pending = await opened(store, approval())
+    denied = await store.decide_approval(pending.id, Event.DENY, "carol", "", NOW)
+    began = time.monotonic()
+    assert await store.wait_approval(pending.id, 5) == denied
+    assert await store.wait_approval("nope", 5) is None
+    assert time.monotonic() - began < 0.5
+
+
+async def test_a_waiter_is_woken_by_the_decision(store: Store) -> None:
+    pending = await opened(store, approval())
+    waiter = asyncio.create_task(store.wait_approval(pending.id, 10))
+    await asyncio.sleep(0.2)  # the waiter is waiting (and, on Redis, subscribed)
+    assert not waiter.done()
+    decided_at = time.monotonic()
+    approved = await store.decide_approval(pending.id, Event.APPROVE, "carol", "", NOW)
+    assert await waiter == approved
+    assert time.monotonic() - decided_at < 0.1
+
+
+async def test_a_waiter_is_woken_when_its_approval_is_expired(store: Store) -> None:
+    pending = await opened(store, approval())
+    waiter = asyncio.create_task(store.wait_approval(pending.id, 10))
+    await asyncio.sleep(0.2)
+    expired = await store.get_approval(pending.id, pending.expires)
+    assert expired is not None and expired.state is State.EXPIRED
+    assert await asyncio.wait_for(waiter, 0.5) == expired
+
+
+async def test_a_waiter_times_out_with_the_pending_approval(store: Store) -> None:
+    pending = await opened(store, approval())
+    began = time.monotonic()
+    assert await store.wait_approval(pending.id, 0.3) == pending
+    assert 0.3 <= time.monotonic() - began < 1.0
+
+
+async def test_a_thousand_waiters_are_each_released_by_their_decision(store: Store) -> None:
+    n = 1000
+    began = time.monotonic()
+    pending = [
+        await opened(store, approval(f"fp-{i}", agent=f"agent-{i % 10}"), max_pending=n)
+        for i in range(n)
+    ]
+    waiters = [asyncio.create_task(store.wait_approval(a.id, 20)) for a in pending]
+    await asyncio.sleep(0.2)
+    assert not any(w.done() for w in waiters)
+    for a in pending:
+        await store.decide_approval(a.id, Event.APPROVE, "carol", "", NOW)
+    released = await asyncio.gather(*waiters)
+    assert [a.state for a in released if a is not None] == [State.APPROVED] * n
+    assert time.monotonic() - began < 10

@@ -13,11 +13,12 @@ import logging
 import time
 import traceback
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import AsyncExitStack
+from contextlib import AsyncExitStack, suppress
 from typing import Any
 
 import pytest
 
+from agentproxy.approvals.lifecycle import Approval, Event, State
 from agentproxy.config.model import RedisSettings
 from agentproxy.store import Reservation, Revocation, StoreError
 from agentproxy.store.redis import RedisStore
@@ -27,6 +28,29 @@ NOW = 1_000_000.5
 TIMEOUT = 0.05  # the default store timeout
 BUDGET = Reservation(name="calls", key="agent:a", amount=1, limit=10, window=60)
 
+PENDING = Approval(
+    id="ap-1",
+    fingerprint="fp-1",
+    state=State.PENDING,
+    rule="r",
+    reason="",
+    agent="a",
+    user=None,
+    chain=(),
+    action="POST /x",
+    summary={},
+    approvers=("user:carol",),
+    created=NOW,
+    expires=NOW + 60,
+)
+
+
+async def decide_unknown(store: RedisStore) -> None:
+    # An unknown id is a KeyError when Redis answers; a StoreError when it does not.
+    with suppress(KeyError):
+        await store.decide_approval("nope", Event.APPROVE, "carol", "", NOW)
+
+
 Operation = Callable[[RedisStore], Awaitable[Any]]
 OPERATIONS: dict[str, Operation] = {
     "revoke": lambda s: s.revoke(Revocation("agent", "a")),
@@ -35,6 +59,13 @@ OPERATIONS: dict[str, Operation] = {
     "release": lambda s: s.release([BUDGET], NOW),
     "task_history": lambda s: s.task_history("t", NOW),
     "record_task": lambda s: s.record_task("t", ["pii"], 1.0, 60, NOW),
+    "open_approval": lambda s: s.open_approval(
+        PENDING, NOW, max_pending=10, max_pending_per_agent=10
+    ),
+    "get_approval": lambda s: s.get_approval("ap-1", NOW),
+    "list_approvals": lambda s: s.list_approvals(None, NOW),
+    "decide_approval": decide_unknown,
+    "wait_approval": lambda s: s.wait_approval("ap-1", 0.1),
 }
 
 Connect = Callable[..., Awaitable[RedisStore]]
@@ -185,8 +216,12 @@ async def test_a_malformed_revocation_fails_closed(
 
 @pytest.mark.parametrize("password", ["secretpw", "wrongsecretpw"])
 async def test_errors_never_carry_the_password(
-    password: str, make_redis_server: MakeRedisServer, connect: Connect
+    password: str,
+    make_redis_server: MakeRedisServer,
+    connect: Connect,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
+    caplog.set_level(logging.WARNING, logger="agentproxy.store")
     server = make_redis_server(password="secretpw")
     url = f"redis://:{password}@127.0.0.1:{server.port}/0"
     store = await connect(url, start=False)
@@ -202,6 +237,9 @@ async def test_errors_never_carry_the_password(
         told = "".join(traceback.format_exception(error))
         assert password not in told
         assert f"redis://***@127.0.0.1:{server.port}/0" in str(error)
+    await asyncio.sleep(0.3)  # the approval subscription (started by wait_approval) fails too
+    assert "approval notifications from redis at redis://***@" in caplog.text
+    assert password not in caplog.text
 
 
 async def test_a_password_in_the_query_is_scrubbed_too(
@@ -217,3 +255,13 @@ async def test_a_password_in_the_query_is_scrubbed_too(
 async def test_an_invalid_url_is_a_store_error() -> None:
     with pytest.raises(StoreError, match="invalid redis url"):
         RedisStore(RedisSettings(url="http://:secretpw@127.0.0.1:1/0"))
+
+
+async def test_a_malformed_approval_fails_closed(
+    redis_server: RedisServer, redis_url: str, connect: Connect
+) -> None:
+    store = await connect(redis_url, prefix="bad:")
+    with redis_server.client() as client:
+        client.hset("bad:approval:ap-9", mapping={"state": "approved", "json": "{not json"})
+    error = await fails_fast(store.get_approval("ap-9", NOW))
+    assert "malformed approval" in str(error)

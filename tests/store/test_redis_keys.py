@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import pytest
 
+from agentproxy.approvals.lifecycle import Event
 from agentproxy.config.model import RedisSettings
 from agentproxy.store import Reservation, Revocation
 from agentproxy.store.redis import WINDOW_MARGIN, RedisStore
 from tests.redis_server import RedisServer
+from tests.store.test_contract import CAPS, approval
 
 NOW = 1_000_000.5
 
@@ -40,3 +42,33 @@ async def test_keys_live_under_the_prefix_and_expire(
         assert counter_ttl == pytest.approx(19.5 + WINDOW_MARGIN, abs=0.5)
         assert 29 <= client.ttl("app1:task:t") <= 30
         assert client.get("app1:limit:user:u:999960") == "0.5"
+
+
+async def test_approval_keys_live_under_the_prefix_and_expire(
+    redis_server: RedisServer, redis_url: str
+) -> None:
+    store = RedisStore(RedisSettings(url=redis_url, key_prefix="app1:", timeout=2.0))
+    await store.start()
+    try:
+        decided = approval("fp-1", created=NOW, lifetime=60)
+        assert await store.open_approval(decided, NOW, **CAPS) is not None
+        await store.decide_approval(decided.id, Event.APPROVE, "carol", "", NOW + 10)
+        pending = approval("fp-2", created=NOW, lifetime=60)
+        assert await store.open_approval(pending, NOW, **CAPS) is not None
+    finally:
+        await store.close()
+
+    with redis_server.client() as client:
+        ttls = {key: client.pttl(key) / 1000 for key in client.keys("*")}
+    # decided: 2 * lifetime after the decision; pending: lifetime + 2 * lifetime from NOW.
+    assert ttls == {
+        "app1:epoch": -0.001,  # no TTL
+        f"app1:approval:{decided.id}": pytest.approx(120, abs=1),
+        "app1:approval-fp:fp-1": pytest.approx(120, abs=1),
+        "app1:grant:fp-1": pytest.approx(50, abs=1),  # until the approval's own expiry
+        f"app1:approval:{pending.id}": pytest.approx(180, abs=1),
+        "app1:approval-fp:fp-2": pytest.approx(180, abs=1),
+        "app1:approvals:pending": pytest.approx(180, abs=1),
+        "app1:approvals:pending:agent:hr-bot": pytest.approx(180, abs=1),
+        "app1:approvals:all": pytest.approx(180, abs=1),
+    }

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+from pathlib import Path
 from typing import Any, Protocol
 
 import orjson
@@ -11,6 +12,8 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 from prometheus_client.aiohttp import make_aiohttp_handler
 
+from agentproxy.approvals.authorize import is_listed
+from agentproxy.approvals.lifecycle import Approval, Event, IllegalTransition, State
 from agentproxy.config.yamldoc import parse_duration
 from agentproxy.core import Principal
 from agentproxy.errors import Denied, Refusal, Unauthenticated
@@ -37,6 +40,20 @@ class AdminBackend(Protocol):
 
     async def accept_tool(self, upstream: str, tool: str) -> str | None:
         """Pins a changed MCP tool's new definition; its fingerprint, or None if unchanged."""
+
+    async def approver(self, token: str) -> Principal:
+        """The verified principal of an approver's token. Raises Unauthenticated."""
+
+    def is_operator(self, principal: Principal) -> bool: ...
+
+    async def list_approvals(self, state: str | None) -> list[Approval]: ...
+
+    async def get_approval(self, approval_id: str) -> Approval | None: ...
+
+    async def decide_approval(
+        self, approval_id: str, event: Event, principal: Principal, reason: str
+    ) -> Approval:
+        """Raises Denied (not an approver, four-eyes), KeyError, IllegalTransition, StoreError."""
 
 
 def admin_app(backend: AdminBackend) -> web.Application:
@@ -100,6 +117,74 @@ def admin_app(backend: AdminBackend) -> web.Application:
             {"upstream": upstream, "tool": tool, "fingerprint": fingerprint, "by": operator.agent}
         )
 
+    async def _approver(request: web.Request) -> Principal:
+        token = bearer_token(request.headers.get("Authorization"))
+        if token is None:
+            raise Unauthenticated("an approver's bearer token is required")
+        return await backend.approver(token)
+
+    def _visible(principal: Principal, approval: Approval) -> bool:
+        return backend.is_operator(principal) or is_listed(principal, approval.approvers)
+
+    async def approvals_list(request: web.Request) -> web.Response:
+        state = request.query.get("state")
+        if state is not None and state not in {s.value for s in State}:
+            return _problem(
+                BadRevocation(f"state must be one of {', '.join(s.value for s in State)}")
+            )
+        try:
+            principal = await _approver(request)
+            items = await backend.list_approvals(state)
+        except Refusal as refusal:
+            return _problem(refusal)
+        except StoreError:
+            return web.json_response({"error": "the decision store is unavailable"}, status=503)
+        visible = [a.to_json() for a in items if _visible(principal, a)]
+        return web.json_response({"approvals": visible}, headers=NO_STORE)
+
+    async def approvals_get(request: web.Request) -> web.Response:
+        try:
+            principal = await _approver(request)
+            approval = await backend.get_approval(request.match_info["id"])
+        except Refusal as refusal:
+            return _problem(refusal)
+        except StoreError:
+            return web.json_response({"error": "the decision store is unavailable"}, status=503)
+        if approval is None or not _visible(principal, approval):
+            return web.json_response({"error": "no such approval"}, status=404, headers=NO_STORE)
+        return web.json_response(approval.to_json(), headers=NO_STORE)
+
+    async def approvals_decide(request: web.Request) -> web.Response:
+        event = Event.APPROVE if request.match_info["verb"] == "approve" else Event.DENY
+        try:
+            principal = await _approver(request)
+            data = _json_object(await request.read() or b"{}", {"reason"})
+            reason = data.get("reason", "")
+            if not isinstance(reason, str) or len(reason) > 1000:
+                raise BadRevocation('"reason" must be a string of at most 1000 characters')
+            approval = await backend.decide_approval(
+                request.match_info["id"], event, principal, reason
+            )
+        except Refusal as refusal:
+            return _problem(refusal)
+        except KeyError:
+            return web.json_response({"error": "no such approval"}, status=404)
+        except IllegalTransition as exc:
+            return web.json_response({"error": str(exc)}, status=409)
+        except StoreError:
+            return web.json_response({"error": "the decision store is unavailable"}, status=503)
+        return web.json_response(approval.to_json(), headers=NO_STORE)
+
+    async def ui_page(request: web.Request) -> web.StreamResponse:
+        name = request.match_info.get("file") or "approvals.html"
+        if name not in UI_FILES:
+            raise web.HTTPNotFound()
+        path = UI_DIR / name
+        return web.FileResponse(path, headers={**UI_HEADERS, "Content-Type": UI_FILES[name]})
+
+    async def favicon(_: web.Request) -> web.Response:
+        return web.Response(status=204, headers={"Cache-Control": "max-age=86400"})
+
     async def _operator(request: web.Request) -> Principal:
         token = bearer_token(request.headers.get("Authorization"))
         if token is None:
@@ -114,7 +199,33 @@ def admin_app(backend: AdminBackend) -> web.Application:
     app.router.add_post("/v1/revocations", revocations)
     app.router.add_post("/v1/explain", explain)
     app.router.add_post("/v1/tools/accept", accept_tool)
+    app.router.add_get("/v1/approvals", approvals_list)
+    app.router.add_get("/v1/approvals/{id}", approvals_get)
+    app.router.add_post("/v1/approvals/{id}/{verb:approve|deny}", approvals_decide)
+    app.router.add_get("/ui/approvals", ui_page)
+    app.router.add_get("/favicon.ico", favicon)
+    app.router.add_get("/ui/{file}", ui_page)
     return app
+
+
+NO_STORE = {"Cache-Control": "no-store"}
+UI_DIR = Path(__file__).parent / "ui"
+UI_FILES = {
+    "approvals.html": "text/html; charset=utf-8",
+    "approvals.js": "text/javascript; charset=utf-8",
+    "approvals.css": "text/css; charset=utf-8",
+}
+# A strict Content-Security-Policy: no inline script or style, nothing from elsewhere, no
+# framing (clickjacking an Approve button), no forms posting anywhere.
+UI_HEADERS = {
+    "Content-Security-Policy": (
+        "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; "
+        "img-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+    ),
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-store",
+}
 
 
 def _problem(refusal: Refusal) -> web.Response:

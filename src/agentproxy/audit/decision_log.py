@@ -48,6 +48,13 @@ class DecisionLog:
             except RuntimeError:  # no loop (a CLI command): write now
                 self.flush()
 
+    def write_event(self, record: dict[str, Any]) -> None:
+        """A line that is not a call (an approval event)."""
+        if self._out is None:
+            return
+        self._pending.append(orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE))
+        self.flush()
+
     def flush(self) -> None:
         if self._timer is not None:
             self._timer.cancel()

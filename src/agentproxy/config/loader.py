@@ -18,6 +18,8 @@ from urllib.parse import urlsplit
 
 from agentproxy.config.model import (
     AdminSettings,
+    ApprovalSpec,
+    ApprovalsSettings,
     AuditConfig,
     ClaimNames,
     Config,
@@ -35,6 +37,7 @@ from agentproxy.config.model import (
     Secret,
     StoreSettings,
     Upstream,
+    Webhook,
     redact_url,
 )
 from agentproxy.config.yamldoc import ConfigError, Document, Issue
@@ -51,6 +54,7 @@ TOP_KEYS = (
     "store",
     "admin",
     "audit",
+    "approvals",
 )
 ASYMMETRIC_ALGORITHMS = frozenset(
     {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"}
@@ -106,6 +110,7 @@ def load(path: str | Path, *, check_policies: PolicyChecker | None = None) -> Co
                 doc.mapping(raw.get("admin"), "$.admin", ("operators",)), "$.admin", "operators"
             )
         ),
+        approvals=loader.approvals(raw.get("approvals")),
         audit=loader.audit(raw.get("audit"), has_redis=bool((raw.get("store") or {}).get("redis"))),
         decision_log=doc.choice(raw, "$", "decision_log", ["stdout", "stderr", "off"], "stdout"),  # type: ignore[arg-type]
     )
@@ -394,6 +399,29 @@ class _Loader:
         doc.check(ttl >= 1, f"{path}.task_ttl", "must be at least 1s")
         return StoreSettings(redis=redis, on_error=on_error, task_ttl=ttl)  # type: ignore[arg-type]
 
+    def approvals(self, value: Any) -> ApprovalsSettings:
+        doc = self.doc
+        path = "$.approvals"
+        section = doc.mapping(
+            value, path, ("webhooks", "max_pending", "max_pending_per_agent", "ui_url")
+        )
+        hooks = doc.each(section.get("webhooks"), f"{path}.webhooks", self.webhook)
+        total = doc.get(section, path, "max_pending", int, 1000) or 1000
+        per_agent = doc.get(section, path, "max_pending_per_agent", int, 50) or 50
+        doc.check(total > 0 and per_agent > 0, path, "max_pending values must be more than 0")
+        ui_url = doc.get(section, path, "ui_url", str)
+        return ApprovalsSettings(tuple(hooks), total, per_agent, ui_url)
+
+    def webhook(self, value: Any, path: str) -> Webhook | None:
+        section = self.doc.mapping(value, path, ("url", "secret_file"))
+        url = self.doc.get(section, path, "url", str, required=True)
+        if url is None:
+            return None
+        self.doc.check(
+            urlsplit(url).scheme in ("http", "https"), f"{path}.url", "must be an http(s) URL"
+        )
+        return Webhook(url, self.secret(section, path, "secret_file", required=False))
+
     def audit(self, value: Any, *, has_redis: bool) -> AuditConfig:
         doc = self.doc
         path = "$.audit"
@@ -519,6 +547,7 @@ def load_policies(
 
 
 RULE_KEYS = (
+    "approval",
     "id",
     "description",
     "agents",
@@ -612,7 +641,13 @@ def _rule(doc: Document, value: Any, path: str) -> RuleSpec | None:
         )
     if (limits or cost or labels) and effect == "deny":
         doc.error(path, "limits, cost and obligations apply to calls a rule allows, not to a deny")
+    approval = _approval(doc, section.get("approval"), f"{path}.approval")
+    if effect == "require_approval" and approval is None:
+        doc.error(path, 'require_approval needs "approval: {approvers: [...]}" (who may approve)')
+    if approval is not None and effect != "require_approval":
+        doc.error(f"{path}.approval", "applies to effect: require_approval only")
     return RuleSpec(
+        approval=approval,
         limits=limits,
         cost=cost,
         label_task=labels,
@@ -677,4 +712,36 @@ def _limit(doc: Document, value: Any, path: str) -> LimitSpec | None:
         spend=spend,
         currency=currency,
         position=doc.position(path),
+    )
+
+
+def _approval(doc: Document, value: Any, path: str) -> ApprovalSpec | None:
+    if value is None:
+        return None
+    section = doc.mapping(value, path, ("approvers", "timeout", "hold", "grant", "reason"))
+    approvers = doc.strings(section, path, "approvers", required=True)
+    doc.check(
+        "approvers" not in section or bool(approvers),
+        f"{path}.approvers",
+        'name at least one approver ("role:NAME" or "user:ID")',
+    )
+    timeout = doc.duration(section, path, "timeout", 15 * 60.0)
+    hold = doc.duration(section, path, "hold", 25.0)
+    doc.check(1 <= timeout <= 7 * 24 * 3600, f"{path}.timeout", "must be between 1s and 7 days")
+    # Below common client and load-balancer timeouts (FIELD-NOTES: never hold forever).
+    doc.check(0 <= hold <= 55, f"{path}.hold", "must be between 0s and 55s")
+    grant = section.get("grant", "once")
+    grant_ttl: float | None = None
+    if grant != "once":
+        g = doc.mapping(grant, f"{path}.grant", ("ttl",)) if isinstance(grant, dict) else None
+        ttl = doc.duration(g, f"{path}.grant", "ttl", 0.0) if g else 0.0
+        if not ttl:
+            doc.error(f"{path}.grant", 'write "once" or {ttl: 1h}')
+        grant_ttl = ttl or None
+    return ApprovalSpec(
+        approvers=approvers,
+        timeout=timeout,
+        hold=min(hold, timeout),
+        grant_ttl=grant_ttl,
+        reason=doc.get(section, path, "reason", str, "") or "",
     )

@@ -140,6 +140,19 @@ class CostSpec:
 
 
 @dataclass(frozen=True, slots=True)
+class ApprovalSpec:
+    """How a `require_approval` rule is approved: by whom (`role:NAME`, `user:ID`, or an id),
+    how long a request stays open (`timeout`), how long the call is held (`hold`), and what
+    the approval grants: one call (`grant_ttl` None) or calls until `grant_ttl` passes."""
+
+    approvers: tuple[str, ...]
+    timeout: float = 15 * 60.0
+    hold: float = 25.0
+    grant_ttl: float | None = None
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class RuleSpec:
     id: str
     agents: tuple[str, ...]
@@ -155,6 +168,7 @@ class RuleSpec:
     cost: CostSpec | None = None
     label_task: tuple[str, ...] = ()
     builtin: bool = False
+    approval: ApprovalSpec | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -215,6 +229,20 @@ class AuditConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class Webhook:
+    url: str
+    secret: Secret | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ApprovalsSettings:
+    webhooks: tuple[Webhook, ...] = ()
+    max_pending: int = 1000
+    max_pending_per_agent: int = 50
+    ui_url: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class AdminSettings:
     """Who may call the admin API's write endpoints (revocations): agent or user ids and
     `role:NAME`, matched against a bearer token verified with `identity`."""
@@ -238,4 +266,5 @@ class Config:
     store: StoreSettings = StoreSettings()
     admin: AdminSettings = AdminSettings()
     audit: AuditConfig = AuditConfig()
+    approvals: ApprovalsSettings = ApprovalsSettings()
     policy_globs: tuple[str, ...] = ()

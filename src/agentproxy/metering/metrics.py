@@ -12,6 +12,7 @@ import os
 from prometheus_client import (
     CollectorRegistry,
     Counter,
+    Gauge,
     Histogram,
     gc_collector,
     platform_collector,
@@ -136,6 +137,21 @@ class Metrics:
             ["upstream", "tool"],
             registry=r,
         )
+        self.approvals_pending = Gauge(
+            "agentproxy_approvals_pending",
+            "Approvals waiting for a decision.",
+            registry=r,
+            multiprocess_mode="max",
+        )
+        self.approvals = Counter(
+            "agentproxy_approvals", "Approval decisions, by outcome.", ["outcome"], registry=r
+        )
+        self.approval_wait_seconds = Histogram(
+            "agentproxy_approval_wait_seconds",
+            "Time a call was held waiting for approval.",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self.audit_dropped = Counter(
             "agentproxy_audit_dropped",
             "Audit records that did not reach every sink.",
@@ -146,3 +162,5 @@ class Metrics:
             self.policy_reloads.labels(result)
         for result in ("hit", "miss"):
             self.decision_cache.labels(result)
+        for outcome in ("approved", "denied", "expired"):
+            self.approvals.labels(outcome)

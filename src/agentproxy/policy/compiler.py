@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from cel_expr_python import cel
 
-from agentproxy.config.model import CostSpec, PolicyFile, Position, RuleSpec
+from agentproxy.config.model import ApprovalSpec, CostSpec, PolicyFile, Position, RuleSpec
 from agentproxy.config.yamldoc import ConfigError, Issue
 from agentproxy.core import Effect, Mode, Principal
 from agentproxy.policy.patterns import ActionPattern, PatternError, PatternIndex, compile_pattern
@@ -92,6 +92,7 @@ class Rule:
     memoizable: bool = True
     reads_task: bool = False
     builtin: bool = False
+    approval: ApprovalSpec | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -224,18 +225,6 @@ def _compile_rule(spec: RuleSpec, issues: list[Issue]) -> Rule | None:
                 spec_limit.spend,
             )
         )
-    if spec.effect is Effect.REQUIRE_APPROVAL:
-        issues.append(
-            Issue(
-                pos.file,
-                pos.line,
-                pos.column,
-                f"rule {spec.id}.effect",
-                "require_approval needs approval gates, which this version does not "
-                "have yet; use deny (or allow) for now",
-            )
-        )
-        ok = False
     if not ok:
         return None
     reads = _reads(spec.when) | set().union(
@@ -257,6 +246,7 @@ def _compile_rule(spec: RuleSpec, issues: list[Issue]) -> Rule | None:
         memoizable=not reads & {"args", "now", "task", "request"},
         reads_task="task" in reads,
         builtin=spec.builtin,
+        approval=spec.approval,
     )
 
 

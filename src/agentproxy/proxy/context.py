@@ -27,6 +27,8 @@ def context_headers(call: Call, signer: ContextSigner) -> list[tuple[str, str]]:
     if call.task is not None:
         headers.append(("X-Agentproxy-Task", call.task))
     headers.append(("X-Agentproxy-Decision", call.id))
+    if call.approval is not None:
+        headers.append(("X-Agentproxy-Approval", call.approval))
     headers.append(("traceparent", call.trace.traceparent))
     if call.trace.state is not None:
         headers.append(("tracestate", call.trace.state))

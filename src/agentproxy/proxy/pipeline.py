@@ -12,17 +12,22 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import os
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from agentproxy.approvals.lifecycle import Approval, State, fingerprint, summarize
 from agentproxy.audit.decision_log import DecisionLog
-from agentproxy.audit.records import decision_record, outcome_record
+from agentproxy.audit.records import decision_record, outcome_record, plain
 from agentproxy.audit.sinks import AuditError
 from agentproxy.audit.trail import AuditTrail
+from agentproxy.config.model import ApprovalsSettings
 from agentproxy.core import Call, Decision, Effect, Facts, Mode
 from agentproxy.errors import (
+    ApprovalCap,
+    ApprovalRefused,
     Denied,
     InternalError,
     LimitRefused,
@@ -78,6 +83,8 @@ class Services:
     task_ttl: float = 24 * 3600.0
     audit: AuditTrail | None = None
     audit_required: bool = False
+    approvals: ApprovalsSettings = field(default_factory=ApprovalsSettings)
+    notify: Callable[[str, Approval], None] | None = None
 
 
 class Pipeline:
@@ -92,6 +99,7 @@ class Pipeline:
             self.identify,
             self.describe,
             self.decide,
+            self.gate,
             self.take_limits,
             self.audit_decision,
         )
@@ -188,13 +196,99 @@ class Pipeline:
         if call.store_error is not None:
             self._degraded(call)
         decision = call.decision
-        if decision.effect is not Effect.ALLOW and call.enforced:
+        if decision.effect is Effect.DENY and call.enforced:
             call.refusal = Denied(decision.reason, rule=decision.rule_id)
 
     async def _facts(self, call: Call) -> Facts:
         if self.runtime.policy.reads_task and call.task is not None:
             return await self._task_facts(call, call.task)
         return Facts(task_id=call.task)
+
+    async def gate(self, call: Call, _: Exchange) -> None:
+        """`require_approval`: a stored grant lets the call through; otherwise the pending
+        approval for exactly this call is found or created, and the call is held up to the
+        rule's `hold` for a decision, then answered approved (forwarded), denied, expired or
+        still pending (ask again; the approval id tells which)."""
+        decision = call.decision
+        principal = call.principal
+        if decision is None or decision.effect is not Effect.REQUIRE_APPROVAL:
+            return
+        if not call.enforced or principal is None or decision.rule_id is None:
+            return
+        rule = self.runtime.policy.rule(decision.rule_id)
+        spec = rule.approval
+        if spec is None:
+            raise Denied("the rule requires approval but names no approvers", rule=rule.id)
+        if call.batch:
+            raise Denied(
+                "a batch that needs approval cannot be approved; send that call alone", rule=rule.id
+            )
+        store = self.services.store
+        args = plain(call.action.args) if call.action.args is not None else None
+        fp = fingerprint(
+            principal.agent,
+            principal.acting_for,
+            principal.chain,
+            call.action.name,
+            args,
+            plain(call.action.query),
+        )
+        try:
+            if await self._use_grant(call, fp):
+                return
+            now = time.time()
+            approval = Approval(
+                id=os.urandom(10).hex(),
+                fingerprint=fp,
+                state=State.PENDING,
+                rule=rule.id,
+                reason=spec.reason or rule.reason or f"rule {rule.id} requires approval",
+                agent=principal.agent,
+                user=principal.acting_for,
+                chain=principal.chain,
+                action=call.action.name,
+                summary=summarize(args),
+                approvers=spec.approvers,
+                created=now,
+                expires=now + spec.timeout,
+                grant_ttl=spec.grant_ttl,
+            )
+            limits = self.services.approvals
+            opened = await store.open_approval(
+                approval,
+                now,
+                max_pending=limits.max_pending,
+                max_pending_per_agent=limits.max_pending_per_agent,
+            )
+            if opened is None:
+                raise ApprovalCap("too many approvals are pending; ask again later")
+            approval, created = opened
+            if created:
+                self._approval_event("requested", approval)
+            if approval.state is State.PENDING and spec.hold > 0:
+                waited = time.perf_counter()
+                held = await store.wait_approval(
+                    approval.id, min(spec.hold, approval.expires - now)
+                )
+                self.metrics.approval_wait_seconds.observe(time.perf_counter() - waited)
+                approval = held or approval
+            if approval.state is State.APPROVED and await self._use_grant(call, fp):
+                return
+        except StoreError as exc:
+            self.metrics.store_errors.labels("approvals").inc()
+            raise Unavailable(f"approvals are unavailable: {exc}", component="store") from None
+        raise approval_refusal(approval, hold=spec.hold)
+
+    async def _use_grant(self, call: Call, fp: str) -> bool:
+        grant = await self.services.store.use_grant(fp, time.time())
+        if grant is None:
+            return False
+        call.approval = grant.approval_id
+        return True
+
+    def _approval_event(self, event: str, approval: Approval) -> None:
+        if self.services.notify is not None:
+            self.services.notify(event, approval)
 
     async def take_limits(self, call: Call, _: Exchange) -> None:
         """Reserves every limit of the allowing rule atomically, or refuses with 429."""
@@ -348,6 +442,41 @@ class Pipeline:
                     trail.submit(decision_record(call, now, self._cost(call)))
         except Exception:
             log.exception("failed to record call %s", call.id)
+
+
+def approval_refusal(approval: Approval, *, hold: float) -> ApprovalRefused:
+    """Why a call that needs approval is not forwarded, in the approval's own words."""
+    aid, rule = approval.id, approval.rule
+    if approval.state is State.DENIED:
+        why = f": {approval.decided_reason}" if approval.decided_reason else ""
+        return ApprovalRefused(
+            f"approval {aid} was denied by {approval.decided_by}{why}",
+            outcome="denied",
+            approval_id=aid,
+            rule=rule,
+        )
+    if approval.state is State.EXPIRED:
+        return ApprovalRefused(
+            f"approval {aid} expired before anyone decided",
+            outcome="expired",
+            approval_id=aid,
+            rule=rule,
+        )
+    if approval.state is State.APPROVED:
+        return ApprovalRefused(
+            f"approval {aid} was already used (it granted one call)",
+            outcome="used",
+            approval_id=aid,
+            rule=rule,
+        )
+    return ApprovalRefused(
+        f"{approval.reason}: waiting for approval {aid} by {', '.join(approval.approvers)};"
+        " send the same call again once it is approved",
+        outcome="pending",
+        approval_id=aid,
+        rule=rule,
+        retry_after=max(5.0, hold),
+    )
 
 
 def _iso(epoch: float) -> str:

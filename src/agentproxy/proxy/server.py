@@ -15,6 +15,9 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from agentproxy.admin.server import admin_app, operator_allowed
+from agentproxy.approvals.authorize import check_approver
+from agentproxy.approvals.lifecycle import Approval, Event, State
+from agentproxy.approvals.notify import Notifier, Webhook
 from agentproxy.audit.decision_log import DecisionLog
 from agentproxy.audit.settings import AuditSettings
 from agentproxy.audit.sinks import AuditError
@@ -22,6 +25,7 @@ from agentproxy.audit.trail import AuditTrail
 from agentproxy.config import Config, ConfigError
 from agentproxy.config.model import StoreSettings
 from agentproxy.core import Principal
+from agentproxy.errors import Denied
 from agentproxy.identity.revocations import RevocationList
 from agentproxy.metering.metrics import Metrics
 from agentproxy.proxy import runtime as runtime_module
@@ -29,7 +33,7 @@ from agentproxy.proxy.explain import explain
 from agentproxy.proxy.http import HttpDataPlane, McpState, UpstreamSessions
 from agentproxy.proxy.pipeline import Pipeline, Services
 from agentproxy.proxy.watch import watch
-from agentproxy.store import MemoryStore, Revocation, Store
+from agentproxy.store import MemoryStore, Revocation, Store, StoreError
 
 log = logging.getLogger("agentproxy")
 
@@ -50,6 +54,9 @@ class ProxyServer:
         self._reuse_port = reuse_port
         self._watch_interval = watch_interval
         self._watcher: asyncio.Task[None] | None = None
+        self._approval_watch: asyncio.Task[None] | None = None
+        self._opened: set[str] = set()  # approvals this replica opened (to report expiry)
+        self.notifier: Notifier | None = None
         self.metrics = Metrics()
         self.store = make_store(config.store)
         self.services = Services(
@@ -110,6 +117,67 @@ class ProxyServer:
     async def accept_tool(self, upstream: str, tool: str) -> str | None:
         return self.mcp.pins.accept(upstream, tool)
 
+    async def approver(self, token: str) -> Principal:
+        return await self.pipeline.runtime.verifier.verify(token, time.time())
+
+    def is_operator(self, principal: Principal) -> bool:
+        try:
+            operator_allowed(principal, self.config.admin.operators)
+        except Denied:
+            return False
+        return True
+
+    async def list_approvals(self, state: str | None) -> list[Approval]:
+        return await self.store.list_approvals(state, time.time())
+
+    async def get_approval(self, approval_id: str) -> Approval | None:
+        return await self.store.get_approval(approval_id, time.time())
+
+    async def decide_approval(
+        self, approval_id: str, event: Event, principal: Principal, reason: str
+    ) -> Approval:
+        """Checks the approver (four-eyes), applies the event everywhere, tells everyone."""
+        now = time.time()
+        approval = await self.store.get_approval(approval_id, now)
+        if approval is None:
+            raise KeyError(approval_id)
+        check_approver(principal, approval)
+        decided = await self.store.decide_approval(approval_id, event, principal.agent, reason, now)
+        self._approval_event(decided.state.value, decided)
+        return decided
+
+    def _approval_event(self, event: str, approval: Approval) -> None:
+        """An approval event: a metric, a decision log line, an audit record, a webhook."""
+        if event == "requested":
+            self._opened.add(approval.id)
+        if event in ("approved", "denied", "expired"):
+            self.metrics.approvals.labels(event).inc()
+        record = {"kind": "approval", "event": event, **approval.to_json()}
+        self.services.decision_log.write_event(record)
+        if self.services.audit is not None:
+            self.services.audit.submit(record)
+        if self.notifier is not None:
+            self.notifier.notify(event, approval)
+
+    async def _watch_approvals(self) -> None:
+        """Every second: the pending gauge, and the expiry of approvals this replica opened
+        (each replica reports its own, so a fleet does not count one expiry N times)."""
+        opened = self._opened
+        while True:
+            await asyncio.sleep(1.0)
+            try:
+                pending = await self.store.list_approvals("pending", time.time())
+                self.metrics.approvals_pending.set(len(pending))
+                gone = opened - {a.id for a in pending}
+                for approval_id in gone:
+                    opened.discard(approval_id)
+                    approval = await self.store.get_approval(approval_id, time.time())
+                    if approval is not None and approval.state is State.EXPIRED:
+                        self._approval_event("expired", approval)
+            except StoreError as exc:
+                self.metrics.store_errors.labels("approvals").inc()
+                log.warning("cannot read pending approvals: %s", exc)
+
     async def revoke(self, revocation: Revocation) -> None:
         """Writes to the store (the fleet sees it within a second) and applies it here now."""
         await self.store.revoke(revocation)
@@ -132,6 +200,19 @@ class ProxyServer:
             self.services.audit_required = self.config.audit.required
         await self.services.revocations.refresh(time.time())
         self._refresher = asyncio.get_running_loop().create_task(self.services.revocations.run())
+        if self.config.approvals.webhooks:
+            self.notifier = Notifier(
+                [
+                    Webhook(h.url, h.secret.value if h.secret else None)
+                    for h in self.config.approvals.webhooks
+                ],
+                ui_url=self.config.approvals.ui_url,
+                on_failure=lambda host: log.error("approval webhook to %s failed", host),
+            )
+            await self.notifier.start()
+        self.services.approvals = self.config.approvals
+        self.services.notify = self._approval_event
+        self._approval_watch = asyncio.get_running_loop().create_task(self._watch_approvals())
         self._pipeline = Pipeline(runtime, self.services)
         data_plane = HttpDataPlane(lambda: self.pipeline, self.sessions, self.mcp)
         listen = self.config.listen
@@ -196,6 +277,7 @@ class ProxyServer:
         if config.audit != self.config.audit:
             log.warning("audit settings changed; they take effect at the next restart")
         self.services.on_error = config.store.on_error
+        self.services.approvals = config.approvals
         self.services.task_ttl = config.store.task_ttl
         self.config = config
         self._pipeline = Pipeline(runtime, self.services)
@@ -215,10 +297,13 @@ class ProxyServer:
         for runner in reversed(self._runners):
             await runner.cleanup()
         self._runners.clear()
-        if self._refresher is not None:
-            self._refresher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._refresher
+        for task in (self._refresher, self._approval_watch):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        if self.notifier is not None:
+            await self.notifier.close()
         await self.sessions.close()
         if self.services.audit is not None:
             try:

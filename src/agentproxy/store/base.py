@@ -13,6 +13,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
+from agentproxy.approvals.lifecycle import Approval, Event
 from agentproxy.core import Reservation
 
 __all__ = [
@@ -129,6 +130,39 @@ class Store(Protocol):
         """Atomically uses the grant for `fingerprint` once: the grant as it was, or None if
         there is none, it expired, or its uses are spent (so of N concurrent callers of a
         one-use grant exactly one gets it). Raises StoreError."""
+
+    async def open_approval(
+        self, approval: Approval, now: float, *, max_pending: int, max_pending_per_agent: int
+    ) -> tuple[Approval, bool] | None:
+        """Finds the approval for `approval.fingerprint` or creates this one, atomically.
+
+        An approval is found while it is pending, and after it was decided (approved, denied
+        or expired) until `decided_at + (expires - created)`, so an identical retry sees the
+        decision. Returns (approval, created), or None when creating would exceed
+        `max_pending` pending approvals in total or `max_pending_per_agent` for its agent
+        (nothing is created then). A pending approval past `expires` is expired first.
+        Raises StoreError.
+        """
+
+    async def get_approval(self, approval_id: str, now: float) -> Approval | None:
+        """The approval (expired first if pending past `expires`), or None. Raises StoreError."""
+
+    async def list_approvals(self, state: str | None, now: float) -> list[Approval]:
+        """Approvals in `state` (all when None), oldest first, expiring overdue pending ones
+        first. Raises StoreError."""
+
+    async def decide_approval(
+        self, approval_id: str, event: Event, by: str, reason: str, now: float
+    ) -> Approval:
+        """Applies `event` (lifecycle.advance) atomically and returns the new approval. On
+        approve, also stores its `ApprovalGrant` (uses 1 when `grant_ttl` is None, else
+        unlimited until now + grant_ttl) in the same atomic step. Wakes every waiter on any
+        replica. Raises KeyError (unknown id), IllegalTransition, StoreError."""
+
+    async def wait_approval(self, approval_id: str, timeout: float) -> Approval | None:  # noqa: ASYNC109 - the bound is the contract
+        """Waits up to `timeout` seconds for the approval to leave `pending` (on any replica),
+        and returns it as it then is (None if unknown). Costs no thread; many waiters share
+        one subscription. Raises StoreError."""
 
     async def task_history(self, task: str, now: float) -> TaskHistory:
         """The history of `task` at `now` (empty if unknown or expired). Raises StoreError."""

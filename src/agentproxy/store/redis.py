@@ -10,6 +10,31 @@ Keys, all under `RedisSettings.key_prefix`:
 - `task:<task>`: a hash with `calls`, `spent` and one `label:<name>` field per label, expiring
   `ttl` seconds after the task's last call. One key rather than a hash and a set: a separate
   `task:<t>:labels` set would be the very key of task `<t>:labels`'s hash.
+- `grant:<fingerprint>`: an `ApprovalGrant` as JSON, expiring with it.
+- `approval:<id>`: a hash: `json` (the approval as created), its mutable `state`,
+  `decided_by`, `decided_reason`, `decided_at`, and the copies the scripts read (`fingerprint`,
+  `agent`, `created`, `expires`, `grant_ttl`). Numbers are Python `repr`s, so they round-trip
+  exactly (Lua's cjson would keep 14 digits). It expires `expires - created` after its window
+  for retries closes: `2 * (expires - created)` after its decision (after `expires` for one
+  that expired).
+- `approval-fp:<fingerprint>`: the id of the fingerprint's latest approval, expiring with it.
+- `approvals:pending` and `approvals:pending:agent:<agent>`: sorted sets of pending ids,
+  scored by `expires`; the caps count their members not yet overdue.
+- `approvals:all`: a sorted set of every approval id, scored by `created`, for listing.
+  Members whose record expired are dropped by the next list or open that meets them.
+- Channel `approvals:changed`: every change of an approval (created, decided, expired)
+  publishes its id.
+
+Approvals: every operation is one Lua script, which first expires the overdue pending
+approvals it meets (the lifecycle's `pending --expire--> expired`, decided_at = expires) and
+publishes them. `decide_approval` carries the lifecycle table into Lua, generated from
+`lifecycle.TRANSITIONS` so the two cannot drift. The scripts build keys from the prefix they
+are given, so they suit a single Redis (or a replicated one), not Redis Cluster.
+`wait_approval` costs no thread: each store holds ONE subscription to `approvals:changed` (a
+background task started by the first wait, on its own connection), which sets the events of
+the ids it hears; after each (re)subscription and every `POLL_INTERVAL` it re-reads the state
+of every waited-on approval in one pipelined round trip, so a decision published before the
+subscription, or lost with a connection, still wakes its waiters within a second.
 
 Time: windows and revocation expiry use the caller's `now`, never Redis `TIME`, so replicas and
 `MemoryStore` agree on which window a call falls in. Key expiry uses relative TTLs, so skew
@@ -39,6 +64,9 @@ Durability:
   Redis persistence. Run Redis with `appendonly yes`. Also use `maxmemory-policy noeviction`
   or a `volatile-*` policy: counters and tasks carry TTLs, while revocations and the marker do
   not, and an `allkeys-*` policy could evict them without the marker changing.
+- Pending approvals survive a proxy restart (they live in Redis, not in the replica), and a
+  Redis restart only with persistence. They carry TTLs, so under memory pressure a `volatile-*`
+  policy may evict them: prefer `noeviction`.
 """
 
 from __future__ import annotations
@@ -49,7 +77,8 @@ import math
 import secrets
 import sys
 from collections.abc import AsyncIterator, Iterable
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
+from dataclasses import replace
 from typing import Any, cast
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -61,6 +90,7 @@ from redis.exceptions import RedisError
 from redis.maint_notifications import MaintNotificationsConfig
 from redis.typing import EncodableT, FieldT
 
+from agentproxy.approvals.lifecycle import TRANSITIONS, Approval, Event, State, advance
 from agentproxy.config.model import RedisSettings, redact_url
 from agentproxy.store.base import (
     ApprovalGrant,
@@ -79,6 +109,14 @@ BOUND_FACTOR = 4
 # How long a window's counter outlives the window: a replica whose clock lags still finds the
 # counter its peers filled, instead of starting the window afresh.
 WINDOW_MARGIN = 5.0
+# Approvals: at most this many returned by one list, records examined by one list of decided
+# ones, and overdue pending approvals expired by one call (the rest by the next calls).
+LIST_LIMIT = 1000
+LIST_SCAN = 10_000
+SWEEP = 100
+# How often waiters are re-checked by reading, in case a notification was lost; also the pause
+# before resubscribing after the subscription failed.
+POLL_INTERVAL = 1.0
 
 # Checking every counter before taking any is what makes a multi-limit call all-or-nothing;
 # doing it in one script is what keeps concurrent callers from overspending between the check
@@ -161,6 +199,194 @@ end
 return grant
 """
 
+# The lifecycle table, generated so that Lua applies exactly `lifecycle.TRANSITIONS`.
+_TRANSITIONS_LUA = (
+    "local TRANSITIONS = {\n"
+    + "".join(
+        f"  ['{state.value}:{event.value}'] = '{target.value}',\n"
+        for (state, event), target in TRANSITIONS.items()
+    )
+    + "}\n"
+)
+
+# What every approval script shares. ARGV[1]: the key prefix; ARGV[2]: now (a Python repr).
+# `meet` expires an overdue pending approval: it expired at `expires`, whoever notices it.
+_APPROVAL_PRELUDE = (
+    _TRANSITIONS_LUA
+    + f"local SWEEP = {SWEEP}\n"
+    + """
+local P = ARGV[1]
+local NOW_S = ARGV[2]
+local NOW = tonumber(NOW_S)
+local PENDING = P .. 'approvals:pending'
+local ALL = P .. 'approvals:all'
+local CHANGED = P .. 'approvals:changed'
+local EXPIRED = TRANSITIONS['pending:expire']
+
+local function record_key(id) return P .. 'approval:' .. id end
+local function agent_key(agent) return P .. 'approvals:pending:agent:' .. agent end
+local function fp_key(fp) return P .. 'approval-fp:' .. fp end
+
+local function ttl_at_least(key, ms)
+  if redis.call('PTTL', key) < ms then redis.call('PEXPIRE', key, ms) end
+end
+
+local function leave_pending(id, rec)
+  redis.call('ZREM', PENDING, id)
+  local agent = redis.call('HGET', rec, 'agent')
+  if agent then redis.call('ZREM', agent_key(agent), id) end
+end
+
+local function meet(id)
+  local rec = record_key(id)
+  local f = redis.call('HMGET', rec, 'state', 'expires')
+  if not f[1] then
+    redis.call('ZREM', PENDING, id)
+    return false
+  end
+  if f[1] == 'pending' and tonumber(f[2]) <= NOW then
+    redis.call('HSET', rec, 'state', EXPIRED, 'decided_at', f[2])
+    leave_pending(id, rec)
+    redis.call('PUBLISH', CHANGED, id)
+    return EXPIRED
+  end
+  return f[1]
+end
+
+local function sweep()
+  for _, id in ipairs(redis.call('ZRANGEBYSCORE', PENDING, '-inf', NOW_S, 'LIMIT', 0, SWEEP)) do
+    meet(id)
+  end
+end
+"""
+)
+
+# ARGV[3..]: id, fingerprint, agent, created, expires, grant_ttl ('' for one use), the JSON,
+# max pending, max pending for the agent. Returns {created 0/1, fields} or false (a cap).
+_OPEN_APPROVAL = (
+    _APPROVAL_PRELUDE
+    + """
+local id, fp, agent, created_s, expires_s = ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7]
+sweep()
+local found = redis.call('GET', fp_key(fp))
+if found then
+  local state = meet(found)
+  if state == 'pending' then return {0, redis.call('HGETALL', record_key(found))} end
+  if state then
+    local f = redis.call('HMGET', record_key(found), 'decided_at', 'created', 'expires')
+    if NOW < tonumber(f[1]) + (tonumber(f[3]) - tonumber(f[2])) then
+      return {0, redis.call('HGETALL', record_key(found))}
+    end
+  end
+end
+local per_agent = agent_key(agent)
+redis.call('ZREMRANGEBYSCORE', per_agent, '-inf', NOW_S)
+if redis.call('ZCOUNT', PENDING, '(' .. NOW_S, '+inf') >= tonumber(ARGV[10]) then return false end
+if redis.call('ZCARD', per_agent) >= tonumber(ARGV[11]) then return false end
+local expires = tonumber(expires_s)
+local ms = math.max(1, math.ceil((expires - NOW + 2 * (expires - tonumber(created_s))) * 1000))
+local rec = record_key(id)
+redis.call('DEL', rec)
+redis.call('HSET', rec, 'json', ARGV[9], 'state', 'pending', 'fingerprint', fp, 'agent', agent,
+  'created', created_s, 'expires', expires_s, 'grant_ttl', ARGV[8])
+redis.call('PEXPIRE', rec, ms)
+redis.call('SET', fp_key(fp), id, 'PX', ms)
+redis.call('ZADD', PENDING, expires_s, id)
+redis.call('ZADD', per_agent, expires_s, id)
+redis.call('ZADD', ALL, created_s, id)
+ttl_at_least(PENDING, ms)
+ttl_at_least(per_agent, ms)
+ttl_at_least(ALL, ms)
+for _, old in ipairs(redis.call('ZRANGE', ALL, 0, 9)) do
+  if redis.call('EXISTS', record_key(old)) == 0 then redis.call('ZREM', ALL, old) end
+end
+redis.call('PUBLISH', CHANGED, id)
+return {1, redis.call('HGETALL', rec)}
+"""
+)
+
+# ARGV[3]: the id. Returns its fields or false.
+_GET_APPROVAL = (
+    _APPROVAL_PRELUDE
+    + """
+if not meet(ARGV[3]) then return false end
+return redis.call('HGETALL', record_key(ARGV[3]))
+"""
+)
+
+# ARGV[3]: the state ('' for all), ARGV[4]: at most this many, ARGV[5]: records to examine.
+# Returns a list of field lists: pending ones that expire soonest, others oldest first.
+_LIST_APPROVALS = (
+    _APPROVAL_PRELUDE
+    + """
+local wanted, limit, scan = ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5])
+sweep()
+local out = {}
+if wanted == 'pending' then
+  local ids = redis.call('ZRANGEBYSCORE', PENDING, '(' .. NOW_S, '+inf', 'LIMIT', 0, limit)
+  for _, id in ipairs(ids) do
+    if meet(id) == 'pending' then out[#out + 1] = redis.call('HGETALL', record_key(id)) end
+  end
+  return out
+end
+local gone = {}
+local start = 0
+while #out < limit and start < scan do
+  local ids = redis.call('ZRANGE', ALL, start, start + 99)
+  if #ids == 0 then break end
+  for _, id in ipairs(ids) do
+    local state = meet(id)
+    if not state then
+      gone[#gone + 1] = id
+    elseif (wanted == '' or state == wanted) and #out < limit then
+      out[#out + 1] = redis.call('HGETALL', record_key(id))
+    end
+  end
+  start = start + 100
+end
+for _, id in ipairs(gone) do redis.call('ZREM', ALL, id) end
+return out
+"""
+)
+
+# ARGV[3..]: id, event, by, reason. Returns {'ok', fields}, {'unknown'} or {'illegal', state}.
+# On approve, the grant is written in the same script, in `put_grant`'s format: one use until
+# the approval's own expiry, or any number until now + grant_ttl (formatted %.17g: exact).
+_DECIDE_APPROVAL = (
+    _APPROVAL_PRELUDE
+    + """
+local id, event, by, reason = ARGV[3], ARGV[4], ARGV[5], ARGV[6]
+local state = meet(id)
+if not state then return {'unknown'} end
+local target = TRANSITIONS[state .. ':' .. event]
+if not target then return {'illegal', state} end
+local rec = record_key(id)
+local f = redis.call('HMGET', rec, 'created', 'expires', 'fingerprint', 'grant_ttl')
+redis.call('HSET', rec, 'state', target)
+if state == 'pending' and target ~= 'pending' then
+  redis.call('HSET', rec, 'decided_by', by, 'decided_reason', reason, 'decided_at', NOW_S)
+  leave_pending(id, rec)
+  local ms = math.max(1, math.ceil(2 * (tonumber(f[2]) - tonumber(f[1])) * 1000))
+  redis.call('PEXPIRE', rec, ms)
+  if redis.call('GET', fp_key(f[3])) == id then redis.call('PEXPIRE', fp_key(f[3]), ms) end
+  ttl_at_least(ALL, ms)
+end
+if target == 'approved' then
+  local expires_s, uses = f[2], '1'
+  if f[4] ~= '' then
+    expires_s, uses = string.format('%.17g', NOW + tonumber(f[4])), 'null'
+  end
+  local grant = '{"fingerprint":' .. cjson.encode(f[3]) .. ',"approval_id":' .. cjson.encode(id)
+    .. ',"expires":' .. expires_s .. ',"uses":' .. uses .. ',"approver":' .. cjson.encode(by)
+    .. '}'
+  local ms = math.ceil((tonumber(expires_s) - NOW) * 1000)
+  if ms > 0 then redis.call('SET', P .. 'grant:' .. f[3], grant, 'PX', ms) end
+end
+redis.call('PUBLISH', CHANGED, id)
+return {'ok', redis.call('HGETALL', rec)}
+"""
+)
+
 _RevocationKey = tuple[str, str]
 
 
@@ -177,29 +403,26 @@ class RedisStore:
         self._where = redact_url(settings.url)
         self._secrets = _secrets_in(settings.url)
         try:
-            pool = BlockingConnectionPool.from_url(
-                settings.url,
-                max_connections=settings.pool_size,
-                # Waiting for a free connection is bounded like everything else.
-                timeout=self._bound,
-                socket_timeout=settings.timeout,
-                socket_connect_timeout=settings.timeout,
-                retry=Retry(NoBackoff(), 0),
-                # With maintenance notifications (on by default for RESP3), redis-py stops
-                # checking a pooled connection for the server's close before reusing it, so the
-                # first calls after a Redis restart would fail; it also relaxes timeouts to
-                # seconds during a "maintenance". We need neither.
-                maint_notifications_config=MaintNotificationsConfig(enabled=False),
-                decode_responses=True,
-            )
+            self._redis: Redis = Redis.from_pool(self._pool(settings, settings.pool_size))
+            # The approval subscription holds a connection of its own: it never takes one
+            # from the calls, however small the pool.
+            self._listener: Redis = Redis.from_pool(self._pool(settings, 1))
         except ValueError as exc:
             raise StoreError(self._scrub(f"invalid redis url {self._where}: {exc}")) from None
-        self._redis: Redis = Redis.from_pool(pool)
         self._reserve = self._redis.register_script(_RESERVE)
         self._release = self._redis.register_script(_RELEASE)
         self._reapply = self._redis.register_script(_REAPPLY)
         self._prune = self._redis.register_script(_PRUNE)
         self._use_grant = self._redis.register_script(_USE_GRANT)
+        self._open_approval = self._redis.register_script(_OPEN_APPROVAL)
+        self._get_approval = self._redis.register_script(_GET_APPROVAL)
+        self._list_approvals = self._redis.register_script(_LIST_APPROVALS)
+        self._decide_approval = self._redis.register_script(_DECIDE_APPROVAL)
+        self._changed_channel = f"{self._prefix}approvals:changed"
+        self._waits: dict[str, set[asyncio.Event]] = {}  # approval id → its waiters' events
+        self._watcher: asyncio.Task[None] | None = None
+        self._watch_failing = False
+        self._closing = False
         self._revocations_key = f"{self._prefix}revocations"
         self._epoch_key = f"{self._prefix}epoch"
         self._epoch: str | None = None
@@ -226,9 +449,36 @@ class RedisStore:
         self._mirror = {(r.kind, r.subject): r for r in revocations.values()}
 
     async def close(self) -> None:
-        """Closes every pooled connection. Raises StoreError if that fails."""
+        """Stops the approval subscription and closes every connection. Raises StoreError if
+        that fails."""
+        if self._watcher is not None:
+            # redis-py may turn a cancellation that meets a read's own timeout into that
+            # timeout's None (Python 3.11): the flag ends the watcher within a POLL_INTERVAL.
+            self._closing = True
+            self._watcher.cancel()
+            await asyncio.wait([self._watcher])
+            self._watcher = None
         async with self._bounded("close"):
+            await self._listener.aclose()
             await self._redis.aclose()
+
+    def _pool(self, settings: RedisSettings, size: int) -> BlockingConnectionPool:
+        """Raises ValueError if the URL cannot be parsed."""
+        return BlockingConnectionPool.from_url(
+            settings.url,
+            max_connections=size,
+            # Waiting for a free connection is bounded like everything else.
+            timeout=self._bound,
+            socket_timeout=settings.timeout,
+            socket_connect_timeout=settings.timeout,
+            retry=Retry(NoBackoff(), 0),
+            # With maintenance notifications (on by default for RESP3), redis-py stops
+            # checking a pooled connection for the server's close before reusing it, so the
+            # first calls after a Redis restart would fail; it also relaxes timeouts to
+            # seconds during a "maintenance". We need neither.
+            maint_notifications_config=MaintNotificationsConfig(enabled=False),
+            decode_responses=True,
+        )
 
     async def revoke(self, revocation: Revocation) -> None:
         """Adds or replaces the revocation of `(kind, subject)`. Raises StoreError."""
@@ -343,6 +593,179 @@ class RedisStore:
 
     def _grant_key(self, fingerprint: str) -> str:
         return f"{self._prefix}grant:{fingerprint}"
+
+    async def open_approval(
+        self, approval: Approval, now: float, *, max_pending: int, max_pending_per_agent: int
+    ) -> tuple[Approval, bool] | None:
+        """Finds the approval for the fingerprint or creates `approval`, in one script.
+
+        Raises ValueError if `approval` is not a new pending approval with expires > created,
+        StoreError.
+        """
+        _check_new(approval)
+        grant_ttl = "" if approval.grant_ttl is None else repr(float(approval.grant_ttl))
+        args = [
+            *self._approval_args(now),
+            approval.id,
+            approval.fingerprint,
+            approval.agent,
+            repr(float(approval.created)),
+            repr(float(approval.expires)),
+            grant_ttl,
+            orjson.dumps(approval.to_json()).decode(),
+            str(max_pending),
+            str(max_pending_per_agent),
+        ]
+        async with self._bounded("open_approval"):
+            result = await self._open_approval(keys=[], args=args)
+            if not result:
+                return None
+            return _approval_from(result[1]), bool(result[0])
+
+    async def get_approval(self, approval_id: str, now: float) -> Approval | None:
+        """The approval, expired first if overdue (one script), or None. Raises StoreError."""
+        async with self._bounded("get_approval"):
+            fields = await self._get_approval(
+                keys=[], args=[*self._approval_args(now), approval_id]
+            )
+            return _approval_from(fields) if fields else None
+
+    async def list_approvals(self, state: str | None, now: float) -> list[Approval]:
+        """At most LIST_LIMIT approvals, oldest first, in one script. When more are pending,
+        the pending list holds those that expire soonest; a list of decided ones examines at
+        most LIST_SCAN records. Raises ValueError for an unknown state, StoreError."""
+        wanted = "" if state is None else State(state).value
+        args = [*self._approval_args(now), wanted, str(LIST_LIMIT), str(LIST_SCAN)]
+        async with self._bounded("list_approvals"):
+            found = await self._list_approvals(keys=[], args=args)
+            approvals = [_approval_from(fields) for fields in found]
+        return sorted(approvals, key=lambda a: (a.created, a.id))
+
+    async def decide_approval(
+        self, approval_id: str, event: Event, by: str, reason: str, now: float
+    ) -> Approval:
+        """Applies `event` in one script (the lifecycle table, the grant on approve, the
+        notification). Raises KeyError (unknown id), IllegalTransition, StoreError."""
+        args = [*self._approval_args(now), approval_id, event.value, by, reason]
+        async with self._bounded("decide_approval"):
+            result = await self._decide_approval(keys=[], args=args)
+            outcome = result[0]
+            decided = _approval_from(result[1]) if outcome == "ok" else None
+        if decided is not None:
+            return decided
+        if outcome == "unknown":
+            raise KeyError(approval_id)
+        advance(State(result[1]), event)  # raises the IllegalTransition the script found
+        raise StoreError(f"the approval script refused {event.value} on {result[1]}")
+
+    # The protocol's signature: the store bounds the wait itself, as the pipeline's hold.
+    async def wait_approval(self, approval_id: str, timeout: float) -> Approval | None:  # noqa: ASYNC109
+        """Returns once the approval leaves `pending` on any replica, or after `timeout`
+        seconds, as it then is. Woken by this store's one subscription (see the module
+        docstring). With no `now` it expires nothing: an approval past `expires` that no
+        operation has met yet is returned pending (`get_approval` expires it).
+
+        Raises StoreError.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        woken = asyncio.Event()
+        # Registered before the first read: a change after the read wakes this waiter, by a
+        # notification or by the re-check that follows each (re)subscription.
+        self._waits.setdefault(approval_id, set()).add(woken)
+        try:
+            if self._watcher is None or self._watcher.done():
+                self._watcher = asyncio.create_task(self._watch(), name="approval-watcher")
+            while True:
+                woken.clear()
+                async with self._bounded("wait_approval"):
+                    # decode_responses=True: every reply is str.
+                    fields = cast(
+                        dict[str, str], await self._redis.hgetall(self._approval_key(approval_id))
+                    )
+                    approval = _approval_from(fields) if fields else None
+                left = deadline - loop.time()
+                if approval is None or approval.state is not State.PENDING or left <= 0:
+                    return approval
+                try:
+                    async with asyncio.timeout(left):
+                        await woken.wait()
+                except TimeoutError:
+                    pass
+        finally:
+            waiters = self._waits.get(approval_id)
+            if waiters is not None:
+                waiters.discard(woken)
+                if not waiters:
+                    del self._waits[approval_id]
+
+    async def _watch(self) -> None:
+        """The one subscription: wakes the waiters of every id published, and re-checks all
+        waiters after each (re)subscription and every POLL_INTERVAL. Runs until `close`."""
+        loop = asyncio.get_running_loop()
+        while not self._closing:
+            pubsub = self._listener.pubsub()
+            try:
+                await pubsub.subscribe(self._changed_channel)
+                poll_at = loop.time() + POLL_INTERVAL
+                while not self._closing:
+                    message = await pubsub.get_message(timeout=max(0.0, poll_at - loop.time()))
+                    if message is not None and message["type"] == "message":
+                        self._wake(str(message["data"]))
+                    elif message is not None and message["type"] == "subscribe":
+                        await self._recheck()
+                    if loop.time() >= poll_at:
+                        await self._recheck()
+                        poll_at = loop.time() + POLL_INTERVAL
+            except (RedisError, OSError, StoreError) as exc:
+                self._watch_failed(exc)
+                await asyncio.sleep(POLL_INTERVAL)
+            except Exception:
+                # A bug: say so, and keep waking waiters rather than leave them to time out.
+                log.exception("approval notifications stopped by a bug; resubscribing")
+                await asyncio.sleep(POLL_INTERVAL)
+            finally:
+                # The connection is being dropped either way: closing a broken one may fail.
+                with suppress(RedisError, OSError):
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+    async def _recheck(self) -> None:
+        """Wakes the waiters of every approval no longer pending: one pipelined round trip.
+        Raises StoreError."""
+        ids = list(self._waits)
+        if ids:
+            async with self._bounded("wait_approval (re-check)"):
+                pipe = self._redis.pipeline(transaction=False)
+                for approval_id in ids:
+                    pipe.hget(self._approval_key(approval_id), "state")
+                states = await pipe.execute()
+            for approval_id, state in zip(ids, states, strict=True):
+                if state != State.PENDING.value:
+                    self._wake(approval_id)
+        if self._watch_failing:
+            self._watch_failing = False
+            log.info("approval notifications from redis at %s resumed", self._where)
+
+    def _watch_failed(self, exc: BaseException) -> None:
+        # Once per outage: waiters still end at their timeout, reading Redis themselves.
+        if not self._watch_failing:
+            self._watch_failing = True
+            log.warning(
+                "approval notifications from redis at %s failed (%s); resubscribing every %gs",
+                self._where,
+                self._scrub(f"{type(exc).__name__}: {exc}"),
+                POLL_INTERVAL,
+            )
+
+    def _wake(self, approval_id: str) -> None:
+        for woken in self._waits.get(approval_id, ()):
+            woken.set()
+
+    def _approval_args(self, now: float) -> list[str]:
+        return [self._prefix, repr(float(now))]
+
+    def _approval_key(self, approval_id: str) -> str:
+        return f"{self._prefix}approval:{approval_id}"
 
     async def task_history(self, task: str, now: float) -> TaskHistory:
         """The history of `task` (empty if unknown or expired). `now` is unused: the key's TTL
@@ -471,6 +894,31 @@ def _parse_revocations(raw: dict[str, str]) -> dict[str, Revocation]:
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"malformed revocation {field!r}: {exc}") from None
     return revocations
+
+
+def _check_new(approval: Approval) -> None:
+    if approval.state is not State.PENDING or approval.decided_at is not None:
+        raise ValueError(f"approval {approval.id} is not a new pending approval")
+    if not (math.isfinite(approval.created) and approval.created < approval.expires < math.inf):
+        raise ValueError(f"approval {approval.id} must expire after it is created")
+
+
+def _approval_from(flat: list[str] | dict[str, str]) -> Approval:
+    """The approval of a record's fields (a script's flat list or HGETALL's dict). Raises
+    ValueError (a StoreError once bounded) for a record that is not an approval."""
+    fields = flat if isinstance(flat, dict) else dict(zip(flat[::2], flat[1::2], strict=True))
+    try:
+        created = Approval.from_json(orjson.loads(fields["json"]))
+        decided_at = fields.get("decided_at")
+        return replace(
+            created,
+            state=State(fields["state"]),
+            decided_by=fields.get("decided_by"),
+            decided_reason=fields.get("decided_reason"),
+            decided_at=None if decided_at is None else float(decided_at),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"malformed approval record: {type(exc).__name__}: {exc}") from None
 
 
 def _secrets_in(url: str) -> list[str]:

@@ -1,0 +1,1 @@
+"""Approval gates: hold high-risk calls until a permitted human says yes."""

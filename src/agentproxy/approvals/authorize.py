@@ -1,0 +1,38 @@
+"""Who may decide an approval: a listed approver, never the requester (four-eyes)."""
+
+from __future__ import annotations
+
+from agentproxy.approvals.lifecycle import Approval
+from agentproxy.core import Principal
+from agentproxy.errors import Denied
+
+
+def is_listed(principal: Principal, approvers: tuple[str, ...]) -> bool:
+    """`role:NAME` matches a role, `user:ID` and a bare `ID` match the approver's own id."""
+    for entry in approvers:
+        if entry.startswith("role:"):
+            if entry[5:] in principal.roles:
+                return True
+        elif (entry[5:] if entry.startswith("user:") else entry) == principal.agent:
+            return True
+    return False
+
+
+def check_approver(principal: Principal, approval: Approval) -> None:
+    """Raises Denied unless `principal` may approve or deny `approval`.
+
+    The approver acts as themselves: a delegated token (an agent acting for someone) never
+    approves. Nobody approves a call they asked for, made, or that is made on their behalf:
+    not the requesting agent, not the user it acts for, not an earlier actor in its chain.
+    """
+    if principal.acting_for is not None or principal.chain:
+        raise Denied("approvals are decided with the approver's own token, not a delegated one")
+    involved = {approval.agent, *approval.chain}
+    if approval.user is not None:
+        involved.add(approval.user)
+    if principal.agent in involved:
+        raise Denied("four-eyes: the requester, its user and its delegation chain cannot approve")
+    if not is_listed(principal, approval.approvers):
+        raise Denied(
+            f"not an approver for this request (approvers: {', '.join(approval.approvers)})"
+        )

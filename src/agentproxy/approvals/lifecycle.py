@@ -1,0 +1,160 @@
+"""The approval lifecycle as a transition table (h11 keeps its state machine the same way).
+
+    pending --approve--> approved
+    pending --deny-----> denied
+    pending --expire---> expired
+
+Every store applies this same table; an illegal transition raises.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+
+class State(enum.Enum):
+    PENDING = "pending"
+    APPROVED = "approved"
+    DENIED = "denied"
+    EXPIRED = "expired"
+
+
+class Event(enum.Enum):
+    APPROVE = "approve"
+    DENY = "deny"
+    EXPIRE = "expire"
+
+
+TRANSITIONS: Mapping[tuple[State, Event], State] = {
+    (State.PENDING, Event.APPROVE): State.APPROVED,
+    (State.PENDING, Event.DENY): State.DENIED,
+    (State.PENDING, Event.EXPIRE): State.EXPIRED,
+}
+
+
+class IllegalTransition(ValueError):
+    """An approval was asked to move where the table has no arrow (e.g. approve a denial)."""
+
+
+def advance(state: State, event: Event) -> State:
+    """Raises IllegalTransition when `event` is not allowed in `state`."""
+    try:
+        return TRANSITIONS[(state, event)]
+    except KeyError:
+        raise IllegalTransition(f"cannot {event.value} an approval that is {state.value}") from None
+
+
+@dataclass(frozen=True, slots=True)
+class Approval:
+    """One request for approval. `fingerprint` binds it to the exact principal, action and
+    arguments: approving a 50 € transfer never releases a 5,000 € one."""
+
+    id: str
+    fingerprint: str
+    state: State
+    rule: str
+    reason: str
+    agent: str
+    user: str | None
+    chain: tuple[str, ...]
+    action: str
+    summary: Mapping[str, Any]
+    approvers: tuple[str, ...]
+    created: float
+    expires: float
+    grant_ttl: float | None = None  # None: the grant lets exactly one call through
+    decided_by: str | None = None
+    decided_reason: str | None = None
+    decided_at: float | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "fingerprint": self.fingerprint,
+            "state": self.state.value,
+            "rule": self.rule,
+            "reason": self.reason,
+            "agent": self.agent,
+            "user": self.user,
+            "chain": list(self.chain),
+            "action": self.action,
+            "summary": dict(self.summary),
+            "approvers": list(self.approvers),
+            "created": self.created,
+            "expires": self.expires,
+            "grant_ttl": self.grant_ttl,
+            "decided_by": self.decided_by,
+            "decided_reason": self.decided_reason,
+            "decided_at": self.decided_at,
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Approval:
+        """Raises KeyError, ValueError or TypeError for a record that is not an approval."""
+        return cls(
+            id=str(data["id"]),
+            fingerprint=str(data["fingerprint"]),
+            state=State(data["state"]),
+            rule=str(data["rule"]),
+            reason=str(data["reason"]),
+            agent=str(data["agent"]),
+            user=None if data["user"] is None else str(data["user"]),
+            chain=tuple(str(a) for a in data["chain"]),
+            action=str(data["action"]),
+            summary=dict(data["summary"]),
+            approvers=tuple(str(a) for a in data["approvers"]),
+            created=float(data["created"]),
+            expires=float(data["expires"]),
+            grant_ttl=None if data.get("grant_ttl") is None else float(data["grant_ttl"]),
+            decided_by=data.get("decided_by"),
+            decided_reason=data.get("decided_reason"),
+            decided_at=None if data.get("decided_at") is None else float(data["decided_at"]),
+        )
+
+
+def fingerprint(
+    agent: str, user: str | None, chain: tuple[str, ...], action: str, args: Any, query: Any
+) -> str:
+    """SHA-256 over the canonical JSON of who asks for exactly what."""
+    canonical = orjson.dumps(
+        {
+            "agent": agent,
+            "user": user,
+            "chain": list(chain),
+            "action": action,
+            "args": args,
+            "query": query,
+        },
+        option=orjson.OPT_SORT_KEYS,
+        default=str,
+    )
+    return hashlib.sha256(canonical).hexdigest()
+
+
+def summarize(args: Any, *, max_items: int = 20, max_text: int = 200) -> dict[str, Any]:
+    """A safe view of the arguments for approvers: top-level names with short scalar values;
+    nested values and long strings are described, not copied."""
+    if not isinstance(args, Mapping):
+        return {}
+    out: dict[str, Any] = {}
+    for i, (key, value) in enumerate(args.items()):
+        if i >= max_items:
+            out["…"] = f"{len(args) - max_items} more"
+            break
+        if isinstance(value, bool | int | float) or value is None:
+            out[str(key)] = value
+        elif isinstance(value, str):
+            out[str(key)] = value if len(value) <= max_text else value[:max_text] + "…"
+        elif isinstance(value, Mapping):
+            out[str(key)] = f"{{object with {len(value)} keys}}"
+        elif isinstance(value, list | tuple):
+            out[str(key)] = f"[list of {len(value)}]"
+        else:
+            out[str(key)] = str(type(value).__name__)
+    return out

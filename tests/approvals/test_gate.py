@@ -1,0 +1,216 @@
+"""Approval gates through a real proxy: hold, approve, deny, expire, four-eyes, grants, caps."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import aiohttp
+import orjson
+
+from agentproxy.approvals.lifecycle import Event
+from tests.conftest import Keys, Proxy, ProxyFactory, Upstream
+
+POLICY = """
+default: deny
+rules:
+  - id: small-transfers
+    agents: [pay-bot]
+    actions: ["http:POST /v1/transfers"]
+    when: 'int(resource.query.amount) <= 100'
+    effect: allow
+  - id: big-transfers
+    agents: [pay-bot]
+    actions: ["http:POST /v1/transfers"]
+    when: 'int(resource.query.amount) > 100'
+    effect: require_approval
+    reason: transfers above 100 need a human
+    approval: {approvers: ["role:finance", "user:carol"], timeout: 1h, hold: HOLD, grant: GRANT}
+"""
+
+
+def policy(hold: str = "0s", grant: str = "once", timeout: str = "1h") -> str:
+    return (
+        POLICY.replace("HOLD", hold)
+        .replace("GRANT", grant)
+        .replace("timeout: 1h", f"timeout: {timeout}")
+    )
+
+
+def auth(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+async def transfer(
+    s: aiohttp.ClientSession, proxy: Proxy, token: str, amount: int
+) -> tuple[int, dict[str, Any]]:
+    async with s.post(f"{proxy.base}/v1/transfers?amount={amount}", headers=auth(token)) as r:
+        raw = await r.read()
+        body = orjson.loads(raw) if raw else {}
+        if "Retry-After" in r.headers:
+            body["_retry_after"] = r.headers["Retry-After"]
+        return r.status, body
+
+
+async def pending(s: aiohttp.ClientSession, proxy: Proxy, token: str) -> list[dict[str, Any]]:
+    async with s.get(proxy.admin + "/v1/approvals?state=pending", headers=auth(token)) as r:
+        assert r.status == 200, await r.text()
+        return list((await r.json())["approvals"])
+
+
+async def decide(
+    s: aiohttp.ClientSession,
+    proxy: Proxy,
+    token: str,
+    approval_id: str,
+    verb: str,
+    reason: str = "",
+) -> int:
+    async with s.post(
+        f"{proxy.admin}/v1/approvals/{approval_id}/{verb}",
+        headers=auth(token),
+        json={"reason": reason},
+    ) as r:
+        await r.read()
+        return r.status
+
+
+async def test_approve_while_the_call_is_held(
+    make_proxy: ProxyFactory, keys: Keys, upstream: Upstream
+) -> None:
+    proxy = await make_proxy(policy=policy(hold="5s"))
+    bot, carol = keys.token("pay-bot"), keys.token("carol")
+    async with aiohttp.ClientSession() as s:
+        held = asyncio.ensure_future(transfer(s, proxy, bot, 5000))
+        deadline = time.monotonic() + 3
+        while not (waiting := await pending(s, proxy, carol)):
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.05)
+        (approval,) = waiting
+        assert approval["agent"] == "pay-bot" and approval["rule"] == "big-transfers"
+        assert approval["action"] == "http:POST /v1/transfers"
+        assert not held.done()
+        assert (
+            await decide(s, proxy, carol, approval["id"], "approve", "checked the invoice") == 200
+        )
+        status, _ = await asyncio.wait_for(held, 3)
+        assert status == 200
+    seen = upstream.seen[-1].headers
+    assert seen["X-Agentproxy-Approval"] == approval["id"]
+
+
+async def test_pending_then_retry_once_granted(
+    make_proxy: ProxyFactory, keys: Keys, upstream: Upstream
+) -> None:
+    proxy = await make_proxy(policy=policy())
+    bot, carol = keys.token("pay-bot"), keys.token("finance-1", roles=["finance"])
+    async with aiohttp.ClientSession() as s:
+        status, body = await transfer(s, proxy, bot, 500)
+        assert status == 403 and body["type"].endswith("/approval-pending")
+        assert body["rule"] == "big-transfers" and int(body["_retry_after"]) >= 1
+        approval_id = body["approval_id"]
+        # an identical retry finds the same approval; another amount is another approval
+        assert (await transfer(s, proxy, bot, 500))[1]["approval_id"] == approval_id
+        other = (await transfer(s, proxy, bot, 501))[1]["approval_id"]
+        assert other != approval_id
+        assert await decide(s, proxy, carol, approval_id, "approve") == 200
+        assert (await transfer(s, proxy, bot, 501))[0] == 403  # still pending: not this one
+        assert (await transfer(s, proxy, bot, 500))[0] == 200
+        status, body = await transfer(s, proxy, bot, 500)  # grant: once
+        assert status == 403 and body["type"].endswith("/approval-used")
+    assert len(upstream.seen) == 1
+
+
+async def test_deny_refuses_the_retry_with_the_reason(
+    make_proxy: ProxyFactory, keys: Keys, upstream: Upstream
+) -> None:
+    proxy = await make_proxy(policy=policy())
+    bot, carol = keys.token("pay-bot"), keys.token("carol")
+    async with aiohttp.ClientSession() as s:
+        approval_id = (await transfer(s, proxy, bot, 9000))[1]["approval_id"]
+        assert await decide(s, proxy, carol, approval_id, "deny", "not on the vendor list") == 200
+        status, body = await transfer(s, proxy, bot, 9000)
+        assert status == 403 and body["type"].endswith("/approval-denied")
+        assert "not on the vendor list" in body["detail"] and "carol" in body["detail"]
+        assert await decide(s, proxy, carol, approval_id, "approve") == 409  # no way back
+    assert upstream.seen == []
+
+
+async def test_four_eyes(make_proxy: ProxyFactory, keys: Keys) -> None:
+    proxy = await make_proxy(policy=policy())
+    bot = keys.token("pay-bot", roles=["finance"])
+    async with aiohttp.ClientSession() as s:
+        approval_id = (await transfer(s, proxy, bot, 700))[1]["approval_id"]
+        for token in [
+            bot,  # the requester itself
+            keys.token("alice"),  # not an approver
+            keys.token("carol", act={"sub": "assistant"}),  # a token acting for carol
+        ]:
+            assert await decide(s, proxy, token, approval_id, "approve") in (401, 403)
+        async with s.get(f"{proxy.admin}/v1/approvals/{approval_id}") as r:
+            assert r.status == 401
+        # an agent acting for carol requests; carol herself cannot approve her own call
+        delegated = keys.token("carol", act={"sub": "pay-bot"})
+        own = (await transfer(s, proxy, delegated, 800))[1]["approval_id"]
+        assert await decide(s, proxy, keys.token("carol"), own, "approve") == 403
+
+
+async def test_ttl_grant_lets_retries_through(make_proxy: ProxyFactory, keys: Keys) -> None:
+    proxy = await make_proxy(policy=policy(grant="{ttl: 1h}"))
+    bot, carol = keys.token("pay-bot"), keys.token("carol")
+    async with aiohttp.ClientSession() as s:
+        approval_id = (await transfer(s, proxy, bot, 300))[1]["approval_id"]
+        assert await decide(s, proxy, carol, approval_id, "approve") == 200
+        assert [(await transfer(s, proxy, bot, 300))[0] for _ in range(3)] == [200, 200, 200]
+
+
+async def test_expiry_is_reported_as_expiry(make_proxy: ProxyFactory, keys: Keys) -> None:
+    proxy = await make_proxy(policy=policy(timeout="1s"))
+    bot = keys.token("pay-bot")
+    async with aiohttp.ClientSession() as s:
+        assert (await transfer(s, proxy, bot, 400))[0] == 403
+        await asyncio.sleep(1.3)  # past the 1s timeout, within the window a decision is kept
+        status, body = await transfer(s, proxy, bot, 400)
+        assert status == 403 and body["type"].endswith("/approval-expired")
+        deadline = time.monotonic() + 3
+        while True:
+            async with s.get(proxy.admin + "/metrics") as r:
+                text = await r.text()
+            if 'agentproxy_approvals_total{outcome="expired"} 1.0' in text:
+                break
+            assert time.monotonic() < deadline, "expiry not counted"
+            await asyncio.sleep(0.2)
+
+
+async def test_pending_caps(make_proxy: ProxyFactory, keys: Keys) -> None:
+    proxy = await make_proxy(policy=policy(), extra="approvals: {max_pending_per_agent: 2}")
+    bot = keys.token("pay-bot")
+    async with aiohttp.ClientSession() as s:
+        assert (await transfer(s, proxy, bot, 201))[0] == 403
+        assert (await transfer(s, proxy, bot, 202))[0] == 403
+        status, body = await transfer(s, proxy, bot, 203)
+        assert status == 429 and body["type"].endswith("/approval-cap")
+
+
+async def test_a_thousand_held_calls(
+    make_proxy: ProxyFactory, keys: Keys, upstream: Upstream
+) -> None:
+    proxy = await make_proxy(
+        policy=policy(hold="30s"),
+        extra="approvals: {max_pending: 2000, max_pending_per_agent: 2000}",
+    )
+    bot = keys.token("pay-bot")
+    carol = keys.token("finance-2", roles=["finance"])
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as s:
+        held = [asyncio.ensure_future(transfer(s, proxy, bot, 1000 + i)) for i in range(1000)]
+        deadline = time.monotonic() + 20
+        while len(waiting := await pending(s, proxy, carol)) < 1000:
+            assert time.monotonic() < deadline, len(waiting)
+            await asyncio.sleep(0.2)
+        approver = await proxy.server.approver(carol)
+        for approval in waiting:
+            await proxy.server.decide_approval(approval["id"], Event.APPROVE, approver, "")
+        results = await asyncio.wait_for(asyncio.gather(*held), 30)
+    assert [status for status, _ in results] == [200] * 1000
+    assert len(upstream.seen) == 1000
