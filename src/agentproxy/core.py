@@ -18,6 +18,16 @@ if TYPE_CHECKING:
 EMPTY: Mapping[str, Any] = MappingProxyType({})
 
 
+def plain(value: Any) -> Any:
+    """Mappings → dicts, tuples → lists, recursively: the JSON-shaped view that CEL (cel-cpp
+    refuses anything else), audit records and metrics labels read."""
+    if isinstance(value, Mapping):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [plain(v) for v in value]
+    return value
+
+
 class Effect(enum.Enum):
     ALLOW = "allow"
     DENY = "deny"
@@ -189,5 +199,11 @@ class Call:
     refused_at: int | None = None
     session: str | None = None
     approval: str | None = None  # the approval whose grant let this call through
+    # Metering: the model and tokens of an LLM call, and what the call cost.
+    model: str | None = None
+    tokens: tuple[int, int, int] | None = None  # input, output, cached input
+    estimate: tuple[int, int] | None = None  # input and output tokens expected (budgets)
+    cost: float | None = None
+    currency: str | None = None
     store_error: str | None = None
     reservations: tuple[Reservation, ...] = ()

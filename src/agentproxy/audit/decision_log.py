@@ -104,4 +104,14 @@ def entry(call: Call, latency: float, now: float) -> dict[str, Any]:
         record["decision_us"] = round(call.decision_seconds * 1e6, 1)
     if call.upstream_seconds is not None:
         record["upstream_ms"] = round(call.upstream_seconds * 1000, 3)
+    if call.cost:
+        record["cost"] = {"amount": round(call.cost, 9), "currency": call.currency}
+    if call.action.protocol == "llm":
+        # OpenTelemetry GenAI semantic conventions, for trace pipelines that read this log.
+        record["gen_ai.operation.name"] = call.action.operation
+        record["gen_ai.request.model"] = call.action.target or None
+        record["gen_ai.response.model"] = call.model
+        if call.tokens is not None:
+            record["gen_ai.usage.input_tokens"] = call.tokens[0] + call.tokens[2]
+            record["gen_ai.usage.output_tokens"] = call.tokens[1]
     return {k: v for k, v in record.items() if v is not None}

@@ -9,19 +9,9 @@ configured `audit.redact` paths are replaced by keyed HMACs by the trail.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
 from typing import Any
 
-from agentproxy.core import Call
-
-
-def plain(value: Any) -> Any:
-    """Mappings and tuples as JSON objects and arrays."""
-    if isinstance(value, Mapping):
-        return {str(k): plain(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [plain(v) for v in value]
-    return value
+from agentproxy.core import Call, plain
 
 
 def iso(epoch: float) -> str:
@@ -89,6 +79,12 @@ def outcome_record(call: Call, now: float, latency: float) -> dict[str, Any]:
         "bytes_in": call.bytes_in,
         "bytes_out": call.bytes_out,
         "error": call.error,
+        "cost": None if not call.cost else {"amount": call.cost, "currency": call.currency},
+        "model": call.model,
+        "tokens": None
+        if call.tokens is None
+        else {"input": call.tokens[0], "output": call.tokens[1], "cached_input": call.tokens[2]},
+        "approval_id": call.approval,
         "refusal": None
         if call.refusal is None
         else {

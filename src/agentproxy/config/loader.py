@@ -31,7 +31,9 @@ from agentproxy.config.model import (
     Issuer,
     LimitSpec,
     Listen,
+    MeteringSettings,
     PolicyFile,
+    Price,
     RedisSettings,
     RuleSpec,
     Secret,
@@ -55,12 +57,13 @@ TOP_KEYS = (
     "admin",
     "audit",
     "approvals",
+    "metering",
 )
 ASYMMETRIC_ALGORITHMS = frozenset(
     {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"}
 )
 HMAC_ALGORITHMS = frozenset({"HS256", "HS384", "HS512"})
-SUPPORTED_PROTOCOLS = ("http", "mcp")
+SUPPORTED_PROTOCOLS = ("http", "mcp", "llm")
 _NAME = re.compile(r"[a-z0-9][a-z0-9_.-]{0,62}")
 _RULE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}")
 _HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
@@ -111,6 +114,7 @@ def load(path: str | Path, *, check_policies: PolicyChecker | None = None) -> Co
             )
         ),
         approvals=loader.approvals(raw.get("approvals")),
+        metering=loader.metering(raw.get("metering")),
         audit=loader.audit(raw.get("audit"), has_redis=bool((raw.get("store") or {}).get("redis"))),
         decision_log=doc.choice(raw, "$", "decision_log", ["stdout", "stderr", "off"], "stdout"),  # type: ignore[arg-type]
     )
@@ -234,7 +238,7 @@ class _Loader:
         doc.check(
             protocol in SUPPORTED_PROTOCOLS,
             f"{path}.protocol",
-            f'protocol "{protocol}" is not available in this version (supported: http, mcp)',
+            f'protocol "{protocol}" is not available in this version (supported: http, mcp, llm)',
         )
         match = doc.mapping(section.get("match"), f"{path}.match", ("path_prefix",))
         prefix = doc.get(match, f"{path}.match", "path_prefix", str)
@@ -399,6 +403,59 @@ class _Loader:
         doc.check(ttl >= 1, f"{path}.task_ttl", "must be at least 1s")
         return StoreSettings(redis=redis, on_error=on_error, task_ttl=ttl)  # type: ignore[arg-type]
 
+    def metering(self, value: Any) -> MeteringSettings:
+        doc = self.doc
+        path = "$.metering"
+        section = doc.mapping(value, path, ("currency", "prices", "attribution"))
+        currency = doc.get(section, path, "currency", str, "USD") or "USD"
+        doc.check(
+            bool(_CURRENCY.fullmatch(currency)),
+            f"{path}.currency",
+            "must be an ISO 4217 code (USD)",
+        )
+        prices: list[tuple[str, Price]] = []
+        table = section.get("prices") or {}
+        if not isinstance(table, dict):
+            doc.error(f"{path}.prices", "must be a mapping of model glob to prices")
+            table = {}
+        for glob_text, entry in table.items():
+            ppath = f"{path}.prices.{glob_text}"
+            e = doc.mapping(
+                entry, ppath, ("input_per_mtok", "output_per_mtok", "cached_input_per_mtok")
+            )
+            inp = doc.get(e, ppath, "input_per_mtok", float, required=True)
+            out = doc.get(e, ppath, "output_per_mtok", float, 0.0)
+            cached = doc.get(e, ppath, "cached_input_per_mtok", float)
+            if inp is None:
+                continue
+            doc.check(
+                min(inp, out or 0.0, cached or 0.0) >= 0, ppath, "prices must not be negative"
+            )
+            prices.append((str(glob_text), Price(inp, out or 0.0, cached)))
+        apath = f"{path}.attribution"
+        attribution = doc.mapping(section.get("attribution"), apath, ("labels", "max_values"))
+        labels = attribution.get("labels") or {}
+        pairs: list[tuple[str, str]] = []
+        if not isinstance(labels, dict):
+            doc.error(f"{apath}.labels", "must map label names to CEL over the principal")
+            labels = {}
+        for name, expr in labels.items():
+            doc.check(
+                bool(_LABEL_NAME.fullmatch(str(name))) and name not in _FIXED_LABELS,
+                f"{apath}.labels.{name}",
+                f"must be a Prometheus label name other than {', '.join(sorted(_FIXED_LABELS))}",
+            )
+            if not isinstance(expr, str):
+                doc.error(
+                    f"{apath}.labels.{name}",
+                    "must be a CEL expression (e.g. principal.claims.team)",
+                )
+                continue
+            pairs.append((str(name), expr))
+        max_values = doc.get(attribution, apath, "max_values", int, 100) or 100
+        doc.check(1 <= max_values <= 10_000, f"{apath}.max_values", "must be between 1 and 10000")
+        return MeteringSettings(currency, tuple(prices), tuple(pairs), max_values)
+
     def approvals(self, value: Any) -> ApprovalsSettings:
         doc = self.doc
         path = "$.approvals"
@@ -562,6 +619,10 @@ RULE_KEYS = (
     "obligations",
 )
 _FIELD_PATH = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*(\.[A-Za-z0-9_-]+)+")
+_LABEL_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
+_FIXED_LABELS = frozenset(
+    {"agent", "upstream", "action", "model", "currency", "type", "decision", "rule"}
+)
 _LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,63}")
 _CURRENCY = re.compile(r"[A-Z]{3}")
 
@@ -667,18 +728,22 @@ def _rule(doc: Document, value: Any, path: str) -> RuleSpec | None:
 def _cost(doc: Document, value: Any, path: str) -> CostSpec | None:
     if value is None:
         return None
-    section = doc.mapping(value, path, ("amount", "currency"))
-    amount = doc.get(section, path, "amount", float, required=True)
+    section = doc.mapping(value, path, ("amount", "expr", "currency"))
     currency = doc.get(section, path, "currency", str, required=True)
-    if amount is None or currency is None:
+    expr = doc.get(section, path, "expr", str)
+    amount = doc.get(section, path, "amount", float)
+    if (amount is None) == (expr is None):
+        doc.error(path, "set exactly one of amount (a fixed price) or expr (CEL over the call)")
         return None
-    doc.check(amount >= 0, f"{path}.amount", "must not be negative")
+    if currency is None:
+        return None
+    doc.check(amount is None or amount >= 0, f"{path}.amount", "must not be negative")
     doc.check(
         bool(_CURRENCY.fullmatch(currency)),
         f"{path}.currency",
         "must be an ISO 4217 code such as USD",
     )
-    return CostSpec(amount, currency)
+    return CostSpec(amount or 0.0, currency, expr)
 
 
 def _limit(doc: Document, value: Any, path: str) -> LimitSpec | None:

@@ -135,8 +135,11 @@ class LimitSpec:
 
 @dataclass(frozen=True, slots=True)
 class CostSpec:
+    """A call's price: a fixed `amount`, or a CEL `expr` over the call (per record asked)."""
+
     amount: float
     currency: str
+    expr: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -243,6 +246,23 @@ class ApprovalsSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class Price:
+    """Per million tokens. Cached input defaults to the input price."""
+
+    input_per_mtok: float
+    output_per_mtok: float
+    cached_input_per_mtok: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class MeteringSettings:
+    currency: str = "USD"
+    prices: tuple[tuple[str, Price], ...] = ()  # (model glob, price), first match wins
+    attribution: tuple[tuple[str, str], ...] = ()  # (label, CEL over principal)
+    max_values: int = 100
+
+
+@dataclass(frozen=True, slots=True)
 class AdminSettings:
     """Who may call the admin API's write endpoints (revocations): agent or user ids and
     `role:NAME`, matched against a bearer token verified with `identity`."""
@@ -267,4 +287,5 @@ class Config:
     admin: AdminSettings = AdminSettings()
     audit: AuditConfig = AuditConfig()
     approvals: ApprovalsSettings = ApprovalsSettings()
+    metering: MeteringSettings = MeteringSettings()
     policy_globs: tuple[str, ...] = ()

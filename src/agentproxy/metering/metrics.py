@@ -61,7 +61,9 @@ DECISION_BUCKETS = (
 class Metrics:
     """One registry per proxy process (tests run several proxies in one interpreter)."""
 
-    def __init__(self) -> None:
+    def __init__(self, attribution: tuple[str, ...] = ()) -> None:
+        """`attribution`: the extra labels (user, team, …) of the cost, token and call
+        counters; fixed for the life of the process."""
         # `exposition` is what /metrics serves. With --workers N every worker writes its
         # values to PROMETHEUS_MULTIPROC_DIR and any worker's scrape sums them all.
         self.registry = CollectorRegistry()
@@ -129,6 +131,31 @@ class Metrics:
             "agentproxy_store_errors",
             "Decision store operations that failed, by operation.",
             ["op"],
+            registry=r,
+        )
+        usage_labels = ["agent", "upstream", "action", "model", *attribution]
+        self.calls = Counter(
+            "agentproxy_calls",
+            "Calls forwarded upstream, by agent, upstream, action pattern, model and attribution.",
+            usage_labels,
+            registry=r,
+        )
+        self.cost = Counter(
+            "agentproxy_cost",
+            "What calls cost (rule cost plus LLM tokens at the price table), in `currency` units.",
+            ["currency", *usage_labels],
+            registry=r,
+        )
+        self.tokens = Counter(
+            "agentproxy_tokens",
+            "LLM tokens, by type: input, output, cached_input.",
+            ["type", *usage_labels],
+            registry=r,
+        )
+        self.unpriced_tokens = Counter(
+            "agentproxy_unpriced_tokens",
+            "LLM tokens of models the price table does not cover (counted, not costed).",
+            ["model"],
             registry=r,
         )
         self.tool_changes = Counter(

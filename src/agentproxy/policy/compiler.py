@@ -13,6 +13,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from cel_expr_python import cel
+from cel_expr_python.ext import ext_math, ext_strings
 
 from agentproxy.config.model import ApprovalSpec, CostSpec, PolicyFile, Position, RuleSpec
 from agentproxy.config.yamldoc import ConfigError, Issue
@@ -29,7 +30,11 @@ CEL_VARIABLES = {
     "request": _MAP,
     "now": cel.Type.TIMESTAMP,
 }
-CEL_ENV = cel.NewEnv(variables=CEL_VARIABLES)
+# The standard string and math extensions (split, lowerAscii, math.greatest, …): policies
+# read paths, ids and amounts.
+CEL_ENV = cel.NewEnv(
+    variables=CEL_VARIABLES, extensions=[ext_strings.ExtStrings(), ext_math.ExtMath()]
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +98,7 @@ class Rule:
     reads_task: bool = False
     builtin: bool = False
     approval: ApprovalSpec | None = None
+    cost_expr: cel.Expression | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -225,6 +231,21 @@ def _compile_rule(spec: RuleSpec, issues: list[Issue]) -> Rule | None:
                 spec_limit.spend,
             )
         )
+    cost_expr = None
+    if spec.cost is not None and spec.cost.expr is not None:
+        try:
+            cost_expr = CEL_ENV.compile(spec.cost.expr)
+        except RuntimeError as exc:
+            issues.append(
+                Issue(
+                    pos.file,
+                    pos.line,
+                    pos.column,
+                    f"rule {spec.id}.cost.expr",
+                    f"CEL does not compile: {_cel_message(exc)}",
+                )
+            )
+            ok = False
     if not ok:
         return None
     reads = _reads(spec.when) | set().union(
@@ -247,6 +268,7 @@ def _compile_rule(spec: RuleSpec, issues: list[Issue]) -> Rule | None:
         reads_task="task" in reads,
         builtin=spec.builtin,
         approval=spec.approval,
+        cost_expr=cost_expr,
     )
 
 

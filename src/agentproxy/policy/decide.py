@@ -16,7 +16,7 @@ from urllib.parse import unquote
 
 from cel_expr_python import cel
 
-from agentproxy.core import Action, Decision, Effect, Facts, Mode, Principal
+from agentproxy.core import Action, Decision, Effect, Facts, Mode, Principal, plain
 from agentproxy.policy.compiler import CEL_ENV, PolicySet, Rule
 
 _PRIORITY = {Effect.DENY: 0, Effect.REQUIRE_APPROVAL: 1, Effect.ALLOW: 2}
@@ -197,6 +197,19 @@ def cel_inputs(action: Action, principal: Principal, facts: Facts, now: float) -
     }
 
 
+def rule_activation(
+    rule: Rule, action: Action, principal: Principal, facts: Facts, now: float
+) -> dict[str, Any]:
+    """The CEL variables a rule's other expressions (cost, limit keys) see for this call:
+    the same as its condition saw, `resource` bound from its own matching action pattern."""
+    inputs = cel_inputs(action, principal, facts, now)
+    for pattern in rule.patterns:
+        bindings = pattern.match(action.name)
+        if bindings is not None:
+            return _activation(inputs, bindings)
+    return _activation(inputs, {})
+
+
 def _activation(inputs: dict[str, Any], bindings: Mapping[str, str]) -> dict[str, Any]:
     """The CEL variables for one rule: the call's, plus `resource` from its own template."""
     resource: dict[str, Any] = {
@@ -270,12 +283,3 @@ def _printable(value: Any) -> Any:
     if isinstance(value, str | int | float | bool) or value is None:
         return value
     return str(value)
-
-
-def plain(value: Any) -> Any:
-    """Mappings → dicts, tuples → lists, recursively: cel-cpp refuses anything else."""
-    if isinstance(value, Mapping):
-        return {str(k): plain(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [plain(v) for v in value]
-    return value

@@ -9,7 +9,7 @@ from cel_expr_python import cel
 
 from agentproxy.core import Action, Facts, Principal, Reservation
 from agentproxy.policy.compiler import Limit, Rule
-from agentproxy.policy.decide import cel_inputs
+from agentproxy.policy.decide import rule_activation
 
 
 class LimitKeyError(ValueError):
@@ -17,16 +17,18 @@ class LimitKeyError(ValueError):
 
 
 def reservations(
-    rule: Rule, action: Action, principal: Principal, facts: Facts, now: float
+    rule: Rule, action: Action, principal: Principal, facts: Facts, now: float, spend: float
 ) -> list[Reservation]:
-    """Raises LimitKeyError when a CEL key fails to evaluate or is not a string or number."""
+    """`spend` is what the call is expected to cost (spend limits take it up front and are
+    settled with the real cost afterwards). Raises LimitKeyError when a CEL key fails to
+    evaluate or is not a string or number."""
     out = []
     inputs = None
     for limit in rule.limits:
         if limit.key_expr is not None and inputs is None:
-            inputs = cel_inputs(action, principal, facts, now)
+            inputs = rule_activation(rule, action, principal, facts, now)
         key = limit_key(limit, principal, facts, inputs)
-        amount = 1.0 if limit.calls is not None else (rule.cost.amount if rule.cost else 0.0)
+        amount = 1.0 if limit.calls is not None else spend
         ceiling = float(limit.calls) if limit.calls is not None else float(limit.spend or 0.0)
         out.append(Reservation(limit.name, f"{limit.name}:{key}", amount, ceiling, limit.window))
     return out
@@ -49,7 +51,7 @@ def limit_key(
     if limit.key_expr is None or inputs is None:
         raise LimitKeyError(f"limit {limit.name}: no key")
     try:
-        result = limit.key_expr.eval(data=dict(inputs, resource={}))
+        result = limit.key_expr.eval(data=inputs)
     except Exception as exc:  # cel-cpp raises on values it cannot convert
         raise LimitKeyError(f"limit {limit.name}: key could not be evaluated: {exc}") from None
     value = result.value()
@@ -58,3 +60,28 @@ def limit_key(
     if isinstance(value, bool) or not isinstance(value, str | int | float):
         raise LimitKeyError(f"limit {limit.name}: key {limit.key!r} gave {value!r}, not a string")
     return "expr=" + str(value)
+
+
+def rule_cost(rule: Rule, action: Action, principal: Principal, facts: Facts, now: float) -> float:
+    """The rule's own price for this call: its fixed amount, or its CEL expression's value.
+
+    Raises LimitKeyError when the expression fails or is not a non-negative number.
+    """
+    if rule.cost is None:
+        return 0.0
+    if rule.cost_expr is None:
+        return rule.cost.amount
+    try:
+        result = rule.cost_expr.eval(data=rule_activation(rule, action, principal, facts, now))
+    except Exception as exc:  # cel-cpp raises on values it cannot convert
+        raise LimitKeyError(f"cost of rule {rule.id} could not be evaluated: {exc}") from None
+    value = result.value()
+    if (
+        result.type() == cel.Type.ERROR
+        or isinstance(value, bool)
+        or not isinstance(value, int | float)
+    ):
+        raise LimitKeyError(f"cost of rule {rule.id} is not a number: {value!r}")
+    if value < 0:
+        raise LimitKeyError(f"cost of rule {rule.id} is negative: {value!r}")
+    return float(value)

@@ -132,7 +132,13 @@ class HttpDataPlane:
         )
         call.refusal = refusal
         exchange: HttpExchange
-        if upstream is not None and upstream.protocol == "mcp":
+        if upstream is not None and upstream.protocol == "llm":
+            from agentproxy.proxy.llm import LlmExchange
+
+            exchange = LlmExchange(
+                request, runtime, upstream, action.target, raw_query, self._sessions
+            )
+        elif upstream is not None and upstream.protocol == "mcp":
             from agentproxy.proxy.mcp import McpExchange
 
             exchange = McpExchange(
@@ -297,19 +303,39 @@ class HttpExchange:
         )
         for name, value in response_headers_to_return(upstream_response.headers.items()):
             response.headers.add(name, value)
+        self._adjust_response_headers(upstream_response, response)
         call.status = upstream_response.status
         self.response = response
         await response.prepare(self.request)
         self._responded = True
         try:
             async for chunk in upstream_response.content.iter_any():
-                call.bytes_out += len(chunk)
-                await response.write(chunk)
+                out = self._tap(chunk)
+                if out:
+                    call.bytes_out += len(out)
+                    await response.write(out)
+            rest = self._tap_end(call)
         except (TimeoutError, aiohttp.ClientError, ConnectionError) as exc:
             call.error = f"stream cut short: {type(exc).__name__}"
             self._abort()
             return
+        if rest:
+            call.bytes_out += len(rest)
+            await response.write(rest)
         await response.write_eof()
+
+    # Hooks for exchanges that read the answer as it passes (LLM usage); plain HTTP passes
+    # every byte through as it arrives.
+    def _adjust_response_headers(
+        self, upstream_response: aiohttp.ClientResponse, response: web.StreamResponse
+    ) -> None:
+        return None
+
+    def _tap(self, chunk: bytes) -> bytes:
+        return chunk
+
+    def _tap_end(self, call: Call) -> bytes:
+        return b""
 
     def _abort(self) -> None:
         # Closing without the final chunk (or short of Content-Length) tells the caller the

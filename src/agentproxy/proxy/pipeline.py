@@ -20,11 +20,11 @@ from typing import Any, Protocol
 
 from agentproxy.approvals.lifecycle import Approval, State, fingerprint, summarize
 from agentproxy.audit.decision_log import DecisionLog
-from agentproxy.audit.records import decision_record, outcome_record, plain
+from agentproxy.audit.records import decision_record, outcome_record
 from agentproxy.audit.sinks import AuditError
 from agentproxy.audit.trail import AuditTrail
 from agentproxy.config.model import ApprovalsSettings
-from agentproxy.core import Call, Decision, Effect, Facts, Mode
+from agentproxy.core import Call, Decision, Effect, Facts, Mode, Principal, Reservation, plain
 from agentproxy.errors import (
     ApprovalCap,
     ApprovalRefused,
@@ -37,9 +37,12 @@ from agentproxy.errors import (
     Unavailable,
 )
 from agentproxy.identity.revocations import RevocationList
+from agentproxy.metering.meter import Meter
 from agentproxy.metering.metrics import Metrics
+from agentproxy.metering.prices import TokenUsage
 from agentproxy.policy import decide
-from agentproxy.policy.limits import LimitKeyError, reservations
+from agentproxy.policy.compiler import Rule
+from agentproxy.policy.limits import LimitKeyError, reservations, rule_cost
 from agentproxy.policy.memo import DecisionMemo, memo_key
 from agentproxy.proxy.runtime import Runtime
 from agentproxy.store import Store, StoreError
@@ -84,6 +87,7 @@ class Services:
     audit: AuditTrail | None = None
     audit_required: bool = False
     approvals: ApprovalsSettings = field(default_factory=ApprovalsSettings)
+    meter: Meter | None = None
     notify: Callable[[str, Approval], None] | None = None
 
 
@@ -302,9 +306,13 @@ class Pipeline:
         if principal is None:
             raise MissingCredential()
         try:
-            wanted = reservations(rule, call.action, principal, Facts(task_id=call.task), call.now)
+            spend = self._expected_cost(call, rule, principal)
+            wanted = reservations(
+                rule, call.action, principal, Facts(task_id=call.task), call.now, spend
+            )
         except LimitKeyError as exc:
             raise Denied(str(exc), rule=rule.id) from None
+        call.cost = spend
         try:
             exceeded = await self.services.store.reserve(wanted, call.now)
         except StoreError as exc:
@@ -355,8 +363,70 @@ class Pipeline:
             return None
         return {"amount": rule.cost.amount, "currency": rule.cost.currency}
 
+    def _expected_cost(self, call: Call, rule: Rule, principal: Principal) -> float:
+        """Rule cost plus, for an LLM call, its tokens' price estimated from the request
+        (input from the body size, output from max_tokens): what spend limits reserve."""
+        cost = rule_cost(rule, call.action, principal, Facts(task_id=call.task), call.now)
+        meter = self.services.meter
+        if meter is not None and call.model is not None and call.estimate is not None:
+            estimate = meter.prices.cost(call.model, TokenUsage(call.estimate[0], call.estimate[1]))
+            cost += estimate or 0.0
+        return cost
+
+    async def meter(self, call: Call) -> None:
+        """After the answer: the call's real cost into the metrics, and spend limits settled
+        with it (the estimate reserved up front is topped up or given back)."""
+        meter = self.services.meter
+        decision, principal = call.decision, call.principal
+        if meter is None or decision is None or principal is None or decision.rule_id is None:
+            return
+        if call.status is None or call.refusal is not None:
+            return
+        rule = self.runtime.policy.rule(decision.rule_id)
+        try:
+            cost = rule_cost(rule, call.action, principal, Facts(task_id=call.task), call.now)
+        except LimitKeyError:
+            cost = 0.0
+        usage = None
+        if call.tokens is not None:
+            usage = TokenUsage(*call.tokens)
+            cost += meter.token_cost(call.model, usage) or 0.0
+        currency = rule.cost.currency if rule.cost else meter.settings.currency
+        reserved = call.cost or 0.0
+        call.cost, call.currency = cost, currency
+        action = decision.matched_action or "other"
+        meter.record(
+            principal=principal,
+            upstream=call.upstream,
+            action=action,
+            model=call.model,
+            cost=cost,
+            currency=currency,
+            usage=usage,
+        )
+        spend = [r for r in call.reservations if self._is_spend(rule, r.name)]
+        difference = cost - reserved
+        if not spend or abs(difference) < 1e-12:
+            return
+        try:
+            if difference > 0:
+                extra = [Reservation(r.name, r.key, difference, math.inf, r.window) for r in spend]
+                await self.services.store.reserve(extra, call.now)
+            else:
+                back = [Reservation(r.name, r.key, -difference, r.limit, r.window) for r in spend]
+                await self.services.store.release(back, call.now)
+        except StoreError as exc:
+            self.metrics.store_errors.labels("settle").inc()
+            log.error("call %s: spend not settled: %s", call.id, exc)
+
+    @staticmethod
+    def _is_spend(rule: Rule, name: str) -> bool:
+        return any(limit.name == name and limit.spend is not None for limit in rule.limits)
+
     async def settle(self, call: Call) -> None:
-        """After the answer: the task's history. Never raises (the answer is already sent)."""
+        """After the answer: metering, and the task's history. Never raises (the answer is
+        already sent)."""
+        await self.meter(call)
         decision = call.decision
         if decision is None or decision.rule_id is None or call.task is None:
             return
@@ -365,7 +435,7 @@ class Pipeline:
         rule = self.runtime.policy.rule(decision.rule_id)
         if not (rule.label_task or rule.cost or self.runtime.policy.reads_task):
             return
-        spent = rule.cost.amount if rule.cost else 0.0
+        spent = call.cost or 0.0
         try:
             await self.services.store.record_task(
                 call.task, rule.label_task, spent, self.services.task_ttl, call.now

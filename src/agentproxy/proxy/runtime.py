@@ -15,6 +15,7 @@ from agentproxy.core import Effect
 from agentproxy.errors import NoRoute
 from agentproxy.identity.context import ContextSigner
 from agentproxy.identity.verifier import TokenVerifier
+from agentproxy.metering.meter import compile_attribution
 from agentproxy.policy import PolicySet, compile_policy, policy_issues
 from agentproxy.protocols import mcp
 
@@ -75,6 +76,10 @@ def check(config: Config) -> PolicySet:
         policy = compile_policy(config.policy_files, builtin_rules())
     except ConfigError as exc:
         issues.extend(exc.issues)
+    try:
+        compile_attribution(config.metering)
+    except ValueError as exc:
+        issues.append(Issue(str(config.source), 1, 1, "$.metering.attribution", str(exc)))
     try:
         ContextSigner.load(config.context_token)
     except ValueError as exc:

@@ -27,6 +27,7 @@ from agentproxy.config.model import StoreSettings
 from agentproxy.core import Principal
 from agentproxy.errors import Denied
 from agentproxy.identity.revocations import RevocationList
+from agentproxy.metering.meter import Meter
 from agentproxy.metering.metrics import Metrics
 from agentproxy.proxy import runtime as runtime_module
 from agentproxy.proxy.explain import explain
@@ -57,7 +58,7 @@ class ProxyServer:
         self._approval_watch: asyncio.Task[None] | None = None
         self._opened: set[str] = set()  # approvals this replica opened (to report expiry)
         self.notifier: Notifier | None = None
-        self.metrics = Metrics()
+        self.metrics = Metrics(tuple(name for name, _ in config.metering.attribution))
         self.store = make_store(config.store)
         self.services = Services(
             store=self.store,
@@ -211,6 +212,7 @@ class ProxyServer:
             )
             await self.notifier.start()
         self.services.approvals = self.config.approvals
+        self.services.meter = Meter(self.config.metering, self.metrics)
         self.services.notify = self._approval_event
         self._approval_watch = asyncio.get_running_loop().create_task(self._watch_approvals())
         self._pipeline = Pipeline(runtime, self.services)

@@ -1,0 +1,93 @@
+"""The LLM API shell: the HTTP exchange, reading tokens from the answer as it passes.
+
+After the caller is authenticated it reads the (bounded) JSON request so policy sees
+`llm:chat/gpt-4o` with `args.model`, `args.max_tokens`…; forwards the body the adapter
+returns (with `stream_options.include_usage` injected where OpenAI needs it); and taps the
+answer: every event goes to the client as soon as it is complete, and the usage it carries
+is counted (the usage-only chunk the client did not ask for is dropped).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import aiohttp
+from aiohttp import web
+
+from agentproxy.config.model import Upstream
+from agentproxy.core import Call
+from agentproxy.errors import PayloadTooLarge
+from agentproxy.protocols import llm
+from agentproxy.proxy.http import HttpExchange
+
+
+class LlmExchange(HttpExchange):
+    parsed: llm.LlmRequest | None = None
+    tap: llm.UsageTap | None = None
+
+    async def describe(self, call: Call) -> None:
+        """Raises BadRequest or PayloadTooLarge for a body that cannot be read unambiguously."""
+        upstream = self.upstream
+        if upstream is None:
+            return
+        body = b""
+        if self.request.method == "POST":
+            body = await self._read_all(call, upstream.max_body_bytes)
+        headers = {k.lower(): v for k, v in self.request.headers.items()}
+        parsed = llm.describe(
+            self.request.method, self.path, headers, body, max_bytes=upstream.max_body_bytes
+        )
+        self.parsed = parsed
+        call.action = parsed.action
+        call.model = parsed.model
+        call.estimate = (llm.estimate_input_tokens(parsed), parsed.max_tokens or 0)
+
+    async def _read_all(self, call: Call, limit: int) -> bytes:
+        length = self.request.content_length
+        if length is not None and length > limit:
+            raise PayloadTooLarge(f"request body is {length} bytes; the limit is {limit}")
+        chunks: list[bytes] = []
+        async for chunk in self.request.content.iter_chunked(64 * 1024):
+            call.bytes_in += len(chunk)
+            if call.bytes_in > limit:
+                raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def _request_data(self, call: Call, upstream: Upstream) -> AsyncIterator[bytes] | bytes | None:
+        if self.parsed is None or self.request.method != "POST":
+            return None
+        return self.parsed.body
+
+    def _upstream_headers(self, call: Call, upstream: Upstream) -> list[tuple[str, str]]:
+        # A metered request's body goes out decoded (and maybe rewritten), and aiohttp sets
+        # its length; any other request's body goes as received. Ask for an uncompressed
+        # answer: usage is read from it as it passes.
+        dropped = {"accept-encoding"}
+        if self.parsed is not None and self.parsed.operation != "other":
+            dropped |= {"content-encoding", "content-length"}
+        headers = super()._upstream_headers(call, upstream)
+        return [(k, v) for k, v in headers if k.lower() not in dropped]
+
+    def _adjust_response_headers(
+        self, upstream_response: aiohttp.ClientResponse, response: web.StreamResponse
+    ) -> None:
+        if self.parsed is None:
+            return
+        content_type = upstream_response.headers.get("Content-Type", "")
+        self.tap = llm.UsageTap(self.parsed, content_type)
+        if self.parsed.strip_usage and "Content-Length" in response.headers:
+            del response.headers["Content-Length"]  # a dropped chunk changes the length
+
+    def _tap(self, chunk: bytes) -> bytes:
+        return chunk if self.tap is None else self.tap.feed(chunk)
+
+    def _tap_end(self, call: Call) -> bytes:
+        if self.tap is None:
+            return b""
+        rest = self.tap.finish()
+        usage = self.tap.usage
+        if usage is not None:
+            call.tokens = (usage.input, usage.output, usage.cached_input)
+            call.model = usage.response_model or call.model
+        return rest
