@@ -4,7 +4,6 @@ free port) and an agentproxy in front of it."""
 from __future__ import annotations
 
 import asyncio
-import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -12,7 +11,7 @@ import pytest
 import uvicorn
 from mcp.server.mcpserver import Context, MCPServer
 
-from tests.conftest import Proxy, ProxyFactory
+from tests.conftest import Proxy, ProxyFactory, free_port
 
 POLICY = """
 default: deny
@@ -45,12 +44,6 @@ class McpUpstream:
     calls: list[str] = field(default_factory=list)
     release: asyncio.Event = field(default_factory=asyncio.Event)
     description: list[str] = field(default_factory=lambda: ["Look a record up by id."])
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def build_server(state: McpUpstream) -> MCPServer:

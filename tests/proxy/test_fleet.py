@@ -4,7 +4,6 @@ happens while Redis is down."""
 from __future__ import annotations
 
 import asyncio
-import socket
 import subprocess
 import sys
 import time
@@ -13,7 +12,7 @@ from pathlib import Path
 import aiohttp
 import orjson
 
-from tests.conftest import Keys, ProxyFactory, Upstream, write_config
+from tests.conftest import Keys, ProxyFactory, Upstream, pin_ports, wait_ready, write_config
 from tests.proxy.test_state import POLICY
 from tests.redis_server import MakeRedisServer
 
@@ -40,14 +39,8 @@ async def test_revocation_and_counters_are_shared_by_the_fleet(
 ) -> None:
     """Replica a runs in this process, replica b is a separate `agentproxy run` process."""
     a = await make_proxy(policy=POLICY, extra=store(redis_url))
-    http_port, admin_port = free_port(), free_port()
     config = write_config(tmp_path, keys, upstream.url, policy=POLICY, extra=store(redis_url))
-    config.write_text(
-        config.read_text().replace(
-            'listen: {http: "127.0.0.1:0", admin: "127.0.0.1:0"}',
-            f'listen: {{http: "127.0.0.1:{http_port}", admin: "127.0.0.1:{admin_port}"}}',
-        )
-    )
+    http_port, admin_port = pin_ports(config)
     log = tmp_path / "b.log"
     with log.open("wb") as err:
         b = await asyncio.create_subprocess_exec(
@@ -64,7 +57,7 @@ async def test_revocation_and_counters_are_shared_by_the_fleet(
     reader = keys.token("reader")
     try:
         async with aiohttp.ClientSession() as s:
-            await wait_ready(s, f"http://127.0.0.1:{admin_port}/readyz", b, log)
+            await wait_ready(s, admin_port, b, log)
             # read-rate allows 3 calls an hour per agent, across both replicas
             got = [
                 await status(s, "GET", a.base + "/v1/employees/1", reader),
@@ -88,30 +81,6 @@ async def test_revocation_and_counters_are_shared_by_the_fleet(
     finally:
         b.terminate()
         await asyncio.wait_for(b.wait(), 10)
-
-
-async def wait_ready(
-    s: aiohttp.ClientSession, url: str, process: asyncio.subprocess.Process, log: Path
-) -> None:
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline:
-        if process.returncode is not None:
-            tail = await asyncio.to_thread(log.read_text)
-            raise AssertionError(f"proxy exited: {tail[-2000:]}")
-        try:
-            async with s.get(url) as r:
-                if r.status == 200:
-                    return
-        except aiohttp.ClientError:
-            pass
-        await asyncio.sleep(0.1)
-    raise AssertionError("proxy did not become ready")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 async def test_cli_revoke_reaches_a_running_proxy(

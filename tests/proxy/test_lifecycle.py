@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import sys
 import time
 from pathlib import Path
@@ -14,7 +13,7 @@ import aiohttp
 
 from agentproxy.proxy.runtime import load_config
 from agentproxy.proxy.server import ProxyServer
-from tests.conftest import DEFAULT_POLICY, Keys, Upstream, write_config
+from tests.conftest import DEFAULT_POLICY, Keys, Upstream, pin_ports, wait_ready, write_config
 
 
 def configmap_layout(d: Path, generation: str, files: dict[str, str]) -> None:
@@ -86,25 +85,12 @@ async def test_configmap_symlink_swap_is_noticed(
         await server.stop()
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 async def test_sigterm_lets_200_calls_in_flight_finish(
     tmp_path: Path, keys: Keys, upstream: Upstream
 ) -> None:
-    http_port, admin_port = free_port(), free_port()
     config = write_config(tmp_path, keys, upstream.url)
-    config.write_text(
-        config.read_text()
-        .replace(
-            'listen: {http: "127.0.0.1:0", admin: "127.0.0.1:0"}',
-            f'listen: {{http: "127.0.0.1:{http_port}", admin: "127.0.0.1:{admin_port}"}}',
-        )
-        .replace("decision_log: stdout", "decision_log: off")
-    )
+    config.write_text(config.read_text().replace("decision_log: stdout", "decision_log: off"))
+    http_port, admin_port = pin_ports(config)
     log = tmp_path / "proxy.log"
     with log.open("wb") as err:
         proc = await asyncio.create_subprocess_exec(
@@ -120,16 +106,7 @@ async def test_sigterm_lets_200_calls_in_flight_finish(
     headers = {"Authorization": f"Bearer {keys.token()}"}
     try:
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=300)) as s:
-            deadline = time.monotonic() + 15
-            while True:
-                try:
-                    async with s.get(f"http://127.0.0.1:{admin_port}/readyz") as r:
-                        if r.status == 200:
-                            break
-                except aiohttp.ClientError:
-                    pass
-                assert time.monotonic() < deadline, "proxy did not start"
-                await asyncio.sleep(0.1)
+            await wait_ready(s, admin_port, proc, log)
 
             async def call() -> int:
                 async with s.get(f"http://127.0.0.1:{http_port}/slow?s=1", headers=headers) as r:

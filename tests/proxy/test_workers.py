@@ -3,20 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 import sys
-import time
 from pathlib import Path
 
 import aiohttp
 
-from tests.conftest import Keys, Upstream, write_config
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+from tests.conftest import Keys, Upstream, pin_ports, wait_ready, write_config
 
 
 def requests_total(text: str) -> float:
@@ -30,18 +22,11 @@ def requests_total(text: str) -> float:
 async def test_two_workers_share_ports_and_metrics(
     tmp_path: Path, keys: Keys, upstream: Upstream, redis_url: str
 ) -> None:
-    http_port, admin_port = free_port(), free_port()
     config = write_config(
         tmp_path, keys, upstream.url, extra=f"store: {{redis: {{url: '{redis_url}'}}}}"
     )
-    config.write_text(
-        config.read_text()
-        .replace(
-            'listen: {http: "127.0.0.1:0", admin: "127.0.0.1:0"}',
-            f'listen: {{http: "127.0.0.1:{http_port}", admin: "127.0.0.1:{admin_port}"}}',
-        )
-        .replace("decision_log: stdout", "decision_log: off")
-    )
+    config.write_text(config.read_text().replace("decision_log: stdout", "decision_log: off"))
+    http_port, admin_port = pin_ports(config)
     log = tmp_path / "workers.log"
     with log.open("wb") as err:
         proc = await asyncio.create_subprocess_exec(
@@ -59,16 +44,7 @@ async def test_two_workers_share_ports_and_metrics(
     headers = {"Authorization": f"Bearer {keys.token()}"}
     try:
         async with aiohttp.ClientSession() as s:
-            deadline = time.monotonic() + 20
-            while True:
-                try:
-                    async with s.get(f"http://127.0.0.1:{admin_port}/readyz") as r:
-                        if r.status == 200:
-                            break
-                except aiohttp.ClientError:
-                    pass
-                assert time.monotonic() < deadline, await asyncio.to_thread(log.read_text)
-                await asyncio.sleep(0.1)
+            await wait_ready(s, admin_port, proc, log)
             await asyncio.sleep(1.0)  # let the second worker bind too
             # new connections each time, so the kernel spreads them over both workers
             for _ in range(40):

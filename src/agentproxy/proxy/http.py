@@ -281,6 +281,22 @@ class HttpExchange:
             headers.append((creds.header, creds.prefix + creds.value.value.decode("latin-1")))
         return headers
 
+    async def _read_body(self, call: Call, limit: int) -> bytes:
+        """The whole body, for adapters that must read it to name the action (MCP, LLM).
+
+        Raises PayloadTooLarge past `limit` bytes (checked on Content-Length first).
+        """
+        length = self.request.content_length
+        if length is not None and length > limit:
+            raise PayloadTooLarge(f"request body is {length} bytes; the limit is {limit}")
+        chunks: list[bytes] = []
+        async for chunk in self.request.content.iter_chunked(CHUNK):
+            call.bytes_in += len(chunk)
+            if call.bytes_in > limit:
+                raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
     def _request_data(self, call: Call, upstream: Upstream) -> AsyncIterator[bytes] | bytes | None:
         """What is sent upstream as the body: the caller's, streamed."""
         if not self.request.body_exists:

@@ -16,7 +16,6 @@ from aiohttp import web
 
 from agentproxy.config.model import Upstream
 from agentproxy.core import Call
-from agentproxy.errors import PayloadTooLarge
 from agentproxy.protocols import llm
 from agentproxy.proxy.http import HttpExchange
 
@@ -32,7 +31,7 @@ class LlmExchange(HttpExchange):
             return
         body = b""
         if self.request.method == "POST":
-            body = await self._read_all(call, upstream.max_body_bytes)
+            body = await self._read_body(call, upstream.max_body_bytes)
         headers = {k.lower(): v for k, v in self.request.headers.items()}
         parsed = llm.describe(
             self.request.method, self.path, headers, body, max_bytes=upstream.max_body_bytes
@@ -41,18 +40,6 @@ class LlmExchange(HttpExchange):
         call.action = parsed.action
         call.model = parsed.model
         call.estimate = (llm.estimate_input_tokens(parsed), parsed.max_tokens or 0)
-
-    async def _read_all(self, call: Call, limit: int) -> bytes:
-        length = self.request.content_length
-        if length is not None and length > limit:
-            raise PayloadTooLarge(f"request body is {length} bytes; the limit is {limit}")
-        chunks: list[bytes] = []
-        async for chunk in self.request.content.iter_chunked(64 * 1024):
-            call.bytes_in += len(chunk)
-            if call.bytes_in > limit:
-                raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
-            chunks.append(chunk)
-        return b"".join(chunks)
 
     def _request_data(self, call: Call, upstream: Upstream) -> AsyncIterator[bytes] | bytes | None:
         if self.parsed is None or self.request.method != "POST":

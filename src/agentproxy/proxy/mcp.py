@@ -19,7 +19,7 @@ from aiohttp import web
 
 from agentproxy.config.model import Upstream
 from agentproxy.core import Call
-from agentproxy.errors import BadRequest, Denied, PayloadTooLarge, UpstreamFailed
+from agentproxy.errors import BadRequest, Denied, UpstreamFailed
 from agentproxy.policy import could_allow
 from agentproxy.protocols import mcp
 from agentproxy.protocols.http import response_headers_to_return
@@ -81,18 +81,6 @@ class McpExchange(HttpExchange):
                         f"tool {action.target!r} changed since it was pinned; an operator must "
                         "accept the new definition (agentproxy tools accept)"
                     )
-
-    async def _read_body(self, call: Call, limit: int) -> bytes:
-        length = self.request.content_length
-        if length is not None and length > limit:
-            raise PayloadTooLarge(f"request body is {length} bytes; the limit is {limit}")
-        chunks: list[bytes] = []
-        async for chunk in self.request.content.iter_chunked(64 * 1024):
-            call.bytes_in += len(chunk)
-            if call.bytes_in > limit:
-                raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
-            chunks.append(chunk)
-        return b"".join(chunks)
 
     def _request_data(self, call: Call, upstream: Upstream) -> AsyncIterator[bytes] | bytes | None:
         # Exactly the JSON that was authorized, decoded (already counted in describe).
