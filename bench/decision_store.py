@@ -22,8 +22,8 @@ import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from agentproxy.config.loader import read_policy_file
 from agentproxy.config.model import RedisSettings
+from agentproxy.config.policies import read_policy_file
 from agentproxy.core import Action, Facts, Principal, Reservation
 from agentproxy.policy import compile_policy, decide
 from agentproxy.policy.memo import DecisionMemo, memo_key

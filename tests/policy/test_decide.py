@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from agentproxy.config.loader import read_policy_file
+from agentproxy.config.policies import read_policy_file
 from agentproxy.config.yamldoc import Issue
 from agentproxy.core import Action, Effect, Facts, Principal
 from agentproxy.policy import PolicySet, TraceStep, compile_policy, decide

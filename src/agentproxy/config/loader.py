@@ -8,8 +8,6 @@ compiler and the identity layer report those problems in the same format.
 
 from __future__ import annotations
 
-import glob
-import hashlib
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -18,32 +16,29 @@ from urllib.parse import urlsplit
 
 from agentproxy.config.model import (
     AdminSettings,
-    ApprovalSpec,
     ApprovalsSettings,
     AuditConfig,
     ClaimNames,
     Config,
     ContextToken,
-    CostSpec,
     Credentials,
     HostPort,
     Identity,
     Issuer,
-    LimitSpec,
     Listen,
     MeteringSettings,
     PolicyFile,
     Price,
     RedisSettings,
-    RuleSpec,
     Secret,
     StoreSettings,
     Upstream,
     Webhook,
     redact_url,
 )
+from agentproxy.config.policies import CURRENCY, load_policies
 from agentproxy.config.yamldoc import ConfigError, Document, Issue
-from agentproxy.core import Effect, Mode
+from agentproxy.core import Mode
 
 TOP_KEYS = (
     "mode",
@@ -65,7 +60,6 @@ ASYMMETRIC_ALGORITHMS = frozenset(
 HMAC_ALGORITHMS = frozenset({"HS256", "HS384", "HS512"})
 SUPPORTED_PROTOCOLS = ("http", "mcp", "llm")
 _NAME = re.compile(r"[a-z0-9][a-z0-9_.-]{0,62}")
-_RULE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}")
 _HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _SECRET_FILE_LIMIT = 64 * 1024
 
@@ -409,7 +403,7 @@ class _Loader:
         section = doc.mapping(value, path, ("currency", "prices", "attribution"))
         currency = doc.get(section, path, "currency", str, "USD") or "USD"
         doc.check(
-            bool(_CURRENCY.fullmatch(currency)),
+            bool(CURRENCY.fullmatch(currency)),
             f"{path}.currency",
             "must be an ISO 4217 code (USD)",
         )
@@ -557,256 +551,8 @@ def parse_host_port(text: str) -> HostPort | None:
     return HostPort(host, int(port))
 
 
-def load_policies(
-    patterns: tuple[str, ...],
-    base: Path,
-    config_doc: Document,
-    issues: list[Issue],
-    *,
-    exclude: Path | None = None,
-) -> tuple[PolicyFile, ...]:
-    """Expands `policy_files` globs (relative to the config) and reads each policy file.
-
-    Files named `*_test.yaml` are policy tests, not policies, and are skipped.
-    """
-    files: list[Path] = []
-    for i, pattern in enumerate(patterns):
-        full = str(base / pattern)
-        matched = sorted(Path(p).absolute() for p in glob.glob(full, recursive=True))
-        matched = [
-            p
-            for p in matched
-            if p.is_file()
-            and (exclude is None or p.resolve() != exclude.resolve())
-            and not p.name.endswith("_test.yaml")
-        ]
-        if not matched:
-            config_doc.error(f"$.policy_files[{i}]", f"{pattern!r} matches no policy file")
-        files.extend(p for p in matched if p not in files)
-    out = [read_policy_file(path, issues) for path in files]
-    ids: dict[str, RuleSpec] = {}
-    for policy in out:
-        for rule in policy.rules:
-            if rule.id in ids:
-                first = ids[rule.id].position
-                pos = rule.position
-                issues.append(
-                    Issue(
-                        pos.file,
-                        pos.line,
-                        pos.column,
-                        "$.rules",
-                        f"rule id {rule.id!r} is already used at {first}",
-                    )
-                )
-            ids.setdefault(rule.id, rule)
-    return tuple(out)
-
-
-RULE_KEYS = (
-    "approval",
-    "id",
-    "description",
-    "agents",
-    "users",
-    "actions",
-    "when",
-    "effect",
-    "reason",
-    "mode",
-    "limits",
-    "cost",
-    "obligations",
-)
 _FIELD_PATH = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*(\.[A-Za-z0-9_-]+)+")
 _LABEL_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
 _FIXED_LABELS = frozenset(
     {"agent", "upstream", "action", "model", "currency", "type", "decision", "rule"}
 )
-_LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,63}")
-_CURRENCY = re.compile(r"[A-Z]{3}")
-
-
-def read_policy_file(path: Path, issues: list[Issue]) -> PolicyFile:
-    """Reads one policy file into rule specs; problems go to `issues`."""
-    doc = Document(str(path), issues)
-    try:
-        data = path.read_bytes()
-        text = data.decode("utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        issues.append(Issue(str(path), 1, 1, "", f"cannot read policy file: {exc}"))
-        return PolicyFile(str(path), (), "")
-    raw = doc.mapping(doc.parse(text), "$", ("default", "rules"))
-    doc.check(
-        raw.get("default", "deny") == "deny",
-        "$.default",
-        'only "deny" is supported: a call no rule allows is refused',
-    )
-    rules = tuple(doc.each(raw.get("rules"), "$.rules", lambda v, p: _rule(doc, v, p)))
-    return PolicyFile(str(path), rules, hashlib.sha256(data).hexdigest())
-
-
-def _rule(doc: Document, value: Any, path: str) -> RuleSpec | None:
-    section = doc.mapping(value, path, RULE_KEYS)
-    if not section:
-        return None
-    rule_id = doc.get(section, path, "id", str, required=True) or ""
-    doc.check(
-        not rule_id or bool(_RULE_ID.fullmatch(rule_id)),
-        f"{path}.id",
-        "must be letters, digits, '.', '_', ':' or '-' (at most 128)",
-    )
-    agents = doc.strings(section, path, "agents", required=True)
-    actions = doc.strings(section, path, "actions", required=True)
-    doc.check(
-        "actions" not in section or bool(actions),
-        f"{path}.actions",
-        "must name at least one action",
-    )
-    doc.check(
-        "agents" not in section or bool(agents),
-        f"{path}.agents",
-        'must name at least one agent (or "*")',
-    )
-    effect = doc.choice(section, path, "effect", [e.value for e in Effect], "deny")
-    if "effect" not in section:
-        doc.error(path, 'missing required key "effect" (allow, deny or require_approval)')
-    when = doc.get(section, path, "when", str)
-    cost = _cost(doc, section.get("cost"), f"{path}.cost")
-    limits = tuple(
-        doc.each(section.get("limits"), f"{path}.limits", lambda v, p: _limit(doc, v, p))
-    )
-    names = [limit.name for limit in limits]
-    for dup in {n for n in names if names.count(n) > 1}:
-        doc.error(f"{path}.limits", f"limit {dup!r} is listed twice")
-    for i, limit in enumerate(limits):
-        if limit.spend is None:
-            continue
-        if cost is None:
-            doc.error(
-                f"{path}.limits[{i}]",
-                "a spend limit needs a cost on the rule (cost: {amount, currency})",
-            )
-        elif limit.currency != cost.currency:
-            doc.error(
-                f"{path}.limits[{i}].currency",
-                f"must match the rule's cost currency {cost.currency}",
-            )
-    obligations = doc.mapping(section.get("obligations"), f"{path}.obligations", ("label_task",))
-    labels = doc.strings(obligations, f"{path}.obligations", "label_task")
-    for label in labels:
-        doc.check(
-            bool(_LABEL.fullmatch(label)),
-            f"{path}.obligations.label_task",
-            f"label {label!r}: letters, digits, '.', '_', ':' or '-' (at most 64)",
-        )
-    if (limits or cost or labels) and effect == "deny":
-        doc.error(path, "limits, cost and obligations apply to calls a rule allows, not to a deny")
-    approval = _approval(doc, section.get("approval"), f"{path}.approval")
-    if effect == "require_approval" and approval is None:
-        doc.error(path, 'require_approval needs "approval: {approvers: [...]}" (who may approve)')
-    if approval is not None and effect != "require_approval":
-        doc.error(f"{path}.approval", "applies to effect: require_approval only")
-    return RuleSpec(
-        approval=approval,
-        limits=limits,
-        cost=cost,
-        label_task=labels,
-        id=rule_id,
-        agents=agents,
-        users=doc.strings(section, path, "users"),
-        actions=actions,
-        effect=Effect(effect),
-        when=when,
-        reason=doc.get(section, path, "reason", str, "") or "",
-        mode=Mode(doc.choice(section, path, "mode", [m.value for m in Mode], "enforce")),
-        position=doc.position(path),
-        when_position=doc.position(f"{path}.when") if when is not None else None,
-    )
-
-
-def _cost(doc: Document, value: Any, path: str) -> CostSpec | None:
-    if value is None:
-        return None
-    section = doc.mapping(value, path, ("amount", "expr", "currency"))
-    currency = doc.get(section, path, "currency", str, required=True)
-    expr = doc.get(section, path, "expr", str)
-    amount = doc.get(section, path, "amount", float)
-    if (amount is None) == (expr is None):
-        doc.error(path, "set exactly one of amount (a fixed price) or expr (CEL over the call)")
-        return None
-    if currency is None:
-        return None
-    doc.check(amount is None or amount >= 0, f"{path}.amount", "must not be negative")
-    doc.check(
-        bool(_CURRENCY.fullmatch(currency)),
-        f"{path}.currency",
-        "must be an ISO 4217 code such as USD",
-    )
-    return CostSpec(amount or 0.0, currency, expr)
-
-
-def _limit(doc: Document, value: Any, path: str) -> LimitSpec | None:
-    section = doc.mapping(value, path, ("name", "calls", "spend", "currency", "window", "key"))
-    name = doc.get(section, path, "name", str, required=True)
-    if name is not None:
-        doc.check(
-            bool(_LABEL.fullmatch(name)), f"{path}.name", "letters, digits, '.', '_', ':' or '-'"
-        )
-    calls = doc.get(section, path, "calls", int)
-    spend = doc.get(section, path, "spend", float)
-    if (calls is None) == (spend is None):
-        doc.error(path, "set exactly one of calls (per window) or spend (per window)")
-    doc.check(calls is None or calls > 0, f"{path}.calls", "must be more than 0")
-    doc.check(spend is None or spend > 0, f"{path}.spend", "must be more than 0")
-    currency = doc.get(section, path, "currency", str)
-    if spend is not None and currency is None:
-        doc.error(path, 'a spend limit needs "currency"')
-    if "window" not in section:
-        doc.error(path, 'missing required key "window" (e.g. "1m", "24h")')
-    window = doc.duration(section, path, "window", 60.0)
-    doc.check(window >= 1, f"{path}.window", "must be at least 1s")
-    key = doc.get(section, path, "key", str, "agent") or "agent"
-    if name is None or (calls is None) == (spend is None):
-        return None
-    return LimitSpec(
-        name=name,
-        window=window,
-        key=key,
-        calls=calls,
-        spend=spend,
-        currency=currency,
-        position=doc.position(path),
-    )
-
-
-def _approval(doc: Document, value: Any, path: str) -> ApprovalSpec | None:
-    if value is None:
-        return None
-    section = doc.mapping(value, path, ("approvers", "timeout", "hold", "grant", "reason"))
-    approvers = doc.strings(section, path, "approvers", required=True)
-    doc.check(
-        "approvers" not in section or bool(approvers),
-        f"{path}.approvers",
-        'name at least one approver ("role:NAME" or "user:ID")',
-    )
-    timeout = doc.duration(section, path, "timeout", 15 * 60.0)
-    hold = doc.duration(section, path, "hold", 25.0)
-    doc.check(1 <= timeout <= 7 * 24 * 3600, f"{path}.timeout", "must be between 1s and 7 days")
-    # Below common client and load-balancer timeouts (FIELD-NOTES: never hold forever).
-    doc.check(0 <= hold <= 55, f"{path}.hold", "must be between 0s and 55s")
-    grant = section.get("grant", "once")
-    grant_ttl: float | None = None
-    if grant != "once":
-        g = doc.mapping(grant, f"{path}.grant", ("ttl",)) if isinstance(grant, dict) else None
-        ttl = doc.duration(g, f"{path}.grant", "ttl", 0.0) if g else 0.0
-        if not ttl:
-            doc.error(f"{path}.grant", 'write "once" or {ttl: 1h}')
-        grant_ttl = ttl or None
-    return ApprovalSpec(
-        approvers=approvers,
-        timeout=timeout,
-        hold=min(hold, timeout),
-        grant_ttl=grant_ttl,
-        reason=doc.get(section, path, "reason", str, "") or "",
-    )

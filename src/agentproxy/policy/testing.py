@@ -21,8 +21,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from agentproxy.config.loader import read_policy_file
 from agentproxy.config.model import RuleSpec
+from agentproxy.config.policies import read_policy_file
 from agentproxy.config.yamldoc import ConfigError, Document, Issue
 from agentproxy.core import Action, Effect, Facts, Principal
 from agentproxy.errors import Refusal
