@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 import aiohttp
+import orjson
 
 from agentproxy.proxy.runtime import load_config
 from agentproxy.proxy.server import ProxyServer
@@ -85,10 +87,29 @@ async def test_configmap_symlink_swap_is_noticed(
         await server.stop()
 
 
-async def test_sigterm_lets_200_calls_in_flight_finish(
+APPROVAL_RULE = """
+  - id: needs-a-human
+    agents: [hr-bot]
+    actions: ["http:DELETE /v1/employees/{id}"]
+    effect: require_approval
+    approval: {approvers: [carol], hold: 50s}
+"""
+
+
+async def test_sigterm_finishes_calls_in_flight_and_the_audit_trail(
     tmp_path: Path, keys: Keys, upstream: Upstream
 ) -> None:
-    config = write_config(tmp_path, keys, upstream.url)
+    """200 calls in flight complete; a call held for approval is answered "pending" at once
+    (its approval persists); every call's records reach the audit file, which verifies."""
+    audit = tmp_path / "audit"
+    audit.mkdir()
+    config = write_config(
+        tmp_path,
+        keys,
+        upstream.url,
+        policy=DEFAULT_POLICY + APPROVAL_RULE,
+        extra=f"audit: {{file: '{audit / 'audit.jsonl'}'}}",
+    )
     config.write_text(config.read_text().replace("decision_log: stdout", "decision_log: off"))
     http_port, admin_port = pin_ports(config)
     log = tmp_path / "proxy.log"
@@ -108,19 +129,38 @@ async def test_sigterm_lets_200_calls_in_flight_finish(
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=300)) as s:
             await wait_ready(s, admin_port, proc, log)
 
-            async def call() -> int:
-                async with s.get(f"http://127.0.0.1:{http_port}/slow?s=1", headers=headers) as r:
+            async def call(method: str, path: str) -> int:
+                async with s.request(
+                    method, f"http://127.0.0.1:{http_port}{path}", headers=headers
+                ) as r:
                     await r.read()
                     return r.status
 
-            calls = [asyncio.ensure_future(call()) for _ in range(200)]
+            held = asyncio.ensure_future(call("DELETE", "/v1/employees/9"))
+            calls = [asyncio.ensure_future(call("GET", "/slow?s=1")) for _ in range(200)]
             while len(upstream.seen) < 200:  # noqa: ASYNC110 - the fixture records, it does not signal
                 await asyncio.sleep(0.02)
+            assert not held.done()
+            stopped_at = time.monotonic()
             proc.send_signal(signal.SIGTERM)
             statuses = await asyncio.gather(*calls)
             assert statuses == [200] * 200
+            assert await asyncio.wait_for(held, 5) == 403  # pending, not cut off
+            assert time.monotonic() - stopped_at < 5
             assert await asyncio.wait_for(proc.wait(), 15) == 0
     finally:
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+    records = [orjson.loads(line) for line in (audit / "audit.jsonl").read_text().splitlines()]
+    kinds = [r["kind"] for r in records]
+    assert kinds.count("outcome") == 200
+    assert kinds.count("decision") == 201
+    verified = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "agentproxy", "audit", "verify", str(audit / "audit.jsonl")],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert verified.returncode == 0, verified.stdout + verified.stderr

@@ -88,6 +88,7 @@ class Services:
     audit_required: bool = False
     approvals: ApprovalsSettings = field(default_factory=ApprovalsSettings)
     meter: Meter | None = None
+    stopping: asyncio.Event = field(default_factory=asyncio.Event)
     notify: Callable[[str, Approval], None] | None = None
 
 
@@ -271,9 +272,7 @@ class Pipeline:
                 self._approval_event("requested", approval)
             if approval.state is State.PENDING and spec.hold > 0:
                 waited = time.perf_counter()
-                held = await store.wait_approval(
-                    approval.id, min(spec.hold, approval.expires - now)
-                )
+                held = await self._hold(approval.id, min(spec.hold, approval.expires - now))
                 self.metrics.approval_wait_seconds.observe(time.perf_counter() - waited)
                 approval = held or approval
             if approval.state is State.APPROVED and await self._use_grant(call, fp):
@@ -282,6 +281,21 @@ class Pipeline:
             self.metrics.store_errors.labels("approvals").inc()
             raise Unavailable(f"approvals are unavailable: {exc}", component="store") from None
         raise approval_refusal(approval, hold=spec.hold)
+
+    async def _hold(self, approval_id: str, seconds: float) -> Approval | None:
+        """Waits for a decision, but not past shutdown: a held call is then answered
+        "pending" (its approval stays in the store) instead of being cut off."""
+        waiting = asyncio.ensure_future(self.services.store.wait_approval(approval_id, seconds))
+        stopping = asyncio.ensure_future(self.services.stopping.wait())
+        try:
+            await asyncio.wait((waiting, stopping), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopping.cancel()
+            if not waiting.done():
+                waiting.cancel()
+        if waiting.cancelled() or not waiting.done():
+            return None
+        return waiting.result()
 
     async def _use_grant(self, call: Call, fp: str) -> bool:
         grant = await self.services.store.use_grant(fp, time.time())

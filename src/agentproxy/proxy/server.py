@@ -288,8 +288,10 @@ class ProxyServer:
         return True
 
     async def stop(self) -> None:
-        """Not ready first, then stop accepting, let calls in flight finish, close upstreams."""
+        """Not ready first, then stop accepting, let calls in flight finish (held approval
+        calls are answered "pending" at once), flush the audit trail, close upstreams."""
         self._ready = False
+        self.services.stopping.set()
         if self._watcher is not None:
             self._watcher.cancel()  # no reload while shutting down
             with contextlib.suppress(asyncio.CancelledError):
