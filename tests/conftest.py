@@ -239,6 +239,7 @@ def write_config(
     extra: str = "",
     upstream_extra: str = "",
     mode: str = "enforce",
+    timeout: str = "2s",
 ) -> Path:
     (d / "issuer.pem").write_bytes(keys.public_pem)
     (d / "secret").write_text(UPSTREAM_SECRET + "\n")
@@ -252,7 +253,7 @@ listen: {{http: "127.0.0.1:0", admin: "127.0.0.1:0"}}
 upstreams:
   - name: tool
     url: "{upstream_url}"
-    timeout: 2s
+    timeout: {timeout}
     credentials: {{header: X-Api-Key, value_file: secret}}
 {upstream_extra}
 identity:
