@@ -678,12 +678,21 @@ class RedisStore:
                 self._watcher = asyncio.create_task(self._watch(), name="approval-watcher")
             while True:
                 woken.clear()
-                async with self._bounded("wait_approval"):
-                    # decode_responses=True: every reply is str.
-                    fields = cast(
-                        dict[str, str], await self._redis.hgetall(self._approval_key(approval_id))
-                    )
-                    approval = _approval_from(fields) if fields else None
+                try:
+                    async with self._bounded("wait_approval"):
+                        # decode_responses=True: every reply is str.
+                        fields = cast(
+                            dict[str, str],
+                            await self._redis.hgetall(self._approval_key(approval_id)),
+                        )
+                        approval = _approval_from(fields) if fields else None
+                except StoreError:
+                    # A held call outlives a dropped connection: read again shortly, and
+                    # fail only when the hold is over.
+                    if deadline - loop.time() <= 0:
+                        raise
+                    await asyncio.sleep(min(0.2, max(0.0, deadline - loop.time())))
+                    continue
                 left = deadline - loop.time()
                 if approval is None or approval.state is not State.PENDING or left <= 0:
                     return approval
