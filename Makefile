@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 SHARED ?= ../shared
 
-.PHONY: run test lint pytest smoke install system-deps helm bench clean
+.PHONY: run test lint pytest smoke install system-deps helm bench demo-metrics clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,13 @@ bench: install
 	@command -v wrk >/dev/null 2>&1 || { echo "wrk is missing: apt-get install wrk"; exit 1; }
 	$(PY) bench/http_overhead.py
 	$(PY) bench/decision_store.py
+
+## make demo-metrics: a demo run scraped by a real Prometheus, rendered to docs/dashboard.png
+## (needs prometheus and matplotlib; not part of test)
+demo-metrics: install
+	@command -v prometheus >/dev/null 2>&1 || { echo "prometheus is missing: apt-get install prometheus"; exit 1; }
+	$(PY) -m pip install --quiet -e '.[test,demo]'
+	$(PY) bench/dashboard_demo.py
 
 # Debian packages the tests use: promtool (package prometheus) checks /metrics, redis-server
 # backs the Redis store tests, chromium drives the approvals page. Installed when run as root.
