@@ -68,13 +68,19 @@ async def test_a_thousand_held_calls_share_one_subscription_and_no_thread(
     caps = {"max_pending": n, "max_pending_per_agent": n}
     pending = [await open_new(holder, approval(f"fp-{i}"), **caps) for i in range(n)]
     threads = threading.active_count()
-    began = time.monotonic()
     waiters = [asyncio.create_task(holder.wait_approval(a.id, 20)) for a in pending]
-    await asyncio.sleep(0.3)
+    channel = holder._changed_channel
+    # Until the watcher has subscribed (on a loaded two-core machine that takes a while).
+    deadline = time.monotonic() + 10
+    while True:
+        with redis_server.client() as client:
+            subscribers = client.pubsub_numsub(channel)
+        if subscribers != [(channel, 0)] or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.05)
+    assert subscribers == [(channel, 1)]  # one subscription for all 1000 waiters
     assert threading.active_count() == threads
-    with redis_server.client() as client:
-        channel = holder._changed_channel
-        assert client.pubsub_numsub(channel) == [(channel, 1)]
+    began = time.monotonic()
     for a in pending:
         await approver.decide_approval(a.id, Event.APPROVE, "carol", "", NOW)
     released = await asyncio.gather(*waiters)
