@@ -6,7 +6,7 @@ import asyncio
 
 import aiohttp
 
-from tests.conftest import DEFAULT_POLICY, Keys, Proxy, Upstream
+from tests.conftest import DEFAULT_POLICY, Keys, Proxy, ProxyFactory, Upstream
 
 
 def metric(text: str, name: str) -> float:
@@ -59,3 +59,25 @@ async def test_call_in_flight_keeps_the_snapshot_it_started_with(
         response.release()
         async with s.get(proxy.base + "/slow?s=0", headers=headers) as r:
             assert r.status == 403
+
+
+async def test_operators_reload_through_the_admin_api(make_proxy: ProxyFactory, keys: Keys) -> None:
+    proxy = await make_proxy(extra='admin: {operators: ["role:ops"]}')
+    operator = {"Authorization": f"Bearer {keys.token('op', roles=['ops'])}"}
+    before = proxy.server.pipeline.runtime.policy.version
+    (proxy.dir / "policies" / "main.yaml").write_text(DEFAULT_POLICY + "# changed\n")
+    async with aiohttp.ClientSession() as s:
+        async with s.post(proxy.admin + "/v1/reload") as r:
+            assert r.status == 401
+        async with s.post(
+            proxy.admin + "/v1/reload", headers={"Authorization": f"Bearer {keys.token()}"}
+        ) as r:
+            assert r.status == 403
+        async with s.post(proxy.admin + "/v1/reload", headers=operator) as r:
+            assert r.status == 200
+            body = await r.json()
+        assert body["reloaded"] is True and body["policy_version"] != before
+        (proxy.dir / "policies" / "main.yaml").write_text("rules: [{id: x}]\n")
+        async with s.post(proxy.admin + "/v1/reload", headers=operator) as r:
+            assert r.status == 422
+            assert (await r.json())["policy_version"] == body["policy_version"]

@@ -41,6 +41,11 @@ class AdminBackend(Protocol):
     async def accept_tool(self, upstream: str, tool: str) -> str | None:
         """Pins a changed MCP tool's new definition; its fingerprint, or None if unchanged."""
 
+    async def reload(self) -> bool:
+        """Reloads config and policy; False when the new files were rejected."""
+
+    def policy_version(self) -> str: ...
+
     async def approver(self, token: str) -> Principal:
         """The verified principal of an approver's token. Raises Unauthenticated."""
 
@@ -182,6 +187,21 @@ def admin_app(backend: AdminBackend) -> web.Application:
         path = UI_DIR / name
         return web.FileResponse(path, headers={**UI_HEADERS, "Content-Type": UI_FILES[name]})
 
+    async def reload(request: web.Request) -> web.Response:
+        try:
+            operator = await _operator(request)
+        except Refusal as refusal:
+            return _problem(refusal)
+        reloaded = await backend.reload()
+        body = {
+            "reloaded": reloaded,
+            "policy_version": backend.policy_version(),
+            "by": operator.agent,
+        }
+        if not reloaded:
+            body["error"] = "the new config or policy was rejected; see the proxy's log"
+        return web.json_response(body, status=200 if reloaded else 422)
+
     async def favicon(_: web.Request) -> web.Response:
         return web.Response(status=204, headers={"Cache-Control": "max-age=86400"})
 
@@ -199,6 +219,7 @@ def admin_app(backend: AdminBackend) -> web.Application:
     app.router.add_post("/v1/revocations", revocations)
     app.router.add_post("/v1/explain", explain)
     app.router.add_post("/v1/tools/accept", accept_tool)
+    app.router.add_post("/v1/reload", reload)
     app.router.add_get("/v1/approvals", approvals_list)
     app.router.add_get("/v1/approvals/{id}", approvals_get)
     app.router.add_post("/v1/approvals/{id}/{verb:approve|deny}", approvals_decide)

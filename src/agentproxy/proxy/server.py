@@ -115,6 +115,9 @@ class ProxyServer:
             self.pipeline.runtime, token, request, time.time(), task=task, store=self.store
         )
 
+    def policy_version(self) -> str:
+        return self.pipeline.runtime.policy.version
+
     async def accept_tool(self, upstream: str, tool: str) -> str | None:
         return self.mcp.pins.accept(upstream, tool)
 
