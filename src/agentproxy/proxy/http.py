@@ -322,23 +322,23 @@ class HttpExchange:
         self._adjust_response_headers(upstream_response, response)
         call.status = upstream_response.status
         self.response = response
-        await response.prepare(self.request)
         self._responded = True
         try:
+            await response.prepare(self.request)
             async for chunk in upstream_response.content.iter_any():
                 out = self._tap(chunk)
                 if out:
                     call.bytes_out += len(out)
                     await response.write(out)
             rest = self._tap_end(call)
+            if rest:
+                call.bytes_out += len(rest)
+                await response.write(rest)
+            await response.write_eof()
         except (TimeoutError, aiohttp.ClientError, ConnectionError) as exc:
+            # Either side hung up mid-answer (a client that went away is routine, not a bug).
             call.error = f"stream cut short: {type(exc).__name__}"
             self._abort()
-            return
-        if rest:
-            call.bytes_out += len(rest)
-            await response.write(rest)
-        await response.write_eof()
 
     # Hooks for exchanges that read the answer as it passes (LLM usage); plain HTTP passes
     # every byte through as it arrives.
