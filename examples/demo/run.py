@@ -48,6 +48,9 @@ Then try:
   curl -s -H "Authorization: Bearer $TOKEN" http://127.0.0.1:8080/v1/employees/1           # denied by a CEL condition
   curl -s http://127.0.0.1:8080/v1/employees/42                                            # no token (401)
 
+Why was that denied? The serving code's own answer, with the values its conditions read:
+  {ap} explain --config {HERE / "agentproxy.yaml"} --token "$TOKEN" --request "GET /v1/employees/1"
+
 Deleting a record needs an HR lead's approval (the call is held 20s, then answered "pending"):
   curl -s -X DELETE -H "Authorization: Bearer $TOKEN" http://127.0.0.1:8080/v1/employees/42 &
   LEAD=$({ap} token --key {key} --issuer {ISSUER} --audience agentproxy --agent lead --role hr-lead)
