@@ -25,7 +25,6 @@ import json
 import math
 import random
 import re
-import socket
 import sys
 import tempfile
 import time
@@ -55,6 +54,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))  # tests.metering.* are imported from the repo checkout
 
+from common import free_port  # noqa: E402
 from tests.conftest import start_app  # noqa: E402
 from tests.metering.llm_upstream import LlmServer, LlmUpstream, Usage  # noqa: E402
 from tests.metering.prometheus import Prometheus  # noqa: E402
@@ -144,12 +144,6 @@ STAT_BLUE = "#5794f2"
 
 
 # -- the demo stack ---------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 async def start_upstream(stack: AsyncExitStack, rng: random.Random) -> LlmUpstream:

@@ -14,13 +14,14 @@ import asyncio
 import os
 import platform
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+
+from common import free_port, write_result
 
 from agentproxy.config.model import RedisSettings
 from agentproxy.config.policies import read_policy_file
@@ -63,12 +64,6 @@ async def timed_async(fn: Callable[[], Awaitable[object]], calls: int) -> list[i
         await fn()
         out.append(time.perf_counter_ns() - start)
     return out
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def main() -> int:
@@ -159,9 +154,7 @@ async def main() -> int:
             f"| {name} | {p50:.1f} | {p99:.1f} | {p50 / base_p50:.2f} | {p99 / base_p99:.2f} |"
         )
     text = "\n".join(lines) + "\n"
-    print(text)
-    (HERE / "results").mkdir(exist_ok=True)
-    (HERE / "results" / "decision_store.md").write_text(text)
+    write_result("decision_store", text)
     return 0
 
 

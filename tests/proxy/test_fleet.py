@@ -12,7 +12,15 @@ from pathlib import Path
 import aiohttp
 import orjson
 
-from tests.conftest import Keys, ProxyFactory, Upstream, pin_ports, wait_ready, write_config
+from tests.conftest import (
+    Keys,
+    ProxyFactory,
+    Upstream,
+    pin_ports,
+    spawn_proxy,
+    wait_ready,
+    write_config,
+)
 from tests.proxy.test_state import POLICY
 from tests.redis_server import MakeRedisServer
 
@@ -42,17 +50,7 @@ async def test_revocation_and_counters_are_shared_by_the_fleet(
     config = write_config(tmp_path, keys, upstream.url, policy=POLICY, extra=store(redis_url))
     http_port, admin_port = pin_ports(config)
     log = tmp_path / "b.log"
-    with log.open("wb") as err:
-        b = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "agentproxy",
-            "run",
-            "--config",
-            str(config),
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=err,
-        )
+    b = await spawn_proxy(config, log)
     b_base = f"http://127.0.0.1:{http_port}"
     reader = keys.token("reader")
     try:

@@ -15,7 +15,15 @@ import orjson
 
 from agentproxy.proxy.runtime import load_config
 from agentproxy.proxy.server import ProxyServer
-from tests.conftest import DEFAULT_POLICY, Keys, Upstream, pin_ports, wait_ready, write_config
+from tests.conftest import (
+    DEFAULT_POLICY,
+    Keys,
+    Upstream,
+    pin_ports,
+    spawn_proxy,
+    wait_ready,
+    write_config,
+)
 
 
 def configmap_layout(d: Path, generation: str, files: dict[str, str]) -> None:
@@ -109,21 +117,11 @@ async def test_sigterm_finishes_calls_in_flight_and_the_audit_trail(
         upstream.url,
         policy=DEFAULT_POLICY + APPROVAL_RULE,
         extra=f"audit: {{file: '{audit / 'audit.jsonl'}'}}",
+        decision_log="off",
     )
-    config.write_text(config.read_text().replace("decision_log: stdout", "decision_log: off"))
     http_port, admin_port = pin_ports(config)
     log = tmp_path / "proxy.log"
-    with log.open("wb") as err:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "agentproxy",
-            "run",
-            "--config",
-            str(config),
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=err,
-        )
+    proc = await spawn_proxy(config, log)
     headers = {"Authorization": f"Bearer {keys.token()}"}
     try:
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=300)) as s:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import aiohttp
 
-from tests.conftest import Keys, Upstream, pin_ports, wait_ready, write_config
+from tests.conftest import Keys, Upstream, pin_ports, spawn_proxy, wait_ready, write_config
 
 
 def requests_total(text: str) -> float:
@@ -23,24 +23,15 @@ async def test_two_workers_share_ports_and_metrics(
     tmp_path: Path, keys: Keys, upstream: Upstream, redis_url: str
 ) -> None:
     config = write_config(
-        tmp_path, keys, upstream.url, extra=f"store: {{redis: {{url: '{redis_url}'}}}}"
+        tmp_path,
+        keys,
+        upstream.url,
+        extra=f"store: {{redis: {{url: '{redis_url}'}}}}",
+        decision_log="off",
     )
-    config.write_text(config.read_text().replace("decision_log: stdout", "decision_log: off"))
     http_port, admin_port = pin_ports(config)
     log = tmp_path / "workers.log"
-    with log.open("wb") as err:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "agentproxy",
-            "run",
-            "--config",
-            str(config),
-            "--workers",
-            "2",
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=err,
-        )
+    proc = await spawn_proxy(config, log, "--workers", "2")
     headers = {"Authorization": f"Bearer {keys.token()}"}
     try:
         async with aiohttp.ClientSession() as s:

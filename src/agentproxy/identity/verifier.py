@@ -92,9 +92,6 @@ class TokenVerifier:
         self._issuers: dict[str, _TrustedIssuer] = {}
         self._cache: OrderedDict[str, tuple[Principal, float]] = OrderedDict()
 
-    def issuer_names(self) -> tuple[str, ...]:
-        return tuple(issuer.issuer for issuer in self._identity.issuers)
-
     async def start(self) -> None:
         """Load every issuer's keys, fetching remote key sets once, so ready means verifiable.
 

@@ -108,7 +108,6 @@ class PolicySet:
     version: str
     rules: tuple[Rule, ...]
     index: PatternIndex[tuple[Rule, ActionPattern]]
-    has_shadow_rules: bool
     reads_task: bool = False
 
     def rule(self, rule_id: str) -> Rule:
@@ -147,7 +146,6 @@ def compile_policy(files: Iterable[PolicyFile], builtin: Sequence[RuleSpec] = ()
         version=digest.hexdigest()[:12],
         rules=tuple(rules),
         index=index,
-        has_shadow_rules=any(r.mode is Mode.SHADOW for r in rules),
         reads_task=any(r.reads_task for r in rules),
     )
 

@@ -530,37 +530,26 @@ class Pipeline:
 
 def approval_refusal(approval: Approval, *, hold: float) -> ApprovalRefused:
     """Why a call that needs approval is not forwarded, in the approval's own words."""
-    aid, rule = approval.id, approval.rule
-    if approval.state is State.DENIED:
-        why = f": {approval.decided_reason}" if approval.decided_reason else ""
-        return ApprovalRefused(
-            f"approval {aid} was denied by {approval.decided_by}{why}",
-            outcome="denied",
-            approval_id=aid,
-            rule=rule,
+    aid = approval.id
+    if approval.state is State.PENDING:
+        detail = (
+            f"{approval.reason}: waiting for approval {aid} by {', '.join(approval.approvers)};"
+            " send the same call again once it is approved"
         )
-    if approval.state is State.EXPIRED:
         return ApprovalRefused(
-            f"approval {aid} expired before anyone decided",
-            outcome="expired",
+            detail,
+            outcome="pending",
             approval_id=aid,
-            rule=rule,
+            rule=approval.rule,
+            retry_after=max(5.0, hold),
         )
-    if approval.state is State.APPROVED:
-        return ApprovalRefused(
-            f"approval {aid} was already used (it granted one call)",
-            outcome="used",
-            approval_id=aid,
-            rule=rule,
-        )
-    return ApprovalRefused(
-        f"{approval.reason}: waiting for approval {aid} by {', '.join(approval.approvers)};"
-        " send the same call again once it is approved",
-        outcome="pending",
-        approval_id=aid,
-        rule=rule,
-        retry_after=max(5.0, hold),
-    )
+    why = f": {approval.decided_reason}" if approval.decided_reason else ""
+    outcome, detail = {
+        State.DENIED: ("denied", f"approval {aid} was denied by {approval.decided_by}{why}"),
+        State.EXPIRED: ("expired", f"approval {aid} expired before anyone decided"),
+        State.APPROVED: ("used", f"approval {aid} was already used (it granted one call)"),
+    }[approval.state]
+    return ApprovalRefused(detail, outcome=outcome, approval_id=aid, rule=approval.rule)
 
 
 def _iso(epoch: float) -> str:
