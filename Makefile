@@ -4,9 +4,9 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 SHARED ?= ../shared
 
-.PHONY: run test lint pytest smoke install system-deps helm bench demo-metrics clean
+.PHONY: run test lint pytest smoke install proto system-deps helm bench demo-metrics clean
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[test]'
@@ -14,12 +14,17 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
+## make proto: regenerate src/agentproxy/v1 from proto/agentproxy/v1/*.proto (every package
+## build does it too; the output is not committed)
+proto: install
+	$(PY) proto/generate.py
+
 ## make run: the proxy on the embedded default (memory store, demo policy, demo upstream)
-run: install
+run: proto
 	$(PY) examples/demo/run.py
 
 ## make test: lint, types, the whole test suite, and the public contract smoke test
-test: install system-deps helm lint pytest smoke
+test: proto system-deps helm lint pytest smoke
 
 pytest: install
 	$(PY) -m pytest

@@ -207,3 +207,4 @@ class Call:
     currency: str | None = None
     store_error: str | None = None
     reservations: tuple[Reservation, ...] = ()
+    grpc_status: int | None = None  # a gRPC call's status code (`status` is its HTTP mapping)

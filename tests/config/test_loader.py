@@ -145,11 +145,9 @@ def test_missing_files_and_empty_globs(tmp_path: Path) -> None:
     assert "'nowhere/*.yaml' matches no policy file" in text
 
 
-def test_future_protocols_and_effects_are_refused_not_ignored(tmp_path: Path) -> None:
-    main = MAIN.replace("    timeout: 5s\n", "    timeout: 5s\n    protocol: grpc\n")
-    assert any(
-        'protocol "grpc" is not available' in line for line in problems(write(tmp_path, main))
-    )
+def test_protocol_specific_keys_are_refused_elsewhere(tmp_path: Path) -> None:
+    main = MAIN.replace("    timeout: 5s\n", "    timeout: 5s\n    max_message_bytes: 10\n")
+    assert any("applies to protocol: grpc only" in line for line in problems(write(tmp_path, main)))
     main = MAIN.replace("    timeout: 5s\n", "    timeout: 5s\n    pin_tools: enforce\n")
     assert any("applies to protocol: mcp only" in line for line in problems(write(tmp_path, main)))
 

@@ -106,6 +106,8 @@ def entry(call: Call, latency: float, now: float) -> dict[str, Any]:
         record["upstream_ms"] = round(call.upstream_seconds * 1000, 3)
     if call.cost:
         record["cost"] = {"amount": round(call.cost, 9), "currency": call.currency}
+    if call.grpc_status is not None:
+        record["rpc.grpc.status_code"] = call.grpc_status  # OpenTelemetry's name
     if call.action.protocol == "llm":
         # OpenTelemetry GenAI semantic conventions, for trace pipelines that read this log.
         record["gen_ai.operation.name"] = call.action.operation

@@ -58,9 +58,9 @@ ASYMMETRIC_ALGORITHMS = frozenset(
     {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"}
 )
 HMAC_ALGORITHMS = frozenset({"HS256", "HS384", "HS512"})
-SUPPORTED_PROTOCOLS = ("http", "mcp", "llm")
 _NAME = re.compile(r"[a-z0-9][a-z0-9_.-]{0,62}")
 _HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+_SERVICE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
 _SECRET_FILE_LIMIT = 64 * 1024
 
 
@@ -161,13 +161,21 @@ class _Loader:
 
     def listen(self, value: Any) -> Listen:
         doc = self.doc
-        section = doc.mapping(value, "$.listen", ("http", "admin"))
+        section = doc.mapping(value, "$.listen", ("http", "admin", "grpc", "admin_grpc"))
         return Listen(
             http=self.host_port(section, "$.listen", "http", "0.0.0.0:8080"),
             admin=self.host_port(section, "$.listen", "admin", "0.0.0.0:9901"),
+            grpc=self.host_port(section, "$.listen", "grpc") if "grpc" in section else None,
+            admin_grpc=(
+                self.host_port(section, "$.listen", "admin_grpc")
+                if "admin_grpc" in section
+                else None
+            ),
         )
 
-    def host_port(self, section: dict[str, Any], path: str, key: str, default: str) -> HostPort:
+    def host_port(
+        self, section: dict[str, Any], path: str, key: str, default: str = "0.0.0.0:0"
+    ) -> HostPort:
         text = self.doc.get(section, path, key, str, default) or default
         parsed = parse_host_port(text)
         if parsed is None:
@@ -184,16 +192,27 @@ class _Loader:
         if value is None:
             doc.error("$", 'missing required key "upstreams" (at least one upstream to forward to)')
         seen: set[str] = set()
-        defaults = 0
+        services: set[str] = set()
+        defaults = {False: 0, True: 0}
         for i, up in enumerate(items):
             if up.name in seen:
                 doc.error(f"$.upstreams[{i}].name", f"duplicate upstream name {up.name!r}")
             seen.add(up.name)
-            defaults += up.path_prefix is None
-        if defaults > 1:
-            doc.error(
-                "$.upstreams", "more than one upstream has no match: only one may be the default"
-            )
+            if up.service is not None:
+                if up.service in services:
+                    doc.error(
+                        f"$.upstreams[{i}].match.service",
+                        f"service {up.service!r} is already served by another upstream",
+                    )
+                services.add(up.service)
+            defaults[up.is_grpc] += (up.service if up.is_grpc else up.path_prefix) is None
+        for grpc, count in defaults.items():
+            if count > 1:
+                kind = "gRPC upstream" if grpc else "HTTP upstream"
+                doc.error(
+                    "$.upstreams",
+                    f"more than one {kind} has no match: only one may be the default",
+                )
         return tuple(items)
 
     def upstream(self, value: Any, path: str) -> Upstream | None:
@@ -208,6 +227,8 @@ class _Loader:
             "max_body_bytes",
             "pin_tools",
             "tool_errors",
+            "descriptor_set",
+            "max_message_bytes",
         )
         section = doc.mapping(value, path, keys)
         name = doc.get(section, path, "name", str, required=True) or ""
@@ -216,26 +237,30 @@ class _Loader:
             f"{path}.name",
             "must be lowercase letters, digits, '.', '_' or '-'",
         )
+        protocol = doc.choice(section, path, "protocol", ["http", "mcp", "llm", "grpc"], "http")
+        grpc = protocol == "grpc"
         url = doc.get(section, path, "url", str, required=True) or ""
         if url:
-            parts = urlsplit(url)
             doc.check(
-                parts.scheme in ("http", "https")
-                and bool(parts.hostname)
-                and not parts.query
-                and not parts.fragment
-                and not parts.username,
+                _valid_url(url, grpc),
                 f"{path}.url",
-                f"must be an http(s) URL with a host and no query, not {url!r}",
+                (
+                    f'must be "grpc://host:port" (grpcs:// for TLS), not {url!r}'
+                    if grpc
+                    else f"must be an http(s) URL with a host and no query, not {url!r}"
+                ),
             )
-        protocol = doc.choice(section, path, "protocol", ["http", "mcp", "llm", "grpc"], "http")
-        doc.check(
-            protocol in SUPPORTED_PROTOCOLS,
-            f"{path}.protocol",
-            f'protocol "{protocol}" is not available in this version (supported: http, mcp, llm)',
+        match = doc.mapping(
+            section.get("match"), f"{path}.match", ("service",) if grpc else ("path_prefix",)
         )
-        match = doc.mapping(section.get("match"), f"{path}.match", ("path_prefix",))
-        prefix = doc.get(match, f"{path}.match", "path_prefix", str)
+        prefix = None if grpc else doc.get(match, f"{path}.match", "path_prefix", str)
+        service = doc.get(match, f"{path}.match", "service", str) if grpc else None
+        if service is not None:
+            doc.check(
+                bool(_SERVICE.fullmatch(service)),
+                f"{path}.match.service",
+                f'must be a full service name like "hr.v1.Employees", not {service!r}',
+            )
         if prefix is not None:
             doc.check(
                 prefix.startswith("/") and "//" not in prefix and "%" not in prefix,
@@ -270,7 +295,26 @@ class _Loader:
                 f"{path}.{key}",
                 "applies to protocol: mcp only",
             )
+        for key in ("descriptor_set", "max_message_bytes"):
+            doc.check(key not in section or grpc, f"{path}.{key}", "applies to protocol: grpc only")
+        doc.check(
+            "max_body_bytes" not in section or not grpc,
+            f"{path}.max_body_bytes",
+            "applies to HTTP protocols; a gRPC upstream has max_message_bytes",
+        )
+        max_message = doc.get(section, path, "max_message_bytes", int, 4 * 1024 * 1024) or 0
+        doc.check(
+            0 < max_message <= 2**31 - 1,
+            f"{path}.max_message_bytes",
+            "must be a positive number of bytes below 2 GiB",
+        )
+        reflection = section.get("descriptor_set") == "reflection"
+        descriptor_set = None if reflection else self.existing_file(section, path, "descriptor_set")
         return Upstream(
+            service=service,
+            descriptor_set=descriptor_set,
+            reflection=reflection,
+            max_message_bytes=max_message,
             pin_tools=pin_tools,  # type: ignore[arg-type]
             tool_errors=tool_errors,  # type: ignore[arg-type]
             name=name,
@@ -552,6 +596,18 @@ def parse_host_port(text: str) -> HostPort | None:
 
 
 _FIELD_PATH = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*(\.[A-Za-z0-9_-]+)+")
+
+
+def _valid_url(url: str, grpc: bool) -> bool:
+    """gRPC upstreams are addressed by host and port only: the method is the path."""
+    parts = urlsplit(url)
+    if not parts.hostname or parts.query or parts.fragment or parts.username:
+        return False
+    if grpc:
+        return parts.scheme in ("grpc", "grpcs", "http", "https") and parts.path in ("", "/")
+    return parts.scheme in ("http", "https")
+
+
 _LABEL_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
 _FIXED_LABELS = frozenset(
     {"agent", "upstream", "action", "model", "currency", "type", "decision", "rule"}

@@ -51,6 +51,9 @@ class HostPort:
 class Listen:
     http: HostPort
     admin: HostPort
+    # Absent: no listener. The gRPC data plane, and agentproxy.v1 (Authorizer, Approvals).
+    grpc: HostPort | None = None
+    admin_grpc: HostPort | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +81,18 @@ class Upstream:
     # answered (a JSON-RPC error, or a CallToolResult with isError the model can read).
     pin_tools: Literal["off", "report", "enforce"] = "report"
     tool_errors: Literal["jsonrpc", "result"] = "jsonrpc"
+    # gRPC only: the service this upstream serves (None: the default gRPC upstream), the
+    # FileDescriptorSet that lets policy read request fields as `args` (or True for
+    # `descriptor_set: reflection`: fetched once from the upstream's reflection service), and
+    # the largest message either way.
+    service: str | None = None
+    descriptor_set: Path | None = None
+    reflection: bool = False
+    max_message_bytes: int = 4 * 1024 * 1024
+
+    @property
+    def is_grpc(self) -> bool:
+        return self.protocol == "grpc"
 
 
 @dataclass(frozen=True, slots=True)

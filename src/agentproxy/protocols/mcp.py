@@ -245,6 +245,16 @@ def _describe_message(index: int, message: Any) -> tuple[Action, RequestId | Non
 _ABSENT: Final = object()
 
 
+def describe_call(method: str, name: str, arguments: Any) -> Action:
+    """The action of an MCP request named outside JSON-RPC (Authorizer.Check): what its
+    message would be described as. Raises BadRequest as `describe` would."""
+    key = _NAMED_METHODS.get(method)
+    params: dict[str, Any] = {key: name} if key is not None else {}
+    if arguments is not None:
+        params["arguments"] = arguments
+    return _request_action(f"mcp {method}", method, params)
+
+
 def _request_action(where: str, method: str, params: Any) -> Action:
     subject_key = _NAMED_METHODS.get(method)
     if subject_key is None:

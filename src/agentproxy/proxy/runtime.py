@@ -6,7 +6,8 @@ changes the rules under a call in flight.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from agentproxy.config import Config, ConfigError, Issue, load
@@ -18,6 +19,7 @@ from agentproxy.identity.verifier import TokenVerifier
 from agentproxy.metering.meter import compile_attribution
 from agentproxy.policy import PolicySet, compile_policy, policy_issues
 from agentproxy.protocols import mcp
+from agentproxy.protocols.grpc import DescriptorError, Method, load_descriptor_set
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,18 +29,28 @@ class Runtime:
     verifier: TokenVerifier
     signer: ContextSigner
     routes: tuple[Upstream, ...]
+    # gRPC upstreams by the service they serve ("" for the default), and the methods their
+    # descriptor sets describe (by upstream name; reflection-fetched ones are added later).
+    grpc_routes: Mapping[str, Upstream] = field(default_factory=dict)
+    grpc_methods: Mapping[str, Mapping[str, Method]] = field(default_factory=dict)
 
     def route(self, path: str) -> Upstream:
-        """The upstream with the longest `path_prefix` that contains `path`, else the default.
-
-        A prefix matches whole segments only: `/v1` serves `/v1` and `/v1/x`, never `/v10`.
-        Raises NoRoute when nothing matches.
+        """The HTTP upstream with the longest `path_prefix` that contains `path`, else the
+        default. A prefix matches whole segments only: `/v1` serves `/v1` and `/v1/x`, never
+        `/v10`. Raises NoRoute when nothing matches.
         """
         for upstream in self.routes:
             prefix = upstream.path_prefix
             if prefix is None or prefix == "/" or path == prefix or path.startswith(prefix + "/"):
                 return upstream
         raise NoRoute(f"no upstream is configured for {path}")
+
+    def route_grpc(self, service: str) -> Upstream:
+        """The gRPC upstream serving `service`, else the default one. Raises NoRoute."""
+        upstream = self.grpc_routes.get(service) or self.grpc_routes.get("")
+        if upstream is None:
+            raise NoRoute(f"no gRPC upstream is configured for service {service}")
+        return upstream
 
 
 def builtin_rules() -> tuple[RuleSpec, ...]:
@@ -84,9 +96,27 @@ def check(config: Config) -> PolicySet:
         ContextSigner.load(config.context_token)
     except ValueError as exc:
         issues.append(Issue(str(config.source), 1, 1, "$.context_token.signing_key_file", str(exc)))
+    for i, upstream in enumerate(config.upstreams):
+        try:
+            descriptor_methods(upstream)
+        except DescriptorError as exc:
+            where = f"$.upstreams[{i}].descriptor_set"
+            issues.append(Issue(str(config.source), 1, 1, where, str(exc)))
     if issues or policy is None:
         raise ConfigError(issues)
     return policy
+
+
+def descriptor_methods(upstream: Upstream) -> dict[str, Method] | None:
+    """The methods of the upstream's descriptor set file, if it has one.
+    Raises DescriptorError."""
+    if upstream.descriptor_set is None:
+        return None
+    try:
+        data = upstream.descriptor_set.read_bytes()
+    except OSError as exc:
+        raise DescriptorError(f"cannot read {upstream.descriptor_set}: {exc}") from None
+    return load_descriptor_set(data)
 
 
 async def build(config: Config) -> Runtime:
@@ -104,7 +134,13 @@ async def build(config: Config) -> Runtime:
         ) from None
     signer = ContextSigner.load(config.context_token)
     routes = sorted(
-        config.upstreams,
+        (u for u in config.upstreams if not u.is_grpc),
         key=lambda u: (u.path_prefix is None, -len(u.path_prefix or "")),
     )
-    return Runtime(config, policy, verifier, signer, tuple(routes))
+    grpc_routes = {u.service or "": u for u in config.upstreams if u.is_grpc}
+    methods: dict[str, Mapping[str, Method]] = {}
+    for upstream in grpc_routes.values():
+        found = descriptor_methods(upstream)
+        if found is not None:
+            methods[upstream.name] = found
+    return Runtime(config, policy, verifier, signer, tuple(routes), grpc_routes, methods)

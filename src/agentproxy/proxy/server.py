@@ -12,8 +12,12 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import web
+from grpc import aio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
 from prometheus_client import CollectorRegistry
 
+from agentproxy.admin.grpc import WATCH_QUEUE, add_admin_services
 from agentproxy.admin.server import admin_app, operator_allowed
 from agentproxy.approvals.authorize import check_approver
 from agentproxy.approvals.lifecycle import Approval, Event, State
@@ -29,14 +33,17 @@ from agentproxy.errors import Denied
 from agentproxy.identity.revocations import RevocationList
 from agentproxy.metering.meter import Meter
 from agentproxy.metering.metrics import Metrics
+from agentproxy.protocols.grpc import Method as GrpcMethod
 from agentproxy.proxy import runtime as runtime_module
 from agentproxy.proxy.explain import explain
+from agentproxy.proxy.grpc import Channels, GrpcDataPlane, Reflection
 from agentproxy.proxy.http import HttpDataPlane, McpState, UpstreamSessions
 from agentproxy.proxy.pipeline import Pipeline, Services
 from agentproxy.proxy.watch import watch
 from agentproxy.store import MemoryStore, Revocation, Store, StoreError
 
 log = logging.getLogger("agentproxy")
+HealthServicer = health_aio.HealthServicer
 
 # Request lines and header fields up to 16 KiB reach us (aiohttp refuses longer ones with 400
 # itself); tokens have their own, lower limit (`identity.max_token_bytes`).
@@ -57,6 +64,7 @@ class ProxyServer:
         self._watcher: asyncio.Task[None] | None = None
         self._approval_watch: asyncio.Task[None] | None = None
         self._opened: set[str] = set()  # approvals this replica opened (to report expiry)
+        self._approval_watchers: set[asyncio.Queue[tuple[str, Approval]]] = set()
         self.notifier: Notifier | None = None
         self.metrics = Metrics(tuple(name for name, _ in config.metering.attribution))
         self.store = make_store(config.store)
@@ -79,11 +87,17 @@ class ProxyServer:
                 upstream, tool
             ).inc()
         )
+        self.channels = Channels()
+        self.reflection = Reflection()
         self._pipeline: Pipeline | None = None
         self._runners: list[web.BaseRunner] = []
+        self._grpc_servers: list[aio.Server] = []
+        self._health: HealthServicer | None = None
         self._ready = False
         self.http_port = 0
         self.admin_port = 0
+        self.grpc_port = 0
+        self.admin_grpc_port = 0
 
     @property
     def pipeline(self) -> Pipeline:
@@ -162,6 +176,24 @@ class ProxyServer:
             self.services.audit.submit(record)
         if self.notifier is not None:
             self.notifier.notify(event, approval)
+        for queue in self._approval_watchers:
+            with contextlib.suppress(asyncio.QueueFull):  # a slow watcher catches up by polling
+                queue.put_nowait((event, approval))
+
+    async def grpc_method(self, service: str, path: str) -> GrpcMethod | None:
+        runtime = self.pipeline.runtime
+        upstream = runtime.route_grpc(service)
+        if upstream.reflection:
+            return (await self.reflection.methods(upstream)).get(path)
+        return runtime.grpc_methods.get(upstream.name, {}).get(path)
+
+    def subscribe_approvals(self) -> asyncio.Queue[tuple[str, Approval]]:
+        queue: asyncio.Queue[tuple[str, Approval]] = asyncio.Queue(maxsize=WATCH_QUEUE)
+        self._approval_watchers.add(queue)
+        return queue
+
+    def unsubscribe_approvals(self, queue: asyncio.Queue[tuple[str, Approval]]) -> None:
+        self._approval_watchers.discard(queue)
 
     async def _watch_approvals(self) -> None:
         """Every second: the pending gauge, and the expiry of approvals this replica opened
@@ -244,6 +276,10 @@ class ProxyServer:
         await http_site.start()
         self.admin_port = _bound_port(admin)
         self.http_port = _bound_port(http)
+        if listen.grpc is not None:
+            await self._start_grpc(str(listen.grpc))
+        if listen.admin_grpc is not None:
+            await self._start_admin_grpc(str(listen.admin_grpc))
         if self._watch_interval is not None:
             self._watcher = asyncio.get_running_loop().create_task(
                 watch(
@@ -254,6 +290,42 @@ class ProxyServer:
                 )
             )
         self._ready = True
+
+    async def _start_grpc(self, address: str) -> None:
+        """The gRPC data plane, with the standard health service (no token needed: probes
+        send none). The listener's message limit is the largest of the upstreams'; each
+        upstream's own limit is applied per call."""
+        largest = max(
+            (u.max_message_bytes for u in self.config.upstreams if u.is_grpc),
+            default=4 * 1024 * 1024,
+        )
+        server = aio.server(
+            options=[
+                ("grpc.max_receive_message_length", largest),
+                ("grpc.max_send_message_length", largest),
+                ("grpc.so_reuseport", 1 if self._reuse_port else 0),
+            ],
+        )
+        self._health = HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        server.add_generic_rpc_handlers(
+            (GrpcDataPlane(lambda: self.pipeline, self.channels, self.reflection),)
+        )
+        self.grpc_port = _bind(server, address)
+        await server.start()
+        self._grpc_servers.append(server)
+        await self._health.set("", health_pb2.HealthCheckResponse.SERVING)
+
+    async def _start_admin_grpc(self, address: str) -> None:
+        """agentproxy.v1.Authorizer and Approvals, with the health service too."""
+        server = aio.server(options=[("grpc.so_reuseport", 1 if self._reuse_port else 0)])
+        health = HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health, server)
+        add_admin_services(server, self)
+        self.admin_grpc_port = _bind(server, address)
+        await server.start()
+        self._grpc_servers.append(server)
+        await health.set("", health_pb2.HealthCheckResponse.SERVING)
 
     async def reload(self, path: Path | None = None) -> bool:
         """Builds a complete new snapshot from the config file, or keeps the current one.
@@ -299,10 +371,18 @@ class ProxyServer:
             self._watcher.cancel()  # no reload while shutting down
             with contextlib.suppress(asyncio.CancelledError):
                 await self._watcher
-        # The data plane first (reversed start order): it stops accepting and lets calls in
+        # The data planes first (reversed start order): they stop accepting and let calls in
         # flight finish within SHUTDOWN_GRACE; the admin listener answers not-ready meanwhile.
-        for runner in reversed(self._runners):
+        if self._health is not None:
+            await self._health.enter_graceful_shutdown()
+        admin, data_planes = self._runners[:1], self._runners[1:]  # admin started first
+        await asyncio.gather(
+            *(server.stop(SHUTDOWN_GRACE) for server in self._grpc_servers),
+            *(runner.cleanup() for runner in data_planes),
+        )
+        for runner in admin:
             await runner.cleanup()
+        self._grpc_servers.clear()
         self._runners.clear()
         for task in (self._refresher, self._approval_watch):
             if task is not None:
@@ -312,6 +392,7 @@ class ProxyServer:
         if self.notifier is not None:
             await self.notifier.close()
         await self.sessions.close()
+        await self.channels.close()
         if self.services.audit is not None:
             try:
                 await self.services.audit.close()  # flushes what is queued
@@ -353,6 +434,14 @@ def make_store(settings: StoreSettings) -> Store:
     from agentproxy.store.redis import RedisStore
 
     return RedisStore(settings.redis)
+
+
+def _bind(server: aio.Server, address: str) -> int:
+    """Raises OSError when the address cannot be bound (grpcio only says port 0)."""
+    port = server.add_insecure_port(address)
+    if port == 0:
+        raise OSError(f"cannot listen on {address} (gRPC)")
+    return port
 
 
 def _bound_port(runner: web.BaseRunner) -> int:

@@ -1,0 +1,83 @@
+"""`Authorizer.Check`: the decision for a call that is not proxied, from the one pipeline.
+
+A gateway or SDK that forwards calls itself asks here; the call walks identify → decide →
+gate → limits → audit exactly like a proxied one, and the exchange's "forward" only collects
+the context the proxy would have added. So the answer is the data plane's, by construction.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+
+from agentproxy.core import Action, Call
+from agentproxy.errors import Refusal
+from agentproxy.protocols.http import parse_declared_task, parse_traceparent
+from agentproxy.proxy.context import context_headers
+from agentproxy.proxy.pipeline import Pipeline
+
+UPSTREAM = "authorizer"  # the `upstream` of Check calls in metrics and logs
+
+
+@dataclass(slots=True)
+class CheckExchange:
+    pipeline: Pipeline
+    context: list[tuple[str, str]] = field(default_factory=list)
+    _responded: bool = False
+
+    @property
+    def responded(self) -> bool:
+        return self._responded
+
+    async def describe(self, call: Call) -> None:
+        """Check requests arrive described."""
+
+    async def forward(self, call: Call) -> None:
+        self.context = [
+            (name.lower(), value)
+            for name, value in context_headers(call, self.pipeline.runtime.signer)
+        ]
+        call.status = 200
+        self._responded = True
+
+    async def refuse(self, call: Call) -> None:
+        if call.refusal is None:
+            raise ValueError("refuse() needs call.refusal")
+        call.status = call.refusal.status
+        self._responded = True
+
+
+async def check(
+    pipeline: Pipeline,
+    *,
+    token: str | None,
+    describe: Action | Refusal,
+    task: str | None = None,
+    traceparent: str | None = None,
+) -> tuple[Call, list[tuple[str, str]]]:
+    """The finished call (decision, refusal, status) and, when allowed, the context metadata
+    the proxy would add. `describe` is the call's action, or why it could not be described."""
+    started, now = time.perf_counter(), time.time()
+    ids = os.urandom(36).hex()
+    refusal: Refusal | None = describe if isinstance(describe, Refusal) else None
+    action = describe if isinstance(describe, Action) else Action("http", "?", "<unparsed>")
+    declared = None
+    try:
+        declared = parse_declared_task(task or None)
+    except Refusal as exc:
+        refusal = refusal or exc
+    call = Call(
+        id=ids[48:],
+        action=action,
+        upstream=UPSTREAM,
+        started=started,
+        now=now,
+        trace=parse_traceparent(traceparent or None, None, ids[:32], ids[32:48]),
+        bearer=token or None,
+        declared_task=declared,
+    )
+    call.refusal = refusal
+    exchange = CheckExchange(pipeline)
+    await pipeline.run(call, exchange)
+    return call, exchange.context

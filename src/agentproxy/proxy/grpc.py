@@ -1,0 +1,404 @@
+"""The gRPC data plane: a grpc.aio shell around the gRPC adapter and the pipeline.
+
+Every method of every service is proxied without knowing it in advance: messages stay bytes
+(no serializers) and every call, unary or streaming, is a bidirectional stream on the wire,
+so one handler serves all four kinds. Metadata, trailers, status code and details pass both
+ways; the remaining deadline (not the original) travels upstream; a cancelled caller cancels
+the upstream call, and an upstream's cancellation reaches the caller as its status.
+
+Compression is per hop: grpcio decodes what it receives without saying how it was encoded, so
+compressed messages are accepted from both sides and sent on uncompressed (on loopback,
+compressing twice would only cost CPU).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
+from functools import partial
+from typing import Any
+from urllib.parse import urlsplit
+
+import grpc
+from grpc import aio
+
+from agentproxy.config.model import Upstream
+from agentproxy.core import Action, Call
+from agentproxy.errors import BadRequest, PayloadTooLarge, Refusal, Unavailable, UpstreamFailed
+from agentproxy.protocols import grpc as adapter
+from agentproxy.protocols.http import parse_declared_task, parse_traceparent
+from agentproxy.proxy.context import context_headers
+from agentproxy.proxy.pipeline import Pipeline
+from agentproxy.proxy.runtime import Runtime
+
+log = logging.getLogger("agentproxy.grpc")
+
+UNPARSED = Action("grpc", "?", "<unparsed>", name="grpc:<unparsed>")
+STATUS = {code.value[0]: code for code in grpc.StatusCode}
+# How long a failed reflection fetch is not retried (calls needing it get UNAVAILABLE).
+REFLECTION_RETRY = 5.0
+
+Methods = Mapping[str, adapter.Method]
+
+
+class Channels:
+    """One channel per upstream, shared by every call to it and kept across reloads (a
+    changed URL or message limit gets a new channel)."""
+
+    def __init__(self) -> None:
+        self._channels: dict[str, tuple[Upstream, aio.Channel]] = {}
+        self._retired: list[aio.Channel] = []
+
+    def get(self, upstream: Upstream) -> aio.Channel:
+        known = self._channels.get(upstream.name)
+        if known is not None and _same_channel(known[0], upstream):
+            return known[1]
+        if known is not None:
+            self._retired.append(known[1])  # calls in flight may still use it
+        channel = open_channel(upstream)
+        self._channels[upstream.name] = (upstream, channel)
+        return channel
+
+    async def close(self) -> None:
+        for channel in [c for _, c in self._channels.values()] + self._retired:
+            await channel.close()
+        self._channels.clear()
+        self._retired.clear()
+
+
+def _same_channel(a: Upstream, b: Upstream) -> bool:
+    return a.url == b.url and a.max_message_bytes == b.max_message_bytes
+
+
+def target_of(url: str) -> tuple[str, bool]:
+    """`grpc://host:port` → (`host:port`, tls?)."""
+    parts = urlsplit(url)
+    tls = parts.scheme in ("grpcs", "https")
+    port = parts.port or (443 if tls else 80)
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    return f"{host}:{port}", tls
+
+
+def open_channel(upstream: Upstream) -> aio.Channel:
+    target, tls = target_of(upstream.url)
+    options = [
+        ("grpc.max_send_message_length", upstream.max_message_bytes),
+        ("grpc.max_receive_message_length", upstream.max_message_bytes),
+        # The caller decides whether to retry; a proxy that retried could repeat a write.
+        ("grpc.enable_retries", 0),
+        ("grpc.primary_user_agent", "agentproxy"),
+    ]
+    if tls:
+        return aio.secure_channel(target, grpc.ssl_channel_credentials(), options=options)
+    return aio.insecure_channel(target, options=options)
+
+
+class Reflection:
+    """Descriptor sets fetched once from upstreams' reflection services (`descriptor_set:
+    reflection`), kept across reloads. A failed fetch is retried after REFLECTION_RETRY;
+    meanwhile calls to that upstream are refused (UNAVAILABLE): policy may need their args."""
+
+    def __init__(self) -> None:
+        self._methods: dict[str, Methods] = {}
+        self._failed: dict[str, float] = {}
+        self._lock = asyncio.Lock()
+
+    async def methods(self, upstream: Upstream) -> Methods:
+        """Raises Unavailable when the upstream's reflection service cannot be read."""
+        key = upstream.url
+        found = self._methods.get(key)
+        if found is not None:
+            return found
+        async with self._lock:
+            found = self._methods.get(key)
+            if found is not None:
+                return found
+            failed = self._failed.get(key)
+            if failed is not None and time.monotonic() - failed < REFLECTION_RETRY:
+                raise Unavailable(
+                    f"the descriptors of upstream {upstream.name} could not be fetched by "
+                    "reflection; retrying shortly",
+                    component="descriptor",
+                )
+            try:
+                files = await asyncio.to_thread(fetch_descriptors, upstream)
+                found = adapter.methods_of(files)
+            except (grpc.RpcError, adapter.DescriptorError) as exc:
+                self._failed[key] = time.monotonic()
+                log.error("reflection on upstream %s failed: %s", upstream.name, exc)
+                raise Unavailable(
+                    f"the descriptors of upstream {upstream.name} could not be fetched by "
+                    "reflection",
+                    component="descriptor",
+                ) from None
+            self._methods[key] = found
+            self._failed.pop(key, None)
+            log.info("upstream %s: %d methods described by reflection", upstream.name, len(found))
+            return found
+
+
+def fetch_descriptors(upstream: Upstream) -> list[Any]:
+    """Every file (with its imports) that defines a service the upstream's reflection
+    service lists. Blocking: run it in a thread. Raises grpc.RpcError."""
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
+        ProtoReflectionDescriptorDatabase,
+    )
+
+    target, tls = target_of(upstream.url)
+    channel = (
+        grpc.secure_channel(target, grpc.ssl_channel_credentials())
+        if tls
+        else grpc.insecure_channel(target)
+    )
+    try:
+        database = ProtoReflectionDescriptorDatabase(channel)
+        files: dict[str, Any] = {}
+        wanted = [database.FindFileContainingSymbol(s) for s in database.get_services()]
+        while wanted:
+            file = wanted.pop()
+            if file.name in files:
+                continue
+            files[file.name] = file
+            wanted.extend(database.FindFileByName(d) for d in file.dependency if d not in files)
+        return list(files.values())
+    finally:
+        channel.close()
+
+
+class GrpcDataPlane(grpc.GenericRpcHandler):
+    """Answers every method the health service does not: each call walks the pipeline."""
+
+    def __init__(
+        self, current: Callable[[], Pipeline], channels: Channels, reflection: Reflection
+    ) -> None:
+        self._current = current
+        self._channels = channels
+        self._reflection = reflection
+
+    def service(
+        self, handler_call_details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler[bytes, bytes] | None:
+        details: Any = handler_call_details
+        return grpc.stream_stream_rpc_method_handler(
+            partial(self.handle, details.method, tuple(details.invocation_metadata or ()))
+        )
+
+    async def handle(
+        self,
+        method: str,
+        metadata: Sequence[tuple[str, str | bytes]],
+        _requests: object,
+        context: aio.ServicerContext[bytes, bytes],
+    ) -> None:
+        started = time.perf_counter()
+        now = time.time()
+        pipeline = self._current()
+        runtime = pipeline.runtime
+        ids = os.urandom(36).hex()
+        text = {k: v for k, v in metadata if isinstance(v, str)}
+        trace = parse_traceparent(
+            text.get("traceparent"), text.get("tracestate"), ids[:32], ids[32:48]
+        )
+        action, upstream, bearer, declared = UNPARSED, None, None, None
+        refusal: Refusal | None = None
+        try:
+            action = adapter.describe(method)
+            upstream = runtime.route_grpc(action.operation)
+            bearer = adapter.bearer(metadata)
+            task = adapter.declared_task(metadata)
+            if isinstance(task, bytes):
+                raise BadRequest("x-agentproxy-task must be text")
+            declared = parse_declared_task(task)
+        except Refusal as exc:
+            refusal = exc
+        call = Call(
+            id=ids[48:],
+            action=action,
+            upstream=upstream.name if upstream else "-",
+            started=started,
+            now=now,
+            trace=trace,
+            bearer=bearer,
+            declared_task=declared,
+        )
+        call.refusal = refusal
+        exchange = GrpcExchange(
+            context, runtime, upstream, metadata, self._channels, self._reflection
+        )
+        await pipeline.run(call, exchange)
+
+
+class GrpcExchange:
+    """One gRPC call's shell: forwards it upstream or answers its refusal as a status."""
+
+    def __init__(
+        self,
+        context: aio.ServicerContext[bytes, bytes],
+        runtime: Runtime,
+        upstream: Upstream | None,
+        metadata: Sequence[tuple[str, str | bytes]],
+        channels: Channels,
+        reflection: Reflection,
+    ) -> None:
+        self.context = context
+        self.runtime = runtime
+        self.upstream = upstream
+        self.metadata = metadata
+        self.channels = channels
+        self.reflection = reflection
+        self._first: bytes | None = None  # read by describe, sent first by forward
+        self._finished = False
+        self._send_failure: Refusal | None = None
+
+    @property
+    def responded(self) -> bool:
+        # A gRPC call can always still end with a status: only a set status is final.
+        return self._finished
+
+    async def describe(self, call: Call) -> None:
+        """With a descriptor set for the upstream, reads the first request message and
+        decodes it into `args`; the message is forwarded as read. Raises BadRequest for one
+        that does not decode, Unavailable when reflection cannot be read."""
+        upstream = self.upstream
+        if upstream is None:
+            return
+        methods = await self._methods(upstream)
+        method = methods.get(call.action.target) if methods is not None else None
+        if method is None:
+            return
+        first = await self._read(call, upstream)
+        if first is None:
+            return
+        self._first = first
+        call.action = replace(call.action, args=adapter.decode_args(method, first))
+
+    async def _methods(self, upstream: Upstream) -> Methods | None:
+        if upstream.reflection:
+            return await self.reflection.methods(upstream)
+        return self.runtime.grpc_methods.get(upstream.name)
+
+    async def _read(self, call: Call, upstream: Upstream) -> bytes | None:
+        """The caller's next message, None at the end. Raises PayloadTooLarge past the
+        upstream's `max_message_bytes` (the listener's own limit is the largest of all)."""
+        message: object = await self.context.read()
+        if message is aio.EOF:
+            return None
+        if not isinstance(message, bytes):
+            raise BadRequest("unexpected message type")
+        if len(message) > upstream.max_message_bytes:
+            raise PayloadTooLarge(
+                f"request message is {len(message)} bytes; the limit is "
+                f"{upstream.max_message_bytes}"
+            )
+        call.bytes_in += len(message)
+        return message
+
+    def _upstream_metadata(self, call: Call, upstream: Upstream) -> list[tuple[str, str | bytes]]:
+        strip = frozenset({upstream.credentials.header}) if upstream.credentials else frozenset()
+        metadata = adapter.metadata_to_forward(self.metadata, strip=strip)
+        peer = self.context.peer()
+        if peer.startswith(("ipv4:", "ipv6:")):
+            metadata.append(("x-forwarded-for", peer.partition(":")[2].rsplit(":", 1)[0]))
+        metadata.extend(
+            (name.lower(), value) for name, value in context_headers(call, self.runtime.signer)
+        )
+        creds = upstream.credentials
+        if creds is not None:
+            value = creds.prefix + creds.value.value.decode("latin-1")
+            metadata.append((creds.header.lower(), value))
+        return metadata
+
+    async def forward(self, call: Call) -> None:
+        """Streams the caller's messages up and the upstream's back; ends the call with the
+        upstream's status, trailers and details. Raises UpstreamFailed when the upstream
+        cannot be reached, PayloadTooLarge for a request message past the upstream's limit."""
+        upstream = self.upstream
+        if upstream is None:
+            raise UpstreamFailed("no upstream chosen")
+        context = self.context
+        remaining = context.time_remaining()
+        multicallable: Any = self.channels.get(upstream).stream_stream(call.action.target)
+        sent = time.perf_counter()
+        upstream_call: Any = multicallable(
+            metadata=aio.Metadata(*self._upstream_metadata(call, upstream)),
+            timeout=remaining,
+        )
+        sender = asyncio.ensure_future(self._send(call, upstream, upstream_call))
+        headers_sent = False
+        try:
+            initial = await upstream_call.initial_metadata()
+            while True:
+                message = await upstream_call.read()
+                if message is aio.EOF:
+                    break
+                if not headers_sent:
+                    await context.send_initial_metadata(adapter.metadata_to_return(initial))
+                    headers_sent = True
+                call.bytes_out += len(message)
+                await context.write(message)
+        except aio.AioRpcError:
+            pass  # the status is read below
+        except asyncio.CancelledError:
+            # The caller went away or its deadline passed: the upstream call goes too.
+            upstream_call.cancel()
+            raise
+        finally:
+            call.upstream_seconds = time.perf_counter() - sent
+            if not sender.done():
+                sender.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sender
+        if self._send_failure is not None:
+            raise self._send_failure
+        code = await upstream_call.code()
+        details = await upstream_call.details()
+        if code is grpc.StatusCode.UNAVAILABLE and not headers_sent:
+            log.warning("upstream %s unavailable for call %s: %s", upstream.name, call.id, details)
+            if not initial:
+                raise UpstreamFailed(f"upstream {upstream.name} is unavailable: {details}")
+        if not headers_sent:
+            await context.send_initial_metadata(adapter.metadata_to_return(initial))
+        trailing = await upstream_call.trailing_metadata()
+        context.set_trailing_metadata(tuple(adapter.metadata_to_return(trailing)))
+        context.set_code(code)
+        if details:
+            context.set_details(details)
+        call.grpc_status = code.value[0]
+        call.status = adapter.HTTP_STATUS[adapter.Code(call.grpc_status)]
+        if code is not grpc.StatusCode.OK:
+            call.error = f"upstream status {code.name}"
+        self._finished = True
+
+    async def _send(self, call: Call, upstream: Upstream, upstream_call: Any) -> None:
+        """Caller → upstream, message by message, then half-close. A message past the limit
+        cancels the upstream call (it never sees a truncated stream as complete)."""
+        try:
+            if self._first is not None:
+                await upstream_call.write(self._first)
+            while (message := await self._read(call, upstream)) is not None:
+                await upstream_call.write(message)
+            await upstream_call.done_writing()
+        except Refusal as exc:
+            self._send_failure = exc
+            upstream_call.cancel()
+        except (aio.AioRpcError, aio.UsageError, asyncio.InvalidStateError):
+            pass  # the upstream already ended the call; its status says why
+
+    async def refuse(self, call: Call) -> None:
+        refusal = call.refusal
+        if refusal is None:
+            raise ValueError("refuse() needs call.refusal")
+        reply = adapter.render(refusal, decision_id=call.id)
+        self.context.set_trailing_metadata(reply.trailers)
+        self.context.set_code(STATUS[reply.code])
+        self.context.set_details(reply.message)
+        call.status = reply.http_status
+        call.grpc_status = reply.code.value
+        self._finished = True

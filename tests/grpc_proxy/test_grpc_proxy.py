@@ -1,0 +1,328 @@
+"""The gRPC data plane against a real gRPC upstream, with real grpc.aio clients."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+import pytest
+from grpc import aio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from tests.conftest import UPSTREAM_SECRET, Keys
+from tests.grpc_proxy.conftest import Generated, GrpcProxyFactory, GrpcUpstream, bearer
+
+
+def stub(hr: Generated, channel: aio.Channel) -> Any:
+    return hr.grpc.EmployeesStub(channel)
+
+
+def unary(channel: aio.Channel, method: str) -> Any:
+    """A raw-bytes unary method (no serializers): whatever bytes the test chooses."""
+    return channel.unary_unary(method)
+
+
+def trailers(error: aio.AioRpcError) -> dict[str, Any]:
+    return dict(error.trailing_metadata() or ())
+
+
+async def test_unary_allowed_with_metadata_both_ways(
+    make_grpc_proxy: GrpcProxyFactory, grpc_upstream: GrpcUpstream, hr: Generated, keys: Keys
+) -> None:
+    proxy = await make_grpc_proxy()
+    async with proxy.channel() as channel:
+        call = stub(hr, channel).Get(
+            hr.pb2.GetRequest(id="42"),
+            metadata=(*bearer(keys.token()), ("x-request-id", "r-1"), ("x-trace-bin", b"\x01\x02")),
+        )
+        employee = await call
+        assert employee.name == "Employee 42"
+        assert ("x-upstream-initial", "yes") in tuple(await call.initial_metadata())
+        assert ("x-upstream-trailer", "done") in tuple(await call.trailing_metadata())
+        assert await call.code() is grpc.StatusCode.OK
+    seen = grpc_upstream.metadata()
+    assert seen["x-request-id"] == "r-1"
+    assert seen["x-trace-bin"] == b"\x01\x02"
+    assert seen["x-agentproxy-agent"] == "hr-bot"
+    assert len(seen["x-agentproxy-decision"]) == 24
+    assert seen["x-agentproxy-context"].count(".") == 2
+    assert seen["traceparent"].startswith("00-")
+    assert seen["x-api-key"] == UPSTREAM_SECRET
+    assert "authorization" not in seen
+
+
+async def test_spoofed_context_metadata_and_credential_never_reach_the_upstream(
+    make_grpc_proxy: GrpcProxyFactory, grpc_upstream: GrpcUpstream, hr: Generated, keys: Keys
+) -> None:
+    proxy = await make_grpc_proxy()
+    spoofed = (
+        ("x-agentproxy-agent", "root"),
+        ("x-agentproxy-user", "ceo"),
+        ("x-agentproxy-context", "forged.jwt.value"),
+        ("x-agentproxy-decision", "fake"),
+        ("x-api-key", "agent-chosen-key"),
+        ("x-forwarded-for", "10.0.0.1"),
+    )
+    async with proxy.channel() as channel:
+        await stub(hr, channel).Get(
+            hr.pb2.GetRequest(id="1"), metadata=(*bearer(keys.token()), *spoofed)
+        )
+    seen = grpc_upstream.metadata()
+    assert seen["x-agentproxy-agent"] == "hr-bot"
+    assert "x-agentproxy-user" not in seen
+    assert seen["x-agentproxy-decision"] != "fake"
+    assert seen["x-agentproxy-context"] != "forged.jwt.value"
+    assert seen["x-api-key"] == UPSTREAM_SECRET
+    assert seen["x-forwarded-for"] == "127.0.0.1"
+
+
+async def test_every_streaming_kind(
+    make_grpc_proxy: GrpcProxyFactory, grpc_upstream: GrpcUpstream, hr: Generated, keys: Keys
+) -> None:
+    proxy = await make_grpc_proxy()
+    md = bearer(keys.token())
+    async with proxy.channel() as channel:
+        s = stub(hr, channel)
+        listed = [e async for e in s.List(hr.pb2.ListRequest(dept="hr", count=50), metadata=md)]
+        assert [e.id for e in listed] == [str(i) for i in range(50)]
+
+        async def employees() -> AsyncIterator[Any]:
+            for i in range(20):
+                yield hr.pb2.Employee(id=f"e{i}", photo=b"x" * 1000)
+
+        summary = await s.Import(employees(), metadata=md)
+        assert (summary.count, summary.bytes) == (20, 20_000)
+        assert grpc_upstream.imported == [f"e{i}" for i in range(20)]
+
+        chat = s.Chat(metadata=md)
+        for word in ("hello", "world"):
+            await chat.write(hr.pb2.Note(text=word))
+            assert (await chat.read()).text == word.upper()  # a real round trip each time
+        await chat.done_writing()
+        assert await chat.read() is aio.EOF
+        assert await chat.code() is grpc.StatusCode.OK
+
+
+async def test_no_token_and_bad_token_are_unauthenticated(
+    make_grpc_proxy: GrpcProxyFactory, grpc_upstream: GrpcUpstream, hr: Generated, keys: Keys
+) -> None:
+    proxy = await make_grpc_proxy()
+    async with proxy.channel() as channel:
+        for metadata in (
+            (),
+            (("authorization", "Bearer not.a.jwt"),),
+            (("authorization", "Basic aGk6dGhlcmU="),),
+            (*bearer(keys.token()), *bearer(keys.token())),
+            bearer(keys.token(aud="someone-else")),
+        ):
+            with pytest.raises(aio.AioRpcError) as caught:
+                await stub(hr, channel).Get(hr.pb2.GetRequest(id="1"), metadata=metadata)
+            assert caught.value.code() is grpc.StatusCode.UNAUTHENTICATED, metadata
+            assert "x-agentproxy-decision-id" in trailers(caught.value)
+    assert grpc_upstream.seen == []
+
+
+async def test_denied_by_method_and_by_argument(
+    make_grpc_proxy: GrpcProxyFactory, grpc_upstream: GrpcUpstream, hr: Generated, keys: Keys
+) -> None:
+    proxy = await make_grpc_proxy()
+    async with proxy.channel() as channel:
+        s = stub(hr, channel)
+        with pytest.raises(aio.AioRpcError) as caught:
+            await s.Get(hr.pb2.GetRequest(id="1"), metadata=bearer(keys.token("intern")))
+        assert caught.value.code() is grpc.StatusCode.PERMISSION_DENIED
+        t = trailers(caught.value)
+        assert t["x-agentproxy-decision-id"] in (caught.value.details() or "")
+        assert "x-agentproxy-rule" not in t  # the default deny has no rule
+
+        with pytest.raises(aio.AioRpcError) as caught:
+            await s.Get(hr.pb2.GetRequest(id="13"), metadata=bearer(keys.token()))
+        assert caught.value.code() is grpc.StatusCode.PERMISSION_DENIED
+
+        with pytest.raises(aio.AioRpcError) as caught:
+            await s.Get(hr.pb2.GetRequest(id="7", amount=5000), metadata=bearer(keys.token()))
+        assert caught.value.code() is grpc.StatusCode.PERMISSION_DENIED
+        assert trailers(caught.value)["x-agentproxy-rule"] == "big-amounts"
+        assert "rule big-amounts" in (caught.value.details() or "")
+
+        ok = await s.Get(hr.pb2.GetRequest(id="7", amount=999), metadata=bearer(keys.token()))
+        assert ok.id == "7"
+    assert [name for name, _ in grpc_upstream.seen] == ["Get"]
+
+
+async def test_without_a_descriptor_set_rules_on_args_deny(
+    make_grpc_proxy: GrpcProxyFactory, grpc_upstream: GrpcUpstream, hr: Generated, keys: Keys
+) -> None:
+    """No descriptor set: `args` is empty, so a condition reading it errors, and denies."""
+    proxy = await make_grpc_proxy(descriptors=False)
+    async with proxy.channel() as channel:
+        s = stub(hr, channel)
+        with pytest.raises(aio.AioRpcError) as caught:
+            await s.Get(hr.pb2.GetRequest(id="1"), metadata=bearer(keys.token()))
+        assert caught.value.code() is grpc.StatusCode.PERMISSION_DENIED
+        listed = [
+            e async for e in s.List(hr.pb2.ListRequest(count=2), metadata=bearer(keys.token()))
+        ]
+        assert len(listed) == 2
+
+
+async def test_a_message_that_does_not_decode_is_invalid_argument(
+    make_grpc_proxy: GrpcProxyFactory, grpc_upstream: GrpcUpstream, keys: Keys
+) -> None:
+    proxy = await make_grpc_proxy()
+    async with proxy.channel() as channel:
+        get: Any = channel.unary_unary("/hr.v1.Employees/Get")
+        with pytest.raises(aio.AioRpcError) as caught:
+            await get(b"\xff\xff\xff", metadata=bearer(keys.token()))
+        assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+        assert "hr.v1.GetRequest" in (caught.value.details() or "")
+    assert grpc_upstream.seen == []
+
+
+async def test_unknown_service_and_odd_method_paths(
+    make_grpc_proxy: GrpcProxyFactory, grpc_upstream: GrpcUpstream, keys: Keys
+) -> None:
+    # Only a service-specific upstream, no default: another service has no route.
+    proxy = await make_grpc_proxy(grpc_extra="    match: {service: hr.v1.Employees}\n")
+    async with proxy.channel() as channel:
+        with pytest.raises(aio.AioRpcError) as caught:
+            await unary(channel, "/other.Svc/Do")(b"", metadata=bearer(keys.token()))
+        assert caught.value.code() is grpc.StatusCode.UNIMPLEMENTED
+        for path in ("/hr.v1.Employees/../Get", "/hr.v1.Employees/Get/x", "/hr..v1.X/Get"):
+            with pytest.raises(aio.AioRpcError) as caught:
+                await unary(channel, path)(b"", metadata=bearer(keys.token()))
+            assert caught.value.code() in (
+                grpc.StatusCode.INVALID_ARGUMENT,
+                grpc.StatusCode.UNIMPLEMENTED,
+            ), path
+    assert grpc_upstream.seen == []
+
+
+async def test_upstream_status_details_and_trailers_pass_through(
+    make_grpc_proxy: GrpcProxyFactory, grpc_upstream: GrpcUpstream, hr: Generated, keys: Keys
+) -> None:
+    proxy = await make_grpc_proxy()
+    async with proxy.channel() as channel:
+        for code in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.ABORTED, grpc.StatusCode.INTERNAL):
+            with pytest.raises(aio.AioRpcError) as caught:
+                await stub(hr, channel).Fail(
+                    hr.pb2.GetRequest(id="1", code=code.value[0]), metadata=bearer(keys.token())
+                )
+            assert caught.value.code() is code
+            assert caught.value.details() == f"upstream says {code.name}"
+            t = trailers(caught.value)
+            assert t["x-why"] == "asked"
+            assert t["x-blob-bin"] == b"\x00\xff"
+
+
+async def test_upstream_down_is_unavailable_with_the_decision_id(
+    make_grpc_proxy: GrpcProxyFactory, hr: Generated, keys: Keys
+) -> None:
+    from tests.conftest import free_port
+
+    proxy = await make_grpc_proxy(grpc_url=f"grpc://127.0.0.1:{free_port()}")
+    async with proxy.channel() as channel:
+        with pytest.raises(aio.AioRpcError) as caught:
+            await stub(hr, channel).Get(hr.pb2.GetRequest(id="1"), metadata=bearer(keys.token()))
+    assert caught.value.code() is grpc.StatusCode.UNAVAILABLE
+    assert "x-agentproxy-decision-id" in trailers(caught.value)
+
+
+async def test_deadline_exceeded_upstream_and_the_remaining_deadline_travels(
+    make_grpc_proxy: GrpcProxyFactory, grpc_upstream: GrpcUpstream, hr: Generated, keys: Keys
+) -> None:
+    proxy = await make_grpc_proxy()
+    async with proxy.channel() as channel:
+        with pytest.raises(aio.AioRpcError) as caught:
+            await stub(hr, channel).Slow(
+                hr.pb2.GetRequest(id="1"), metadata=bearer(keys.token()), timeout=0.5
+            )
+        assert caught.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+    # The upstream got a deadline of its own (what was left), so it gave up too.
+    await asyncio.wait_for(grpc_upstream.cancelled.wait(), 5)
+    remaining = grpc_upstream.deadlines[-1]
+    assert remaining is not None and 0 < remaining <= 0.5
+
+
+async def test_cancellation_by_the_client_cancels_upstream(
+    make_grpc_proxy: GrpcProxyFactory, grpc_upstream: GrpcUpstream, hr: Generated, keys: Keys
+) -> None:
+    proxy = await make_grpc_proxy()
+    async with proxy.channel() as channel:
+        call = stub(hr, channel).Slow(hr.pb2.GetRequest(id="1"), metadata=bearer(keys.token()))
+        for _ in range(100):
+            if grpc_upstream.seen:
+                break
+            await asyncio.sleep(0.02)
+        assert grpc_upstream.seen, "the call never reached the upstream"
+        call.cancel()
+        await asyncio.wait_for(grpc_upstream.cancelled.wait(), 5)
+
+
+async def test_message_size_limits(
+    make_grpc_proxy: GrpcProxyFactory, grpc_upstream: GrpcUpstream, hr: Generated, keys: Keys
+) -> None:
+    proxy = await make_grpc_proxy(grpc_extra="    max_message_bytes: 2048\n")
+    async with proxy.channel() as channel:
+        s = stub(hr, channel)
+        with pytest.raises(aio.AioRpcError) as caught:
+            await s.Get(hr.pb2.GetRequest(id="1", blob=b"x" * 4096), metadata=bearer(keys.token()))
+        assert caught.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+
+        async def employees() -> AsyncIterator[Any]:
+            yield hr.pb2.Employee(id="small")
+            yield hr.pb2.Employee(id="big", photo=b"x" * 4096)
+
+        with pytest.raises(aio.AioRpcError) as caught:
+            await s.Import(employees(), metadata=bearer(keys.token()))
+        assert caught.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "big" not in grpc_upstream.imported
+
+
+async def test_compressed_calls_pass(
+    make_grpc_proxy: GrpcProxyFactory, grpc_upstream: GrpcUpstream, hr: Generated, keys: Keys
+) -> None:
+    proxy = await make_grpc_proxy()
+    async with aio.insecure_channel(proxy.target, compression=grpc.Compression.Gzip) as channel:
+        employee = await stub(hr, channel).Get(
+            hr.pb2.GetRequest(id="9", blob=b"a" * 10_000), metadata=bearer(keys.token())
+        )
+    assert employee.id == "9"
+
+
+async def test_standard_health_check_needs_no_token(make_grpc_proxy: GrpcProxyFactory) -> None:
+    proxy = await make_grpc_proxy()
+    async with proxy.channel() as channel:
+        health: Any = health_pb2_grpc.HealthStub(channel)
+        answer = await health.Check(health_pb2.HealthCheckRequest(service=""))
+        assert answer.status == health_pb2.HealthCheckResponse.SERVING
+
+
+async def test_calls_are_recorded_with_metrics_and_decision_log(
+    make_grpc_proxy: GrpcProxyFactory,
+    grpc_upstream: GrpcUpstream,
+    hr: Generated,
+    keys: Keys,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    proxy = await make_grpc_proxy()
+    async with proxy.channel() as channel:
+        await stub(hr, channel).Get(hr.pb2.GetRequest(id="5"), metadata=bearer(keys.token()))
+        with pytest.raises(aio.AioRpcError):
+            await stub(hr, channel).Get(hr.pb2.GetRequest(id="13"), metadata=bearer(keys.token()))
+    proxy.server.decision_log.flush()
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.startswith("{")]
+    calls = [x for x in lines if x.get("action") == "grpc:/hr.v1.Employees/Get"]
+    assert [(c["effect"], c["status"], c["rpc.grpc.status_code"]) for c in calls] == [
+        ("allow", 200, 0),
+        ("deny", 403, 7),
+    ]
+    assert calls[0]["upstream"] == "hr"
+    sample = proxy.server.registry.get_sample_value(
+        "agentproxy_requests_total",
+        {"upstream": "hr", "action": "grpc:/hr.v1.Employees/Get", "decision": "allow"},
+    )
+    assert sample == 1.0
