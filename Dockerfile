@@ -14,7 +14,9 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/*
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml setup.py MANIFEST.in README.md ./
+# The wheel build generates agentproxy.v1 from proto/ (grpcio-tools, a build requirement).
+COPY proto/ proto/
 COPY src/ src/
 RUN python -m pip wheel --no-deps --wheel-dir /wheels . \
     && python -m venv /opt/agentproxy \
@@ -34,8 +36,9 @@ COPY --from=builder /opt/agentproxy /opt/agentproxy
 # Audit files go here (contract: audit.file); the only place the proxy writes besides /tmp.
 VOLUME ["/var/log/agentproxy"]
 USER 10001
-# 8080: data plane; 9901: admin (/metrics, /healthz, /readyz, /.well-known/jwks.json).
-EXPOSE 8080 9901
+# 8080: data plane; 9901: admin (/metrics, /healthz, /readyz, /.well-known/jwks.json);
+# 50051 and 9902: the gRPC data plane and agentproxy.v1 APIs, when listen.grpc/admin_grpc set.
+EXPOSE 8080 9901 50051 9902
 # slim has no curl: Python's urllib (it raises, so exits non-zero, on any status but 2xx).
 HEALTHCHECK --interval=10s --timeout=3s --start-period=10s --retries=3 \
     CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:9901/healthz', timeout=2)"]

@@ -153,10 +153,8 @@ def test_read_only_root_friendly(final: Stage) -> None:
     assert "PYTHONUNBUFFERED=1" in env
     volumes = [v for arguments in final.all("VOLUME") for v in json.loads(arguments)]
     assert "/var/log/agentproxy" in volumes
-    assert sorted(port for arguments in final.all("EXPOSE") for port in arguments.split()) == [
-        "8080",
-        "9901",
-    ]
+    exposed = sorted(int(port) for arguments in final.all("EXPOSE") for port in arguments.split())
+    assert exposed == [8080, 9901, 9902, 50051]
 
 
 def test_no_compilers_in_the_final_stage(build: list[Stage], final: Stage) -> None:
@@ -210,7 +208,18 @@ def test_dockerignore_keeps_secrets_out_of_the_context(path: str) -> None:
     assert ignored(patterns, path), f"{path} would be sent to the Docker daemon"
 
 
-@pytest.mark.parametrize("path", ["pyproject.toml", "README.md", "src/agentproxy/cli.py"])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "pyproject.toml",
+        "setup.py",
+        "MANIFEST.in",
+        "README.md",
+        "proto/generate.py",
+        "proto/agentproxy/v1/authorizer.proto",
+        "src/agentproxy/cli.py",
+    ],
+)
 def test_dockerignore_keeps_what_the_build_needs(path: str) -> None:
     patterns = [
         line.strip()

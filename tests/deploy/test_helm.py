@@ -38,6 +38,7 @@ RELEASE = "hr"
 # Custom resources: Kubernetes ships no schema for them; they are checked by hand below.
 CUSTOM_RESOURCES = {("monitoring.coreos.com/v1", "ServiceMonitor")}
 HTTP_PORT, ADMIN_PORT, TOOL_PORT = 8080, 9901, 8000
+GRPC_PORT, ADMIN_GRPC_PORT = 50051, 9902
 # Written into `secrets.files`: it must reach the Secret and nothing else.
 SENTINEL = "sentinel-7c1e0f-do-not-leak"
 
@@ -224,6 +225,33 @@ CASES = [
         redis=BUNDLED_REDIS_URL,
     ),
     Case(
+        "example-grpc-listeners",
+        "example",
+        merge(
+            EVERYTHING_ON,
+            {
+                "example": {"enabled": True},
+                "config": {
+                    "listen": {
+                        "http": "0.0.0.0:8080",
+                        "admin": "0.0.0.0:9901",
+                        "grpc": f"0.0.0.0:{GRPC_PORT}",
+                        "admin_grpc": f"0.0.0.0:{ADMIN_GRPC_PORT}",
+                    }
+                },
+            },
+        ),
+        {
+            "ConfigMap": 2,
+            "Secret": 1,
+            "Service": 1,
+            "Deployment": 1,
+            "ServiceMonitor": 1,
+            "NetworkPolicy": 1,
+            "PodDisruptionBudget": 1,
+        },
+    ),
+    Case(
         "sidecar-minimal",
         "sidecar",
         {
@@ -350,7 +378,10 @@ def test_proxy_container_is_locked_down_and_probed(
         assert proxy["args"] == ["run", "--config", "/etc/agentproxy/config/agentproxy.yaml"]
 
         ports = {p["name"]: p["containerPort"] for p in proxy["ports"]}
-        assert ports == {"proxy-http": HTTP_PORT, "proxy-admin": ADMIN_PORT}
+        assert {n: ports[n] for n in ("proxy-http", "proxy-admin")} == {
+            "proxy-http": HTTP_PORT,
+            "proxy-admin": ADMIN_PORT,
+        }  # the gRPC ports: test_only_the_proxy_ports_are_exposed
         for probe, path in (("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")):
             get = proxy[probe]["httpGet"]
             assert get["path"] == path
@@ -386,20 +417,36 @@ def test_pods_carry_the_selector_label_and_scrape_annotations(
 
 
 def test_only_the_proxy_ports_are_exposed(rendered: tuple[Case, list[Manifest]]) -> None:
-    _, manifests = rendered
+    case, manifests = rendered
+    grpc = "grpc" in case.values.get("config", {}).get("listen", {})
     selector = {"agentproxy/sidecar": f"{RELEASE}-agentproxy"}
     for service in of_kind(manifests, "Service"):
         if service["metadata"]["labels"].get("app.kubernetes.io/component") != "proxy":
             continue
         assert service["spec"]["selector"] == selector
         targets = {p["name"]: p["targetPort"] for p in service["spec"]["ports"]}
-        assert targets == {"http": "proxy-http", "admin": "proxy-admin"}
+        expected = {"http": "proxy-http", "admin": "proxy-admin"}
+        if grpc:
+            expected |= {"grpc": "proxy-grpc", "admin-grpc": "proxy-admingrpc"}
+        assert targets == expected
+    for pod in proxy_pods(manifests):
+        (container,) = [c for c in pod["spec"]["containers"] if c["name"] == "agentproxy"]
+        names = {p["name"]: p["containerPort"] for p in container["ports"]}
+        if grpc:
+            assert names["proxy-grpc"] == GRPC_PORT
+            assert names["proxy-admingrpc"] == ADMIN_GRPC_PORT
+        else:
+            assert set(names) == {"proxy-http", "proxy-admin"}
     for policy in of_kind(manifests, "NetworkPolicy"):
         if policy["spec"]["podSelector"]["matchLabels"] != selector:
             continue
         assert policy["spec"]["policyTypes"] == ["Ingress"]
-        ports = [p["port"] for rule in policy["spec"]["ingress"] for p in rule["ports"]]
-        assert sorted(ports) == [HTTP_PORT, ADMIN_PORT]  # never TOOL_PORT
+        ingress = policy["spec"]["ingress"]
+        proxy_ports = sorted(p["port"] for p in ingress[0]["ports"])
+        admin_ports = sorted(p["port"] for p in ingress[1]["ports"])
+        # never TOOL_PORT; admin ports stay behind networkPolicy.adminFrom
+        assert proxy_ports == ([HTTP_PORT, GRPC_PORT] if grpc else [HTTP_PORT])
+        assert admin_ports == ([ADMIN_PORT, ADMIN_GRPC_PORT] if grpc else [ADMIN_PORT])
     for pdb in of_kind(manifests, "PodDisruptionBudget"):
         assert pdb["spec"]["selector"]["matchLabels"] == selector
 

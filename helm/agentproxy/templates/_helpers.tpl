@@ -88,6 +88,9 @@ issuer), demoPolicy (the example supplies the policy), secretsVolume (a secrets 
 {{- $_ := set .out "chartVersion" $chartVersion -}}
 {{- $_ := set .out "httpPort" (include "agentproxy.port" (default "0.0.0.0:8080" $listen.http) | atoi) -}}
 {{- $_ := set .out "adminPort" (include "agentproxy.port" (default "0.0.0.0:9901" $listen.admin) | atoi) -}}
+{{- /* gRPC listeners exist only when configured: 0 means none. */ -}}
+{{- $_ := set .out "grpcPort" (include "agentproxy.port" (default "" $listen.grpc) | atoi) -}}
+{{- $_ := set .out "adminGrpcPort" (include "agentproxy.port" (default "" $listen.admin_grpc) | atoi) -}}
 {{- $_ := set .out "demoIssuer" $demoIssuer -}}
 {{- $_ := set .out "demoPolicy" $demoPolicy -}}
 {{- $_ := set .out "chartSecret" (or (not (empty $values.secrets.files)) $demoIssuer) -}}
@@ -148,6 +151,16 @@ agentproxy/sidecar: {{ .fullname | quote }}
     - name: proxy-admin
       containerPort: {{ .adminPort }}
       protocol: TCP
+    {{- if .grpcPort }}
+    - name: proxy-grpc
+      containerPort: {{ .grpcPort }}
+      protocol: TCP
+    {{- end }}
+    {{- if .adminGrpcPort }}
+    - name: proxy-admingrpc
+      containerPort: {{ .adminGrpcPort }}
+      protocol: TCP
+    {{- end }}
   {{- with $v.env }}
   env:
     {{- toYaml . | nindent 4 }}
