@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import importlib
 import socket
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import aiohttp
@@ -17,6 +19,7 @@ import pytest
 from aiohttp import web
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
+from grpc_tools import protoc
 
 from agentproxy.proxy.runtime import load_config
 from agentproxy.proxy.server import ProxyServer
@@ -25,6 +28,7 @@ from tests.redis_server import make_redis_server, redis_server, redis_url
 __all__ = ["make_redis_server", "redis_server", "redis_url"]  # fixtures, shared with tests/store
 
 ISSUER = "https://idp.test"
+GRPC_PROTO_DIR = Path(__file__).parent / "grpc_proxy" / "proto"
 AUDIENCE = "agentproxy"
 UPSTREAM_SECRET = "tool-secret-3f9a"
 
@@ -356,3 +360,40 @@ async def make_proxy(tmp_path: Path, keys: Keys, upstream: Upstream) -> AsyncIte
 @pytest.fixture
 async def proxy(make_proxy: ProxyFactory) -> Proxy:
     return await make_proxy()
+
+
+@dataclass
+class Generated:
+    pb2: ModuleType
+    grpc: ModuleType
+    descriptor_set: Path
+
+
+@pytest.fixture(scope="session")
+def hr(tmp_path_factory: pytest.TempPathFactory) -> Generated:
+    """Python code and a descriptor set, generated from the test proto by grpcio-tools."""
+    out = tmp_path_factory.mktemp("hrgrpc")
+    include = str(Path(protoc.__file__).parent / "_proto")
+    descriptor_set = out / "hr.binpb"
+    code = protoc.main(
+        [
+            "protoc",
+            f"-I{GRPC_PROTO_DIR}",
+            f"-I{include}",
+            f"--python_out={out}",
+            f"--grpc_python_out={out}",
+            f"--descriptor_set_out={descriptor_set}",
+            "--include_imports",
+            str(GRPC_PROTO_DIR / "hrgrpc.proto"),
+        ]
+    )
+    assert code == 0, "protoc failed"
+    sys.path.insert(0, str(out))
+    try:
+        return Generated(
+            importlib.import_module("hrgrpc_pb2"),
+            importlib.import_module("hrgrpc_pb2_grpc"),
+            descriptor_set,
+        )
+    finally:
+        sys.path.remove(str(out))

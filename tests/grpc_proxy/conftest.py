@@ -4,24 +4,18 @@ listener in front of it."""
 from __future__ import annotations
 
 import asyncio
-import importlib
-import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import grpc
 import pytest
 from grpc import aio
-from grpc_tools import protoc
 
 from agentproxy.proxy.runtime import load_config
 from agentproxy.proxy.server import ProxyServer
-from tests.conftest import Keys, Upstream, write_config
-
-PROTO_DIR = Path(__file__).parent / "proto"
+from tests.conftest import Generated, Keys, Upstream, write_config
 
 GRPC_POLICY = """
 default: deny
@@ -48,43 +42,6 @@ rules:
 
 
 @dataclass
-class Generated:
-    pb2: ModuleType
-    grpc: ModuleType
-    descriptor_set: Path
-
-
-@pytest.fixture(scope="session")
-def hr(tmp_path_factory: pytest.TempPathFactory) -> Generated:
-    """Python code and a descriptor set, generated from the test proto by grpcio-tools."""
-    out = tmp_path_factory.mktemp("hrgrpc")
-    include = str(Path(protoc.__file__).parent / "_proto")
-    descriptor_set = out / "hr.binpb"
-    code = protoc.main(
-        [
-            "protoc",
-            f"-I{PROTO_DIR}",
-            f"-I{include}",
-            f"--python_out={out}",
-            f"--grpc_python_out={out}",
-            f"--descriptor_set_out={descriptor_set}",
-            "--include_imports",
-            str(PROTO_DIR / "hrgrpc.proto"),
-        ]
-    )
-    assert code == 0, "protoc failed"
-    sys.path.insert(0, str(out))
-    try:
-        return Generated(
-            importlib.import_module("hrgrpc_pb2"),
-            importlib.import_module("hrgrpc_pb2_grpc"),
-            descriptor_set,
-        )
-    finally:
-        sys.path.remove(str(out))
-
-
-@dataclass
 class GrpcUpstream:
     port: int
     seen: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
@@ -100,7 +57,7 @@ class GrpcUpstream:
         return self.seen[index][1]
 
 
-def _servicer(hr: Generated, state: GrpcUpstream) -> Any:
+def employees_servicer(hr: Generated, state: GrpcUpstream) -> Any:
     pb2 = hr.pb2
 
     def remember(name: str, context: aio.ServicerContext[Any, Any]) -> None:
@@ -158,7 +115,7 @@ def _servicer(hr: Generated, state: GrpcUpstream) -> Any:
 async def grpc_upstream(hr: Generated) -> AsyncIterator[GrpcUpstream]:
     server = aio.server()
     state = GrpcUpstream(port=server.add_insecure_port("127.0.0.1:0"))
-    hr.grpc.add_EmployeesServicer_to_server(_servicer(hr, state), server)
+    hr.grpc.add_EmployeesServicer_to_server(employees_servicer(hr, state), server)
     await server.start()
     yield state
     await server.stop(None)

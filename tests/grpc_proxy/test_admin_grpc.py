@@ -13,10 +13,9 @@ from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from agentproxy.v1 import approvals_pb2, approvals_pb2_grpc, authorizer_pb2, authorizer_pb2_grpc
-from tests.conftest import DEFAULT_POLICY, Keys
+from tests.conftest import DEFAULT_POLICY, Generated, Keys
 from tests.grpc_proxy.conftest import (
     GRPC_POLICY,
-    Generated,
     GrpcProxy,
     GrpcProxyFactory,
     GrpcUpstream,

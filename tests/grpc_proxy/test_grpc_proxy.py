@@ -11,9 +11,16 @@ import grpc
 import pytest
 from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
 
-from tests.conftest import UPSTREAM_SECRET, Keys
-from tests.grpc_proxy.conftest import Generated, GrpcProxyFactory, GrpcUpstream, bearer
+from tests.conftest import UPSTREAM_SECRET, Generated, Keys
+from tests.grpc_proxy.conftest import (
+    GRPC_POLICY,
+    GrpcProxyFactory,
+    GrpcUpstream,
+    bearer,
+    employees_servicer,
+)
 
 
 def stub(hr: Generated, channel: aio.Channel) -> Any:
@@ -326,3 +333,76 @@ async def test_calls_are_recorded_with_metrics_and_decision_log(
         {"upstream": "hr", "action": "grpc:/hr.v1.Employees/Get", "decision": "allow"},
     )
     assert sample == 1.0
+
+
+@pytest.fixture
+async def reflecting_upstream(hr: Generated) -> AsyncIterator[str]:
+    """The same service, with the standard reflection service and no descriptor file."""
+    server = aio.server()
+    port = server.add_insecure_port("127.0.0.1:0")
+    hr.grpc.add_EmployeesServicer_to_server(employees_servicer(hr, GrpcUpstream(port)), server)
+    names = (
+        hr.pb2.DESCRIPTOR.services_by_name["Employees"].full_name,
+        reflection.SERVICE_NAME,
+    )
+    reflection.enable_server_reflection(names, server)
+    await server.start()
+    yield f"grpc://127.0.0.1:{port}"
+    await server.stop(None)
+
+
+async def test_descriptors_fetched_by_reflection(
+    make_grpc_proxy: GrpcProxyFactory, reflecting_upstream: str, hr: Generated, keys: Keys
+) -> None:
+    proxy = await make_grpc_proxy(
+        grpc_url=reflecting_upstream,
+        descriptors=False,
+        grpc_extra="    descriptor_set: reflection\n",
+    )
+    async with proxy.channel() as channel:
+        s = stub(hr, channel)
+        assert (await s.Get(hr.pb2.GetRequest(id="1"), metadata=bearer(keys.token()))).id == "1"
+        with pytest.raises(aio.AioRpcError) as caught:
+            await s.Get(hr.pb2.GetRequest(id="13"), metadata=bearer(keys.token()))
+        assert caught.value.code() is grpc.StatusCode.PERMISSION_DENIED
+
+
+async def test_without_reflection_on_the_upstream_calls_fail_closed(
+    make_grpc_proxy: GrpcProxyFactory, grpc_upstream: GrpcUpstream, hr: Generated, keys: Keys
+) -> None:
+    proxy = await make_grpc_proxy(descriptors=False, grpc_extra="    descriptor_set: reflection\n")
+    async with proxy.channel() as channel:
+        for _ in range(2):  # the second is refused from the remembered failure
+            with pytest.raises(aio.AioRpcError) as caught:
+                await stub(hr, channel).Get(
+                    hr.pb2.GetRequest(id="1"), metadata=bearer(keys.token())
+                )
+            assert caught.value.code() is grpc.StatusCode.UNAVAILABLE
+            assert "reflection" in (caught.value.details() or "")
+    assert grpc_upstream.seen == []
+
+
+async def test_limits_answer_resource_exhausted_with_retry_after(
+    make_grpc_proxy: GrpcProxyFactory, grpc_upstream: GrpcUpstream, hr: Generated, keys: Keys
+) -> None:
+    policy = GRPC_POLICY.replace(
+        '              "grpc:/hr.v1.Employees/Chat"]\n    effect: allow\n',
+        '              "grpc:/hr.v1.Employees/Chat"]\n    effect: allow\n'
+        "    limits: [{name: lists, calls: 1, window: 1h, key: principal.agent}]\n",
+    )
+    assert policy != GRPC_POLICY
+    proxy = await make_grpc_proxy(policy=policy)
+    async with proxy.channel() as channel:
+        request = hr.pb2.ListRequest(count=1)
+        assert (
+            len([e async for e in stub(hr, channel).List(request, metadata=bearer(keys.token()))])
+            == 1
+        )
+        with pytest.raises(aio.AioRpcError) as caught:
+            async for _ in stub(hr, channel).List(request, metadata=bearer(keys.token())):
+                pass
+    assert caught.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+    t = trailers(caught.value)
+    assert t["x-agentproxy-limit"] == "lists" and int(t["retry-after"]) >= 1
+    assert t["x-agentproxy-rule"] == "list-and-import"
+    assert len(grpc_upstream.seen) == 1
