@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -210,18 +211,22 @@ def test_validate_command_prints_every_problem_and_exits_1(tmp_path: Path) -> No
     assert "2 problem(s) found" in out.stderr
 
 
-def test_validate_command_accepts_the_examples() -> None:
-    for example in Path("examples").glob("*/agentproxy.yaml"):
-        if not (example.parent / ".keys").exists():
-            # the demo's issuer key is made by `make run`; validate the rest of it
-            continue
-        out = subprocess.run(
-            [sys.executable, "-m", "agentproxy", "validate", "--config", str(example)],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        assert out.returncode == 0, out.stderr
+@pytest.mark.parametrize("example", sorted(Path("examples").glob("*/agentproxy.yaml")))
+def test_validate_command_accepts_the_examples(example: Path, tmp_path: Path) -> None:
+    from agentproxy.identity.issue import generate_demo_keypair
+
+    # A copy, with the issuer key its run.py would make (never committed).
+    copy = tmp_path / example.parent.name
+    shutil.copytree(example.parent, copy, ignore=shutil.ignore_patterns(".keys"))
+    (copy / ".keys").mkdir()
+    generate_demo_keypair(copy / ".keys" / "issuer.pem", copy / ".keys" / "issuer.pub.pem")
+    out = subprocess.run(
+        [sys.executable, "-m", "agentproxy", "validate", "--config", str(copy / example.name)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr
 
 
 def test_store_and_admin_sections(tmp_path: Path) -> None:
