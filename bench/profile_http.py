@@ -62,6 +62,12 @@ def main() -> int:
     parser.add_argument("--top", type=int, default=40)
     parser.add_argument("--connections", type=int, default=16)
     parser.add_argument("--name", default="profile_http", help="results file name")
+    parser.add_argument(
+        "--pipeline",
+        choices=("full", "policy-only"),
+        default="full",
+        help="bench/http_overhead.py's full pipeline or its policy-only proxy",
+    )
     args = parser.parse_args()
     spy = shutil.which("py-spy") or str(BIN / "py-spy")
     if not Path(spy).exists():
@@ -76,9 +82,10 @@ def main() -> int:
         "full",
         port=port,
         admin=admin,
-        upstreams=upstreams_yaml(up, credential=True),
+        upstreams=upstreams_yaml(up, credential=args.pipeline == "full"),
         policy=POLICY,
-        audit=True,
+        decision_log="stdout" if args.pipeline == "full" else "off",
+        audit=args.pipeline == "full",
     )
     token = issuer.mint("hr-bot", roles=["hr"], dept="hr")
     headers = {"Authorization": f"Bearer {token}"}
@@ -113,7 +120,7 @@ def main() -> int:
         args.name,
         f"# Where the full HTTP pipeline spends its time ({machine()})\n\n"
         f"py-spy, 500 samples/s for {args.seconds} s of agentproxy under wrk -c"
-        f"{args.connections} (bench/http_overhead.py's full pipeline). Self: samples in the "
+        f"{args.connections} (bench/http_overhead.py's {args.pipeline} pipeline). Self: samples in the "
         "function itself; incl: with what it calls. C code (uvloop, orjson, cel-cpp) counts "
         "toward the Python function that called it.\n\n```\n" + hottest(out, args.top) + "\n```\n",
     )

@@ -11,6 +11,7 @@ from agentproxy.config.policies import read_policy_file
 from agentproxy.config.yamldoc import Issue
 from agentproxy.core import Action, Effect, Facts, Principal
 from agentproxy.policy import PolicySet, TraceStep, compile_policy, decide
+from agentproxy.policy.compiler import mentioned_variables
 from agentproxy.policy.patterns import PatternIndex, compile_pattern
 
 POLICY = """
@@ -204,3 +205,66 @@ def test_ten_thousand_rules_stay_indexed(tmp_path: Path) -> None:
     assert len(policy.index.candidates("http:GET /svc7777/items/1")) == 1
     d = decide(policy, http("GET", "/svc7777/items/1"), Principal(agent="a7777"), Facts(), NOW)
     assert d.rule_id == "r7777"
+
+
+def test_rules_are_found_by_id_first_of_an_id_first(tmp_path: Path) -> None:
+    policy = compile_text(tmp_path, POLICY)
+    assert policy.rule("reports").id == "reports"
+    assert policy.rule("shadow-no-put").effect is Effect.DENY
+    with pytest.raises(KeyError):
+        policy.rule("nope")
+
+
+@pytest.mark.parametrize(
+    ("source", "variables"),
+    [
+        (None, set()),
+        ('resource.id != "13"', {"resource"}),
+        ("principal.user != null && resource.query.limit == '10'", {"principal", "resource"}),
+        # A root-scoped name (leading dot) and names inside strings or after a dot all count:
+        # handing a condition more variables than it reads is harmless, fewer would deny.
+        ('.principal.agent == "a"', {"principal"}),
+        ('args.request == "now"', {"args", "request", "now"}),
+        (
+            "task.id == resource.id && now > timestamp('2020-01-01T00:00:00Z')",
+            {"task", "resource", "now"},
+        ),
+        ("size(args.ids) < 3 && action.name.startsWith('http:')", {"args", "action"}),
+    ],
+)
+def test_a_condition_is_handed_every_variable_it_mentions(
+    source: str | None, variables: set[str]
+) -> None:
+    assert mentioned_variables(source) == variables
+
+
+def test_conditions_see_the_same_values_with_only_their_variables(tmp_path: Path) -> None:
+    text = """
+default: deny
+rules:
+  - id: every-variable
+    agents: [hr-bot]
+    actions: ["http:GET /v1/all/{id}"]
+    when: >-
+      .principal.agent == "hr-bot" && principal.claims.dept == "hr" && action.protocol == "http"
+      && resource.id == "7" && resource.query.q == "x" && request.method == "GET"
+      && task.id == "t1" && args == {} && now > timestamp("2020-01-01T00:00:00Z")
+    effect: allow
+  - id: claims-only
+    agents: [hr-bot]
+    actions: ["http:GET /v1/claims/{id}"]
+    when: 'principal.claims.dept == "hr" && has(resource.id)'
+    effect: allow
+"""
+    policy = compile_text(tmp_path, text)
+    hr = Principal(agent="hr-bot", claims={"dept": "hr"})
+    every = decide(policy, http("GET", "/v1/all/7", {"q": "x"}), hr, Facts(task_id="t1"), NOW)
+    assert (every.effect, every.rule_id) == (Effect.ALLOW, "every-variable")
+    claims = decide(policy, http("GET", "/v1/claims/1"), hr, Facts(), NOW)
+    assert (claims.effect, claims.rule_id) == (Effect.ALLOW, "claims-only")
+    other = Principal(agent="hr-bot", claims={"dept": "sales"})
+    assert decide(policy, http("GET", "/v1/claims/1"), other, Facts(), NOW).effect is Effect.DENY
+    trace: list[TraceStep] = []
+    decide(policy, http("GET", "/v1/all/7", {"q": "y"}), hr, Facts(task_id="t1"), NOW, trace)
+    assert trace[0].outcome.startswith("condition false")
+    assert trace[0].values["resource.query.q"] == "y"

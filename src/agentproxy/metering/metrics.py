@@ -8,12 +8,12 @@ caller cannot mint label values; calls no rule matched are labelled `other`.
 from __future__ import annotations
 
 import os
+from typing import Any
 
+import prometheus_client
 from prometheus_client import (
     CollectorRegistry,
-    Counter,
     Gauge,
-    Histogram,
     gc_collector,
     platform_collector,
     process_collector,
@@ -56,6 +56,51 @@ DECISION_BUCKETS = (
     0.05,
     0.1,
 )
+
+
+class _KnownChildren:
+    """`labels()` answered from a dict for label values seen before.
+
+    prometheus-client validates the values, turns each into a string and takes a lock on every
+    `labels()` call; the proxy calls it about ten times per request with the same few values
+    (upstream, action pattern, decision), so the child it returned is remembered under the
+    exact values asked for. The cache never outlives a child: `remove` and `clear` empty it.
+    """
+
+    _known: dict[tuple[object, ...], Any]
+
+    def labels(self, *values: object, **by_name: object) -> Any:
+        if by_name:
+            return super().labels(*values, **by_name)  # type: ignore[misc]
+        try:
+            return self._known[values]
+        except AttributeError:
+            self._known = {}
+        except KeyError:
+            pass
+        child = super().labels(*values)  # type: ignore[misc]
+        self._known[values] = child
+        return child
+
+    def remove(self, *values: object) -> None:
+        self._known = {}
+        super().remove(*values)  # type: ignore[misc]
+
+    def remove_by_labels(self, labels: dict[str, str]) -> None:
+        self._known = {}
+        super().remove_by_labels(labels)  # type: ignore[misc]
+
+    def clear(self) -> None:
+        self._known = {}
+        super().clear()  # type: ignore[misc]
+
+
+class Counter(_KnownChildren, prometheus_client.Counter):
+    pass
+
+
+class Histogram(_KnownChildren, prometheus_client.Histogram):
+    pass
 
 
 class Metrics:

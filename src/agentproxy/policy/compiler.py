@@ -9,8 +9,8 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import re
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 
 from cel_expr_python import cel
 from cel_expr_python.ext import ext_math, ext_strings
@@ -99,6 +99,8 @@ class Rule:
     builtin: bool = False
     approval: ApprovalSpec | None = None
     cost_expr: cel.Expression | None = None
+    # The CEL variables the condition may read (a superset): all that it is handed.
+    variables: frozenset[str] = frozenset(CEL_VARIABLES)
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,12 +111,19 @@ class PolicySet:
     rules: tuple[Rule, ...]
     index: PatternIndex[tuple[Rule, ActionPattern]]
     reads_task: bool = False
+    # The pipeline looks the deciding rule up several times per allowed call (limits, cost,
+    # metering): a scan would make every call pay for the size of the policy.
+    _by_id: Mapping[str, Rule] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        by_id: dict[str, Rule] = {}
+        for rule in self.rules:
+            by_id.setdefault(rule.id, rule)  # the first rule of an id, as a scan would find
+        object.__setattr__(self, "_by_id", by_id)
 
     def rule(self, rule_id: str) -> Rule:
-        for rule in self.rules:
-            if rule.id == rule_id:
-                return rule
-        raise KeyError(rule_id)
+        """Raises KeyError for an id no rule has."""
+        return self._by_id[rule_id]
 
 
 def compile_policy(files: Iterable[PolicyFile], builtin: Sequence[RuleSpec] = ()) -> PolicySet:
@@ -267,6 +276,7 @@ def _compile_rule(spec: RuleSpec, issues: list[Issue]) -> Rule | None:
         builtin=spec.builtin,
         approval=spec.approval,
         cost_expr=cost_expr,
+        variables=mentioned_variables(spec.when),
     )
 
 
@@ -279,6 +289,18 @@ def _reads(source: str | None) -> set[str]:
     if not source:
         return set()
     return set(_IDENTIFIER.findall(_STRING_LITERAL.sub("''", source))) & set(CEL_VARIABLES)
+
+
+_VARIABLE_WORDS = {name: re.compile(rf"\b{name}\b") for name in CEL_VARIABLES}
+
+
+def mentioned_variables(source: str | None) -> frozenset[str]:
+    """Every CEL variable whose name appears anywhere in `source`, even inside a string or
+    after a dot: a superset of what it reads, so handing a condition only these can never
+    leave out a variable it uses (`.principal`, a root-scoped name, included)."""
+    if not source:
+        return frozenset()
+    return frozenset(name for name, word in _VARIABLE_WORDS.items() if word.search(source))
 
 
 def _principal_matcher(agents: tuple[str, ...], users: tuple[str, ...]) -> PrincipalMatcher:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -60,7 +60,7 @@ def decide(
     """
     enforced: list[_Match] = []
     shadow: list[_Match] = []
-    inputs: dict[str, Any] | None = None
+    inputs: _Inputs | None = None
     seen: set[str] = set()
     memoizable = True
     for rule, pattern in policy.index.candidates(action.name):
@@ -78,8 +78,8 @@ def decide(
         effect, reason = rule.effect, rule.reason or f"{rule.effect.value} by rule {rule.id}"
         if rule.condition is not None:
             if inputs is None:
-                inputs = cel_inputs(action, principal, facts, now)
-            data = _activation(inputs, bindings)
+                inputs = _Inputs(action, principal, facts, now)
+            data = inputs.activation(rule.variables, bindings)
             outcome = _evaluate(rule.condition, data)
             read = read_values(rule.when, data) if trace is not None else {}
             if outcome is False:
@@ -169,32 +169,93 @@ def strongest(matches: list[_Match]) -> _Match | None:
 
 def cel_inputs(action: Action, principal: Principal, facts: Facts, now: float) -> dict[str, Any]:
     """The CEL variables for one call, as plain dicts and lists (what cel-cpp accepts)."""
-    query = {k: (list(v) if isinstance(v, tuple) else v) for k, v in action.query.items()}
+    return {name: build(action, principal, facts, now) for name, build in _BUILDERS.items()}
+
+
+def _principal(action: Action, principal: Principal, facts: Facts, now: float) -> Any:
     return {
-        "principal": {
-            "agent": principal.agent,
-            "user": principal.acting_for,
-            "chain": list(principal.chain),
-            "roles": sorted(principal.roles),
-            "claims": plain(principal.claims),
-            "issuer": principal.issuer,
-        },
-        "action": {
-            "name": action.name,
-            "protocol": action.protocol,
-            "operation": action.operation,
-            "target": action.target,
-        },
-        "args": plain(action.args) if action.args is not None else {},
-        "task": {
-            "id": facts.task_id,
-            "labels": sorted(facts.task_labels),
-            "calls": facts.task_calls,
-            "spent": facts.task_spent,
-        },
-        "request": {"method": action.operation, "path": action.target, "query": query},
-        "now": datetime.fromtimestamp(now, UTC),
+        "agent": principal.agent,
+        "user": principal.acting_for,
+        "chain": list(principal.chain),
+        "roles": sorted(principal.roles),
+        "claims": plain(principal.claims),
+        "issuer": principal.issuer,
     }
+
+
+def _action(action: Action, principal: Principal, facts: Facts, now: float) -> Any:
+    return {
+        "name": action.name,
+        "protocol": action.protocol,
+        "operation": action.operation,
+        "target": action.target,
+    }
+
+
+def _args(action: Action, principal: Principal, facts: Facts, now: float) -> Any:
+    return plain(action.args) if action.args is not None else {}
+
+
+def _task(action: Action, principal: Principal, facts: Facts, now: float) -> Any:
+    return {
+        "id": facts.task_id,
+        "labels": sorted(facts.task_labels),
+        "calls": facts.task_calls,
+        "spent": facts.task_spent,
+    }
+
+
+def _request(action: Action, principal: Principal, facts: Facts, now: float) -> Any:
+    query = {k: (list(v) if isinstance(v, tuple) else v) for k, v in action.query.items()}
+    return {"method": action.operation, "path": action.target, "query": query}
+
+
+def _now(action: Action, principal: Principal, facts: Facts, now: float) -> Any:
+    return datetime.fromtimestamp(now, UTC)
+
+
+_BUILDERS: dict[str, Callable[[Action, Principal, Facts, float], Any]] = {
+    "principal": _principal,
+    "action": _action,
+    "args": _args,
+    "task": _task,
+    "request": _request,
+    "now": _now,
+}
+
+
+class _Inputs:
+    """The CEL variables of one call, each built the first time a rule reads it.
+
+    cel-cpp converts every entry of the activation it is given, read or not, so a rule is
+    handed only the variables its condition mentions (`Rule.variables`, a superset found in
+    its source): a condition on `principal.claims` does not pay for `args` or `now`.
+    """
+
+    __slots__ = ("_action", "_built", "_facts", "_now", "_principal")
+
+    def __init__(self, action: Action, principal: Principal, facts: Facts, now: float) -> None:
+        self._action = action
+        self._principal = principal
+        self._facts = facts
+        self._now = now
+        self._built: dict[str, Any] = {}
+
+    def get(self, name: str) -> Any:
+        built = self._built
+        if name not in built:
+            built[name] = _BUILDERS[name](self._action, self._principal, self._facts, self._now)
+        return built[name]
+
+    def activation(self, variables: frozenset[str], bindings: Mapping[str, str]) -> dict[str, Any]:
+        """The variables one rule's condition reads, `resource` bound from its own template.
+
+        Raises UnicodeDecodeError for a binding whose escapes are not UTF-8 (as `_activation`).
+        """
+        data = {name: self.get(name) for name in variables if name != "resource"}
+        if "resource" in variables:
+            data["resource"] = _resource(bindings, self.get("request")["query"])
+        return data
 
 
 def rule_activation(
@@ -212,13 +273,17 @@ def rule_activation(
 
 def _activation(inputs: dict[str, Any], bindings: Mapping[str, str]) -> dict[str, Any]:
     """The CEL variables for one rule: the call's, plus `resource` from its own template."""
+    data = dict(inputs)
+    data["resource"] = _resource(bindings, inputs["request"]["query"])
+    return data
+
+
+def _resource(bindings: Mapping[str, str], query: Any) -> dict[str, Any]:
     resource: dict[str, Any] = {
         name: unquote(value, errors="strict") for name, value in bindings.items()
     }
-    resource["query"] = inputs["request"]["query"]
-    data = dict(inputs)
-    data["resource"] = resource
-    return data
+    resource["query"] = query
+    return resource
 
 
 def _evaluate(condition: cel.Expression, data: dict[str, Any]) -> bool | str:

@@ -7,6 +7,7 @@ is the path the upstream receives; no encoding trick can make the two differ.
 
 from __future__ import annotations
 
+import functools
 import re
 import urllib.parse
 from collections.abc import Iterable, Mapping
@@ -325,13 +326,24 @@ HOP_BY_HOP: Final = frozenset(
 )
 
 
-def _connection_named(headers: list[tuple[str, str]]) -> set[str]:
+# Never forwarded upstream whatever Connection says: the agent's credential, and the proxy's
+# own Forwarded (the shell sets X-Forwarded-* itself).
+_REQUEST_DROP: Final = HOP_BY_HOP | {"authorization", "forwarded"}
+_PROXY_SET_PREFIXES: Final = ("x-agentproxy-", "x-forwarded-")
+
+
+def _connection_named(lowered: list[tuple[str, str, str]]) -> frozenset[str]:
     # RFC 9110 §7.6.1: a proxy removes every header the Connection header names.
     named: set[str] = set()
-    for name, value in headers:
-        if name.lower() == "connection":
+    for lower, _, value in lowered:
+        if lower == "connection":
             named.update(t.strip().lower() for t in value.split(",") if t.strip())
-    return named
+    return frozenset(named)
+
+
+@functools.lru_cache(maxsize=64)
+def _request_drop(strip: frozenset[str]) -> frozenset[str]:
+    return _REQUEST_DROP | {name.lower() for name in strip}
 
 
 def request_headers_to_forward(
@@ -346,24 +358,26 @@ def request_headers_to_forward(
     The shell adds its own headers after this filter, so Connection cannot name them away.
     Never raises.
     """
-    items = list(headers)
-    drop = _connection_named(items) | HOP_BY_HOP | {s.lower() for s in strip}
-    drop |= {"authorization", "forwarded"}
-    kept: list[tuple[str, str]] = []
-    for name, value in items:
-        lower = name.lower()
-        if lower in drop or lower.startswith(("x-agentproxy-", "x-forwarded-")):
-            continue
-        kept.append((name, value))
-    return kept
+    # Each name is lowercased once; this runs on every call.
+    lowered = [(name.lower(), name, value) for name, value in headers]
+    drop = _request_drop(strip)
+    named = _connection_named(lowered)
+    if named:
+        drop = drop | named
+    return [
+        (name, value)
+        for lower, name, value in lowered
+        if lower not in drop and not lower.startswith(_PROXY_SET_PREFIXES)
+    ]
 
 
 def response_headers_to_return(headers: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
     """The upstream's response headers the agent may see: all but hop-by-hop and those the
     Connection header names (RFC 9110 §7.6.1), in order, duplicates kept. Never raises."""
-    items = list(headers)
-    drop = _connection_named(items) | HOP_BY_HOP
-    return [(name, value) for name, value in items if name.lower() not in drop]
+    lowered = [(name.lower(), name, value) for name, value in headers]
+    named = _connection_named(lowered)
+    drop = HOP_BY_HOP | named if named else HOP_BY_HOP
+    return [(name, value) for lower, name, value in lowered if lower not in drop]
 
 
 # Visible ASCII except "%" (the escape itself), "," (list separator, RFC 9110 §5.6.1), ";"

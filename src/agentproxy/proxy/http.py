@@ -6,6 +6,7 @@ pipeline, and streams allowed calls both ways without holding bodies in memory.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
@@ -54,6 +55,21 @@ class McpState:
 
     pins: ToolPins = field(default_factory=ToolPins)
     on_tool_change: Callable[[str, str], None] | None = None
+
+
+@functools.lru_cache(maxsize=64)
+def _stripped(credential_header: str | None) -> frozenset[str]:
+    """Request headers never forwarded as sent: ours to set, and the upstream's credential
+    header, so that an agent cannot supply its own."""
+    if credential_header is None:
+        return _ALWAYS_STRIPPED
+    return _ALWAYS_STRIPPED | {credential_header.lower()}
+
+
+@functools.lru_cache(maxsize=64)
+def _timeout(seconds: float) -> aiohttp.ClientTimeout:
+    # No total: a long answer (a stream) may take as long as it keeps sending.
+    return aiohttp.ClientTimeout(total=None, sock_connect=seconds, sock_read=seconds)
 
 
 class UpstreamSessions:
@@ -224,9 +240,7 @@ class HttpExchange:
             request.writer.output_size = 0
         headers = self._upstream_headers(call, upstream)
         url = upstream.url + self.path + ("?" + self.raw_query if self.raw_query else "")
-        timeout = aiohttp.ClientTimeout(
-            total=None, sock_connect=upstream.timeout, sock_read=upstream.timeout
-        )
+        timeout = _timeout(upstream.timeout)
         session = self.sessions.get(upstream)
         sent = time.perf_counter()
         try:
@@ -264,10 +278,9 @@ class HttpExchange:
             )
 
     def _upstream_headers(self, call: Call, upstream: Upstream) -> list[tuple[str, str]]:
-        strip = set(_ALWAYS_STRIPPED)
-        if upstream.credentials is not None:
-            strip.add(upstream.credentials.header.lower())
-        headers = request_headers_to_forward(self.request.headers.items(), strip=frozenset(strip))
+        creds = upstream.credentials
+        strip = _stripped(creds.header if creds is not None else None)
+        headers = request_headers_to_forward(self.request.headers.items(), strip=strip)
         peer = self.request.remote
         if peer:
             headers.append(("X-Forwarded-For", peer))
@@ -276,7 +289,6 @@ class HttpExchange:
         if host:
             headers.append(("X-Forwarded-Host", host))
         headers.extend(context_headers(call, self.runtime.signer))
-        creds = upstream.credentials
         if creds is not None:
             headers.append((creds.header, creds.prefix + creds.value.value.decode("latin-1")))
         return headers
@@ -315,10 +327,12 @@ class HttpExchange:
 
     async def _stream_back(self, call: Call, upstream_response: aiohttp.ClientResponse) -> None:
         response = web.StreamResponse(
-            status=upstream_response.status, reason=upstream_response.reason
+            status=upstream_response.status,
+            reason=upstream_response.reason,
+            # Copied into a CIMultiDict in C instead of an add() per header; duplicates and
+            # order are kept.
+            headers=response_headers_to_return(upstream_response.headers.items()),
         )
-        for name, value in response_headers_to_return(upstream_response.headers.items()):
-            response.headers.add(name, value)
         self._adjust_response_headers(upstream_response, response)
         call.status = upstream_response.status
         self.response = response
