@@ -22,19 +22,19 @@ default: deny
 rules:
   - id: grpc-reads
     agents: [hr-bot]
-    actions: ["grpc:/hr.v1.Employees/Get", "grpc:/hr.v1.Employees/Slow",
-              "grpc:/hr.v1.Employees/Fail"]
+    actions: ["grpc:/hrtest.v1.Employees/Get", "grpc:/hrtest.v1.Employees/Slow",
+              "grpc:/hrtest.v1.Employees/Fail"]
     when: 'args.id != "13"'
     effect: allow
     reason: HR reads employee records, except record 13
   - id: list-and-import
     agents: [hr-bot]
-    actions: ["grpc:/hr.v1.Employees/List", "grpc:/hr.v1.Employees/Import",
-              "grpc:/hr.v1.Employees/Chat"]
+    actions: ["grpc:/hrtest.v1.Employees/List", "grpc:/hrtest.v1.Employees/Import",
+              "grpc:/hrtest.v1.Employees/Chat"]
     effect: allow
   - id: big-amounts
     agents: ["*"]
-    actions: ["grpc:/hr.v1.Employees/Get"]
+    actions: ["grpc:/hrtest.v1.Employees/Get"]
     when: 'args.amount > 1000'
     effect: deny
     reason: amounts above 1000 need a human
@@ -47,6 +47,7 @@ class GrpcUpstream:
     seen: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
     cancelled: asyncio.Event = field(default_factory=asyncio.Event)
     imported: list[str] = field(default_factory=list)
+    completed_imports: list[int] = field(default_factory=list)  # streams that ended whole
     deadlines: list[float | None] = field(default_factory=list)
 
     @property
@@ -79,10 +80,15 @@ def employees_servicer(hr: Generated, state: GrpcUpstream) -> Any:
         async def Import(self, requests: Any, context: Any) -> Any:
             remember("Import", context)
             count, size = 0, 0
-            async for employee in requests:
+            while (employee := await context.read()) is not aio.EOF:
                 count += 1
                 size += len(employee.photo)
                 state.imported.append(employee.id)
+            # grpcio ends the request stream of a cancelled call as if it were complete; a
+            # second read tells them apart (it raises CancelledError for a cancelled call), as
+            # a careful server must before acting on the whole stream.
+            if await context.read() is aio.EOF:
+                state.completed_imports.append(count)
             return pb2.ImportSummary(count=count, bytes=size)
 
         async def Chat(self, requests: Any, context: Any) -> AsyncIterator[Any]:

@@ -30,12 +30,12 @@ APPROVAL_POLICY = (
     + """
   - id: raises
     agents: [hr-bot]
-    actions: ["grpc:/hr.v1.Employees/Import"]
+    actions: ["grpc:/hrtest.v1.Employees/Import"]
     effect: require_approval
     reason: imports change payroll
     approval: {approvers: ["user:carol"], timeout: 1h, hold: 0s}
 """
-).replace('"grpc:/hr.v1.Employees/Import",\n              ', "")
+).replace('"grpc:/hrtest.v1.Employees/Import",\n              ', "")
 
 
 def admin(proxy: GrpcProxy) -> aio.Channel:
@@ -124,7 +124,7 @@ async def test_check_answers_what_the_grpc_path_answers(
             answer = await authorizer(a).Check(
                 authorizer_pb2.CheckRequest(
                     token=token,
-                    grpc=authorizer_pb2.GrpcCall(method="/hr.v1.Employees/Get", args=args),
+                    grpc=authorizer_pb2.GrpcCall(method="/hrtest.v1.Employees/Get", args=args),
                 )
             )
             try:
@@ -136,12 +136,12 @@ async def test_check_answers_what_the_grpc_path_answers(
                 code = error.code()
             assert code is expected
             assert answer.grpc_code == expected.value[0], fields
-            assert answer.action == "grpc:/hr.v1.Employees/Get"
+            assert answer.action == "grpc:/hrtest.v1.Employees/Get"
             serialized = await authorizer(a).Check(
                 authorizer_pb2.CheckRequest(
                     token=token,
                     grpc=authorizer_pb2.GrpcCall(
-                        method="/hr.v1.Employees/Get",
+                        method="/hrtest.v1.Employees/Get",
                         message=hr.pb2.GetRequest(**fields).SerializeToString(),
                     ),
                 )
@@ -150,9 +150,9 @@ async def test_check_answers_what_the_grpc_path_answers(
         args = struct_pb2.Struct()
         args.update({"id": "1", "no_such_field": 1})
         for call in (
-            authorizer_pb2.GrpcCall(method="/hr.v1.Employees/Get", args=args),
-            authorizer_pb2.GrpcCall(method="/hr.v1.Employees/Get", message=b"\xff\xff"),
-            authorizer_pb2.GrpcCall(method="/hr.v1.Employees/../Get"),
+            authorizer_pb2.GrpcCall(method="/hrtest.v1.Employees/Get", args=args),
+            authorizer_pb2.GrpcCall(method="/hrtest.v1.Employees/Get", message=b"\xff\xff"),
+            authorizer_pb2.GrpcCall(method="/hrtest.v1.Employees/../Get"),
         ):
             answer = await authorizer(a).Check(authorizer_pb2.CheckRequest(token=token, grpc=call))
             assert (answer.outcome, answer.grpc_code) == (Outcome.INVALID, 3), call
@@ -230,7 +230,7 @@ async def test_approval_over_grpc_end_to_end(
 
         event = await asyncio.wait_for(watch.read(), 5)
         assert event.event in ("pending", "requested") and event.approval.id == approval_id
-        assert event.approval.action == "grpc:/hr.v1.Employees/Import"
+        assert event.approval.action == "grpc:/hrtest.v1.Employees/Import"
 
         listed = await approvals(a).List(
             approvals_pb2.ListApprovalsRequest(), metadata=bearer(carol)

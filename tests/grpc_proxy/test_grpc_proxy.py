@@ -181,11 +181,11 @@ async def test_a_message_that_does_not_decode_is_invalid_argument(
 ) -> None:
     proxy = await make_grpc_proxy()
     async with proxy.channel() as channel:
-        get: Any = channel.unary_unary("/hr.v1.Employees/Get")
+        get: Any = channel.unary_unary("/hrtest.v1.Employees/Get")
         with pytest.raises(aio.AioRpcError) as caught:
             await get(b"\xff\xff\xff", metadata=bearer(keys.token()))
         assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
-        assert "hr.v1.GetRequest" in (caught.value.details() or "")
+        assert "hrtest.v1.GetRequest" in (caught.value.details() or "")
     assert grpc_upstream.seen == []
 
 
@@ -193,12 +193,12 @@ async def test_unknown_service_and_odd_method_paths(
     make_grpc_proxy: GrpcProxyFactory, grpc_upstream: GrpcUpstream, keys: Keys
 ) -> None:
     # Only a service-specific upstream, no default: another service has no route.
-    proxy = await make_grpc_proxy(grpc_extra="    match: {service: hr.v1.Employees}\n")
+    proxy = await make_grpc_proxy(grpc_extra="    match: {service: hrtest.v1.Employees}\n")
     async with proxy.channel() as channel:
         with pytest.raises(aio.AioRpcError) as caught:
             await unary(channel, "/other.Svc/Do")(b"", metadata=bearer(keys.token()))
         assert caught.value.code() is grpc.StatusCode.UNIMPLEMENTED
-        for path in ("/hr.v1.Employees/../Get", "/hr.v1.Employees/Get/x", "/hr..v1.X/Get"):
+        for path in ("/hrtest.v1.Employees/../Get", "/hrtest.v1.Employees/Get/x", "/hr..v1.X/Get"):
             with pytest.raises(aio.AioRpcError) as caught:
                 await unary(channel, path)(b"", metadata=bearer(keys.token()))
             assert caught.value.code() in (
@@ -289,6 +289,35 @@ async def test_message_size_limits(
         assert "big" not in grpc_upstream.imported
 
 
+@pytest.mark.parametrize("descriptors", [True, False])
+async def test_an_oversized_message_never_half_closes_the_upstream_stream(
+    make_grpc_proxy: GrpcProxyFactory,
+    grpc_upstream: GrpcUpstream,
+    hr: Generated,
+    keys: Keys,
+    descriptors: bool,
+) -> None:
+    """grpcio reports a message over the listener's limit as the end of the stream; the
+    upstream must see a cancelled call, never a complete (shorter) one it would act on."""
+    proxy = await make_grpc_proxy(
+        descriptors=descriptors, grpc_extra="    max_message_bytes: 2048\n"
+    )
+    for first_ok in (True, False) * 3:  # a race: a few rounds to catch it
+
+        async def employees(first_ok: bool = first_ok) -> AsyncIterator[Any]:
+            if first_ok:
+                yield hr.pb2.Employee(id="small")
+            yield hr.pb2.Employee(id="big", photo=b"x" * 4096)
+            yield hr.pb2.Employee(id="after")
+
+        async with proxy.channel() as channel:
+            with pytest.raises(aio.AioRpcError) as caught:
+                await stub(hr, channel).Import(employees(), metadata=bearer(keys.token()))
+        assert caught.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+    await asyncio.sleep(0.2)  # anything the upstream would still finish
+    assert grpc_upstream.completed_imports == []
+
+
 async def test_compressed_calls_pass(
     make_grpc_proxy: GrpcProxyFactory, grpc_upstream: GrpcUpstream, hr: Generated, keys: Keys
 ) -> None:
@@ -322,7 +351,7 @@ async def test_calls_are_recorded_with_metrics_and_decision_log(
             await stub(hr, channel).Get(hr.pb2.GetRequest(id="13"), metadata=bearer(keys.token()))
     proxy.server.decision_log.flush()
     lines = [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.startswith("{")]
-    calls = [x for x in lines if x.get("action") == "grpc:/hr.v1.Employees/Get"]
+    calls = [x for x in lines if x.get("action") == "grpc:/hrtest.v1.Employees/Get"]
     assert [(c["effect"], c["status"], c["rpc.grpc.status_code"]) for c in calls] == [
         ("allow", 200, 0),
         ("deny", 403, 7),
@@ -330,7 +359,7 @@ async def test_calls_are_recorded_with_metrics_and_decision_log(
     assert calls[0]["upstream"] == "hr"
     sample = proxy.server.registry.get_sample_value(
         "agentproxy_requests_total",
-        {"upstream": "hr", "action": "grpc:/hr.v1.Employees/Get", "decision": "allow"},
+        {"upstream": "hr", "action": "grpc:/hrtest.v1.Employees/Get", "decision": "allow"},
     )
     assert sample == 1.0
 
@@ -386,8 +415,8 @@ async def test_limits_answer_resource_exhausted_with_retry_after(
     make_grpc_proxy: GrpcProxyFactory, grpc_upstream: GrpcUpstream, hr: Generated, keys: Keys
 ) -> None:
     policy = GRPC_POLICY.replace(
-        '              "grpc:/hr.v1.Employees/Chat"]\n    effect: allow\n',
-        '              "grpc:/hr.v1.Employees/Chat"]\n    effect: allow\n'
+        '              "grpc:/hrtest.v1.Employees/Chat"]\n    effect: allow\n',
+        '              "grpc:/hrtest.v1.Employees/Chat"]\n    effect: allow\n'
         "    limits: [{name: lists, calls: 1, window: 1h, key: principal.agent}]\n",
     )
     assert policy != GRPC_POLICY

@@ -28,12 +28,12 @@ from tests.conftest import Generated
 
 
 def test_method_paths_become_actions() -> None:
-    action = grpc.describe("/hr.v1.Employees/Get")
-    assert action.name == "grpc:/hr.v1.Employees/Get"
+    action = grpc.describe("/hrtest.v1.Employees/Get")
+    assert action.name == "grpc:/hrtest.v1.Employees/Get"
     assert (action.protocol, action.operation, action.target) == (
         "grpc",
-        "hr.v1.Employees",
-        "/hr.v1.Employees/Get",
+        "hrtest.v1.Employees",
+        "/hrtest.v1.Employees/Get",
     )
     assert grpc.describe("/Svc/M").name == "grpc:/Svc/M"
 
@@ -43,19 +43,19 @@ def test_method_paths_become_actions() -> None:
     [
         "",
         "/",
-        "hr.v1.Employees/Get",
-        "/hr.v1.Employees/",
-        "/hr.v1.Employees/Get/",
-        "/hr.v1.Employees/Get/More",
-        "/hr.v1.Employees/../Get",
+        "hrtest.v1.Employees/Get",
+        "/hrtest.v1.Employees/",
+        "/hrtest.v1.Employees/Get/",
+        "/hrtest.v1.Employees/Get/More",
+        "/hrtest.v1.Employees/../Get",
         "/hr..v1.Employees/Get",
         "/.hr.Employees/Get",
-        "/hr.v1.Employees/Get*",
-        "/hr.v1.Employees/G%65t",
-        "/hr.v1.Employees/Get\x00",
-        "/hr.v1 .Employees/Get",
-        "//hr.v1.Employees/Get",
-        "/hr.v1.Employees/Gét",
+        "/hrtest.v1.Employees/Get*",
+        "/hrtest.v1.Employees/G%65t",
+        "/hrtest.v1.Employees/Get\x00",
+        "/hrtest.v1 .Employees/Get",
+        "//hrtest.v1.Employees/Get",
+        "/hrtest.v1.Employees/Gét",
     ],
 )
 def test_odd_method_paths_are_refused(path: str) -> None:
@@ -179,15 +179,15 @@ def test_descriptor_set_lists_every_method_with_its_kind(methods: dict[str, grpc
     kinds = {
         path: (m.client_streaming, m.server_streaming)
         for path, m in methods.items()
-        if path.startswith("/hr.v1.")
+        if path.startswith("/hrtest.v1.")
     }
     assert kinds == {
-        "/hr.v1.Employees/Get": (False, False),
-        "/hr.v1.Employees/List": (False, True),
-        "/hr.v1.Employees/Import": (True, False),
-        "/hr.v1.Employees/Chat": (True, True),
-        "/hr.v1.Employees/Slow": (False, False),
-        "/hr.v1.Employees/Fail": (False, False),
+        "/hrtest.v1.Employees/Get": (False, False),
+        "/hrtest.v1.Employees/List": (False, True),
+        "/hrtest.v1.Employees/Import": (True, False),
+        "/hrtest.v1.Employees/Chat": (True, True),
+        "/hrtest.v1.Employees/Slow": (False, False),
+        "/hrtest.v1.Employees/Fail": (False, False),
     }
 
 
@@ -207,7 +207,7 @@ def test_args_use_proto_names_native_numbers_and_enum_names(
         extra=extra,
         blob=b"\x00\x01",
     )
-    args = grpc.decode_args(methods["/hr.v1.Employees/Get"], request.SerializeToString())
+    args = grpc.decode_args(methods["/hrtest.v1.Employees/Get"], request.SerializeToString())
     assert args == {
         "id": "42",
         "amount": 2**40,  # a number, not the JSON mapping's string
@@ -223,7 +223,7 @@ def test_args_use_proto_names_native_numbers_and_enum_names(
 
 
 def test_unset_fields_defaults_and_presence(methods: dict[str, grpc.Method], hr: Generated) -> None:
-    args = grpc.decode_args(methods["/hr.v1.Employees/Get"], b"")
+    args = grpc.decode_args(methods["/hrtest.v1.Employees/Get"], b"")
     # proto3 scalars read as their defaults (what the upstream sees); message fields and
     # `optional` ones are absent unless set, so has() tells.
     assert args == {
@@ -236,14 +236,14 @@ def test_unset_fields_defaults_and_presence(methods: dict[str, grpc.Method], hr:
         "code": 0,
     }
     with_reason = grpc.decode_args(
-        methods["/hr.v1.Employees/Get"], hr.pb2.GetRequest(reason="").SerializeToString()
+        methods["/hrtest.v1.Employees/Get"], hr.pb2.GetRequest(reason="").SerializeToString()
     )
     assert with_reason["reason"] == ""
 
 
 def test_unknown_enum_numbers_stay_numbers(methods: dict[str, grpc.Method]) -> None:
     # field 3 (level), varint 7: a value this descriptor set does not name
-    args = grpc.decode_args(methods["/hr.v1.Employees/Get"], b"\x18\x07")
+    args = grpc.decode_args(methods["/hrtest.v1.Employees/Get"], b"\x18\x07")
     assert args["level"] == 7
 
 
@@ -251,8 +251,8 @@ def test_unknown_enum_numbers_stay_numbers(methods: dict[str, grpc.Method]) -> N
 def test_a_message_that_does_not_decode_is_a_bad_request(
     methods: dict[str, grpc.Method], data: bytes
 ) -> None:
-    with pytest.raises(BadRequest, match=r"hr\.v1\.GetRequest"):
-        grpc.decode_args(methods["/hr.v1.Employees/Get"], data)
+    with pytest.raises(BadRequest, match=r"hrtest\.v1\.GetRequest"):
+        grpc.decode_args(methods["/hrtest.v1.Employees/Get"], data)
 
 
 def test_descriptor_sets_that_do_not_resolve(hr: Generated) -> None:
@@ -265,4 +265,4 @@ def test_descriptor_sets_that_do_not_resolve(hr: Generated) -> None:
         grpc.load_descriptor_set(alone)
     # Any order resolves (reflection returns files as it likes).
     reordered = descriptor_pb2.FileDescriptorSet(file=list(reversed(files.file)))
-    assert "/hr.v1.Employees/Get" in grpc.load_descriptor_set(reordered.SerializeToString())
+    assert "/hrtest.v1.Employees/Get" in grpc.load_descriptor_set(reordered.SerializeToString())

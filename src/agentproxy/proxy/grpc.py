@@ -289,6 +289,13 @@ class GrpcExchange:
         upstream's `max_message_bytes` (the listener's own limit is the largest of all)."""
         message: object = await self.context.read()
         if message is aio.EOF:
+            # grpcio reports a failed read (a message over the listener's limit) as EOF, then
+            # cancels the handler; a second read tells them apart (a real end answers EOF at
+            # once, a failed call raises CancelledError), so a cut-off stream is never
+            # half-closed upstream as if it were complete.
+            confirmed: object = await self.context.read()
+            if confirmed is not aio.EOF:
+                raise BadRequest("a message arrived after the end of the request stream")
             return None
         if not isinstance(message, bytes):
             raise BadRequest("unexpected message type")
