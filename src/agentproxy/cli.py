@@ -72,7 +72,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     explain = commands.add_parser("explain", help="why a call would be allowed or denied")
     explain.add_argument("--config", required=True, type=Path)
     explain.add_argument("--token", required=True, help="the caller's bearer token")
-    explain.add_argument("--request", required=True, help='e.g. "GET /v1/employees/42"')
+    explain.add_argument(
+        "--request",
+        required=True,
+        help='e.g. "GET /v1/employees/42", "grpc /hr.v1.Employees/Get", "mcp tools/call lookup"',
+    )
+    explain.add_argument(
+        "--args", help="gRPC request fields or MCP arguments, as a JSON object", default=None
+    )
     explain.add_argument("--task", help="a declared task id (X-Agentproxy-Task)")
     explain.add_argument("--json", action="store_true", help="machine-readable output")
 
@@ -336,12 +343,28 @@ async def _explain(args: argparse.Namespace) -> int:
     except Unavailable as exc:
         print(f"cannot explain: {exc.detail}", file=sys.stderr)
         return 1
+    call_args = None
+    if args.args is not None:
+        try:
+            call_args = orjson.loads(args.args)
+        except orjson.JSONDecodeError as exc:
+            print(f"--args is not JSON: {exc}", file=sys.stderr)
+            return 2
+        if not isinstance(call_args, dict):
+            print("--args must be a JSON object", file=sys.stderr)
+            return 2
     store = make_store(config.store) if config.store.redis is not None else None
     try:
         if store is not None:
             await store.start()
         result = await explain(
-            runtime, args.token, args.request, time.time(), task=args.task, store=store
+            runtime,
+            args.token,
+            args.request,
+            time.time(),
+            task=args.task,
+            store=store,
+            args=call_args,
         )
     except Refusal as exc:
         print(

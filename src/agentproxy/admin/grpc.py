@@ -114,13 +114,7 @@ def grpc_args(call: Any, method: grpc_adapter.Method | None) -> dict[str, Any] |
         return _struct(call, "args")
     if which == "message":
         return grpc_adapter.decode_args(method, call.message)
-    if which is None:
-        return grpc_adapter.message_to_args(method.input())
-    try:
-        message = json_format.ParseDict(_struct(call, "args") or {}, method.input())
-    except json_format.ParseError as exc:
-        raise BadRequest(f"args do not fit {method.input.DESCRIPTOR.full_name}: {exc}") from None
-    return grpc_adapter.message_to_args(message)
+    return grpc_adapter.args_from_json(method, _struct(call, "args") or {})
 
 
 def _struct(message: Any, name: str) -> dict[str, Any] | None:

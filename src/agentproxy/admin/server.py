@@ -35,7 +35,9 @@ class AdminBackend(Protocol):
     async def revoke(self, revocation: Revocation) -> None:
         """Raises StoreError."""
 
-    async def explain(self, token: str, request: str, task: str | None) -> dict[str, Any]:
+    async def explain(
+        self, token: str, request: str, task: str | None, args: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
         """Raises Refusal (the token or request would be refused) or StoreError."""
 
     async def accept_tool(self, upstream: str, tool: str) -> str | None:
@@ -90,13 +92,16 @@ def admin_app(backend: AdminBackend) -> web.Application:
     async def explain(request: web.Request) -> web.Response:
         try:
             await _operator(request)
-            data = _json_object(await request.read(), {"token", "request", "task"})
+            data = _json_object(await request.read(), {"token", "request", "task", "args"})
             token, line, task = data.get("token"), data.get("request"), data.get("task")
             if not isinstance(token, str) or not isinstance(line, str):
                 raise BadRevocation('send {"token": "…", "request": "GET /path"}')
             if task is not None and not isinstance(task, str):
                 raise BadRevocation('"task" must be a string')
-            result = await backend.explain(token, line, task)
+            args = data.get("args")
+            if args is not None and not isinstance(args, dict):
+                raise BadRevocation('"args" must be an object')
+            result = await backend.explain(token, line, task, args)
         except Refusal as refusal:
             return _problem(refusal)
         except StoreError:

@@ -296,6 +296,17 @@ def decode_args(method: Method, data: bytes) -> dict[str, Any]:
     return message_to_args(message)
 
 
+def args_from_json(method: Method, data: Mapping[str, Any]) -> dict[str, Any]:
+    """A request given in its JSON mapping (explain, Authorizer.Check) read into the message
+    type, so it has the data plane's `args` (defaults included). Raises BadRequest for fields
+    the message type does not have or values that do not fit."""
+    try:
+        message = json_format.ParseDict(dict(data), method.input())
+    except json_format.ParseError as exc:
+        raise BadRequest(f"args do not fit {method.input.DESCRIPTOR.full_name}: {exc}") from None
+    return message_to_args(message)
+
+
 def message_to_args(message: Message) -> dict[str, Any]:
     """Proto field names; scalars as Python values (64-bit integers stay numbers, unlike the
     JSON mapping, so `args.amount > 1000` works); enums by name; unset proto3 scalars at

@@ -7,15 +7,47 @@ and the values they read, and the final effect.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
-from agentproxy.core import Facts
+from agentproxy.core import Action, Facts
 from agentproxy.errors import BadRequest
 from agentproxy.policy import TraceStep, decide
 from agentproxy.policy.testing import explain_lines
+from agentproxy.protocols import grpc, mcp
 from agentproxy.protocols.http import describe
 from agentproxy.proxy.runtime import Runtime
 from agentproxy.store import Store
+
+USAGE = (
+    'write the request as "METHOD /path?query", "grpc /package.Service/Method" or '
+    '"mcp tools/call <tool>" (with args for gRPC and MCP)'
+)
+
+
+def describe_request(
+    runtime: Runtime, request: str, args: Mapping[str, Any] | None
+) -> tuple[Action, str]:
+    """The action a request line names and the upstream it goes to, as the data plane would
+    describe it. Raises BadRequest, or NoRoute when no upstream serves it."""
+    first, _, rest = request.strip().partition(" ")
+    rest = rest.strip()
+    if not first or not rest:
+        raise BadRequest(USAGE)
+    if first == "grpc":
+        base = grpc.describe(rest)
+        upstream = runtime.route_grpc(base.operation)
+        described = runtime.grpc_methods.get(upstream.name, {}).get(base.target)
+        values = dict(args or {})
+        if described is not None:
+            values = grpc.args_from_json(described, values)
+        action = Action("grpc", base.operation, base.target, args=values, name=base.name)
+        return action, upstream.name
+    if first == "mcp":
+        mcp_method, _, name = rest.partition(" ")
+        return mcp.describe_call(mcp_method, name.strip(), dict(args or {})), "-"
+    action, _ = describe(first, rest)
+    return action, runtime.route(action.target).name
 
 
 async def explain(
@@ -26,13 +58,11 @@ async def explain(
     *,
     task: str | None = None,
     store: Store | None = None,
+    args: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Raises Unauthenticated for a token that does not verify, BadRequest for a request
     line that the proxy would refuse, StoreError when the task history cannot be read."""
-    method, _, target = request.strip().partition(" ")
-    if not method or not target:
-        raise BadRequest('write the request as "METHOD /path?query"')
-    action, _ = describe(method, target)
+    action, upstream = describe_request(runtime, request, args)
     principal = await runtime.verifier.verify(token, now)
     task = principal.task or task
     facts = Facts(task_id=task)
@@ -41,7 +71,6 @@ async def explain(
         facts = Facts(task, history.labels, history.calls, history.spent)
     trace: list[TraceStep] = []
     decision = decide(runtime.policy, action, principal, facts, now, trace)
-    upstream = runtime.route(action.target).name
     return {
         "action": action.name,
         "upstream": upstream,

@@ -124,9 +124,17 @@ class ProxyServer:
         operator_allowed(principal, self.config.admin.operators)
         return principal
 
-    async def explain(self, token: str, request: str, task: str | None) -> dict[str, Any]:
+    async def explain(
+        self, token: str, request: str, task: str | None, args: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
         return await explain(
-            self.pipeline.runtime, token, request, time.time(), task=task, store=self.store
+            self.pipeline.runtime,
+            token,
+            request,
+            time.time(),
+            task=task,
+            store=self.store,
+            args=args,
         )
 
     def policy_version(self) -> str:
