@@ -268,3 +268,24 @@ rules:
     decide(policy, http("GET", "/v1/all/7", {"q": "y"}), hr, Facts(task_id="t1"), NOW, trace)
     assert trace[0].outcome.startswith("condition false")
     assert trace[0].values["resource.query.q"] == "y"
+
+
+def test_each_principal_is_decided_on_its_own_claims(tmp_path: Path) -> None:
+    # The CEL view of a principal is remembered by identity; principals made and dropped one
+    # after the other (whose ids CPython reuses) must still be read afresh.
+    text = """
+default: deny
+rules:
+  - id: hr-only
+    agents: ["*"]
+    actions: ["http:GET /v1/x"]
+    when: 'principal.claims.dept == "hr"'
+    effect: allow
+"""
+    policy = compile_text(tmp_path, text)
+    for i in range(10_000):
+        dept = "hr" if i % 3 == 0 else "sales"
+        decision = decide(
+            policy, http("GET", "/v1/x"), Principal(agent="a", claims={"dept": dept}), Facts(), NOW
+        )
+        assert (decision.effect is Effect.ALLOW) == (dept == "hr")

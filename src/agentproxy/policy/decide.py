@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import functools
 import re
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import unquote
 
 from cel_expr_python import cel
@@ -36,8 +37,9 @@ class TraceStep:
     values: Mapping[str, Any] = field(default_factory=dict)
 
 
-@dataclass(frozen=True, slots=True)
-class _Match:
+class _Match(NamedTuple):
+    # A tuple: built for every matching rule of every decision, and a frozen dataclass costs
+    # several times more to build.
     rule: Rule
     pattern: str
     effect: Effect
@@ -75,7 +77,7 @@ def decide(
             continue
         seen.add(rule.id)
         memoizable = memoizable and rule.memoizable
-        effect, reason = rule.effect, rule.reason or f"{rule.effect.value} by rule {rule.id}"
+        effect, reason = rule.effect, rule.decided_reason
         if rule.condition is not None:
             if inputs is None:
                 inputs = _Inputs(action, principal, facts, now)
@@ -173,6 +175,11 @@ def cel_inputs(action: Action, principal: Principal, facts: Facts, now: float) -
 
 
 def _principal(action: Action, principal: Principal, facts: Facts, now: float) -> Any:
+    return principal_view(principal)
+
+
+def principal_view(principal: Principal) -> dict[str, Any]:
+    """`principal` as CEL sees it."""
     return {
         "agent": principal.agent,
         "user": principal.acting_for,
@@ -244,7 +251,10 @@ class _Inputs:
     def get(self, name: str) -> Any:
         built = self._built
         if name not in built:
-            built[name] = _BUILDERS[name](self._action, self._principal, self._facts, self._now)
+            if name == "principal":
+                built[name] = _PRINCIPAL_VIEWS.get(self._principal)
+            else:
+                built[name] = _BUILDERS[name](self._action, self._principal, self._facts, self._now)
         return built[name]
 
     def activation(self, variables: frozenset[str], bindings: Mapping[str, str]) -> dict[str, Any]:
@@ -269,6 +279,35 @@ def rule_activation(
         if bindings is not None:
             return _activation(inputs, bindings)
     return _activation(inputs, {})
+
+
+class _PrincipalViews:
+    """The CEL view of the principals seen lately, by identity.
+
+    A verified token's `Principal` is one object reused for every call with that token (the
+    verifier caches it), so its view (claims made plain, roles sorted) is built once. An entry
+    holds the principal itself, so its `id()` cannot be reused by another object while the
+    entry exists; the `is` check makes a stale id impossible to mistake. The views are only
+    read (by cel-cpp and explanations), never changed.
+    """
+
+    def __init__(self, size: int = 4096) -> None:
+        self._size = size
+        self._views: OrderedDict[int, tuple[Principal, dict[str, Any]]] = OrderedDict()
+
+    def get(self, principal: Principal) -> dict[str, Any]:
+        key = id(principal)
+        entry = self._views.get(key)
+        if entry is not None and entry[0] is principal:
+            return entry[1]
+        view = principal_view(principal)
+        self._views[key] = (principal, view)
+        if len(self._views) > self._size:
+            self._views.popitem(last=False)
+        return view
+
+
+_PRINCIPAL_VIEWS = _PrincipalViews()
 
 
 def _activation(inputs: dict[str, Any], bindings: Mapping[str, str]) -> dict[str, Any]:

@@ -385,6 +385,7 @@ def response_headers_to_return(headers: Iterable[tuple[str, str]]) -> list[tuple
 _HEADER_SAFE: Final = "!#$&'()*+-./:<=>?@[]^_`{|}~"
 
 
+@functools.lru_cache(maxsize=4096)  # the same few agent and user ids on every call
 def header_value(text: str) -> str:
     """Percent-encode (RFC 3986 §2.1, UTF-8) `text` so it fits one item of a header list.
 

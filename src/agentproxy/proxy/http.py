@@ -188,13 +188,26 @@ class HttpExchange:
         # a protocol adapter later names (an MCP tool) for policy.
         self.path = path
         self.sessions = sessions
-        self.response: web.StreamResponse = web.Response(status=500)
+        self._response: web.StreamResponse | None = None
         self._responded = False
         self._body_too_large = False
 
     @property
     def responded(self) -> bool:
         return self._responded
+
+    @property
+    def response(self) -> web.StreamResponse:
+        """What the caller gets: the forwarded answer or the refusal, else a bare 500 (a path
+        that set neither is a bug, and must not look like a success). Built only then: a
+        placeholder per call would cost as much as the rest of the exchange's setup."""
+        if self._response is None:
+            self._response = web.Response(status=500)
+        return self._response
+
+    @response.setter
+    def response(self, response: web.StreamResponse) -> None:
+        self._response = response
 
     async def describe(self, call: Call) -> None:
         """Plain HTTP is fully described by its request line."""
