@@ -12,6 +12,7 @@ from google.protobuf import struct_pb2
 from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from agentproxy.approvals.lifecycle import Event
 from agentproxy.v1 import approvals_pb2, approvals_pb2_grpc, authorizer_pb2, authorizer_pb2_grpc
 from tests.conftest import DEFAULT_POLICY, Generated, Keys
 from tests.grpc_proxy.conftest import (
@@ -282,3 +283,38 @@ async def test_admin_grpc_health_and_no_listener_by_default(
         assert answer.status == health_pb2.HealthCheckResponse.SERVING
     plain = await make_grpc_proxy()
     assert plain.server.admin_grpc_port == 0
+
+
+async def test_watch_sees_the_fleet_through_the_shared_store(
+    make_grpc_proxy: GrpcProxyFactory,
+    grpc_upstream: GrpcUpstream,
+    hr: Generated,
+    keys: Keys,
+    redis_url: str,
+) -> None:
+    """An approval opened and decided on replica A reaches a Watch on replica B."""
+    store = f'store: {{redis: {{url: "{redis_url}"}}}}'
+    a = await make_grpc_proxy(policy=APPROVAL_POLICY, extra=store)
+    b = await make_grpc_proxy(policy=APPROVAL_POLICY, extra=store, admin_grpc=True)
+    carol = keys.token("carol")
+
+    async def employees() -> Any:
+        yield hr.pb2.Employee(id="x")
+
+    async with admin(b) as channel, a.channel() as data:
+        watch = approvals(channel).Watch(
+            approvals_pb2.WatchApprovalsRequest(), metadata=bearer(carol)
+        )
+        await asyncio.sleep(0.2)  # the Watch has read the (empty) pending list
+        with pytest.raises(aio.AioRpcError) as caught:
+            await hr.grpc.EmployeesStub(data).Import(employees(), metadata=bearer(keys.token()))
+        approval_id = dict(caught.value.trailing_metadata() or ())["x-agentproxy-approval-id"]
+        event = await asyncio.wait_for(watch.read(), 5)
+        assert (event.event, event.approval.id) == ("requested", approval_id)
+        decided = await a.server.decide_approval(
+            approval_id, Event.APPROVE, await a.server.approver(carol), "fine"
+        )
+        assert decided.state.value == "approved"
+        event = await asyncio.wait_for(watch.read(), 5)
+        assert (event.event, event.approval.id) == ("approved", approval_id)
+        watch.cancel()

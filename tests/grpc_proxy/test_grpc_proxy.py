@@ -435,3 +435,21 @@ async def test_limits_answer_resource_exhausted_with_retry_after(
     assert t["x-agentproxy-limit"] == "lists" and int(t["retry-after"]) >= 1
     assert t["x-agentproxy-rule"] == "list-and-import"
     assert len(grpc_upstream.seen) == 1
+
+
+async def test_shutdown_lets_grpc_calls_in_flight_finish(
+    make_grpc_proxy: GrpcProxyFactory, grpc_upstream: GrpcUpstream, hr: Generated, keys: Keys
+) -> None:
+    proxy = await make_grpc_proxy()
+    async with proxy.channel() as channel:
+        chat = stub(hr, channel).Chat(metadata=bearer(keys.token()))
+        await chat.write(hr.pb2.Note(text="before"))
+        assert (await chat.read()).text == "BEFORE"
+        stopping = asyncio.ensure_future(proxy.server.stop())
+        await asyncio.sleep(0.3)
+        assert not stopping.done()  # waiting for the call in flight
+        await chat.write(hr.pb2.Note(text="during"))
+        assert (await chat.read()).text == "DURING"
+        await chat.done_writing()
+        assert await chat.code() is grpc.StatusCode.OK
+        await asyncio.wait_for(stopping, 10)
