@@ -267,6 +267,7 @@ class Closed:
     p50: float
     p99: float
     cpu_us: float | None
+    failed: int = 0  # non-2xx answers and socket errors (only with expect_ok=False)
 
 
 def cpu_seconds(pid: int) -> float:
@@ -305,9 +306,12 @@ def wrk(
     script: Path | None = None,
     cpu_pid: int | None = None,
     expect_ok: bool = True,
+    timeout: float = 2.0,
 ) -> Closed:
-    """Closed-loop max throughput with wrk (one thread). Raises RuntimeError on refusals."""
+    """Closed-loop max throughput with wrk (one thread). Raises RuntimeError on refusals,
+    errors, or calls slower than `timeout` seconds."""
     cmd = ["wrk", "-t1", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--latency"]
+    cmd.append(f"--timeout={timeout:g}s")
     for name, value in (headers or {}).items():
         cmd += ["-H", f"{name}: {value}"]
     if script is not None:
@@ -324,7 +328,10 @@ def wrk(
         raise RuntimeError(f"{url}: the benchmark is misconfigured or failing:\n{out}")
     requests = int(total.group(1)) if total else 0
     cpu_us = (after - before) / requests * 1e6 if cpu_pid and requests else None
-    return Closed(rps, _wrk_latency(out, "50%"), _wrk_latency(out, "99%"), cpu_us)
+    failed = int(non2xx.group(1)) if non2xx else 0
+    if errors:
+        failed += sum(int(n) for n in re.findall(r"\d+", errors.group(1)))
+    return Closed(rps, _wrk_latency(out, "50%"), _wrk_latency(out, "99%"), cpu_us, failed)
 
 
 def _wrk_latency(out: str, pct: str) -> float:

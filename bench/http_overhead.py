@@ -12,8 +12,8 @@ benchmark call with 200 and that the authorizing ones refuse what the policy ref
 
 Writes bench/results/http_overhead.md (ratios to the same run's direct call and Envoy).
 
-    make bench                                    # everything, ~12 minutes
-    .venv/bin/python bench/http_overhead.py --seconds 5 --rounds 3 --rate-seconds 10
+    make bench                                    # all of bench/, ~15 minutes
+    .venv/bin/python bench/http_overhead.py --seconds 8 --rounds 3 --rate-seconds 10  # ~5 min
     .venv/bin/python bench/http_overhead.py --quick     # ~1 minute, for a first look
 """
 
@@ -279,7 +279,7 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=8, help="per closed-loop run")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds")
     parser.add_argument("--connections", type=int, default=16, help="wrk connections")
-    parser.add_argument("--rate-seconds", type=float, default=15, help="per fixed-rate run")
+    parser.add_argument("--rate-seconds", type=float, default=10, help="per fixed-rate run")
     parser.add_argument("--rate-rounds", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="2 s runs, 1 round: a first look")
     parser.add_argument("--name", default="http_overhead", help="results file name")

@@ -148,6 +148,10 @@ rules:
     effect: allow
 """
 
+# The Python gateways answer in seconds under load; wrk's default 2 s timeout would count
+# their slow answers as errors instead of measuring them.
+SLOW = 60.0
+
 MCP_CALL = {
     "jsonrpc": "2.0",
     "id": 7,
@@ -300,6 +304,10 @@ def start_contextforge(procs: Processes, d: Path, upstream: int) -> Target:
         "SSRF_ALLOW_LOCALHOST": "true",
         "SSRF_ALLOW_PRIVATE_NETWORKS": "true",
         "LOG_LEVEL": "ERROR",
+        # Its default per-user limits (100 MCP calls a minute) would turn a throughput test
+        # into a rate-limit test; agentproxy runs with no limit either.
+        "RATE_LIMITING_ENABLED": "false",
+        "RATE_LIMIT_LOCKOUT_ENABLED": "false",
         "CACHE_TYPE": "memory",
         "PLUGINS_ENABLED": "false",
         "SECURE_COOKIES": "false",
@@ -566,7 +574,13 @@ def main() -> int:
                 if isinstance(target, Target):
                     headers = {"Content-Type": "application/json", **target.headers}
                     scripts[name] = wrk_script(d, "POST", json.dumps(target.body), headers)
-                    wrk(target.url, seconds=1, connections=args.connections, script=scripts[name])
+                    wrk(
+                        target.url,
+                        seconds=1,
+                        connections=args.connections,
+                        script=scripts[name],
+                        timeout=SLOW,
+                    )
         for _ in range(args.rounds):
             for targets in paths.values():
                 for name, target in targets.items():
@@ -577,6 +591,8 @@ def main() -> int:
                             connections=args.connections,
                             script=scripts[name],
                             cpu_pid=target.pid,
+                            timeout=SLOW,
+                            expect_ok=False,
                         )
                         runs.setdefault(name, []).append(run)
                         print(f"  {name}: {run.rps:,.0f}/s", flush=True)
@@ -643,6 +659,7 @@ def report(
                     f"{cpu:,.0f}",
                     f"{best((r.p50 for r in rs), high=False):.2f}",
                     f"{best((r.p99 for r in rs), high=False):.2f}",
+                    f"{sum(r.failed for r in rs):,}",
                 ]
             )
         lines += [
@@ -657,6 +674,7 @@ def report(
                     "CPU µs/call",
                     "p50 ms",
                     "p99 ms",
+                    "failed calls",
                 ],
                 rows,
             ),

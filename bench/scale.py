@@ -17,21 +17,19 @@ Writes bench/results/scale.md.
 from __future__ import annotations
 
 import argparse
-import gc
 import http.client
-import re
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 from common import (
     Issuer,
     Processes,
     agentproxy_config,
+    cpu_seconds,
     free_port,
     machine,
     percentile,
@@ -159,18 +157,25 @@ def policy_size(d: Path, sizes: list[int], calls: int, rounds: int = 5) -> str:
 
 HOLDER = r"""
 import asyncio, sys, uvloop
-async def main(port, count, token):
+answered = 0
+async def watch(reader):
+    global answered
+    if await reader.read(1):
+        answered += 1
+async def main(port, first, count, token):
     conns = []
-    for i in range(count):
+    for i in range(first, first + count):
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         writer.write((f"GET /v1/orders/{i} HTTP/1.1\r\nHost: bench\r\n"
                       f"Authorization: Bearer {token}\r\n\r\n").encode())
-        conns.append((reader, writer))
+        conns.append((asyncio.ensure_future(watch(reader)), writer))
         if i % 200 == 199:
             await asyncio.sleep(0.05)  # stay inside the listen backlog
     print("sent", flush=True)
-    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
-uvloop.run(main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]))
+    loop = asyncio.get_running_loop()
+    while await loop.run_in_executor(None, sys.stdin.readline):
+        print(f"answered {answered}", flush=True)  # a held call has had no answer yet
+uvloop.run(main(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]))
 """
 
 APPROVAL_POLICY = """
@@ -182,12 +187,6 @@ rules:
     effect: require_approval
     approval: {approvers: ["role:lead"], timeout: 15m, hold: 55s}
 """
-
-
-def pending(admin: int) -> int:
-    text = urllib.request.urlopen(f"http://127.0.0.1:{admin}/metrics", timeout=10).read().decode()
-    m = re.search(r"^agentproxy_approvals_pending (\S+)$", text, re.M)
-    return int(float(m.group(1))) if m else 0
 
 
 def held_approvals(d: Path, issuer: Issuer, upstream: int, counts: list[int]) -> str:
@@ -208,33 +207,29 @@ def held_approvals(d: Path, issuer: Issuer, upstream: int, counts: list[int]) ->
         with Processes() as procs:
             proxy = start_agentproxy(procs, config, d / f"held-{count}.log")
             wait_port(port, proc=proxy)
-            # Warm up the code paths (one approval held and dropped) before the baseline.
-            warm = procs.start([sys.executable, "-c", HOLDER, str(port), "1", token])
+            # Warm up the code paths (one approval held, on a path the run does not use).
+            warm = procs.start([sys.executable, "-c", HOLDER, str(port), "1000000", "1", token])
             time.sleep(1.5)
             warm.kill()
-            time.sleep(0.5)
-            gc_settle(admin)
-            already = pending(admin)
+            settle(proxy.pid)
             before = rss_kib(proxy.pid)
             holder = subprocess.Popen(
-                [sys.executable, "-c", HOLDER, str(port), str(count), token],
+                [sys.executable, "-c", HOLDER, str(port), "0", str(count), token],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 text=True,
             )
             procs.procs.append(holder)  # type: ignore[arg-type]
-            deadline = time.monotonic() + 45
-            seen = 0
-            while time.monotonic() < deadline:
-                seen = pending(admin)
-                if seen >= already + count:
-                    break
-                time.sleep(0.5)
-            time.sleep(1.0)
+            assert holder.stdin is not None and holder.stdout is not None
+            if holder.stdout.readline().strip() != "sent":
+                raise RuntimeError("the holder could not open its connections")
+            settle(proxy.pid)  # every call described, decided, its approval opened: waiting
             after = rss_kib(proxy.pid)
-            held = pending(admin) - already
-            if holder.stdin:
-                holder.stdin.close()
+            holder.stdin.write("status\n")
+            holder.stdin.flush()
+            answered = int(holder.stdout.readline().split()[1])
+            held = count - answered
+            holder.stdin.close()
         per_call = (after - before) / max(held, 1)
         rows.append(
             [
@@ -251,14 +246,15 @@ def held_approvals(d: Path, issuer: Issuer, upstream: int, counts: list[int]) ->
             "",
             "A fresh proxy per size (memory store); a client process opens that many "
             "connections, each a call that needs approval (its own path, so its own "
-            "approval) and is held up to 55 s. RSS of the proxy process before and with all "
-            "of them held (`agentproxy_approvals_pending` counts them). Per held call: the "
-            "connection, the request, the waiting task, the approval record and its waiter.",
+            "approval) and is held up to 55 s. RSS of the proxy process before, and once it "
+            "has gone idle with the calls held (held = calls with no answer byte yet). Per "
+            "held call: the connection, the request, the waiting task, the approval record "
+            "and its waiter.",
             "",
             table(
                 [
-                    "held calls",
-                    "pending seen",
+                    "calls",
+                    "held",
                     "RSS before MiB",
                     "RSS held MiB",
                     "KiB per held call",
@@ -270,11 +266,16 @@ def held_approvals(d: Path, issuer: Issuer, upstream: int, counts: list[int]) ->
     )
 
 
-def gc_settle(admin: int) -> None:
-    """Give the proxy a moment with nothing to do (its own gc and timers run)."""
-    gc.collect()
-    time.sleep(1.0)
-    pending(admin)
+def settle(pid: int, timeout: float = 60.0) -> None:
+    """Waits until the process has had a second with almost no CPU: nothing left to do."""
+    deadline = time.monotonic() + timeout
+    last = cpu_seconds(pid)
+    while time.monotonic() < deadline:
+        time.sleep(1.0)
+        now = cpu_seconds(pid)
+        if now - last < 0.05:
+            return
+        last = now
 
 
 # --- 3. request body size -----------------------------------------------------------------------
