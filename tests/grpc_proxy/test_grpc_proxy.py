@@ -27,6 +27,15 @@ def stub(hr: Generated, channel: aio.Channel) -> Any:
     return hr.grpc.EmployeesStub(channel)
 
 
+def policy_for(path: str) -> str:
+    """The stream path is the one without a descriptor set: rules there cannot read args."""
+    if path == "unary":
+        return GRPC_POLICY
+    return GRPC_POLICY.replace("    when: 'args.id != \"13\"'\n", "").replace(
+        "    when: 'args.amount > 1000'\n", "    when: 'false'\n"
+    )
+
+
 def unary(channel: aio.Channel, method: str) -> Any:
     """A raw-bytes unary method (no serializers): whatever bytes the test chooses."""
     return channel.unary_unary(method)
@@ -36,10 +45,15 @@ def trailers(error: aio.AioRpcError) -> dict[str, Any]:
     return dict(error.trailing_metadata() or ())
 
 
+@pytest.mark.parametrize("path", ["unary", "stream"])
 async def test_unary_allowed_with_metadata_both_ways(
-    make_grpc_proxy: GrpcProxyFactory, grpc_upstream: GrpcUpstream, hr: Generated, keys: Keys
+    make_grpc_proxy: GrpcProxyFactory,
+    grpc_upstream: GrpcUpstream,
+    hr: Generated,
+    keys: Keys,
+    path: str,
 ) -> None:
-    proxy = await make_grpc_proxy()
+    proxy = await make_grpc_proxy(descriptors=path == "unary", policy=policy_for(path))
     async with proxy.channel() as channel:
         call = stub(hr, channel).Get(
             hr.pb2.GetRequest(id="42"),
@@ -208,10 +222,15 @@ async def test_unknown_service_and_odd_method_paths(
     assert grpc_upstream.seen == []
 
 
+@pytest.mark.parametrize("path", ["unary", "stream"])
 async def test_upstream_status_details_and_trailers_pass_through(
-    make_grpc_proxy: GrpcProxyFactory, grpc_upstream: GrpcUpstream, hr: Generated, keys: Keys
+    make_grpc_proxy: GrpcProxyFactory,
+    grpc_upstream: GrpcUpstream,
+    hr: Generated,
+    keys: Keys,
+    path: str,
 ) -> None:
-    proxy = await make_grpc_proxy()
+    proxy = await make_grpc_proxy(descriptors=path == "unary", policy=policy_for(path))
     async with proxy.channel() as channel:
         for code in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.ABORTED, grpc.StatusCode.INTERNAL):
             with pytest.raises(aio.AioRpcError) as caught:
@@ -225,12 +244,20 @@ async def test_upstream_status_details_and_trailers_pass_through(
             assert t["x-blob-bin"] == b"\x00\xff"
 
 
+@pytest.mark.parametrize("path", ["unary", "stream"])
 async def test_upstream_down_is_unavailable_with_the_decision_id(
-    make_grpc_proxy: GrpcProxyFactory, hr: Generated, keys: Keys
+    make_grpc_proxy: GrpcProxyFactory,
+    hr: Generated,
+    keys: Keys,
+    path: str,
 ) -> None:
     from tests.conftest import free_port
 
-    proxy = await make_grpc_proxy(grpc_url=f"grpc://127.0.0.1:{free_port()}")
+    proxy = await make_grpc_proxy(
+        grpc_url=f"grpc://127.0.0.1:{free_port()}",
+        descriptors=path == "unary",
+        policy=policy_for(path),
+    )
     async with proxy.channel() as channel:
         with pytest.raises(aio.AioRpcError) as caught:
             await stub(hr, channel).Get(hr.pb2.GetRequest(id="1"), metadata=bearer(keys.token()))
@@ -238,10 +265,15 @@ async def test_upstream_down_is_unavailable_with_the_decision_id(
     assert "x-agentproxy-decision-id" in trailers(caught.value)
 
 
+@pytest.mark.parametrize("path", ["unary", "stream"])
 async def test_deadline_exceeded_upstream_and_the_remaining_deadline_travels(
-    make_grpc_proxy: GrpcProxyFactory, grpc_upstream: GrpcUpstream, hr: Generated, keys: Keys
+    make_grpc_proxy: GrpcProxyFactory,
+    grpc_upstream: GrpcUpstream,
+    hr: Generated,
+    keys: Keys,
+    path: str,
 ) -> None:
-    proxy = await make_grpc_proxy()
+    proxy = await make_grpc_proxy(descriptors=path == "unary", policy=policy_for(path))
     async with proxy.channel() as channel:
         with pytest.raises(aio.AioRpcError) as caught:
             await stub(hr, channel).Slow(
@@ -254,10 +286,15 @@ async def test_deadline_exceeded_upstream_and_the_remaining_deadline_travels(
     assert remaining is not None and 0 < remaining <= 0.5
 
 
+@pytest.mark.parametrize("path", ["unary", "stream"])
 async def test_cancellation_by_the_client_cancels_upstream(
-    make_grpc_proxy: GrpcProxyFactory, grpc_upstream: GrpcUpstream, hr: Generated, keys: Keys
+    make_grpc_proxy: GrpcProxyFactory,
+    grpc_upstream: GrpcUpstream,
+    hr: Generated,
+    keys: Keys,
+    path: str,
 ) -> None:
-    proxy = await make_grpc_proxy()
+    proxy = await make_grpc_proxy(descriptors=path == "unary", policy=policy_for(path))
     async with proxy.channel() as channel:
         call = stub(hr, channel).Slow(hr.pb2.GetRequest(id="1"), metadata=bearer(keys.token()))
         for _ in range(100):
