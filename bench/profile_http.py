@@ -118,7 +118,7 @@ def main() -> int:
         load.join()
     write_result(
         args.name,
-        f"# Where the full HTTP pipeline spends its time ({machine()})\n\n"
+        f"# Where the HTTP pipeline ({args.pipeline}) spends its time ({machine()})\n\n"
         f"py-spy, 500 samples/s for {args.seconds} s of agentproxy under wrk -c"
         f"{args.connections} (bench/http_overhead.py's {args.pipeline} pipeline). Self: samples in the "
         "function itself; incl: with what it calls. C code (uvloop, orjson, cel-cpp) counts "
