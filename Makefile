@@ -59,12 +59,13 @@ bench: bench-deps system-deps
 	$(PY) bench/scale.py
 	$(PY) bench/decision_store.py
 
-## make bench-quick: every benchmark with short runs (~4 minutes), for a first look
+## make bench-quick: every benchmark with short runs (~5 minutes), for a first look; writes
+## bench/results/*_quick.md (not committed), leaving the full runs' results alone
 bench-quick: bench-deps system-deps
 	$(PY) bench/http_overhead.py --quick --name http_overhead_quick
-	$(PY) bench/peers.py --quick
-	$(PY) bench/scale.py --quick
-	$(PY) bench/decision_store.py --calls 5000
+	$(PY) bench/peers.py --quick --name peers_quick
+	$(PY) bench/scale.py --quick --name scale_quick
+	$(PY) bench/decision_store.py --calls 5000 --name decision_store_quick
 
 ## make bench-profile: py-spy samples the full HTTP pipeline under wrk load
 bench-profile: bench-deps

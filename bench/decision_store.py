@@ -69,6 +69,7 @@ async def timed_async(fn: Callable[[], Awaitable[object]], calls: int) -> list[i
 async def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--calls", type=int, default=20_000)
+    parser.add_argument("--name", default="decision_store", help="results file name")
     args = parser.parse_args()
     if shutil.which("redis-server") is None:
         print("redis-server is missing: apt-get install redis-server", file=sys.stderr)
@@ -154,7 +155,7 @@ async def main() -> int:
             f"| {name} | {p50:.1f} | {p99:.1f} | {p50 / base_p50:.2f} | {p99 / base_p99:.2f} |"
         )
     text = "\n".join(lines) + "\n"
-    write_result("decision_store", text)
+    write_result(args.name, text)
     return 0
 
 

@@ -473,6 +473,7 @@ def main() -> int:
     parser.add_argument("--connections", type=int, default=16)
     parser.add_argument("--only", choices=("mcp", "llm"))
     parser.add_argument("--quick", action="store_true", help="2 s runs, 1 round")
+    parser.add_argument("--name", default="peers", help="results file name")
     args = parser.parse_args()
     if args.quick:
         args.seconds, args.rounds = 2, 1
@@ -596,7 +597,7 @@ def main() -> int:
                         )
                         runs.setdefault(name, []).append(run)
                         print(f"  {name}: {run.rps:,.0f}/s", flush=True)
-    write_result("peers", report(args, paths, runs))
+    write_result(args.name, report(args, paths, runs))
     return 0
 
 

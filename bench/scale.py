@@ -393,6 +393,7 @@ def main() -> int:
     parser.add_argument("--held", default="10,1000,10000")
     parser.add_argument("--repeats", type=int, default=3, help="uploads per body size")
     parser.add_argument("--quick", action="store_true", help="fewer decisions, up to 1,000 held")
+    parser.add_argument("--name", default="scale", help="results file name")
     parser.add_argument("--only", choices=("policy", "held", "body"))
     args = parser.parse_args()
     if args.quick:
@@ -414,7 +415,8 @@ def main() -> int:
             if args.only in (None, "body"):
                 sections.append(body_sizes(d, issuer, up, args.repeats))
         sections.append(f"Upstream: {name}.\n")
-    write_result("scale" if args.only is None else f"scale_{args.only}", "\n".join(sections))
+    name = args.name if args.only is None else f"{args.name}_{args.only}"
+    write_result(name, "\n".join(sections))
     return 0
 
 

@@ -289,3 +289,15 @@ rules:
             policy, http("GET", "/v1/x"), Principal(agent="a", claims={"dept": dept}), Facts(), NOW
         )
         assert (decision.effect is Effect.ALLOW) == (dept == "hr")
+
+
+def test_index_lookups_see_entries_added_after_them() -> None:
+    index: PatternIndex[int] = PatternIndex()
+    index.add(compile_pattern("http:GET /v1/{x}"), 0)
+    assert index.candidates("http:GET /v1/a") == [0]
+    index.add(compile_pattern("*"), 1)
+    index.add(compile_pattern("http:GET /v1/a"), 2)
+    assert index.candidates("http:GET /v1/a") == [0, 1, 2]
+    found = index.candidates("http:GET /v1/a")
+    found.append(99)  # a caller's list is its own
+    assert index.candidates("http:GET /v1/a") == [0, 1, 2]

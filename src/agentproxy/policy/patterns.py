@@ -92,6 +92,10 @@ def _literal_prefix(text: str) -> tuple[str, ...]:
 class _Node(Generic[T]):
     children: dict[str, _Node[T]] = field(default_factory=dict)
     entries: list[tuple[int, T]] = field(default_factory=list)
+    # The candidates of a lookup that ends here (this node's and its ancestors' entries, in
+    # insertion order), computed at the first such lookup after the last `add`.
+    merged: list[T] | None = None
+    merged_at: int = -1
 
 
 class PatternIndex(Generic[T]):
@@ -114,16 +118,21 @@ class PatternIndex(Generic[T]):
         self._count += 1
 
     def candidates(self, action: str) -> list[T]:
-        found: list[tuple[int, T]] = list(self._root.entries)
+        path = [self._root]
         node = self._root
         for segment in action.split("/"):
             child = node.children.get(segment)
             if child is None:
                 break
-            found.extend(child.entries)
+            path.append(child)
             node = child
-        found.sort(key=_first)
-        return [entry for _, entry in found]
+        if node.merged is None or node.merged_at != self._count:
+            # Every lookup that ends at this node collects the same entries: sort them once.
+            found = [pair for step in path for pair in step.entries]
+            found.sort(key=_first)
+            node.merged = [entry for _, entry in found]
+            node.merged_at = self._count
+        return list(node.merged)
 
     def __iter__(self) -> Iterator[T]:
         stack = [self._root]
