@@ -42,7 +42,8 @@ smoke: install
 ## make bench: what the proxy costs against a direct call, Envoy and the Python gateways, as
 ## ratios from the same run (not part of test; ~15 minutes; installs nginx and wrk when root,
 ## the peers in their own venvs under .cache/bench-venvs/). Shorter: make bench-quick.
-BENCH_TOOLS := wrk:wrk nginx:nginx-light
+# wrk drives closed-loop load, nginx is the upstream, redis-server backs decision_store.py.
+BENCH_TOOLS := wrk:wrk nginx:nginx-light redis-server:redis-server
 
 bench-deps: install
 	@missing=""; for pair in $(BENCH_TOOLS); do \
@@ -53,7 +54,7 @@ bench-deps: install
 		else echo "missing Debian packages:$$missing (sudo apt-get install$$missing)"; exit 1; fi; fi
 	$(PY) -m pip install --quiet -e '.[test,bench]'
 
-bench: bench-deps system-deps
+bench: bench-deps
 	$(PY) bench/http_overhead.py
 	$(PY) bench/peers.py
 	$(PY) bench/scale.py
@@ -61,7 +62,7 @@ bench: bench-deps system-deps
 
 ## make bench-quick: every benchmark with short runs (~5 minutes), for a first look; writes
 ## bench/results/*_quick.md (not committed), leaving the full runs' results alone
-bench-quick: bench-deps system-deps
+bench-quick: bench-deps
 	$(PY) bench/http_overhead.py --quick --name http_overhead_quick
 	$(PY) bench/peers.py --quick --name peers_quick
 	$(PY) bench/scale.py --quick --name scale_quick
