@@ -15,6 +15,8 @@ Writes bench/results/http_overhead.md (ratios to the same run's direct call and 
     make bench                                    # all of bench/, ~15 minutes
     .venv/bin/python bench/http_overhead.py --seconds 8 --rounds 3 --rate-seconds 10  # ~5 min
     .venv/bin/python bench/http_overhead.py --quick     # ~1 minute, for a first look
+    .venv/bin/python bench/http_overhead.py --breakdown --name http_breakdown
+        # adds policy only + decision log and policy only + audit file: what each costs
 """
 
 from __future__ import annotations
@@ -67,6 +69,9 @@ ENVOY_PLAIN = "Envoy, plain proxy"
 ENVOY_AUTHZ = "Envoy, jwt_authn + rbac"
 POLICY_ONLY = "agentproxy, policy only"
 FULL = "agentproxy, full pipeline"
+# --breakdown: what each recording stage adds to policy only.
+WITH_LOG = "agentproxy, policy only + decision log"
+WITH_AUDIT = "agentproxy, policy only + audit file"
 PATH = "/v1/employees/42"
 
 
@@ -283,6 +288,11 @@ def main() -> int:
     parser.add_argument("--rate-rounds", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="2 s runs, 1 round: a first look")
     parser.add_argument("--name", default="http_overhead", help="results file name")
+    parser.add_argument(
+        "--breakdown",
+        action="store_true",
+        help="also policy only + decision log, and policy only + audit file",
+    )
     args = parser.parse_args()
     if args.quick:
         args.seconds, args.rounds, args.rate_seconds, args.rate_rounds = 2, 1, 4, 1
@@ -345,11 +355,31 @@ def main() -> int:
             POLICY_ONLY: (f"http://127.0.0.1:{pp}{PATH}", auth),
             FULL: (f"http://127.0.0.1:{fp}{PATH}", auth),
         }
+        if args.breakdown:
+            for name, log, audit in ((WITH_LOG, "stdout", False), (WITH_AUDIT, "off", True)):
+                port, admin = free_port(), free_port()
+                slug = "with-log" if audit is False else "with-audit"
+                config = agentproxy_config(
+                    d,
+                    slug,
+                    port=port,
+                    admin=admin,
+                    upstreams=upstreams_yaml(up, credential=False),
+                    policy=POLICY,
+                    decision_log=log,
+                    audit=audit,
+                )
+                proc = start_agentproxy(procs, config, d / f"{slug}.log")
+                wait_port(port, proc=proc)
+                pids[name] = proc.pid
+                contenders[name] = (f"http://127.0.0.1:{port}{PATH}", auth)
         for name, (url, headers) in contenders.items():
             expect(url, token if headers else None, 200, name)
         # The authorizing contenders must refuse what the policy refuses, or the comparison
         # is unfair.
-        for name in (ENVOY_AUTHZ, POLICY_ONLY, FULL):
+        for name in contenders:
+            if name in (DIRECT, ENVOY_PLAIN):
+                continue
             url = contenders[name][0]
             expect(url, None, 401, f"{name}, no token")
             expect(url, other, 403, f"{name}, token for another agent")
