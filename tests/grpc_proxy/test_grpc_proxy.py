@@ -13,6 +13,7 @@ from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from agentproxy.audit.verify import verify
 from tests.conftest import UPSTREAM_SECRET, Generated, Keys
 from tests.grpc_proxy.conftest import (
     GRPC_POLICY,
@@ -490,3 +491,25 @@ async def test_shutdown_lets_grpc_calls_in_flight_finish(
         await chat.done_writing()
         assert await chat.code() is grpc.StatusCode.OK
         await asyncio.wait_for(stopping, 10)
+
+
+async def test_grpc_calls_are_audited_bytes_fields_included(
+    make_grpc_proxy: GrpcProxyFactory, grpc_upstream: GrpcUpstream, hr: Generated, keys: Keys
+) -> None:
+    """`args` may hold bytes (a proto `bytes` field): the audit record carries them as
+    base64 text, so a required audit trail records the call instead of refusing it."""
+    proxy = await make_grpc_proxy(extra="audit: {file: audit.jsonl, required: true}")
+    async with proxy.channel() as channel:
+        employee = await stub(hr, channel).Get(
+            hr.pb2.GetRequest(id="5", blob=b"\x00\xff"), metadata=bearer(keys.token())
+        )
+    assert employee.id == "5"
+    await proxy.server.stop()
+    report = verify([proxy.dir / "audit.jsonl"], None)
+    assert report.ok, report.problems
+    records = [json.loads(line) for line in (proxy.dir / "audit.jsonl").read_text().splitlines()]
+    (decision,) = [r for r in records if r.get("kind") == "decision"]
+    assert decision["action"] == "grpc:/hrtest.v1.Employees/Get"
+    assert decision["args"]["blob"] == "base64:AP8="
+    (outcome,) = [r for r in records if r.get("kind") == "outcome"]
+    assert outcome["status"] == 200

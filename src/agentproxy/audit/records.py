@@ -8,7 +8,9 @@ configured `audit.redact` paths are replaced by keyed HMACs by the trail.
 
 from __future__ import annotations
 
+import base64
 import time
+from collections.abc import Mapping
 from typing import Any
 
 from agentproxy.core import Call, plain
@@ -16,6 +18,17 @@ from agentproxy.core import Call, plain
 
 def iso(epoch: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(epoch)) + f".{int(epoch % 1 * 1e6):06d}Z"
+
+
+def jsonable(value: Any) -> Any:
+    """`plain`, with bytes (gRPC `bytes` fields) as base64 text: a record must be JSON."""
+    if isinstance(value, bytes):
+        return "base64:" + base64.b64encode(value).decode()
+    if isinstance(value, Mapping):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [jsonable(v) for v in value]
+    return value
 
 
 def decision_record(call: Call, now: float, cost: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -43,7 +56,7 @@ def decision_record(call: Call, now: float, cost: dict[str, Any] | None = None) 
         "batch": [a.name for a in call.batch] or None,
         "upstream": call.upstream,
         "resource": {"path": call.action.target, "query": plain(call.action.query)},
-        "args": plain(call.action.args),
+        "args": jsonable(call.action.args),
         "effect": d.effect.value if d else None,
         "rule": d.rule_id if d else None,
         "reason": d.reason if d else None,
