@@ -16,8 +16,15 @@ from typing import Any
 from agentproxy.core import Call, plain
 
 
+_second: list[Any] = [None, ""]  # the last whole second formatted, and its text
+
+
 def iso(epoch: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(epoch)) + f".{int(epoch % 1 * 1e6):06d}Z"
+    """RFC 3339 UTC with microseconds; the seconds part is formatted once per second."""
+    second = int(epoch)
+    if _second[0] != second:
+        _second[:] = [second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))]
+    return f"{_second[1]}.{int(epoch % 1 * 1e6):06d}Z"
 
 
 def jsonable(value: Any) -> Any:
