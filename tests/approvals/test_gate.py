@@ -216,3 +216,36 @@ async def test_a_thousand_held_calls(
         results = await asyncio.wait_for(asyncio.gather(*held), 30)
     assert [status for status, _ in results] == [200] * 1000
     assert len(upstream.seen) == 1000
+
+
+async def test_pending_gauge_counts_past_the_list_limit(
+    make_proxy: ProxyFactory, keys: Keys
+) -> None:
+    from agentproxy.approvals.lifecycle import Approval, State
+
+    proxy = await make_proxy(policy=policy())
+    now = time.time()
+    for i in range(1200):
+        approval = Approval(
+            id=f"a{i:05d}",
+            fingerprint=f"fp-{i}",
+            state=State.PENDING,
+            rule="big-transfers",
+            reason="r",
+            agent=f"bot-{i}",
+            user=None,
+            chain=(),
+            action="http:POST /transfers",
+            summary={},
+            approvers=("user:carol",),
+            created=now,
+            expires=now + 3600,
+        )
+        opened = await proxy.server.store.open_approval(
+            approval, now, max_pending=5000, max_pending_per_agent=5
+        )
+        assert opened is not None
+    deadline = time.monotonic() + 5
+    while (value := proxy.server.registry.get_sample_value("agentproxy_approvals_pending")) != 1200:
+        assert time.monotonic() < deadline, f"gauge at {value}"  # lists stop at 1,000
+        await asyncio.sleep(0.2)

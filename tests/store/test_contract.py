@@ -518,3 +518,20 @@ async def test_a_thousand_waiters_are_each_released_by_their_decision(store: Sto
     released = await asyncio.gather(*waiters)
     assert [a.state for a in released if a is not None] == [State.APPROVED] * n
     assert time.monotonic() - began < 10
+
+
+async def test_count_pending_counts_past_the_list_limit(store: Store) -> None:
+    many = 1005  # more than a list returns
+    for i in range(many):
+        await opened(
+            store,
+            approval(f"fp-{i}", agent=f"a{i % 7}"),
+            max_pending=many,
+            max_pending_per_agent=many,
+        )
+    assert len(await store.list_approvals("pending", NOW)) < many
+    assert await store.count_pending(NOW) == many
+    first = (await store.list_approvals("pending", NOW))[0]
+    await store.decide_approval(first.id, Event.DENY, "carol", "", NOW + 1)
+    assert await store.count_pending(NOW + 1) == many - 1
+    assert await store.count_pending(NOW + LIFETIME) == 0  # overdue ones are not pending

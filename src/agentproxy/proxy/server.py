@@ -63,7 +63,8 @@ class ProxyServer:
         self._watch_interval = watch_interval
         self._watcher: asyncio.Task[None] | None = None
         self._approval_watch: asyncio.Task[None] | None = None
-        self._opened: set[str] = set()  # approvals this replica opened (to report expiry)
+        # Approvals this replica opened, by when they expire (to report their expiry once).
+        self._opened: dict[str, float] = {}
         self._approval_watchers: set[asyncio.Queue[tuple[str, Approval]]] = set()
         self.notifier: Notifier | None = None
         self.metrics = Metrics(tuple(name for name, _ in config.metering.attribution))
@@ -175,7 +176,7 @@ class ProxyServer:
     def _approval_event(self, event: str, approval: Approval) -> None:
         """An approval event: a metric, a decision log line, an audit record, a webhook."""
         if event == "requested":
-            self._opened.add(approval.id)
+            self._opened[approval.id] = approval.expires
         if event in ("approved", "denied", "expired"):
             self.metrics.approvals.labels(event).inc()
         record = {"kind": "approval", "event": event, **approval.to_json()}
@@ -204,23 +205,28 @@ class ProxyServer:
         self._approval_watchers.discard(queue)
 
     async def _watch_approvals(self) -> None:
-        """Every second: the pending gauge, and the expiry of approvals this replica opened
-        (each replica reports its own, so a fleet does not count one expiry N times)."""
-        opened = self._opened
+        """Every second: the pending gauge (counted, not listed: lists stop at a limit), and
+        the expiry of approvals this replica opened once their time is up (each replica
+        reports its own, so a fleet does not count one expiry N times)."""
         while True:
             await asyncio.sleep(1.0)
             try:
-                pending = await self.store.list_approvals("pending", time.time())
-                self.metrics.approvals_pending.set(len(pending))
-                gone = opened - {a.id for a in pending}
-                for approval_id in gone:
-                    opened.discard(approval_id)
-                    approval = await self.store.get_approval(approval_id, time.time())
-                    if approval is not None and approval.state is State.EXPIRED:
-                        self._approval_event("expired", approval)
+                now = time.time()
+                self.metrics.approvals_pending.set(await self.store.count_pending(now))
+                await self._report_expired(now)
             except StoreError as exc:
                 self.metrics.store_errors.labels("approvals").inc()
                 log.warning("cannot read pending approvals: %s", exc)
+
+    async def _report_expired(self, now: float) -> None:
+        due = [aid for aid, expires in self._opened.items() if expires <= now]
+        for approval_id in due:
+            approval = await self.store.get_approval(approval_id, now)  # expires it if due
+            if approval is not None and approval.state is State.PENDING:
+                continue  # a clock between replicas; asked again next second
+            del self._opened[approval_id]
+            if approval is not None and approval.state is State.EXPIRED:
+                self._approval_event("expired", approval)
 
     async def revoke(self, revocation: Revocation) -> None:
         """Writes to the store (the fleet sees it within a second) and applies it here now."""

@@ -151,6 +151,10 @@ class Store(Protocol):
         """Approvals in `state` (all when None), oldest first, expiring overdue pending ones
         first. Raises StoreError."""
 
+    async def count_pending(self, now: float) -> int:
+        """How many approvals are pending and not yet overdue at `now`, however many (lists
+        stop at a limit). Raises StoreError."""
+
     async def decide_approval(
         self, approval_id: str, event: Event, by: str, reason: str, now: float
     ) -> Approval:

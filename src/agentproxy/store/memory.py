@@ -167,6 +167,11 @@ class MemoryStore:
         every = sorted(self._approvals.values(), key=_age)
         return [a for a in every if wanted is None or a.state is wanted][:LIST_LIMIT]
 
+    async def count_pending(self, now: float) -> int:
+        return sum(
+            1 for a in self._approvals.values() if a.state is State.PENDING and a.expires > now
+        )
+
     async def decide_approval(
         self, approval_id: str, event: Event, by: str, reason: str, now: float
     ) -> Approval:

@@ -641,6 +641,14 @@ class RedisStore:
             approvals = [_approval_from(fields) for fields in found]
         return sorted(approvals, key=lambda a: (a.created, a.id))
 
+    async def count_pending(self, now: float) -> int:
+        """The pending set scores ids by `expires`: those after `now`, in one ZCOUNT."""
+        async with self._bounded("count_pending"):
+            count = await self._redis.zcount(
+                f"{self._prefix}approvals:pending", f"({float(now)!r}", "+inf"
+            )
+        return int(count)
+
     async def decide_approval(
         self, approval_id: str, event: Event, by: str, reason: str, now: float
     ) -> Approval:
