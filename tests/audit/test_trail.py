@@ -363,3 +363,31 @@ def test_a_signing_key_that_is_not_ed25519_is_refused(tmp_path: Path) -> None:
         AuditTrail(settings)
     with pytest.raises(ValueError, match="cannot read"):
         AuditTrail(replace(settings, signing_key_file=tmp_path / "missing.pem"))
+
+
+@pytest.mark.parametrize("required", [False, True])
+async def test_without_required_the_writer_lingers_to_batch(
+    settings: AuditSettings, log_path: Path, required: bool
+) -> None:
+    """Records 1 ms apart share a write (and its fsync) unless calls wait for them."""
+    trail = AuditTrail(replace(settings, required=required, signing_key_file=None))
+    await trail.start()
+    sizes: list[int] = []
+    write = trail._write
+
+    async def counting(sealed: list[object]) -> list[str]:
+        sizes.append(len(sealed))
+        return await write(sealed)  # type: ignore[arg-type]
+
+    trail._write = counting  # type: ignore[method-assign,assignment]
+    futures = []
+    for n in range(3):
+        futures.append(trail.submit(decision(n)))
+        await asyncio.sleep(0.001)
+    await asyncio.gather(*futures)
+    await trail.close()
+    # The first record: alone when calls wait for it; joined by the one submitted 1 ms later
+    # (its timer fires before the writer's linger ends) when nobody waits.
+    assert sizes[0] == 1 if required else sizes[0] >= 2
+    assert sum(sizes) == 3
+    assert verify([log_path], None).ok
