@@ -102,13 +102,19 @@ def open_channel(upstream: Upstream) -> aio.Channel:
 
 class Reflection:
     """Descriptor sets fetched once from upstreams' reflection services (`descriptor_set:
-    reflection`), kept across reloads. A failed fetch is retried after REFLECTION_RETRY;
+    reflection`), until the next reload. A failed fetch is retried after REFLECTION_RETRY;
     meanwhile calls to that upstream are refused (UNAVAILABLE): policy may need their args."""
 
     def __init__(self) -> None:
         self._methods: dict[str, Methods] = {}
         self._failed: dict[str, float] = {}
         self._lock = asyncio.Lock()
+
+    def forget(self) -> None:
+        """After a reload: the next call to each upstream fetches its descriptors again (a
+        redeployed upstream may have new methods)."""
+        self._methods.clear()
+        self._failed.clear()
 
     def cached(self, upstream: Upstream) -> Methods | None:
         """What was fetched already, without fetching."""

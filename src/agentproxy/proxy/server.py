@@ -372,6 +372,7 @@ class ProxyServer:
         self.services.task_ttl = config.store.task_ttl
         self.config = config
         self._pipeline = Pipeline(runtime, self.services)
+        self.reflection.forget()
         self.metrics.policy_reloads.labels("success").inc()
         log.info("reloaded: policy version %s", runtime.policy.version)
         return True
