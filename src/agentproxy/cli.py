@@ -270,12 +270,18 @@ async def _serve(config: config_module.Config, *, reuse_port: bool = False) -> i
     loop.add_signal_handler(signal.SIGINT, stop.set)
     loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(server.reload()))
     listen = config.listen
+    grpc = ""
+    if listen.grpc is not None:
+        grpc += f", gRPC {listen.grpc.host}:{server.grpc_port}"
+    if listen.admin_grpc is not None:
+        grpc += f", admin gRPC {listen.admin_grpc.host}:{server.admin_grpc_port}"
     log.info(
-        "agentproxy ready: data plane http://%s:%d, admin http://%s:%d (policy version %s)",
+        "agentproxy ready: data plane http://%s:%d, admin http://%s:%d%s (policy version %s)",
         listen.http.host,
         server.http_port,
         listen.admin.host,
         server.admin_port,
+        grpc,
         server.pipeline.runtime.policy.version,
     )
     await stop.wait()
