@@ -519,3 +519,12 @@ async def test_grpc_calls_are_audited_bytes_fields_included(
     assert decision["args"]["blob"] == "base64:AP8="
     (outcome,) = [r for r in records if r.get("kind") == "outcome"]
     assert outcome["status"] == 200
+
+
+def test_peer_addresses_for_x_forwarded_for() -> None:
+    from agentproxy.proxy.grpc import peer_address
+
+    assert peer_address("ipv4:10.0.0.1:5555") == "10.0.0.1"
+    assert peer_address("ipv6:[::1]:5555") == "::1"
+    assert peer_address("unix:/tmp/socket") is None
+    assert peer_address("ipv4:") is None

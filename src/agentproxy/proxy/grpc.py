@@ -46,6 +46,15 @@ REFLECTION_RETRY = 5.0
 Methods = Mapping[str, adapter.Method]
 
 
+def peer_address(peer: str) -> str | None:
+    """grpcio's `ipv4:10.0.0.1:5555` / `ipv6:[::1]:5555` → the address (as HTTP's
+    X-Forwarded-For gives it); None for other transports (unix sockets)."""
+    kind, _, rest = peer.partition(":")
+    if kind not in ("ipv4", "ipv6") or ":" not in rest:
+        return None
+    return rest.rsplit(":", 1)[0].strip("[]")
+
+
 class Channels:
     """One channel per upstream, shared by every call to it and kept across reloads (a
     changed URL or message limit gets a new channel)."""
@@ -357,9 +366,9 @@ class GrpcExchange:
     def _upstream_metadata(self, call: Call, upstream: Upstream) -> list[tuple[str, str | bytes]]:
         strip = frozenset({upstream.credentials.header}) if upstream.credentials else frozenset()
         metadata = adapter.metadata_to_forward(self.metadata, strip=strip)
-        peer = self.context.peer()
-        if peer.startswith(("ipv4:", "ipv6:")):
-            metadata.append(("x-forwarded-for", peer.partition(":")[2].rsplit(":", 1)[0]))
+        address = peer_address(self.context.peer())
+        if address is not None:
+            metadata.append(("x-forwarded-for", address))
         metadata.extend(
             (name.lower(), value) for name, value in context_headers(call, self.runtime.signer)
         )
