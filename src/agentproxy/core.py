@@ -91,6 +91,18 @@ class Principal:
             raise ValueError("a principal needs an agent")
 
 
+def principal_view(principal: Principal) -> dict[str, Any]:
+    """`principal` as CEL sees it: policy conditions and metering attribution alike."""
+    return {
+        "agent": principal.agent,
+        "user": principal.acting_for,
+        "chain": list(principal.chain),
+        "roles": sorted(principal.roles),
+        "claims": plain(principal.claims),
+        "issuer": principal.issuer,
+    }
+
+
 def is_safe_identifier(value: str) -> bool:
     """Identifiers travel in headers and logs: non-empty, bounded, no control characters."""
     return 0 < len(value) <= 256 and value.isprintable()

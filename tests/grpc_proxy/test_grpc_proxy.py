@@ -432,12 +432,17 @@ async def test_descriptors_fetched_by_reflection(
         with pytest.raises(aio.AioRpcError) as caught:
             await s.Get(hr.pb2.GetRequest(id="13"), metadata=bearer(keys.token()))
         assert caught.value.code() is grpc.StatusCode.PERMISSION_DENIED
-        upstream = proxy.server.pipeline.runtime.grpc_routes[""]
-        assert proxy.server.reflection.cached(upstream) is not None
+        descriptors = proxy.server.descriptors
+
+        def known() -> object:
+            runtime = proxy.server.pipeline.runtime
+            return descriptors.known(runtime, runtime.grpc_routes[""])
+
+        assert known() is not None
         assert await proxy.server.reload()  # a redeployed upstream may have new methods
-        assert proxy.server.reflection.cached(upstream) is None
+        assert known() is None
         assert (await s.Get(hr.pb2.GetRequest(id="2"), metadata=bearer(keys.token()))).id == "2"
-        assert proxy.server.reflection.cached(upstream) is not None
+        assert known() is not None
 
 
 async def test_without_reflection_on_the_upstream_calls_fail_closed(

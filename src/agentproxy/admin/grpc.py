@@ -17,7 +17,7 @@ import grpc
 from google.protobuf import json_format, struct_pb2, timestamp_pb2
 from grpc import aio
 
-from agentproxy.approvals.authorize import is_listed
+from agentproxy.admin.server import ApprovalsBackend, visible
 from agentproxy.approvals.lifecycle import Approval, Event, IllegalTransition, State
 from agentproxy.core import Action, Call, Principal, plain
 from agentproxy.errors import (
@@ -42,23 +42,9 @@ WATCH_POLL = 1.0
 WATCH_QUEUE = 1000
 
 
-class GrpcBackend(Protocol):
+class GrpcBackend(ApprovalsBackend, Protocol):
     @property
     def pipeline(self) -> Pipeline: ...
-
-    async def approver(self, token: str) -> Principal:
-        """The verified principal of an approver's token. Raises Unauthenticated."""
-
-    def is_operator(self, principal: Principal) -> bool: ...
-
-    async def list_approvals(self, state: str | None) -> list[Approval]: ...
-
-    async def get_approval(self, approval_id: str) -> Approval | None: ...
-
-    async def decide_approval(
-        self, approval_id: str, event: Event, principal: Principal, reason: str
-    ) -> Approval:
-        """Raises Denied (not an approver, four-eyes), KeyError, IllegalTransition, StoreError."""
 
     def subscribe_approvals(self) -> asyncio.Queue[tuple[str, Approval]]:
         """This replica's approval events as they happen, until unsubscribed."""
@@ -234,9 +220,6 @@ class ApprovalsService(approvals_pb2_grpc.ApprovalsServicer):
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, refusal.detail)
             raise  # abort raises; this line only satisfies the type checker
 
-    def _visible(self, principal: Principal, approval: Approval) -> bool:
-        return self.backend.is_operator(principal) or is_listed(principal, approval.approvers)
-
     async def List(self, request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
         principal = await self._approver(context)
         state = request.state or None
@@ -247,13 +230,13 @@ class ApprovalsService(approvals_pb2_grpc.ApprovalsServicer):
             )
         items = await self._store(context, self.backend.list_approvals(state))
         return approvals_pb2.ListApprovalsResponse(
-            approvals=[approval_message(a) for a in items if self._visible(principal, a)]
+            approvals=[approval_message(a) for a in items if visible(self.backend, principal, a)]
         )
 
     async def Get(self, request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
         principal = await self._approver(context)
         approval = await self._store(context, self.backend.get_approval(request.id))
-        if approval is None or not self._visible(principal, approval):
+        if approval is None or not visible(self.backend, principal, approval):
             await context.abort(grpc.StatusCode.NOT_FOUND, "no such approval")
         return approval_message(approval)
 
@@ -302,7 +285,7 @@ class ApprovalsService(approvals_pb2_grpc.ApprovalsServicer):
         try:
             pending = await self._store(context, self.backend.list_approvals("pending"))
             for approval in pending:
-                if self._visible(principal, approval) and tracker.changed(approval):
+                if visible(self.backend, principal, approval) and tracker.changed(approval):
                     yield _event("pending", approval)
             while True:
                 try:
@@ -311,7 +294,7 @@ class ApprovalsService(approvals_pb2_grpc.ApprovalsServicer):
                 except TimeoutError:
                     changes = await self._fleet_changes(context, tracker)
                 for event, approval in changes:
-                    if self._visible(principal, approval) and tracker.changed(approval):
+                    if visible(self.backend, principal, approval) and tracker.changed(approval):
                         yield _event(event, approval)
         finally:
             self.backend.unsubscribe_approvals(queue)

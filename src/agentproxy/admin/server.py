@@ -21,7 +21,30 @@ from agentproxy.protocols.http import bearer_token, render
 from agentproxy.store import Revocation, StoreError
 
 
-class AdminBackend(Protocol):
+class ApprovalsBackend(Protocol):
+    """What both admin APIs (HTTP and agentproxy.v1 gRPC) decide approvals with."""
+
+    async def approver(self, token: str) -> Principal:
+        """The verified principal of an approver's token. Raises Unauthenticated."""
+
+    def is_operator(self, principal: Principal) -> bool: ...
+
+    async def list_approvals(self, state: str | None) -> list[Approval]: ...
+
+    async def get_approval(self, approval_id: str) -> Approval | None: ...
+
+    async def decide_approval(
+        self, approval_id: str, event: Event, principal: Principal, reason: str
+    ) -> Approval:
+        """Raises Denied (not an approver, four-eyes), KeyError, IllegalTransition, StoreError."""
+
+
+def visible(backend: ApprovalsBackend, principal: Principal, approval: Approval) -> bool:
+    """Operators see every approval; approvers those that name them."""
+    return backend.is_operator(principal) or is_listed(principal, approval.approvers)
+
+
+class AdminBackend(ApprovalsBackend, Protocol):
     @property
     def registry(self) -> CollectorRegistry: ...
 
@@ -47,20 +70,6 @@ class AdminBackend(Protocol):
         """Reloads config and policy; False when the new files were rejected."""
 
     def policy_version(self) -> str: ...
-
-    async def approver(self, token: str) -> Principal:
-        """The verified principal of an approver's token. Raises Unauthenticated."""
-
-    def is_operator(self, principal: Principal) -> bool: ...
-
-    async def list_approvals(self, state: str | None) -> list[Approval]: ...
-
-    async def get_approval(self, approval_id: str) -> Approval | None: ...
-
-    async def decide_approval(
-        self, approval_id: str, event: Event, principal: Principal, reason: str
-    ) -> Approval:
-        """Raises Denied (not an approver, four-eyes), KeyError, IllegalTransition, StoreError."""
 
 
 def admin_app(backend: AdminBackend) -> web.Application:
@@ -133,9 +142,6 @@ def admin_app(backend: AdminBackend) -> web.Application:
             raise Unauthenticated("an approver's bearer token is required")
         return await backend.approver(token)
 
-    def _visible(principal: Principal, approval: Approval) -> bool:
-        return backend.is_operator(principal) or is_listed(principal, approval.approvers)
-
     async def approvals_list(request: web.Request) -> web.Response:
         state = request.query.get("state")
         if state is not None and state not in {s.value for s in State}:
@@ -149,8 +155,8 @@ def admin_app(backend: AdminBackend) -> web.Application:
             return _problem(refusal)
         except StoreError:
             return web.json_response({"error": "the decision store is unavailable"}, status=503)
-        visible = [a.to_json() for a in items if _visible(principal, a)]
-        return web.json_response({"approvals": visible}, headers=NO_STORE)
+        shown = [a.to_json() for a in items if visible(backend, principal, a)]
+        return web.json_response({"approvals": shown}, headers=NO_STORE)
 
     async def approvals_get(request: web.Request) -> web.Response:
         try:
@@ -160,7 +166,7 @@ def admin_app(backend: AdminBackend) -> web.Application:
             return _problem(refusal)
         except StoreError:
             return web.json_response({"error": "the decision store is unavailable"}, status=503)
-        if approval is None or not _visible(principal, approval):
+        if approval is None or not visible(backend, principal, approval):
             return web.json_response({"error": "no such approval"}, status=404, headers=NO_STORE)
         return web.json_response(approval.to_json(), headers=NO_STORE)
 

@@ -13,7 +13,7 @@ from typing import Any
 from cel_expr_python import cel
 
 from agentproxy.config.model import MeteringSettings
-from agentproxy.core import Principal, plain
+from agentproxy.core import Principal, principal_view
 from agentproxy.metering.attribution import CardinalityGuard
 from agentproxy.metering.metrics import Metrics
 from agentproxy.metering.prices import PriceTable, TokenUsage
@@ -99,14 +99,3 @@ def compile_attribution(settings: MeteringSettings) -> list[tuple[str, cel.Expre
             first = str(exc).splitlines()[0] if str(exc) else "does not compile"
             raise ValueError(f"metering.attribution.labels.{name}: CEL {first}") from None
     return out
-
-
-def principal_view(principal: Principal) -> dict[str, Any]:
-    return {
-        "agent": principal.agent,
-        "user": principal.acting_for,
-        "chain": list(principal.chain),
-        "roles": sorted(principal.roles),
-        "claims": plain(principal.claims),
-        "issuer": principal.issuer,
-    }

@@ -17,7 +17,7 @@ from urllib.parse import unquote
 
 from cel_expr_python import cel
 
-from agentproxy.core import Action, Decision, Effect, Facts, Mode, Principal, plain
+from agentproxy.core import Action, Decision, Effect, Facts, Mode, Principal, plain, principal_view
 from agentproxy.policy.compiler import CEL_ENV, PolicySet, Rule
 
 _PRIORITY = {Effect.DENY: 0, Effect.REQUIRE_APPROVAL: 1, Effect.ALLOW: 2}
@@ -176,18 +176,6 @@ def cel_inputs(action: Action, principal: Principal, facts: Facts, now: float) -
 
 def _principal(action: Action, principal: Principal, facts: Facts, now: float) -> Any:
     return principal_view(principal)
-
-
-def principal_view(principal: Principal) -> dict[str, Any]:
-    """`principal` as CEL sees it."""
-    return {
-        "agent": principal.agent,
-        "user": principal.acting_for,
-        "chain": list(principal.chain),
-        "roles": sorted(principal.roles),
-        "claims": plain(principal.claims),
-        "issuer": principal.issuer,
-    }
 
 
 def _action(action: Action, principal: Principal, facts: Facts, now: float) -> Any:

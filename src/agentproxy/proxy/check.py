@@ -7,15 +7,14 @@ the context the proxy would have added. So the answer is the data plane's, by co
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass, field
 
 from agentproxy.core import Action, Call
 from agentproxy.errors import Refusal
-from agentproxy.protocols.http import parse_declared_task, parse_traceparent
+from agentproxy.protocols.http import parse_declared_task
 from agentproxy.proxy.context import context_headers
-from agentproxy.proxy.pipeline import Pipeline
+from agentproxy.proxy.pipeline import Pipeline, start_call
 
 UPSTREAM = "authorizer"  # the `upstream` of Check calls in metrics and logs
 
@@ -59,7 +58,6 @@ async def check(
     """The finished call (decision, refusal, status) and, when allowed, the context metadata
     the proxy would add. `describe` is the call's action, or why it could not be described."""
     started, now = time.perf_counter(), time.time()
-    ids = os.urandom(36).hex()
     refusal: Refusal | None = describe if isinstance(describe, Refusal) else None
     action = describe if isinstance(describe, Action) else Action("http", "?", "<unparsed>")
     declared = None
@@ -67,17 +65,16 @@ async def check(
         declared = parse_declared_task(task or None)
     except Refusal as exc:
         refusal = refusal or exc
-    call = Call(
-        id=ids[48:],
-        action=action,
-        upstream=UPSTREAM,
+    call = start_call(
+        action,
+        UPSTREAM,
         started=started,
         now=now,
-        trace=parse_traceparent(traceparent or None, None, ids[:32], ids[32:48]),
         bearer=token or None,
         declared_task=declared,
+        refusal=refusal,
+        traceparent=traceparent or None,
     )
-    call.refusal = refusal
     exchange = CheckExchange(pipeline)
     await pipeline.run(call, exchange)
     return call, exchange.context

@@ -16,34 +16,40 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from functools import partial
 from typing import Any
-from urllib.parse import urlsplit
 
 import grpc
 from grpc import aio
 
 from agentproxy.config.model import Upstream
 from agentproxy.core import Action, Call
-from agentproxy.errors import BadRequest, PayloadTooLarge, Refusal, Unavailable, UpstreamFailed
+from agentproxy.errors import (
+    BadRequest,
+    NoRoute,
+    PayloadTooLarge,
+    Refusal,
+    UpstreamFailed,
+)
 from agentproxy.protocols import grpc as adapter
-from agentproxy.protocols.http import parse_declared_task, parse_traceparent
+from agentproxy.protocols.http import parse_declared_task
 from agentproxy.proxy.context import context_headers
-from agentproxy.proxy.pipeline import Pipeline
+from agentproxy.proxy.grpc_upstreams import Channels, Descriptors
+from agentproxy.proxy.pipeline import Pipeline, start_call
 from agentproxy.proxy.runtime import Runtime
 
 log = logging.getLogger("agentproxy.grpc")
 
 UNPARSED = Action("grpc", "?", "<unparsed>", name="grpc:<unparsed>")
 STATUS = {code.value[0]: code for code in grpc.StatusCode}
-# How long a failed reflection fetch is not retried (calls needing it get UNAVAILABLE).
-REFLECTION_RETRY = 5.0
 
-Methods = Mapping[str, adapter.Method]
+
+def _text(metadata: Sequence[tuple[str, str | bytes]], key: str) -> str | None:
+    """The first text value of `key` (trace context: a second copy is ignored, as on HTTP)."""
+    return next((v for k, v in metadata if k == key and isinstance(v, str)), None)
 
 
 def peer_address(peer: str) -> str | None:
@@ -55,151 +61,15 @@ def peer_address(peer: str) -> str | None:
     return rest.rsplit(":", 1)[0].strip("[]")
 
 
-class Channels:
-    """One channel per upstream, shared by every call to it and kept across reloads (a
-    changed URL or message limit gets a new channel)."""
-
-    def __init__(self) -> None:
-        self._channels: dict[str, tuple[Upstream, aio.Channel]] = {}
-        self._retired: list[aio.Channel] = []
-
-    def get(self, upstream: Upstream) -> aio.Channel:
-        known = self._channels.get(upstream.name)
-        if known is not None and _same_channel(known[0], upstream):
-            return known[1]
-        if known is not None:
-            self._retired.append(known[1])  # calls in flight may still use it
-        channel = open_channel(upstream)
-        self._channels[upstream.name] = (upstream, channel)
-        return channel
-
-    async def close(self) -> None:
-        for channel in [c for _, c in self._channels.values()] + self._retired:
-            await channel.close()
-        self._channels.clear()
-        self._retired.clear()
-
-
-def _same_channel(a: Upstream, b: Upstream) -> bool:
-    return a.url == b.url and a.max_message_bytes == b.max_message_bytes
-
-
-def target_of(url: str) -> tuple[str, bool]:
-    """`grpc://host:port` → (`host:port`, tls?)."""
-    parts = urlsplit(url)
-    tls = parts.scheme in ("grpcs", "https")
-    port = parts.port or (443 if tls else 80)
-    host = parts.hostname or ""
-    if ":" in host:
-        host = f"[{host}]"
-    return f"{host}:{port}", tls
-
-
-def open_channel(upstream: Upstream) -> aio.Channel:
-    target, tls = target_of(upstream.url)
-    options = [
-        ("grpc.max_send_message_length", upstream.max_message_bytes),
-        ("grpc.max_receive_message_length", upstream.max_message_bytes),
-        # The caller decides whether to retry; a proxy that retried could repeat a write.
-        ("grpc.enable_retries", 0),
-        ("grpc.primary_user_agent", "agentproxy"),
-    ]
-    if tls:
-        return aio.secure_channel(target, grpc.ssl_channel_credentials(), options=options)
-    return aio.insecure_channel(target, options=options)
-
-
-class Reflection:
-    """Descriptor sets fetched once from upstreams' reflection services (`descriptor_set:
-    reflection`), until the next reload. A failed fetch is retried after REFLECTION_RETRY;
-    meanwhile calls to that upstream are refused (UNAVAILABLE): policy may need their args."""
-
-    def __init__(self) -> None:
-        self._methods: dict[str, Methods] = {}
-        self._failed: dict[str, float] = {}
-        self._lock = asyncio.Lock()
-
-    def forget(self) -> None:
-        """After a reload: the next call to each upstream fetches its descriptors again (a
-        redeployed upstream may have new methods)."""
-        self._methods.clear()
-        self._failed.clear()
-
-    def cached(self, upstream: Upstream) -> Methods | None:
-        """What was fetched already, without fetching."""
-        return self._methods.get(upstream.url)
-
-    async def methods(self, upstream: Upstream) -> Methods:
-        """Raises Unavailable when the upstream's reflection service cannot be read."""
-        key = upstream.url
-        found = self._methods.get(key)
-        if found is not None:
-            return found
-        async with self._lock:
-            found = self._methods.get(key)
-            if found is not None:
-                return found
-            failed = self._failed.get(key)
-            if failed is not None and time.monotonic() - failed < REFLECTION_RETRY:
-                raise Unavailable(
-                    f"the descriptors of upstream {upstream.name} could not be fetched by "
-                    "reflection; retrying shortly",
-                    component="descriptor",
-                )
-            try:
-                files = await asyncio.to_thread(fetch_descriptors, upstream)
-                found = adapter.methods_of(files)
-            except (grpc.RpcError, adapter.DescriptorError) as exc:
-                self._failed[key] = time.monotonic()
-                log.error("reflection on upstream %s failed: %s", upstream.name, exc)
-                raise Unavailable(
-                    f"the descriptors of upstream {upstream.name} could not be fetched by "
-                    "reflection",
-                    component="descriptor",
-                ) from None
-            self._methods[key] = found
-            self._failed.pop(key, None)
-            log.info("upstream %s: %d methods described by reflection", upstream.name, len(found))
-            return found
-
-
-def fetch_descriptors(upstream: Upstream) -> list[Any]:
-    """Every file (with its imports) that defines a service the upstream's reflection
-    service lists. Blocking: run it in a thread. Raises grpc.RpcError."""
-    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
-        ProtoReflectionDescriptorDatabase,
-    )
-
-    target, tls = target_of(upstream.url)
-    channel = (
-        grpc.secure_channel(target, grpc.ssl_channel_credentials())
-        if tls
-        else grpc.insecure_channel(target)
-    )
-    try:
-        database = ProtoReflectionDescriptorDatabase(channel)
-        files: dict[str, Any] = {}
-        wanted = [database.FindFileContainingSymbol(s) for s in database.get_services()]
-        while wanted:
-            file = wanted.pop()
-            if file.name in files:
-                continue
-            files[file.name] = file
-            wanted.extend(database.FindFileByName(d) for d in file.dependency if d not in files)
-        return list(files.values())
-    finally:
-        channel.close()
-
-
 class GrpcDataPlane(grpc.GenericRpcHandler):
     """Answers every method the health service does not: each call walks the pipeline."""
 
     def __init__(
-        self, current: Callable[[], Pipeline], channels: Channels, reflection: Reflection
+        self, current: Callable[[], Pipeline], channels: Channels, descriptors: Descriptors
     ) -> None:
         self._current = current
         self._channels = channels
-        self._reflection = reflection
+        self._descriptors = descriptors
 
     def service(
         self, handler_call_details: grpc.HandlerCallDetails
@@ -214,14 +84,11 @@ class GrpcDataPlane(grpc.GenericRpcHandler):
 
     def _is_unary(self, method: str) -> bool:
         runtime = self._current().runtime
-        service, _, _ = method[1:].partition("/")
-        upstream = runtime.grpc_routes.get(service) or runtime.grpc_routes.get("")
-        if upstream is None:
-            return False
-        if upstream.reflection:
-            methods = self._reflection.cached(upstream)
-        else:
-            methods = runtime.grpc_methods.get(upstream.name)
+        try:
+            upstream = runtime.route_grpc(method[1:].partition("/")[0])
+        except NoRoute:
+            return False  # refused on the stream path, which reads nothing
+        methods = self._descriptors.known(runtime, upstream)
         described = methods.get(method) if methods is not None else None
         return (
             described is not None
@@ -252,11 +119,6 @@ class GrpcDataPlane(grpc.GenericRpcHandler):
         now = time.time()
         pipeline = self._current()
         runtime = pipeline.runtime
-        ids = os.urandom(36).hex()
-        text = {k: v for k, v in metadata if isinstance(v, str)}
-        trace = parse_traceparent(
-            text.get("traceparent"), text.get("tracestate"), ids[:32], ids[32:48]
-        )
         action, upstream, bearer, declared = UNPARSED, None, None, None
         refusal: Refusal | None = None
         try:
@@ -269,19 +131,19 @@ class GrpcDataPlane(grpc.GenericRpcHandler):
             declared = parse_declared_task(task)
         except Refusal as exc:
             refusal = exc
-        call = Call(
-            id=ids[48:],
-            action=action,
-            upstream=upstream.name if upstream else "-",
+        call = start_call(
+            action,
+            upstream.name if upstream else "-",
             started=started,
             now=now,
-            trace=trace,
             bearer=bearer,
             declared_task=declared,
+            refusal=refusal,
+            traceparent=_text(metadata, "traceparent"),
+            tracestate=_text(metadata, "tracestate"),
         )
-        call.refusal = refusal
         exchange = GrpcExchange(
-            context, runtime, upstream, metadata, self._channels, self._reflection, unary
+            context, runtime, upstream, metadata, self._channels, self._descriptors, unary
         )
         await pipeline.run(call, exchange)
         return exchange
@@ -297,7 +159,7 @@ class GrpcExchange:
         upstream: Upstream | None,
         metadata: Sequence[tuple[str, str | bytes]],
         channels: Channels,
-        reflection: Reflection,
+        descriptors: Descriptors,
         unary: bytes | None = None,
     ) -> None:
         """`unary`: the request of a unary call (grpcio read it); None: a stream to read."""
@@ -306,7 +168,7 @@ class GrpcExchange:
         self.upstream = upstream
         self.metadata = metadata
         self.channels = channels
-        self.reflection = reflection
+        self.descriptors = descriptors
         self.unary = unary
         self.response: bytes | None = None  # a unary call's answer
         self._first: bytes | None = None  # read by describe, sent first by forward
@@ -325,7 +187,7 @@ class GrpcExchange:
         upstream = self.upstream
         if upstream is None:
             return
-        methods = await self._methods(upstream)
+        methods = await self.descriptors.methods(self.runtime, upstream)
         method = methods.get(call.action.target) if methods is not None else None
         if method is None:
             return
@@ -334,11 +196,6 @@ class GrpcExchange:
             return
         self._first = first
         call.action = replace(call.action, args=adapter.decode_args(method, first))
-
-    async def _methods(self, upstream: Upstream) -> Methods | None:
-        if upstream.reflection:
-            return await self.reflection.methods(upstream)
-        return self.runtime.grpc_methods.get(upstream.name)
 
     async def _read(self, call: Call, upstream: Upstream) -> bytes | None:
         """The caller's next message, None at the end. Raises PayloadTooLarge past the

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -31,14 +30,13 @@ from agentproxy.protocols.http import (
     bearer_token,
     describe,
     parse_declared_task,
-    parse_traceparent,
     render,
     request_headers_to_forward,
     response_headers_to_return,
 )
 from agentproxy.proxy.context import context_headers
 from agentproxy.proxy.pins import ToolPins
-from agentproxy.proxy.pipeline import Pipeline
+from agentproxy.proxy.pipeline import Pipeline, start_call
 from agentproxy.proxy.runtime import Runtime
 
 log = logging.getLogger("agentproxy.http")
@@ -116,11 +114,6 @@ class HttpDataPlane:
         pipeline = self._current()
         runtime = pipeline.runtime
         headers = request.headers
-        # One read of the OS's randomness for the trace, span and decision ids.
-        ids = os.urandom(36).hex()
-        trace = parse_traceparent(
-            headers.get("traceparent"), headers.get("tracestate"), ids[:32], ids[32:48]
-        )
         action, raw_query, upstream, bearer, declared = UNPARSED, "", None, None, None
         refusal: Refusal | None = None
         try:
@@ -136,17 +129,17 @@ class HttpDataPlane:
             declared = parse_declared_task(tasks[0] if tasks else None)
         except Refusal as exc:
             refusal = exc
-        call = Call(
-            id=ids[48:],
-            action=action,
-            upstream=upstream.name if upstream else "-",
+        call = start_call(
+            action,
+            upstream.name if upstream else "-",
             started=started,
             now=now,
-            trace=trace,
             bearer=bearer,
             declared_task=declared,
+            refusal=refusal,
+            traceparent=headers.get("traceparent"),
+            tracestate=headers.get("tracestate"),
         )
-        call.refusal = refusal
         exchange: HttpExchange
         if upstream is not None and upstream.protocol == "llm":
             from agentproxy.proxy.llm import LlmExchange

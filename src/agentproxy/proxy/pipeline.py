@@ -24,7 +24,17 @@ from agentproxy.audit.records import decision_record, outcome_record
 from agentproxy.audit.sinks import AuditError
 from agentproxy.audit.trail import AuditTrail
 from agentproxy.config.model import ApprovalsSettings
-from agentproxy.core import Call, Decision, Effect, Facts, Mode, Principal, Reservation, plain
+from agentproxy.core import (
+    Action,
+    Call,
+    Decision,
+    Effect,
+    Facts,
+    Mode,
+    Principal,
+    Reservation,
+    plain,
+)
 from agentproxy.errors import (
     ApprovalCap,
     ApprovalRefused,
@@ -44,6 +54,7 @@ from agentproxy.policy import decide
 from agentproxy.policy.compiler import Rule
 from agentproxy.policy.limits import LimitKeyError, reservations, rule_cost
 from agentproxy.policy.memo import DecisionMemo, memo_key
+from agentproxy.protocols.http import parse_traceparent
 from agentproxy.proxy.runtime import Runtime
 from agentproxy.store import Store, StoreError
 
@@ -526,6 +537,36 @@ class Pipeline:
                     trail.submit(decision_record(call, now, self._cost(call)))
         except Exception:
             log.exception("failed to record call %s", call.id)
+
+
+def start_call(
+    action: Action,
+    upstream: str,
+    *,
+    started: float,
+    now: float,
+    bearer: str | None,
+    declared_task: str | None,
+    refusal: Refusal | None,
+    traceparent: str | None = None,
+    tracestate: str | None = None,
+) -> Call:
+    """A call as a protocol shell hands it to `Pipeline.run` (`refusal`: it could not be
+    described). One read of the OS's randomness gives the trace, span and decision ids; the
+    caller's trace is continued when it sent one."""
+    ids = os.urandom(36).hex()
+    call = Call(
+        id=ids[48:],
+        action=action,
+        upstream=upstream,
+        started=started,
+        now=now,
+        trace=parse_traceparent(traceparent, tracestate, ids[:32], ids[32:48]),
+        bearer=bearer,
+        declared_task=declared_task,
+    )
+    call.refusal = refusal
+    return call
 
 
 def approval_refusal(approval: Approval, *, hold: float) -> ApprovalRefused:

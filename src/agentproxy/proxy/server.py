@@ -36,7 +36,8 @@ from agentproxy.metering.metrics import Metrics
 from agentproxy.protocols.grpc import Method as GrpcMethod
 from agentproxy.proxy import runtime as runtime_module
 from agentproxy.proxy.explain import explain
-from agentproxy.proxy.grpc import Channels, GrpcDataPlane, Reflection
+from agentproxy.proxy.grpc import GrpcDataPlane
+from agentproxy.proxy.grpc_upstreams import Channels, Descriptors
 from agentproxy.proxy.http import HttpDataPlane, McpState, UpstreamSessions
 from agentproxy.proxy.pipeline import Pipeline, Services
 from agentproxy.proxy.watch import watch
@@ -89,7 +90,7 @@ class ProxyServer:
             ).inc()
         )
         self.channels = Channels()
-        self.reflection = Reflection()
+        self.descriptors = Descriptors()
         self._pipeline: Pipeline | None = None
         self._runners: list[web.BaseRunner] = []
         self._grpc_servers: list[aio.Server] = []
@@ -191,10 +192,8 @@ class ProxyServer:
 
     async def grpc_method(self, service: str, path: str) -> GrpcMethod | None:
         runtime = self.pipeline.runtime
-        upstream = runtime.route_grpc(service)
-        if upstream.reflection:
-            return (await self.reflection.methods(upstream)).get(path)
-        return runtime.grpc_methods.get(upstream.name, {}).get(path)
+        methods = await self.descriptors.methods(runtime, runtime.route_grpc(service))
+        return methods.get(path) if methods is not None else None
 
     def subscribe_approvals(self) -> asyncio.Queue[tuple[str, Approval]]:
         queue: asyncio.Queue[tuple[str, Approval]] = asyncio.Queue(maxsize=WATCH_QUEUE)
@@ -323,7 +322,7 @@ class ProxyServer:
         self._health = HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         server.add_generic_rpc_handlers(
-            (GrpcDataPlane(lambda: self.pipeline, self.channels, self.reflection),)
+            (GrpcDataPlane(lambda: self.pipeline, self.channels, self.descriptors),)
         )
         self.grpc_port = _bind(server, address)
         await server.start()
@@ -372,7 +371,7 @@ class ProxyServer:
         self.services.task_ttl = config.store.task_ttl
         self.config = config
         self._pipeline = Pipeline(runtime, self.services)
-        self.reflection.forget()
+        self.descriptors.forget()
         self.metrics.policy_reloads.labels("success").inc()
         log.info("reloaded: policy version %s", runtime.policy.version)
         return True
