@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import signal
 import sys
@@ -264,6 +265,14 @@ async def _serve(config: config_module.Config, *, reuse_port: bool = False) -> i
 
     server = ProxyServer(config, reuse_port=reuse_port)
     await server.start()
+    # What start-up built (modules, the compiled policy, CEL programs) lives as long as the
+    # process: frozen, full collections no longer walk it. Under audit load they came every
+    # second or so and paused the loop ~28 ms each (bench/http_overhead.py's p99).
+    gc.collect()
+    gc.freeze()
+    # A call leaves no cyclic garbage behind (measured: collections free nothing under load),
+    # so young collections every 700 allocations only cost; every 10,000 is still often.
+    gc.set_threshold(10_000, 10, 10)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)

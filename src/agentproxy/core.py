@@ -7,6 +7,7 @@ Values are frozen and check their invariants when built, so no caller has to.
 from __future__ import annotations
 
 import enum
+from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -92,7 +93,13 @@ class Principal:
 
 
 def principal_view(principal: Principal) -> dict[str, Any]:
-    """`principal` as CEL sees it: policy conditions and metering attribution alike."""
+    """`principal` as CEL sees it (policy conditions, metering attribution) and as audit
+    records name it. Shared and read-only: built once per `Principal` object (see
+    `_PrincipalViews`); never change what it returns."""
+    return _PRINCIPAL_VIEWS.get(principal)
+
+
+def _build_view(principal: Principal) -> dict[str, Any]:
     return {
         "agent": principal.agent,
         "user": principal.acting_for,
@@ -101,6 +108,35 @@ def principal_view(principal: Principal) -> dict[str, Any]:
         "claims": plain(principal.claims),
         "issuer": principal.issuer,
     }
+
+
+class _PrincipalViews:
+    """The views of the principals seen lately, by identity.
+
+    A verified token's `Principal` is one object reused for every call with that token (the
+    verifier caches it), so its view (claims made plain, roles sorted) is built once, not for
+    every condition, metering label and audit record. An entry holds the principal itself, so
+    its `id()` cannot be reused by another object while the entry exists; the `is` check makes
+    a stale id impossible to mistake. Used from the event loop only.
+    """
+
+    def __init__(self, size: int = 4096) -> None:
+        self._size = size
+        self._views: OrderedDict[int, tuple[Principal, dict[str, Any]]] = OrderedDict()
+
+    def get(self, principal: Principal) -> dict[str, Any]:
+        key = id(principal)
+        entry = self._views.get(key)
+        if entry is not None and entry[0] is principal:
+            return entry[1]
+        view = _build_view(principal)
+        self._views[key] = (principal, view)
+        if len(self._views) > self._size:
+            self._views.popitem(last=False)
+        return view
+
+
+_PRINCIPAL_VIEWS = _PrincipalViews()
 
 
 def is_safe_identifier(value: str) -> bool:

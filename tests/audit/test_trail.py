@@ -7,7 +7,7 @@ import asyncio
 import io
 import logging
 import os
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import orjson
@@ -391,3 +391,69 @@ async def test_without_required_the_writer_lingers_to_batch(
     assert sizes[0] == 1 if required else sizes[0] >= 2
     assert sum(sizes) == 3
     assert verify([log_path], None).ok
+
+
+async def test_posted_records_are_chained_with_submitted_ones_in_order(
+    settings: AuditSettings, log_path: Path, signing_key: Ed25519PrivateKey
+) -> None:
+    trail = AuditTrail(settings)
+    await trail.start()
+    for n in range(6):
+        if n % 2:
+            trail.post(decision(n))
+        else:
+            trail.submit(decision(n))
+    await trail.close()
+    assert [r["n"] for r in records(log_path) if r["kind"] == "decision"] == list(range(6))
+    assert trail.dropped == 0
+    assert verify([log_path], signing_key.public_key()).ok
+
+
+async def test_an_unusable_posted_record_is_dropped_alone_at_sealing(
+    settings: AuditSettings, log_path: Path, signing_key: Ed25519PrivateKey
+) -> None:
+    """`post` takes no snapshot: what cannot be sealed is found by the writer, counted, and
+    leaves no hole in the chain; the rest of its batch is written."""
+
+    @dataclass
+    class Unsorted:  # orjson would write these fields unsorted: a hash nobody could check
+        zeta: int = 1
+        alpha: int = 2
+
+    dropped: list[int] = []
+    trail = AuditTrail(settings, on_drop=dropped.append)
+    trail.post(decision(0))  # not started yet
+    await trail.start()
+    trail.post(decision(1))
+    trail.post({**decision(2), "x": object()})
+    trail.post({**decision(3), "x": Unsorted()})
+    trail.post({**decision(4), "seq": 9})
+    trail.post({"kind": "gap", "missing_from": 0})
+    trail.post(decision(5))
+    await trail.close()
+    assert [r["n"] for r in records(log_path) if r["kind"] == "decision"] == [1, 5]
+    assert trail.dropped == 5 and sum(dropped) == 5
+    assert verify([log_path], signing_key.public_key()).ok
+
+
+async def test_a_posted_record_is_redacted_as_configured(
+    settings: AuditSettings, log_path: Path
+) -> None:
+    key = b"hmac-key"
+    trail = AuditTrail(replace(settings, redact=("args.ssn",), hmac_key=key))
+    await trail.start()
+    record = decision(0, args={"ssn": "123-45-6789", "name": "Bob"})
+    trail.post(record)
+    await trail.close()
+    assert records(log_path)[0]["args"] == {"ssn": hmac_value(key, "123-45-6789"), "name": "Bob"}
+    assert record["args"]["ssn"] == "123-45-6789"  # the caller's record is left as it was
+    assert b"123-45-6789" not in read(log_path)
+
+
+async def test_a_full_queue_drops_posted_records_at_once(settings: AuditSettings) -> None:
+    trail = AuditTrail(replace(settings, queue_size=2))
+    await trail.start()
+    for n in range(5):
+        trail.post(decision(n))
+    assert trail.dropped == 3
+    await trail.close()

@@ -37,6 +37,9 @@ HMAC_PREFIX = "hmac-sha256:"
 REDACTED = "redacted"
 
 _SORTED = orjson.OPT_SORT_KEYS
+# orjson writes a dataclass's fields in declaration order even when sorting keys, which a
+# verifier (re-serializing plain JSON) could not reproduce: sealing one is a TypeError.
+_SEALING = _SORTED | orjson.OPT_PASSTHROUGH_DATACLASS
 
 
 def canonical(record: dict[str, Any]) -> bytes:
@@ -92,7 +95,7 @@ class Chain:
         if record.get("kind") == "checkpoint" and record.get("head") != self.head:
             raise ValueError("a checkpoint must be sealed right after the record it covers")
         sealed = {**record, "chain": self.id, "seq": self.next_seq, "prev": self.head}
-        body = orjson.dumps(sealed, option=_SORTED)
+        body = orjson.dumps(sealed, option=_SEALING)
         digest = hashlib.sha256(body).hexdigest()
         sealed["hash"] = digest
         # The verifier re-serializes everything but `hash`, so where `hash` sits in the line is

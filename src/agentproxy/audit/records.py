@@ -4,6 +4,9 @@ A `decision` record for every call (allow, deny, refusal, error), written before
 forwarded; an `outcome` record for calls that were forwarded (status, latency, bytes). No
 header, no body, no token: the arguments policy saw are recorded in a safe view, and the
 configured `audit.redact` paths are replaced by keyed HMACs by the trail.
+
+Each record is new and holds JSON types only, so the pipeline hands it to `AuditTrail.post`
+as it is; nested values may be shared with others (the principal's view) but are only read.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from agentproxy.core import Call, plain
+from agentproxy.core import Call, plain, principal_view
 
 _second: list[Any] = [None, ""]  # the last whole second formatted, and its text
 
@@ -45,17 +48,7 @@ def decision_record(call: Call, now: float, cost: dict[str, Any] | None = None) 
         "time": iso(now),
         "decision_id": call.id,
         "trace_id": call.trace.trace_id,
-        "principal": None
-        if p is None
-        else {
-            "agent": p.agent,
-            "user": p.acting_for,
-            "chain": list(p.chain),
-            "roles": sorted(p.roles),
-            "claims": plain(p.claims),
-            "issuer": p.issuer,
-            "token_id": p.token_id,
-        },
+        "principal": None if p is None else {**principal_view(p), "token_id": p.token_id},
         "task": call.task,
         "session": call.session,
         "action": call.action.name,

@@ -72,7 +72,7 @@ __all__ = ["AuditError", "AuditTrail"]
 @dataclass(slots=True)
 class _Entry:
     record: dict[str, Any]
-    future: asyncio.Future[None]
+    future: asyncio.Future[None] | None  # None: posted, nobody waits for it
 
 
 @dataclass(slots=True)
@@ -216,6 +216,33 @@ class AuditTrail:
             return self._fail(future, "queue full")
         return future
 
+    def post(self, record: dict[str, Any]) -> None:
+        """Queues a record nobody waits for, handed over by its builder (`audit.records`).
+
+        The cheap path for the two records of every call: the caller gives the record up (it
+        never changes it again, nested values included) and it holds JSON types only, so no
+        snapshot is taken and no future made. A record that cannot be serialized or carries
+        a sealed member is found when it is sealed, and is dropped there; every loss is
+        counted and logged as `submit`'s are. Must be called on the event loop.
+        """
+        if not self._running:
+            self._count_drops(1, "audit trail is not running")
+            return
+        kind = record.get("kind")
+        if isinstance(kind, str) and kind in CONTROL_KINDS:
+            self._count_drops(1, f"record carries what only the trail may write: kind {kind!r}")
+            return
+        if self.settings.redact:
+            try:
+                record = redact(record, self.settings.redact, self.settings.hmac_key)
+            except TypeError as exc:
+                self._count_drops(1, f"record is not JSON-serializable: {exc}")
+                return
+        try:
+            self._queue.put_nowait(_Entry(record, None))
+        except asyncio.QueueFull:
+            self._count_drops(1, "queue full")
+
     async def close(self) -> None:
         """Writes everything queued, then a closing checkpoint (with a signing key), and
         closes the sinks. Raises AuditError if that last write or a sink's close fails."""
@@ -264,21 +291,35 @@ class AuditTrail:
 
     async def _write_batch(self, batch: list[_Entry]) -> None:
         sealed = self._seal_gap()
+        kept = []
         for entry in batch:
-            sealed += self._seal(entry.record)
+            try:
+                sealed += self._seal(entry.record)
+            except (TypeError, ValueError) as exc:  # a posted record: see `post`
+                self._reject(entry, f"record cannot be sealed: {exc}")
+                continue
+            kept.append(entry)
+        if not sealed:
+            return
         failures = await self._write(sealed)
-        self._settle(batch, "; ".join(failures) if failures else None)
+        self._settle(kept, "; ".join(failures) if failures else None)
+
+    def _reject(self, entry: _Entry, reason: str) -> None:
+        self._count_drops(1, reason)
+        if entry.future is not None and not entry.future.done():
+            entry.future.set_exception(AuditError(reason))
 
     def _settle(self, batch: list[_Entry], failure: str | None) -> None:
         if failure is not None:
             self._count_drops(len(batch), failure)
         for entry in batch:
-            if entry.future.done():
+            future = entry.future
+            if future is None or future.done():
                 continue
             if failure is None:
-                entry.future.set_result(None)
+                future.set_result(None)
             else:
-                entry.future.set_exception(AuditError(failure))
+                future.set_exception(AuditError(failure))
 
     async def _write(self, sealed: list[Sealed]) -> list[str]:
         """Hands the lines to every sink at once; returns the failures, one per sink."""

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import functools
 import re
-from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -239,10 +238,7 @@ class _Inputs:
     def get(self, name: str) -> Any:
         built = self._built
         if name not in built:
-            if name == "principal":
-                built[name] = _PRINCIPAL_VIEWS.get(self._principal)
-            else:
-                built[name] = _BUILDERS[name](self._action, self._principal, self._facts, self._now)
+            built[name] = _BUILDERS[name](self._action, self._principal, self._facts, self._now)
         return built[name]
 
     def activation(self, variables: frozenset[str], bindings: Mapping[str, str]) -> dict[str, Any]:
@@ -267,35 +263,6 @@ def rule_activation(
         if bindings is not None:
             return _activation(inputs, bindings)
     return _activation(inputs, {})
-
-
-class _PrincipalViews:
-    """The CEL view of the principals seen lately, by identity.
-
-    A verified token's `Principal` is one object reused for every call with that token (the
-    verifier caches it), so its view (claims made plain, roles sorted) is built once. An entry
-    holds the principal itself, so its `id()` cannot be reused by another object while the
-    entry exists; the `is` check makes a stale id impossible to mistake. The views are only
-    read (by cel-cpp and explanations), never changed.
-    """
-
-    def __init__(self, size: int = 4096) -> None:
-        self._size = size
-        self._views: OrderedDict[int, tuple[Principal, dict[str, Any]]] = OrderedDict()
-
-    def get(self, principal: Principal) -> dict[str, Any]:
-        key = id(principal)
-        entry = self._views.get(key)
-        if entry is not None and entry[0] is principal:
-            return entry[1]
-        view = principal_view(principal)
-        self._views[key] = (principal, view)
-        if len(self._views) > self._size:
-            self._views.popitem(last=False)
-        return view
-
-
-_PRINCIPAL_VIEWS = _PrincipalViews()
 
 
 def _activation(inputs: dict[str, Any], bindings: Mapping[str, str]) -> dict[str, Any]:

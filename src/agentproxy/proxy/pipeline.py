@@ -368,9 +368,11 @@ class Pipeline:
         if trail is None:
             return
         call.audited = True
-        written = trail.submit(decision_record(call, time.time(), self._cost(call)))
+        record = decision_record(call, time.time(), self._cost(call))
         if not self.services.audit_required:
+            trail.post(record)
             return
+        written = trail.submit(record)
         try:
             await asyncio.wait_for(asyncio.shield(written), AUDIT_WAIT)
         except (AuditError, TimeoutError) as exc:
@@ -532,9 +534,9 @@ class Pipeline:
             if trail is not None:
                 now = time.time()
                 if call.audited:
-                    trail.submit(outcome_record(call, now, total))
+                    trail.post(outcome_record(call, now, total))
                 else:
-                    trail.submit(decision_record(call, now, self._cost(call)))
+                    trail.post(decision_record(call, now, self._cost(call)))
         except Exception:
             log.exception("failed to record call %s", call.id)
 
