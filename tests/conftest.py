@@ -168,7 +168,24 @@ async def upstream() -> AsyncIterator[Upstream]:
         response.set_cookie("session", "agent-a-secret")
         return response
 
+    async def status(request: web.Request) -> web.StreamResponse:
+        await record(request)
+        body = b"s" * int(request.query.get("bytes", "0")) or None
+        return web.Response(status=int(request.query["code"]), headers={"ETag": '"v1"'}, body=body)
+
+    async def chunked(request: web.Request) -> web.StreamResponse:
+        await record(request)
+        response = web.StreamResponse(headers={"Content-Type": "text/plain"})
+        response.enable_chunked_encoding()
+        await response.prepare(request)
+        await response.write(b"small ")
+        await response.write(b"answer")
+        await response.write_eof()
+        return response
+
     app = web.Application(client_max_size=1024**3)
+    app.router.add_route("*", "/status", status)
+    app.router.add_route("*", "/chunked", chunked)
     app.router.add_route("*", "/sse", sse)
     app.router.add_route("*", "/download", download)
     app.router.add_route("*", "/slow", slow)
@@ -215,7 +232,8 @@ rules:
   - id: public
     agents: ["*"]
     actions: ["http:GET /public/**", "http:* /sse", "http:* /download", "http:* /slow",
-              "http:* /cut", "http:POST /upload", "http:GET /cookie"]
+              "http:* /cut", "http:POST /upload", "http:GET /cookie", "http:* /status",
+              "http:GET /chunked"]
     effect: allow
 """
 

@@ -34,6 +34,7 @@ import logging
 import os
 import socket
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -141,7 +142,7 @@ class AuditTrail:
             assert settings.redis is not None  # AuditSettings checks it
             sinks.append(RedisStreamSink(settings.redis_stream, settings.redis))
         self._sinks = [_SinkState(sink) for sink in sinks]
-        self._queue: asyncio.Queue[_Entry | None] = asyncio.Queue(settings.queue_size)
+        self._queue = _Backlog(settings.queue_size)
         self._chain: Chain | None = None
         self._writer: asyncio.Task[None] | None = None
         self._running = False
@@ -157,7 +158,7 @@ class AuditTrail:
     @property
     def backlog(self) -> int:
         """Records queued and not yet written."""
-        return self._queue.qsize()
+        return len(self._queue)
 
     async def start(self) -> None:
         """Opens every sink, continues this replica's chain, writes what the sinks repaired,
@@ -210,9 +211,7 @@ class AuditTrail:
             snapshot = orjson.loads(orjson.dumps(record))
         except TypeError as exc:
             return self._fail(future, f"record is not JSON-serializable: {exc}")
-        try:
-            self._queue.put_nowait(_Entry(snapshot, future))
-        except asyncio.QueueFull:
+        if not self._queue.put(_Entry(snapshot, future)):
             return self._fail(future, "queue full")
         return future
 
@@ -238,9 +237,7 @@ class AuditTrail:
             except TypeError as exc:
                 self._count_drops(1, f"record is not JSON-serializable: {exc}")
                 return
-        try:
-            self._queue.put_nowait(_Entry(record, None))
-        except asyncio.QueueFull:
+        if not self._queue.put(_Entry(record, None)):
             self._count_drops(1, "queue full")
 
     async def close(self) -> None:
@@ -250,7 +247,7 @@ class AuditTrail:
             return
         self._running = False
         assert self._writer is not None
-        await self._queue.put(None)
+        self._queue.close()
         try:
             await self._writer
         finally:
@@ -267,20 +264,15 @@ class AuditTrail:
             raise AuditError("; ".join(failures))
 
     async def _run(self) -> None:
+        queue = self._queue
         while True:
-            entry = await self._queue.get()
-            if entry is None:
-                return
-            if self._linger and self._queue.qsize() < BATCH_RECORDS:
+            await queue.wait()
+            if self._linger and not queue.closed and len(queue) < BATCH_RECORDS:
                 await asyncio.sleep(self._linger)
-            batch = [entry]
-            closing = False
-            while len(batch) < BATCH_RECORDS and not self._queue.empty():
-                following = self._queue.get_nowait()
-                if following is None:
-                    closing = True
-                    break
-                batch.append(following)
+            batch = queue.take(BATCH_RECORDS)
+            closing = queue.closed and not queue
+            if not batch:
+                return
             try:
                 await self._write_batch(batch)
             except Exception:
@@ -442,6 +434,55 @@ class AuditTrail:
                 log.error("audit: %s", exc)
                 failures.append(str(exc))
         return failures
+
+
+class _Backlog:
+    """The entries waiting for the writer, oldest first, at most `size` of them.
+
+    What asyncio.Queue does, without its bookkeeping (unfinished-task counts, waiter lists,
+    a `join` event): two records a call pass through here, and the queue's Python-level calls
+    were a measurable share of the audit trail's cost per call.
+    """
+
+    def __init__(self, size: int) -> None:
+        self._size = size
+        self._items: deque[_Entry] = deque()
+        self._waiter: asyncio.Future[None] | None = None
+        self.closed = False
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def put(self, entry: _Entry) -> bool:
+        """Appends `entry`; False (nothing done) when full or closed."""
+        if len(self._items) >= self._size or self.closed:
+            return False
+        self._items.append(entry)
+        self._wake()
+        return True
+
+    def close(self) -> None:
+        """No more entries: the writer takes what is left, then stops."""
+        self.closed = True
+        self._wake()
+
+    async def wait(self) -> None:
+        """Returns once there is an entry to take, or the backlog is closed."""
+        while not self._items and not self.closed:
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+
+    def take(self, most: int) -> list[_Entry]:
+        items = self._items
+        return [items.popleft() for _ in range(min(most, len(items)))]
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
 
 def _retrieve(future: asyncio.Future[None]) -> None:

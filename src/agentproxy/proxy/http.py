@@ -332,7 +332,13 @@ class HttpExchange:
             yield chunk
 
     async def _stream_back(self, call: Call, upstream_response: aiohttp.ClientResponse) -> None:
-        response = web.StreamResponse(
+        content = upstream_response.content
+        # Most small answers arrive whole with their headers. Those go back in one write,
+        # headers and body together, instead of two (a system call and a packet fewer per
+        # call: web.Response coalesces, StreamResponse sends its headers at once, which an
+        # answer still streaming needs).
+        whole = content.is_eof()
+        response = (web.Response if whole else web.StreamResponse)(
             status=upstream_response.status,
             reason=upstream_response.reason,
             # Copied into a CIMultiDict in C instead of an add() per header; duplicates and
@@ -344,6 +350,13 @@ class HttpExchange:
         self.response = response
         self._responded = True
         try:
+            if isinstance(response, web.Response):
+                body = self._tap(await content.read()) + self._tap_end(call)
+                call.bytes_out += len(body)
+                response.body = body
+                await response.prepare(self.request)
+                await response.write_eof()
+                return
             await response.prepare(self.request)
             async for chunk in upstream_response.content.iter_any():
                 out = self._tap(chunk)
