@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import io
+import os
 import uuid
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import orjson
@@ -15,6 +16,7 @@ import pytest
 import redis
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from agentproxy.audit import trail as trail_module
 from agentproxy.audit.chain import Chain
 from agentproxy.audit.settings import AuditSettings
 from agentproxy.audit.sinks import AuditError, FileSink, RedisStreamSink, Sink, StdoutSink
@@ -179,3 +181,83 @@ def test_a_bad_redis_url_is_refused_without_its_password() -> None:
     with pytest.raises(AuditError) as caught:
         RedisStreamSink("s", RedisSettings(url="bogus://:pw-secret-1@host:1/0"))
     assert "pw-secret-1" not in str(caught.value)
+
+
+@pytest.fixture
+def fsyncs(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The descriptors the file sink fsyncs (the real fsync still runs)."""
+    calls: list[int] = []
+    real = os.fsync
+
+    def counting(fd: int) -> None:
+        calls.append(fd)
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", counting)  # the module the sink calls it through
+    return calls
+
+
+async def test_a_file_sink_fsyncs_every_batch_unless_told_to_defer(
+    tmp_path: Path, fsyncs: list[int]
+) -> None:
+    every = FileSink(tmp_path / "every.jsonl")
+    await every.start("c")
+    fsyncs.clear()
+    for n in range(3):
+        await every.write([b'{"n":%d}' % n])
+    assert len(fsyncs) == 3
+    await every.close()
+
+    deferred = FileSink(tmp_path / "deferred.jsonl", sync_every=60.0)
+    await deferred.start("c")
+    fsyncs.clear()
+    for n in range(3):
+        await deferred.write([b'{"n":%d}' % n])
+    assert len(fsyncs) == 1  # the first batch; the next two are within the minute
+    await deferred.sync()
+    await deferred.sync()  # nothing left to sync
+    assert len(fsyncs) == 2
+    await deferred.close()
+    assert (tmp_path / "deferred.jsonl").read_bytes().count(b"\n") == 3
+
+
+async def test_a_deferring_file_sink_fsyncs_before_it_rotates(
+    tmp_path: Path, fsyncs: list[int]
+) -> None:
+    path = tmp_path / "audit.jsonl"
+    sink = FileSink(path, max_bytes=20, sync_every=60.0)
+    await sink.start("c")
+    await sink.write([b'{"n":1}'])
+    fsyncs.clear()
+    await sink.write([b'{"n":2}'])
+    assert fsyncs == []
+    await sink.write([b'{"n":3, "pad": "xxxxxxxx"}'])  # past max_bytes: rotates first
+    assert len(fsyncs) >= 1
+    rotated = [name for name in os.listdir(tmp_path) if name.startswith("audit.jsonl.2")]
+    assert [(tmp_path / name).read_bytes() for name in rotated] == [b'{"n":1}\n{"n":2}\n']
+    await sink.close()
+
+
+@pytest.mark.parametrize("required", [False, True])
+async def test_the_trail_fsyncs_each_batch_only_when_calls_wait(
+    settings: AuditSettings,
+    fsyncs: list[int],
+    monkeypatch: pytest.MonkeyPatch,
+    required: bool,
+) -> None:
+    """Without `required`, batches share an fsync at most a second apart, and an idle trail
+    fsyncs what it wrote last; with it, every batch is on disk before its calls go on."""
+    monkeypatch.setattr(trail_module, "SYNC_EVERY", 1.0)
+    trail = AuditTrail(replace(settings, required=required, signing_key_file=None))
+    await trail.start()
+    fsyncs.clear()
+    for n in range(3):
+        await trail.submit(decision(n))  # one batch each: the trail is idle in between
+    assert len(fsyncs) == (3 if required else 1)
+    if not required:
+        for _ in range(40):  # idle: what the last batches left is synced after SYNC_EVERY
+            await asyncio.sleep(0.1)
+            if len(fsyncs) == 2:
+                break
+        assert len(fsyncs) == 2
+    await trail.close()

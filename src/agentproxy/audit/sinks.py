@@ -7,9 +7,12 @@ stands in it (`Resume`), so that a restarted writer continues its chain instead 
 
 The file (`FileSink`), and the files next to it:
 
-- `audit.jsonl`: the current file, appended to and fsynced once per batch. One process writes
-  it: `audit.jsonl.lock` is held (`flock`) while it is open, and a second writer is refused
-  rather than left to interleave or rotate under the first. Give each worker its own file.
+- `audit.jsonl`: the current file, appended to once per batch and fsynced after each batch,
+  or at most `sync_every` seconds apart (the trail asks for that when no call waits for its
+  record: a write is in the OS at once, so a crashed proxy loses nothing written; the disk
+  has it within the second). One process writes it: `audit.jsonl.lock` is held (`flock`)
+  while it is open, and a second writer is refused rather than left to interleave or rotate
+  under the first. Give each worker its own file.
 - `audit.jsonl.20250102T030405.123456Z`: a rotated file, renamed when the current one would
   pass `max_file_bytes`, or at the first write in a new `rotate_every` period (periods are
   aligned to UTC epoch multiples, so 3600 rotates on the hour, also across restarts). The name
@@ -35,6 +38,7 @@ import errno
 import fcntl
 import hashlib
 import logging
+import math
 import os
 import re
 import stat
@@ -91,6 +95,10 @@ class Sink(Protocol):
         """Appends every line or raises AuditError."""
         ...
 
+    async def sync(self) -> None:
+        """Makes what was written durable, if the sink defers that. Raises AuditError."""
+        ...
+
     async def save_checkpoint(self, chain: str, line: bytes) -> None:
         """Keeps the latest checkpoint of `chain` apart from the log. Raises AuditError."""
         ...
@@ -125,7 +133,10 @@ class FileSink:
         max_bytes: int = 100 * 2**20,
         rotate_every: float | None = None,
         clock: Callable[[], float] = time.time,
+        sync_every: float = 0.0,
     ) -> None:
+        """`sync_every`: 0 fsyncs every batch; more lets batches within that many seconds of
+        the last fsync skip theirs (then `sync` or the next due batch catches up)."""
         self.path = Path(path)
         self.name = f"file:{self.path}"
         self.checkpoint_path = Path(f"{self.path}.checkpoint")
@@ -138,6 +149,9 @@ class FileSink:
         self._committed = 0
         self._torn = False
         self._period: int | None = None
+        self._sync_every = sync_every
+        self._synced_at = -math.inf
+        self._unsynced = False
 
     async def start(self, chain: str) -> Resume:
         """Locks and opens the file, moves an incomplete last line aside, and finds `chain`'s
@@ -152,8 +166,18 @@ class FileSink:
             raise AuditError(f"audit file {self.path}: cannot open: {_why(exc)}") from None
 
     async def write(self, lines: list[bytes]) -> None:
-        """Appends the lines and fsyncs. Raises AuditError (and cuts off what got in)."""
+        """Appends the lines and fsyncs when due. Raises AuditError (and cuts off what got
+        in)."""
         await asyncio.to_thread(self._write, b"\n".join(lines) + b"\n")
+
+    async def sync(self) -> None:
+        """Fsyncs what earlier writes left unsynced. Raises AuditError."""
+        if not self._unsynced:
+            return
+        try:
+            await asyncio.to_thread(self._sync)
+        except OSError as exc:
+            raise AuditError(f"audit file {self.path}: fsync failed: {_why(exc)}") from None
 
     async def save_checkpoint(self, chain: str, line: bytes) -> None:
         """Replaces `chain`'s entry in the checkpoint file atomically. Raises AuditError."""
@@ -300,12 +324,21 @@ class FileSink:
                 self._committed = size
             self._torn = True
             _write_all(fd, data)
-            os.fsync(fd)
+            if time.monotonic() - self._synced_at >= self._sync_every:
+                self._sync()
+            else:
+                self._unsynced = True
         except OSError as exc:
             self._cut_torn_batch()
             raise AuditError(f"audit file {self.path}: write failed: {_why(exc)}") from None
         self._torn = False
         self._committed += len(data)
+
+    def _sync(self) -> None:
+        if self._fd is not None:
+            os.fsync(self._fd)
+        self._synced_at = time.monotonic()
+        self._unsynced = False
 
     def _cut_torn_batch(self) -> None:
         # Whatever part of the failed batch got in is removed (best effort; else before the
@@ -333,6 +366,7 @@ class FileSink:
                     "writing to the path anew",
                     self.path,
                 )
+                self._sync()  # what went to the old file stays whole wherever it is now
                 os.close(self._fd)
                 self._fd = None
         if self._fd is None:
@@ -351,6 +385,7 @@ class FileSink:
     def _rotate(self, now: float) -> None:
         assert self._fd is not None
         target = self._unique(now, "")
+        self._sync()  # a rotated file is complete on disk before it gets its final name
         os.rename(self.path, target)
         _fsync_dir(self.path.parent)
         os.close(self._fd)
@@ -415,6 +450,9 @@ class StdoutSink:
 
     async def save_checkpoint(self, chain: str, line: bytes) -> None:
         return None
+
+    async def sync(self) -> None:
+        return None  # every write is flushed
 
     async def close(self) -> None:
         """Raises AuditError."""
@@ -498,6 +536,9 @@ class RedisStreamSink:
 
     async def save_checkpoint(self, chain: str, line: bytes) -> None:
         return None
+
+    async def sync(self) -> None:
+        return None  # XADD answers once Redis has the entry; its durability is Redis's
 
     async def close(self) -> None:
         """Closes the pool. Raises AuditError."""
