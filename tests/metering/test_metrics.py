@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from prometheus_client import generate_latest
+import prometheus_client
+import pytest
+from prometheus_client import CollectorRegistry, generate_latest
 
-from agentproxy.metering.metrics import Metrics
+from agentproxy.metering.metrics import Counter, Histogram, Metrics
 
 
 def sample(metrics: Metrics, name: str, **labels: str) -> float | None:
@@ -43,3 +45,53 @@ def test_removed_children_are_forgotten() -> None:
     metrics.tool_changes.clear()
     metrics.tool_changes.labels("tools", "echo").inc(5)
     assert sample(metrics, "agentproxy_tool_changes_total", upstream="tools", tool="echo") == 5.0
+
+
+def _exposition(registry: CollectorRegistry) -> list[bytes]:
+    # `_created` lines carry each series' creation time: never equal between two registries.
+    return [line for line in generate_latest(registry).splitlines() if b"_created" not in line]
+
+
+def test_the_fast_paths_expose_what_prometheus_clients_own_methods_do() -> None:
+    """`Counter.inc` and `Histogram.observe` skip the library's per-call checks: on the same
+    values (bucket bounds themselves, both ends, +Inf, fractions) the exposition is the same."""
+    ours, stock = CollectorRegistry(), CollectorRegistry()
+    buckets = (0.001, 0.01, 0.1, 1.0)
+    pairs = [
+        (
+            Histogram("h", "h", ["u"], buckets=buckets, registry=ours),
+            prometheus_client.Histogram("h", "h", ["u"], buckets=buckets, registry=stock),
+        ),
+        (
+            Histogram("plain", "p", buckets=buckets, registry=ours),
+            prometheus_client.Histogram("plain", "p", buckets=buckets, registry=stock),
+        ),
+    ]
+    values = [0.0, 0.0005, 0.001, 0.0010001, 0.01, 0.05, 0.1, 1.0, 1.5, 1e9, float("inf")]
+    for fast, slow in pairs:
+        for v in values:
+            (fast.labels("a") if fast._labelnames else fast).observe(v)
+            (slow.labels("a") if slow._labelnames else slow).observe(v)
+    counters = (
+        Counter("c", "c", ["u"], registry=ours),
+        prometheus_client.Counter("c", "c", ["u"], registry=stock),
+    )
+    for counter in counters:
+        counter.labels("a").inc()
+        counter.labels("a").inc(2.5)
+        counter.labels("b").inc(0)
+    assert _exposition(ours) == _exposition(stock)
+
+
+def test_the_fast_paths_keep_the_librarys_errors() -> None:
+    registry = CollectorRegistry()
+    counter = Counter("c", "c", ["u"], registry=registry)
+    histogram = Histogram("h", "h", ["u"], registry=registry)
+    with pytest.raises(ValueError, match="missing label values"):
+        counter.inc()
+    with pytest.raises(ValueError, match="missing label values"):
+        histogram.observe(1.0)
+    with pytest.raises(ValueError, match="non-negative"):
+        counter.labels("a").inc(-1)
+    histogram.labels("a").observe(float("nan"))  # the library's path: no bucket, NaN sum
+    assert registry.get_sample_value("h_count", {"u": "a"}) == 0.0
