@@ -340,10 +340,19 @@ class AuditTrail:
     async def _write(self, sealed: list[Sealed]) -> list[str]:
         """Hands the lines to every sink at once; returns the failures, one per sink."""
         lines = [s.line for s in sealed]
-        outcomes = await asyncio.gather(
-            *(state.sink.write(lines) for state in self._sinks), return_exceptions=True
-        )
+        outcomes: list[BaseException | None]
+        if len(self._sinks) == 1:  # the common case, without gather's task per sink
+            try:
+                await self._sinks[0].sink.write(lines)
+                outcomes = [None]
+            except Exception as exc:
+                outcomes = [exc]
+        else:
+            outcomes = await asyncio.gather(
+                *(state.sink.write(lines) for state in self._sinks), return_exceptions=True
+            )
         first, last = sealed[0].seq, sealed[-1].seq
+        checkpoints = [s for s in sealed if s.record.get("kind") == "checkpoint"]
         failures: list[str] = []
         for state, outcome in zip(self._sinks, outcomes, strict=True):
             if isinstance(outcome, BaseException):
@@ -359,7 +368,6 @@ class AuditTrail:
                     first - 1,
                 )
                 state.missing_from, state.reason = None, ""
-            checkpoints = [s for s in sealed if s.record["kind"] == "checkpoint"]
             if checkpoints:
                 try:
                     latest = checkpoints[-1]
