@@ -606,3 +606,14 @@ def test_render_invalid_token_challenge_is_sanitized() -> None:
         'Bearer error="invalid_token", error_description="token aud is not  us; caf"'
     ]
     assert _problem(reply)["detail"] == 'token "aud" is not \\ us\r\n; café'
+
+
+def test_request_lines_are_remembered_but_refusals_are_not() -> None:
+    first = describe("GET", "/v1/employees/42?a=1")
+    assert describe("GET", "/v1/employees/42?a=1") is first  # remembered: the same objects
+    for _ in range(2):  # a refusal is checked anew every time, never served from memory
+        with pytest.raises(BadRequest):
+            describe("G ET", "/v1/employees/42")
+    long_target = "/v1/" + "x" * 600
+    action, _ = describe("GET", long_target)  # too long to remember, described all the same
+    assert action.target == long_target and describe("GET", long_target) is not None

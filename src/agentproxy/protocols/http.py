@@ -231,6 +231,10 @@ _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 def describe(method: str, raw_target: str) -> tuple[Action, str]:
     """Name an HTTP request as an `Action` ("http:GET /v1/x") and return its raw query.
 
+    Agents call the same few endpoints over and over: short request lines are described once
+    and remembered (an `Action` is immutable, so sharing it is safe); a refusal is never
+    remembered, so a bad request line is checked every time.
+
     The method is kept as sent: RFC 9110 §9.1 makes methods case-sensitive, so "get" is not
     "GET" and falls to the default deny. The raw query (without "?", "" if none) is what the
     shell forwards, unchanged.
@@ -238,6 +242,22 @@ def describe(method: str, raw_target: str) -> tuple[Action, str]:
     Raises:
         BadRequest: the method is not a token, or `normalize_path` / `parse_query` refuse.
     """
+    if len(method) + len(raw_target) <= _REMEMBERED_LINE:
+        return _describe_remembered(method, raw_target)
+    return _describe(method, raw_target)
+
+
+# A remembered request line costs its Action and the strings in it: 4,096 lines of at most
+# 512 characters bound the cache to a few MiB, whatever the agents send.
+_REMEMBERED_LINE = 512
+
+
+@functools.lru_cache(maxsize=4096)
+def _describe_remembered(method: str, raw_target: str) -> tuple[Action, str]:
+    return _describe(method, raw_target)
+
+
+def _describe(method: str, raw_target: str) -> tuple[Action, str]:
     if not _TOKEN.fullmatch(method):
         raise BadRequest("request method is not an RFC 9110 token")
     raw_path, _, raw_query = raw_target.partition("?")

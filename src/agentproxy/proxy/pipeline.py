@@ -410,10 +410,12 @@ class Pipeline:
         if call.status is None or call.refusal is not None:
             return
         rule = self.runtime.policy.rule(decision.rule_id)
-        try:
-            cost = rule_cost(rule, call.action, principal, Facts(task_id=call.task), call.now)
-        except LimitKeyError:
-            cost = 0.0
+        cost = 0.0
+        if rule.cost is not None:  # most rules have none: no Facts to build, no CEL to run
+            try:
+                cost = rule_cost(rule, call.action, principal, Facts(task_id=call.task), call.now)
+            except LimitKeyError:
+                cost = 0.0
         usage = None
         if call.tokens is not None:
             usage = TokenUsage(*call.tokens)
