@@ -394,10 +394,20 @@ def request_headers_to_forward(
 def response_headers_to_return(headers: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
     """The upstream's response headers the agent may see: all but hop-by-hop and those the
     Connection header names (RFC 9110 §7.6.1), in order, duplicates kept. Never raises."""
-    lowered = [(name.lower(), name, value) for name, value in headers]
-    named = _connection_named(lowered)
-    drop = HOP_BY_HOP | named if named else HOP_BY_HOP
-    return [(name, value) for lower, name, value in lowered if lower not in drop]
+    # One pass; a second only when Connection names more than hop-by-hop headers (servers
+    # mostly send `Connection: keep-alive`, whose token is dropped anyway).
+    kept: list[tuple[str, str, str]] = []
+    named: set[str] = set()
+    for name, value in headers:
+        lower = name.lower()
+        if lower in HOP_BY_HOP:
+            if lower == "connection":
+                named.update(t.strip().lower() for t in value.split(",") if t.strip())
+            continue
+        kept.append((lower, name, value))
+    if named and not named <= HOP_BY_HOP:
+        return [(name, value) for lower, name, value in kept if lower not in named]
+    return [(name, value) for _, name, value in kept]
 
 
 # Visible ASCII except "%" (the escape itself), "," (list separator, RFC 9110 §5.6.1), ";"
@@ -420,6 +430,7 @@ def header_value(text: str) -> str:
 _B64TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
 
 
+@functools.lru_cache(maxsize=1024)  # an agent sends the same token call after call
 def bearer_token(authorization: str | None) -> str | None:
     """The bearer token of an `Authorization` header (RFC 6750 §2.1); None when absent.
 
