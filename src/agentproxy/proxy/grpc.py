@@ -44,6 +44,7 @@ from agentproxy.proxy.runtime import Runtime
 log = logging.getLogger("agentproxy.grpc")
 
 UNPARSED = Action("grpc", "?", "<unparsed>", name="grpc:<unparsed>")
+_EOF_CONFIRMATIONS = 2
 STATUS = {code.value[0]: code for code in grpc.StatusCode}
 
 
@@ -203,12 +204,17 @@ class GrpcExchange:
         message: object = await self.context.read()
         if message is aio.EOF:
             # grpcio reports a failed read (a message over the listener's limit) as EOF, then
-            # cancels the handler; a second read tells them apart (a real end answers EOF at
+            # cancels the handler; more reads tell them apart (a real end answers EOF at
             # once, a failed call raises CancelledError), so a cut-off stream is never
-            # half-closed upstream as if it were complete.
-            confirmed: object = await self.context.read()
-            if confirmed is not aio.EOF:
-                raise BadRequest("a message arrived after the end of the request stream")
+            # half-closed upstream as if it were complete. The cancellation comes through
+            # grpcio's completion queue like the reads do, in no set order with them: each
+            # read and loop turn gives it a chance to land first (one was not always enough
+            # on a loaded machine).
+            for _ in range(_EOF_CONFIRMATIONS):
+                confirmed: object = await self.context.read()
+                if confirmed is not aio.EOF:
+                    raise BadRequest("a message arrived after the end of the request stream")
+                await asyncio.sleep(0)
             return None
         if not isinstance(message, bytes):
             raise BadRequest("unexpected message type")
