@@ -55,7 +55,7 @@ bench-deps: install
 	$(PY) -m pip install --quiet -e '.[test,bench]'
 
 bench: bench-deps
-	$(PY) bench/http_overhead.py
+	$(PY) bench/http_overhead.py --breakdown
 	$(PY) bench/peers.py
 	$(PY) bench/scale.py
 	$(PY) bench/decision_store.py
