@@ -62,13 +62,15 @@ LITELLM = ("litellm==1.108.14",)
 # The `proxy` extra of that release, as its own metadata lists it, minus the two pins PyPI
 # cannot satisfy here (taken at their newest published version instead).
 UNPINNED = ("litellm-proxy-extras", "litellm-enterprise")
-PROXY_EXTRA = r"""
-import importlib.metadata as m
+# Run in the peer's venv: argv is the package, the extra, then the names to leave unpinned.
+EXTRA_REQUIREMENTS = r"""
+import importlib.metadata as m, sys
 from pip._vendor.packaging.requirements import Requirement
-for text in m.requires("litellm") or []:
+package, extra, unpinned = sys.argv[1], sys.argv[2], set(sys.argv[3:])
+for text in m.requires(package) or []:
     req = Requirement(text)
-    if req.marker is not None and req.marker.evaluate({"extra": "proxy"}):
-        print(req.name if req.name in UNPINNED else f"{req.name}{req.specifier}")
+    if req.marker is not None and req.marker.evaluate({"extra": extra}):
+        print(req.name if req.name in unpinned else f"{req.name}{req.specifier}")
 """
 
 UPSTREAM = r"""
@@ -213,7 +215,7 @@ def ensure_venv(name: str, packages: tuple[str, ...], minor: int, *, extra: str 
     error when it cannot be had."""
     venv = VENVS / name
     marker = venv / ".bench-packages"
-    wanted = "\n".join(packages)
+    wanted = "\n".join(packages) + (f"\n[{extra}]" if extra else "")
     if marker.exists() and marker.read_text() == wanted:
         return venv
     python = python_at_least(minor)
@@ -236,6 +238,18 @@ def ensure_venv(name: str, packages: tuple[str, ...], minor: int, *, extra: str 
         raise PeerUnavailable(
             f"pip install {' '.join(packages[:1])} failed: " + " / ".join(errors[-2:])
         )
+    if extra:
+        # The extra's requirements as the installed package declares them, with UNPINNED
+        # taken at their newest version (see LITELLM above).
+        package = packages[0].split("==")[0]
+        listed = subprocess.run(
+            [str(venv / "bin" / "python"), "-c", EXTRA_REQUIREMENTS, package, extra, *UNPINNED],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.split()
+        if listed:
+            _pip(pip, listed)
     marker.write_text(wanted)
     return venv
 
