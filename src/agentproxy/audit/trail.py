@@ -64,9 +64,9 @@ log = logging.getLogger("agentproxy.audit")
 BATCH_RECORDS = 512
 LOG_EVERY = 5.0
 # Without `required` nobody waits for a record, so the writer lets this long pass after a
-# batch's first record: what arrives meanwhile shares its write, fsync and thread handoff
-# (~0.3 ms of CPU each on a small VM). At moderate load a batch is otherwise one call's two
-# records; bench/audit_trail.py measures the difference. With `required`, calls wait: no linger.
+# batch's first record: what arrives meanwhile shares its write and thread handoff. At
+# moderate load a batch is otherwise one call's two records; bench/audit_trail.py measures the
+# difference. With `required`, calls wait: no linger.
 LINGER = 0.005
 # Without `required`, the file is fsynced at most this often (and this long after the last
 # batch once the trail goes idle): an fsync per batch put the disk's flush in the tail of
