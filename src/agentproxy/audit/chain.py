@@ -88,8 +88,8 @@ class Chain:
 
     def seal_line(self, record: dict[str, Any]) -> Sealed:
         """Like `seal`, also giving the line to write. Raises ValueError, TypeError."""
-        if "chain" in record or "seq" in record or "prev" in record or "hash" in record:
-            taken = [name for name in SEALED_MEMBERS if name in record]
+        taken = [name for name in SEALED_MEMBERS if name in record]
+        if taken:
             raise ValueError(f"a record to seal must not have {', '.join(taken)}")
         if record.get("kind") == "checkpoint" and record.get("head") != self.head:
             raise ValueError("a checkpoint must be sealed right after the record it covers")

@@ -54,10 +54,7 @@ def decision_record(call: Call, now: float, cost: dict[str, Any] | None = None) 
         "action": call.action.name,
         "batch": [a.name for a in call.batch] or None,
         "upstream": call.upstream,
-        "resource": {
-            "path": call.action.target,
-            "query": plain(q) if (q := call.action.query) else {},
-        },
+        "resource": {"path": call.action.target, "query": plain(call.action.query)},
         "args": jsonable(call.action.args),
         "effect": d.effect.value if d else None,
         "rule": d.rule_id if d else None,

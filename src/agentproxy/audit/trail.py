@@ -37,7 +37,6 @@ import logging
 import os
 import socket
 import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -151,7 +150,7 @@ class AuditTrail:
             assert settings.redis is not None  # AuditSettings checks it
             sinks.append(RedisStreamSink(settings.redis_stream, settings.redis))
         self._sinks = [_SinkState(sink) for sink in sinks]
-        self._queue = _Backlog(settings.queue_size)
+        self._queue: asyncio.Queue[_Entry | None] = asyncio.Queue(settings.queue_size)
         self._chain: Chain | None = None
         self._writer: asyncio.Task[None] | None = None
         self._running = False
@@ -167,7 +166,7 @@ class AuditTrail:
     @property
     def backlog(self) -> int:
         """Records queued and not yet written."""
-        return len(self._queue)
+        return self._queue.qsize()
 
     async def start(self) -> None:
         """Opens every sink, continues this replica's chain, writes what the sinks repaired,
@@ -220,7 +219,9 @@ class AuditTrail:
             snapshot = orjson.loads(orjson.dumps(record))
         except TypeError as exc:
             return self._fail(future, f"record is not JSON-serializable: {exc}")
-        if not self._queue.put(_Entry(snapshot, future)):
+        try:
+            self._queue.put_nowait(_Entry(snapshot, future))
+        except asyncio.QueueFull:
             return self._fail(future, "queue full")
         return future
 
@@ -246,7 +247,9 @@ class AuditTrail:
             except TypeError as exc:
                 self._count_drops(1, f"record is not JSON-serializable: {exc}")
                 return
-        if not self._queue.put(_Entry(record, None)):
+        try:
+            self._queue.put_nowait(_Entry(record, None))
+        except asyncio.QueueFull:
             self._count_drops(1, "queue full")
 
     async def close(self) -> None:
@@ -256,7 +259,7 @@ class AuditTrail:
             return
         self._running = False
         assert self._writer is not None
-        self._queue.close()
+        await self._queue.put(None)
         try:
             await self._writer
         finally:
@@ -276,16 +279,25 @@ class AuditTrail:
         queue = self._queue
         unsynced = False
         while True:
-            if not await queue.wait(SYNC_EVERY if unsynced else None):
+            try:
+                async with asyncio.timeout(SYNC_EVERY if unsynced else None):
+                    entry = await queue.get()
+            except TimeoutError:  # idle since the last batch: make it durable now
                 await self._sync_sinks()
                 unsynced = False
                 continue
-            if self._linger and not queue.closed and len(queue) < BATCH_RECORDS:
-                await asyncio.sleep(self._linger)
-            batch = queue.take(BATCH_RECORDS)
-            closing = queue.closed and not queue
-            if not batch:
+            if entry is None:
                 return
+            if self._linger and queue.qsize() < BATCH_RECORDS:
+                await asyncio.sleep(self._linger)
+            batch = [entry]
+            closing = False
+            while len(batch) < BATCH_RECORDS and not queue.empty():
+                following = queue.get_nowait()
+                if following is None:
+                    closing = True
+                    break
+                batch.append(following)
             try:
                 await self._write_batch(batch)
             except Exception:
@@ -340,17 +352,9 @@ class AuditTrail:
     async def _write(self, sealed: list[Sealed]) -> list[str]:
         """Hands the lines to every sink at once; returns the failures, one per sink."""
         lines = [s.line for s in sealed]
-        outcomes: list[BaseException | None]
-        if len(self._sinks) == 1:  # the common case, without gather's task per sink
-            try:
-                await self._sinks[0].sink.write(lines)
-                outcomes = [None]
-            except Exception as exc:
-                outcomes = [exc]
-        else:
-            outcomes = await asyncio.gather(
-                *(state.sink.write(lines) for state in self._sinks), return_exceptions=True
-            )
+        outcomes = await asyncio.gather(
+            *(state.sink.write(lines) for state in self._sinks), return_exceptions=True
+        )
         first, last = sealed[0].seq, sealed[-1].seq
         checkpoints = [s for s in sealed if s.record.get("kind") == "checkpoint"]
         failures: list[str] = []
@@ -466,65 +470,6 @@ class AuditTrail:
                 log.error("audit: %s", exc)
                 failures.append(str(exc))
         return failures
-
-
-class _Backlog:
-    """The entries waiting for the writer, oldest first, at most `size` of them.
-
-    What asyncio.Queue does, without its bookkeeping (unfinished-task counts, waiter lists,
-    a `join` event): two records a call pass through here, and the queue's Python-level calls
-    were a measurable share of the audit trail's cost per call.
-    """
-
-    def __init__(self, size: int) -> None:
-        self._size = size
-        self._items: deque[_Entry] = deque()
-        self._waiter: asyncio.Future[None] | None = None
-        self.closed = False
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-    def put(self, entry: _Entry) -> bool:
-        """Appends `entry`; False (nothing done) when full or closed."""
-        if len(self._items) >= self._size or self.closed:
-            return False
-        self._items.append(entry)
-        self._wake()
-        return True
-
-    def close(self) -> None:
-        """No more entries: the writer takes what is left, then stops."""
-        self.closed = True
-        self._wake()
-
-    async def wait(self, within: float | None = None) -> bool:
-        """Waits for an entry to take, or for the backlog to close: True then, False once
-        `within` seconds passed without either."""
-        if not self._items and not self.closed:
-            loop = asyncio.get_running_loop()
-            self._waiter = waiter = loop.create_future()
-            timer = None if within is None else loop.call_later(within, _resolve, waiter)
-            try:
-                await waiter
-            finally:
-                self._waiter = None
-                if timer is not None:
-                    timer.cancel()
-        return bool(self._items) or self.closed
-
-    def take(self, most: int) -> list[_Entry]:
-        items = self._items
-        return [items.popleft() for _ in range(min(most, len(items)))]
-
-    def _wake(self) -> None:
-        if self._waiter is not None:
-            _resolve(self._waiter)
-
-
-def _resolve(waiter: asyncio.Future[None]) -> None:
-    if not waiter.done():
-        waiter.set_result(None)
 
 
 def _retrieve(future: asyncio.Future[None]) -> None:

@@ -357,8 +357,12 @@ def _connection_named(lowered: list[tuple[str, str, str]]) -> frozenset[str]:
     named: set[str] = set()
     for lower, _, value in lowered:
         if lower == "connection":
-            named.update(t.strip().lower() for t in value.split(",") if t.strip())
+            named.update(_connection_tokens(value))
     return frozenset(named)
+
+
+def _connection_tokens(value: str) -> set[str]:
+    return {t.strip().lower() for t in value.split(",") if t.strip()}
 
 
 @functools.lru_cache(maxsize=64)
@@ -395,14 +399,14 @@ def response_headers_to_return(headers: Iterable[tuple[str, str]]) -> list[tuple
     """The upstream's response headers the agent may see: all but hop-by-hop and those the
     Connection header names (RFC 9110 §7.6.1), in order, duplicates kept. Never raises."""
     # One pass; a second only when Connection names more than hop-by-hop headers (servers
-    # mostly send `Connection: keep-alive`, whose token is dropped anyway).
+    # mostly send `Connection: keep-alive`, whose token is dropped anyway). Runs on every call.
     kept: list[tuple[str, str, str]] = []
     named: set[str] = set()
     for name, value in headers:
         lower = name.lower()
         if lower in HOP_BY_HOP:
             if lower == "connection":
-                named.update(t.strip().lower() for t in value.split(",") if t.strip())
+                named |= _connection_tokens(value)
             continue
         kept.append((lower, name, value))
     if named and not named <= HOP_BY_HOP:
