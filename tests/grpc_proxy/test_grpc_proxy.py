@@ -284,7 +284,10 @@ async def test_deadline_exceeded_upstream_and_the_remaining_deadline_travels(
     # The upstream got a deadline of its own (what was left), so it gave up too.
     await asyncio.wait_for(grpc_upstream.cancelled.wait(), 5)
     remaining = grpc_upstream.deadlines[-1]
-    assert remaining is not None and 0 < remaining <= 0.5
+    # grpcio carries a deadline as an absolute time on each side and reads it back against
+    # the clock, so what the upstream sees can exceed the caller's 0.5 s by microseconds
+    # (0.50017 once, in a full run): "what was left" is at most the caller's, within 10 ms.
+    assert remaining is not None and 0 < remaining <= 0.51
 
 
 @pytest.mark.parametrize("path", ["unary", "stream"])
