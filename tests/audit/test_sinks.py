@@ -261,3 +261,39 @@ async def test_the_trail_fsyncs_each_batch_only_when_calls_wait(
                 break
         assert len(fsyncs) == 2
     await trail.close()
+
+
+async def test_a_deferring_file_sink_appends_on_the_loop_and_leaves_the_disk_to_a_thread(
+    tmp_path: Path, fsyncs: list[int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A plain append goes to the page cache on the loop (a thread handoff per batch cost
+    more than the write); whatever waits on the disk (an fsync, a rotation) still runs in a
+    worker thread, and a file replaced behind the writer is still noticed."""
+    threaded: list[str] = []
+    to_thread = asyncio.to_thread
+
+    async def counting(func: Callable[..., object], /, *args: object) -> object:
+        threaded.append(getattr(func, "__name__", "?"))
+        return await to_thread(func, *args)
+
+    monkeypatch.setattr(asyncio, "to_thread", counting)  # the sink looks it up per call
+    path = tmp_path / "audit.jsonl"
+    sink = FileSink(path, max_bytes=60, sync_every=60.0)
+    await sink.start("c")
+    await sink.write([b'{"n":1}'])  # the first batch is fsynced: in a thread
+    threaded.clear()
+    await sink.write([b'{"n":2}'])
+    await sink.write([b'{"n":3}'])
+    assert threaded == [] and len(fsyncs) == 1
+
+    path.rename(tmp_path / "moved.jsonl")  # replaced behind the writer's back
+    await sink.write([b'{"n":4}'])
+    assert (tmp_path / "moved.jsonl").read_bytes() == b'{"n":1}\n{"n":2}\n{"n":3}\n'
+    assert path.read_bytes() == b'{"n":4}\n'
+
+    threaded.clear()
+    await sink.write([b'{"n":5, "pad": "%s"}' % (b"x" * 40)])  # past max_bytes: rotates
+    assert threaded == ["_write"]
+    await sink.sync()
+    assert threaded == ["_write", "_sync"]
+    await sink.close()

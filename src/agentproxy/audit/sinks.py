@@ -1,9 +1,11 @@
 """Where sealed audit lines go: an append-only JSONL file, stdout, a Redis stream.
 
 Every sink takes whole batches (`write(lines)`, one JSON document per line, no newlines) and
-either accepts all of them or raises `AuditError`; blocking I/O runs in a thread, so the event
-loop never waits on a disk or a pipe. `start(chain)` opens the sink and says where the chain
-stands in it (`Resume`), so that a restarted writer continues its chain instead of forking it.
+either accepts all of them or raises `AuditError`; I/O that may wait on a disk or a pipe runs
+in a thread, so the event loop never does. (The one exception: the file's plain appends while
+an fsync is deferred, which only copy into the page cache.) `start(chain)` opens the sink and
+says where the chain stands in it (`Resume`), so that a restarted writer continues its chain
+instead of forking it.
 
 The file (`FileSink`), and the files next to it:
 
@@ -168,7 +170,13 @@ class FileSink:
     async def write(self, lines: list[bytes]) -> None:
         """Appends the lines and fsyncs when due. Raises AuditError (and cuts off what got
         in)."""
-        await asyncio.to_thread(self._write, b"\n".join(lines) + b"\n")
+        data = b"\n".join(lines) + b"\n"
+        if self._appends_only(len(data)):
+            # Into the page cache, on the loop: a thread handoff per batch (the GIL passed
+            # back and forth for every system call in it) cost several times the write.
+            self._write(data)
+            return
+        await asyncio.to_thread(self._write, data)
 
     async def sync(self) -> None:
         """Fsyncs what earlier writes left unsynced. Raises AuditError."""
@@ -193,7 +201,20 @@ class FileSink:
         except OSError as exc:
             raise AuditError(f"audit file {self.path}: close failed: {_why(exc)}") from None
 
-    # The rest runs in a worker thread, one call at a time (the trail awaits each).
+    def _appends_only(self, incoming: int) -> bool:
+        """Whether writing `incoming` bytes now waits on nothing but the page cache: no fsync,
+        rotation or failed batch to cut off is due (the path replaced behind the writer is
+        found only while writing, and is rare enough to take its fsync on the loop)."""
+        return (
+            self._fd is not None
+            and not self._torn
+            and time.monotonic() - self._synced_at < self._sync_every
+            and self._committed + incoming <= self._max_bytes
+            and (self._rotate_every is None or self._period_of(self._clock()) == self._period)
+        )
+
+    # The rest runs in a worker thread, one call at a time (the trail awaits each), except
+    # the plain appends `write` makes on the loop.
 
     def _start(self, chain: str) -> Resume:
         lock_path = f"{self.path}.lock"
