@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 
 import aiohttp
 from aiohttp import web
-from yarl import URL
 
 from agentproxy.config.model import Upstream
 from agentproxy.core import Action, Call
@@ -38,6 +37,7 @@ from agentproxy.proxy.context import context_headers
 from agentproxy.proxy.pins import ToolPins
 from agentproxy.proxy.pipeline import Pipeline, start_call
 from agentproxy.proxy.runtime import Runtime
+from agentproxy.proxy.upstream import HttpProcessingError, UpstreamAnswer, UpstreamClient, origin_of
 
 log = logging.getLogger("agentproxy.http")
 
@@ -64,44 +64,11 @@ def _stripped(credential_header: str | None) -> frozenset[str]:
     return _ALWAYS_STRIPPED | {credential_header.lower()}
 
 
-@functools.lru_cache(maxsize=64)
-def _timeout(seconds: float) -> aiohttp.ClientTimeout:
-    # No total: a long answer (a stream) may take as long as it keeps sending.
-    return aiohttp.ClientTimeout(total=None, sock_connect=seconds, sock_read=seconds)
-
-
-class UpstreamSessions:
-    """One aiohttp client session per upstream, shared by every call to it."""
-
-    def __init__(self) -> None:
-        self._sessions: dict[str, aiohttp.ClientSession] = {}
-
-    def get(self, upstream: Upstream) -> aiohttp.ClientSession:
-        session = self._sessions.get(upstream.name)
-        if session is None or session.closed:
-            session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=0, limit_per_host=0, ttl_dns_cache=30),
-                # Bytes pass through untouched: the agent gets the upstream's encoding.
-                auto_decompress=False,
-                # A shared jar would hand one agent's cookies to the next caller.
-                cookie_jar=aiohttp.DummyCookieJar(),
-                skip_auto_headers=("User-Agent", "Accept-Encoding", "Accept", "Content-Type"),
-                trust_env=False,
-            )
-            self._sessions[upstream.name] = session
-        return session
-
-    async def close(self) -> None:
-        for session in self._sessions.values():
-            await session.close()
-        self._sessions.clear()
-
-
 class HttpDataPlane:
     def __init__(
         self,
         current: Callable[[], Pipeline],
-        sessions: UpstreamSessions,
+        sessions: UpstreamClient,
         mcp: McpState | None = None,
     ) -> None:
         self._current = current
@@ -171,7 +138,7 @@ class HttpExchange:
         upstream: Upstream | None,
         path: str,
         raw_query: str,
-        sessions: UpstreamSessions,
+        sessions: UpstreamClient,
     ) -> None:
         self.request = request
         self.runtime = runtime
@@ -245,26 +212,26 @@ class HttpExchange:
             await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
             request.writer.output_size = 0
         headers = self._upstream_headers(call, upstream)
-        url = upstream.url + self.path + ("?" + self.raw_query if self.raw_query else "")
-        timeout = _timeout(upstream.timeout)
-        session = self.sessions.get(upstream)
+        origin, base = origin_of(upstream.url)
+        # Already normalized by the adapter: sent as it is.
+        target = base + self.path + ("?" + self.raw_query if self.raw_query else "")
         sent = time.perf_counter()
         try:
-            upstream_response = await session.request(
+            upstream_response = await self.sessions.request(
+                origin,
                 request.method,
-                URL(url, encoded=True),  # already normalized: re-encoding would change it
-                headers=headers,
-                data=self._request_data(call, upstream),
-                allow_redirects=False,
-                timeout=timeout,
+                target,
+                headers,
+                self._request_data(call, upstream),
+                upstream.timeout,
             )
-        except (TimeoutError, aiohttp.ServerTimeoutError):
+        except TimeoutError:
             self._check_body_size(upstream)
             call.upstream_seconds = time.perf_counter() - sent
             raise UpstreamTimeout(
                 f"upstream {upstream.name} did not answer within {upstream.timeout:g}s"
             ) from None
-        except (aiohttp.ClientError, OSError) as exc:
+        except (aiohttp.ClientError, OSError, HttpProcessingError) as exc:
             self._check_body_size(upstream)
             call.upstream_seconds = time.perf_counter() - sent
             log.warning("upstream %s failed for call %s: %r", upstream.name, call.id, exc)
@@ -331,7 +298,7 @@ class HttpExchange:
                 raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
             yield chunk
 
-    async def _stream_back(self, call: Call, upstream_response: aiohttp.ClientResponse) -> None:
+    async def _stream_back(self, call: Call, upstream_response: UpstreamAnswer) -> None:
         content = upstream_response.content
         # Most small answers arrive whole with their headers. Those go back in one write,
         # headers and body together, instead of two (a system call and a packet fewer per
@@ -376,7 +343,7 @@ class HttpExchange:
     # Hooks for exchanges that read the answer as it passes (LLM usage); plain HTTP passes
     # every byte through as it arrives.
     def _adjust_response_headers(
-        self, upstream_response: aiohttp.ClientResponse, response: web.StreamResponse
+        self, upstream_response: UpstreamAnswer, response: web.StreamResponse
     ) -> None:
         return None
 

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
-import aiohttp
 from aiohttp import web
 
 from agentproxy.config.model import Upstream
 from agentproxy.core import Call
 from agentproxy.protocols import llm
 from agentproxy.proxy.http import HttpExchange
+from agentproxy.proxy.upstream import UpstreamAnswer
 
 
 class LlmExchange(HttpExchange):
@@ -57,7 +57,7 @@ class LlmExchange(HttpExchange):
         return [(k, v) for k, v in headers if k.lower() not in dropped]
 
     def _adjust_response_headers(
-        self, upstream_response: aiohttp.ClientResponse, response: web.StreamResponse
+        self, upstream_response: UpstreamAnswer, response: web.StreamResponse
     ) -> None:
         if self.parsed is None:
             return

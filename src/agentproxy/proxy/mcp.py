@@ -14,7 +14,6 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
-import aiohttp
 from aiohttp import web
 
 from agentproxy.config.model import Upstream
@@ -23,8 +22,9 @@ from agentproxy.errors import BadRequest, Denied, UpstreamFailed
 from agentproxy.policy import could_allow
 from agentproxy.protocols import mcp
 from agentproxy.protocols.http import response_headers_to_return
-from agentproxy.proxy.http import HttpExchange, McpState, UpstreamSessions
+from agentproxy.proxy.http import HttpExchange, McpState
 from agentproxy.proxy.runtime import Runtime
+from agentproxy.proxy.upstream import UpstreamAnswer, UpstreamClient
 
 log = logging.getLogger("agentproxy.mcp")
 
@@ -40,7 +40,7 @@ class McpExchange(HttpExchange):
         upstream: Upstream,
         path: str,
         raw_query: str,
-        sessions: UpstreamSessions,
+        sessions: UpstreamClient,
         state: McpState,
     ) -> None:
         super().__init__(request, runtime, upstream, path, raw_query, sessions)
@@ -118,7 +118,7 @@ class McpExchange(HttpExchange):
         call.status = reply.status
         self.response = response
 
-    async def _stream_back(self, call: Call, upstream_response: aiohttp.ClientResponse) -> None:
+    async def _stream_back(self, call: Call, upstream_response: UpstreamAnswer) -> None:
         parsed = self.parsed
         if parsed is None or not mcp.is_tools_list(parsed) or upstream_response.status != 200:
             await super()._stream_back(call, upstream_response)
@@ -147,7 +147,7 @@ class McpExchange(HttpExchange):
         call.bytes_out = len(filtered)
         self.response = response
 
-    async def _read_listing(self, upstream_response: aiohttp.ClientResponse) -> bytes:
+    async def _read_listing(self, upstream_response: UpstreamAnswer) -> bytes:
         if upstream_response.headers.get("Content-Encoding", "identity") != "identity":
             raise UpstreamFailed("the upstream compressed its tools/list answer")
         chunks: list[bytes] = []

@@ -38,8 +38,9 @@ from agentproxy.proxy import runtime as runtime_module
 from agentproxy.proxy.explain import explain
 from agentproxy.proxy.grpc import GrpcDataPlane
 from agentproxy.proxy.grpc_upstreams import Channels, Descriptors
-from agentproxy.proxy.http import HttpDataPlane, McpState, UpstreamSessions
+from agentproxy.proxy.http import HttpDataPlane, McpState
 from agentproxy.proxy.pipeline import Pipeline, Services
+from agentproxy.proxy.upstream import UpstreamClient
 from agentproxy.proxy.watch import watch
 from agentproxy.store import MemoryStore, Revocation, Store, StoreError
 
@@ -83,7 +84,7 @@ class ProxyServer:
             task_ttl=config.store.task_ttl,
         )
         self._refresher: asyncio.Task[None] | None = None
-        self.sessions = UpstreamSessions()
+        self.sessions = UpstreamClient()
         self.mcp = McpState(
             on_tool_change=lambda upstream, tool: self.metrics.tool_changes.labels(
                 upstream, tool
