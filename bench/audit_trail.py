@@ -102,8 +102,9 @@ async def main() -> int:
         f"# Audit trail cost per call ({machine()})\n\n"
         "Two records per call (decision, outcome) handed to a trail at a steady pace, as "
         "the pipeline does (`required: true`: the decision record submitted, for its call to "
-        "await, every batch written and fsynced; `required: false`: both posted, batches "
-        "written by a worker thread and fsynced at most once a second); CPU of the process "
+        "await, every batch written and fsynced in a worker thread; `required: false`: both "
+        "posted, batches appended on the loop and fsynced at most once a second); CPU of the "
+        "process "
         "beyond an empty loop at the same pace. asyncio.sleep's granularity makes the real "
         "pace lower than the nominal one.\n\n"
         + table(["nominal pace", "trail", "CPU µs/call", "records/batch"], rows, "llrr")
