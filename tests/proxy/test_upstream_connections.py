@@ -150,6 +150,24 @@ async def test_a_dropped_kept_alive_connection_is_retried_only_when_safe(
     assert up.connections == 3
 
 
+async def test_interim_answers_are_skipped_for_the_final_one(
+    make_proxy: ProxyFactory, keys: Keys, scripted: Start
+) -> None:
+    """1xx answers (100 Continue, 103 Early Hints) precede the final answer on the same
+    connection; the agent gets the final one, and the connection stays usable."""
+    interim = b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n"
+    up = await scripted(lambda n, head: interim + OK)
+    proxy = await make_proxy(upstream_url=f"http://127.0.0.1:{up.port}")
+    async with (
+        aiohttp.ClientSession() as s,
+        s.get(proxy.base + "/public/x", headers=bearer(keys.token())) as r,
+    ):
+        assert r.status == 200
+        assert await r.read() == b"{}"
+    assert await _get(proxy.base, keys) == 200
+    assert up.connections == 1
+
+
 async def test_idle_connections_expire(
     make_proxy: ProxyFactory,
     keys: Keys,
