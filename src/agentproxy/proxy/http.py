@@ -68,11 +68,11 @@ class HttpDataPlane:
     def __init__(
         self,
         current: Callable[[], Pipeline],
-        sessions: UpstreamClient,
+        upstream_client: UpstreamClient,
         mcp: McpState | None = None,
     ) -> None:
         self._current = current
-        self._sessions = sessions
+        self._upstream_client = upstream_client
         self._mcp = mcp or McpState()
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
@@ -112,17 +112,23 @@ class HttpDataPlane:
             from agentproxy.proxy.llm import LlmExchange
 
             exchange = LlmExchange(
-                request, runtime, upstream, action.target, raw_query, self._sessions
+                request, runtime, upstream, action.target, raw_query, self._upstream_client
             )
         elif upstream is not None and upstream.protocol == "mcp":
             from agentproxy.proxy.mcp import McpExchange
 
             exchange = McpExchange(
-                request, runtime, upstream, action.target, raw_query, self._sessions, self._mcp
+                request,
+                runtime,
+                upstream,
+                action.target,
+                raw_query,
+                self._upstream_client,
+                self._mcp,
             )
         else:
             exchange = HttpExchange(
-                request, runtime, upstream, action.target, raw_query, self._sessions
+                request, runtime, upstream, action.target, raw_query, self._upstream_client
             )
         await pipeline.run(call, exchange)
         return exchange.response
@@ -138,7 +144,7 @@ class HttpExchange:
         upstream: Upstream | None,
         path: str,
         raw_query: str,
-        sessions: UpstreamClient,
+        upstream_client: UpstreamClient,
     ) -> None:
         self.request = request
         self.runtime = runtime
@@ -147,7 +153,7 @@ class HttpExchange:
         # The normalized path the HTTP adapter described: what is forwarded, whatever action
         # a protocol adapter later names (an MCP tool) for policy.
         self.path = path
-        self.sessions = sessions
+        self.upstream_client = upstream_client
         self._response: web.StreamResponse | None = None
         self._responded = False
         self._body_too_large = False
@@ -217,7 +223,7 @@ class HttpExchange:
         target = base + self.path + ("?" + self.raw_query if self.raw_query else "")
         sent = time.perf_counter()
         try:
-            upstream_response = await self.sessions.request(
+            upstream_response = await self.upstream_client.request(
                 origin,
                 request.method,
                 target,

@@ -40,10 +40,10 @@ class McpExchange(HttpExchange):
         upstream: Upstream,
         path: str,
         raw_query: str,
-        sessions: UpstreamClient,
+        upstream_client: UpstreamClient,
         state: McpState,
     ) -> None:
-        super().__init__(request, runtime, upstream, path, raw_query, sessions)
+        super().__init__(request, runtime, upstream, path, raw_query, upstream_client)
         self.mcp_upstream = upstream
         self.state = state
         self.parsed: mcp.McpRequest | None = None

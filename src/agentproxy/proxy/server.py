@@ -84,7 +84,7 @@ class ProxyServer:
             task_ttl=config.store.task_ttl,
         )
         self._refresher: asyncio.Task[None] | None = None
-        self.sessions = UpstreamClient()
+        self.upstream_client = UpstreamClient()
         self.mcp = McpState(
             on_tool_change=lambda upstream, tool: self.metrics.tool_changes.labels(
                 upstream, tool
@@ -265,7 +265,7 @@ class ProxyServer:
         self.services.notify = self._approval_event
         self._approval_watch = asyncio.get_running_loop().create_task(self._watch_approvals())
         self._pipeline = Pipeline(runtime, self.services)
-        data_plane = HttpDataPlane(lambda: self.pipeline, self.sessions, self.mcp)
+        data_plane = HttpDataPlane(lambda: self.pipeline, self.upstream_client, self.mcp)
         listen = self.config.listen
         admin = web.AppRunner(admin_app(self), access_log=None)
         http = web.ServerRunner(
@@ -406,7 +406,7 @@ class ProxyServer:
                     await task
         if self.notifier is not None:
             await self.notifier.close()
-        await self.sessions.close()
+        await self.upstream_client.close()
         await self.channels.close()
         if self.services.audit is not None:
             try:
