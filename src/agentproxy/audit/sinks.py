@@ -208,9 +208,17 @@ class FileSink:
         return (
             self._fd is not None
             and not self._torn
-            and time.monotonic() - self._synced_at < self._sync_every
-            and self._committed + incoming <= self._max_bytes
-            and (self._rotate_every is None or self._period_of(self._clock()) == self._period)
+            and not self._sync_due()
+            and not self._rotation_due(incoming, self._clock())
+        )
+
+    def _sync_due(self) -> bool:
+        return time.monotonic() - self._synced_at >= self._sync_every
+
+    def _rotation_due(self, incoming: int, now: float) -> bool:
+        return bool(self._committed) and (
+            self._committed + incoming > self._max_bytes
+            or (self._rotate_every is not None and self._period_of(now) != self._period)
         )
 
     # The rest runs in a worker thread, one call at a time (the trail awaits each), except
@@ -345,7 +353,7 @@ class FileSink:
                 self._committed = size
             self._torn = True
             _write_all(fd, data)
-            if time.monotonic() - self._synced_at >= self._sync_every:
+            if self._sync_due():
                 self._sync()
             else:
                 self._unsynced = True
@@ -393,10 +401,7 @@ class FileSink:
         if self._fd is None:
             self._open()
         now = self._clock()
-        if self._committed and (
-            self._committed + incoming > self._max_bytes
-            or (self._rotate_every is not None and self._period_of(now) != self._period)
-        ):
+        if self._rotation_due(incoming, now):
             self._rotate(now)
         if self._period is None:
             self._period = self._period_of(now)

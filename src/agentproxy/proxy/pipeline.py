@@ -10,6 +10,7 @@ The stage order is visible in one place, `run()`; later issues add stages to the
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import os
@@ -412,10 +413,8 @@ class Pipeline:
         rule = self.runtime.policy.rule(decision.rule_id)
         cost = 0.0
         if rule.cost is not None:  # most rules have none: no Facts to build, no CEL to run
-            try:
+            with contextlib.suppress(LimitKeyError):  # a cost key the call lacks: no cost
                 cost = rule_cost(rule, call.action, principal, Facts(task_id=call.task), call.now)
-            except LimitKeyError:
-                cost = 0.0
         usage = None
         if call.tokens is not None:
             usage = TokenUsage(*call.tokens)

@@ -234,15 +234,13 @@ class UpstreamClient:
         return UpstreamAnswer(self, origin, protocol, message, content, sender)
 
     async def _connection(self, origin: Origin, seconds: float) -> tuple[ResponseHandler, bool]:
-        idle = self._idle.get(origin)
-        if idle:
-            now = asyncio.get_running_loop().time()
-            while idle:
-                protocol, since = idle.pop()
-                if now - since < KEEPALIVE and _reusable(protocol):
-                    return protocol, True
-                protocol.close()
         loop = asyncio.get_running_loop()
+        idle = self._idle.get(origin)
+        while idle:
+            protocol, since = idle.pop()
+            if loop.time() - since < KEEPALIVE and _reusable(protocol):
+                return protocol, True
+            protocol.close()
         secure = origin.scheme == "https"
         if secure and self._ssl is None:
             self._ssl = ssl.create_default_context()
