@@ -513,7 +513,8 @@ def report(
             f"open loop, {args.rate_seconds:g} s runs, best of {args.rate_rounds} alternating "
             "rounds",
             "",
-            "bench/loadgen.py (own process, 64 keep-alive connections) releases requests on "
+            "bench/loadgen.py (own process, 64 keep-alive connections, paced by a kernel "
+            "interval timer) releases requests on "
             "schedule whatever the answers do; latency counts from the release, so a queue "
             "behind a slow answer is measured (no coordinated omission). Added = contender "
             "minus direct, same percentile.",

@@ -2,11 +2,16 @@
 
 wrk is closed-loop: each connection waits for an answer before it sends again, so a stalled
 server is sent less and its stall is hidden ("coordinated omission"). Here a scheduler
-releases request i at start + i/rate whatever the answers do; a pool of keep-alive
+releases request i at start + (i+1)/rate whatever the answers do; a pool of keep-alive
 connections sends them; a request that finds every connection busy waits in the queue, and
 that wait is part of its latency (measured from its release, not from when a connection
-took it). The scheduler wakes on the event loop's millisecond timer; how late it released
-requests is reported as `lag_p99` so a loaded load generator shows itself.
+took it). How late requests were released is reported as `lag_p99`, so a loaded load
+generator shows itself.
+
+The scheduler is a kernel interval timer (timerfd) the event loop watches. The loop's own
+timers count whole milliseconds: asked to sleep 0.36 ms (2,800/s), uvloop's wakes at once, so
+pacing with them either spins, taking a whole core from the contenders on a small machine,
+or releases requests in bursts every one or two milliseconds, which is not a fixed rate.
 
     python bench/loadgen.py http://127.0.0.1:8080/v1/x --rate 2000 --seconds 10 \
         --header "Authorization: Bearer ..."
@@ -18,12 +23,44 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ctypes
 import json
+import os
 import sys
 import time
 from urllib.parse import urlsplit
 
 import uvloop
+
+_CLOCK_MONOTONIC = 1  # time.perf_counter's clock on Linux
+_TFD_FLAGS = os.O_NONBLOCK | os.O_CLOEXEC  # TFD_NONBLOCK, TFD_CLOEXEC have the same values
+
+
+class _Timespec(ctypes.Structure):
+    _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
+
+
+class _Itimerspec(ctypes.Structure):
+    _fields_ = [("it_interval", _Timespec), ("it_value", _Timespec)]
+
+
+def interval_timer(interval: float) -> int:
+    """A non-blocking timerfd expiring every `interval` seconds from now (first: after one).
+
+    Reading it gives the number of expirations since the last read (8 bytes, native order).
+    Raises OSError where timerfd is missing (Linux only, as the rest of bench/ is).
+    """
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = libc.timerfd_create(_CLOCK_MONOTONIC, _TFD_FLAGS)
+    if fd < 0:
+        raise OSError(ctypes.get_errno(), "timerfd_create")
+    ns = max(1, round(interval * 1e9))
+    period = _Timespec(ns // 1_000_000_000, ns % 1_000_000_000)
+    if libc.timerfd_settime(fd, 0, ctypes.byref(_Itimerspec(period, period)), None) != 0:
+        err = ctypes.get_errno()
+        os.close(fd)
+        raise OSError(err, "timerfd_settime")
+    return fd
 
 
 def _percentile(ordered: list[float], q: float) -> float:
@@ -97,20 +134,34 @@ async def run(
 
     workers = [asyncio.ensure_future(worker()) for _ in range(connections)]
     await asyncio.sleep(0.2)  # connections open before the clock starts
-    start = time.perf_counter()
+    loop = asyncio.get_running_loop()
     interval = 1.0 / rate
     sent = 0
-    while sent < total:
+    released = loop.create_future()
+
+    def release() -> None:
+        nonlocal sent
+        try:
+            expired = int.from_bytes(os.read(timer, 8), sys.byteorder)
+        except BlockingIOError:
+            return
         now = time.perf_counter()
-        due = start + sent * interval
-        if due > now:
-            await asyncio.sleep(due - now)
-            continue
-        # Release every request that is due: a late wake-up never thins out the load.
-        while sent < total and start + sent * interval <= now:
-            lags.append(now - (start + sent * interval))
+        # Every request that is due goes: a late wake-up never thins out the load.
+        for _ in range(min(expired, total - sent)):
+            lags.append(now - (start + (sent + 1) * interval))
             queue.put_nowait(now)
             sent += 1
+        if sent >= total and not released.done():
+            released.set_result(None)
+
+    start = time.perf_counter()
+    timer = interval_timer(interval)
+    try:
+        loop.add_reader(timer, release)
+        await released
+    finally:
+        loop.remove_reader(timer)
+        os.close(timer)
     for _ in workers:
         queue.put_nowait(None)
     await asyncio.wait_for(asyncio.gather(*workers), timeout=seconds + 60)
