@@ -354,11 +354,12 @@ class Open:
     p999: float
     errors: int
     lag_p99: float
+    cpu_us: float | None = None  # the contender's CPU per call during the run, when measured
 
     @classmethod
     def parse(cls, text: str) -> Open:
         data = json.loads(text)
-        return cls(**{k: data[k] for k in cls.__dataclass_fields__})
+        return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
 
 
 def fixed_rate(
@@ -368,14 +369,19 @@ def fixed_rate(
     seconds: float,
     connections: int = 64,
     headers: dict[str, str] | None = None,
+    cpu_pid: int | None = None,
 ) -> Open:
-    """Latency at a fixed request rate, from bench/loadgen.py in its own process."""
+    """Latency at a fixed request rate, from bench/loadgen.py in its own process; with
+    `cpu_pid`, also that process's CPU time per call sent."""
     cmd = [sys.executable, str(HERE / "loadgen.py"), url, "--rate", str(rate)]
     cmd += ["--seconds", str(seconds), "--connections", str(connections)]
     for name, value in (headers or {}).items():
         cmd += ["--header", f"{name}: {value}"]
+    before = cpu_seconds(cpu_pid) if cpu_pid is not None else 0.0
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     result = Open.parse(out.strip().splitlines()[-1])
+    if cpu_pid is not None:
+        result.cpu_us = (cpu_seconds(cpu_pid) - before) / int(rate * seconds) * 1e6
     if result.errors:
         raise RuntimeError(f"{url}: {result.errors} failed calls at {rate:.0f}/s")
     return result

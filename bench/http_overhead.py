@@ -404,7 +404,9 @@ def main() -> int:
         for _ in range(args.rate_rounds):
             for name in opened:
                 url, headers = contenders[name]
-                run_open = fixed_rate(url, rate=rate, seconds=args.rate_seconds, headers=headers)
+                run_open = fixed_rate(
+                    url, rate=rate, seconds=args.rate_seconds, headers=headers, cpu_pid=pids[name]
+                )
                 opened[name].append(run_open)
                 print(f"  {name} at {rate:.0f}/s: p50 {run_open.p50:.2f} ms", flush=True)
     text = report(args, closed, opened, rate, upstream_name)
@@ -461,6 +463,9 @@ def report(
         for field in ("p50", "p99", "p999"):
             cells.append(f"{pct(runs, field) - pct(direct, field):+.2f}")
         cells.append(f"{max(r.lag_p99 for r in runs):.2f}")
+        cpu = best((r.cpu_us for r in runs if r.cpu_us is not None), high=False)
+        closed_cpu = best((r.cpu_us for r in closed[name] if r.cpu_us is not None), high=False)
+        cells += [f"{cpu:.0f}", f"{cpu / closed_cpu:.2f}", f"{rate * cpu / 1e4:.0f}%"]
         rows.append(cells)
     open_table = table(
         [
@@ -473,6 +478,9 @@ def report(
             "added p99",
             "added p99.9",
             "loadgen lag p99",
+            "CPU µs/call",
+            "× closed-loop CPU",
+            "busy",
         ],
         rows,
     )
@@ -517,7 +525,10 @@ def report(
             "interval timer) releases requests on "
             "schedule whatever the answers do; latency counts from the release, so a queue "
             "behind a slow answer is measured (no coordinated omission). Added = contender "
-            "minus direct, same percentile.",
+            "minus direct, same percentile. CPU µs/call as above, during these runs; × "
+            "closed-loop CPU: against the closed-loop table (arriving one at a time, each call "
+            "wakes the process on its own, with its caches cold); busy: rate × CPU µs/call, "
+            "the share of one core the contender kept busy.",
             "",
             open_table,
             "",
