@@ -401,15 +401,19 @@ def main() -> int:
                 print(f"  {name}: {run.rps:,.0f}/s, {run.cpu_us or 0:.0f} µs CPU/call", flush=True)
         rate = round(best(r.rps for r in closed[FULL]) / 2, -1)
         opened: dict[str, list[Open]] = {n: [] for n in (DIRECT, ENVOY_AUTHZ, POLICY_ONLY, FULL)}
+        # The same target applied to Envoy: at half of its own max.
+        envoy_rate = round(best(r.rps for r in closed[ENVOY_AUTHZ]) / 2, -1)
+        envoy_opened: dict[str, list[Open]] = {DIRECT: [], ENVOY_AUTHZ: []}
         for _ in range(args.rate_rounds):
-            for name in opened:
-                url, headers = contenders[name]
-                run_open = fixed_rate(
-                    url, rate=rate, seconds=args.rate_seconds, headers=headers, cpu_pid=pids[name]
-                )
-                opened[name].append(run_open)
-                print(f"  {name} at {rate:.0f}/s: p50 {run_open.p50:.2f} ms", flush=True)
-    text = report(args, closed, opened, rate, upstream_name)
+            for runs, at in ((opened, rate), (envoy_opened, envoy_rate)):
+                for name in runs:
+                    url, headers = contenders[name]
+                    run_open = fixed_rate(
+                        url, rate=at, seconds=args.rate_seconds, headers=headers, cpu_pid=pids[name]
+                    )
+                    runs[name].append(run_open)
+                    print(f"  {name} at {at:.0f}/s: p50 {run_open.p50:.2f} ms", flush=True)
+    text = report(args, closed, opened, rate, upstream_name, envoy_opened, envoy_rate)
     write_result(args.name, text)
     return 0
 
@@ -420,6 +424,8 @@ def report(
     opened: dict[str, list[Open]],
     rate: float,
     upstream_name: str,
+    envoy_opened: dict[str, list[Open]],
+    envoy_rate: float,
 ) -> str:
     base = best(r.rps for r in closed[DIRECT])
     envoy_rps = best(r.rps for r in closed[ENVOY_AUTHZ])
@@ -450,43 +456,16 @@ def report(
         ],
         rows,
     )
+    open_table = _open_table(opened, closed, rate)
+    envoy_table = _open_table(envoy_opened, closed, envoy_rate)
     direct = opened[DIRECT]
-
-    def pct(runs: list[Open], field: str) -> float:
-        return best((getattr(r, field) for r in runs), high=False)
-
-    rows = []
-    for name, runs in opened.items():
-        cells = [name]
-        for field in ("p50", "p90", "p99", "p999"):
-            cells.append(f"{pct(runs, field):.2f}")
-        for field in ("p50", "p99", "p999"):
-            cells.append(f"{pct(runs, field) - pct(direct, field):+.2f}")
-        cells.append(f"{max(r.lag_p99 for r in runs):.2f}")
-        cpu = best((r.cpu_us for r in runs if r.cpu_us is not None), high=False)
-        closed_cpu = best((r.cpu_us for r in closed[name] if r.cpu_us is not None), high=False)
-        cells += [f"{cpu:.0f}", f"{cpu / closed_cpu:.2f}", f"{rate * cpu / 1e4:.0f}%"]
-        rows.append(cells)
-    open_table = table(
-        [
-            "contender",
-            "p50 ms",
-            "p90 ms",
-            "p99 ms",
-            "p99.9 ms",
-            "added p50",
-            "added p99",
-            "added p99.9",
-            "loadgen lag p99",
-            "CPU µs/call",
-            "× closed-loop CPU",
-            "busy",
-        ],
-        rows,
-    )
     full_rps = best(r.rps for r in closed[FULL])
-    added50 = pct(opened[FULL], "p50") - pct(direct, "p50")
-    added99 = pct(opened[FULL], "p99") - pct(direct, "p99")
+
+    def envoy_added(field: str) -> float:
+        return _lowest(envoy_opened[ENVOY_AUTHZ], field) - _lowest(envoy_opened[DIRECT], field)
+
+    added50 = _lowest(opened[FULL], "p50") - _lowest(direct, "p50")
+    added99 = _lowest(opened[FULL], "p99") - _lowest(direct, "p99")
     verdict = [
         f"- full pipeline ≥ 0.5× Envoy jwt_authn + rbac: {full_rps / envoy_rps:.2f}× — "
         + ("met" if full_rps / envoy_rps >= 0.5 else "not met"),
@@ -494,6 +473,9 @@ def report(
         f"{added50:+.2f} ms — " + ("met" if added50 <= 1 else "not met"),
         f"- added latency at {rate:,.0f}/s, p99 ≤ 3 ms: {added99:+.2f} ms — "
         + ("met" if added99 <= 3 else "not met"),
+        f"- (for comparison, not a target: Envoy jwt_authn + rbac at half of its own max, "
+        f"{envoy_rate:,.0f}/s: added p50 {envoy_added('p50'):+.2f} ms, "
+        f"p99 {envoy_added('p99'):+.2f} ms)",
     ]
     return "\n".join(
         [
@@ -532,11 +514,58 @@ def report(
             "",
             open_table,
             "",
+            f"## The same target applied to Envoy: {envoy_rate:,.0f} requests/s (half of "
+            "Envoy jwt_authn + rbac's max)",
+            "",
+            "Half of a contender's max is where its p99 is judged; how busy it is there depends "
+            "on how much more a call costs arriving alone than in a closed loop, not on how "
+            "fast it is. Same runs as above, alternating with them.",
+            "",
+            envoy_table,
+            "",
             "## Targets",
             "",
             *verdict,
             "",
         ]
+    )
+
+
+def _lowest(runs: list[Open], field: str) -> float:
+    return best((getattr(r, field) for r in runs), high=False)
+
+
+def _open_table(opened: dict[str, list[Open]], closed: dict[str, list[Closed]], rate: float) -> str:
+    """Fixed-rate latency (best of the rounds), added over direct, and CPU per call."""
+    direct = opened[DIRECT]
+    rows = []
+    for name, runs in opened.items():
+        cells = [name]
+        for field in ("p50", "p90", "p99", "p999"):
+            cells.append(f"{_lowest(runs, field):.2f}")
+        for field in ("p50", "p99", "p999"):
+            cells.append(f"{_lowest(runs, field) - _lowest(direct, field):+.2f}")
+        cells.append(f"{max(r.lag_p99 for r in runs):.2f}")
+        cpu = best((r.cpu_us for r in runs if r.cpu_us is not None), high=False)
+        closed_cpu = best((r.cpu_us for r in closed[name] if r.cpu_us is not None), high=False)
+        cells += [f"{cpu:.0f}", f"{cpu / closed_cpu:.2f}", f"{rate * cpu / 1e4:.0f}%"]
+        rows.append(cells)
+    return table(
+        [
+            "contender",
+            "p50 ms",
+            "p90 ms",
+            "p99 ms",
+            "p99.9 ms",
+            "added p50",
+            "added p99",
+            "added p99.9",
+            "loadgen lag p99",
+            "CPU µs/call",
+            "× closed-loop CPU",
+            "busy",
+        ],
+        rows,
     )
 
 
