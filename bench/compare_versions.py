@@ -5,7 +5,7 @@ The older source is taken with `git archive` into a temporary directory (the rep
 only read) and run with it first on PYTHONPATH; code generated at build time (agentproxy/v1)
 is copied from the working tree. Both run bench/http_overhead.py's policy-only and full
 pipeline; the in-process `decide()` of bench/scale.py is compared too. Writes
-bench/results/tuning.md.
+bench/results/tuning.md (or --name).
 
     .venv/bin/python bench/compare_versions.py --before 262eccb [--rounds 4 --seconds 6]
 """
@@ -113,6 +113,7 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=6)
     parser.add_argument("--calls", type=int, default=20_000, help="decisions per policy size")
     parser.add_argument("--rate-rounds", type=int, default=2, help="fixed-rate rounds (10 s)")
+    parser.add_argument("--name", default="tuning", help="results file name")
     args = parser.parse_args()
     d = Path(tempfile.mkdtemp(prefix="ap-compare-"))
     before_src = source_at(args.before, d / "before")
@@ -238,7 +239,7 @@ def main() -> int:
             "",
         ]
     )
-    write_result("tuning", text)
+    write_result(args.name, text)
     return 0
 
 
