@@ -43,6 +43,7 @@ def jsonable(value: Any) -> Any:
 def decision_record(call: Call, now: float, cost: dict[str, Any] | None = None) -> dict[str, Any]:
     p = call.principal
     d = call.decision
+    query, args = call.action.query, call.action.args
     record: dict[str, Any] = {
         "kind": "decision",
         "time": iso(now),
@@ -54,8 +55,9 @@ def decision_record(call: Call, now: float, cost: dict[str, Any] | None = None) 
         "action": call.action.name,
         "batch": [a.name for a in call.batch] or None,
         "upstream": call.upstream,
-        "resource": {"path": call.action.target, "query": plain(call.action.query)},
-        "args": jsonable(call.action.args),
+        # Most calls have neither: a Mapping check (an ABC) costs more than the rest of a field.
+        "resource": {"path": call.action.target, "query": plain(query) if query else {}},
+        "args": None if args is None else jsonable(args),
         "effect": d.effect.value if d else None,
         "rule": d.rule_id if d else None,
         "reason": d.reason if d else None,
