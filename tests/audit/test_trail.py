@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from agentproxy.audit.chain import hmac_value
 from agentproxy.audit.settings import AuditSettings
 from agentproxy.audit.sinks import AuditError, FileSink, rotated_files
-from agentproxy.audit.trail import AuditTrail
+from agentproxy.audit.trail import SEAL_CHUNK, AuditTrail
 from agentproxy.audit.verify import verify
 from tests.audit.conftest import append, decision, lines, make_directory, read, records, write
 
@@ -390,6 +390,51 @@ async def test_without_required_the_writer_lingers_to_batch(
     # (its timer fires before the writer's linger ends) when nobody waits.
     assert sizes[0] == 1 if required else sizes[0] >= 2
     assert sum(sizes) == 3
+    assert verify([log_path], None).ok
+
+
+async def test_a_large_batch_is_sealed_in_chunks_with_the_loop_served_between(
+    settings: AuditSettings, log_path: Path, signing_key: Ed25519PrivateKey
+) -> None:
+    """A lingered batch can hold hundreds of records: calls arriving while it is sealed are
+    served between chunks, and what they post joins the next batch, the chain unbroken."""
+    trail = AuditTrail(replace(settings, signing_key_file=None))
+    await trail.start()
+    ticks = 0
+    sealed_at: list[int] = []
+    seal = trail._seal
+
+    both_batches = asyncio.Event()
+
+    def counting(record: dict[str, object]) -> list[object]:
+        sealed_at.append(ticks)
+        if len(sealed_at) > 5 * SEAL_CHUNK:  # the batch, then the next one
+            both_batches.set()
+        return seal(record)  # type: ignore[return-value]
+
+    trail._seal = counting  # type: ignore[method-assign,assignment]
+
+    async def ticker() -> None:
+        nonlocal ticks
+        posted = False
+        while True:
+            await asyncio.sleep(0)
+            ticks += 1
+            if sealed_at and not posted:  # a call arriving mid-batch
+                trail.post(decision(999))
+                posted = True
+
+    for n in range(5 * SEAL_CHUNK):
+        trail.post(decision(n))
+    task = asyncio.create_task(ticker())
+    await asyncio.wait_for(both_batches.wait(), 5)
+    task.cancel()
+    await trail.close()
+    batch = sealed_at[: 5 * SEAL_CHUNK]
+    assert max(batch.count(tick) for tick in set(batch)) <= SEAL_CHUNK
+    assert batch == sorted(batch) and batch[-1] > batch[0]
+    written = [r["n"] for r in records(log_path) if r["kind"] == "decision"]
+    assert written == [*range(5 * SEAL_CHUNK), 999]
     assert verify([log_path], None).ok
 
 
