@@ -65,7 +65,7 @@ LOG_EVERY = 5.0
 # Without `required` nobody waits for a record, so the writer lets this long pass after a
 # batch's first record: what arrives meanwhile shares its write and the writer's wake-ups.
 # At a moderate rate every batch costs as much again as its sealing (the caches are cold by
-# then): 20 ms instead of 5 took 13-17 µs of CPU off every call of the full pipeline at
+# then): 20 ms instead of 5 took 11-17 µs of CPU off every call of the full pipeline at
 # 2,800 calls/s (bench/http_overhead.py's fixed rate). With `required`, calls wait: no linger.
 LINGER = 0.02
 # A lingered batch is sealed this many records at a time, the event loop served in between:
