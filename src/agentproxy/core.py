@@ -19,12 +19,40 @@ if TYPE_CHECKING:
 EMPTY: Mapping[str, Any] = MappingProxyType({})
 
 
+LEAF, MAPPING, SEQUENCE = 0, 1, 2
+# Shapes by exact type, asked first: an isinstance check against the Mapping ABC costs more
+# than building the rest of an audit record's field, and nearly every value is one of these.
+_SHAPES: dict[type, int] = {
+    type(None): LEAF,
+    str: LEAF,
+    int: LEAF,
+    float: LEAF,
+    bool: LEAF,
+    bytes: LEAF,
+    dict: MAPPING,
+    MappingProxyType: MAPPING,
+    list: SEQUENCE,
+    tuple: SEQUENCE,
+}
+
+
+def shape(value: Any) -> int:
+    """MAPPING for any Mapping, SEQUENCE for a list or tuple, else LEAF."""
+    found = _SHAPES.get(type(value))
+    if found is not None:
+        return found
+    if isinstance(value, Mapping):
+        return MAPPING
+    return SEQUENCE if isinstance(value, list | tuple) else LEAF
+
+
 def plain(value: Any) -> Any:
     """Mappings → dicts, tuples → lists, recursively: the JSON-shaped view that CEL (cel-cpp
     refuses anything else), audit records and metrics labels read."""
-    if isinstance(value, Mapping):
+    kind = shape(value)
+    if kind == MAPPING:
         return {str(k): plain(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
+    if kind == SEQUENCE:
         return [plain(v) for v in value]
     return value
 

@@ -88,9 +88,9 @@ class Chain:
 
     def seal_line(self, record: dict[str, Any]) -> Sealed:
         """Like `seal`, also giving the line to write. Raises ValueError, TypeError."""
-        if not record.keys().isdisjoint(SEALED_MEMBERS):
-            taken = ", ".join(name for name in SEALED_MEMBERS if name in record)
-            raise ValueError(f"a record to seal must not have {taken}")
+        taken = [name for name in SEALED_MEMBERS if name in record]
+        if taken:
+            raise ValueError(f"a record to seal must not have {', '.join(taken)}")
         if record.get("kind") == "checkpoint" and record.get("head") != self.head:
             raise ValueError("a checkpoint must be sealed right after the record it covers")
         sealed = {**record, "chain": self.id, "seq": self.next_seq, "prev": self.head}

@@ -13,10 +13,9 @@ from __future__ import annotations
 
 import base64
 import time
-from collections.abc import Mapping
 from typing import Any
 
-from agentproxy.core import Call, plain, principal_view
+from agentproxy.core import MAPPING, SEQUENCE, Call, plain, principal_view, shape
 
 _second: list[Any] = [None, ""]  # the last whole second formatted, and its text
 
@@ -33,9 +32,10 @@ def jsonable(value: Any) -> Any:
     """`plain`, with bytes (gRPC `bytes` fields) as base64 text: a record must be JSON."""
     if isinstance(value, bytes):
         return "base64:" + base64.b64encode(value).decode()
-    if isinstance(value, Mapping):
+    kind = shape(value)
+    if kind == MAPPING:
         return {str(k): jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
+    if kind == SEQUENCE:
         return [jsonable(v) for v in value]
     return value
 
@@ -43,7 +43,6 @@ def jsonable(value: Any) -> Any:
 def decision_record(call: Call, now: float, cost: dict[str, Any] | None = None) -> dict[str, Any]:
     p = call.principal
     d = call.decision
-    query, args = call.action.query, call.action.args
     record: dict[str, Any] = {
         "kind": "decision",
         "time": iso(now),
@@ -55,9 +54,8 @@ def decision_record(call: Call, now: float, cost: dict[str, Any] | None = None) 
         "action": call.action.name,
         "batch": [a.name for a in call.batch] or None,
         "upstream": call.upstream,
-        # Most calls have neither: a Mapping check (an ABC) costs more than the rest of a field.
-        "resource": {"path": call.action.target, "query": plain(query) if query else {}},
-        "args": None if args is None else jsonable(args),
+        "resource": {"path": call.action.target, "query": plain(call.action.query)},
+        "args": jsonable(call.action.args),
         "effect": d.effect.value if d else None,
         "rule": d.rule_id if d else None,
         "reason": d.reason if d else None,

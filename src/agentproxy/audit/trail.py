@@ -359,17 +359,9 @@ class AuditTrail:
     async def _write(self, sealed: list[Sealed]) -> list[str]:
         """Hands the lines to every sink at once; returns the failures, one per sink."""
         lines = [s.line for s in sealed]
-        outcomes: list[BaseException | None]
-        if len(self._sinks) == 1:  # the usual case, without gather's task per batch
-            try:
-                await self._sinks[0].sink.write(lines)
-                outcomes = [None]
-            except Exception as exc:
-                outcomes = [exc]
-        else:
-            outcomes = await asyncio.gather(
-                *(state.sink.write(lines) for state in self._sinks), return_exceptions=True
-            )
+        outcomes = await asyncio.gather(
+            *(state.sink.write(lines) for state in self._sinks), return_exceptions=True
+        )
         first, last = sealed[0].seq, sealed[-1].seq
         checkpoints = [s for s in sealed if s.record.get("kind") == "checkpoint"]
         failures: list[str] = []
