@@ -744,7 +744,7 @@ class RedisStore:
             finally:
                 # The connection is being dropped either way: closing a broken one may fail.
                 with suppress(RedisError, OSError):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+                    await pubsub.aclose()  # type: ignore[no-untyped-call,unused-ignore]  # typed from redis 8.2
 
     async def _recheck(self) -> None:
         """Wakes the waiters of every approval no longer pending: one pipelined round trip.
