@@ -49,6 +49,24 @@ def test_the_sealed_line_is_the_sealed_record() -> None:
     assert sealed.line.endswith(b'"hash":"' + sealed.record["hash"].encode() + b'"}')
 
 
+@pytest.mark.parametrize(
+    "args",
+    [
+        {"prev": "x", "seq": 7, "chain": "forged"},  # sealed members' names, nested
+        {"q": "\x00", "\x00": "\x00\x00"},  # NUL, in values and keys
+        {"s": ',"prev":"' + GENESIS + '","seq":0,"x":"'},  # JSON that closes the string
+        {"é": "\u2028", "a": [None, True, 1e300, -0.0]},
+    ],
+)
+def test_what_a_caller_controls_cannot_move_the_sealed_members(args: dict[str, Any]) -> None:
+    chain = Chain("r1")
+    chain.seal_line({"kind": "decision"})
+    sealed = chain.seal_line({"kind": "decision", "args": args, "zzz": args})
+    record = orjson.loads(sealed.line)
+    assert (record["chain"], record["seq"], record["args"], record["zzz"]) == ("r1", 1, args, args)
+    assert record["hash"] == chain.head == hashlib.sha256(canonical(record)).hexdigest()
+
+
 def test_a_chain_continues_from_its_state() -> None:
     chain = Chain("r1")
     for n in range(3):
