@@ -7,7 +7,6 @@ Cerbos compiles YAML into a rule table and checks requests against it with no I/
 from __future__ import annotations
 
 import fnmatch
-import functools
 import hashlib
 import re
 from collections.abc import Iterable, Mapping, Sequence
@@ -102,16 +101,13 @@ class Rule:
     cost_expr: cel.Expression | None = None
     # The CEL variables the condition may read (a superset): all that it is handed.
     variables: frozenset[str] = frozenset(CEL_VARIABLES)
+    # The reason a decision by this rule gives: its own, or which rule and effect. Set once
+    # here, not formatted (or looked up) for every decision.
+    decided_reason: str = field(init=False, repr=False, compare=False)
 
-    @property
-    def decided_reason(self) -> str:
-        """The reason a decision by this rule gives: its own, or which rule and effect."""
-        return self.reason or _default_reason(self.effect, self.id)
-
-
-@functools.lru_cache(maxsize=4096)
-def _default_reason(effect: Effect, rule_id: str) -> str:
-    return f"{effect.value} by rule {rule_id}"
+    def __post_init__(self) -> None:
+        decided = self.reason or f"{self.effect.value} by rule {self.id}"
+        object.__setattr__(self, "decided_reason", decided)
 
 
 @dataclass(frozen=True, slots=True)

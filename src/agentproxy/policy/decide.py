@@ -200,8 +200,11 @@ def _task(action: Action, principal: Principal, facts: Facts, now: float) -> Any
 
 
 def _request(action: Action, principal: Principal, facts: Facts, now: float) -> Any:
-    query = {k: (list(v) if isinstance(v, tuple) else v) for k, v in action.query.items()}
-    return {"method": action.operation, "path": action.target, "query": query}
+    return {"method": action.operation, "path": action.target, "query": _query(action)}
+
+
+def _query(action: Action) -> dict[str, Any]:
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in action.query.items()}
 
 
 def _now(action: Action, principal: Principal, facts: Facts, now: float) -> Any:
@@ -226,7 +229,7 @@ class _Inputs:
     its source): a condition on `principal.claims` does not pay for `args` or `now`.
     """
 
-    __slots__ = ("_action", "_built", "_facts", "_now", "_principal")
+    __slots__ = ("_action", "_built", "_facts", "_now", "_principal", "_query")
 
     def __init__(self, action: Action, principal: Principal, facts: Facts, now: float) -> None:
         self._action = action
@@ -234,6 +237,7 @@ class _Inputs:
         self._facts = facts
         self._now = now
         self._built: dict[str, Any] = {}
+        self._query: dict[str, Any] | None = None
 
     def get(self, name: str) -> Any:
         built = self._built
@@ -246,9 +250,15 @@ class _Inputs:
 
         Raises UnicodeDecodeError for a binding whose escapes are not UTF-8 (as `_activation`).
         """
-        data = {name: self.get(name) for name in variables if name != "resource"}
-        if "resource" in variables:
-            data["resource"] = _resource(bindings, self.get("request")["query"])
+        data: dict[str, Any] = {}
+        for name in variables:
+            if name != "resource":
+                data[name] = self.get(name)
+                continue
+            # `resource.query` alone: building all of `request` for it cost a dict per rule.
+            if self._query is None:
+                self._query = _query(self._action)
+            data["resource"] = _resource(bindings, self._query)
         return data
 
 

@@ -94,7 +94,7 @@ class _Node(Generic[T]):
     entries: list[tuple[int, T]] = field(default_factory=list)
     # The candidates of a lookup that ends here (this node's and its ancestors' entries, in
     # insertion order), computed at the first such lookup after the last `add`.
-    merged: list[T] | None = None
+    merged: tuple[T, ...] | None = None
     merged_at: int = -1
 
 
@@ -117,7 +117,7 @@ class PatternIndex(Generic[T]):
         node.entries.append((self._count, entry))
         self._count += 1
 
-    def candidates(self, action: str) -> list[T]:
+    def candidates(self, action: str) -> tuple[T, ...]:
         path = [self._root]
         node = self._root
         for segment in action.split("/"):
@@ -130,9 +130,9 @@ class PatternIndex(Generic[T]):
             # Every lookup that ends at this node collects the same entries: sort them once.
             found = [pair for step in path for pair in step.entries]
             found.sort(key=_first)
-            node.merged = [entry for _, entry in found]
+            node.merged = tuple(entry for _, entry in found)
             node.merged_at = self._count
-        return list(node.merged)
+        return node.merged  # a tuple: shared by every lookup, and no copy per decision
 
     def __iter__(self) -> Iterator[T]:
         stack = [self._root]
