@@ -260,11 +260,8 @@ def _run(path: Path, level: str, *, worker: bool = False) -> int:
         return 1
 
 
-async def _serve(config: config_module.Config, *, reuse_port: bool = False) -> int:
-    from agentproxy.proxy.server import ProxyServer
-
-    server = ProxyServer(config, reuse_port=reuse_port)
-    await server.start()
+def tune_gc() -> None:
+    """The garbage collector as a started proxy runs it (bench/scale.py times `decide()` so)."""
     # What start-up built (modules, the compiled policy, CEL programs) lives as long as the
     # process: frozen, full collections no longer walk it. Under audit load they came every
     # second or so and paused the loop ~28 ms each (bench/http_overhead.py's p99).
@@ -273,6 +270,14 @@ async def _serve(config: config_module.Config, *, reuse_port: bool = False) -> i
     # A call leaves no cyclic garbage behind (measured: collections free nothing under load),
     # so young collections every 700 allocations only cost; every 10,000 is still often.
     gc.set_threshold(10_000, 10, 10)
+
+
+async def _serve(config: config_module.Config, *, reuse_port: bool = False) -> int:
+    from agentproxy.proxy.server import ProxyServer
+
+    server = ProxyServer(config, reuse_port=reuse_port)
+    await server.start()
+    tune_gc()
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
