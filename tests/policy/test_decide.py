@@ -149,6 +149,35 @@ def test_shadow_rules_report_what_they_would_change(policy: PolicySet) -> None:
     assert d.shadow_effect is None
 
 
+def test_a_rule_deciding_as_written_answers_with_one_shared_decision(policy: PolicySet) -> None:
+    first = decide(policy, http("GET", "/v1/employees/42"), HR, Facts(), NOW)
+    again = decide(policy, http("GET", "/v1/employees/43"), Principal(agent="hr-bot"), Facts(), NOW)
+    assert again is first and (first.effect, first.rule_id) == (Effect.ALLOW, "read")
+    alice = Principal(agent="bot-1", acting_for="alice")
+    me = decide(policy, http("GET", "/v1/me", {"limit": "10"}), alice, Facts(), NOW)
+    files = decide(policy, http("GET", "/v1/files/a", {"limit": "10"}), alice, Facts(), NOW)
+    assert (me.matched_action, files.matched_action) == (
+        "http:GET /v1/me",
+        "http:GET /v1/files/{path...}",
+    )
+
+
+def test_shared_decisions_keep_memoizability_apart_and_errors_out(policy: PolicySet) -> None:
+    both = Principal(agent="hr-bot", roles=frozenset({"ops"}))
+    # `ops` wins both; on the task path a condition reading `task` matched too.
+    task = decide(policy, http("POST", "/v1/tasks/t-1/done"), both, Facts(task_id="t-1"), NOW)
+    other = decide(policy, http("POST", "/v1/other"), both, Facts(), NOW)
+    assert (task.rule_id, other.rule_id) == ("ops", "ops")
+    assert (task.memoizable, other.memoizable) == (False, True)
+    # A decision carrying its own error text is built each time, so agents cannot grow the
+    # shared set by varying what makes a condition fail.
+    kept = len(policy.decisions)
+    for name in ("a", "b", "c"):
+        d = decide(policy, http("GET", f"/v1/reports/{name}"), HR, Facts(), NOW)
+        assert (d.effect, d.rule_id) == (Effect.DENY, "broken-deny")
+    assert len(policy.decisions) == kept
+
+
 def test_task_and_now_facts(policy: PolicySet) -> None:
     action = http("POST", "/v1/tasks/t-1/done")
     assert decide(policy, action, HR, Facts(task_id="t-1"), NOW).effect is Effect.ALLOW

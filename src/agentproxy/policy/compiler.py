@@ -17,7 +17,7 @@ from cel_expr_python.ext import ext_math, ext_strings
 
 from agentproxy.config.model import ApprovalSpec, CostSpec, PolicyFile, Position, RuleSpec
 from agentproxy.config.yamldoc import ConfigError, Issue
-from agentproxy.core import Effect, Mode, Principal
+from agentproxy.core import Decision, Effect, Mode, Principal
 from agentproxy.policy.patterns import ActionPattern, PatternError, PatternIndex, compile_pattern
 
 _MAP = cel.Type.Map(cel.Type.STRING, cel.Type.DYN)
@@ -121,12 +121,17 @@ class PolicySet:
     # The pipeline looks the deciding rule up several times per allowed call (limits, cost,
     # metering): a scan would make every call pay for the size of the policy.
     _by_id: Mapping[str, Rule] = field(init=False, repr=False, compare=False)
+    # What `decide` answers when a rule decides as written (no condition error, no shadow
+    # difference), by rule, matched pattern and memoizability: a Decision is immutable, so
+    # one is shared instead of built for every call. Bounded: two per pattern.
+    decisions: dict[tuple[int, str, bool], Decision] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         by_id: dict[str, Rule] = {}
         for rule in self.rules:
             by_id.setdefault(rule.id, rule)  # the first rule of an id, as a scan would find
         object.__setattr__(self, "_by_id", by_id)
+        object.__setattr__(self, "decisions", {})
 
     def rule(self, rule_id: str) -> Rule:
         """Raises KeyError for an id no rule has."""

@@ -112,15 +112,13 @@ def decide(
             policy_version=policy.version,
             memoizable=memoizable,
         )
-    else:
-        decision = Decision(
-            winner.effect,
-            winner.rule.id,
-            winner.reason,
-            policy.version,
-            winner.pattern,
-            memoizable=memoizable,
+    elif winner.reason is winner.rule.decided_reason:  # decided as written: shared
+        key = (id(winner.rule), winner.pattern, memoizable)
+        decision = policy.decisions.get(key) or policy.decisions.setdefault(
+            key, _decision(policy, winner, memoizable)
         )
+    else:
+        decision = _decision(policy, winner, memoizable)
     if shadow:
         would = strongest(enforced + shadow)
         would_effect = would.effect if would else Effect.DENY
@@ -137,6 +135,17 @@ def decide(
                 memoizable=memoizable,
             )
     return decision
+
+
+def _decision(policy: PolicySet, winner: _Match, memoizable: bool) -> Decision:
+    return Decision(
+        winner.effect,
+        winner.rule.id,
+        winner.reason,
+        policy.version,
+        winner.pattern,
+        memoizable=memoizable,
+    )
 
 
 def could_allow(policy: PolicySet, action: str, principal: Principal) -> bool:
