@@ -11,7 +11,7 @@ from agentproxy.config.policies import read_policy_file
 from agentproxy.config.yamldoc import Issue
 from agentproxy.core import Action, Effect, Facts, Principal
 from agentproxy.policy import PolicySet, TraceStep, compile_policy, decide
-from agentproxy.policy.compiler import mentioned_variables
+from agentproxy.policy.compiler import mentioned_variables, principal_fields
 from agentproxy.policy.patterns import PatternIndex, compile_pattern
 
 POLICY = """
@@ -265,6 +265,52 @@ def test_a_condition_is_handed_every_variable_it_mentions(
     source: str | None, variables: set[str]
 ) -> None:
     assert mentioned_variables(source) == variables
+
+
+@pytest.mark.parametrize(
+    ("source", "fields"),
+    [
+        (None, set()),
+        ('resource.id != "13"', set()),
+        ('principal.claims.dept == "hr"', {"claims"}),
+        ("principal.roles.exists(r, r == 'a') && .principal . agent == 'b'", {"roles", "agent"}),
+        ("has(principal.user)", {"user"}),
+        ('args.principal.name == "principal.x"', {"name", "x"}),  # strings count: a superset
+        # Any other use hands the condition all of `principal`.
+        ('principal["claims"]["dept"] == "hr"', None),
+        ('"claims" in principal', None),
+        ("principal.?claims.orValue({}) == {}", None),
+        ('principal.claims.dept == "hr" && size(principal) == 6', None),
+    ],
+)
+def test_a_condition_is_handed_the_principal_members_it_mentions(
+    source: str | None, fields: set[str] | None
+) -> None:
+    assert principal_fields(source) == (None if fields is None else frozenset(fields))
+
+
+def test_a_condition_reading_principal_whole_sees_all_of_it(tmp_path: Path) -> None:
+    text = """
+default: deny
+rules:
+  - id: whole
+    agents: [hr-bot]
+    actions: ["http:GET /v1/whole"]
+    when: '"claims" in principal && principal["agent"] == "hr-bot" && size(principal) == 6'
+    effect: allow
+  - id: members
+    agents: [hr-bot]
+    actions: ["http:GET /v1/members"]
+    when: 'principal.claims.dept == "hr" && principal.roles == ["r"] && principal.user == null'
+    effect: allow
+"""
+    policy = compile_text(tmp_path, text)
+    hr = Principal(agent="hr-bot", claims={"dept": "hr", "email": "a@b"}, roles=frozenset({"r"}))
+    assert decide(policy, http("GET", "/v1/whole"), hr, Facts(), NOW).effect is Effect.ALLOW
+    trace: list[TraceStep] = []
+    d = decide(policy, http("GET", "/v1/members"), hr, Facts(), NOW, trace)
+    assert d.effect is Effect.ALLOW
+    assert trace[0].values["principal.claims.dept"] == "hr"
 
 
 def test_conditions_see_the_same_values_with_only_their_variables(tmp_path: Path) -> None:

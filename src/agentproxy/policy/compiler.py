@@ -101,6 +101,9 @@ class Rule:
     cost_expr: cel.Expression | None = None
     # The CEL variables the condition may read (a superset): all that it is handed.
     variables: frozenset[str] = frozenset(CEL_VARIABLES)
+    # The members of `principal` it may read (a superset), None for all of them: cel-cpp
+    # converts every member it is handed, and a token's view is most of an activation.
+    principal_fields: frozenset[str] | None = None
     # The reason a decision by this rule gives: its own, or which rule and effect. Set once
     # here, not formatted (or looked up) for every decision.
     decided_reason: str = field(init=False, repr=False, compare=False)
@@ -289,6 +292,7 @@ def _compile_rule(spec: RuleSpec, issues: list[Issue]) -> Rule | None:
         approval=spec.approval,
         cost_expr=cost_expr,
         variables=mentioned_variables(spec.when),
+        principal_fields=principal_fields(spec.when),
     )
 
 
@@ -313,6 +317,25 @@ def mentioned_variables(source: str | None) -> frozenset[str]:
     if not source:
         return frozenset()
     return frozenset(name for name, word in _VARIABLE_WORDS.items() if word.search(source))
+
+
+_PRINCIPAL = re.compile(r"\bprincipal\b")
+_MEMBER = re.compile(r"\s*\.\s*([A-Za-z_]\w*)")
+
+
+def principal_fields(source: str | None) -> frozenset[str] | None:
+    """The members of `principal` a condition may read: `principal.claims.dept` reads
+    `claims`. None when it uses `principal` any other way (whole, indexed, `.?` optional
+    selection, a quoted field): it is handed all of it then. Like `mentioned_variables`, a
+    superset: every occurrence counts, inside strings and after a dot too."""
+    text = source or ""
+    fields: set[str] = set()
+    for word in _PRINCIPAL.finditer(text):
+        member = _MEMBER.match(text, word.end())
+        if member is None:
+            return None
+        fields.add(member.group(1))
+    return frozenset(fields)
 
 
 def _principal_matcher(agents: tuple[str, ...], users: tuple[str, ...]) -> PrincipalMatcher:

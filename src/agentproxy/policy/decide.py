@@ -80,7 +80,7 @@ def decide(
         if rule.condition is not None:
             if inputs is None:
                 inputs = _Inputs(action, principal, facts, now)
-            data = inputs.activation(rule.variables, bindings)
+            data = inputs.activation(rule.variables, rule.principal_fields, bindings)
             outcome = _evaluate(rule.condition, data)
             read = read_values(rule.when, data) if trace is not None else {}
             if outcome is False:
@@ -254,13 +254,23 @@ class _Inputs:
             built[name] = _BUILDERS[name](self._action, self._principal, self._facts, self._now)
         return built[name]
 
-    def activation(self, variables: frozenset[str], bindings: Mapping[str, str]) -> dict[str, Any]:
-        """The variables one rule's condition reads, `resource` bound from its own template.
+    def activation(
+        self,
+        variables: frozenset[str],
+        principal_fields: frozenset[str] | None,
+        bindings: Mapping[str, str],
+    ) -> dict[str, Any]:
+        """The variables one rule's condition reads (of `principal`, the members it reads),
+        `resource` bound from its own template.
 
         Raises UnicodeDecodeError for a binding whose escapes are not UTF-8 (as `_activation`).
         """
         data: dict[str, Any] = {}
         for name in variables:
+            if name == "principal" and principal_fields is not None:
+                view = self.get(name)
+                data[name] = {k: view[k] for k in principal_fields if k in view}
+                continue
             if name != "resource":
                 data[name] = self.get(name)
                 continue
