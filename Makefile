@@ -42,8 +42,9 @@ smoke: install
 ## make bench: what the proxy costs against a direct call, Envoy and the Python gateways, as
 ## ratios from the same run (not part of test; ~15 minutes; installs nginx and wrk when root,
 ## the peers in their own venvs under .cache/bench-venvs/). Shorter: make bench-quick.
-# wrk drives closed-loop load, nginx is the upstream, redis-server backs decision_store.py.
-BENCH_TOOLS := wrk:wrk nginx:nginx-light redis-server:redis-server
+# wrk drives closed-loop load, nginx is the upstream, redis-server backs decision_store.py,
+# valgrind counts instructions (instructions.py).
+BENCH_TOOLS := wrk:wrk nginx:nginx-light redis-server:redis-server valgrind:valgrind
 
 bench-deps: install
 	@missing=""; for pair in $(BENCH_TOOLS); do \
@@ -62,6 +63,7 @@ bench: bench-deps
 	$(PY) bench/grpc_overhead.py
 	$(PY) bench/audit_trail.py
 	$(PY) bench/wake_cost.py
+	$(PY) bench/instructions.py
 
 ## make bench-quick: every benchmark with short runs (~5 minutes), for a first look; writes
 ## bench/results/*_quick.md (not committed), leaving the full runs' results alone

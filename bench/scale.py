@@ -41,7 +41,6 @@ from common import (
     write_result,
 )
 
-from agentproxy.cli import tune_gc
 from agentproxy.config.policies import read_policy_file
 from agentproxy.core import Action, Facts, Principal
 from agentproxy.policy import compile_policy, decide
@@ -110,7 +109,11 @@ def policy_size(d: Path, sizes: list[int], calls: int, rounds: int = 5) -> str:
         if decision.rule_id != f"read-svc{target}":
             raise RuntimeError(f"{size} rules: decided {decision}, expected read-svc{target}")
         cases.append((size, compiled, policy, action, principal))
-    tune_gc()  # as the proxy does once started: the policies frozen, young collections rarer
+    # As the proxy does once started: the policies frozen, young collections rarer. Imported
+    # here: compare_versions.py imports policy_yaml with older sources, which lack it.
+    from agentproxy.cli import tune_gc
+
+    tune_gc()
     samples: dict[int, list[int]] = {size: [] for size in sizes}
     facts, now = Facts(), time.time()
     for _ in range(rounds):
