@@ -43,7 +43,7 @@ smoke: install
 ## ratios from the same run (not part of test; ~15 minutes; installs nginx and wrk when root,
 ## the peers in their own venvs under .cache/bench-venvs/). Shorter: make bench-quick.
 # wrk drives closed-loop load, nginx is the upstream, redis-server backs decision_store.py,
-# valgrind counts instructions (instructions.py).
+# valgrind counts instructions (bench/instructions.py, a before/after tool run by hand).
 BENCH_TOOLS := wrk:wrk nginx:nginx-light redis-server:redis-server valgrind:valgrind
 
 bench-deps: install
@@ -63,7 +63,6 @@ bench: bench-deps
 	$(PY) bench/grpc_overhead.py
 	$(PY) bench/audit_trail.py
 	$(PY) bench/wake_cost.py
-	$(PY) bench/instructions.py
 
 ## make bench-quick: every benchmark with short runs (~5 minutes), for a first look; writes
 ## bench/results/*_quick.md (not committed), leaving the full runs' results alone
