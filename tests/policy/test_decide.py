@@ -11,7 +11,7 @@ from agentproxy.config.policies import read_policy_file
 from agentproxy.config.yamldoc import Issue
 from agentproxy.core import Action, Effect, Facts, Principal
 from agentproxy.policy import PolicySet, TraceStep, compile_policy, decide
-from agentproxy.policy.compiler import mentioned_variables, principal_fields
+from agentproxy.policy.compiler import claims_fields, mentioned_variables, principal_fields
 from agentproxy.policy.patterns import PatternIndex, compile_pattern
 
 POLICY = """
@@ -281,12 +281,63 @@ def test_a_condition_is_handed_every_variable_it_mentions(
         ('"claims" in principal', None),
         ("principal.?claims.orValue({}) == {}", None),
         ('principal.claims.dept == "hr" && size(principal) == 6', None),
+        ('principal.exists(k, k == "claims")', None),  # a macro over the map, not a member
     ],
 )
 def test_a_condition_is_handed_the_principal_members_it_mentions(
     source: str | None, fields: set[str] | None
 ) -> None:
     assert principal_fields(source) == (None if fields is None else frozenset(fields))
+
+
+@pytest.mark.parametrize(
+    ("source", "fields"),
+    [
+        ("principal.agent == 'a'", set()),
+        ('principal.claims.dept == "hr" && has(principal . claims . email)', {"dept", "email"}),
+        ('principal.claims.groups.exists(g, g == "hr")', {"groups"}),
+        ('principal.claims.exists(k, k == "x")', None),
+        ('"x" in principal.claims', None),
+        ('principal.claims["x"] == 1', None),
+        ("principal.claims.size() > 0", None),
+        ('principal.claims.dept == "hr" && size(principal.claims) == 3', None),
+    ],
+)
+def test_a_condition_is_handed_the_claims_it_mentions(source: str, fields: set[str] | None) -> None:
+    assert claims_fields(source) == (None if fields is None else frozenset(fields))
+
+
+def test_conditions_decide_the_same_on_the_claims_they_are_handed(tmp_path: Path) -> None:
+    text = """
+default: deny
+rules:
+  - id: named
+    agents: [hr-bot]
+    actions: ["http:GET /v1/named"]
+    when: 'principal.claims.dept == "hr" && !has(principal.claims.nope)'
+    effect: allow
+  - id: macro
+    agents: [hr-bot]
+    actions: ["http:GET /v1/macro"]
+    when: 'principal.claims.dept == "hr" && principal.claims.exists(k, k == "email")'
+    effect: allow
+  - id: counted
+    agents: [hr-bot]
+    actions: ["http:GET /v1/counted"]
+    when: 'principal.claims.dept == "hr" && size(principal.claims) == 3'
+    effect: allow
+  - id: indexed
+    agents: [hr-bot]
+    actions: ["http:GET /v1/indexed"]
+    when: 'principal.claims.dept == "hr" && principal["claims"]["email"] == "a@b"'
+    effect: allow
+"""
+    policy = compile_text(tmp_path, text)
+    hr = Principal(agent="hr-bot", claims={"dept": "hr", "email": "a@b", "groups": ["g"]})
+    for path in ("named", "macro", "counted", "indexed"):
+        d = decide(policy, http("GET", f"/v1/{path}"), hr, Facts(), NOW)
+        assert (d.effect, d.rule_id) == (Effect.ALLOW, path)
+    assert hr.claims == {"dept": "hr", "email": "a@b", "groups": ["g"]}  # nothing trimmed
 
 
 def test_a_condition_reading_principal_whole_sees_all_of_it(tmp_path: Path) -> None:

@@ -101,9 +101,11 @@ class Rule:
     cost_expr: cel.Expression | None = None
     # The CEL variables the condition may read (a superset): all that it is handed.
     variables: frozenset[str] = frozenset(CEL_VARIABLES)
-    # The members of `principal` it may read (a superset), None for all of them: cel-cpp
-    # converts every member it is handed, and a token's view is most of an activation.
+    # The members of `principal` and of `principal.claims` it may read (supersets), None for
+    # all of them: cel-cpp converts every member it is handed, and a token's claims are most
+    # of an activation.
     principal_fields: frozenset[str] | None = None
+    claims_fields: frozenset[str] | None = None
     # The reason a decision by this rule gives: its own, or which rule and effect. Set once
     # here, not formatted (or looked up) for every decision.
     decided_reason: str = field(init=False, repr=False, compare=False)
@@ -293,6 +295,7 @@ def _compile_rule(spec: RuleSpec, issues: list[Issue]) -> Rule | None:
         cost_expr=cost_expr,
         variables=mentioned_variables(spec.when),
         principal_fields=principal_fields(spec.when),
+        claims_fields=claims_fields(spec.when),
     )
 
 
@@ -320,18 +323,32 @@ def mentioned_variables(source: str | None) -> frozenset[str]:
 
 
 _PRINCIPAL = re.compile(r"\bprincipal\b")
-_MEMBER = re.compile(r"\s*\.\s*([A-Za-z_]\w*)")
+_CLAIMS = re.compile(r"\bprincipal\s*\.\s*claims\b")
+# A member selected by name: not a method or macro called on the map (`.exists(`), which
+# needs all of it.
+_MEMBER = re.compile(r"\s*\.\s*([A-Za-z_]\w*)\b(?!\s*\()")
 
 
 def principal_fields(source: str | None) -> frozenset[str] | None:
     """The members of `principal` a condition may read: `principal.claims.dept` reads
-    `claims`. None when it uses `principal` any other way (whole, indexed, `.?` optional
-    selection, a quoted field): it is handed all of it then. Like `mentioned_variables`, a
-    superset: every occurrence counts, inside strings and after a dot too."""
+    `claims`. None when it uses `principal` any other way (whole, indexed, a macro over it,
+    `.?` optional selection, a quoted field): it is handed all of it then. Like
+    `mentioned_variables`, a superset: every occurrence counts, inside strings and after a
+    dot too."""
+    return _members(source, _PRINCIPAL)
+
+
+def claims_fields(source: str | None) -> frozenset[str] | None:
+    """The same for `principal.claims`: `has(principal.claims.email)` reads `email`, and
+    `"x" in principal.claims` or `principal.claims.exists(...)` all of them (None)."""
+    return _members(source, _CLAIMS)
+
+
+def _members(source: str | None, of: re.Pattern[str]) -> frozenset[str] | None:
     text = source or ""
     fields: set[str] = set()
-    for word in _PRINCIPAL.finditer(text):
-        member = _MEMBER.match(text, word.end())
+    for found in of.finditer(text):
+        member = _MEMBER.match(text, found.end())
         if member is None:
             return None
         fields.add(member.group(1))

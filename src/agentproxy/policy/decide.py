@@ -80,7 +80,7 @@ def decide(
         if rule.condition is not None:
             if inputs is None:
                 inputs = _Inputs(action, principal, facts, now)
-            data = inputs.activation(rule.variables, rule.principal_fields, bindings)
+            data = inputs.activation(rule, bindings)
             outcome = _evaluate(rule.condition, data)
             read = read_values(rule.when, data) if trace is not None else {}
             if outcome is False:
@@ -254,22 +254,16 @@ class _Inputs:
             built[name] = _BUILDERS[name](self._action, self._principal, self._facts, self._now)
         return built[name]
 
-    def activation(
-        self,
-        variables: frozenset[str],
-        principal_fields: frozenset[str] | None,
-        bindings: Mapping[str, str],
-    ) -> dict[str, Any]:
-        """The variables one rule's condition reads (of `principal`, the members it reads),
-        `resource` bound from its own template.
+    def activation(self, rule: Rule, bindings: Mapping[str, str]) -> dict[str, Any]:
+        """The variables one rule's condition reads (of `principal` and its claims, the
+        members it reads), `resource` bound from its own template.
 
         Raises UnicodeDecodeError for a binding whose escapes are not UTF-8 (as `_activation`).
         """
         data: dict[str, Any] = {}
-        for name in variables:
-            if name == "principal" and principal_fields is not None:
-                view = self.get(name)
-                data[name] = {k: view[k] for k in principal_fields if k in view}
+        for name in rule.variables:
+            if name == "principal":
+                data[name] = _principal_read(self.get(name), rule)
                 continue
             if name != "resource":
                 data[name] = self.get(name)
@@ -307,6 +301,20 @@ def _resource(bindings: Mapping[str, str], query: Any) -> dict[str, Any]:
     }
     resource["query"] = query
     return resource
+
+
+def _principal_read(view: dict[str, Any], rule: Rule) -> dict[str, Any]:
+    """The members of a principal's view (shared: never changed) that `rule` reads."""
+    members, claims = rule.principal_fields, rule.claims_fields
+    if members is None:
+        # `principal` used whole or indexed: its claims may be read in ways the claims'
+        # analysis does not see (`principal["claims"]`), so nothing is left out.
+        return view
+    read = {k: view[k] for k in members if k in view}
+    if claims is not None and isinstance(read.get("claims"), dict):
+        every = read["claims"]
+        read["claims"] = {k: every[k] for k in claims if k in every}
+    return read
 
 
 def _evaluate(condition: cel.Expression, data: dict[str, Any]) -> bool | str:
