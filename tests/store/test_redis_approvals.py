@@ -15,6 +15,7 @@ import pytest
 
 from agentproxy.approvals.lifecycle import Approval, Event, State
 from agentproxy.config.model import RedisSettings
+from agentproxy.store import redis as redis_store
 from agentproxy.store.redis import POLL_INTERVAL, RedisStore
 from tests.redis_server import RedisServer
 from tests.store.test_contract import CAPS, NOW, approval
@@ -102,6 +103,28 @@ async def test_a_lost_notification_is_caught_by_the_re_check(
     denied = await waiter
     assert denied is not None and denied.state is State.DENIED
     assert time.monotonic() - began < POLL_INTERVAL + 0.5
+
+
+async def test_the_re_check_reads_every_waiter_in_batches(
+    replica: Replica, redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Batches of RECHECK_BATCH: a decision lost in any of them, the last one short, wakes
+    exactly its waiter."""
+    monkeypatch.setattr(redis_store, "RECHECK_BATCH", 2)
+    holder = await replica()
+    caps = {"max_pending": 5, "max_pending_per_agent": 5}
+    pending = [await open_new(holder, approval(f"fp-{i}"), **caps) for i in range(5)]
+    waiters = [asyncio.create_task(holder.wait_approval(a.id, 10)) for a in pending]
+    await asyncio.sleep(0.2)
+    with redis_server.client() as client:  # decisions whose PUBLISH never arrived
+        for i in (0, 3, 4):
+            client.hset(holder._approval_key(pending[i].id), "state", "denied")
+    done, waiting = await asyncio.wait(waiters, timeout=POLL_INTERVAL + 0.5)
+    assert {waiters.index(w) for w in done} == {0, 3, 4}
+    decided = [w.result() for w in done]
+    assert all(a is not None and a.state is State.DENIED for a in decided)
+    for w in waiting:
+        w.cancel()
 
 
 async def test_a_dropped_subscription_is_re_established(

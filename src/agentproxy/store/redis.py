@@ -117,6 +117,9 @@ SWEEP = 100
 # How often waiters are re-checked by reading, in case a notification was lost; also the pause
 # before resubscribing after the subscription failed.
 POLL_INTERVAL = 1.0
+# Waiters re-checked per pipelined round trip: redis-py (8.2+) packs a pipeline of 1,000
+# commands or more in a worker thread, and the watcher runs on the event loop alone.
+RECHECK_BATCH = 500
 
 # Checking every counter before taking any is what makes a multi-limit call all-or-nothing;
 # doing it in one script is what keeps concurrent callers from overspending between the check
@@ -747,15 +750,17 @@ class RedisStore:
                     await pubsub.aclose()  # type: ignore[no-untyped-call,unused-ignore]  # typed from redis 8.2
 
     async def _recheck(self) -> None:
-        """Wakes the waiters of every approval no longer pending: one pipelined round trip.
-        Raises StoreError."""
+        """Wakes the waiters of every approval no longer pending: one pipelined round trip
+        per `RECHECK_BATCH` approvals. Raises StoreError."""
         ids = list(self._waits)
+        states: list[Any] = []
         if ids:
             async with self._bounded("wait_approval (re-check)"):
-                pipe = self._redis.pipeline(transaction=False)
-                for approval_id in ids:
-                    pipe.hget(self._approval_key(approval_id), "state")
-                states = await pipe.execute()
+                for start in range(0, len(ids), RECHECK_BATCH):
+                    pipe = self._redis.pipeline(transaction=False)
+                    for approval_id in ids[start : start + RECHECK_BATCH]:
+                        pipe.hget(self._approval_key(approval_id), "state")
+                    states += await pipe.execute()
             for approval_id, state in zip(ids, states, strict=True):
                 if state != State.PENDING.value:
                     self._wake(approval_id)
