@@ -25,6 +25,8 @@ from common import machine, table, write_result
 from compare_versions import source_at
 from scale import policy_yaml
 
+# scale.decide_call(10) with a token carrying ten claims, written out: the driver runs with
+# an older commit's source first on the path, so it imports nothing from bench/.
 DRIVER = r"""
 import sys, time
 from pathlib import Path

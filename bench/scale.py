@@ -92,6 +92,19 @@ def policy_yaml(rules: int) -> str:
     return "\n".join(out) + "\n"
 
 
+def target_service(size: int) -> int:
+    """The service of a read rule in the middle of `policy_yaml(size)`."""
+    return (size - 2) // 2 // 3 * 3
+
+
+def decide_call(size: int) -> tuple[Action, Principal]:
+    """The call timed against `policy_yaml(size)`: a GET that one CEL rule in the middle
+    of the file allows."""
+    target = target_service(size)
+    action = Action("http", "GET", f"/v1/svc{target}/items/42")
+    return action, Principal(agent=f"bot-{target % 50}", claims={"dept": f"d{target % 9}"})
+
+
 def policy_size(d: Path, sizes: list[int], calls: int, rounds: int = 5) -> str:
     """Sizes alternate in `rounds` slices of the calls, so machine noise hits them alike."""
     cases = []
@@ -102,12 +115,12 @@ def policy_size(d: Path, sizes: list[int], calls: int, rounds: int = 5) -> str:
         started = time.perf_counter()
         policy = compile_policy([read_policy_file(path, issues)])  # type: ignore[arg-type]
         compiled = time.perf_counter() - started
-        target = (size - 2) // 2 // 3 * 3  # a read rule in the middle of the file
-        action = Action("http", "GET", f"/v1/svc{target}/items/42")
-        principal = Principal(agent=f"bot-{target % 50}", claims={"dept": f"d{target % 9}"})
+        action, principal = decide_call(size)
         decision = decide(policy, action, principal, Facts(), time.time())
-        if decision.rule_id != f"read-svc{target}":
-            raise RuntimeError(f"{size} rules: decided {decision}, expected read-svc{target}")
+        if decision.rule_id != f"read-svc{target_service(size)}":
+            raise RuntimeError(
+                f"{size} rules: decided {decision}, expected read-svc{target_service(size)}"
+            )
         cases.append((size, compiled, policy, action, principal))
     # As the proxy does once started: the policies frozen, young collections rarer. Imported
     # here: compare_versions.py imports policy_yaml with older sources, which lack it.

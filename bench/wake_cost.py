@@ -25,10 +25,10 @@ import time
 from pathlib import Path
 
 from common import machine, table, write_result
-from scale import policy_yaml
+from scale import decide_call, policy_yaml
 
 from agentproxy.config.policies import read_policy_file
-from agentproxy.core import Action, Facts, Principal
+from agentproxy.core import Facts
 from agentproxy.policy import compile_policy, decide
 
 IDLE_US = (0, 20, 100, 300, 1000, 5000)
@@ -39,9 +39,7 @@ def unit_of_work() -> tuple[object, ...]:
     path = Path(tempfile.mkdtemp(prefix="ap-wake-")) / "policy.yaml"
     path.write_text(policy_yaml(1000))
     policy = compile_policy([read_policy_file(path, [])])
-    target = (1000 - 2) // 2 // 3 * 3
-    action = Action("http", "GET", f"/v1/svc{target}/items/42")
-    principal = Principal(agent=f"bot-{target % 50}", claims={"dept": f"d{target % 9}"})
+    action, principal = decide_call(1000)
     return policy, action, principal, Facts(), time.time()
 
 

@@ -114,9 +114,10 @@ def decide(
         )
     elif winner.reason is winner.rule.decided_reason:  # decided as written: shared
         key = (id(winner.rule), winner.pattern, memoizable)
-        decision = policy.decisions.get(key) or policy.decisions.setdefault(
-            key, _decision(policy, winner, memoizable)
-        )
+        shared = policy.decisions.get(key)
+        if shared is None:
+            shared = policy.decisions[key] = _decision(policy, winner, memoizable)
+        decision = shared
     else:
         decision = _decision(policy, winner, memoizable)
     if shadow:
