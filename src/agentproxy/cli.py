@@ -12,11 +12,16 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from agentproxy import config as config_module
-from agentproxy.config import ConfigError
+from agentproxy.clock import SYSTEM
+from agentproxy.config import Config, ConfigError
 from agentproxy.errors import Unavailable
 from agentproxy.proxy import runtime as runtime_module
+
+if TYPE_CHECKING:
+    from agentproxy.proxy.assemble import Services
 
 log = logging.getLogger("agentproxy")
 
@@ -305,7 +310,7 @@ async def _serve(config: config_module.Config, *, reuse_port: bool = False) -> i
 
 
 async def _revoke(args: argparse.Namespace) -> int:
-    from agentproxy.admin.server import BadRevocation, parse_until
+    from agentproxy.admin.server import BadAdminRequest, parse_until
     from agentproxy.proxy.server import make_store
     from agentproxy.store import Revocation, StoreError
 
@@ -323,11 +328,11 @@ async def _revoke(args: argparse.Namespace) -> int:
         )
         return 1
     try:
-        until = parse_until(args.until, time.time())
+        until = parse_until(args.until, SYSTEM.now())
         revocation = Revocation(
             "agent" if args.agent else "token", args.agent or args.token_id, until, args.reason
         )
-    except (BadRevocation, ValueError) as exc:
+    except (BadAdminRequest, ValueError) as exc:
         print(f"cannot revoke: {exc}", file=sys.stderr)
         return 1
     store = make_store(config.store)
@@ -350,8 +355,8 @@ async def _explain(args: argparse.Namespace) -> int:
     import orjson
 
     from agentproxy.errors import Refusal
+    from agentproxy.proxy import assemble
     from agentproxy.proxy.explain import explain
-    from agentproxy.proxy.server import make_store
     from agentproxy.store import StoreError
 
     try:
@@ -373,19 +378,14 @@ async def _explain(args: argparse.Namespace) -> int:
         if not isinstance(call_args, dict):
             print("--args must be a JSON object", file=sys.stderr)
             return 2
-    store = make_store(config.store) if config.store.redis is not None else None
+    services = _explain_services(config)
     try:
-        if store is not None:
-            await store.start()
-        result = await explain(
-            runtime,
-            args.token,
-            args.request,
-            time.time(),
-            task=args.task,
-            store=store,
-            args=call_args,
-        )
+        await services.store.start()
+        # A fleet's revocations live in its Redis; the memory store is the running proxy's
+        # own, so a CLI explain with it knows none (the admin API's explain does).
+        await services.revocations.refresh()
+        pipeline = assemble.build_explain(runtime, services)
+        result = await explain(pipeline, args.token, args.request, task=args.task, args=call_args)
     except Refusal as exc:
         print(
             f"the proxy would refuse this call before deciding: {exc.status} {exc.detail}",
@@ -393,11 +393,10 @@ async def _explain(args: argparse.Namespace) -> int:
         )
         return 1
     except StoreError as exc:
-        print(f"cannot read the task history: {exc}", file=sys.stderr)
+        print(f"cannot read the decision store: {exc}", file=sys.stderr)
         return 1
     finally:
-        if store is not None:
-            await store.close()
+        await services.store.close()
     if args.json:
         sys.stdout.buffer.write(orjson.dumps(result, option=orjson.OPT_INDENT_2) + b"\n")
     else:
@@ -405,13 +404,37 @@ async def _explain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _explain_services(config: Config) -> Services:
+    """What the explain stages read, over the configured store."""
+    from agentproxy.approvals.service import ApprovalService
+    from agentproxy.identity.revocations import RevocationList
+    from agentproxy.metering.meter import Meter
+    from agentproxy.metering.metrics import Metrics
+    from agentproxy.proxy import assemble
+    from agentproxy.proxy.pins import McpState
+    from agentproxy.proxy.server import make_store
+
+    store = make_store(config.store)
+    metrics = Metrics(tuple(name for name, _ in config.metering.attribution))
+    return assemble.Services(
+        clock=SYSTEM,
+        store=store,
+        revocations=RevocationList(store, shared=config.store.redis is not None),
+        metrics=metrics,
+        meter=Meter(config.metering, metrics),
+        approvals=ApprovalService(store, SYSTEM, stopping=asyncio.Event()),
+        mcp=McpState(),
+    )
+
+
 def _policy_test(directory: Path, verbose: bool) -> int:
     from agentproxy.core import Action
     from agentproxy.policy.testing import format_report, run_dir
-    from agentproxy.protocols.http import describe
+    from agentproxy.protocols.request_line import describe_line
 
-    def describe_request(method: str, target: str) -> Action:
-        return describe(method, target)[0]
+    def describe_request(line: str) -> Action:
+        # No upstream is running: gRPC arguments are taken as written.
+        return describe_line(line, None, lambda service, path: None)
 
     if not directory.is_dir():
         print(f"{directory} is not a directory", file=sys.stderr)
@@ -454,14 +477,14 @@ def _audit(args: argparse.Namespace) -> int:
             print("note: checkpoint signatures not checked (give --key)")
         return 0 if report.ok else 1
     if args.audit_command == "query":
-        from agentproxy.admin.server import BadRevocation
+        from agentproxy.admin.server import BadAdminRequest
         from agentproxy.audit.query import query
 
-        now = time.time()
+        now = SYSTEM.now()
         try:
             since = _moment(args.since, now)
             until = _moment(args.until, now)
-        except BadRevocation as exc:
+        except BadAdminRequest as exc:
             print(f"invalid time: {exc.detail}", file=sys.stderr)
             return 1
         try:
@@ -602,7 +625,7 @@ def _token(args: argparse.Namespace) -> int:
             roles=args.role,
             ttl=ttl,
             claims=extra,
-            now=time.time(),
+            now=SYSTEM.now(),
         )
     except (OSError, ValueError) as exc:
         print(f"cannot mint token: {exc}", file=sys.stderr)

@@ -270,6 +270,7 @@ class Call:
     bytes_out: int = 0
     memo_hit: bool = False
     audited: bool = False
+    forwarded: bool = False  # every stage passed it: the exchange was asked to forward it
     # An MCP JSON-RPC batch: the actions after `action`, and which one was refused.
     batch: tuple[Action, ...] = ()
     refused_at: int | None = None
@@ -284,3 +285,5 @@ class Call:
     store_error: str | None = None
     reservations: tuple[Reservation, ...] = ()
     grpc_status: int | None = None  # a gRPC call's status code (`status` is its HTTP mapping)
+    # explain's collecting tracer: when set, decide() appends the steps of its evaluation.
+    trace_steps: list[Any] | None = field(default=None, repr=False)

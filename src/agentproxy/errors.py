@@ -96,6 +96,24 @@ class NoRoute(Refusal):
     fault = "client"
 
 
+class NotFound(Refusal):
+    """What the request names does not exist (an approval id, a pinned tool)."""
+
+    status = 404
+    problem = "not-found"
+    title = "Not found"
+    fault = "client"
+
+
+class Conflict(Refusal):
+    """The request cannot apply in the current state (approving a decided approval)."""
+
+    status = 409
+    problem = "conflict"
+    title = "Conflict"
+    fault = "client"
+
+
 class LimitRefused(Refusal):
     """A rate limit or budget of the allowing rule is used up for this window.
 

@@ -210,9 +210,9 @@ async def test_a_thousand_held_calls(
         while len(waiting := await pending(s, proxy, carol)) < 1000:
             assert time.monotonic() < deadline, len(waiting)
             await asyncio.sleep(0.2)
-        approver = await proxy.server.approver(carol)
+        approver = await proxy.server.backend.approver(carol)
         for approval in waiting:
-            await proxy.server.decide_approval(approval["id"], Event.APPROVE, approver, "")
+            await proxy.server.backend.decide_approval(approval["id"], Event.APPROVE, approver, "")
         results = await asyncio.wait_for(asyncio.gather(*held), 30)
     assert [status for status, _ in results] == [200] * 1000
     assert len(upstream.seen) == 1000

@@ -153,7 +153,7 @@ async def test_payload_is_slack_shaped_and_machine_readable(receiver: Receiver) 
         "*User*\nalice",
         "*Action*\nmcp:tools/call/transfer",
         "*Rule*\nbig-transfers",
-        "*Expires*\n2026-01-01T00:00:00+00:00",
+        "*Expires*\n2026-01-01T00:00:00Z",
     ]
 
 

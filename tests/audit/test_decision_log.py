@@ -6,7 +6,8 @@ import time
 
 import pytest
 
-from agentproxy.audit.decision_log import entry, timestamp
+from agentproxy.audit.decision_log import entry
+from agentproxy.clock import rfc3339
 from agentproxy.core import Action, Call, Decision, Effect, Principal, TraceContext
 from agentproxy.errors import Denied
 
@@ -90,5 +91,5 @@ def test_llm_fields_only_when_known() -> None:
 @pytest.mark.parametrize("now", [0.0, 1_700_000_000.9999, 1_700_000_001.0005, 1e9 + 0.5])
 def test_timestamp_matches_strftime(now: float) -> None:
     expected = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now))
-    assert timestamp(now) == f"{expected}.{int(now % 1 * 1000):03d}Z"
-    assert timestamp(time.time()).endswith("Z")
+    assert rfc3339(now, 3) == f"{expected}.{int(now % 1 * 1000):03d}Z"
+    assert rfc3339(time.time(), 3).endswith("Z")

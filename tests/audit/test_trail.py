@@ -20,6 +20,7 @@ from agentproxy.audit.sinks import AuditError, FileSink, rotated_files
 from agentproxy.audit.trail import SEAL_CHUNK, AuditTrail
 from agentproxy.audit.verify import verify
 from tests.audit.conftest import append, decision, lines, make_directory, read, records, write
+from tests.harness.clock import FakeClock
 
 
 async def run(settings: AuditSettings, count: int, start: int = 0) -> AuditTrail:
@@ -122,15 +123,15 @@ async def test_a_restart_right_after_a_rotation_continues_from_the_rotated_file(
 async def test_time_rotation_on_utc_aligned_periods(
     settings: AuditSettings, log_path: Path, signing_key: Ed25519PrivateKey
 ) -> None:
-    now = [1_800_000_000.0]  # 2027-01-15T08:00:00Z
+    clock = FakeClock(1_800_000_000.0)  # 2027-01-15T08:00:00Z
     hourly = replace(settings, rotate_every=3600)
-    trail = AuditTrail(hourly, clock=lambda: now[0])
+    trail = AuditTrail(hourly, clock=clock)
     await trail.start()
     await trail.submit(decision(0))
-    now[0] += 3599
+    clock.advance(3599)
     await trail.submit(decision(1))
     assert rotated_files(log_path) == []
-    now[0] += 2
+    clock.advance(2)
     await trail.submit(decision(2))
     await trail.close()
     assert [p.name for p in rotated_files(log_path)] == ["audit.jsonl.20270115T090001.000000Z"]
@@ -320,7 +321,7 @@ async def test_many_concurrent_submits_are_batched(
 async def test_stdout_only_chains_are_named_by_their_start(key_file: Path) -> None:
     copy = io.BytesIO()
     settings = AuditSettings(stdout=True, replica="r1", signing_key_file=key_file)
-    trail = AuditTrail(settings, stdout=copy, clock=lambda: 1_800_000_000.0)
+    trail = AuditTrail(settings, stdout=copy, clock=FakeClock(1_800_000_000.0))
     await trail.start()
     await trail.submit(decision(0))
     await trail.close()

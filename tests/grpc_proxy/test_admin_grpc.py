@@ -311,8 +311,8 @@ async def test_watch_sees_the_fleet_through_the_shared_store(
         approval_id = dict(caught.value.trailing_metadata() or ())["x-agentproxy-approval-id"]
         event = await asyncio.wait_for(watch.read(), 5)
         assert (event.event, event.approval.id) == ("requested", approval_id)
-        decided = await a.server.decide_approval(
-            approval_id, Event.APPROVE, await a.server.approver(carol), "fine"
+        decided = await a.server.backend.decide_approval(
+            approval_id, Event.APPROVE, await a.server.backend.approver(carol), "fine"
         )
         assert decided.state.value == "approved"
         event = await asyncio.wait_for(watch.read(), 5)

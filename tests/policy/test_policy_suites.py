@@ -11,13 +11,13 @@ import pytest
 from agentproxy.config.yamldoc import ConfigError
 from agentproxy.core import Action
 from agentproxy.policy.testing import format_report, run_dir
-from agentproxy.protocols.http import describe
+from agentproxy.protocols.request_line import describe_line
 
 CASES = Path(__file__).parent / "cases"
 
 
-def describe_request(method: str, target: str) -> Action:
-    return describe(method, target)[0]
+def describe_request(line: str) -> Action:
+    return describe_line(line, None, lambda service, path: None)
 
 
 def test_case_files_pass_and_cover_every_rule() -> None:

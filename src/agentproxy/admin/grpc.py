@@ -1,8 +1,8 @@
 """The admin gRPC listener: agentproxy.v1.Authorizer and agentproxy.v1.Approvals.
 
-Authorizer.Check asks the one pipeline for a decision (proxy/check.py); Approvals applies the
-same rules as the admin HTTP API (approvers see and decide what names them, operators see
-all, four eyes), through the same backend methods.
+Authorizer.Check asks the one pipeline for a decision (through the backend's `check`);
+Approvals applies the same rules as the admin HTTP API (approvers see and decide what names
+them, operators see all, four eyes), through the same backend methods.
 """
 
 from __future__ import annotations
@@ -18,33 +18,43 @@ from google.protobuf import json_format, struct_pb2, timestamp_pb2
 from grpc import aio
 
 from agentproxy.admin.server import ApprovalsBackend, visible
-from agentproxy.approvals.lifecycle import Approval, Event, IllegalTransition, State
+from agentproxy.approvals.lifecycle import Approval, Event, State
+from agentproxy.approvals.service import WATCH_QUEUE
 from agentproxy.core import Action, Call, Principal, plain
 from agentproxy.errors import (
     ApprovalCap,
     ApprovalRefused,
     BadRequest,
+    Conflict,
     Denied,
     LimitRefused,
+    NotFound,
     Refusal,
     Unauthenticated,
 )
 from agentproxy.protocols import grpc as grpc_adapter
 from agentproxy.protocols import mcp as mcp_adapter
 from agentproxy.protocols.http import describe as describe_http
-from agentproxy.proxy.check import check
-from agentproxy.proxy.pipeline import Pipeline
 from agentproxy.store import StoreError
 from agentproxy.v1 import approvals_pb2, approvals_pb2_grpc, authorizer_pb2, authorizer_pb2_grpc
 
+__all__ = ["WATCH_QUEUE", "GrpcBackend", "add_admin_services"]
+
 # Watch: how often the store is read for changes made by other replicas.
 WATCH_POLL = 1.0
-WATCH_QUEUE = 1000
 
 
 class GrpcBackend(ApprovalsBackend, Protocol):
-    @property
-    def pipeline(self) -> Pipeline: ...
+    async def check(
+        self,
+        *,
+        token: str | None,
+        describe: Action | Refusal,
+        task: str | None,
+        traceparent: str | None,
+    ) -> tuple[Call, list[tuple[str, str]]]:
+        """The finished call (decision, refusal, status) as the data plane's pipeline decided
+        it and, when allowed, the context metadata the proxy would add."""
 
     def subscribe_approvals(self) -> asyncio.Queue[tuple[str, Approval]]:
         """This replica's approval events as they happen, until unsubscribed."""
@@ -162,8 +172,7 @@ class AuthorizerService(authorizer_pb2_grpc.AuthorizerServicer):
         self.backend = backend
 
     async def Check(self, request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
-        call, forwarded = await check(
-            self.backend.pipeline,
+        call, forwarded = await self.backend.check(
             token=request.token or None,
             describe=await describe_request(request, self.backend),
             task=request.task or None,
@@ -260,10 +269,10 @@ class ApprovalsService(approvals_pb2_grpc.ApprovalsServicer):
             )
         except Denied as refusal:
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, refusal.detail)
-        except KeyError:
+        except NotFound:
             await context.abort(grpc.StatusCode.NOT_FOUND, "no such approval")
-        except IllegalTransition as exc:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        except Conflict as exc:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, exc.detail)
         except StoreError:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the decision store is unavailable")
         return approval_message(approval)

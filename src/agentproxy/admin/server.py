@@ -1,9 +1,12 @@
-"""The admin listener: metrics, health, readiness, the context-token keys, revocations."""
+"""The admin listener: metrics, health, readiness, the context-token keys, revocations,
+explain, reload, tool pins and approvals (the API and its console)."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import math
-import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -13,12 +16,24 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.aiohttp import make_aiohttp_handler
 
 from agentproxy.approvals.authorize import is_listed
-from agentproxy.approvals.lifecycle import Approval, Event, IllegalTransition, State
+from agentproxy.approvals.lifecycle import Approval, Event, State
+from agentproxy.clock import SYSTEM, Clock, parse_rfc3339
 from agentproxy.config.yamldoc import parse_duration
 from agentproxy.core import Principal
-from agentproxy.errors import Denied, Refusal, Unauthenticated
+from agentproxy.errors import (
+    Denied,
+    InternalError,
+    NotFound,
+    PayloadTooLarge,
+    Refusal,
+    Unauthenticated,
+    Unavailable,
+)
 from agentproxy.protocols.http import bearer_token, render
 from agentproxy.store import Revocation, StoreError
+
+log = logging.getLogger("agentproxy.admin")
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 class ApprovalsBackend(Protocol):
@@ -36,7 +51,8 @@ class ApprovalsBackend(Protocol):
     async def decide_approval(
         self, approval_id: str, event: Event, principal: Principal, reason: str
     ) -> Approval:
-        """Raises Denied (not an approver, four-eyes), KeyError, IllegalTransition, StoreError."""
+        """Raises Denied (not an approver, four-eyes), NotFound, Conflict (already decided),
+        StoreError."""
 
 
 def visible(backend: ApprovalsBackend, principal: Principal, approval: Approval) -> bool:
@@ -63,8 +79,9 @@ class AdminBackend(ApprovalsBackend, Protocol):
     ) -> dict[str, Any]:
         """Raises Refusal (the token or request would be refused) or StoreError."""
 
-    async def accept_tool(self, upstream: str, tool: str) -> str | None:
-        """Pins a changed MCP tool's new definition; its fingerprint, or None if unchanged."""
+    async def accept_tool(self, upstream: str, tool: str) -> str:
+        """Pins a changed MCP tool's new definition; its fingerprint. Raises NotFound when the
+        tool has no unaccepted change."""
 
     async def reload(self) -> bool:
         """Reloads config and policy; False when the new files were rejected."""
@@ -72,8 +89,9 @@ class AdminBackend(ApprovalsBackend, Protocol):
     def policy_version(self) -> str: ...
 
 
-def admin_app(backend: AdminBackend) -> web.Application:
-    """Probes need no token (Kubernetes sends none); writes need an operator's bearer JWT."""
+def admin_app(backend: AdminBackend, clock: Clock = SYSTEM) -> web.Application:
+    """Probes need no token (Kubernetes sends none); writes need an operator's bearer JWT.
+    Every error is answered as problem+json by one middleware (`problems`)."""
 
     async def healthz(_: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
@@ -87,51 +105,32 @@ def admin_app(backend: AdminBackend) -> web.Application:
         return web.json_response(backend.jwks(), headers={"Cache-Control": "max-age=60"})
 
     async def revocations(request: web.Request) -> web.Response:
-        try:
-            operator = await _operator(request)
-            revocation = parse_revocation(await request.read(), time.time())
-            await backend.revoke(revocation)
-        except Refusal as refusal:
-            return _problem(refusal)
-        except StoreError:
-            return web.json_response({"error": "the decision store is unavailable"}, status=503)
+        operator = await _operator(request)
+        revocation = parse_revocation(await request.read(), clock.now())
+        await backend.revoke(revocation)
         body = revocation_json(revocation) | {"by": operator.agent}
         return web.json_response(body, status=201)
 
     async def explain(request: web.Request) -> web.Response:
-        try:
-            await _operator(request)
-            data = _json_object(await request.read(), {"token", "request", "task", "args"})
-            token, line, task = data.get("token"), data.get("request"), data.get("task")
-            if not isinstance(token, str) or not isinstance(line, str):
-                raise BadRevocation('send {"token": "…", "request": "GET /path"}')
-            if task is not None and not isinstance(task, str):
-                raise BadRevocation('"task" must be a string')
-            args = data.get("args")
-            if args is not None and not isinstance(args, dict):
-                raise BadRevocation('"args" must be an object')
-            result = await backend.explain(token, line, task, args)
-        except Refusal as refusal:
-            return _problem(refusal)
-        except StoreError:
-            return web.json_response({"error": "the decision store is unavailable"}, status=503)
-        return web.json_response(result)
+        await _operator(request)
+        data = _json_object(await request.read(), {"token", "request", "task", "args"})
+        token, line, task = data.get("token"), data.get("request"), data.get("task")
+        if not isinstance(token, str) or not isinstance(line, str):
+            raise BadAdminRequest('send {"token": "…", "request": "GET /path"}')
+        if task is not None and not isinstance(task, str):
+            raise BadAdminRequest('"task" must be a string')
+        args = data.get("args")
+        if args is not None and not isinstance(args, dict):
+            raise BadAdminRequest('"args" must be an object')
+        return web.json_response(await backend.explain(token, line, task, args))
 
     async def accept_tool(request: web.Request) -> web.Response:
-        try:
-            operator = await _operator(request)
-            data = _json_object(await request.read(), {"upstream", "tool"})
-            upstream, tool = data.get("upstream"), data.get("tool")
-            if not isinstance(upstream, str) or not isinstance(tool, str):
-                raise BadRevocation('send {"upstream": "…", "tool": "…"}')
-        except Refusal as refusal:
-            return _problem(refusal)
+        operator = await _operator(request)
+        data = _json_object(await request.read(), {"upstream", "tool"})
+        upstream, tool = data.get("upstream"), data.get("tool")
+        if not isinstance(upstream, str) or not isinstance(tool, str):
+            raise BadAdminRequest('send {"upstream": "…", "tool": "…"}')
         fingerprint = await backend.accept_tool(upstream, tool)
-        if fingerprint is None:
-            return web.json_response(
-                {"error": f"tool {tool!r} of upstream {upstream!r} has no unaccepted change"},
-                status=404,
-            )
         return web.json_response(
             {"upstream": upstream, "tool": tool, "fingerprint": fingerprint, "by": operator.agent}
         )
@@ -145,64 +144,38 @@ def admin_app(backend: AdminBackend) -> web.Application:
     async def approvals_list(request: web.Request) -> web.Response:
         state = request.query.get("state")
         if state is not None and state not in {s.value for s in State}:
-            return _problem(
-                BadRevocation(f"state must be one of {', '.join(s.value for s in State)}")
-            )
-        try:
-            principal = await _approver(request)
-            items = await backend.list_approvals(state)
-        except Refusal as refusal:
-            return _problem(refusal)
-        except StoreError:
-            return web.json_response({"error": "the decision store is unavailable"}, status=503)
+            raise BadAdminRequest(f"state must be one of {', '.join(s.value for s in State)}")
+        principal = await _approver(request)
+        items = await backend.list_approvals(state)
         shown = [a.to_json() for a in items if visible(backend, principal, a)]
         return web.json_response({"approvals": shown}, headers=NO_STORE)
 
     async def approvals_get(request: web.Request) -> web.Response:
-        try:
-            principal = await _approver(request)
-            approval = await backend.get_approval(request.match_info["id"])
-        except Refusal as refusal:
-            return _problem(refusal)
-        except StoreError:
-            return web.json_response({"error": "the decision store is unavailable"}, status=503)
+        principal = await _approver(request)
+        approval = await backend.get_approval(request.match_info["id"])
         if approval is None or not visible(backend, principal, approval):
-            return web.json_response({"error": "no such approval"}, status=404, headers=NO_STORE)
+            raise NotFound("no such approval")
         return web.json_response(approval.to_json(), headers=NO_STORE)
 
     async def approvals_decide(request: web.Request) -> web.Response:
         event = Event.APPROVE if request.match_info["verb"] == "approve" else Event.DENY
-        try:
-            principal = await _approver(request)
-            data = _json_object(await request.read() or b"{}", {"reason"})
-            reason = data.get("reason", "")
-            if not isinstance(reason, str) or len(reason) > 1000:
-                raise BadRevocation('"reason" must be a string of at most 1000 characters')
-            approval = await backend.decide_approval(
-                request.match_info["id"], event, principal, reason
-            )
-        except Refusal as refusal:
-            return _problem(refusal)
-        except KeyError:
-            return web.json_response({"error": "no such approval"}, status=404)
-        except IllegalTransition as exc:
-            return web.json_response({"error": str(exc)}, status=409)
-        except StoreError:
-            return web.json_response({"error": "the decision store is unavailable"}, status=503)
+        principal = await _approver(request)
+        data = _json_object(await request.read() or b"{}", {"reason"})
+        reason = data.get("reason", "")
+        if not isinstance(reason, str) or len(reason) > 1000:
+            raise BadAdminRequest('"reason" must be a string of at most 1000 characters')
+        approval = await backend.decide_approval(request.match_info["id"], event, principal, reason)
         return web.json_response(approval.to_json(), headers=NO_STORE)
 
     async def ui_page(request: web.Request) -> web.StreamResponse:
         name = request.match_info.get("file") or "approvals.html"
         if name not in UI_FILES:
-            raise web.HTTPNotFound()
+            raise NotFound(f"no page {name!r}")
         path = UI_DIR / name
         return web.FileResponse(path, headers={**UI_HEADERS, "Content-Type": UI_FILES[name]})
 
     async def reload(request: web.Request) -> web.Response:
-        try:
-            operator = await _operator(request)
-        except Refusal as refusal:
-            return _problem(refusal)
+        operator = await _operator(request)
         reloaded = await backend.reload()
         body = {
             "reloaded": reloaded,
@@ -222,7 +195,7 @@ def admin_app(backend: AdminBackend) -> web.Application:
             raise Unauthenticated("an operator bearer token is required")
         return await backend.operator(token)
 
-    app = web.Application(client_max_size=64 * 1024)
+    app = web.Application(client_max_size=64 * 1024, middlewares=[problems])
     app.router.add_get("/metrics", make_aiohttp_handler(backend.registry))
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
@@ -238,6 +211,51 @@ def admin_app(backend: AdminBackend) -> web.Application:
     app.router.add_get("/favicon.ico", favicon)
     app.router.add_get("/ui/{file}", ui_page)
     return app
+
+
+@web.middleware
+async def problems(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """The one place the admin API turns faults into answers: a Refusal is rendered as
+    problem+json; the store being down is a 503 (its error text goes to the log, never to
+    the caller); aiohttp's own errors (unknown route, wrong method, body too large) keep their
+    status but get a problem body; anything else is a bug, logged, and a closed 500."""
+    try:
+        return await handler(request)
+    except Refusal as refusal:
+        return _problem(refusal)
+    except StoreError as exc:
+        log.warning("admin %s %s: store error: %s", request.method, request.path, exc)
+        return _problem(Unavailable("the decision store is unavailable", component="store"))
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return _problem(_http_refusal(exc))
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        log.exception("bug in admin %s %s", request.method, request.path)
+        return _problem(InternalError("internal error"))
+
+
+class MethodNotAllowed(Refusal):
+    status = 405
+    problem = "method-not-allowed"
+    title = "Method not allowed"
+    fault = "client"
+
+
+def _http_refusal(exc: web.HTTPException) -> Refusal:
+    """aiohttp's own error as the refusal it stands for."""
+    if exc.status == 404:
+        return NotFound("no such endpoint")
+    if exc.status == 405:
+        allow = exc.headers.get("Allow", "")
+        return MethodNotAllowed(
+            f"use {allow or 'another method'}", headers={"Allow": allow} if allow else None
+        )
+    if exc.status == 413:
+        return PayloadTooLarge(exc.text or "request body too large")
+    return BadAdminRequest(exc.reason)
 
 
 NO_STORE = {"Cache-Control": "no-store"}
@@ -266,52 +284,53 @@ def _problem(refusal: Refusal) -> web.Response:
 
 
 def _json_object(body: bytes, allowed: set[str]) -> dict[str, Any]:
-    """Raises BadRevocation unless the body is a JSON object with only `allowed` members."""
+    """Raises BadAdminRequest unless the body is a JSON object with only `allowed` members."""
     try:
         data = orjson.loads(body)
     except orjson.JSONDecodeError:
-        raise BadRevocation("the body must be JSON") from None
+        raise BadAdminRequest("the body must be JSON") from None
     if not isinstance(data, dict):
-        raise BadRevocation("the body must be a JSON object")
+        raise BadAdminRequest("the body must be a JSON object")
     unknown = set(data) - allowed
     if unknown:
-        raise BadRevocation(f"unknown member(s): {', '.join(sorted(unknown))}")
+        raise BadAdminRequest(f"unknown member(s): {', '.join(sorted(unknown))}")
     return data
 
 
-class BadRevocation(Refusal):
+class BadAdminRequest(Refusal):
     status = 400
     problem = "bad-request"
-    title = "Bad revocation"
+    title = "Bad request"
     fault = "client"
 
 
 def parse_revocation(body: bytes, now: float) -> Revocation:
     """`{"agent" | "token_id", "until"?, "reason"?}`; `until` is RFC 3339 or a duration from
-    now ("1h"). Raises BadRevocation saying what to change."""
+    now ("1h"). Raises BadAdminRequest saying what to change."""
     try:
         data = orjson.loads(body)
     except orjson.JSONDecodeError:
-        raise BadRevocation("the body must be JSON") from None
+        raise BadAdminRequest("the body must be JSON") from None
     if not isinstance(data, dict) or set(data) - {"agent", "token_id", "until", "reason"}:
-        raise BadRevocation('send {"agent" or "token_id", optional "until" and "reason"}')
+        raise BadAdminRequest('send {"agent" or "token_id", optional "until" and "reason"}')
     kinds = [k for k in ("agent", "token_id") if k in data]
     if len(kinds) != 1 or not isinstance(data[kinds[0]], str):
-        raise BadRevocation('name exactly one of "agent" or "token_id" (a string)')
+        raise BadAdminRequest('name exactly one of "agent" or "token_id" (a string)')
     reason = data.get("reason", "")
     if not isinstance(reason, str) or len(reason) > 500:
-        raise BadRevocation('"reason" must be a string of at most 500 characters')
+        raise BadAdminRequest('"reason" must be a string of at most 500 characters')
     until = parse_until(data.get("until"), now)
     try:
         return Revocation(
             "agent" if kinds[0] == "agent" else "token", data[kinds[0]], until, reason
         )
     except ValueError as exc:
-        raise BadRevocation(str(exc)) from None
+        raise BadAdminRequest(str(exc)) from None
 
 
 def parse_until(value: object, now: float) -> float:
-    """None → for good; "1h" → now + 1h; "2026-12-01T00:00:00Z" → that time."""
+    """None → for good; "1h" → now + 1h; "2026-12-01T00:00:00Z" → that time.
+    Raises BadAdminRequest."""
     if value is None:
         return math.inf
     if isinstance(value, str):
@@ -319,12 +338,10 @@ def parse_until(value: object, now: float) -> float:
         if seconds is not None:
             return now + seconds
         try:
-            from datetime import datetime
-
-            return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+            return parse_rfc3339(value)
         except ValueError:
             pass
-    raise BadRevocation('"until" must be an RFC 3339 time or a duration such as "24h"')
+    raise BadAdminRequest('"until" must be an RFC 3339 time or a duration such as "24h"')
 
 
 def revocation_json(revocation: Revocation) -> dict[str, Any]:

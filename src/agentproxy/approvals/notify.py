@@ -21,11 +21,10 @@ import email.utils
 import hashlib
 import hmac
 import logging
-import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC
 from typing import Any
 
 import aiohttp
@@ -33,6 +32,7 @@ import orjson
 import yarl
 
 from agentproxy.approvals.lifecycle import Approval
+from agentproxy.clock import SYSTEM, Clock, rfc3339
 
 log = logging.getLogger("agentproxy.approvals")
 
@@ -122,10 +122,6 @@ def _clip(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-def _iso(t: float) -> str:
-    return datetime.fromtimestamp(t, UTC).isoformat(timespec="seconds")
-
-
 def payload(event: str, approval: Approval, *, ui_url: str | None = None) -> dict[str, Any]:
     """The JSON body for one event: Slack's `text` and `blocks`, plus `event` and `approval`.
 
@@ -154,7 +150,7 @@ def payload(event: str, approval: Approval, *, ui_url: str | None = None) -> dic
         ("User", approval.user if approval.user is not None else "—"),
         ("Action", approval.action),
         ("Rule", approval.rule),
-        ("Expires", _iso(approval.expires)),
+        ("Expires", rfc3339(approval.expires)),
     ]
     if approval.decided_by is not None:
         fields.append(("Decided by", approval.decided_by))
@@ -216,7 +212,7 @@ class Notifier:
         max_retry_after: float = 60.0,
         max_in_flight: int = 1000,
         on_failure: Callable[[str], None] | None = None,
-        clock: Callable[[], float] = time.time,
+        clock: Clock = SYSTEM,
     ) -> None:
         """Raises ValueError for attempts or max_in_flight below 1, or a negative delay."""
         if attempts < 1 or max_in_flight < 1:
@@ -339,7 +335,7 @@ class Notifier:
             DELIVERY_HEADER: delivery,
         }
         if webhook.secret is not None:
-            headers[SIGNATURE_HEADER] = sign(webhook.secret, int(self._clock()), body)
+            headers[SIGNATURE_HEADER] = sign(webhook.secret, int(self._clock.now()), body)
         try:
             async with self._session.post(
                 webhook.url,
@@ -350,7 +346,7 @@ class Notifier:
                 allow_redirects=False,
             ) as response:
                 status = response.status
-                wait = retry_after(response.headers.get("Retry-After"), self._clock())
+                wait = retry_after(response.headers.get("Retry-After"), self._clock.now())
         except TimeoutError:
             raise _Retry("timed out") from None
         except aiohttp.ClientError as exc:

@@ -7,14 +7,13 @@ is a separate sink.
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import sys
-import time
 from typing import Any, BinaryIO
 
 import orjson
 
+from agentproxy.clock import SYSTEM, Clock, rfc3339
 from agentproxy.core import Call
 
 log = logging.getLogger("agentproxy.decision_log")
@@ -27,7 +26,10 @@ class DecisionLog:
     FLUSH_AFTER = 0.05
     FLUSH_LINES = 256
 
-    def __init__(self, target: str, stream: BinaryIO | None = None) -> None:
+    def __init__(
+        self, target: str, stream: BinaryIO | None = None, *, clock: Clock = SYSTEM
+    ) -> None:
+        self._clock = clock
         self._out: BinaryIO | None = stream or {
             "stdout": sys.stdout.buffer,
             "stderr": sys.stderr.buffer,
@@ -39,7 +41,7 @@ class DecisionLog:
         if self._out is None:
             return
         self._pending.append(
-            orjson.dumps(entry(call, latency, time.time()), option=orjson.OPT_APPEND_NEWLINE)
+            orjson.dumps(entry(call, latency, self._clock.now()), option=orjson.OPT_APPEND_NEWLINE)
         )
         if len(self._pending) >= self.FLUSH_LINES:
             self.flush()
@@ -80,7 +82,7 @@ def entry(call: Call, latency: float, now: float) -> dict[str, Any]:
     p = call.principal
     d = call.decision
     record: dict[str, Any] = {
-        "time": timestamp(now),
+        "time": rfc3339(now, 3),
         "decision_id": call.id,
         "trace_id": call.trace.trace_id,
     }
@@ -132,14 +134,3 @@ def entry(call: Call, latency: float, now: float) -> dict[str, Any]:
             record["gen_ai.usage.input_tokens"] = call.tokens[0] + call.tokens[2]
             record["gen_ai.usage.output_tokens"] = call.tokens[1]
     return record
-
-
-def timestamp(now: float) -> str:
-    """RFC 3339 UTC with milliseconds. The whole-second part is formatted once per second
-    (strftime costs more than the rest of a log line's fields together)."""
-    return f"{_whole_second(int(now // 1))}.{int(now % 1 * 1000):03d}Z"
-
-
-@functools.lru_cache(maxsize=4)
-def _whole_second(epoch: int) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(epoch))

@@ -12,20 +12,10 @@ as it is; nested values may be shared with others (the principal's view) but are
 from __future__ import annotations
 
 import base64
-import time
 from typing import Any
 
+from agentproxy.clock import Clock, rfc3339
 from agentproxy.core import MAPPING, SEQUENCE, Call, plain, principal_view, shape
-
-_second: list[Any] = [None, ""]  # the last whole second formatted, and its text
-
-
-def iso(epoch: float) -> str:
-    """RFC 3339 UTC with microseconds; the seconds part is formatted once per second."""
-    second = int(epoch)
-    if _second[0] != second:
-        _second[:] = [second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))]
-    return f"{_second[1]}.{int(epoch % 1 * 1e6):06d}Z"
 
 
 def jsonable(value: Any) -> Any:
@@ -40,12 +30,13 @@ def jsonable(value: Any) -> Any:
     return value
 
 
-def decision_record(call: Call, now: float, cost: dict[str, Any] | None = None) -> dict[str, Any]:
+def decision_record(call: Call, clock: Clock, cost: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The decision's record, written now (`clock`); a refused call's carries its latency."""
     p = call.principal
     d = call.decision
     record: dict[str, Any] = {
         "kind": "decision",
-        "time": iso(now),
+        "time": rfc3339(clock.now(), 6),
         "decision_id": call.id,
         "trace_id": call.trace.trace_id,
         "principal": None if p is None else {**principal_view(p), "token_id": p.token_id},
@@ -74,14 +65,14 @@ def decision_record(call: Call, now: float, cost: dict[str, Any] | None = None) 
             **dict(call.refusal.members),
         }
         record["status"] = call.status
-        record["latency_ms"] = round((time.perf_counter() - call.started) * 1000, 3)
+        record["latency_ms"] = round((clock.monotonic() - call.started) * 1000, 3)
     return record
 
 
 def outcome_record(call: Call, now: float, latency: float) -> dict[str, Any]:
     return {
         "kind": "outcome",
-        "time": iso(now),
+        "time": rfc3339(now, 6),
         "decision_id": call.id,
         "status": call.status,
         "latency_ms": round(latency * 1000, 3),

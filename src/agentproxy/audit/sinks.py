@@ -45,8 +45,7 @@ import os
 import re
 import stat
 import sys
-import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -61,6 +60,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 from redis.maint_notifications import MaintNotificationsConfig
 
+from agentproxy.clock import SYSTEM, Clock
 from agentproxy.config.model import RedisSettings, redact_url
 
 log = logging.getLogger("agentproxy.audit")
@@ -134,7 +134,7 @@ class FileSink:
         *,
         max_bytes: int = 100 * 2**20,
         rotate_every: float | None = None,
-        clock: Callable[[], float] = time.time,
+        clock: Clock = SYSTEM,
         sync_every: float = 0.0,
     ) -> None:
         """`sync_every`: 0 fsyncs every batch; more lets batches within that many seconds of
@@ -209,11 +209,11 @@ class FileSink:
             self._fd is not None
             and not self._torn
             and not self._sync_due()
-            and not self._rotation_due(incoming, self._clock())
+            and not self._rotation_due(incoming, self._clock.now())
         )
 
     def _sync_due(self) -> bool:
-        return time.monotonic() - self._synced_at >= self._sync_every
+        return self._clock.monotonic() - self._synced_at >= self._sync_every
 
     def _rotation_due(self, incoming: int, now: float) -> bool:
         return bool(self._committed) and (
@@ -275,7 +275,7 @@ class FileSink:
         if size == 0 or os.pread(self._fd, 1, size - 1) == b"\n":
             return None
         end = _last_newline(self._fd, size) + 1
-        fragment_path = self._unique(self._clock(), ".fragment")
+        fragment_path = self._unique(self._clock.now(), ".fragment")
         digest = hashlib.sha256()
         out = os.open(fragment_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
         try:
@@ -366,7 +366,7 @@ class FileSink:
     def _sync(self) -> None:
         if self._fd is not None:
             os.fsync(self._fd)
-        self._synced_at = time.monotonic()
+        self._synced_at = self._clock.monotonic()
         self._unsynced = False
 
     def _cut_torn_batch(self) -> None:
@@ -400,7 +400,7 @@ class FileSink:
                 self._fd = None
         if self._fd is None:
             self._open()
-        now = self._clock()
+        now = self._clock.now()
         if self._rotation_due(incoming, now):
             self._rotate(now)
         if self._period is None:

@@ -36,10 +36,8 @@ import asyncio
 import logging
 import os
 import socket
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any, BinaryIO
 
 import orjson
@@ -57,6 +55,7 @@ from agentproxy.audit.sinks import (
     StdoutSink,
     utc_stamp,
 )
+from agentproxy.clock import SYSTEM, Clock, rfc3339
 
 log = logging.getLogger("agentproxy.audit")
 
@@ -95,10 +94,9 @@ class _Throttle:
     pending: int = 0
     logged_at: float = -LOG_EVERY
 
-    def due(self, count: int) -> int:
-        """Adds `count`; returns how many to report now (0: stay quiet)."""
+    def due(self, count: int, now: float) -> int:
+        """Adds `count`; returns how many to report now (0: stay quiet). `now`: monotonic."""
         self.pending += count
-        now = time.monotonic()
         if now - self.logged_at < LOG_EVERY:
             return 0
         self.logged_at, count, self.pending = now, self.pending, 0
@@ -121,7 +119,7 @@ class AuditTrail:
         settings: AuditSettings,
         *,
         on_drop: Callable[[int], None] | None = None,
-        clock: Callable[[], float] = time.time,
+        clock: Clock = SYSTEM,
         stdout: BinaryIO | None = None,
     ) -> None:
         """Builds the sinks (nothing is opened before `start`) and reads the signing key.
@@ -178,7 +176,7 @@ class AuditTrail:
         and starts the writer. Raises AuditError if a sink cannot be opened or written."""
         replica = self.settings.replica or f"{socket.gethostname()}-{os.getpid()}"
         readable = any(not isinstance(s.sink, StdoutSink) for s in self._sinks)
-        chain_id = replica if readable else f"{replica}@{utc_stamp(self._clock())}"
+        chain_id = replica if readable else f"{replica}@{utc_stamp(self._clock.now())}"
         resumes: list[Resume] = []
         try:
             for state in self._sinks:
@@ -319,7 +317,7 @@ class AuditTrail:
             try:
                 await state.sink.sync()
             except AuditError as exc:
-                if state.throttle.due(1):
+                if state.throttle.due(1, self._clock.monotonic()):
                     log.error("audit: %s", exc)
 
     async def _write_batch(self, batch: list[_Entry]) -> None:
@@ -392,7 +390,7 @@ class AuditTrail:
         if state.missing_from is None:
             state.missing_from = first
         state.reason = reason
-        count = state.throttle.due(last - first + 1)
+        count = state.throttle.due(last - first + 1, self._clock.monotonic())
         if count:
             log.error(
                 "audit: %s did not take %d record(s) (missing since seq %d): %s",
@@ -449,8 +447,7 @@ class AuditTrail:
         return Chain(chain_id, int(head["seq"]) + 1, str(head["hash"]))
 
     def _control(self, record: dict[str, Any]) -> dict[str, Any]:
-        when = datetime.fromtimestamp(self._clock(), UTC).isoformat(timespec="microseconds")
-        return {**record, "time": when.replace("+00:00", "Z")}
+        return {**record, "time": rfc3339(self._clock.now(), 6)}
 
     def _fail(self, future: asyncio.Future[None], reason: str) -> asyncio.Future[None]:
         self._count_drops(1, reason)
@@ -464,7 +461,7 @@ class AuditTrail:
                 self._on_drop(count)
             except Exception:
                 log.exception("audit: the on_drop callback failed")
-        reported = self._drops.due(count)
+        reported = self._drops.due(count, self._clock.monotonic())
         if reported:
             log.error("audit: dropped %d record(s), %d in all: %s", reported, self.dropped, reason)
 

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Callable
 
+from agentproxy.clock import SYSTEM, Clock
 from agentproxy.core import Principal
 from agentproxy.store import Revocation, Store, StoreError
 
@@ -30,6 +30,7 @@ class RevocationList:
         *,
         shared: bool = True,
         on_error: Callable[[str], None] | None = None,
+        clock: Clock = SYSTEM,
     ) -> None:
         """`shared`: the store is another process (Redis). An in-process store is written
         and read by this proxy alone, so its copy here cannot go stale."""
@@ -39,16 +40,17 @@ class RevocationList:
         self._tokens: dict[str, Revocation] = {}
         self._fresh_at = -float("inf")  # monotonic time of the last successful refresh
         self._on_error = on_error
+        self._clock = clock
 
-    async def refresh(self, now: float) -> None:
+    async def refresh(self) -> None:
         """Raises StoreError (the previous copy is kept)."""
-        revocations = await self._store.revocations(now)
+        revocations = await self._store.revocations(self._clock.now())
         self._agents = {r.subject: r for r in revocations if r.kind == "agent"}
         self._tokens = {r.subject: r for r in revocations if r.kind == "token"}
-        self._fresh_at = time.monotonic()
+        self._fresh_at = self._clock.monotonic()
 
     def fresh(self) -> bool:
-        return not self._shared or time.monotonic() - self._fresh_at < STALE_AFTER
+        return not self._shared or self._clock.monotonic() - self._fresh_at < STALE_AFTER
 
     def check(self, principal: Principal, now: float) -> Revocation | None:
         """The revocation that applies to this principal at `now`, if any."""
@@ -65,7 +67,7 @@ class RevocationList:
         """Refreshes until cancelled; store failures are counted and logged, never raised."""
         while True:
             try:
-                await self.refresh(time.time())
+                await self.refresh()
             except StoreError as exc:
                 if self._on_error is not None:
                     self._on_error("revocations")

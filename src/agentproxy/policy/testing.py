@@ -17,10 +17,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from agentproxy.clock import parse_rfc3339
 from agentproxy.config.model import RuleSpec
 from agentproxy.config.policies import read_policy_file
 from agentproxy.config.yamldoc import ConfigError, Document, Issue
@@ -29,13 +29,14 @@ from agentproxy.errors import Refusal
 from agentproxy.policy.compiler import PolicySet, compile_policy
 from agentproxy.policy.decide import TraceStep, decide
 
-# "GET /path?q" → Action, exactly as the HTTP adapter describes it; injected by the caller
-# (the CLI) because policy/ does not import protocol adapters.
-DescribeRequest = Callable[[str, str], Action]
+# "GET /path?q" → Action, exactly as the protocol adapters describe it
+# (`protocols.request_line.describe_line`); injected by the caller (the CLI) because policy/
+# does not import protocol adapters.
+DescribeRequest = Callable[[str], Action]
 
 CASE_KEYS = ("name", "principal", "request", "action", "args", "task", "now", "expect", "rule")
 PRINCIPAL_KEYS = ("agent", "user", "roles", "claims", "chain", "issuer")
-DEFAULT_NOW = datetime.fromisoformat("2026-01-01T00:00:00+00:00").timestamp()
+DEFAULT_NOW = parse_rfc3339("2026-01-01T00:00:00Z")
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,7 +135,7 @@ def _case(doc: Document, value: Any, path: str, describe: DescribeRequest) -> Ca
     now = DEFAULT_NOW
     if section.get("now") is not None:
         try:
-            now = datetime.fromisoformat(str(section["now"]).replace("Z", "+00:00")).timestamp()
+            now = parse_rfc3339(str(section["now"]))
         except ValueError:
             doc.error(f"{path}.now", 'must be an RFC 3339 time, e.g. "2026-01-01T00:00:00Z"')
     if agent is None or action is None:
@@ -173,9 +174,8 @@ def _action(
         doc.error(path, 'give exactly one of "request" ("GET /path") or "action" ("mcp:…")')
         return None
     if request is not None:
-        method, _, target = request.partition(" ")
         try:
-            return describe(method, target)
+            return describe(request)
         except Refusal as exc:
             doc.error(f"{path}.request", f"{request!r}: {exc.detail}")
             return None

@@ -19,6 +19,7 @@ import orjson
 
 from agentproxy.core import Action, TraceContext
 from agentproxy.errors import BadRequest, MissingCredential, Refusal, Unauthenticated
+from agentproxy.protocols.http_token import TOKEN
 
 __all__ = [
     "HOP_BY_HOP",
@@ -224,10 +225,6 @@ def parse_query(raw_query: str) -> Mapping[str, str | tuple[str, ...]]:
     return MappingProxyType(values)
 
 
-# RFC 9110 §5.6.2: token = 1*tchar.
-_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
-
-
 def describe(method: str, raw_target: str) -> tuple[Action, str]:
     """Name an HTTP request as an `Action` ("http:GET /v1/x") and return its raw query.
 
@@ -258,7 +255,7 @@ def _describe_remembered(method: str, raw_target: str) -> tuple[Action, str]:
 
 
 def _describe(method: str, raw_target: str) -> tuple[Action, str]:
-    if not _TOKEN.fullmatch(method):
+    if not TOKEN.fullmatch(method):
         raise BadRequest("request method is not an RFC 9110 token")
     raw_path, _, raw_query = raw_target.partition("?")
     action = Action(
@@ -516,7 +513,7 @@ def render(refusal: Refusal, *, decision_id: str, instance: str | None = None) -
         # A CR or LF here would split the response (header injection); drop rather than raise,
         # since rendering is the last step of an already failing call.
         if (
-            _TOKEN.fullmatch(name)
+            TOKEN.fullmatch(name)
             and _FIELD_VALUE.fullmatch(value)
             and name.lower() not in _SET_BY_RENDER
         ):

@@ -31,13 +31,11 @@ import orjson
 
 from agentproxy.core import Action, is_safe_identifier
 from agentproxy.errors import BadRequest, PayloadTooLarge
+from agentproxy.protocols import sse
+from agentproxy.protocols.body import check_json_content_type, decode_content
 from agentproxy.protocols.http import MAX_PATH_LENGTH
-from agentproxy.protocols.mcp import (
-    _check_content_type,
-    _decode_content,
-    _JsonError,
-    _parse_request_json,
-)
+from agentproxy.protocols.http_token import TOKEN
+from agentproxy.protocols.strict_json import JsonError, parse_request
 
 __all__ = [
     "ACTION_PREFIX",
@@ -68,8 +66,7 @@ _ENDPOINTS: Final[tuple[tuple[str, str, Provider], ...]] = (
 _USAGE_OPT_IN: Final = frozenset({"chat", "completions"})
 _MAX_TOKENS_FIELDS: Final = ("max_tokens", "max_completion_tokens", "max_output_tokens")
 
-# RFC 9110 §5.6.2 token; a normalized path is visible ASCII (http.normalize_path) with no query.
-_METHOD = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]{1,32}")
+# A normalized path is visible ASCII (http.normalize_path) with no query.
 _PATH = re.compile(r"/[\x21-\x3e\x40-\x7e]*")
 
 
@@ -129,7 +126,7 @@ def describe(
             `include_usage` not a boolean.
         PayloadTooLarge: the body, or its gzip-decoded form, exceeds `max_bytes`.
     """
-    if not _METHOD.fullmatch(method):
+    if len(method) > 32 or not TOKEN.fullmatch(method):
         raise BadRequest("request method is not an RFC 9110 token")
     if len(path) > MAX_PATH_LENGTH or not _PATH.fullmatch(path):
         raise BadRequest("not a normalized request path")
@@ -141,11 +138,11 @@ def describe(
 
     if len(body) > max_bytes:
         raise PayloadTooLarge(f"request body larger than {max_bytes} bytes")
-    _check_content_type(headers.get("content-type"))
-    raw = _decode_content(headers.get("content-encoding"), body, max_bytes)
+    check_json_content_type(headers.get("content-type"))
+    raw = decode_content(headers.get("content-encoding"), body, max_bytes)
     try:
-        document = _parse_request_json(raw)
-    except _JsonError as exc:
+        document = parse_request(raw)
+    except JsonError as exc:
         raise BadRequest(f"parse error: {exc}") from None
     if not isinstance(document, dict):
         raise BadRequest("an LLM API request body is a JSON object")
@@ -306,11 +303,6 @@ def _anthropic_usage(counts: Mapping[str, int], model: str | None) -> Usage:
 
 # --- the tap ---------------------------------------------------------------------------------
 
-# WHATWG HTML §9.2.6: a line ends at CRLF, LF or CR.
-_EOL: Final = re.compile(rb"\r\n|\r|\n")
-_EOL_TEXT: Final = re.compile(r"\r\n|\r|\n")
-_BOM: Final = "\ufeff"
-
 
 class UsageTap:
     """Reads token usage from an upstream answer while passing its bytes on.
@@ -446,7 +438,7 @@ class UsageTap:
                 start = 1
         copied = start  # chunk[:copied] is in `out` or in the event buffer already
         line_start = start
-        for match in _EOL.finditer(chunk, start):
+        for match in sse.LINE_END.finditer(chunk, start):
             blank = match.start() == line_start and not self._line_open
             self._line_open = False
             line_start = match.end()
@@ -523,13 +515,8 @@ class UsageTap:
 
 
 def _event_data(event: bytes, *, first: bool) -> str:
-    """The event's data: its `data` field values joined by LF (WHATWG HTML §9.2.6)."""
+    """The event's data (WHATWG HTML §9.2.6); the stream's first event may start with a BOM."""
     text = event.decode("utf-8")
-    if first and text.startswith(_BOM):
+    if first and text.startswith(sse.BOM):
         text = text[1:]
-    values: list[str] = []
-    for line in _EOL_TEXT.split(text):
-        name, colon, value = line.partition(":")
-        if name == "data":
-            values.append(value[1:] if colon and value.startswith(" ") else value)
-    return "\n".join(values)
+    return sse.data_of(sse.LINE_END_TEXT.split(text))

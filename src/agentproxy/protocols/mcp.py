@@ -12,10 +12,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
-import json
-import math
 import re
-import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal
@@ -31,8 +28,11 @@ from agentproxy.errors import (
     Refusal,
     Unauthenticated,
 )
+from agentproxy.protocols import sse
+from agentproxy.protocols.body import check_json_content_type, decode_content
 from agentproxy.protocols.http import WireReply
 from agentproxy.protocols.http import render as render_http
+from agentproxy.protocols.strict_json import MAX_DEPTH, JsonError, parse_answer, parse_request
 
 __all__ = [
     "ACTION_PREFIX",
@@ -54,9 +54,7 @@ ACTION_PREFIX: Final = "mcp:"
 MAX_NAME_LENGTH: Final = 512
 # Every message is one policy decision; an unbounded batch is unbounded work per request.
 MAX_BATCH_MESSAGES: Final = 100
-# orjson (the audit log, our replies) refuses to serialize deeper than 254 levels; a request we
-# authorized must never fail later when it is recorded.
-MAX_JSON_DEPTH: Final = 64
+MAX_JSON_DEPTH: Final = MAX_DEPTH
 
 # Allowed to every authenticated agent unless a policy denies them: the handshake, keep-alive,
 # discovery and the session's own plumbing. `*` stays within a "/" segment, `**` crosses them.
@@ -152,11 +150,11 @@ def describe(method: str, headers: Mapping[str, str], body: bytes, *, max_bytes:
         raise BadRequest("MCP Streamable HTTP uses only POST, GET and DELETE")
     if len(body) > max_bytes:
         raise PayloadTooLarge(f"request body larger than {max_bytes} bytes")
-    _check_content_type(headers.get("content-type"))
-    raw = _decode_content(headers.get("content-encoding"), body, max_bytes)
+    check_json_content_type(headers.get("content-type"))
+    raw = decode_content(headers.get("content-encoding"), body, max_bytes)
     try:
-        document = _parse_request_json(raw)
-    except _JsonError as exc:
+        document = parse_request(raw)
+    except JsonError as exc:
         raise BadRequest(f"parse error: {exc}") from None
 
     batch = isinstance(document, list)
@@ -176,45 +174,6 @@ def describe(method: str, headers: Mapping[str, str], body: bytes, *, max_bytes:
         methods.append(message_method)
     _check_routing_headers(headers, batch, methods[0], actions[0])
     return McpRequest(tuple(actions), tuple(ids), batch, tuple(methods), raw)
-
-
-def _check_content_type(value: str | None) -> None:
-    # MCP Streamable HTTP: every client message is POSTed as application/json. RFC 8259 §8.1
-    # makes JSON UTF-8, so any other declared charset means the client encoded it otherwise.
-    if value is None:
-        raise BadRequest("Content-Type must be application/json")
-    media, *params = value.split(";")
-    if media.strip().lower() != "application/json":
-        raise BadRequest("Content-Type must be application/json")
-    for param in params:
-        name, _, param_value = param.partition("=")
-        if name.strip().lower() == "charset" and param_value.strip().strip('"').lower() != "utf-8":
-            raise BadRequest("Content-Type charset must be utf-8")
-
-
-def _decode_content(encoding: str | None, body: bytes, max_bytes: int) -> bytes:
-    if encoding is None or encoding.strip().lower() == "identity":
-        return body
-    if encoding.strip().lower() != "gzip":
-        raise BadRequest(
-            "unsupported Content-Encoding (only identity and gzip are read); "
-            "never forwarded unchecked"
-        )
-    # RFC 1952 with an output cap: a gzip bomb stops at max_bytes + 1 bytes of output instead
-    # of being inflated in full.
-    inflater = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
-    try:
-        raw = inflater.decompress(body, max_bytes + 1)
-    except zlib.error:
-        raise BadRequest("Content-Encoding gzip: corrupt gzip stream") from None
-    if len(raw) > max_bytes:
-        raise PayloadTooLarge(f"gzip-decoded request body larger than {max_bytes} bytes")
-    if not inflater.eof:
-        raise BadRequest("Content-Encoding gzip: truncated gzip stream")
-    if inflater.unused_data:
-        # A second gzip member or trailing bytes: decoders differ on whether they are read.
-        raise BadRequest("Content-Encoding gzip: data after the end of the gzip stream")
-    return raw
 
 
 def _describe_message(index: int, message: Any) -> tuple[Action, RequestId | None, str | None]:
@@ -352,101 +311,6 @@ def _decode_header_value(value: str) -> str | None:
         return decoded.decode("utf-8")
     except UnicodeDecodeError:
         return None
-
-
-# --- strict JSON -----------------------------------------------------------------------------
-
-
-class _JsonError(ValueError):
-    pass
-
-
-def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    # Duplicate keys parse two ways (first wins in some parsers, last in others), so the
-    # tool we authorize might not be the tool the upstream calls.
-    result: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in result:
-            raise _JsonError(f"duplicate key {key[:64]!r}")
-        result[key] = value
-    return result
-
-
-def _no_constant(name: str) -> Any:
-    raise _JsonError(f"{name} is not JSON")
-
-
-def _finite_float(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):
-        # "1e400" is infinity to Python and an error or a different number elsewhere.
-        raise _JsonError("number out of range")
-    return value
-
-
-def _int64(text: str) -> int:
-    # orjson (and most upstream parsers) hold integers in 64 bits; beyond that they round,
-    # overflow or refuse. The length check comes first so a huge literal costs nothing.
-    if len(text) > 21:
-        raise _JsonError("integer out of range")
-    value = int(text)
-    if not -(2**63) <= value < 2**64:
-        raise _JsonError("integer out of range")
-    return value
-
-
-_DECODER: Final = json.JSONDecoder(
-    object_pairs_hook=_unique_keys,
-    parse_constant=_no_constant,
-    parse_float=_finite_float,
-    parse_int=_int64,
-)
-_SURROGATE = re.compile(r"[\ud800-\udfff]")
-
-
-def _parse_json(raw: bytes) -> Any:
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        raise _JsonError("not valid UTF-8") from None
-    if text.startswith("\ufeff"):
-        # RFC 8259 §8.1: senders must not add one; receivers may skip it or fail.
-        raise _JsonError("byte order mark before the JSON text")
-    try:
-        return _DECODER.decode(text)
-    except RecursionError:
-        raise _JsonError("nesting too deep") from None
-    except _JsonError:
-        raise
-    except ValueError as exc:
-        raise _JsonError(str(exc)) from None
-
-
-def _parse_request_json(raw: bytes) -> Any:
-    document = _parse_json(raw)
-    # Strict UTF-8 decoding leaves no surrogates in the text, so only a "\u" escape can make a
-    # lone one: those are read as U+FFFD, an error or the raw code unit, parser by parser.
-    _check_tree(document, check_surrogates=b"\\u" in raw)
-    return document
-
-
-def _check_tree(document: Any, *, check_surrogates: bool) -> None:
-    stack: list[tuple[Any, int]] = [(document, 1)]
-    while stack:
-        value, depth = stack.pop()
-        if isinstance(value, dict):
-            if depth > MAX_JSON_DEPTH:
-                raise _JsonError(f"nesting deeper than {MAX_JSON_DEPTH}")
-            for key, item in value.items():
-                if check_surrogates and _SURROGATE.search(key):
-                    raise _JsonError("lone surrogate in a string")
-                stack.append((item, depth + 1))
-        elif isinstance(value, list):
-            if depth > MAX_JSON_DEPTH:
-                raise _JsonError(f"nesting deeper than {MAX_JSON_DEPTH}")
-            stack.extend((item, depth + 1) for item in value)
-        elif check_surrogates and isinstance(value, str) and _SURROGATE.search(value):
-            raise _JsonError("lone surrogate in a string")
 
 
 # --- render ----------------------------------------------------------------------------------
@@ -660,7 +524,7 @@ def _rewrite(
 ) -> bytes:
     media = _media_type(content_type)
     if media == "application/json":
-        message = _parse_json(payload)
+        message = parse_answer(payload)
         changed = _filter_message(message, request_id, keep, seen)
         return _dumps(message) if changed else payload
     if media == "text/event-stream":
@@ -710,11 +574,6 @@ def _dumps(message: Any) -> bytes:
         raise ValueError(f"tools/list answer cannot be re-encoded: {exc}") from None
 
 
-# WHATWG HTML §9.2.6: a line ends at CRLF, LF or CR; the last line may have no end.
-_SSE_LINE = re.compile(r"[^\r\n]*(?:\r\n|\r|\n)|[^\r\n]+\Z")
-_BOM: Final = "\ufeff"
-
-
 def _rewrite_sse(
     payload: bytes,
     request_id: RequestId,
@@ -725,12 +584,11 @@ def _rewrite_sse(
         text = payload.decode("utf-8")
     except UnicodeDecodeError:
         raise ValueError("event stream is not valid UTF-8") from None
-    prefix = _BOM if text.startswith(_BOM) else ""
+    prefix = sse.BOM if text.startswith(sse.BOM) else ""
     out: list[str] = [prefix]
     block: list[str] = []
     changed = False
-    for match in _SSE_LINE.finditer(text, len(prefix)):
-        line = match.group()
+    for line in sse.lines(text, len(prefix)):
         block.append(line)
         if not line.rstrip("\r\n"):  # a blank line dispatches the event
             changed |= _rewrite_event(block, request_id, keep, seen)
@@ -750,24 +608,14 @@ def _rewrite_event(
     seen: list[dict[str, Any]],
 ) -> bool:
     """Filter the event in `block` (its lines with their endings) in place; True if changed."""
-    data_lines: list[int] = []
-    values: list[str] = []
-    for index, line in enumerate(block):
-        content = line.rstrip("\r\n")
-        if content.startswith(":"):
-            continue  # a comment
-        name, colon, value = content.partition(":")
-        if name != "data":
-            continue
-        data_lines.append(index)
-        values.append(value[1:] if colon and value.startswith(" ") else value)
-    data = "\n".join(values)
+    data_lines = [i for i, line in enumerate(block) if sse.field(line.rstrip("\r\n"))[0] == "data"]
+    data = sse.data_of(block)
     if not data:
         # No data, or the empty "priming" event resumable servers send first.
         return False
     try:
-        message = _parse_json(data.encode("utf-8"))
-    except _JsonError as exc:
+        message = parse_answer(data.encode("utf-8"))
+    except JsonError as exc:
         # Every MCP event is a JSON-RPC message; one we cannot read might be the answer.
         raise ValueError(f"event stream holds an unreadable message: {exc}") from None
     if not _filter_message(message, request_id, keep, seen):

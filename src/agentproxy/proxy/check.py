@@ -7,7 +7,6 @@ the context the proxy would have added. So the answer is the data plane's, by co
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 
 from agentproxy.core import Action, Call
@@ -57,7 +56,7 @@ async def check(
 ) -> tuple[Call, list[tuple[str, str]]]:
     """The finished call (decision, refusal, status) and, when allowed, the context metadata
     the proxy would add. `describe` is the call's action, or why it could not be described."""
-    started, now = time.perf_counter(), time.time()
+    clock = pipeline.clock
     refusal: Refusal | None = describe if isinstance(describe, Refusal) else None
     action = describe if isinstance(describe, Action) else Action("http", "?", "<unparsed>")
     declared = None
@@ -68,8 +67,8 @@ async def check(
     call = start_call(
         action,
         UPSTREAM,
-        started=started,
-        now=now,
+        started=clock.monotonic(),
+        now=clock.now(),
         bearer=token or None,
         declared_task=declared,
         refusal=refusal,

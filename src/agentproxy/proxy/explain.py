@@ -1,8 +1,11 @@
-"""`explain`: why a call would be allowed or denied, from the code that serves calls.
+"""`explain`: why a call would be allowed or denied, from the stages that serve calls.
 
-It verifies the token, describes the request with the HTTP adapter and runs the same
-`decide()` with a collecting trace: which rules matched, which conditions were true or false
-and the values they read, and the final effect.
+The request line is described by the adapters that describe the wire, then walked through the
+explain pipeline (`assemble.build_explain`: identify with revocations, describe, pins, decide)
+with a collecting tracer: which rules matched, which conditions were true or false and the
+values they read, and the final effect. Nothing is forwarded and nothing is recorded. A call
+the proxy would refuse before deciding (a bad or revoked token, a revoked agent) raises that
+refusal, as the data plane would answer it.
 """
 
 from __future__ import annotations
@@ -10,67 +13,84 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from agentproxy.core import Action, Facts
-from agentproxy.errors import BadRequest
-from agentproxy.policy import TraceStep, decide
+from agentproxy.core import Action, Call
+from agentproxy.errors import InternalError
+from agentproxy.policy import TraceStep
 from agentproxy.policy.testing import explain_lines
-from agentproxy.protocols import grpc, mcp
-from agentproxy.protocols.http import describe
+from agentproxy.protocols.grpc import Method
+from agentproxy.protocols.http import parse_declared_task
+from agentproxy.protocols.request_line import GrpcMethods, describe_line
+from agentproxy.proxy.pipeline import Pipeline, start_call
 from agentproxy.proxy.runtime import Runtime
-from agentproxy.store import Store
-
-USAGE = (
-    'write the request as "METHOD /path?query", "grpc /package.Service/Method" or '
-    '"mcp tools/call <tool>" (with args for gRPC and MCP)'
-)
 
 
-def describe_request(
-    runtime: Runtime, request: str, args: Mapping[str, Any] | None
-) -> tuple[Action, str]:
-    """The action a request line names and the upstream it goes to, as the data plane would
-    describe it. Raises BadRequest, or NoRoute when no upstream serves it."""
-    first, _, rest = request.strip().partition(" ")
-    rest = rest.strip()
-    if not first or not rest:
-        raise BadRequest(USAGE)
-    if first == "grpc":
-        base = grpc.describe(rest)
-        upstream = runtime.route_grpc(base.operation)
-        described = runtime.grpc_methods.get(upstream.name, {}).get(base.target)
-        values = dict(args or {})
-        if described is not None:
-            values = grpc.args_from_json(described, values)
-        action = Action("grpc", base.operation, base.target, args=values, name=base.name)
-        return action, upstream.name
-    if first == "mcp":
-        mcp_method, _, name = rest.partition(" ")
-        return mcp.describe_call(mcp_method, name.strip(), dict(args or {})), "-"
-    action, _ = describe(first, rest)
-    return action, runtime.route(action.target).name
+class ExplainExchange:
+    """The explain pipeline's shell: the call arrives described, and goes nowhere."""
+
+    responded = False
+
+    async def describe(self, call: Call) -> None:
+        """Explained calls arrive described."""
+
+    async def forward(self, call: Call) -> None:
+        """Nothing is forwarded: the call is only explained."""
+
+    async def refuse(self, call: Call) -> None:
+        """The refusal is reported by `explain` itself."""
+
+
+def upstream_of(runtime: Runtime, action: Action) -> str:
+    """The upstream a described call would go to ("-" for MCP: the endpoint the agent calls
+    names it, not the line). Raises NoRoute."""
+    if action.protocol == "grpc":
+        return runtime.route_grpc(action.operation).name
+    if action.protocol == "mcp":
+        return "-"
+    return runtime.route(action.target).name
+
+
+def described_methods(runtime: Runtime) -> GrpcMethods:
+    """What the descriptor set files say of a gRPC method (reflection is not asked)."""
+
+    def lookup(service: str, path: str) -> Method | None:
+        return runtime.grpc_methods.get(runtime.route_grpc(service).name, {}).get(path)
+
+    return lookup
 
 
 async def explain(
-    runtime: Runtime,
+    pipeline: Pipeline,
     token: str,
     request: str,
-    now: float,
     *,
     task: str | None = None,
-    store: Store | None = None,
     args: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Raises Unauthenticated for a token that does not verify, BadRequest for a request
-    line that the proxy would refuse, StoreError when the task history cannot be read."""
-    action, upstream = describe_request(runtime, request, args)
-    principal = await runtime.verifier.verify(token, now)
-    task = principal.task or task
-    facts = Facts(task_id=task)
-    if store is not None and task is not None and runtime.policy.reads_task:
-        history = await store.task_history(task, now)
-        facts = Facts(task, history.labels, history.calls, history.spent)
-    trace: list[TraceStep] = []
-    decision = decide(runtime.policy, action, principal, facts, now, trace)
+    """Raises Refusal: BadRequest (the request line, or a task id the proxy would refuse),
+    NoRoute, Unauthenticated (the token), Denied (a revoked agent), Unavailable (the store
+    holding the task history, or the issuer's keys)."""
+    runtime = pipeline.runtime
+    action = describe_line(request, args, described_methods(runtime))
+    upstream = upstream_of(runtime, action)
+    steps: list[TraceStep] = []
+    clock = pipeline.clock
+    call = start_call(
+        action,
+        upstream,
+        started=clock.monotonic(),
+        now=clock.now(),
+        bearer=token,
+        declared_task=parse_declared_task(task),
+        refusal=None,
+        trace_steps=steps,
+    )
+    await pipeline.run(call, ExplainExchange())
+    decision = call.decision
+    if decision is None:
+        raise call.refusal or InternalError("explain reached no decision")
+    principal = call.principal
+    if principal is None:
+        raise InternalError("explain decided without a principal")
     return {
         "action": action.name,
         "upstream": upstream,
@@ -79,27 +99,24 @@ async def explain(
             "user": principal.acting_for,
             "chain": list(principal.chain),
             "roles": sorted(principal.roles),
-            "task": task,
+            "task": call.task,
         },
         "decision": {
             "effect": decision.effect.value,
             "rule": decision.rule_id,
             "reason": decision.reason,
             "policy_version": decision.policy_version,
-            "enforced": runtime.config.mode.value == "enforce",
+            "enforced": call.enforced,
             "shadow": None
             if decision.shadow_effect is None
-            else {
-                "effect": decision.shadow_effect.value,
-                "rule": decision.shadow_rule,
-            },
+            else {"effect": decision.shadow_effect.value, "rule": decision.shadow_rule},
         },
         "trace": [
             {"rule": s.rule, "pattern": s.pattern, "outcome": s.outcome, "values": dict(s.values)}
-            for s in trace
+            for s in steps
         ],
         "text": "\n".join(
-            text_lines(action.name, decision.effect.value, decision.rule_id, decision.reason, trace)
+            text_lines(action.name, decision.effect.value, decision.rule_id, decision.reason, steps)
         ),
     }
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from functools import partial
@@ -25,6 +24,7 @@ from typing import Any
 import grpc
 from grpc import aio
 
+from agentproxy.clock import Clock
 from agentproxy.config.model import Upstream
 from agentproxy.core import Action, Call
 from agentproxy.errors import (
@@ -116,9 +116,9 @@ class GrpcDataPlane(grpc.GenericRpcHandler):
         *,
         unary: bytes | None = None,
     ) -> GrpcExchange:
-        started = time.perf_counter()
-        now = time.time()
         pipeline = self._current()
+        clock = pipeline.clock
+        started = clock.monotonic()
         runtime = pipeline.runtime
         action, upstream, bearer, declared = UNPARSED, None, None, None
         refusal: Refusal | None = None
@@ -136,7 +136,7 @@ class GrpcDataPlane(grpc.GenericRpcHandler):
             action,
             upstream.name if upstream else "-",
             started=started,
-            now=now,
+            now=clock.now(),
             bearer=bearer,
             declared_task=declared,
             refusal=refusal,
@@ -144,7 +144,7 @@ class GrpcDataPlane(grpc.GenericRpcHandler):
             tracestate=_text(metadata, "tracestate"),
         )
         exchange = GrpcExchange(
-            context, runtime, upstream, metadata, self._channels, self._descriptors, unary
+            context, runtime, upstream, metadata, self._channels, self._descriptors, clock, unary
         )
         await pipeline.run(call, exchange)
         return exchange
@@ -161,6 +161,7 @@ class GrpcExchange:
         metadata: Sequence[tuple[str, str | bytes]],
         channels: Channels,
         descriptors: Descriptors,
+        clock: Clock,
         unary: bytes | None = None,
     ) -> None:
         """`unary`: the request of a unary call (grpcio read it); None: a stream to read."""
@@ -170,6 +171,7 @@ class GrpcExchange:
         self.metadata = metadata
         self.channels = channels
         self.descriptors = descriptors
+        self.clock = clock
         self.unary = unary
         self.response: bytes | None = None  # a unary call's answer
         self._first: bytes | None = None  # read by describe, sent first by forward
@@ -254,7 +256,7 @@ class GrpcExchange:
         context = self.context
         remaining = context.time_remaining()
         multicallable: Any = self.channels.get(upstream).stream_stream(call.action.target)
-        sent = time.perf_counter()
+        sent = self.clock.monotonic()
         upstream_call: Any = multicallable(
             metadata=aio.Metadata(*self._upstream_metadata(call, upstream)),
             timeout=remaining,
@@ -279,7 +281,7 @@ class GrpcExchange:
             upstream_call.cancel()
             raise
         finally:
-            call.upstream_seconds = time.perf_counter() - sent
+            call.upstream_seconds = self.clock.monotonic() - sent
             if not sender.done():
                 sender.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -297,7 +299,7 @@ class GrpcExchange:
             )
         call.bytes_in += len(request)
         multicallable: Any = self.channels.get(upstream).unary_unary(call.action.target)
-        sent = time.perf_counter()
+        sent = self.clock.monotonic()
         upstream_call: Any = multicallable(
             request,
             metadata=aio.Metadata(*self._upstream_metadata(call, upstream)),
@@ -312,7 +314,7 @@ class GrpcExchange:
             upstream_call.cancel()
             raise
         finally:
-            call.upstream_seconds = time.perf_counter() - sent
+            call.upstream_seconds = self.clock.monotonic() - sent
         await self._finish(call, upstream, upstream_call, await upstream_call.initial_metadata())
 
     async def _finish(

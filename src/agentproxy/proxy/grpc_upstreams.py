@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlsplit
@@ -13,6 +12,7 @@ from urllib.parse import urlsplit
 import grpc
 from grpc import aio
 
+from agentproxy.clock import SYSTEM, Clock
 from agentproxy.config.model import Upstream
 from agentproxy.errors import Unavailable
 from agentproxy.protocols import grpc as adapter
@@ -86,7 +86,8 @@ class Descriptors:
     until the next reload. A failed fetch is retried after REFLECTION_RETRY; meanwhile calls
     to that upstream are refused (UNAVAILABLE): policy may need their args."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Clock = SYSTEM) -> None:
+        self._clock = clock
         self._methods: dict[str, Methods] = {}
         self._failed: dict[str, float] = {}
         self._lock = asyncio.Lock()
@@ -120,7 +121,7 @@ class Descriptors:
             if found is not None:
                 return found
             failed = self._failed.get(key)
-            if failed is not None and time.monotonic() - failed < REFLECTION_RETRY:
+            if failed is not None and self._clock.monotonic() - failed < REFLECTION_RETRY:
                 raise Unavailable(
                     f"the descriptors of upstream {upstream.name} could not be fetched by "
                     "reflection; retrying shortly",
@@ -130,7 +131,7 @@ class Descriptors:
                 files = await asyncio.to_thread(fetch_descriptors, upstream)
                 found = adapter.methods_of(files)
             except (grpc.RpcError, adapter.DescriptorError) as exc:
-                self._failed[key] = time.monotonic()
+                self._failed[key] = self._clock.monotonic()
                 log.error("reflection on upstream %s failed: %s", upstream.name, exc)
                 raise Unavailable(
                     f"the descriptors of upstream {upstream.name} could not be fetched by "

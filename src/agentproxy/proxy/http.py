@@ -1,58 +1,38 @@
-"""The HTTP data plane: the aiohttp shell around the HTTP adapter and the pipeline.
-
-It owns the sockets: it reads the request head, asks the adapter to describe it, runs the
-pipeline, and streams allowed calls both ways without holding bodies in memory.
-"""
+"""One HTTP call's shell (`HttpExchange`): forwards an allowed call upstream, streaming both
+ways without holding bodies in memory, or answers its refusal as problem+json. The MCP and
+LLM exchanges extend it; `proxy/http_plane.py` picks one per request."""
 
 from __future__ import annotations
 
 import functools
 import logging
-import time
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator
 
 import aiohttp
 from aiohttp import web
 
+from agentproxy.clock import Clock
 from agentproxy.config.model import Upstream
-from agentproxy.core import Action, Call
+from agentproxy.core import Call
 from agentproxy.errors import (
-    BadRequest,
     PayloadTooLarge,
-    Refusal,
-    Unauthenticated,
     UpstreamFailed,
     UpstreamTimeout,
 )
 from agentproxy.protocols.http import (
-    bearer_token,
-    describe,
-    parse_declared_task,
     render,
     request_headers_to_forward,
     response_headers_to_return,
 )
 from agentproxy.proxy.context import context_headers
-from agentproxy.proxy.pins import ToolPins
-from agentproxy.proxy.pipeline import Pipeline, start_call
 from agentproxy.proxy.runtime import Runtime
 from agentproxy.proxy.upstream import HttpProcessingError, UpstreamAnswer, UpstreamClient, origin_of
 
 log = logging.getLogger("agentproxy.http")
 
 CHUNK = 64 * 1024
-UNPARSED = Action("http", "?", "<unparsed>")
 # Set by the proxy (context) or by the exchange itself; an inbound copy never passes.
 _ALWAYS_STRIPPED = frozenset({"traceparent", "tracestate", "expect"})
-
-
-@dataclass(slots=True)
-class McpState:
-    """What MCP exchanges share across calls and reloads: tool pins, and how to count."""
-
-    pins: ToolPins = field(default_factory=ToolPins)
-    on_tool_change: Callable[[str, str], None] | None = None
 
 
 @functools.lru_cache(maxsize=64)
@@ -62,76 +42,6 @@ def _stripped(credential_header: str | None) -> frozenset[str]:
     if credential_header is None:
         return _ALWAYS_STRIPPED
     return _ALWAYS_STRIPPED | {credential_header.lower()}
-
-
-class HttpDataPlane:
-    def __init__(
-        self,
-        current: Callable[[], Pipeline],
-        upstream_client: UpstreamClient,
-        mcp: McpState | None = None,
-    ) -> None:
-        self._current = current
-        self._upstream_client = upstream_client
-        self._mcp = mcp or McpState()
-
-    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
-        started = time.perf_counter()
-        now = time.time()
-        pipeline = self._current()
-        runtime = pipeline.runtime
-        headers = request.headers
-        action, raw_query, upstream, bearer, declared = UNPARSED, "", None, None, None
-        refusal: Refusal | None = None
-        try:
-            action, raw_query = describe(request.method, request.raw_path)
-            upstream = runtime.route(action.target)
-            authorization = headers.getall("Authorization", [])
-            if len(authorization) > 1:
-                raise Unauthenticated("more than one Authorization header")
-            bearer = bearer_token(authorization[0] if authorization else None)
-            tasks = headers.getall("X-Agentproxy-Task", [])
-            if len(tasks) > 1:
-                raise BadRequest("more than one X-Agentproxy-Task header")
-            declared = parse_declared_task(tasks[0] if tasks else None)
-        except Refusal as exc:
-            refusal = exc
-        call = start_call(
-            action,
-            upstream.name if upstream else "-",
-            started=started,
-            now=now,
-            bearer=bearer,
-            declared_task=declared,
-            refusal=refusal,
-            traceparent=headers.get("traceparent"),
-            tracestate=headers.get("tracestate"),
-        )
-        exchange: HttpExchange
-        if upstream is not None and upstream.protocol == "llm":
-            from agentproxy.proxy.llm import LlmExchange
-
-            exchange = LlmExchange(
-                request, runtime, upstream, action.target, raw_query, self._upstream_client
-            )
-        elif upstream is not None and upstream.protocol == "mcp":
-            from agentproxy.proxy.mcp import McpExchange
-
-            exchange = McpExchange(
-                request,
-                runtime,
-                upstream,
-                action.target,
-                raw_query,
-                self._upstream_client,
-                self._mcp,
-            )
-        else:
-            exchange = HttpExchange(
-                request, runtime, upstream, action.target, raw_query, self._upstream_client
-            )
-        await pipeline.run(call, exchange)
-        return exchange.response
 
 
 class HttpExchange:
@@ -145,9 +55,11 @@ class HttpExchange:
         path: str,
         raw_query: str,
         upstream_client: UpstreamClient,
+        clock: Clock,
     ) -> None:
         self.request = request
         self.runtime = runtime
+        self.clock = clock
         self.upstream = upstream
         self.raw_query = raw_query
         # The normalized path the HTTP adapter described: what is forwarded, whatever action
@@ -221,7 +133,7 @@ class HttpExchange:
         origin, base = origin_of(upstream.url)
         # Already normalized by the adapter: sent as it is.
         target = base + self.path + ("?" + self.raw_query if self.raw_query else "")
-        sent = time.perf_counter()
+        sent = self.clock.monotonic()
         try:
             upstream_response = await self.upstream_client.request(
                 origin,
@@ -233,13 +145,13 @@ class HttpExchange:
             )
         except TimeoutError:
             self._check_body_size(upstream)
-            call.upstream_seconds = time.perf_counter() - sent
+            call.upstream_seconds = self.clock.monotonic() - sent
             raise UpstreamTimeout(
                 f"upstream {upstream.name} did not answer within {upstream.timeout:g}s"
             ) from None
         except (aiohttp.ClientError, OSError, HttpProcessingError) as exc:
             self._check_body_size(upstream)
-            call.upstream_seconds = time.perf_counter() - sent
+            call.upstream_seconds = self.clock.monotonic() - sent
             log.warning("upstream %s failed for call %s: %r", upstream.name, call.id, exc)
             raise UpstreamFailed(
                 f"upstream {upstream.name} is unreachable or broke the connection"
@@ -248,7 +160,7 @@ class HttpExchange:
             await self._stream_back(call, upstream_response)
         finally:
             upstream_response.release()
-            call.upstream_seconds = time.perf_counter() - sent
+            call.upstream_seconds = self.clock.monotonic() - sent
 
     def _check_body_size(self, upstream: Upstream) -> None:
         if self._body_too_large:

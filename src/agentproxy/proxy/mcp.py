@@ -16,13 +16,15 @@ from typing import Any
 
 from aiohttp import web
 
+from agentproxy.clock import Clock
 from agentproxy.config.model import Upstream
 from agentproxy.core import Call
-from agentproxy.errors import BadRequest, Denied, UpstreamFailed
+from agentproxy.errors import BadRequest, UpstreamFailed
 from agentproxy.policy import could_allow
 from agentproxy.protocols import mcp
 from agentproxy.protocols.http import response_headers_to_return
-from agentproxy.proxy.http import HttpExchange, McpState
+from agentproxy.proxy.http import HttpExchange
+from agentproxy.proxy.pins import McpState
 from agentproxy.proxy.runtime import Runtime
 from agentproxy.proxy.upstream import UpstreamAnswer, UpstreamClient
 
@@ -41,9 +43,10 @@ class McpExchange(HttpExchange):
         path: str,
         raw_query: str,
         upstream_client: UpstreamClient,
+        clock: Clock,
         state: McpState,
     ) -> None:
-        super().__init__(request, runtime, upstream, path, raw_query, upstream_client)
+        super().__init__(request, runtime, upstream, path, raw_query, upstream_client, clock)
         self.mcp_upstream = upstream
         self.state = state
         self.parsed: mcp.McpRequest | None = None
@@ -51,8 +54,7 @@ class McpExchange(HttpExchange):
     async def describe(self, call: Call) -> None:
         """Reads the body (bounded by `max_body_bytes`) and names every message in it.
 
-        Raises BadRequest or PayloadTooLarge for a body that cannot be read unambiguously,
-        Denied for a tool whose definition changed under `pin_tools: enforce`.
+        Raises BadRequest or PayloadTooLarge for a body that cannot be read unambiguously.
         """
         request = self.request
         upstream = self.mcp_upstream
@@ -71,16 +73,6 @@ class McpExchange(HttpExchange):
         self.parsed = parsed
         call.action = parsed.actions[0]
         call.batch = parsed.actions[1:]
-        if upstream.pin_tools == "enforce":
-            for index, action in enumerate(parsed.actions):
-                if action.operation == "tools/call" and self.state.pins.is_changed(
-                    upstream.name, action.target
-                ):
-                    call.refused_at = index
-                    raise Denied(
-                        f"tool {action.target!r} changed since it was pinned; an operator must "
-                        "accept the new definition (agentproxy tools accept)"
-                    )
 
     def _request_data(self, call: Call, upstream: Upstream) -> AsyncIterator[bytes] | bytes | None:
         # Exactly the JSON that was authorized, decoded (already counted in describe).

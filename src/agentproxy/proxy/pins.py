@@ -10,6 +10,7 @@ process: every replica pins what it sees, so a fleet reports a change on each re
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -53,3 +54,12 @@ class ToolPins:
             self.pinned[(upstream, tool)] = fingerprint
             log.warning("tool %r of upstream %s accepted as changed", tool, upstream)
         return fingerprint
+
+
+@dataclass(slots=True)
+class McpState:
+    """What MCP exchanges share across calls and reloads: tool pins, and how to count a
+    changed tool (upstream, tool)."""
+
+    pins: ToolPins = field(default_factory=ToolPins)
+    on_tool_change: Callable[[str, str], None] | None = None

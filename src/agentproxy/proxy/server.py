@@ -1,4 +1,9 @@
-"""The proxy process: listeners, the current runtime snapshot, reload and shutdown."""
+"""The proxy process: its services, its listeners, the current pipeline, reload and shutdown.
+
+Everything the stages share is built whole in `__init__` (nothing is filled in later), the
+pipeline in `start()` once the runtime snapshot is built (JWKS may need fetching), and a
+reload builds a new snapshot and pipeline or keeps the old ones.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +12,7 @@ import contextlib
 import logging
 import os
 import socket
-import time
 from pathlib import Path
-from typing import Any
 
 from aiohttp import web
 from grpc import aio
@@ -17,32 +20,31 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from prometheus_client import CollectorRegistry
 
-from agentproxy.admin.grpc import WATCH_QUEUE, add_admin_services
-from agentproxy.admin.server import admin_app, operator_allowed
-from agentproxy.approvals.authorize import check_approver
-from agentproxy.approvals.lifecycle import Approval, Event, State
+from agentproxy.admin.grpc import add_admin_services
+from agentproxy.admin.server import admin_app
 from agentproxy.approvals.notify import Notifier, Webhook
+from agentproxy.approvals.service import ApprovalService
 from agentproxy.audit.decision_log import DecisionLog
 from agentproxy.audit.settings import AuditSettings
 from agentproxy.audit.sinks import AuditError
 from agentproxy.audit.trail import AuditTrail
+from agentproxy.clock import SYSTEM, Clock
 from agentproxy.config import Config, ConfigError
 from agentproxy.config.model import StoreSettings
-from agentproxy.core import Principal
-from agentproxy.errors import Denied
 from agentproxy.identity.revocations import RevocationList
 from agentproxy.metering.meter import Meter
 from agentproxy.metering.metrics import Metrics
-from agentproxy.protocols.grpc import Method as GrpcMethod
+from agentproxy.proxy import assemble
 from agentproxy.proxy import runtime as runtime_module
-from agentproxy.proxy.explain import explain
+from agentproxy.proxy.backend import ProxyBackend
 from agentproxy.proxy.grpc import GrpcDataPlane
 from agentproxy.proxy.grpc_upstreams import Channels, Descriptors
-from agentproxy.proxy.http import HttpDataPlane, McpState
-from agentproxy.proxy.pipeline import Pipeline, Services
+from agentproxy.proxy.http_plane import HttpDataPlane
+from agentproxy.proxy.pins import McpState
+from agentproxy.proxy.pipeline import Pipeline
 from agentproxy.proxy.upstream import UpstreamClient
 from agentproxy.proxy.watch import watch
-from agentproxy.store import MemoryStore, Revocation, Store, StoreError
+from agentproxy.store import MemoryStore, Store
 
 log = logging.getLogger("agentproxy")
 HealthServicer = health_aio.HealthServicer
@@ -55,44 +57,76 @@ SHUTDOWN_GRACE = 10.0
 
 class ProxyServer:
     def __init__(
-        self, config: Config, *, watch_interval: float | None = 1.0, reuse_port: bool = False
+        self,
+        config: Config,
+        *,
+        watch_interval: float | None = 1.0,
+        reuse_port: bool = False,
+        clock: Clock = SYSTEM,
     ) -> None:
         """`watch_interval`: how often config and policy files are checked for changes
         (None: only SIGHUP and `reload()` reload). `reuse_port`: several worker processes
-        share the listeners (SO_REUSEPORT; the kernel spreads connections among them)."""
+        share the listeners (SO_REUSEPORT; the kernel spreads connections among them).
+        `clock`: what every stage, the store and the approval service read the time from.
+
+        Raises ValueError when the metering attribution does not compile (`validate` says so
+        first)."""
         self.config = config
+        self.clock = clock
         self._reuse_port = reuse_port
         self._watch_interval = watch_interval
-        self._watcher: asyncio.Task[None] | None = None
-        self._approval_watch: asyncio.Task[None] | None = None
-        # Approvals this replica opened, by when they expire (to report their expiry once).
-        self._opened: dict[str, float] = {}
-        self._approval_watchers: set[asyncio.Queue[tuple[str, Approval]]] = set()
-        self.notifier: Notifier | None = None
-        self.metrics = Metrics(tuple(name for name, _ in config.metering.attribution))
-        self.store = make_store(config.store)
-        self.services = Services(
-            store=self.store,
+        self._stopping = asyncio.Event()
+        metrics = Metrics(tuple(name for name, _ in config.metering.attribution))
+        store = make_store(config.store)
+        self.decision_log = DecisionLog(config.decision_log, clock=clock)
+        audit = None
+        if config.audit.enabled:
+            audit = AuditTrail(
+                audit_settings(config), on_drop=metrics.audit_dropped.inc, clock=clock
+            )
+        self.notifier = _notifier(config)
+        approvals = ApprovalService(
+            store,
+            clock,
+            stopping=self._stopping,
+            on_store_error=assemble.store_error_counter(metrics, "approvals"),
+            on_pending=metrics.approvals_pending.set,
+        )
+        assemble.wire_approvals(
+            approvals,
+            metrics=metrics,
+            decision_log=lambda: self.decision_log,
+            audit=audit,
+            notifier=self.notifier,
+        )
+        self.services = assemble.Services(
+            clock=clock,
+            store=store,
             revocations=RevocationList(
-                self.store,
+                store,
                 shared=config.store.redis is not None,
-                on_error=lambda op: self.metrics.store_errors.labels(op).inc(),
+                on_error=lambda op: metrics.store_errors.labels(op).inc(),
+                clock=clock,
             ),
-            metrics=self.metrics,
-            decision_log=DecisionLog(config.decision_log),
-            on_error=config.store.on_error,
-            task_ttl=config.store.task_ttl,
+            metrics=metrics,
+            meter=Meter(config.metering, metrics),
+            approvals=approvals,
+            mcp=McpState(
+                on_tool_change=lambda upstream, tool: metrics.tool_changes.labels(
+                    upstream, tool
+                ).inc()
+            ),
+            audit=audit,
+            audit_required=config.audit.required,
         )
-        self._refresher: asyncio.Task[None] | None = None
         self.upstream_client = UpstreamClient()
-        self.mcp = McpState(
-            on_tool_change=lambda upstream, tool: self.metrics.tool_changes.labels(
-                upstream, tool
-            ).inc()
-        )
         self.channels = Channels()
-        self.descriptors = Descriptors()
+        self.descriptors = Descriptors(clock)
+        self.backend = ProxyBackend(self, self.services, self.descriptors)
         self._pipeline: Pipeline | None = None
+        self._explainer: Pipeline | None = None
+        self._tasks: list[asyncio.Task[None]] = []  # the revocation mirror, approval expiry
+        self._watcher: asyncio.Task[None] | None = None
         self._runners: list[web.BaseRunner] = []
         self._grpc_servers: list[aio.Server] = []
         self._health: HealthServicer | None = None
@@ -103,171 +137,80 @@ class ProxyServer:
         self.admin_grpc_port = 0
 
     @property
+    def store(self) -> Store:
+        return self.services.store
+
+    @property
+    def metrics(self) -> Metrics:
+        return self.services.metrics
+
+    @property
+    def registry(self) -> CollectorRegistry:
+        return self.services.metrics.exposition
+
+    @property
+    def mcp(self) -> McpState:
+        return self.services.mcp
+
+    @property
     def pipeline(self) -> Pipeline:
+        """The data plane's pipeline for the snapshot in force."""
         if self._pipeline is None:
             raise RuntimeError("the proxy has not started")
         return self._pipeline
 
     @property
-    def decision_log(self) -> DecisionLog:
-        return self.services.decision_log
+    def explainer(self) -> Pipeline:
+        """The explain pipeline for the snapshot in force."""
+        if self._explainer is None:
+            raise RuntimeError("the proxy has not started")
+        return self._explainer
 
     def is_ready(self) -> bool:
         return self._ready
 
-    @property
-    def registry(self) -> CollectorRegistry:
-        return self.metrics.exposition
-
-    def jwks(self) -> dict[str, Any]:
-        return self.pipeline.runtime.signer.jwks()
-
-    async def operator(self, token: str) -> Principal:
-        principal = await self.pipeline.runtime.verifier.verify(token, time.time())
-        operator_allowed(principal, self.config.admin.operators)
-        return principal
-
-    async def explain(
-        self, token: str, request: str, task: str | None, args: dict[str, Any] | None = None
-    ) -> dict[str, Any]:
-        return await explain(
-            self.pipeline.runtime,
-            token,
-            request,
-            time.time(),
-            task=task,
-            store=self.store,
-            args=args,
-        )
-
-    def policy_version(self) -> str:
-        return self.pipeline.runtime.policy.version
-
-    async def accept_tool(self, upstream: str, tool: str) -> str | None:
-        return self.mcp.pins.accept(upstream, tool)
-
-    async def approver(self, token: str) -> Principal:
-        return await self.pipeline.runtime.verifier.verify(token, time.time())
-
-    def is_operator(self, principal: Principal) -> bool:
-        try:
-            operator_allowed(principal, self.config.admin.operators)
-        except Denied:
-            return False
-        return True
-
-    async def list_approvals(self, state: str | None) -> list[Approval]:
-        return await self.store.list_approvals(state, time.time())
-
-    async def get_approval(self, approval_id: str) -> Approval | None:
-        return await self.store.get_approval(approval_id, time.time())
-
-    async def decide_approval(
-        self, approval_id: str, event: Event, principal: Principal, reason: str
-    ) -> Approval:
-        """Checks the approver (four-eyes), applies the event everywhere, tells everyone."""
-        now = time.time()
-        approval = await self.store.get_approval(approval_id, now)
-        if approval is None:
-            raise KeyError(approval_id)
-        check_approver(principal, approval)
-        decided = await self.store.decide_approval(approval_id, event, principal.agent, reason, now)
-        self._approval_event(decided.state.value, decided)
-        return decided
-
-    def _approval_event(self, event: str, approval: Approval) -> None:
-        """An approval event: a metric, a decision log line, an audit record, a webhook."""
-        if event == "requested":
-            self._opened[approval.id] = approval.expires
-        if event in ("approved", "denied", "expired"):
-            self.metrics.approvals.labels(event).inc()
-        record = {"kind": "approval", "event": event, **approval.to_json()}
-        self.services.decision_log.write_event(record)
-        if self.services.audit is not None:
-            self.services.audit.submit(record)
-        if self.notifier is not None:
-            self.notifier.notify(event, approval)
-        for queue in self._approval_watchers:
-            with contextlib.suppress(asyncio.QueueFull):  # a slow watcher catches up by polling
-                queue.put_nowait((event, approval))
-
-    async def grpc_method(self, service: str, path: str) -> GrpcMethod | None:
-        runtime = self.pipeline.runtime
-        methods = await self.descriptors.methods(runtime, runtime.route_grpc(service))
-        return methods.get(path) if methods is not None else None
-
-    def subscribe_approvals(self) -> asyncio.Queue[tuple[str, Approval]]:
-        queue: asyncio.Queue[tuple[str, Approval]] = asyncio.Queue(maxsize=WATCH_QUEUE)
-        self._approval_watchers.add(queue)
-        return queue
-
-    def unsubscribe_approvals(self, queue: asyncio.Queue[tuple[str, Approval]]) -> None:
-        self._approval_watchers.discard(queue)
-
-    async def _watch_approvals(self) -> None:
-        """Every second: the pending gauge (counted, not listed: lists stop at a limit), and
-        the expiry of approvals this replica opened once their time is up (each replica
-        reports its own, so a fleet does not count one expiry N times)."""
-        while True:
-            await asyncio.sleep(1.0)
-            try:
-                now = time.time()
-                self.metrics.approvals_pending.set(await self.store.count_pending(now))
-                await self._report_expired(now)
-            except StoreError as exc:
-                self.metrics.store_errors.labels("approvals").inc()
-                log.warning("cannot read pending approvals: %s", exc)
-
-    async def _report_expired(self, now: float) -> None:
-        due = [aid for aid, expires in self._opened.items() if expires <= now]
-        for approval_id in due:
-            approval = await self.store.get_approval(approval_id, now)  # expires it if due
-            if approval is not None and approval.state is State.PENDING:
-                continue  # a clock between replicas; asked again next second
-            del self._opened[approval_id]
-            if approval is not None and approval.state is State.EXPIRED:
-                self._approval_event("expired", approval)
-
-    async def revoke(self, revocation: Revocation) -> None:
-        """Writes to the store (the fleet sees it within a second) and applies it here now."""
-        await self.store.revoke(revocation)
-        await self.services.revocations.refresh(time.time())
-        log.warning("revoked %s %s until %s", revocation.kind, revocation.subject, revocation.until)
-
     async def start(self) -> None:
-        """Builds the runtime, then opens the listeners. Raises ConfigError or Unavailable."""
+        """Builds the runtime and the pipeline, starts the services, then opens the listeners.
+        Raises ConfigError or Unavailable."""
         try:
             runtime = await runtime_module.build(self.config)
         except Exception:
             self.metrics.policy_reloads.labels("failure").inc()
             raise
         self.metrics.policy_reloads.labels("success").inc()
-        await self.store.start()
-        if self.config.audit.enabled:
-            trail = AuditTrail(audit_settings(self.config), on_drop=self.metrics.audit_dropped.inc)
-            await trail.start()
-            self.services.audit = trail
-            self.services.audit_required = self.config.audit.required
-        await self.services.revocations.refresh(time.time())
-        self._refresher = asyncio.get_running_loop().create_task(self.services.revocations.run())
-        if self.config.approvals.webhooks:
-            self.notifier = Notifier(
-                [
-                    Webhook(h.url, h.secret.value if h.secret else None)
-                    for h in self.config.approvals.webhooks
-                ],
-                ui_url=self.config.approvals.ui_url,
-                on_failure=lambda host: log.error("approval webhook to %s failed", host),
-            )
+        services = self.services
+        await services.store.start()
+        if services.audit is not None:
+            await services.audit.start()
+        await services.revocations.refresh()
+        if self.notifier is not None:
             await self.notifier.start()
-        self.services.approvals = self.config.approvals
-        self.services.meter = Meter(self.config.metering, self.metrics)
-        self.services.notify = self._approval_event
-        self._approval_watch = asyncio.get_running_loop().create_task(self._watch_approvals())
-        self._pipeline = Pipeline(runtime, self.services)
-        data_plane = HttpDataPlane(lambda: self.pipeline, self.upstream_client, self.mcp)
+        self._use(runtime)
+        loop = asyncio.get_running_loop()
+        self._tasks.append(loop.create_task(services.revocations.run()))
+        self._tasks.append(loop.create_task(services.approvals.run()))
+        await self._listen()
+        if self._watch_interval is not None:
+            self._watcher = loop.create_task(
+                watch(
+                    lambda: self.config,
+                    lambda: self.config.policy_globs,
+                    self.reload,
+                    self._watch_interval,
+                )
+            )
+        self._ready = True
+
+    def _use(self, runtime: runtime_module.Runtime) -> None:
+        """Makes `runtime` the snapshot in force: new pipelines, built whole, swapped in."""
+        pipeline = assemble.build(runtime, self.services, self.decision_log)
+        explainer = assemble.build_explain(runtime, self.services)
+        self._pipeline, self._explainer = pipeline, explainer
+
+    async def _listen(self) -> None:
         listen = self.config.listen
-        admin = web.AppRunner(admin_app(self), access_log=None)
+        data_plane = HttpDataPlane(lambda: self.pipeline, self.upstream_client, self.mcp)
+        admin = web.AppRunner(admin_app(self.backend, self.clock), access_log=None)
         http = web.ServerRunner(
             # auto_decompress=False: bodies pass through as sent (a gzip body stays gzip, with
             # its Content-Encoding and length); the MCP adapter decodes what it authorizes.
@@ -294,16 +237,6 @@ class ProxyServer:
             await self._start_grpc(str(listen.grpc))
         if listen.admin_grpc is not None:
             await self._start_admin_grpc(str(listen.admin_grpc))
-        if self._watch_interval is not None:
-            self._watcher = asyncio.get_running_loop().create_task(
-                watch(
-                    lambda: self.config,
-                    lambda: self.config.policy_globs,
-                    self.reload,
-                    self._watch_interval,
-                )
-            )
-        self._ready = True
 
     async def _start_grpc(self, address: str) -> None:
         """The gRPC data plane, with the standard health service (no token needed: probes
@@ -335,7 +268,7 @@ class ProxyServer:
         server = aio.server(options=[("grpc.so_reuseport", 1 if self._reuse_port else 0)])
         health = HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health, server)
-        add_admin_services(server, self)
+        add_admin_services(server, self.backend)
         self.admin_grpc_port = _bind(server, address)
         await server.start()
         self._grpc_servers.append(server)
@@ -344,8 +277,9 @@ class ProxyServer:
     async def reload(self, path: Path | None = None) -> bool:
         """Builds a complete new snapshot from the config file, or keeps the current one.
 
-        Calls in flight finish under the snapshot they started with. Listener addresses are
-        read at start only. Returns whether the new snapshot took effect.
+        Calls in flight finish under the pipeline they started with. Listener addresses, the
+        store, the audit trail and metering are read at start only. Returns whether the new
+        snapshot took effect.
         """
         try:
             config = runtime_module.load_config(path or self.config.source)
@@ -358,20 +292,14 @@ class ProxyServer:
             self.metrics.policy_reloads.labels("failure").inc()
             log.error("reload failed, the previous policy stays in force: %s", exc)
             return False
-        if config.listen != self.config.listen:
-            log.warning("listen addresses changed; they take effect at the next restart")
-        if config.store != self.config.store:
-            log.warning("store settings changed; they take effect at the next restart")
+        for section in ("listen", "store", "audit", "metering"):
+            if getattr(config, section) != getattr(self.config, section):
+                log.warning("%s settings changed; they take effect at the next restart", section)
         if config.decision_log != self.config.decision_log:
-            self.services.decision_log.flush()
-            self.services.decision_log = DecisionLog(config.decision_log)
-        if config.audit != self.config.audit:
-            log.warning("audit settings changed; they take effect at the next restart")
-        self.services.on_error = config.store.on_error
-        self.services.approvals = config.approvals
-        self.services.task_ttl = config.store.task_ttl
+            self.decision_log.flush()
+            self.decision_log = DecisionLog(config.decision_log, clock=self.clock)
         self.config = config
-        self._pipeline = Pipeline(runtime, self.services)
+        self._use(runtime)
         self.descriptors.forget()
         self.metrics.policy_reloads.labels("success").inc()
         log.info("reloaded: policy version %s", runtime.policy.version)
@@ -381,11 +309,10 @@ class ProxyServer:
         """Not ready first, then stop accepting, let calls in flight finish (held approval
         calls are answered "pending" at once), flush the audit trail, close upstreams."""
         self._ready = False
-        self.services.stopping.set()
+        self._stopping.set()
         if self._watcher is not None:
-            self._watcher.cancel()  # no reload while shutting down
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._watcher
+            await _cancel(self._watcher)  # no reload while shutting down
+            self._watcher = None
         # The data planes first (reversed start order): they stop accepting and let calls in
         # flight finish within SHUTDOWN_GRACE; the admin listener answers not-ready meanwhile.
         if self._health is not None:
@@ -399,11 +326,9 @@ class ProxyServer:
             await runner.cleanup()
         self._grpc_servers.clear()
         self._runners.clear()
-        for task in (self._refresher, self._approval_watch):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+        for task in self._tasks:
+            await _cancel(task)
+        self._tasks.clear()
         if self.notifier is not None:
             await self.notifier.close()
         await self.upstream_client.close()
@@ -414,7 +339,23 @@ class ProxyServer:
             except AuditError as exc:
                 log.error("audit: records lost at shutdown: %s", exc)
         await self.store.close()
-        self.services.decision_log.flush()
+        self.decision_log.flush()
+
+
+async def _cancel(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+def _notifier(config: Config) -> Notifier | None:
+    if not config.approvals.webhooks:
+        return None
+    return Notifier(
+        [Webhook(h.url, h.secret.value if h.secret else None) for h in config.approvals.webhooks],
+        ui_url=config.approvals.ui_url,
+        on_failure=lambda host: log.error("approval webhook to %s failed", host),
+    )
 
 
 def audit_settings(config: Config) -> AuditSettings:

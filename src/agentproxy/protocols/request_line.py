@@ -1,0 +1,49 @@
+"""A call written as one line, as `explain`, `policy test` and `Authorizer.Check` take it:
+
+    GET /v1/employees/42?fields=name      an HTTP request line (method, target)
+    grpc /package.Service/Method          a gRPC method (arguments as JSON)
+    mcp tools/call search                 an MCP method and what it names (arguments as JSON)
+
+described by the same adapters that describe the wire, so what is explained is what would be
+served. Pure: text in, `Action` out.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any, Final
+
+from agentproxy.core import Action
+from agentproxy.errors import BadRequest
+from agentproxy.protocols import grpc, http, mcp
+
+__all__ = ["USAGE", "GrpcMethods", "describe_line"]
+
+USAGE: Final = (
+    'write the request as "METHOD /path?query", "grpc /package.Service/Method" or '
+    '"mcp tools/call <tool>" (with args for gRPC and MCP)'
+)
+
+# (service, method path) → what the upstream's descriptor set says of it, if anything.
+GrpcMethods = Callable[[str, str], grpc.Method | None]
+
+
+def describe_line(line: str, args: Mapping[str, Any] | None, grpc_methods: GrpcMethods) -> Action:
+    """The action `line` names, with `args` as its arguments (gRPC, MCP; HTTP arguments come
+    from a body). Raises BadRequest as the adapter that describes such a call would, or when
+    the line is none of the three forms."""
+    first, _, rest = line.strip().partition(" ")
+    rest = rest.strip()
+    if not first or not rest:
+        raise BadRequest(USAGE)
+    if first == "grpc":
+        base = grpc.describe(rest)
+        method = grpc_methods(base.operation, base.target)
+        values = dict(args or {})
+        if method is not None:
+            values = grpc.args_from_json(method, values)
+        return Action("grpc", base.operation, base.target, args=values, name=base.name)
+    if first == "mcp":
+        mcp_method, _, name = rest.partition(" ")
+        return mcp.describe_call(mcp_method, name.strip(), dict(args or {}))
+    return http.describe(first, rest)[0]

@@ -1,0 +1,158 @@
+"""The admin backend: what the admin APIs (HTTP and agentproxy.v1 gRPC) may ask of the proxy.
+
+`admin/` never imports `proxy/`: it declares the protocols it needs (`AdminBackend`,
+`GrpcBackend`) and this class implements them over the running process, the services and the
+current pipeline. Every operation reads the snapshot current when it is asked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any, Protocol
+
+from prometheus_client import CollectorRegistry
+
+from agentproxy.admin.server import operator_allowed
+from agentproxy.approvals.lifecycle import Approval, Event
+from agentproxy.config import Config
+from agentproxy.core import Action, Call, Principal
+from agentproxy.errors import Denied, NotFound, Refusal
+from agentproxy.protocols.grpc import Method as GrpcMethod
+from agentproxy.proxy.assemble import Services
+from agentproxy.proxy.check import check
+from agentproxy.proxy.explain import explain
+from agentproxy.proxy.grpc_upstreams import Descriptors
+from agentproxy.proxy.pipeline import Pipeline
+from agentproxy.store import Revocation
+
+log = logging.getLogger("agentproxy.admin")
+
+
+class Process(Protocol):
+    """The running proxy, as the backend sees it."""
+
+    @property
+    def config(self) -> Config: ...
+
+    @property
+    def pipeline(self) -> Pipeline: ...
+
+    @property
+    def explainer(self) -> Pipeline: ...
+
+    def is_ready(self) -> bool: ...
+
+    async def reload(self) -> bool: ...
+
+
+class ProxyBackend:
+    """Implements `admin.server.AdminBackend` and `admin.grpc.GrpcBackend`."""
+
+    def __init__(self, process: Process, services: Services, descriptors: Descriptors) -> None:
+        self._process = process
+        self._services = services
+        self._descriptors = descriptors
+
+    # --- probes, keys, metrics ---------------------------------------------------------------
+
+    @property
+    def registry(self) -> CollectorRegistry:
+        return self._services.metrics.exposition
+
+    def is_ready(self) -> bool:
+        return self._process.is_ready()
+
+    def jwks(self) -> dict[str, Any]:
+        return self._process.pipeline.runtime.signer.jwks()
+
+    def policy_version(self) -> str:
+        return self._process.pipeline.runtime.policy.version
+
+    # --- who is asking -----------------------------------------------------------------------
+
+    async def approver(self, token: str) -> Principal:
+        """Raises Unauthenticated, Unavailable (the issuer's keys)."""
+        runtime = self._process.pipeline.runtime
+        return await runtime.verifier.verify(token, self._services.clock.now())
+
+    async def operator(self, token: str) -> Principal:
+        """Raises Unauthenticated, Unavailable, Denied (not an operator)."""
+        principal = await self.approver(token)
+        operator_allowed(principal, self._process.config.admin.operators)
+        return principal
+
+    def is_operator(self, principal: Principal) -> bool:
+        try:
+            operator_allowed(principal, self._process.config.admin.operators)
+        except Denied:
+            return False
+        return True
+
+    # --- operator actions --------------------------------------------------------------------
+
+    async def revoke(self, revocation: Revocation) -> None:
+        """Writes to the store (the fleet sees it within a second) and applies it here now.
+        Raises StoreError."""
+        await self._services.store.revoke(revocation)
+        await self._services.revocations.refresh()
+        log.warning("revoked %s %s until %s", revocation.kind, revocation.subject, revocation.until)
+
+    async def explain(
+        self, token: str, request: str, task: str | None, args: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
+        """Raises Refusal (the token or request would be refused)."""
+        return await explain(self._process.explainer, token, request, task=task, args=args)
+
+    async def accept_tool(self, upstream: str, tool: str) -> str:
+        """The accepted definition's fingerprint. Raises NotFound when the tool has no
+        unaccepted change."""
+        fingerprint = self._services.mcp.pins.accept(upstream, tool)
+        if fingerprint is None:
+            raise NotFound(f"tool {tool!r} of upstream {upstream!r} has no unaccepted change")
+        return fingerprint
+
+    async def reload(self) -> bool:
+        return await self._process.reload()
+
+    # --- approvals ---------------------------------------------------------------------------
+
+    async def list_approvals(self, state: str | None) -> list[Approval]:
+        return await self._services.approvals.list(state)
+
+    async def get_approval(self, approval_id: str) -> Approval | None:
+        return await self._services.approvals.get(approval_id)
+
+    async def decide_approval(
+        self, approval_id: str, event: Event, principal: Principal, reason: str
+    ) -> Approval:
+        return await self._services.approvals.decide(approval_id, event, principal, reason)
+
+    def subscribe_approvals(self) -> asyncio.Queue[tuple[str, Approval]]:
+        return self._services.approvals.subscribe()
+
+    def unsubscribe_approvals(self, queue: asyncio.Queue[tuple[str, Approval]]) -> None:
+        self._services.approvals.unsubscribe(queue)
+
+    # --- Authorizer.Check --------------------------------------------------------------------
+
+    async def grpc_method(self, service: str, path: str) -> GrpcMethod | None:
+        runtime = self._process.pipeline.runtime
+        methods = await self._descriptors.methods(runtime, runtime.route_grpc(service))
+        return methods.get(path) if methods is not None else None
+
+    async def check(
+        self,
+        *,
+        token: str | None,
+        describe: Action | Refusal,
+        task: str | None,
+        traceparent: str | None,
+    ) -> tuple[Call, list[tuple[str, str]]]:
+        return await check(
+            self._process.pipeline,
+            token=token,
+            describe=describe,
+            task=task,
+            traceparent=traceparent,
+        )

@@ -1,0 +1,82 @@
+"""The HTTP data plane: the aiohttp handler in front of the HTTP, MCP and LLM exchanges.
+
+It owns the sockets: it reads the request head, asks the HTTP adapter to describe it, picks
+the exchange for the upstream's protocol and runs the current pipeline with it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from aiohttp import web
+
+from agentproxy.core import Action
+from agentproxy.errors import BadRequest, Refusal, Unauthenticated
+from agentproxy.protocols.http import bearer_token, describe, parse_declared_task
+from agentproxy.proxy.http import HttpExchange
+from agentproxy.proxy.llm import LlmExchange
+from agentproxy.proxy.mcp import McpExchange
+from agentproxy.proxy.pins import McpState
+from agentproxy.proxy.pipeline import Pipeline, start_call
+from agentproxy.proxy.upstream import UpstreamClient
+
+UNPARSED = Action("http", "?", "<unparsed>")
+
+
+class HttpDataPlane:
+    def __init__(
+        self, current: Callable[[], Pipeline], upstream_client: UpstreamClient, mcp: McpState
+    ) -> None:
+        """`current`: the pipeline of the snapshot in force (read once per request)."""
+        self._current = current
+        self._upstream_client = upstream_client
+        self._mcp = mcp
+
+    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        pipeline = self._current()
+        clock = pipeline.clock
+        started = clock.monotonic()
+        runtime = pipeline.runtime
+        headers = request.headers
+        action, raw_query, upstream, bearer, declared = UNPARSED, "", None, None, None
+        refusal: Refusal | None = None
+        try:
+            action, raw_query = describe(request.method, request.raw_path)
+            upstream = runtime.route(action.target)
+            authorization = headers.getall("Authorization", [])
+            if len(authorization) > 1:
+                raise Unauthenticated("more than one Authorization header")
+            bearer = bearer_token(authorization[0] if authorization else None)
+            tasks = headers.getall("X-Agentproxy-Task", [])
+            if len(tasks) > 1:
+                raise BadRequest("more than one X-Agentproxy-Task header")
+            declared = parse_declared_task(tasks[0] if tasks else None)
+        except Refusal as exc:
+            refusal = exc
+        call = start_call(
+            action,
+            upstream.name if upstream else "-",
+            started=started,
+            now=clock.now(),
+            bearer=bearer,
+            declared_task=declared,
+            refusal=refusal,
+            traceparent=headers.get("traceparent"),
+            tracestate=headers.get("tracestate"),
+        )
+        client = self._upstream_client
+        exchange: HttpExchange
+        if upstream is not None and upstream.protocol == "llm":
+            exchange = LlmExchange(
+                request, runtime, upstream, action.target, raw_query, client, clock
+            )
+        elif upstream is not None and upstream.protocol == "mcp":
+            exchange = McpExchange(
+                request, runtime, upstream, action.target, raw_query, client, clock, self._mcp
+            )
+        else:
+            exchange = HttpExchange(
+                request, runtime, upstream, action.target, raw_query, client, clock
+            )
+        await pipeline.run(call, exchange)
+        return exchange.response

@@ -1,0 +1,101 @@
+"""decide: the policy's answer for the call, and for every other message of a batch."""
+
+from __future__ import annotations
+
+import logging
+
+from agentproxy.clock import Clock
+from agentproxy.core import Call, Decision, Effect, Facts, Mode
+from agentproxy.errors import Denied, MissingCredential
+from agentproxy.metering.metrics import Metrics
+from agentproxy.policy import PolicySet, decide
+from agentproxy.policy.memo import DecisionMemo, memo_key
+from agentproxy.proxy.pipeline import Exchange
+from agentproxy.proxy.stages.store_down import OnError, degraded
+from agentproxy.store import Store, StoreError
+
+log = logging.getLogger("agentproxy.decide")
+
+
+class Decide:
+    """Decides the call's action and every other action of a batch (an MCP JSON-RPC batch):
+    a batch is forwarded only if every message in it is allowed.
+
+    Decisions whose rules read nothing per call are memoized by credential and action; the
+    facts (task history) are read from the store only on a miss and only when a rule reads
+    `task`. A call carrying a collecting tracer (explain) is always decided afresh, so that
+    the trace shows every condition.
+    """
+
+    __slots__ = ("_clock", "_memo", "_metrics", "_mode", "_on_error", "_policy", "_store")
+
+    def __init__(
+        self,
+        policy: PolicySet,
+        memo: DecisionMemo,
+        store: Store,
+        metrics: Metrics,
+        clock: Clock,
+        *,
+        mode: Mode,
+        on_error: OnError,
+    ) -> None:
+        self._policy = policy
+        self._memo = memo
+        self._store = store
+        self._metrics = metrics
+        self._clock = clock
+        self._mode = mode
+        self._on_error = on_error
+
+    async def __call__(self, call: Call, exchange: Exchange) -> None:
+        """Raises MissingCredential (no principal: a stage order bug), Unavailable (the store
+        is down and the decision would need it)."""
+        principal = call.principal
+        if principal is None or call.bearer is None:
+            raise MissingCredential()
+        started = self._clock.monotonic()
+        facts: Facts | None = None
+        decisions: list[Decision] = []
+        hits = 0
+        cache = self._metrics.decision_cache
+        trace = call.trace_steps
+        for action in (call.action, *call.batch):
+            key = memo_key(call.bearer, action)
+            decision = self._memo.get(key) if trace is None else None
+            if decision is not None:
+                hits += 1
+                cache.labels("hit").inc()
+            else:
+                if trace is None:
+                    cache.labels("miss").inc()
+                if facts is None:
+                    facts = await self._facts(call)
+                decision = decide(self._policy, action, principal, facts, call.now, trace)
+                if decision.memoizable and trace is None:
+                    self._memo.put(key, decision)
+            decisions.append(decision)
+        call.memo_hit = hits == len(decisions)
+        refused = next((i for i, d in enumerate(decisions) if d.effect is not Effect.ALLOW), None)
+        call.refused_at = refused
+        call.decision = decisions[refused if refused is not None else 0]
+        call.enforced = self._mode is Mode.ENFORCE
+        call.decision_seconds = (call.decision_seconds or 0.0) + self._clock.monotonic() - started
+        if call.store_error is not None:
+            degraded(call, self._on_error)
+        decision = call.decision
+        if decision.effect is Effect.DENY and call.enforced:
+            call.refusal = Denied(decision.reason, rule=decision.rule_id)
+
+    async def _facts(self, call: Call) -> Facts:
+        task = call.task
+        if not self._policy.reads_task or task is None:
+            return Facts(task_id=task)
+        try:
+            history = await self._store.task_history(task, call.now)
+        except StoreError as exc:
+            self._metrics.store_errors.labels("task_history").inc()
+            log.warning("call %s: task history unavailable: %s", call.id, exc)
+            call.store_error = str(exc)
+            return Facts(task_id=task)
+        return Facts(task, history.labels, history.calls, history.spent)

@@ -1,0 +1,130 @@
+"""settle: after the answer, the call's real cost, its spend settled, its task's history;
+for a call the upstream never served, its reservations given back."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+
+from agentproxy.core import Call, Facts, Reservation
+from agentproxy.errors import UpstreamTimeout
+from agentproxy.metering.meter import Meter
+from agentproxy.metering.metrics import Metrics
+from agentproxy.metering.prices import TokenUsage
+from agentproxy.policy import PolicySet
+from agentproxy.policy.compiler import Rule
+from agentproxy.policy.limits import LimitKeyError, rule_cost
+from agentproxy.store import Store, StoreError
+
+log = logging.getLogger("agentproxy.settle")
+
+
+class Settle:
+    """Runs once per call, on every path, and never raises (the answer is already sent)."""
+
+    __slots__ = ("_meter", "_metrics", "_policy", "_store", "_task_ttl")
+
+    def __init__(
+        self, policy: PolicySet, meter: Meter, store: Store, metrics: Metrics, *, task_ttl: float
+    ) -> None:
+        self._policy = policy
+        self._meter = meter
+        self._store = store
+        self._metrics = metrics
+        self._task_ttl = task_ttl
+
+    async def __call__(self, call: Call) -> None:
+        try:
+            if answered(call):
+                await self._meter_call(call)
+                await self._record_task(call)
+            elif call.reservations and not _may_have_acted(call):
+                await self._release(call)
+        except Exception:
+            log.exception("failed to settle call %s", call.id)
+
+    async def _meter_call(self, call: Call) -> None:
+        """The call's real cost into the metrics, and spend limits settled with it (the
+        estimate reserved up front is topped up or given back)."""
+        decision, principal = call.decision, call.principal
+        if decision is None or principal is None or decision.rule_id is None:
+            return
+        rule = self._policy.rule(decision.rule_id)
+        meter = self._meter
+        cost = 0.0
+        if rule.cost is not None:  # most rules have none: no Facts to build, no CEL to run
+            with contextlib.suppress(LimitKeyError):  # a cost key the call lacks: no cost
+                cost = rule_cost(rule, call.action, principal, Facts(task_id=call.task), call.now)
+        usage = None
+        if call.tokens is not None:
+            usage = TokenUsage(*call.tokens)
+            cost += meter.token_cost(call.model, usage) or 0.0
+        currency = rule.cost.currency if rule.cost else meter.settings.currency
+        reserved = call.cost or 0.0
+        call.cost, call.currency = cost, currency
+        meter.record(
+            principal=principal,
+            upstream=call.upstream,
+            action=decision.matched_action or "other",
+            model=call.model,
+            cost=cost,
+            currency=currency,
+            usage=usage,
+        )
+        spend = [r for r in call.reservations if _is_spend(rule, r.name)]
+        difference = cost - reserved
+        if not spend or abs(difference) < 1e-12:
+            return
+        try:
+            if difference > 0:
+                extra = [Reservation(r.name, r.key, difference, math.inf, r.window) for r in spend]
+                await self._store.reserve(extra, call.now)
+            else:
+                back = [Reservation(r.name, r.key, -difference, r.limit, r.window) for r in spend]
+                await self._store.release(back, call.now)
+        except StoreError as exc:
+            self._metrics.store_errors.labels("settle").inc()
+            log.error("call %s: spend not settled: %s", call.id, exc)
+
+    async def _record_task(self, call: Call) -> None:
+        decision = call.decision
+        if decision is None or decision.rule_id is None or call.task is None:
+            return
+        if call.status is None or call.status >= 400:
+            return
+        rule = self._policy.rule(decision.rule_id)
+        if not (rule.label_task or rule.cost or self._policy.reads_task):
+            return
+        try:
+            await self._store.record_task(
+                call.task, rule.label_task, call.cost or 0.0, self._task_ttl, call.now
+            )
+        except StoreError as exc:
+            self._metrics.store_errors.labels("record_task").inc()
+            log.error("call %s: task history not recorded: %s", call.id, exc)
+
+    async def _release(self, call: Call) -> None:
+        """Gives back the reservations of a call that never reached the upstream."""
+        try:
+            await self._store.release(call.reservations, call.now)
+        except StoreError as exc:
+            self._metrics.store_errors.labels("release").inc()
+            log.error("call %s: reservations not released: %s", call.id, exc)
+        call.reservations = ()
+
+
+def answered(call: Call) -> bool:
+    """The call was forwarded and the upstream answered it."""
+    return call.forwarded and call.refusal is None and call.status is not None
+
+
+def _may_have_acted(call: Call) -> bool:
+    """A forwarded call that timed out keeps what it reserved: the upstream may have acted
+    before its answer was lost. One refused before or while it was sent (a stage refused it,
+    the upstream was unreachable, the body went over the limit) gives it back."""
+    return call.forwarded and isinstance(call.refusal, UpstreamTimeout)
+
+
+def _is_spend(rule: Rule, name: str) -> bool:
+    return any(limit.name == name and limit.spend is not None for limit in rule.limits)
