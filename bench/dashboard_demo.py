@@ -1,7 +1,7 @@
 """Render the Grafana cost dashboard from a real Prometheus scrape of a demo run.
 
 Starts, on free loopback ports: the OpenAI/Anthropic-speaking test upstream
-(tests/metering/llm_upstream.py, with a per-model response delay added in front), `agentproxy
+(tests/harness/llm_upstream.py, with a per-model response delay added in front), `agentproxy
 run` with a generated config (issuer key, policy, price table, attribution by user and team)
 and a real Prometheus scraping the proxy's admin /metrics every second. Drives demo traffic
 with the official openai and anthropic clients (three agents acting for six users, RFC 8693
@@ -56,8 +56,8 @@ if str(ROOT) not in sys.path:
 
 from common import free_port  # noqa: E402
 from tests.conftest import start_app  # noqa: E402
-from tests.metering.llm_upstream import LlmServer, LlmUpstream, Usage  # noqa: E402
-from tests.metering.prometheus import Prometheus  # noqa: E402
+from tests.harness.llm_upstream import LlmServer, LlmUpstream, Usage  # noqa: E402
+from tests.harness.prometheus import Prometheus  # noqa: E402
 
 DASHBOARD = ROOT / "helm/agentproxy/dashboards/agentproxy-cost.json"
 ISSUER = "https://idp.demo.local"
@@ -691,7 +691,7 @@ async def demo(duration: float, out: Path, seed: int) -> int:
         proxy = await start_proxy(stack, work, upstream.url)
         prometheus = await Prometheus.start(proxy.admin.removeprefix("http://"), work / "prom")
         stack.push_async_callback(prometheus.stop)
-        print(f"upstream   {upstream.url}  (tests/metering/llm_upstream.py, delays per model)")
+        print(f"upstream   {upstream.url}  (tests/harness/llm_upstream.py, delays per model)")
         print(f"agentproxy {proxy.base}  admin {proxy.admin}  (pid {proxy.process.pid})")
         print(f"prometheus {prometheus.url}  scraping {proxy.admin}/metrics every 1s")
         await prometheus.wait_for("up", lambda r: bool(r) and r[0]["value"][1] == "1", 20)

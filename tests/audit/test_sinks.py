@@ -24,7 +24,7 @@ from agentproxy.audit.trail import AuditTrail
 from agentproxy.audit.verify import verify
 from agentproxy.config.model import RedisSettings
 from tests.audit.conftest import decision
-from tests.redis_server import MakeRedisServer
+from tests.harness.redis import MakeRedisServer
 
 
 def xrange_lines(url: str, stream: str) -> list[bytes]:

@@ -18,7 +18,7 @@ from grpc import aio
 from agentproxy.identity.issue import generate_demo_keypair, mint_token
 from agentproxy.proxy.runtime import load_config
 from agentproxy.proxy.server import ProxyServer
-from tests.conftest import free_port
+from tests.harness.processes import free_port
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "grpc"
 

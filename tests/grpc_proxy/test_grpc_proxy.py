@@ -252,7 +252,7 @@ async def test_upstream_down_is_unavailable_with_the_decision_id(
     keys: Keys,
     path: str,
 ) -> None:
-    from tests.conftest import free_port
+    from tests.harness.processes import free_port
 
     proxy = await make_grpc_proxy(
         grpc_url=f"grpc://127.0.0.1:{free_port()}",

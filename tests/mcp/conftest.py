@@ -11,7 +11,8 @@ import pytest
 import uvicorn
 from mcp.server.mcpserver import Context, MCPServer
 
-from tests.conftest import Proxy, ProxyFactory, free_port
+from tests.conftest import Proxy, ProxyFactory
+from tests.harness.processes import free_port
 
 POLICY = """
 default: deny

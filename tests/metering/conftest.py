@@ -7,15 +7,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.metering.llm_upstream import LlmUpstream, serve_llm_upstream
-from tests.metering.prometheus import Prometheus
+from tests.harness.llm_upstream import LlmUpstream, serve_llm_upstream
+from tests.harness.prometheus import Prometheus
 
 PrometheusFactory = Callable[[str], Awaitable[Prometheus]]
 
 
 @pytest.fixture
 async def llm_upstream() -> AsyncIterator[LlmUpstream]:
-    """The OpenAI/Anthropic-speaking upstream on a free port; see `tests/metering/llm_upstream`."""
+    """The OpenAI/Anthropic-speaking upstream on a free port; see `tests/harness/llm_upstream`."""
     async with serve_llm_upstream() as upstream:
         yield upstream
 

@@ -11,8 +11,8 @@ import openai
 import pytest
 
 from tests.conftest import Keys, Proxy, ProxyFactory
+from tests.harness.llm_upstream import LlmUpstream, SlowStream, Usage
 from tests.metering.conftest import PrometheusFactory
-from tests.metering.llm_upstream import LlmUpstream, SlowStream, Usage
 from tests.metering.test_tool_cost import metric_sum
 
 POLICY = """

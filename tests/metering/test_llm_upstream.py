@@ -11,7 +11,7 @@ import openai
 import pytest
 from openai.types.responses import ResponseCompletedEvent
 
-from tests.metering.llm_upstream import REPLY_TEXT, LlmUpstream, SlowStream, Usage
+from tests.harness.llm_upstream import REPLY_TEXT, LlmUpstream, SlowStream, Usage
 
 USAGE = Usage(input=1234, output=567, cached_input=89)
 

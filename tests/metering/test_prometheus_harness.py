@@ -11,8 +11,8 @@ from prometheus_client import CollectorRegistry, Counter, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 
 from tests.conftest import start_app
+from tests.harness.prometheus import PrometheusError, find_prometheus, sample_value
 from tests.metering.conftest import PrometheusFactory
-from tests.metering.prometheus import PrometheusError, find_prometheus, sample_value
 
 
 def fixed_metrics() -> bytes:

@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from tests.conftest import UPSTREAM_SECRET, Keys, ProxyFactory, Upstream
-from tests.redis_server import MakeRedisServer
+from tests.harness.redis import MakeRedisServer
 
 HMAC_KEY = b"audit-hmac-key-for-tests"
 

@@ -16,13 +16,11 @@ from tests.conftest import (
     Keys,
     ProxyFactory,
     Upstream,
-    pin_ports,
-    spawn_proxy,
-    wait_ready,
     write_config,
 )
+from tests.harness.processes import pin_ports, spawn_proxy, wait_ready
+from tests.harness.redis import MakeRedisServer
 from tests.proxy.test_state import POLICY
-from tests.redis_server import MakeRedisServer
 
 
 def store(url: str, on_error: str = "deny") -> str:

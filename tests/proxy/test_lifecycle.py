@@ -19,11 +19,9 @@ from tests.conftest import (
     DEFAULT_POLICY,
     Keys,
     Upstream,
-    pin_ports,
-    spawn_proxy,
-    wait_ready,
     write_config,
 )
+from tests.harness.processes import pin_ports, spawn_proxy, wait_ready
 
 
 def configmap_layout(d: Path, generation: str, files: dict[str, str]) -> None:

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import aiohttp
 
-from tests.conftest import Keys, Upstream, pin_ports, spawn_proxy, wait_ready, write_config
+from tests.conftest import Keys, Upstream, write_config
+from tests.harness.processes import pin_ports, spawn_proxy, wait_ready
 
 
 def requests_total(text: str) -> float:

@@ -17,7 +17,7 @@ from agentproxy.approvals.lifecycle import Approval, Event, State
 from agentproxy.config.model import RedisSettings
 from agentproxy.store import redis as redis_store
 from agentproxy.store.redis import POLL_INTERVAL, RedisStore
-from tests.redis_server import RedisServer
+from tests.harness.redis import RedisServer
 from tests.store.test_contract import CAPS, NOW, approval
 
 Replica = Callable[[], Awaitable[RedisStore]]

@@ -22,7 +22,7 @@ from agentproxy.approvals.lifecycle import Approval, Event, State
 from agentproxy.config.model import RedisSettings
 from agentproxy.store import Reservation, Revocation, StoreError
 from agentproxy.store.redis import RedisStore
-from tests.redis_server import MakeRedisServer, RedisServer
+from tests.harness.redis import MakeRedisServer, RedisServer
 
 NOW = 1_000_000.5
 TIMEOUT = 0.05  # the default store timeout

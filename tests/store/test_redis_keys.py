@@ -9,7 +9,7 @@ from agentproxy.approvals.lifecycle import Event
 from agentproxy.config.model import RedisSettings
 from agentproxy.store import Reservation, Revocation
 from agentproxy.store.redis import WINDOW_MARGIN, RedisStore
-from tests.redis_server import RedisServer
+from tests.harness.redis import RedisServer
 from tests.store.test_contract import CAPS, approval
 
 NOW = 1_000_000.5
