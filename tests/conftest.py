@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from grpc_tools import protoc
 
+from agentproxy.clock import SYSTEM
 from agentproxy.proxy.runtime import load_config
 from agentproxy.proxy.server import ProxyServer
 from tests.harness.redis import make_redis_server, redis_server, redis_url
@@ -299,8 +300,9 @@ async def make_proxy(tmp_path: Path, keys: Keys, upstream: Upstream) -> AsyncIte
     async def factory(**kw: Any) -> Proxy:
         d = tmp_path / f"proxy{len(servers)}"
         d.mkdir()
+        clock = kw.pop("clock", SYSTEM)  # a FakeClock: expiries without sleeping
         path = write_config(d, keys, kw.pop("upstream_url", upstream.url), **kw)
-        server = ProxyServer(load_config(path))
+        server = ProxyServer(load_config(path), clock=clock)
         await server.start()
         servers.append(server)
         return Proxy(

@@ -406,24 +406,16 @@ async def _explain(args: argparse.Namespace) -> int:
 
 def _explain_services(config: Config) -> Services:
     """What the explain stages read, over the configured store."""
-    from agentproxy.approvals.service import ApprovalService
-    from agentproxy.identity.revocations import RevocationList
-    from agentproxy.metering.meter import Meter
     from agentproxy.metering.metrics import Metrics
     from agentproxy.proxy import assemble
-    from agentproxy.proxy.pins import McpState
     from agentproxy.proxy.server import make_store
 
-    store = make_store(config.store)
-    metrics = Metrics(tuple(name for name, _ in config.metering.attribution))
-    return assemble.Services(
-        clock=SYSTEM,
-        store=store,
-        revocations=RevocationList(store, shared=config.store.redis is not None),
-        metrics=metrics,
-        meter=Meter(config.metering, metrics),
-        approvals=ApprovalService(store, SYSTEM, stopping=asyncio.Event()),
-        mcp=McpState(),
+    return assemble.services(
+        config,
+        make_store(config.store),
+        SYSTEM,
+        metrics=Metrics(tuple(name for name, _ in config.metering.attribution)),
+        stopping=asyncio.Event(),
     )
 
 

@@ -11,6 +11,7 @@ import orjson
 
 from agentproxy.approvals.lifecycle import Event
 from tests.conftest import Keys, Proxy, ProxyFactory, Upstream
+from tests.harness.clock import FakeClock
 
 POLICY = """
 default: deny
@@ -166,21 +167,18 @@ async def test_ttl_grant_lets_retries_through(make_proxy: ProxyFactory, keys: Ke
 
 
 async def test_expiry_is_reported_as_expiry(make_proxy: ProxyFactory, keys: Keys) -> None:
-    proxy = await make_proxy(policy=policy(timeout="1s"))
+    clock = FakeClock()
+    proxy = await make_proxy(policy=policy(timeout="1s"), clock=clock)
     bot = keys.token("pay-bot")
     async with aiohttp.ClientSession() as s:
         assert (await transfer(s, proxy, bot, 400))[0] == 403
-        await asyncio.sleep(1.3)  # past the 1s timeout, within the window a decision is kept
+        clock.advance(1.3)  # past the 1s timeout, within the window a decision is kept
         status, body = await transfer(s, proxy, bot, 400)
         assert status == 403 and body["type"].endswith("/approval-expired")
-        deadline = time.monotonic() + 3
-        while True:
-            async with s.get(proxy.admin + "/metrics") as r:
-                text = await r.text()
-            if 'agentproxy_approvals_total{outcome="expired"} 1.0' in text:
-                break
-            assert time.monotonic() < deadline, "expiry not counted"
-            await asyncio.sleep(0.2)
+        await proxy.server.services.approvals.check()  # the once-a-second expiry round
+        async with s.get(proxy.admin + "/metrics") as r:
+            text = await r.text()
+        assert 'agentproxy_approvals_total{outcome="expired"} 1.0' in text
 
 
 async def test_pending_caps(make_proxy: ProxyFactory, keys: Keys) -> None:

@@ -93,10 +93,21 @@ async def test_a_changed_tool_is_hidden_and_refused_until_accepted(
             refused["error"]["data"]
         )
         assert json_mcp["calls"] == 1
+        assert refused["error"]["data"]["rule"] == "pin-tools"
         async with s.get(proxy.admin + "/metrics") as r:
-            assert (
-                'agentproxy_tool_changes_total{tool="lookup",upstream="tool"} 1.0' in await r.text()
-            )
+            text = await r.text()
+        assert 'agentproxy_tool_changes_total{tool="lookup",upstream="tool"} 1.0' in text
+        # A pin refusal is the policy's deny, counted as one (not as a proxy error).
+        assert 'action="other",decision="deny",upstream="tool"} 1.0' in text
+        assert 'decision="error"' not in text
+
+        async with s.post(
+            proxy.admin + "/v1/tools/accept",
+            headers={"Authorization": f"Bearer {keys.token('sec', roles=['security'])}"},
+            json={"upstream": "tool", "tool": "nothing-changed"},
+        ) as r:
+            assert r.status == 404
+            assert r.content_type == "application/problem+json"
 
         operator = {"Authorization": f"Bearer {keys.token('sec', roles=['security'])}"}
         async with s.post(

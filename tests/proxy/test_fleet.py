@@ -18,6 +18,7 @@ from tests.conftest import (
     Upstream,
     write_config,
 )
+from tests.harness.clock import FakeClock
 from tests.harness.processes import pin_ports, spawn_proxy, wait_ready
 from tests.harness.redis import MakeRedisServer
 from tests.proxy.test_state import POLICY
@@ -116,7 +117,8 @@ async def test_store_down_fails_closed_and_recovers(
     make_proxy: ProxyFactory, keys: Keys, make_redis_server: MakeRedisServer, upstream: Upstream
 ) -> None:
     redis = make_redis_server()
-    proxy = await make_proxy(policy=POLICY, extra=store(redis.url))
+    clock = FakeClock()
+    proxy = await make_proxy(policy=POLICY, extra=store(redis.url), clock=clock)
     reader = keys.token("reader")
     async with aiohttp.ClientSession() as s:
         assert await status(s, "GET", proxy.base + "/v1/employees/1", reader) == 200
@@ -127,7 +129,7 @@ async def test_store_down_fails_closed_and_recovers(
             body = orjson.loads(await r.read())
         assert body["type"].endswith("/store-unavailable")
         # a rule without limits still needs the revocation list: refused once it is stale
-        await asyncio.sleep(2.2)
+        clock.advance(2.2)
         assert await status(s, "POST", proxy.base + "/v1/mail", keys.token("mailer")) == 503
         assert len(upstream.seen) == seen
         async with s.get(proxy.admin + "/metrics") as r:
@@ -144,15 +146,17 @@ async def test_allow_cached_lets_memoized_allows_through(
     make_proxy: ProxyFactory, keys: Keys, make_redis_server: MakeRedisServer
 ) -> None:
     redis = make_redis_server()
-    proxy = await make_proxy(extra=store(redis.url, on_error="allow_cached"))
+    clock = FakeClock()
+    proxy = await make_proxy(extra=store(redis.url, on_error="allow_cached"), clock=clock)
     known = keys.token("hr-bot")
     async with aiohttp.ClientSession() as s:
         assert await status(s, "GET", proxy.base + "/v1/employees/42", known) == 200
         await asyncio.to_thread(redis.stop)
-        await asyncio.sleep(2.2)  # the revocation mirror is now stale
+        clock.advance(2.2)  # the revocation mirror is now stale
         assert await status(s, "GET", proxy.base + "/v1/employees/42", known) == 200
         # not memoized: a new credential, or a different action
-        assert await status(s, "GET", proxy.base + "/v1/employees/42", keys.token("hr-bot")) == 503
+        fresh = keys.token("hr-bot", jti="another-credential")
+        assert await status(s, "GET", proxy.base + "/v1/employees/42", fresh) == 503
         assert await status(s, "GET", proxy.base + "/v1/employees/43", known) == 503
         # a memoized deny stays a deny
         assert await status(s, "GET", proxy.base + "/v1/employees/7/salary", known) == 403

@@ -11,6 +11,7 @@ reports its events.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -20,6 +21,7 @@ from agentproxy.approvals.service import ApprovalService
 from agentproxy.audit.decision_log import DecisionLog
 from agentproxy.audit.trail import AuditTrail
 from agentproxy.clock import Clock
+from agentproxy.config import Config
 from agentproxy.identity.revocations import RevocationList
 from agentproxy.metering.meter import Meter
 from agentproxy.metering.metrics import Metrics
@@ -54,6 +56,44 @@ class Services:
     mcp: McpState
     audit: AuditTrail | None = None
     audit_required: bool = False
+
+
+def services(
+    config: Config,
+    store: Store,
+    clock: Clock,
+    *,
+    metrics: Metrics,
+    stopping: asyncio.Event,
+    audit: AuditTrail | None = None,
+) -> Services:
+    """The services for `config` over `store` (not started), nothing yet listening to the
+    approval service (`wire_approvals`). Raises ValueError when the metering attribution does
+    not compile (`validate` says so first)."""
+    return Services(
+        clock=clock,
+        store=store,
+        revocations=RevocationList(
+            store,
+            shared=config.store.redis is not None,
+            on_error=lambda op: metrics.store_errors.labels(op).inc(),
+            clock=clock,
+        ),
+        metrics=metrics,
+        meter=Meter(config.metering, metrics),
+        approvals=ApprovalService(
+            store,
+            clock,
+            stopping=stopping,
+            on_store_error=store_error_counter(metrics, "approvals"),
+            on_pending=metrics.approvals_pending.set,
+        ),
+        mcp=McpState(
+            on_tool_change=lambda upstream, tool: metrics.tool_changes.labels(upstream, tool).inc()
+        ),
+        audit=audit,
+        audit_required=config.audit.required,
+    )
 
 
 def build(runtime: Runtime, services: Services, decision_log: DecisionLog) -> Pipeline:

@@ -23,7 +23,6 @@ from prometheus_client import CollectorRegistry
 from agentproxy.admin.grpc import add_admin_services
 from agentproxy.admin.server import admin_app
 from agentproxy.approvals.notify import Notifier, Webhook
-from agentproxy.approvals.service import ApprovalService
 from agentproxy.audit.decision_log import DecisionLog
 from agentproxy.audit.settings import AuditSettings
 from agentproxy.audit.sinks import AuditError
@@ -31,8 +30,6 @@ from agentproxy.audit.trail import AuditTrail
 from agentproxy.clock import SYSTEM, Clock
 from agentproxy.config import Config, ConfigError
 from agentproxy.config.model import StoreSettings
-from agentproxy.identity.revocations import RevocationList
-from agentproxy.metering.meter import Meter
 from agentproxy.metering.metrics import Metrics
 from agentproxy.proxy import assemble
 from agentproxy.proxy import runtime as runtime_module
@@ -85,39 +82,15 @@ class ProxyServer:
                 audit_settings(config), on_drop=metrics.audit_dropped.inc, clock=clock
             )
         self.notifier = _notifier(config)
-        approvals = ApprovalService(
-            store,
-            clock,
-            stopping=self._stopping,
-            on_store_error=assemble.store_error_counter(metrics, "approvals"),
-            on_pending=metrics.approvals_pending.set,
+        self.services = assemble.services(
+            config, store, clock, metrics=metrics, stopping=self._stopping, audit=audit
         )
         assemble.wire_approvals(
-            approvals,
+            self.services.approvals,
             metrics=metrics,
             decision_log=lambda: self.decision_log,
             audit=audit,
             notifier=self.notifier,
-        )
-        self.services = assemble.Services(
-            clock=clock,
-            store=store,
-            revocations=RevocationList(
-                store,
-                shared=config.store.redis is not None,
-                on_error=lambda op: metrics.store_errors.labels(op).inc(),
-                clock=clock,
-            ),
-            metrics=metrics,
-            meter=Meter(config.metering, metrics),
-            approvals=approvals,
-            mcp=McpState(
-                on_tool_change=lambda upstream, tool: metrics.tool_changes.labels(
-                    upstream, tool
-                ).inc()
-            ),
-            audit=audit,
-            audit_required=config.audit.required,
         )
         self.upstream_client = UpstreamClient()
         self.channels = Channels()
