@@ -18,6 +18,7 @@ from prometheus_client.aiohttp import make_aiohttp_handler
 from agentproxy.approvals.authorize import is_listed
 from agentproxy.approvals.lifecycle import Approval, Event, State
 from agentproxy.clock import SYSTEM, Clock, parse_rfc3339
+from agentproxy.config.model import names_principal
 from agentproxy.config.yamldoc import parse_duration
 from agentproxy.core import Principal
 from agentproxy.errors import (
@@ -355,14 +356,14 @@ def revocation_json(revocation: Revocation) -> dict[str, Any]:
 
 
 def operator_allowed(principal: Principal, operators: tuple[str, ...]) -> None:
-    """Raises Denied unless the principal is a configured operator (id or `role:NAME`).
+    """Raises Denied unless the principal is a configured operator (an id or `role:NAME`,
+    each only from the issuer it is bound to, if bound: `config.model.PrincipalRef`).
 
     A token acting for a user is the agent's, not the operator's: delegated tokens are refused.
     """
-    if principal.acting_for is not None:
+    if principal.acting_for is not None or principal.chain:
         raise Denied("operator calls need the operator's own token, not a delegated one")
-    roles = {o[5:] for o in operators if o.startswith("role:")}
-    if principal.agent in operators or roles & principal.roles:
+    if names_principal(operators, principal):
         return
     raise Denied(
         "not an operator (admin.operators)" if operators else "no admin.operators are configured"

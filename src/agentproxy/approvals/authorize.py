@@ -3,19 +3,15 @@
 from __future__ import annotations
 
 from agentproxy.approvals.lifecycle import Approval
+from agentproxy.config.model import names_principal
 from agentproxy.core import Principal
 from agentproxy.errors import Denied
 
 
 def is_listed(principal: Principal, approvers: tuple[str, ...]) -> bool:
-    """`role:NAME` matches a role, `user:ID` and a bare `ID` match the approver's own id."""
-    for entry in approvers:
-        if entry.startswith("role:"):
-            if entry[5:] in principal.roles:
-                return True
-        elif (entry[5:] if entry.startswith("user:") else entry) == principal.agent:
-            return True
-    return False
+    """`role:NAME` matches a role, `user:ID` and a bare `ID` the approver's own id, each
+    only from the issuer it is bound to (`…@ISSUER`), if bound (`config.model.PrincipalRef`)."""
+    return names_principal(approvers, principal)
 
 
 def check_approver(principal: Principal, approval: Approval) -> None:

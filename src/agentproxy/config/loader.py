@@ -29,6 +29,7 @@ from agentproxy.config.model import (
     MeteringSettings,
     PolicyFile,
     Price,
+    PrincipalRef,
     RedisSettings,
     Secret,
     StoreSettings,
@@ -102,11 +103,7 @@ def load(path: str | Path, *, check_policies: PolicyChecker | None = None) -> Co
         context_token=loader.context_token(raw.get("context_token")),
         policy_files=load_policies(globs, base, doc, issues, exclude=source),
         store=loader.store(raw.get("store")),
-        admin=AdminSettings(
-            operators=doc.strings(
-                doc.mapping(raw.get("admin"), "$.admin", ("operators",)), "$.admin", "operators"
-            )
-        ),
+        admin=AdminSettings(operators=loader.operators(raw.get("admin"))),
         approvals=loader.approvals(raw.get("approvals")),
         metering=loader.metering(raw.get("metering")),
         audit=loader.audit(raw.get("audit"), has_redis=bool((raw.get("store") or {}).get("redis"))),
@@ -493,6 +490,18 @@ class _Loader:
         max_values = doc.get(attribution, apath, "max_values", int, 100) or 100
         doc.check(1 <= max_values <= 10_000, f"{apath}.max_values", "must be between 1 and 10000")
         return MeteringSettings(currency, tuple(prices), tuple(pairs), max_values)
+
+    def operators(self, value: Any) -> tuple[str, ...]:
+        doc = self.doc
+        operators = doc.strings(
+            doc.mapping(value, "$.admin", ("operators",)), "$.admin", "operators"
+        )
+        for i, entry in enumerate(operators):
+            try:
+                PrincipalRef.parse(entry)
+            except ValueError as exc:
+                doc.error(f"$.admin.operators[{i}]", str(exc))
+        return operators
 
     def approvals(self, value: Any) -> ApprovalsSettings:
         doc = self.doc

@@ -6,11 +6,12 @@ themselves in `repr` and logs. Paths are absolute (resolved against the config f
 
 from __future__ import annotations
 
+import fnmatch
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from agentproxy.core import Effect, Mode
+from agentproxy.core import Effect, Mode, Principal
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,6 +37,68 @@ class Secret:
         return f"Secret(from {self.source!r})"
 
     __str__ = __repr__
+
+
+@dataclass(frozen=True, slots=True)
+class PrincipalRef:
+    """One entry naming principals, as rules (`agents`), approvers and operators write them:
+    an id (`pay-bot`, `user:carol`), `role:NAME`, a glob (`ci-*`) or `*`, optionally bound to
+    the issuer that must have issued the token: `role:security@https://idp.example/staff`.
+
+    A `role:` entry matches roles only, never an id: a token whose subject is the text
+    `role:security` is not a security operator. An entry bound to an issuer matches only
+    tokens from it, so a partner issuer's `sub: ops-admin` is not this IdP's `ops-admin`.
+    """
+
+    kind: Literal["id", "role", "glob", "any"]
+    value: str
+    issuer: str | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> PrincipalRef:
+        """`@ISSUER` binds the entry when what follows the last `@` is a URL (has `://`), so
+        an e-mail-like id (`alice@example.com`) stays an id. Raises ValueError for an empty
+        entry or role."""
+        entry, at, issuer = text.rpartition("@")
+        if not at or "://" not in issuer:
+            entry, issuer = text, ""
+        if entry.startswith("role:"):
+            if not entry[5:]:
+                raise ValueError(f"{text!r}: a role entry names a role (role:NAME)")
+            return cls("role", entry[5:], issuer or None)
+        entry = entry.removeprefix("user:")
+        if not entry:
+            raise ValueError(f"{text!r}: an empty principal")
+        if entry == "*":
+            return cls("any", "*", issuer or None)
+        kind: Literal["id", "glob"] = "glob" if any(c in entry for c in "*?[") else "id"
+        return cls(kind, entry, issuer or None)
+
+    def matches(self, principal: Principal) -> bool:
+        """Whether the acting agent (`id`, `glob`) or one of its roles is what this names."""
+        if self.issuer is not None and principal.issuer != self.issuer:
+            return False
+        if self.kind == "role":
+            return self.value in principal.roles
+        if self.kind == "any":
+            return True
+        if principal.agent.startswith("role:"):
+            return False
+        if self.kind == "id":
+            return principal.agent == self.value
+        return fnmatch.fnmatchcase(principal.agent, self.value)
+
+
+def names_principal(entries: tuple[str, ...], principal: Principal) -> bool:
+    """Whether any entry names `principal` (see `PrincipalRef`). Entries are validated at
+    load; one that does not parse names nobody."""
+    for entry in entries:
+        try:
+            if PrincipalRef.parse(entry).matches(principal):
+                return True
+        except ValueError:
+            continue
+    return False
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,6 +17,7 @@ from agentproxy.config.model import (
     CostSpec,
     LimitSpec,
     PolicyFile,
+    PrincipalRef,
     RuleSpec,
 )
 from agentproxy.config.yamldoc import Document, Issue
@@ -254,6 +255,17 @@ def _approval(doc: Document, value: Any, path: str) -> ApprovalSpec | None:
         f"{path}.approvers",
         'name at least one approver ("role:NAME" or "user:ID")',
     )
+    for i, entry in enumerate(approvers):
+        try:
+            ref = PrincipalRef.parse(entry)
+        except ValueError as exc:
+            doc.error(f"{path}.approvers[{i}]", str(exc))
+            continue
+        doc.check(
+            ref.kind in ("id", "role"),
+            f"{path}.approvers[{i}]",
+            "an approver is a person or a role (user:ID or role:NAME), not a pattern",
+        )
     timeout = doc.duration(section, path, "timeout", 15 * 60.0)
     hold = doc.duration(section, path, "hold", 25.0)
     doc.check(1 <= timeout <= 7 * 24 * 3600, f"{path}.timeout", "must be between 1s and 7 days")

@@ -15,7 +15,14 @@ from dataclasses import dataclass, field
 from cel_expr_python import cel
 from cel_expr_python.ext import ext_math, ext_strings
 
-from agentproxy.config.model import ApprovalSpec, CostSpec, PolicyFile, Position, RuleSpec
+from agentproxy.config.model import (
+    ApprovalSpec,
+    CostSpec,
+    PolicyFile,
+    Position,
+    PrincipalRef,
+    RuleSpec,
+)
 from agentproxy.config.yamldoc import ConfigError, Issue
 from agentproxy.core import Decision, Effect, Mode, Principal
 from agentproxy.policy.patterns import ActionPattern, PatternError, PatternIndex, compile_pattern
@@ -48,13 +55,20 @@ class PrincipalMatcher:
     any_user: bool
     users: frozenset[str]
     user_globs: re.Pattern[str] | None
+    # Entries bound to an issuer (`pay-bot@https://idp.example`): matched one by one.
+    bound: tuple[PrincipalRef, ...] = ()
 
     def matches(self, principal: Principal) -> bool:
         if not (
             self.any_agent
             or principal.agent in self.agents
             or (self.roles and not self.roles.isdisjoint(principal.roles))
-            or (self.agent_globs is not None and self.agent_globs.fullmatch(principal.agent))
+            or (
+                self.agent_globs is not None
+                and not principal.agent.startswith("role:")  # a role entry is never an id
+                and self.agent_globs.fullmatch(principal.agent)
+            )
+            or any(ref.matches(principal) for ref in self.bound)
         ):
             return False
         if self.any_user:
@@ -270,7 +284,12 @@ def _compile_rule(spec: RuleSpec, issues: list[Issue]) -> Rule | None:
                 )
             )
             ok = False
-    if not ok:
+    principals = None
+    try:
+        principals = _principal_matcher(spec.agents, spec.users)
+    except ValueError as exc:
+        issues.append(Issue(pos.file, pos.line, pos.column, f"rule {spec.id}.agents", str(exc)))
+    if not ok or principals is None:
         return None
     reads = _reads(spec.when) | set().union(
         *(_reads(lim.key) for lim in spec.limits if lim.key not in ("agent", "user", "task"))
@@ -281,7 +300,7 @@ def _compile_rule(spec: RuleSpec, issues: list[Issue]) -> Rule | None:
         mode=spec.mode,
         reason=spec.reason,
         patterns=tuple(patterns),
-        principals=_principal_matcher(spec.agents, spec.users),
+        principals=principals,
         when=spec.when,
         condition=condition,
         position=pos,
@@ -356,15 +375,16 @@ def _members(source: str | None, of: re.Pattern[str]) -> frozenset[str] | None:
 
 
 def _principal_matcher(agents: tuple[str, ...], users: tuple[str, ...]) -> PrincipalMatcher:
-    ids = {a for a in agents if not a.startswith("role:") and not _is_glob(a)}
-    roles = {a[5:] for a in agents if a.startswith("role:")}
-    globs = [a for a in agents if not a.startswith("role:") and _is_glob(a)]
+    """Raises ValueError for an entry `PrincipalRef.parse` refuses."""
+    refs = [PrincipalRef.parse(a) for a in agents]
+    unbound = [r for r in refs if r.issuer is None]
     user_globs = [u for u in users if _is_glob(u)]
     return PrincipalMatcher(
-        any_agent="*" in agents,
-        agents=frozenset(ids),
-        roles=frozenset(roles),
-        agent_globs=_glob_regex(globs),
+        any_agent=any(r.kind == "any" for r in unbound),
+        agents=frozenset(r.value for r in unbound if r.kind == "id"),
+        roles=frozenset(r.value for r in unbound if r.kind == "role"),
+        agent_globs=_glob_regex([r.value for r in unbound if r.kind == "glob"]),
+        bound=tuple(r for r in refs if r.issuer is not None),
         any_user=not users or "*" in users,
         users=frozenset(u for u in users if not _is_glob(u)),
         user_globs=_glob_regex(user_globs),

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from agentproxy.config import Config, ConfigError, Issue, load
-from agentproxy.config.model import RuleSpec, Upstream
+from agentproxy.config.model import PrincipalRef, RuleSpec, Upstream
 from agentproxy.core import Effect
 from agentproxy.errors import NoRoute
 from agentproxy.identity.context import ContextSigner
@@ -96,6 +96,7 @@ def check(config: Config) -> PolicySet:
         ContextSigner.load(config.context_token)
     except ValueError as exc:
         issues.append(Issue(str(config.source), 1, 1, "$.context_token.signing_key_file", str(exc)))
+    issues.extend(unbound_privileges(config, policy))
     for i, upstream in enumerate(config.upstreams):
         try:
             descriptor_methods(upstream)
@@ -105,6 +106,29 @@ def check(config: Config) -> PolicySet:
     if issues or policy is None:
         raise ConfigError(issues)
     return policy
+
+
+def unbound_privileges(config: Config, policy: PolicySet | None) -> list[Issue]:
+    """With more than one trusted issuer, an operator or approver entry must name its issuer:
+    otherwise a token from any of them with the same subject (a partner IdP's `ops-admin`)
+    would be that operator or approver."""
+    if len(config.identity.issuers) < 2:
+        return []
+    hint = "bind it to its issuer (ENTRY@ISSUER), since more than one issuer is trusted"
+    issues = [
+        Issue(str(config.source), 1, 1, f"$.admin.operators[{i}]", f"{entry!r}: {hint}")
+        for i, entry in enumerate(config.admin.operators)
+        if PrincipalRef.parse(entry).issuer is None
+    ]
+    for rule in policy.rules if policy is not None else ():
+        if rule.approval is None:
+            continue
+        for entry in rule.approval.approvers:
+            if PrincipalRef.parse(entry).issuer is None:
+                pos = rule.position
+                where = f"rule {rule.id}.approval.approvers"
+                issues.append(Issue(pos.file, pos.line, pos.column, where, f"{entry!r}: {hint}"))
+    return issues
 
 
 def descriptor_methods(upstream: Upstream) -> dict[str, Method] | None:
