@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 import pytest
 import uvicorn
 from mcp.server.mcpserver import Context, MCPServer
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
 
 from tests.conftest import Proxy, ProxyFactory
 from tests.harness.processes import free_port
@@ -69,6 +71,22 @@ def build_server(state: McpUpstream) -> MCPServer:
     def unlisted_secret() -> str:
         state.calls.append("unlisted_secret")
         return "secret"
+
+    # Routes beside the MCP endpoint, as servers add them (health, exports, admin hooks).
+    @server.custom_route("/admin/export", methods=["GET"])
+    async def export(request: Request) -> Response:
+        state.calls.append("GET /admin/export")
+        return JSONResponse({"exported": "everything"})
+
+    @server.custom_route("/admin/reset", methods=["POST"])
+    async def reset(request: Request) -> Response:
+        state.calls.append("POST /admin/reset")
+        return JSONResponse({"reset": True})
+
+    @server.custom_route("/mcp/users/{id}", methods=["DELETE"])
+    async def delete_user(request: Request) -> Response:
+        state.calls.append(f"DELETE /mcp/users/{request.path_params['id']}")
+        return JSONResponse({"deleted": request.path_params["id"]})
 
     @server.tool()
     async def slow(ctx: Context) -> str:

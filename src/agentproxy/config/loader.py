@@ -224,6 +224,7 @@ class _Loader:
             "max_body_bytes",
             "pin_tools",
             "tool_errors",
+            "endpoint",
             "descriptor_set",
             "max_message_bytes",
         )
@@ -286,12 +287,18 @@ class _Loader:
         doc.check(timeout > 0, f"{path}.timeout", "must be more than 0")
         pin_tools = doc.choice(section, path, "pin_tools", ["off", "report", "enforce"], "report")
         tool_errors = doc.choice(section, path, "tool_errors", ["jsonrpc", "result"], "jsonrpc")
-        for key in ("pin_tools", "tool_errors"):
+        for key in ("pin_tools", "tool_errors", "endpoint"):
             doc.check(
                 key not in section or protocol == "mcp",
                 f"{path}.{key}",
                 "applies to protocol: mcp only",
             )
+        endpoint = doc.get(section, path, "endpoint", str, "/mcp") or "/mcp"
+        doc.check(
+            endpoint.startswith("/") and _is_plain_path(endpoint),
+            f"{path}.endpoint",
+            'must be the MCP endpoint\'s path as agents send it, e.g. "/mcp"',
+        )
         for key in ("descriptor_set", "max_message_bytes"):
             doc.check(key not in section or grpc, f"{path}.{key}", "applies to protocol: grpc only")
         doc.check(
@@ -314,6 +321,7 @@ class _Loader:
             max_message_bytes=max_message,
             pin_tools=pin_tools,  # type: ignore[arg-type]
             tool_errors=tool_errors,  # type: ignore[arg-type]
+            endpoint=endpoint,
             name=name,
             url=url.rstrip("/"),
             protocol=protocol,  # type: ignore[arg-type]
@@ -605,6 +613,18 @@ def parse_host_port(text: str) -> HostPort | None:
 
 
 _FIELD_PATH = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*(\.[A-Za-z0-9_-]+)+")
+
+
+_PLAIN_SEGMENT = re.compile(r"[A-Za-z0-9\-._~!$&'()*+,=:@]+")
+
+
+def _is_plain_path(path: str) -> bool:
+    """A path the HTTP adapter leaves as it is: RFC 3986 segment characters only, no escapes,
+    no dot or empty segments."""
+    segments = path.split("/")[1:]
+    return path == "/" or all(
+        _PLAIN_SEGMENT.fullmatch(seg) and seg not in (".", "..") for seg in segments
+    )
 
 
 def _valid_url(url: str, grpc: bool) -> bool:

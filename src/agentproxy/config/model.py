@@ -144,6 +144,9 @@ class Upstream:
     # answered (a JSON-RPC error, or a CallToolResult with isError the model can read).
     pin_tools: Literal["off", "report", "enforce"] = "report"
     tool_errors: Literal["jsonrpc", "result"] = "jsonrpc"
+    # MCP only: the path of the Streamable HTTP endpoint. Only it is reached as MCP; any other
+    # path of the server is an ordinary `http:` action, decided as such.
+    endpoint: str = "/mcp"
     # gRPC only: the service this upstream serves (None: the default gRPC upstream), the
     # FileDescriptorSet that lets policy read request fields as `args` (or True for
     # `descriptor_set: reflection`: fetched once from the upstream's reflection service), and

@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 from aiohttp import web
 
+from agentproxy.config.model import Upstream
 from agentproxy.core import Action
 from agentproxy.errors import BadRequest, Refusal, Unauthenticated
 from agentproxy.protocols.http import bearer_token, describe, parse_declared_task
@@ -43,6 +44,10 @@ class HttpDataPlane:
         try:
             action, raw_query = describe(request.method, request.raw_path)
             upstream = runtime.route(action.target)
+            if is_mcp_endpoint(upstream, action.target) and raw_query:
+                # Only the endpoint is decided as MCP, on its JSON-RPC body: a query would
+                # reach the server undecided.
+                raise BadRequest("an MCP request carries no query string")
             authorization = headers.getall("Authorization", [])
             if len(authorization) > 1:
                 raise Unauthenticated("more than one Authorization header")
@@ -70,13 +75,19 @@ class HttpDataPlane:
             exchange = LlmExchange(
                 request, runtime, upstream, action.target, raw_query, client, clock
             )
-        elif upstream is not None and upstream.protocol == "mcp":
+        elif upstream is not None and is_mcp_endpoint(upstream, action.target):
             exchange = McpExchange(
                 request, runtime, upstream, action.target, raw_query, client, clock, self._mcp
             )
         else:
+            # Plain HTTP, and every path of an MCP server but its endpoint (the SDK's
+            # custom routes): an ordinary `http:` action, decided as such.
             exchange = HttpExchange(
                 request, runtime, upstream, action.target, raw_query, client, clock
             )
         await pipeline.run(call, exchange)
         return exchange.response
+
+
+def is_mcp_endpoint(upstream: Upstream, path: str) -> bool:
+    return upstream.protocol == "mcp" and path == upstream.endpoint
