@@ -1,4 +1,4 @@
-"""ContextSigner: tokens an upstream verifies with our JWKS, reuse, and key files."""
+"""ContextSigner: tokens an upstream verifies with our JWKS, one per call, and key files."""
 
 from __future__ import annotations
 
@@ -27,6 +27,9 @@ RFC8037_D = "nWGxne_9WmC6hEr0kuwsxERJxWl7MmkZcDusAxyuf2A"
 RFC8037_THUMBPRINT = "kPrK_qmxVWaYVA9wwBF6Iuo3vVzz7TxHCTwXBygrS4k"
 
 
+CALL: dict[str, Any] = {"decision_id": "d-1", "action": "http:GET /v1/employees/42"}
+
+
 def verify_with_jwks(signer: ContextSigner, token: str) -> dict[str, Any]:
     """Verify as an upstream would, with the key the published JWKS has for its `kid`.
 
@@ -48,7 +51,16 @@ def test_a_context_token_verifies_with_the_published_jwks() -> None:
     signer = ContextSigner.load(SETTINGS)
     now = time.time()
     token = signer.sign(
-        principal=PRINCIPAL, task="TASK-1", rule="allow-reads", upstream="hr", now=now
+        principal=PRINCIPAL,
+        task="TASK-1",
+        rule="allow-reads",
+        upstream="hr",
+        now=now,
+        decision_id="d-1",
+        action="http:GET /v1/employees/42",
+        method="GET",
+        path="/v1/employees/42",
+        approval="a-9",
     )
     # Full verification, exp and nbf included, against the real clock.
     published = signer.jwks()["keys"][0]
@@ -64,55 +76,51 @@ def test_a_context_token_verifies_with_the_published_jwks() -> None:
     assert claims["upstream"] == "hr"
     assert claims["iat"] == claims["nbf"] == int(now)
     assert claims["exp"] == int(now + 60)
-    assert isinstance(claims["jti"], str) and claims["jti"]
+    assert claims["jti"] == claims["decision_id"] == "d-1"
+    assert claims["action"] == "http:GET /v1/employees/42"
+    assert (claims["htm"], claims["htu"]) == ("GET", "/v1/employees/42")
+    assert claims["approval"] == "a-9"
     assert jwt.get_unverified_header(token)["kid"] == signer.kid
 
 
 def test_absent_user_task_and_rule_are_omitted() -> None:
     signer = ContextSigner.load(SETTINGS)
     token = signer.sign(
-        principal=Principal(agent="agent-a"), task=None, rule=None, upstream="hr", now=1000.0
+        principal=Principal(agent="agent-a"),
+        task=None,
+        rule=None,
+        upstream="hr",
+        now=1000.0,
+        **CALL,
     )
     claims = verify_with_jwks(signer, token)
     assert "user" not in claims and "task" not in claims and "rule" not in claims
+    assert "htm" not in claims and "htu" not in claims and "approval" not in claims
     assert claims["chain"] == []
 
 
-def test_a_token_is_reused_while_half_its_ttl_remains() -> None:
+def test_every_call_gets_its_own_token() -> None:
+    """A token is never reused: each names its own call (`jti` = decision id), so a tool can
+    refuse a replay, and a token captured for one call is useless for another."""
     signer = ContextSigner.load(SETTINGS)
-    now = 1000.0
 
-    def sign(at: float, task: str = "TASK-1", upstream: str = "hr") -> str:
-        return signer.sign(principal=PRINCIPAL, task=task, rule="r1", upstream=upstream, now=at)
+    def sign(decision_id: str, path: str = "/v1/employees/42") -> dict[str, Any]:
+        token = signer.sign(
+            principal=PRINCIPAL,
+            task="TASK-1",
+            rule="r1",
+            upstream="hr",
+            now=1000.0,
+            decision_id=decision_id,
+            action=f"http:GET {path}",
+            method="GET",
+            path=path,
+        )
+        return verify_with_jwks(signer, token)
 
-    first = sign(now)
-    assert sign(now + 1) == first
-    assert sign(now + 30) == first  # exactly half of 60 s remains
-    assert sign(now, task="TASK-2") != first
-    assert sign(now, upstream="billing") != first
-    assert (
-        signer.sign(principal=PRINCIPAL, task="TASK-1", rule="r2", upstream="hr", now=now) != first
-    )
-    later = sign(now + 31)
-    assert later != first
-    assert verify_with_jwks(signer, later)["iat"] == int(now + 31)
-    assert sign(now + 40) == later
-
-
-def test_the_reuse_cache_is_bounded() -> None:
-    signer = ContextSigner(ed25519.Ed25519PrivateKey.generate(), SETTINGS, cache_size=2)
-    tokens = [
-        signer.sign(principal=PRINCIPAL, task=f"T-{n}", rule="r", upstream="hr", now=1000.0)
-        for n in range(3)
-    ]
-    assert (
-        signer.sign(principal=PRINCIPAL, task="T-2", rule="r", upstream="hr", now=1001.0)
-        == tokens[2]
-    )
-    assert (
-        signer.sign(principal=PRINCIPAL, task="T-0", rule="r", upstream="hr", now=1001.0)
-        != tokens[0]
-    )
+    first, second = sign("d-1"), sign("d-2")
+    assert first["jti"] == "d-1" and second["jti"] == "d-2"
+    assert sign("d-3", "/v1/employees/7")["htu"] == "/v1/employees/7"
 
 
 def test_an_ed25519_key_file_gives_the_same_kid_on_every_load(tmp_path: Path) -> None:
@@ -120,7 +128,7 @@ def test_an_ed25519_key_file_gives_the_same_kid_on_every_load(tmp_path: Path) ->
     settings = ContextToken(signing_key_file=write(tmp_path / "context.pem", private_pem(key)))
     first, second = ContextSigner.load(settings), ContextSigner.load(settings)
     assert first.kid == second.kid == RFC8037_THUMBPRINT
-    token = first.sign(principal=PRINCIPAL, task=None, rule="r", upstream="hr", now=1000.0)
+    token = first.sign(principal=PRINCIPAL, task=None, rule="r", upstream="hr", now=1000.0, **CALL)
     assert verify_with_jwks(second, token)["agent"] == "agent-b"
 
 
@@ -133,7 +141,7 @@ def test_a_p256_key_file_signs_es256(tmp_path: Path, keys: Keys) -> None:
     signer = ContextSigner.load(settings)
     assert signer.algorithm == "ES256"
     assert signer.jwks()["keys"][0]["crv"] == "P-256"
-    token = signer.sign(principal=PRINCIPAL, task=None, rule="r", upstream="hr", now=1000.0)
+    token = signer.sign(principal=PRINCIPAL, task=None, rule="r", upstream="hr", now=1000.0, **CALL)
     assert verify_with_jwks(signer, token)["user"] == "alice"
 
 

@@ -225,11 +225,27 @@ async def test_context_token_verifies_with_published_jwks(
 async def test_context_token_decision_header_matches_call(
     proxy: Proxy, upstream: Upstream, keys: Keys
 ) -> None:
-    await call(proxy, keys.token(), "/v1/employees/42")
-    await call(proxy, keys.token(), "/v1/employees/43")
-    first, second = (only_header(s, "X-Agentproxy-Decision") for s in upstream.seen)
-    assert re.fullmatch(r"[0-9a-f]{24}", first)
-    assert first != second
+    token = keys.token()
+    await call(proxy, token, "/v1/employees/42")
+    await call(proxy, token, "/v1/employees/42")  # the same call again: its own context
+    await call(proxy, token, "/v1/employees/43")
+    decisions = [only_header(s, "X-Agentproxy-Decision") for s in upstream.seen]
+    assert all(re.fullmatch(r"[0-9a-f]{24}", d) for d in decisions)
+    assert len(set(decisions)) == 3
+    contexts = [
+        jwt.decode(
+            only_header(s, "X-Agentproxy-Context"), options={"verify_signature": False}
+        )
+        for s in upstream.seen
+    ]
+    # Each context token names its own call, as the tool received it: the tool can check
+    # that the method and path are its request's and refuse a jti it has already seen.
+    assert [c["jti"] for c in contexts] == decisions
+    assert [c["decision_id"] for c in contexts] == decisions
+    assert [(c["htm"], c["htu"]) for c in contexts] == [
+        (seen.method, seen.path) for seen in upstream.seen
+    ]
+    assert contexts[0]["action"] == "http:GET /v1/employees/42"
 
 
 async def test_inbound_traceparent_is_continued(

@@ -2,15 +2,15 @@
 
 The upstream learns who is calling (agent, user, earlier actors), for which task and under
 which rule, from a short-lived JWT it verifies with our published JWKS, instead of receiving
-the agent's or user's own credential. Signing costs ~27 µs with EdDSA, so a context token is
-reused for the same principal, task, rule and upstream while at least half its lifetime
-remains.
+the agent's or user's own credential. Each token is minted for one call: its `jti` is the
+call's decision id, and it names the decided action and the method and path forwarded
+(`htm`, `htu`, as DPoP, RFC 9449 §4.2, names them), so a tool can check that the token it
+received was minted for the request it received, and refuse a `jti` it has seen (a replay)
+within the token's short lifetime. Signing costs ~27 µs with EdDSA, once per call.
 """
 
 from __future__ import annotations
 
-import secrets
-from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -30,15 +30,11 @@ ISSUER = "agentproxy"
 
 ContextKey = ed25519.Ed25519PrivateKey | ec.EllipticCurvePrivateKey
 
-_ReuseKey = tuple[str, str | None, tuple[str, ...], str | None, str | None, str]
-
 
 class ContextSigner:
     """Signs context tokens with one Ed25519 or P-256 key, named by its RFC 7638 thumbprint."""
 
-    def __init__(
-        self, key: ContextKey, settings: ContextToken, *, cache_size: int = 10_000
-    ) -> None:
+    def __init__(self, key: ContextKey, settings: ContextToken) -> None:
         """Raises ValueError for a key other than Ed25519 or EC P-256."""
         self.algorithm = signing_algorithm(key)
         if self.algorithm not in ("EdDSA", "ES256"):
@@ -47,8 +43,6 @@ class ContextSigner:
         self._settings = settings
         self._public_jwk = public_jwk(key.public_key())
         self.kid = thumbprint(self._public_jwk)
-        self._cache_size = cache_size
-        self._cache: OrderedDict[_ReuseKey, tuple[str, int, int]] = OrderedDict()
 
     @classmethod
     def load(cls, settings: ContextToken) -> ContextSigner:
@@ -75,29 +69,28 @@ class ContextSigner:
         rule: str | None,
         upstream: str,
         now: float,
+        decision_id: str,
+        action: str,
+        method: str | None = None,
+        path: str | None = None,
+        approval: str | None = None,
     ) -> str:
-        """A context token for a call forwarded to `upstream` at `now`; reused while fresh."""
-        ttl = self._settings.ttl
-        reuse = (principal.agent, principal.acting_for, principal.chain, task, rule, upstream)
-        cached = self._cache.get(reuse)
-        if cached is not None:
-            token, issued_at, expires_at = cached
-            if issued_at <= now and expires_at - now >= ttl / 2:
-                self._cache.move_to_end(reuse)
-                return token
+        """The context token of one call (decision `decision_id`, deciding `action`)
+        forwarded to `upstream` at `now` as `method path` (path without its query)."""
         issued_at = int(now)
-        expires_at = int(now + ttl)
         claims: dict[str, Any] = {
             "iss": ISSUER,
             "aud": self._settings.audience,
             "iat": issued_at,
             "nbf": issued_at,
-            "exp": expires_at,
+            "exp": int(now + self._settings.ttl),
+            "jti": decision_id,
             "sub": principal.agent,
             "agent": principal.agent,
             "chain": list(principal.chain),
             "upstream": upstream,
-            "jti": secrets.token_urlsafe(16),
+            "decision_id": decision_id,
+            "action": action,
         }
         if principal.acting_for is not None:
             claims["user"] = principal.acting_for
@@ -105,11 +98,13 @@ class ContextSigner:
             claims["task"] = task
         if rule is not None:
             claims["rule"] = rule
-        token = jwt.encode(claims, self._key, algorithm=self.algorithm, headers={"kid": self.kid})
-        self._cache[reuse] = (token, issued_at, expires_at)
-        while len(self._cache) > self._cache_size:
-            self._cache.popitem(last=False)
-        return token
+        if method is not None:
+            claims["htm"] = method
+        if path is not None:
+            claims["htu"] = path
+        if approval is not None:
+            claims["approval"] = approval
+        return jwt.encode(claims, self._key, algorithm=self.algorithm, headers={"kid": self.kid})
 
 
 def _load_context_key(path: Path) -> ContextKey:

@@ -32,9 +32,12 @@ class CheckExchange:
         """Check requests arrive described."""
 
     async def forward(self, call: Call) -> None:
+        method, path = checked_request(call)
         self.context = [
             (name.lower(), value)
-            for name, value in context_headers(call, self.pipeline.runtime.signer)
+            for name, value in context_headers(
+                call, self.pipeline.runtime.signer, method=method, path=path
+            )
         ]
         call.status = 200
         self._responded = True
@@ -44,6 +47,17 @@ class CheckExchange:
             raise ValueError("refuse() needs call.refusal")
         call.status = call.refusal.status
         self._responded = True
+
+
+def checked_request(call: Call) -> tuple[str | None, str | None]:
+    """The method and path of the request a gateway will forward, as the action names them:
+    what the signed context binds (an MCP action names no path of its own)."""
+    action = call.action
+    if action.protocol == "http":
+        return action.operation, action.target
+    if action.protocol == "grpc":
+        return "POST", action.target
+    return None, None
 
 
 async def check(

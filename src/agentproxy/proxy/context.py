@@ -12,9 +12,13 @@ from agentproxy.identity.context import ContextSigner
 from agentproxy.protocols.http import header_value
 
 
-def context_headers(call: Call, signer: ContextSigner) -> list[tuple[str, str]]:
+def context_headers(
+    call: Call, signer: ContextSigner, *, method: str | None, path: str | None
+) -> list[tuple[str, str]]:
     """Header values are percent-encoded UTF-8 (RFC 3986) so any identifier fits a header and
-    a comma-separated list; absent facts are absent headers (inbound ones never survive)."""
+    a comma-separated list; absent facts are absent headers (inbound ones never survive).
+    `method` and `path` (no query) are what the upstream receives; the signed context names
+    them."""
     principal = call.principal
     if principal is None:
         raise ValueError("context headers need a verified principal")
@@ -38,6 +42,11 @@ def context_headers(call: Call, signer: ContextSigner) -> list[tuple[str, str]]:
         rule=decision.rule_id if decision else None,
         upstream=call.upstream,
         now=call.now,
+        decision_id=call.id,
+        action=call.action.name,
+        method=method,
+        path=path,
+        approval=call.approval,
     )
     headers.append(("X-Agentproxy-Context", token))
     return headers

@@ -235,7 +235,11 @@ class GrpcExchange:
         if address is not None:
             metadata.append(("x-forwarded-for", address))
         metadata.extend(
-            (name.lower(), value) for name, value in context_headers(call, self.runtime.signer)
+            (name.lower(), value)
+            # gRPC is HTTP/2 POST to /package.Service/Method (the gRPC over HTTP/2 spec).
+            for name, value in context_headers(
+                call, self.runtime.signer, method="POST", path=call.action.target
+            )
         )
         creds = upstream.credentials
         if creds is not None:

@@ -179,7 +179,12 @@ class HttpExchange:
         host = self.request.headers.get("Host")
         if host:
             headers.append(("X-Forwarded-Host", host))
-        headers.extend(context_headers(call, self.runtime.signer))
+        forwarded_path = origin_of(upstream.url)[1] + self.path
+        headers.extend(
+            context_headers(
+                call, self.runtime.signer, method=self.request.method, path=forwarded_path
+            )
+        )
         if creds is not None:
             headers.append((creds.header, creds.prefix + creds.value.value.decode("latin-1")))
         return headers
