@@ -233,9 +233,7 @@ async def test_context_token_decision_header_matches_call(
     assert all(re.fullmatch(r"[0-9a-f]{24}", d) for d in decisions)
     assert len(set(decisions)) == 3
     contexts = [
-        jwt.decode(
-            only_header(s, "X-Agentproxy-Context"), options={"verify_signature": False}
-        )
+        jwt.decode(only_header(s, "X-Agentproxy-Context"), options={"verify_signature": False})
         for s in upstream.seen
     ]
     # Each context token names its own call, as the tool received it: the tool can check
