@@ -73,20 +73,21 @@ def build_server(state: McpUpstream) -> MCPServer:
         return "secret"
 
     # Routes beside the MCP endpoint, as servers add them (health, exports, admin hooks).
-    @server.custom_route("/admin/export", methods=["GET"])
     async def export(request: Request) -> Response:
         state.calls.append("GET /admin/export")
         return JSONResponse({"exported": "everything"})
 
-    @server.custom_route("/admin/reset", methods=["POST"])
     async def reset(request: Request) -> Response:
         state.calls.append("POST /admin/reset")
         return JSONResponse({"reset": True})
 
-    @server.custom_route("/mcp/users/{id}", methods=["DELETE"])
     async def delete_user(request: Request) -> Response:
         state.calls.append(f"DELETE /mcp/users/{request.path_params['id']}")
         return JSONResponse({"deleted": request.path_params["id"]})
+
+    server.custom_route("/admin/export", methods=["GET"])(export)
+    server.custom_route("/admin/reset", methods=["POST"])(reset)
+    server.custom_route("/mcp/users/{id}", methods=["DELETE"])(delete_user)
 
     @server.tool()
     async def slow(ctx: Context) -> str:

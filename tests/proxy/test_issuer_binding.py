@@ -39,7 +39,7 @@ def partner_token(key: rsa.RSAPrivateKey, sub: str, **claims: Any) -> str:
     return jwt.encode(payload | claims, key, algorithm="RS256")
 
 
-def config(upstream: str, operators: str, policy_agents: str = '["pay-bot"]') -> str:
+def config(upstream: str, operators: str, policy_agents: str = '["pay-bot"]') -> tuple[str, str]:
     return (
         f"""
 listen: {{http: "127.0.0.1:0", admin: "127.0.0.1:0"}}
