@@ -210,6 +210,14 @@ class Facts:
     task_spent: float = 0.0
 
 
+def task_history_key(agent: str, task: str) -> str:
+    """Where the history of `task` as `agent` runs it is kept. Per agent: a task id is
+    whatever the token or the agent names, so another agent naming the same id must neither
+    read nor add to this agent's history. Length-prefixed, so no (agent, task) pair can
+    spell another's key."""
+    return f"{len(agent)}:{agent}/{task}"
+
+
 @dataclass(frozen=True, slots=True)
 class Reservation:
     """Take `amount` from the counter `key`, whose fixed window is `window` seconds long

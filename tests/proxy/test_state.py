@@ -235,3 +235,69 @@ def test_cli_revoke_explains_the_memory_store(tmp_path: object, keys: Keys) -> N
     )
     assert out.returncode == 1
     assert "POST /v1/revocations" in out.stderr and "store.redis" in out.stderr
+
+
+TASK_POLICY = (
+    POLICY
+    + """
+  - id: count-calls
+    agents: [mailer, intruder]
+    actions: ["http:GET /v1/ping"]
+    effect: allow
+    obligations: {label_task: [pinged]}
+  - id: few-pings
+    agents: ["*"]
+    actions: ["http:GET /v1/ping"]
+    when: "task.calls >= 2"
+    effect: deny
+    reason: this task has pinged enough
+"""
+)
+
+
+async def test_task_history_is_per_agent(make_proxy: ProxyFactory, keys: Keys) -> None:
+    """Another agent naming the same task id neither reads its labels nor adds its calls."""
+    proxy = await make_proxy(policy=TASK_POLICY)
+    mailer, intruder = keys.token("mailer"), keys.token("intruder")
+    async with aiohttp.ClientSession() as s:
+        async with s.get(proxy.base + "/v1/pii/7", headers=auth(mailer, "task-x")) as r:
+            assert r.status == 200
+        # The intruder's two pings in "task-x" are its own history, not the mailer's...
+        for _ in range(2):
+            async with s.get(proxy.base + "/v1/ping", headers=auth(intruder, "task-x")) as r:
+                assert r.status == 200
+        async with s.get(proxy.base + "/v1/ping", headers=auth(intruder, "task-x")) as r:
+            assert r.status == 403
+        # ...so the mailer's task has one call (the read) and can still ping once.
+        async with s.get(proxy.base + "/v1/ping", headers=auth(mailer, "task-x")) as r:
+            assert r.status == 200
+        async with s.get(proxy.base + "/v1/ping", headers=auth(mailer, "task-x")) as r:
+            assert r.status == 403
+        # and the mailer's pii label is still its own: no mail from task-x.
+        async with s.post(proxy.base + "/v1/mail", headers=auth(mailer, "task-x")) as r:
+            assert r.status == 403
+
+
+async def test_a_deployment_can_take_the_task_from_the_token_only(
+    make_proxy: ProxyFactory, keys: Keys, upstream: Upstream
+) -> None:
+    """With `identity.task_from: [token]` an agent cannot shed its task's labels by naming a
+    new task id: the header is refused, and the token's task is the one that counts."""
+    proxy = await make_proxy(policy=POLICY)
+    assert proxy.server.config.identity.task_from == ("token", "header")
+    text = proxy.config_path.read_text().replace(
+        "      algorithms: [RS256]\n", "      algorithms: [RS256]\n  task_from: [token]\n"
+    )
+    proxy.config_path.write_text(text)
+    assert await proxy.server.reload()
+    mailer = keys.token("mailer", task="ticket-1")
+    async with aiohttp.ClientSession() as s:
+        async with s.get(proxy.base + "/v1/pii/7", headers=auth(mailer)) as r:
+            assert r.status == 200
+        async with s.post(proxy.base + "/v1/mail", headers=auth(mailer, "fresh-task")) as r:
+            assert r.status == 400
+            body = await r.json(content_type=None)
+        assert "identity.task_from" in body["detail"]
+        async with s.post(proxy.base + "/v1/mail", headers=auth(mailer)) as r:
+            assert r.status == 403  # the token's task read PII
+    assert [seen.path for seen in upstream.seen] == ["/v1/pii/7"]

@@ -333,7 +333,9 @@ class _Loader:
 
     def identity(self, value: Any) -> Identity:
         doc = self.doc
-        section = doc.mapping(value, "$.identity", ("issuers", "claims", "max_token_bytes"))
+        section = doc.mapping(
+            value, "$.identity", ("issuers", "claims", "max_token_bytes", "task_from")
+        )
         if value is None:
             doc.error(
                 "$", 'missing required key "identity" (every call must carry a verified token)'
@@ -352,7 +354,14 @@ class _Loader:
             task=doc.get(claims, cpath, "task", str, "task") or "task",
         )
         max_bytes = doc.get(section, "$.identity", "max_token_bytes", int, 8192) or 8192
-        return Identity(tuple(issuers), names_cfg, max_bytes)
+        sources = doc.strings(section, "$.identity", "task_from") or ["token", "header"]
+        doc.check(
+            set(sources) <= {"token", "header"} and len(set(sources)) == len(sources),
+            "$.identity.task_from",
+            "list the task id's sources in order: [token, header] (the default) or [token]",
+        )
+        task_from = tuple(s for s in sources if s in ("token", "header"))
+        return Identity(tuple(issuers), names_cfg, max_bytes, task_from)  # type: ignore[arg-type]
 
     def issuer(self, value: Any, path: str) -> Issuer | None:
         doc = self.doc

@@ -184,11 +184,18 @@ class ClaimNames:
     task: str = "task"
 
 
+TaskSource = Literal["token", "header"]
+
+
 @dataclass(frozen=True, slots=True)
 class Identity:
     issuers: tuple[Issuer, ...]
     claims: ClaimNames = ClaimNames()
     max_token_bytes: int = 8192
+    # Where a call's task id may come from, in order: the token's task claim, then the agent's
+    # own X-Agentproxy-Task header. `[token]`: the header is refused, so the task (and its
+    # history) is the identity provider's to name, not the agent's.
+    task_from: tuple[TaskSource, ...] = ("token", "header")
 
 
 @dataclass(frozen=True, slots=True)

@@ -136,7 +136,12 @@ def _deciding(runtime: Runtime, services: Services) -> tuple[Stage, ...]:
         u.name for u in config.upstreams if u.protocol == "mcp" and u.pin_tools == "enforce"
     }
     return (
-        Identify(runtime.verifier, services.revocations, services.clock),
+        Identify(
+            runtime.verifier,
+            services.revocations,
+            services.clock,
+            task_from=config.identity.task_from,
+        ),
         Describe(),
         Pins(services.mcp.pins, enforced, runtime.policy.version),
         Decide(

@@ -169,7 +169,8 @@ class Store(Protocol):
         one subscription. Raises StoreError."""
 
     async def task_history(self, task: str, now: float) -> TaskHistory:
-        """The history of `task` at `now` (empty if unknown or expired). Raises StoreError."""
+        """The history kept under `task` (a `core.task_history_key`: per agent and task) at
+        `now` (empty if unknown or expired). Raises StoreError."""
 
     async def record_task(
         self, task: str, labels: Iterable[str], spent: float, ttl: float, now: float

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 
 from agentproxy.clock import Clock
-from agentproxy.core import Call, Decision, Effect, Facts, Mode
+from agentproxy.core import Call, Decision, Effect, Facts, Mode, task_history_key
 from agentproxy.errors import Denied, MissingCredential
 from agentproxy.metering.metrics import Metrics
 from agentproxy.policy import PolicySet, decide
@@ -88,11 +88,13 @@ class Decide:
             call.refusal = Denied(decision.reason, rule=decision.rule_id)
 
     async def _facts(self, call: Call) -> Facts:
-        task = call.task
-        if not self._policy.reads_task or task is None:
+        task, principal = call.task, call.principal
+        if not self._policy.reads_task or task is None or principal is None:
             return Facts(task_id=task)
         try:
-            history = await self._store.task_history(task, call.now)
+            history = await self._store.task_history(
+                task_history_key(principal.agent, task), call.now
+            )
         except StoreError as exc:
             self._metrics.store_errors.labels("task_history").inc()
             log.warning("call %s: task history unavailable: %s", call.id, exc)

@@ -6,7 +6,7 @@ import math
 
 from agentproxy.clock import Clock, rfc3339
 from agentproxy.core import Call
-from agentproxy.errors import Denied, MissingCredential, Unauthenticated
+from agentproxy.errors import BadRequest, Denied, MissingCredential, Unauthenticated
 from agentproxy.identity.revocations import RevocationList
 from agentproxy.identity.verifier import TokenVerifier
 from agentproxy.proxy.pipeline import Exchange
@@ -19,22 +19,38 @@ class Identify:
     declaration (`X-Agentproxy-Task`), already validated by the protocol adapter.
     """
 
-    __slots__ = ("_clock", "_revocations", "_verifier")
+    __slots__ = ("_clock", "_from_header", "_from_token", "_revocations", "_verifier")
 
-    def __init__(self, verifier: TokenVerifier, revocations: RevocationList, clock: Clock) -> None:
+    def __init__(
+        self,
+        verifier: TokenVerifier,
+        revocations: RevocationList,
+        clock: Clock,
+        *,
+        task_from: tuple[str, ...] = ("token", "header"),
+    ) -> None:
+        """`task_from`: where a task id may come from (`identity.task_from`)."""
         self._verifier = verifier
         self._revocations = revocations
         self._clock = clock
+        self._from_token = "token" in task_from
+        self._from_header = "header" in task_from
 
     async def __call__(self, call: Call, exchange: Exchange) -> None:
         """Raises MissingCredential, Unauthenticated (a bad or revoked token), Denied (a
-        revoked agent) or Unavailable (the issuer's keys cannot be fetched)."""
+        revoked agent), BadRequest (a declared task where only the token may name it) or
+        Unavailable (the issuer's keys cannot be fetched)."""
         started = self._clock.monotonic()
         if call.bearer is None:
             raise MissingCredential()
         principal = await self._verifier.verify(call.bearer, call.now)
         call.principal = principal
-        call.task = principal.task or call.declared_task
+        if call.declared_task is not None and not self._from_header:
+            raise BadRequest(
+                "X-Agentproxy-Task is not accepted here: the task id comes from the token "
+                "(identity.task_from)"
+            )
+        call.task = (principal.task if self._from_token else None) or call.declared_task
         revocations = self._revocations
         if not revocations.fresh():
             call.store_error = "revocations could not be refreshed"

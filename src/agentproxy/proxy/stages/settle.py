@@ -7,7 +7,7 @@ import contextlib
 import logging
 import math
 
-from agentproxy.core import Call, Facts, Reservation
+from agentproxy.core import Call, Facts, Reservation, task_history_key
 from agentproxy.errors import UpstreamTimeout
 from agentproxy.metering.meter import Meter
 from agentproxy.metering.metrics import Metrics
@@ -88,8 +88,8 @@ class Settle:
             log.error("call %s: spend not settled: %s", call.id, exc)
 
     async def _record_task(self, call: Call) -> None:
-        decision = call.decision
-        if decision is None or decision.rule_id is None or call.task is None:
+        decision, principal = call.decision, call.principal
+        if decision is None or decision.rule_id is None or call.task is None or principal is None:
             return
         if call.status is None or call.status >= 400:
             return
@@ -98,7 +98,11 @@ class Settle:
             return
         try:
             await self._store.record_task(
-                call.task, rule.label_task, call.cost or 0.0, self._task_ttl, call.now
+                task_history_key(principal.agent, call.task),
+                rule.label_task,
+                call.cost or 0.0,
+                self._task_ttl,
+                call.now,
             )
         except StoreError as exc:
             self._metrics.store_errors.labels("record_task").inc()
