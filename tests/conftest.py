@@ -357,3 +357,33 @@ def hr(tmp_path_factory: pytest.TempPathFactory) -> Generated:
         )
     finally:
         sys.path.remove(str(out))
+
+
+CustomProxyFactory = Callable[[str, dict[str, bytes]], Awaitable[Proxy]]
+
+
+@pytest.fixture
+async def custom_proxy(tmp_path: Path) -> AsyncIterator[CustomProxyFactory]:
+    """Starts a proxy from a whole config text, with extra files written next to it."""
+    servers: list[ProxyServer] = []
+
+    async def factory(config_text: str, files: dict[str, bytes]) -> Proxy:
+        d = tmp_path / f"custom{len(servers)}"
+        d.mkdir()
+        for name, content in files.items():
+            (d / name).parent.mkdir(parents=True, exist_ok=True)
+            (d / name).write_bytes(content)
+        (d / "agentproxy.yaml").write_text(config_text)
+        server = ProxyServer(load_config(d / "agentproxy.yaml"))
+        await server.start()
+        servers.append(server)
+        return Proxy(
+            server,
+            f"http://127.0.0.1:{server.http_port}",
+            f"http://127.0.0.1:{server.admin_port}",
+            d,
+        )
+
+    yield factory
+    for server in servers:
+        await server.stop()

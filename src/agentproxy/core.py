@@ -74,6 +74,9 @@ class Action:
 
     `name` is the canonical action (`http:GET /v1/employees/42`) that policy globs match;
     `target` is the normalized path (or method, tool, model) that is also what gets forwarded.
+    `upstream` is the name of the upstream the call goes to (set by the shell once it has
+    routed the call): two MCP servers may both have an `export` tool, and rules, approvals
+    and memoized decisions must tell them apart.
     """
 
     protocol: str
@@ -82,6 +85,7 @@ class Action:
     query: Mapping[str, str | tuple[str, ...]] = field(default_factory=lambda: EMPTY)
     args: Any = None
     name: str = ""
+    upstream: str = ""
 
     def __post_init__(self) -> None:
         if not self.protocol or ":" in self.protocol:

@@ -8,17 +8,13 @@ from __future__ import annotations
 import asyncio
 import base64
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
 
-from agentproxy import config as config_module
-from agentproxy.proxy.server import ProxyServer
-from tests.conftest import Proxy, Seen
+from tests.conftest import CustomProxyFactory, Proxy, Seen
 
 
 def bearer(token: str) -> dict[str, str]:
@@ -173,31 +169,4 @@ def record_for(records: list[dict[str, Any]], decision_id: str) -> dict[str, Any
     return found[0]
 
 
-CustomProxyFactory = Callable[[str, dict[str, bytes]], Awaitable[Proxy]]
-
-
-@pytest.fixture
-async def custom_proxy(tmp_path: Path) -> AsyncIterator[CustomProxyFactory]:
-    """Starts a proxy from a whole config text, with extra files written next to it."""
-    servers: list[ProxyServer] = []
-
-    async def factory(config_text: str, files: dict[str, bytes]) -> Proxy:
-        d = tmp_path / f"custom{len(servers)}"
-        d.mkdir()
-        for name, content in files.items():
-            (d / name).parent.mkdir(parents=True, exist_ok=True)
-            (d / name).write_bytes(content)
-        (d / "agentproxy.yaml").write_text(config_text)
-        server = ProxyServer(config_module.load(d / "agentproxy.yaml"))
-        await server.start()
-        servers.append(server)
-        return Proxy(
-            server,
-            f"http://127.0.0.1:{server.http_port}",
-            f"http://127.0.0.1:{server.admin_port}",
-            d,
-        )
-
-    yield factory
-    for server in servers:
-        await server.stop()
+__all__ = ["CustomProxyFactory"]  # the fixture lives in tests/conftest.py

@@ -52,6 +52,7 @@ class GrpcBackend(ApprovalsBackend, Protocol):
         describe: Action | Refusal,
         task: str | None,
         traceparent: str | None,
+        upstream: str | None = None,
     ) -> tuple[Call, list[tuple[str, str]]]:
         """The finished call (decision, refusal, status) as the data plane's pipeline decided
         it and, when allowed, the context metadata the proxy would add."""
@@ -177,6 +178,7 @@ class AuthorizerService(authorizer_pb2_grpc.AuthorizerServicer):
             describe=await describe_request(request, self.backend),
             task=request.task or None,
             traceparent=request.traceparent or None,
+            upstream=request.upstream or None,
         )
         return check_response(call, forwarded)
 
@@ -200,6 +202,7 @@ def approval_message(approval: Approval) -> Any:
         grant_ttl_seconds=approval.grant_ttl or 0.0,
         decided_by=approval.decided_by or "",
         decided_reason=approval.decided_reason or "",
+        upstream=approval.upstream,
     )
     summary = struct_pb2.Struct()
     summary.update(plain(approval.summary))

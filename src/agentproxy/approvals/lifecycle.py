@@ -72,6 +72,7 @@ class Approval:
     decided_by: str | None = None
     decided_reason: str | None = None
     decided_at: float | None = None
+    upstream: str = ""  # the upstream the call goes to
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -92,6 +93,7 @@ class Approval:
             "decided_by": self.decided_by,
             "decided_reason": self.decided_reason,
             "decided_at": self.decided_at,
+            "upstream": self.upstream,
         }
 
     @classmethod
@@ -115,19 +117,28 @@ class Approval:
             decided_by=data.get("decided_by"),
             decided_reason=data.get("decided_reason"),
             decided_at=None if data.get("decided_at") is None else float(data["decided_at"]),
+            upstream=str(data.get("upstream", "")),
         )
 
 
 def fingerprint(
-    agent: str, user: str | None, chain: tuple[str, ...], action: str, args: Any, query: Any
+    agent: str,
+    user: str | None,
+    chain: tuple[str, ...],
+    action: str,
+    args: Any,
+    query: Any,
+    upstream: str = "",
 ) -> str:
-    """SHA-256 over the canonical JSON of who asks for exactly what."""
+    """SHA-256 over the canonical JSON of who asks for exactly what, of which upstream (an
+    approval of one server's `export` never releases another server's)."""
     canonical = orjson.dumps(
         {
             "agent": agent,
             "user": user,
             "chain": list(chain),
             "action": action,
+            "upstream": upstream,
             "args": args,
             "query": query,
         },

@@ -260,6 +260,8 @@ class RuleSpec:
     label_task: tuple[str, ...] = ()
     builtin: bool = False
     approval: ApprovalSpec | None = None
+    # Names of the upstreams the rule applies to (empty: every upstream).
+    upstreams: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

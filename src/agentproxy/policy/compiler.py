@@ -113,6 +113,8 @@ class Rule:
     builtin: bool = False
     approval: ApprovalSpec | None = None
     cost_expr: cel.Expression | None = None
+    # The upstreams (by name) the rule applies to; empty: all of them.
+    upstreams: frozenset[str] = frozenset()
     # The CEL variables the condition may read (a superset): all that it is handed.
     variables: frozenset[str] = frozenset(CEL_VARIABLES)
     # The members of `principal` and of `principal.claims` it may read (supersets), None for
@@ -311,6 +313,7 @@ def _compile_rule(spec: RuleSpec, issues: list[Issue]) -> Rule | None:
         reads_task="task" in reads,
         builtin=spec.builtin,
         approval=spec.approval,
+        upstreams=frozenset(spec.upstreams),
         cost_expr=cost_expr,
         variables=mentioned_variables(spec.when),
         principal_fields=principal_fields(spec.when),

@@ -70,6 +70,10 @@ def decide(
         bindings = pattern.match(action.name)
         if bindings is None:
             continue
+        if rule.upstreams and action.upstream not in rule.upstreams:
+            if trace is not None:
+                trace.append(TraceStep(rule.id, pattern.text, "upstream does not match"))
+            continue
         if not rule.principals.matches(principal):
             if trace is not None:
                 trace.append(TraceStep(rule.id, pattern.text, "agent or user does not match"))
@@ -149,9 +153,9 @@ def _decision(policy: PolicySet, winner: _Match, memoizable: bool) -> Decision:
     )
 
 
-def could_allow(policy: PolicySet, action: str, principal: Principal) -> bool:
-    """Whether any call of `action` by this principal could ever be allowed: an enforced
-    allow rule matches it (its condition aside), and no unconditional deny does.
+def could_allow(policy: PolicySet, action: str, principal: Principal, upstream: str = "") -> bool:
+    """Whether any call of `action` on `upstream` by this principal could ever be allowed: an
+    enforced allow rule matches it (its condition aside), and no unconditional deny does.
 
     Used to hide what an agent can never use (MCP `tools/list`); the call itself is still
     decided in full when it comes.
@@ -159,6 +163,8 @@ def could_allow(policy: PolicySet, action: str, principal: Principal) -> bool:
     allowed = False
     for rule, pattern in policy.index.candidates(action):
         if rule.mode is Mode.SHADOW or pattern.match(action) is None:
+            continue
+        if rule.upstreams and upstream not in rule.upstreams:
             continue
         if not rule.principals.matches(principal):
             continue
@@ -193,6 +199,7 @@ def _action(action: Action, principal: Principal, facts: Facts, now: float) -> A
         "protocol": action.protocol,
         "operation": action.operation,
         "target": action.target,
+        "upstream": action.upstream,
     }
 
 

@@ -2,9 +2,10 @@
 
 Only decisions whose rules read nothing per-call (no `args`, `now`, `task`, `request`) are
 kept, keyed by everything those rules can read: the exact credential (which fixes the whole
-principal: agent, user, chain, roles, claims), the action name (which holds the path) and the
-query. A reload compiles a new policy and so starts a new memo: no decision outlives the
-policy that made it (the stale-cache trap of ORY Oathkeeper CVE-2021-32701 and cerbos#2602).
+principal: agent, user, chain, roles, claims), the action name (which holds the path), the
+upstream and the query. A reload compiles a new policy and so starts a new memo: no
+decision outlives the policy that made it (the stale-cache trap of ORY Oathkeeper
+CVE-2021-32701 and cerbos#2602).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ MemoKey = tuple[Hashable, ...]
 
 def memo_key(credential: str, action: Action) -> MemoKey:
     query = tuple(sorted(action.query.items())) if action.query else ()
-    return (credential, action.name, query)
+    return (credential, action.name, action.upstream, query)
 
 
 class DecisionMemo:

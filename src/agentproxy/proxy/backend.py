@@ -148,6 +148,7 @@ class ProxyBackend:
         describe: Action | Refusal,
         task: str | None,
         traceparent: str | None,
+        upstream: str | None = None,
     ) -> tuple[Call, list[tuple[str, str]]]:
         return await check(
             self._process.pipeline,
@@ -155,4 +156,5 @@ class ProxyBackend:
             describe=describe,
             task=task,
             traceparent=traceparent,
+            upstream=upstream,
         )

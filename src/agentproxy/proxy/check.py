@@ -7,13 +7,14 @@ the context the proxy would have added. So the answer is the data plane's, by co
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from agentproxy.core import Action, Call
 from agentproxy.errors import Refusal
 from agentproxy.protocols.http import parse_declared_task
 from agentproxy.proxy.context import context_headers
 from agentproxy.proxy.pipeline import Pipeline, start_call
+from agentproxy.proxy.runtime import Runtime
 
 UPSTREAM = "authorizer"  # the `upstream` of Check calls in metrics and logs
 
@@ -49,6 +50,16 @@ class CheckExchange:
         self._responded = True
 
 
+def routed(runtime: Runtime, action: Action) -> str:
+    """The upstream the data plane would send `action` to ("" for MCP, which the endpoint
+    the agent calls names, not the action). Raises NoRoute."""
+    if action.protocol == "grpc":
+        return runtime.route_grpc(action.operation).name
+    if action.protocol == "http":
+        return runtime.route(action.target).name
+    return ""
+
+
 def checked_request(call: Call) -> tuple[str | None, str | None]:
     """The method and path of the request a gateway will forward, as the action names them:
     what the signed context binds (an MCP action names no path of its own)."""
@@ -67,15 +78,19 @@ async def check(
     describe: Action | Refusal,
     task: str | None = None,
     traceparent: str | None = None,
+    upstream: str | None = None,
 ) -> tuple[Call, list[tuple[str, str]]]:
     """The finished call (decision, refusal, status) and, when allowed, the context metadata
-    the proxy would add. `describe` is the call's action, or why it could not be described."""
+    the proxy would add. `describe` is the call's action, or why it could not be described;
+    `upstream` the upstream it goes to (None: routed as the data plane would)."""
     clock = pipeline.clock
     refusal: Refusal | None = describe if isinstance(describe, Refusal) else None
     action = describe if isinstance(describe, Action) else Action("http", "?", "<unparsed>")
     declared = None
     try:
         declared = parse_declared_task(task or None)
+        if refusal is None:
+            action = replace(action, upstream=upstream or routed(pipeline.runtime, action))
     except Refusal as exc:
         refusal = refusal or exc
     call = start_call(

@@ -11,6 +11,7 @@ refusal, as the data plane would answer it.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
 from agentproxy.core import Action, Call
@@ -72,6 +73,7 @@ async def explain(
     runtime = pipeline.runtime
     action = describe_line(request, args, described_methods(runtime))
     upstream = upstream_of(runtime, action)
+    action = replace(action, upstream="" if upstream == "-" else upstream)
     steps: list[TraceStep] = []
     clock = pipeline.clock
     call = start_call(

@@ -125,6 +125,7 @@ class GrpcDataPlane(grpc.GenericRpcHandler):
         try:
             action = adapter.describe(method)
             upstream = runtime.route_grpc(action.operation)
+            action = replace(action, upstream=upstream.name)
             bearer = adapter.bearer(metadata)
             task = adapter.declared_task(metadata)
             if isinstance(task, bytes):

@@ -13,7 +13,7 @@ from aiohttp import web
 from agentproxy.config.model import Upstream
 from agentproxy.core import Action
 from agentproxy.errors import BadRequest, Refusal, Unauthenticated
-from agentproxy.protocols.http import bearer_token, describe, parse_declared_task
+from agentproxy.protocols.http import bearer_token, parse_declared_task
 from agentproxy.proxy.http import HttpExchange
 from agentproxy.proxy.llm import LlmExchange
 from agentproxy.proxy.mcp import McpExchange
@@ -42,8 +42,7 @@ class HttpDataPlane:
         action, raw_query, upstream, bearer, declared = UNPARSED, "", None, None, None
         refusal: Refusal | None = None
         try:
-            action, raw_query = describe(request.method, request.raw_path)
-            upstream = runtime.route(action.target)
+            action, raw_query, upstream = runtime.describe_http(request.method, request.raw_path)
             if is_mcp_endpoint(upstream, action.target) and raw_query:
                 # Only the endpoint is decided as MCP, on its JSON-RPC body: a query would
                 # reach the server undecided.

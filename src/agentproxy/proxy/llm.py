@@ -10,6 +10,7 @@ is counted (the usage-only chunk the client did not ask for is dropped).
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from dataclasses import replace
 
 from aiohttp import web
 
@@ -37,7 +38,7 @@ class LlmExchange(HttpExchange):
             self.request.method, self.path, headers, body, max_bytes=upstream.max_body_bytes
         )
         self.parsed = parsed
-        call.action = parsed.action
+        call.action = replace(parsed.action, upstream=upstream.name)
         call.model = parsed.model
         call.estimate = (llm.estimate_input_tokens(parsed), parsed.max_tokens or 0)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from typing import Any
 
 from aiohttp import web
@@ -71,8 +72,9 @@ class McpExchange(HttpExchange):
             headers[lower] = value
         parsed = mcp.describe(request.method, headers, body, max_bytes=upstream.max_body_bytes)
         self.parsed = parsed
-        call.action = parsed.actions[0]
-        call.batch = parsed.actions[1:]
+        actions = [replace(action, upstream=upstream.name) for action in parsed.actions]
+        call.action = actions[0]
+        call.batch = tuple(actions[1:])
 
     def _request_data(self, call: Call, upstream: Upstream) -> AsyncIterator[bytes] | bytes | None:
         # Exactly the JSON that was authorized, decoded (already counted in describe).
@@ -175,6 +177,6 @@ class McpExchange(HttpExchange):
                 return False
             if upstream.pin_tools == "enforce" and pins.is_changed(upstream.name, name):
                 return False
-            return could_allow(policy, f"mcp:tools/call/{name}", principal)
+            return could_allow(policy, f"mcp:tools/call/{name}", principal, upstream.name)
 
         return keep

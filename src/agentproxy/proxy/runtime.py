@@ -7,19 +7,24 @@ changes the rules under a call in flight.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from agentproxy.config import Config, ConfigError, Issue, load
 from agentproxy.config.model import PrincipalRef, RuleSpec, Upstream
-from agentproxy.core import Effect
+from agentproxy.core import Action, Effect
 from agentproxy.errors import NoRoute
 from agentproxy.identity.context import ContextSigner
 from agentproxy.identity.verifier import TokenVerifier
 from agentproxy.metering.meter import compile_attribution
 from agentproxy.policy import PolicySet, compile_policy, policy_issues
-from agentproxy.protocols import mcp
+from agentproxy.protocols import http, mcp
 from agentproxy.protocols.grpc import DescriptorError, Method, load_descriptor_set
+
+# A remembered request line costs its Action and its strings: 4,096 lines of at most 512
+# characters bound the memory to a few MiB, whatever agents send.
+LINES = 4096
+LINE_BYTES = 512
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,6 +38,29 @@ class Runtime:
     # descriptor sets describe (by upstream name; reflection-fetched ones are added later).
     grpc_routes: Mapping[str, Upstream] = field(default_factory=dict)
     grpc_methods: Mapping[str, Mapping[str, Method]] = field(default_factory=dict)
+    # Request lines described and routed lately (see `describe_http`); read and written on
+    # the event loop only.
+    _lines: dict[tuple[str, str], tuple[Action, str, Upstream]] = field(
+        default_factory=dict, repr=False, compare=False
+    )
+
+    def describe_http(self, method: str, raw_target: str) -> tuple[Action, str, Upstream]:
+        """The HTTP adapter's action for a request line, bound to the upstream it routes to,
+        its raw query, and that upstream. Agents send the same few lines over and over:
+        short ones are remembered (up to LINES, then forgotten all at once), so the common
+        call builds nothing. Raises BadRequest (the adapter refuses the line) or NoRoute."""
+        key = (method, raw_target)
+        found = self._lines.get(key)
+        if found is not None:
+            return found
+        action, raw_query = http.describe(method, raw_target)
+        upstream = self.route(action.target)
+        found = (replace(action, upstream=upstream.name), raw_query, upstream)
+        if len(method) + len(raw_target) <= LINE_BYTES:
+            if len(self._lines) >= LINES:
+                self._lines.clear()
+            self._lines[key] = found
+        return found
 
     def route(self, path: str) -> Upstream:
         """The HTTP upstream with the longest `path_prefix` that contains `path`, else the
@@ -97,6 +125,7 @@ def check(config: Config) -> PolicySet:
     except ValueError as exc:
         issues.append(Issue(str(config.source), 1, 1, "$.context_token.signing_key_file", str(exc)))
     issues.extend(unbound_privileges(config, policy))
+    issues.extend(unknown_upstreams(config, policy))
     for i, upstream in enumerate(config.upstreams):
         try:
             descriptor_methods(upstream)
@@ -106,6 +135,26 @@ def check(config: Config) -> PolicySet:
     if issues or policy is None:
         raise ConfigError(issues)
     return policy
+
+
+def unknown_upstreams(config: Config, policy: PolicySet | None) -> list[Issue]:
+    """A rule scoped to an upstream no config names would silently never match."""
+    names = {u.name for u in config.upstreams}
+    issues = []
+    for rule in policy.rules if policy is not None else ():
+        for name in sorted(rule.upstreams - names):
+            pos = rule.position
+            known = ", ".join(sorted(names))
+            issues.append(
+                Issue(
+                    pos.file,
+                    pos.line,
+                    pos.column,
+                    f"rule {rule.id}.upstreams",
+                    f"no upstream is named {name!r} (the config names {known})",
+                )
+            )
+    return issues
 
 
 def unbound_privileges(config: Config, policy: PolicySet | None) -> list[Issue]:

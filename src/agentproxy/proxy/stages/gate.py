@@ -66,6 +66,7 @@ class Gate:
             call.action.name,
             args,
             plain(call.action.query),
+            call.action.upstream,
         )
         approvals = self._approvals
         try:
@@ -87,6 +88,7 @@ class Gate:
                 created=now,
                 expires=now + spec.timeout,
                 grant_ttl=spec.grant_ttl,
+                upstream=call.action.upstream,
             )
             opened = await approvals.open(
                 approval,
