@@ -286,6 +286,13 @@ class Call:
     # An MCP JSON-RPC batch: the actions after `action`, and which one was refused.
     batch: tuple[Action, ...] = ()
     refused_at: int | None = None
+    # The decision of each of (action, *batch), in order; `decision` is the refused one's, or
+    # the first's.
+    decisions: tuple[Decision, ...] = ()
+    # The facts the decision was made on; with `streaming` (a gRPC call whose request is a
+    # stream), each later message is decided on them as it arrives.
+    facts: Facts | None = None
+    streaming: bool = False
     session: str | None = None
     approval: str | None = None  # the approval whose grant let this call through
     # Metering: the model and tokens of an LLM call, and what the call cost.
@@ -299,3 +306,14 @@ class Call:
     grpc_status: int | None = None  # a gRPC call's status code (`status` is its HTTP mapping)
     # explain's collecting tracer: when set, decide() appends the steps of its evaluation.
     trace_steps: list[Any] | None = field(default=None, repr=False)
+
+    def allowed(self) -> list[tuple[Action, Decision]]:
+        """Each message of the call (the one, or every message of a batch) that a rule
+        allowed, with that rule's decision: what limits, cost and task history are taken
+        for."""
+        decisions = self.decisions or ((self.decision,) if self.decision is not None else ())
+        return [
+            (action, decision)
+            for action, decision in zip((self.action, *self.batch), decisions, strict=False)
+            if decision.effect is Effect.ALLOW and decision.rule_id is not None
+        ]

@@ -48,6 +48,7 @@ class GrpcUpstream:
     cancelled: asyncio.Event = field(default_factory=asyncio.Event)
     imported: list[str] = field(default_factory=list)
     completed_imports: list[int] = field(default_factory=list)  # streams that ended whole
+    chatted: list[str] = field(default_factory=list)
     deadlines: list[float | None] = field(default_factory=list)
 
     @property
@@ -94,6 +95,7 @@ def employees_servicer(hr: Generated, state: GrpcUpstream) -> Any:
         async def Chat(self, requests: Any, context: Any) -> AsyncIterator[Any]:
             remember("Chat", context)
             async for note in requests:
+                state.chatted.append(note.text)
                 yield pb2.Note(text=note.text.upper())
 
         async def Slow(self, request: Any, context: Any) -> Any:

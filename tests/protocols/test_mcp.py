@@ -34,10 +34,10 @@ from agentproxy.protocols.mcp import (
     McpRequest,
     describe,
     filter_tools_list,
-    is_tools_list,
     listed_tools,
     render,
     tool_fingerprint,
+    tools_list_ids,
 )
 
 JSON = {"content-type": "application/json"}
@@ -700,12 +700,20 @@ def no_payments(tool: dict[str, Any]) -> bool:
     return not tool["name"].startswith("payments.")
 
 
-def test_is_tools_list() -> None:
-    assert is_tools_list(post({"jsonrpc": "2.0", "id": 1, "method": "tools/list"}))
-    assert not is_tools_list(post({"jsonrpc": "2.0", "method": "tools/list"}))
-    assert not is_tools_list(post([{"jsonrpc": "2.0", "id": 1, "method": "tools/list"}]))
-    assert not is_tools_list(SINGLE)
-    assert not is_tools_list(describe("GET", {}, b"", max_bytes=MAX))
+def test_tools_list_ids() -> None:
+    assert tools_list_ids(post({"jsonrpc": "2.0", "id": 1, "method": "tools/list"})) == (1,)
+    assert tools_list_ids(post({"jsonrpc": "2.0", "method": "tools/list"})) == ()
+    batch = post(
+        [
+            {"jsonrpc": "2.0", "id": 1, "method": "ping"},
+            {"jsonrpc": "2.0", "id": "a", "method": "tools/list"},
+            {"jsonrpc": "2.0", "method": "tools/list"},
+            {"jsonrpc": "2.0", "id": 3, "method": "tools/list"},
+        ]
+    )
+    assert tools_list_ids(batch) == ("a", 3)
+    assert tools_list_ids(SINGLE) == ()
+    assert tools_list_ids(describe("GET", {}, b"", max_bytes=MAX)) == ()
 
 
 def test_filter_json_answer() -> None:

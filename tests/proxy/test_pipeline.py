@@ -181,7 +181,7 @@ async def test_an_allowed_call_is_forwarded_once_and_recorded_once(
     tmp_path: Path, keys: Keys
 ) -> None:
     h = await make_harness(tmp_path, keys)
-    call, exchange = await h.run(GET("/v1/employees/42"), keys.token("hr-bot"))
+    call, exchange = await h.run(GET("/v1/employees/42"), h.token("hr-bot"))
     assert exchange.events == ["describe", "forward"]
     assert call.refusal is None and call.forwarded and call.status == 200
     assert call.decision is not None and call.decision.rule_id == "read"
@@ -194,7 +194,7 @@ async def test_a_denied_call_is_refused_never_forwarded_and_recorded_once(
     tmp_path: Path, keys: Keys
 ) -> None:
     h = await make_harness(tmp_path, keys)
-    call, exchange = await h.run(GET("/v1/salaries"), keys.token("hr-bot"))
+    call, exchange = await h.run(GET("/v1/salaries"), h.token("hr-bot"))
     assert exchange.events == ["describe", "refuse 403"]
     assert not call.forwarded
     assert h.requests("deny") == 1
@@ -216,7 +216,7 @@ async def test_a_bug_while_forwarding_is_a_closed_500_recorded_once(
 
     h = await make_harness(tmp_path, keys)
     exchange = RecordingExchange(on_forward=broken)
-    call, _ = await h.run(GET("/v1/employees/42"), keys.token("hr-bot"), exchange)
+    call, _ = await h.run(GET("/v1/employees/42"), h.token("hr-bot"), exchange)
     assert exchange.events == ["describe", "forward", "refuse 500"]
     assert call.refusal is not None and "a bug" not in call.refusal.detail
     assert len(h.log_lines()) == 1
@@ -231,7 +231,7 @@ async def test_a_cancelled_call_is_still_recorded_once(tmp_path: Path, keys: Key
 
     h = await make_harness(tmp_path, keys)
     exchange = RecordingExchange(on_forward=hang)
-    call = h.call(GET("/v1/employees/42"), keys.token("hr-bot"))
+    call = h.call(GET("/v1/employees/42"), h.token("hr-bot"))
     task = asyncio.ensure_future(h.pipeline.run(call, exchange))
     await started.wait()
     task.cancel()
@@ -255,7 +255,7 @@ async def test_reservations_are_given_back_only_when_the_upstream_never_served_t
         raise failure
 
     h = await make_harness(tmp_path, keys)
-    token = keys.token("hr-bot")
+    token = h.token("hr-bot")
     for _ in range(2):
         call, _ = await h.run(POST("/v1/notes"), token, RecordingExchange(on_forward=fail))
         assert call.refusal is failure
@@ -271,7 +271,7 @@ async def test_a_limited_call_is_refused_while_the_store_is_down_even_with_allow
     """A memoized allow says nothing about what is left of a limit (30 calls passed a
     2-per-hour limit while Redis was down)."""
     h = await make_harness(tmp_path, keys, extra="store: {on_error: allow_cached}")
-    token = keys.token("hr-bot")
+    token = h.token("hr-bot")
     first, _ = await h.run(POST("/v1/notes"), token)
     assert first.status == 200 and first.memo_hit is False
 
@@ -297,7 +297,7 @@ async def test_an_approval_that_expires_is_reported_expired_by_advancing_the_clo
     tmp_path: Path, keys: Keys
 ) -> None:
     h = await make_harness(tmp_path, keys)
-    token = keys.token("pay-bot")
+    token = h.token("pay-bot")
     call, _ = await h.run(POST("/v1/transfers"), token)
     assert call.refusal is not None and call.refusal.problem_type.endswith("/approval-pending")
     h.clock.advance(10 * 60 + 1)  # past the approval's 10m timeout; no sleep
@@ -309,7 +309,7 @@ async def test_explain_refuses_a_revoked_agent_as_the_data_plane_does(
     tmp_path: Path, keys: Keys
 ) -> None:
     h = await make_harness(tmp_path, keys)
-    token = keys.token("hr-bot")
+    token = h.token("hr-bot")
     allowed = await explain(h.explainer, token, "GET /v1/employees/42")
     assert allowed["decision"]["effect"] == "allow"
     await h.store.revoke(Revocation("agent", "hr-bot", h.clock.now() + 60, "leaked key"))
@@ -328,7 +328,7 @@ async def test_explain_refuses_a_revoked_agent_as_the_data_plane_does(
 
 async def test_explain_forwards_nothing_and_records_nothing(tmp_path: Path, keys: Keys) -> None:
     h = await make_harness(tmp_path, keys)
-    result = await explain(h.explainer, keys.token("hr-bot"), "GET /v1/employees/42")
+    result = await explain(h.explainer, h.token("hr-bot"), "GET /v1/employees/42")
     assert [step["rule"] for step in result["trace"]] == ["read"]
     assert h.log_lines() == []
     assert h.requests("allow") == 0
@@ -346,7 +346,7 @@ async def test_a_pin_refusal_is_a_policy_deny(tmp_path: Path, keys: Keys) -> Non
         DecisionLog("stdout", stream=h.log, clock=h.clock),
     )
     action = Action("mcp", "tools/call", "export", args={})
-    call = h.call(action, keys.token("hr-bot"))
+    call = h.call(action, h.token("hr-bot"))
     exchange = RecordingExchange()
     await enforced.run(call, exchange)
     assert exchange.events == ["describe", "refuse 403"]
@@ -378,12 +378,12 @@ async def test_a_pipeline_keeps_the_settings_it_was_built_with(tmp_path: Path, k
         await go_on.wait()
 
     exchange = RecordingExchange(on_describe=wait)
-    call = h.call(GET("/v1/salaries"), keys.token("hr-bot"))
+    call = h.call(GET("/v1/salaries"), h.token("hr-bot"))
     running = asyncio.ensure_future(h.pipeline.run(call, exchange))
     await described.wait()
     shadow = await make_harness(tmp_path, keys, mode="shadow")  # the reloaded snapshot
     go_on.set()
     await running
     assert exchange.events == ["describe", "refuse 403"]  # still enforced
-    later, later_exchange = await shadow.run(GET("/v1/salaries"), keys.token("hr-bot"))
+    later, later_exchange = await shadow.run(GET("/v1/salaries"), h.token("hr-bot"))
     assert later_exchange.events == ["describe", "forward"] and not later.enforced

@@ -209,6 +209,14 @@ async def test_task_history_accumulates(store: Store) -> None:
     )
 
 
+async def test_a_batch_records_one_call_per_message(store: Store) -> None:
+    await store.record_task("t1", ["pii"], 0.5, ttl=60, now=NOW, calls=40)
+    await store.record_task("t1", [], 0, ttl=60, now=NOW)
+    assert await store.task_history("t1", NOW) == TaskHistory(
+        frozenset({"pii"}), calls=41, spent=0.5
+    )
+
+
 async def test_task_histories_are_per_task(store: Store) -> None:
     await store.record_task("t", ["pii"], 1.0, ttl=60, now=NOW)
     await store.record_task("t:labels", ["x"], 0, ttl=60, now=NOW)

@@ -43,7 +43,8 @@ def decision_record(call: Call, clock: Clock, cost: dict[str, Any] | None = None
         "task": call.task,
         "session": call.session,
         "action": call.action.name,
-        "batch": [a.name for a in call.batch] or None,
+        # Every further message of a batch, with its arguments: what was decided for each.
+        "batch": [{"action": a.name, "args": jsonable(a.args)} for a in call.batch] or None,
         "upstream": call.upstream,
         "resource": {"path": call.action.target, "query": plain(call.action.query)},
         "args": jsonable(call.action.args),
@@ -67,6 +68,14 @@ def decision_record(call: Call, clock: Clock, cost: dict[str, Any] | None = None
         record["status"] = call.status
         record["latency_ms"] = round((clock.monotonic() - call.started) * 1000, 3)
     return record
+
+
+def redaction_paths(paths: tuple[str, ...]) -> tuple[str, ...]:
+    """The configured `audit.redact` paths, and for each `args.…` one the same path in every
+    message of a batch (`batch.args.…`), so that no argument escapes redaction by being sent
+    second."""
+    extra = tuple("batch." + path for path in paths if path.startswith("args."))
+    return paths + tuple(p for p in extra if p not in paths)
 
 
 def outcome_record(call: Call, now: float, latency: float) -> dict[str, Any]:

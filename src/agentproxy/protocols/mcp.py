@@ -44,10 +44,10 @@ __all__ = [
     "RequestId",
     "describe",
     "filter_tools_list",
-    "is_tools_list",
     "listed_tools",
     "render",
     "tool_fingerprint",
+    "tools_list_ids",
 ]
 
 ACTION_PREFIX: Final = "mcp:"
@@ -447,9 +447,14 @@ def _json_reply(status: int, refusal: Refusal, decision_id: str, body: object) -
 # --- tools/list ------------------------------------------------------------------------------
 
 
-def is_tools_list(request: McpRequest) -> bool:
-    """True for a single `tools/list` request (one whose answer the shell may filter)."""
-    return not request.batch and request.methods[0] == "tools/list" and request.ids[0] is not None
+def tools_list_ids(request: McpRequest) -> tuple[RequestId, ...]:
+    """The ids of the `tools/list` requests in `request`, a single one or every one of a batch
+    (whose answers the shell filters and pins); notifications, having no answer, are not."""
+    return tuple(
+        request_id
+        for method, request_id in zip(request.methods, request.ids, strict=True)
+        if method == "tools/list" and request_id is not None
+    )
 
 
 def filter_tools_list(

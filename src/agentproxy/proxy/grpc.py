@@ -40,6 +40,7 @@ from agentproxy.proxy.context import context_headers
 from agentproxy.proxy.grpc_upstreams import Channels, Descriptors
 from agentproxy.proxy.pipeline import Pipeline, start_call
 from agentproxy.proxy.runtime import Runtime
+from agentproxy.proxy.stages.decide import next_message
 
 log = logging.getLogger("agentproxy.grpc")
 
@@ -176,6 +177,7 @@ class GrpcExchange:
         self.unary = unary
         self.response: bytes | None = None  # a unary call's answer
         self._first: bytes | None = None  # read by describe, sent first by forward
+        self._method: adapter.Method | None = None  # a request stream's, to decide each message
         self._finished = False
         self._send_failure: Refusal | None = None
 
@@ -200,6 +202,10 @@ class GrpcExchange:
             return
         self._first = first
         call.action = replace(call.action, args=adapter.decode_args(method, first))
+        if method.client_streaming:
+            # Every later message is decided too, as it arrives (in _send).
+            self._method = method
+            call.streaming = True
 
     async def _read(self, call: Call, upstream: Upstream) -> bytes | None:
         """The caller's next message, None at the end. Raises PayloadTooLarge past the
@@ -282,9 +288,13 @@ class GrpcExchange:
         except aio.AioRpcError:
             pass  # the status is read below
         except asyncio.CancelledError:
-            # The caller went away or its deadline passed: the upstream call goes too.
-            upstream_call.cancel()
-            raise
+            task = asyncio.current_task()
+            if self._send_failure is None or (task is not None and task.cancelling()):
+                # The caller went away or its deadline passed: the upstream call goes too.
+                upstream_call.cancel()
+                raise
+            # _send refused a message and cancelled the upstream call (grpcio reads of a
+            # cancelled call raise CancelledError): the refusal below ends the caller's call.
         finally:
             call.upstream_seconds = self.clock.monotonic() - sent
             if not sender.done():
@@ -361,6 +371,7 @@ class GrpcExchange:
             if self._first is not None:
                 await upstream_call.write(self._first)
             while (message := await self._read(call, upstream)) is not None:
+                self._decide_message(call, message)
                 await upstream_call.write(message)
             await upstream_call.done_writing()
         except Refusal as exc:
@@ -368,6 +379,21 @@ class GrpcExchange:
             upstream_call.cancel()
         except (aio.AioRpcError, aio.UsageError, asyncio.InvalidStateError):
             pass  # the upstream already ended the call; its status says why
+
+    def _decide_message(self, call: Call, message: bytes) -> None:
+        """A later message of a request stream, decided on its own arguments before it is
+        forwarded. Raises the Refusal (enforce mode) that ends the call; in shadow mode the
+        message goes on and the call records what would have stopped it."""
+        method = self._method
+        if method is None:
+            return
+        action = replace(call.action, args=adapter.decode_args(method, message))
+        refusal = next_message(self.runtime.policy, call, action, self.clock.now())
+        if refusal is None:
+            return
+        if call.enforced:
+            raise refusal
+        call.error = f"shadow: {refusal.detail}"
 
     async def refuse(self, call: Call) -> None:
         refusal = call.refusal

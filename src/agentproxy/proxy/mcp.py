@@ -89,7 +89,7 @@ class McpExchange(HttpExchange):
             # the body goes out decoded, and aiohttp sets its length
             if k.lower() not in ("content-encoding", "content-length")
         ]
-        if self.parsed is not None and mcp.is_tools_list(self.parsed):
+        if self.parsed is not None and mcp.tools_list_ids(self.parsed):
             # The listing is read and filtered here: ask for it uncompressed.
             headers = [(k, v) for k, v in headers if k.lower() != "accept-encoding"]
         return headers
@@ -114,17 +114,18 @@ class McpExchange(HttpExchange):
 
     async def _stream_back(self, call: Call, upstream_response: UpstreamAnswer) -> None:
         parsed = self.parsed
-        if parsed is None or not mcp.is_tools_list(parsed) or upstream_response.status != 200:
+        listings = mcp.tools_list_ids(parsed) if parsed is not None else ()
+        if not listings or upstream_response.status != 200:
             await super()._stream_back(call, upstream_response)
             return
         payload = await self._read_listing(upstream_response)
         content_type = upstream_response.headers.get("Content-Type", "")
-        request_id = parsed.ids[0]
-        if request_id is None:
-            raise UpstreamFailed("tools/list without an id")
+        keep = self._keep(call)
         try:
-            self._pin(mcp.listed_tools(payload, content_type, request_id))
-            filtered = mcp.filter_tools_list(payload, content_type, request_id, self._keep(call))
+            # Every tools/list of a batch is pinned and filtered as a single one would be.
+            for request_id in listings:
+                self._pin(mcp.listed_tools(payload, content_type, request_id))
+                payload = mcp.filter_tools_list(payload, content_type, request_id, keep)
         except ValueError as exc:
             # Never pass on a listing we could not read: it might list what is hidden.
             log.warning(
@@ -133,12 +134,12 @@ class McpExchange(HttpExchange):
                 exc,
             )
             raise UpstreamFailed("the upstream's tools/list answer could not be read") from None
-        response = web.Response(status=200, body=filtered)
+        response = web.Response(status=200, body=payload)
         for name, value in response_headers_to_return(upstream_response.headers.items()):
             if name.lower() not in ("content-length", "content-encoding", "transfer-encoding"):
                 response.headers.add(name, value)
         call.status = 200
-        call.bytes_out = len(filtered)
+        call.bytes_out = len(payload)
         self.response = response
 
     async def _read_listing(self, upstream_response: UpstreamAnswer) -> bytes:

@@ -24,6 +24,7 @@ from agentproxy.admin.grpc import add_admin_services
 from agentproxy.admin.server import admin_app
 from agentproxy.approvals.notify import Notifier, Webhook
 from agentproxy.audit.decision_log import DecisionLog
+from agentproxy.audit.records import redaction_paths
 from agentproxy.audit.settings import AuditSettings
 from agentproxy.audit.sinks import AuditError
 from agentproxy.audit.trail import AuditTrail
@@ -352,7 +353,7 @@ def audit_settings(config: Config) -> AuditSettings:
         max_file_bytes=audit.max_file_bytes,
         rotate_every=audit.rotate_every,
         replica=replica,
-        redact=audit.redact,
+        redact=redaction_paths(audit.redact),
     )
 
 

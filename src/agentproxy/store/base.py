@@ -173,7 +173,14 @@ class Store(Protocol):
         `now` (empty if unknown or expired). Raises StoreError."""
 
     async def record_task(
-        self, task: str, labels: Iterable[str], spent: float, ttl: float, now: float
+        self,
+        task: str,
+        labels: Iterable[str],
+        spent: float,
+        ttl: float,
+        now: float,
+        calls: int = 1,
     ) -> None:
-        """Counts one call of `task`, adds its labels and spend; the history expires `ttl`
-        seconds after its last call. Raises StoreError."""
+        """Counts `calls` calls of `task` (the messages of a batch count one each), adds
+        their labels and spend; the history expires `ttl` seconds after its last call.
+        Raises StoreError."""

@@ -257,7 +257,13 @@ class MemoryStore:
         return TaskHistory(frozenset(entry.labels), entry.calls, entry.spent)
 
     async def record_task(
-        self, task: str, labels: Iterable[str], spent: float, ttl: float, now: float
+        self,
+        task: str,
+        labels: Iterable[str],
+        spent: float,
+        ttl: float,
+        now: float,
+        calls: int = 1,
     ) -> None:
         entry = self._tasks.get(task)
         if entry is None or entry.expires <= now:
@@ -266,7 +272,7 @@ class MemoryStore:
             entry = _Task(set(), 0, 0.0, 0.0)
             self._tasks[task] = entry
         entry.labels.update(labels)
-        entry.calls += 1
+        entry.calls += calls
         entry.spent += spent
         entry.expires = now + ttl
 

@@ -801,15 +801,21 @@ class RedisStore:
             return TaskHistory(labels, int(fields.get("calls", 0)), float(fields.get("spent", 0)))
 
     async def record_task(
-        self, task: str, labels: Iterable[str], spent: float, ttl: float, now: float
+        self,
+        task: str,
+        labels: Iterable[str],
+        spent: float,
+        ttl: float,
+        now: float,
+        calls: int = 1,
     ) -> None:
-        """Counts one call of `task`, adds its labels and spend, and restarts its `ttl`, all in
-        one transaction. Raises StoreError."""
+        """Counts `calls` calls of `task`, adds their labels and spend, and restarts its `ttl`,
+        all in one transaction. Raises StoreError."""
         key = self._task_key(task)
         added: dict[FieldT, EncodableT] = {f"label:{label}": 1 for label in labels}
         async with self._bounded("record_task"):
             pipe = self._redis.pipeline(transaction=True)
-            pipe.hincrby(key, "calls", 1)
+            pipe.hincrby(key, "calls", calls)
             pipe.hincrbyfloat(key, "spent", float(spent))
             if added:
                 pipe.hset(key, mapping=added)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from agentproxy.core import Call, Effect, Facts, Principal
+from agentproxy.core import Action, Call, Facts, Principal, Reservation
 from agentproxy.errors import Denied, LimitRefused, MissingCredential, Unavailable
 from agentproxy.metering.metrics import Metrics
 from agentproxy.metering.prices import PriceTable, TokenUsage
@@ -39,55 +39,83 @@ class Limits:
 
     async def __call__(self, call: Call, exchange: Exchange) -> None:
         """Raises Denied (a limit key the call lacks), Unavailable (the store is down)."""
-        decision = call.decision
-        if decision is None or decision.effect is not Effect.ALLOW or decision.rule_id is None:
-            return
-        rule = self._policy.rule(decision.rule_id)
-        if not rule.limits:
+        limited = [
+            (action, rule)
+            for action, decision in call.allowed()
+            if (rule := self._policy.rule(decision.rule_id or "")).limits
+        ]
+        if not limited:
             return
         if call.store_error is not None:
             raise _store_down()
         principal = call.principal
         if principal is None:
             raise MissingCredential()
-        try:
-            spend = self._expected_cost(call, rule, principal)
-            wanted = reservations(
-                rule, call.action, principal, Facts(task_id=call.task), call.now, spend
-            )
-        except LimitKeyError as exc:
-            raise Denied(str(exc), rule=rule.id) from None
+        # Every message of a batch takes its own rule's limits, all in one atomic step: 40
+        # calls of a tool limited to 2 an hour in one batch are 40 calls, not one.
+        wanted: list[Reservation] = []
+        spend = 0.0
+        for action, rule in limited:
+            try:
+                cost = self._expected_cost(call, action, rule, principal)
+                wanted += reservations(
+                    rule, action, principal, Facts(task_id=call.task), call.now, cost
+                )
+            except LimitKeyError as exc:
+                raise Denied(str(exc), rule=rule.id) from None
+            spend += cost
         call.cost = spend
+        merged = merge(wanted)
         try:
-            exceeded = await self._store.reserve(wanted, call.now)
+            exceeded = await self._store.reserve(merged, call.now)
         except StoreError as exc:
             self._metrics.store_errors.labels("reserve").inc()
             log.warning("call %s: limits not reserved: %s", call.id, exc)
             call.store_error = str(exc)
             raise _store_down() from None
         if exceeded is None:
-            call.reservations = tuple(wanted)
+            call.reservations = tuple(merged)
             return
+        rule_id = next(
+            (r.id for _, r in limited if any(lim.name == exceeded.name for lim in r.limits)),
+            limited[0][1].id,
+        )
         refusal = LimitRefused(
-            f"limit {exceeded.name} of rule {rule.id} is used up for this window "
+            f"limit {exceeded.name} of rule {rule_id} is used up for this window "
             f"({exceeded.used:g} of {exceeded.limit:g})",
             limit=exceeded.name,
             retry_after=exceeded.retry_after,
-            rule=rule.id,
+            rule=rule_id,
         )
         if call.enforced:
             call.refusal = refusal
         else:
             call.error = f"shadow: {refusal.detail}"
 
-    def _expected_cost(self, call: Call, rule: Rule, principal: Principal) -> float:
+    def _expected_cost(self, call: Call, action: Action, rule: Rule, principal: Principal) -> float:
         """Rule cost plus, for an LLM call, its tokens' price estimated from the request
         (input from the body size, output from max_tokens): what spend limits reserve."""
-        cost = rule_cost(rule, call.action, principal, Facts(task_id=call.task), call.now)
+        cost = rule_cost(rule, action, principal, Facts(task_id=call.task), call.now)
         if call.model is not None and call.estimate is not None:
             estimate = self._prices.cost(call.model, TokenUsage(*call.estimate))
             cost += estimate or 0.0
         return cost
+
+
+def merge(wanted: list[Reservation]) -> list[Reservation]:
+    """One reservation per counter (key and window), its amounts summed and its ceiling the
+    lowest asked: a store checks each reservation against the counter as it stood, so two
+    takes from one counter in one step must be one take of both amounts."""
+    merged: dict[tuple[str, float], Reservation] = {}
+    for r in wanted:
+        found = merged.get((r.key, r.window))
+        if found is None:
+            merged[(r.key, r.window)] = r
+        else:
+            merged[(r.key, r.window)] = Reservation(
+                found.name, r.key, found.amount + r.amount, min(found.limit, r.limit), r.window
+            )
+    return list(merged.values())
 
 
 def _store_down() -> Unavailable:

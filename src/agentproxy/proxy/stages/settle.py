@@ -7,7 +7,7 @@ import contextlib
 import logging
 import math
 
-from agentproxy.core import Call, Facts, Reservation, task_history_key
+from agentproxy.core import Action, Call, Decision, Facts, Reservation, task_history_key
 from agentproxy.errors import UpstreamTimeout
 from agentproxy.metering.meter import Meter
 from agentproxy.metering.metrics import Metrics
@@ -45,35 +45,43 @@ class Settle:
             log.exception("failed to settle call %s", call.id)
 
     async def _meter_call(self, call: Call) -> None:
-        """The call's real cost into the metrics, and spend limits settled with it (the
-        estimate reserved up front is topped up or given back)."""
-        decision, principal = call.decision, call.principal
-        if decision is None or principal is None or decision.rule_id is None:
+        """The call's real cost into the metrics, every message of a batch at its own rule's
+        price, and spend limits settled with it (the estimate reserved up front is topped up
+        or given back)."""
+        principal = call.principal
+        decided = _decided(call)
+        if principal is None or not decided:
             return
-        rule = self._policy.rule(decision.rule_id)
         meter = self._meter
-        cost = 0.0
-        if rule.cost is not None:  # most rules have none: no Facts to build, no CEL to run
-            with contextlib.suppress(LimitKeyError):  # a cost key the call lacks: no cost
-                cost = rule_cost(rule, call.action, principal, Facts(task_id=call.task), call.now)
-        usage = None
-        if call.tokens is not None:
-            usage = TokenUsage(*call.tokens)
-            cost += meter.token_cost(call.model, usage) or 0.0
-        currency = rule.cost.currency if rule.cost else meter.settings.currency
+        total = 0.0
+        rules = []
+        for index, (action, decision) in enumerate(decided):
+            rule = self._policy.rule(decision.rule_id or "")
+            rules.append(rule)
+            cost = 0.0
+            if rule.cost is not None:  # most rules have none: no Facts to build, no CEL to run
+                with contextlib.suppress(LimitKeyError):  # a cost key the call lacks: no cost
+                    cost = rule_cost(rule, action, principal, Facts(task_id=call.task), call.now)
+            usage = None
+            if index == 0 and call.tokens is not None:  # an LLM call is never a batch
+                usage = TokenUsage(*call.tokens)
+                cost += meter.token_cost(call.model, usage) or 0.0
+            meter.record(
+                principal=principal,
+                upstream=call.upstream,
+                action=decision.matched_action or "other",
+                model=call.model,
+                cost=cost,
+                currency=rule.cost.currency if rule.cost else meter.settings.currency,
+                usage=usage,
+            )
+            total += cost
         reserved = call.cost or 0.0
-        call.cost, call.currency = cost, currency
-        meter.record(
-            principal=principal,
-            upstream=call.upstream,
-            action=decision.matched_action or "other",
-            model=call.model,
-            cost=cost,
-            currency=currency,
-            usage=usage,
-        )
-        spend = [r for r in call.reservations if _is_spend(rule, r.name)]
-        difference = cost - reserved
+        first = rules[0]
+        call.cost = total
+        call.currency = first.cost.currency if first.cost else meter.settings.currency
+        spend = [r for r in call.reservations if any(_is_spend(rule, r.name) for rule in rules)]
+        difference = total - reserved
         if not spend or abs(difference) < 1e-12:
             return
         try:
@@ -88,21 +96,26 @@ class Settle:
             log.error("call %s: spend not settled: %s", call.id, exc)
 
     async def _record_task(self, call: Call) -> None:
-        decision, principal = call.decision, call.principal
-        if decision is None or decision.rule_id is None or call.task is None or principal is None:
+        """One call of the task per message, with every message's rule's labels."""
+        principal = call.principal
+        if call.task is None or principal is None:
             return
         if call.status is None or call.status >= 400:
             return
-        rule = self._policy.rule(decision.rule_id)
-        if not (rule.label_task or rule.cost or self._policy.reads_task):
+        rules = [self._policy.rule(d.rule_id or "") for _, d in _decided(call)]
+        if not any(rule.label_task or rule.cost for rule in rules) and not (
+            rules and self._policy.reads_task
+        ):
             return
+        labels = {label for rule in rules for label in rule.label_task}
         try:
             await self._store.record_task(
                 task_history_key(principal.agent, call.task),
-                rule.label_task,
+                sorted(labels),
                 call.cost or 0.0,
                 self._task_ttl,
                 call.now,
+                calls=len(rules),
             )
         except StoreError as exc:
             self._metrics.store_errors.labels("record_task").inc()
@@ -128,6 +141,17 @@ def _may_have_acted(call: Call) -> bool:
     before its answer was lost. One refused before or while it was sent (a stage refused it,
     the upstream was unreachable, the body went over the limit) gives it back."""
     return call.forwarded and isinstance(call.refusal, UpstreamTimeout)
+
+
+def _decided(call: Call) -> list[tuple[Action, Decision]]:
+    """Each forwarded message with the rule that let it through (an allow, or an approval a
+    grant released)."""
+    decisions = call.decisions or ((call.decision,) if call.decision is not None else ())
+    return [
+        (action, decision)
+        for action, decision in zip((call.action, *call.batch), decisions, strict=False)
+        if decision.rule_id is not None
+    ]
 
 
 def _is_spend(rule: Rule, name: str) -> bool:
