@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from agentproxy.config.yamldoc import Issue
 from agentproxy.core import Action, Effect, Facts, Principal
 from agentproxy.policy import PolicySet, TraceStep, compile_policy, decide
 from agentproxy.policy.compiler import claims_fields, mentioned_variables, principal_fields
-from agentproxy.policy.patterns import PatternIndex, compile_pattern
+from agentproxy.policy.patterns import PatternIndex, compile_pattern, is_linear_on_re
 
 POLICY = """
 default: deny
@@ -214,6 +215,85 @@ def test_policy_version_follows_the_bytes(tmp_path: Path) -> None:
 )
 def test_patterns(pattern: str, action: str, bindings: dict[str, str] | None) -> None:
     assert compile_pattern(pattern).match(action) == bindings
+
+
+# Patterns whose split of the input is ambiguous: they run on RE2, which must read them as
+# Python's re (and the README) do, bindings included.
+@pytest.mark.parametrize(
+    ("pattern", "action", "bindings"),
+    [
+        ("mcp:tools/call/*-*-*.csv", "mcp:tools/call/a-b-c.csv", {}),
+        ("mcp:tools/call/*-*-*.csv", "mcp:tools/call/a-b.csv", None),
+        ("mcp:tools/call/*-*-*.csv", "mcp:tools/call/a-b-c/d.csv", None),
+        ("http:GET /files/**/*.csv", "http:GET /files/a/b/c.csv", {}),
+        ("http:GET /files/**/*.csv", "http:GET /files/c.csv", None),
+        ("http:GET /v1/{p...}/{id}", "http:GET /v1/a/b/c", {"p": "a/b", "id": "c"}),
+        ("http:GET /v1/{a}-{b}", "http:GET /v1/x-y-z", {"a": "x-y", "b": "z"}),
+        ("http:GET /v1/**/x/**", "http:GET /v1/a/x/b/x/c", {}),
+        ("http:GET /n/*.*", "http:GET /n/a\nb.c", {}),  # a newline, as re.DOTALL reads it
+    ],
+)
+def test_ambiguous_patterns_match_as_documented(
+    pattern: str, action: str, bindings: dict[str, str] | None
+) -> None:
+    compiled = compile_pattern(pattern)
+    assert not is_linear_on_re(compiled)
+    assert compiled.match(action) == bindings
+    reference = re.fullmatch(compiled_source(pattern), action, re.DOTALL)
+    assert (reference.groupdict() if reference else None) == bindings
+
+
+@pytest.mark.parametrize(
+    "pattern",
+    [
+        "mcp:tools/call/*-*-*.csv",
+        "http:GET /files/**/*.csv",
+        "http:GET /v1/{p...}/{id}",
+        "http:GET /v1/{a}-{b}-{c}",
+        "http:* /a/**-**-**/b",
+        "http:* /**/x/**/y/**/z",
+    ],
+)
+def test_no_pattern_backtracks_on_what_an_agent_sends(pattern: str) -> None:
+    """The attack: a long segment that almost matches. Backtracking regexes take seconds to
+    hours on these (cubic and worse); each must run on RE2 and answer."""
+    compiled = compile_pattern(pattern)
+    assert not is_linear_on_re(compiled)
+    for filler in ("-", "/", "-/", "a"):
+        action = pattern.split(" ", 1)[0].replace("*", "GET") + " /" + filler * 20_000
+        if pattern.startswith("mcp:"):
+            action = "mcp:tools/call/" + filler * 20_000
+        assert compiled.match(action + "!") is None
+
+
+@pytest.mark.parametrize(
+    "pattern",
+    [
+        "http:* /**",
+        "http:GET /v1/employees/{id}",
+        "http:* /v1/*/items/{id}",
+        "http:GET /v1/files/{path...}",
+        "mcp:tools/call/pay*",
+        "http:GET /reports/{name}.csv",
+    ],
+)
+def test_unambiguous_patterns_stay_on_re(pattern: str) -> None:
+    assert is_linear_on_re(compile_pattern(pattern))
+
+
+def compiled_source(pattern: str) -> str:
+    """The regex the module builds, through Python's re (the reference semantics)."""
+    parts: list[str] = []
+    pos = 0
+    for m in re.finditer(r"\{([A-Za-z_][A-Za-z0-9_]*)(\.\.\.)?\}|\*\*|\*", pattern):
+        parts.append(re.escape(pattern[pos : m.start()]))
+        if m.group(1):
+            inner = "[^/]+(?:/[^/]+)*" if m.group(2) else "[^/]+"
+            parts.append(f"(?P<{m.group(1)}>{inner})")
+        else:
+            parts.append(".*" if m.group(0) == "**" else "[^/]*")
+        pos = m.end()
+    return "".join(parts) + re.escape(pattern[pos:])
 
 
 def test_index_returns_only_candidates_in_rule_order() -> None:
