@@ -298,7 +298,8 @@ class Call:
     # Metering: the model and tokens of an LLM call, and what the call cost.
     model: str | None = None
     tokens: tuple[int, int, int] | None = None  # input, output, cached input
-    estimate: tuple[int, int] | None = None  # input and output tokens expected (budgets)
+    # Input tokens expected, and the output asked for (None: the request names no max_tokens).
+    estimate: tuple[int, int | None] | None = None
     cost: float | None = None
     currency: str | None = None
     store_error: str | None = None

@@ -299,3 +299,18 @@ def test_approval_specs(tmp_path: Path) -> None:
         "applies to effect: require_approval only" in line
         for line in problems(write(tmp_path, MAIN, misplaced))
     )
+
+
+def test_output_caps_load_and_bad_ones_are_named(tmp_path: Path) -> None:
+    metering = (
+        "metering:\n  prices:\n"
+        '    "gpt-4o*": {input_per_mtok: 2.5, output_per_mtok: 10, max_output_tokens: 16384}\n'
+        "  default_max_output_tokens: 1000\n"
+    )
+    cfg = config.load(write(tmp_path, MAIN + metering))
+    assert cfg.metering.prices[0][1].max_output_tokens == 16384
+    assert cfg.metering.default_max_output_tokens == 1000
+    bad = metering.replace("16384", "0").replace("1000", "-5")
+    text = "\n".join(problems(write(tmp_path, MAIN + bad)))
+    assert "max_output_tokens: must be at least 1" in text
+    assert "default_max_output_tokens: must be at least 1" in text

@@ -458,7 +458,9 @@ class _Loader:
     def metering(self, value: Any) -> MeteringSettings:
         doc = self.doc
         path = "$.metering"
-        section = doc.mapping(value, path, ("currency", "prices", "attribution"))
+        section = doc.mapping(
+            value, path, ("currency", "prices", "attribution", "default_max_output_tokens")
+        )
         currency = doc.get(section, path, "currency", str, "USD") or "USD"
         doc.check(
             bool(CURRENCY.fullmatch(currency)),
@@ -473,17 +475,25 @@ class _Loader:
         for glob_text, entry in table.items():
             ppath = f"{path}.prices.{glob_text}"
             e = doc.mapping(
-                entry, ppath, ("input_per_mtok", "output_per_mtok", "cached_input_per_mtok")
+                entry,
+                ppath,
+                ("input_per_mtok", "output_per_mtok", "cached_input_per_mtok", "max_output_tokens"),
             )
             inp = doc.get(e, ppath, "input_per_mtok", float, required=True)
             out = doc.get(e, ppath, "output_per_mtok", float, 0.0)
             cached = doc.get(e, ppath, "cached_input_per_mtok", float)
+            cap = doc.get(e, ppath, "max_output_tokens", int)
             if inp is None:
                 continue
             doc.check(
                 min(inp, out or 0.0, cached or 0.0) >= 0, ppath, "prices must not be negative"
             )
-            prices.append((str(glob_text), Price(inp, out or 0.0, cached)))
+            doc.check(
+                cap is None or cap >= 1,
+                f"{ppath}.max_output_tokens",
+                "must be at least 1 (the model's largest answer, in tokens)",
+            )
+            prices.append((str(glob_text), Price(inp, out or 0.0, cached, cap)))
         apath = f"{path}.attribution"
         attribution = doc.mapping(section.get("attribution"), apath, ("labels", "max_values"))
         labels = attribution.get("labels") or {}
@@ -506,7 +516,13 @@ class _Loader:
             pairs.append((str(name), expr))
         max_values = doc.get(attribution, apath, "max_values", int, 100) or 100
         doc.check(1 <= max_values <= 10_000, f"{apath}.max_values", "must be between 1 and 10000")
-        return MeteringSettings(currency, tuple(prices), tuple(pairs), max_values)
+        default_cap = doc.get(section, path, "default_max_output_tokens", int, 4096) or 4096
+        doc.check(
+            default_cap >= 1,
+            f"{path}.default_max_output_tokens",
+            "must be at least 1 (reserved for a request that names no max_tokens)",
+        )
+        return MeteringSettings(currency, tuple(prices), tuple(pairs), max_values, default_cap)
 
     def operators(self, value: Any) -> tuple[str, ...]:
         doc = self.doc

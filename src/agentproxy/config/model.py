@@ -342,6 +342,9 @@ class Price:
     input_per_mtok: float
     output_per_mtok: float
     cached_input_per_mtok: float | None = None
+    # The most output tokens one call of the model can produce: what a spend limit reserves
+    # for a request that names no max_tokens (else `metering.default_max_output_tokens`).
+    max_output_tokens: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -350,6 +353,7 @@ class MeteringSettings:
     prices: tuple[tuple[str, Price], ...] = ()  # (model glob, price), first match wins
     attribution: tuple[tuple[str, str], ...] = ()  # (label, CEL over principal)
     max_values: int = 100
+    default_max_output_tokens: int = 4096
 
 
 @dataclass(frozen=True, slots=True)

@@ -28,7 +28,7 @@ class Meter:
         """Raises ValueError naming an attribution label whose CEL does not compile."""
         self.settings = settings
         self.metrics = metrics
-        self.prices = PriceTable(settings.prices)
+        self.prices = PriceTable(settings.prices, settings.default_max_output_tokens)
         self.guard = CardinalityGuard(settings.max_values)
         self._labels = compile_attribution(settings)
 

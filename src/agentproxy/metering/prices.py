@@ -20,8 +20,23 @@ class TokenUsage:
 
 
 class PriceTable:
-    def __init__(self, prices: tuple[tuple[str, Price], ...]) -> None:
+    def __init__(
+        self, prices: tuple[tuple[str, Price], ...], default_max_output_tokens: int = 4096
+    ) -> None:
         self._prices = prices
+        self._default_output = default_max_output_tokens
+
+    def output_reserve(self, model: str, asked: int | None) -> int:
+        """The output tokens to reserve for a call: what it asks for, or, when it names no
+        max_tokens, the model's output cap (its price's `max_output_tokens`, else the
+        configured default). Reserving nothing let 20 concurrent calls spend ten times a
+        budget before the first answer settled."""
+        if asked is not None:
+            return asked
+        price = self.price(model)
+        if price is not None and price.max_output_tokens is not None:
+            return price.max_output_tokens
+        return self._default_output
 
     def price(self, model: str) -> Price | None:
         for pattern, price in self._prices:

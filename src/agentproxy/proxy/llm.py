@@ -40,7 +40,7 @@ class LlmExchange(HttpExchange):
         self.parsed = parsed
         call.action = replace(parsed.action, upstream=upstream.name)
         call.model = parsed.model
-        call.estimate = (llm.estimate_input_tokens(parsed), parsed.max_tokens or 0)
+        call.estimate = (llm.estimate_input_tokens(parsed), parsed.max_tokens)
 
     def _request_data(self, call: Call, upstream: Upstream) -> AsyncIterator[bytes] | bytes | None:
         if self.parsed is None or self.request.method != "POST":

@@ -94,10 +94,14 @@ class Limits:
 
     def _expected_cost(self, call: Call, action: Action, rule: Rule, principal: Principal) -> float:
         """Rule cost plus, for an LLM call, its tokens' price estimated from the request
-        (input from the body size, output from max_tokens): what spend limits reserve."""
+        (input from the body size, output from max_tokens or the model's output cap): what
+        spend limits reserve."""
         cost = rule_cost(rule, action, principal, Facts(task_id=call.task), call.now)
         if call.model is not None and call.estimate is not None:
-            estimate = self._prices.cost(call.model, TokenUsage(*call.estimate))
+            prices = self._prices
+            tokens, asked = call.estimate
+            output = prices.output_reserve(call.model, asked)
+            estimate = prices.cost(call.model, TokenUsage(tokens, output))
             cost += estimate or 0.0
         return cost
 
