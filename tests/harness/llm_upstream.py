@@ -115,6 +115,8 @@ class LlmUpstream:
     # request for "gpt-4o" with a dated snapshot such as "gpt-4o-2024-08-06").
     served_model: dict[str, str] = field(default_factory=dict)
     slow: dict[str, SlowStream] = field(default_factory=dict)
+    # When set, chat completions for any other model answer 404 model_not_found, as OpenAI.
+    models: set[str] | None = None
     # When set, a stream's bytes are written in pieces of this size regardless of event
     # boundaries, so an event (the usage one included) straddles reads downstream.
     write_size: int | None = None
@@ -244,6 +246,8 @@ class LlmServer:
         model = body.get("model")
         if not isinstance(model, str):
             return openai_error(400, "you must provide a model parameter", "model")
+        if self.state.models is not None and model not in self.state.models:
+            return openai_error(404, f"The model `{model}` does not exist", "model")
         usage = self.state.usage_for(model)
         served = self.state.served_model.get(model, model)
         cid = self.state.next_id("chatcmpl-test-")

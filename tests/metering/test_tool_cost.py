@@ -119,3 +119,12 @@ def test_price_table() -> None:
     assert table.cost("gpt-4o-2024-08-06", usage) == 2.5 + 5.0 + 0.25
     assert table.cost("gpt-4o-mini", usage) == 0.15 + 0.3 + 0.03  # cached defaults to input
     assert table.cost("claude-x", usage) is None
+
+
+def test_values_not_admitted_take_no_place() -> None:
+    guard = CardinalityGuard(2)
+    assert [guard.value("model", f"junk-{i}", admit=False) for i in range(50)] == [OTHER] * 50
+    assert guard.value("model", "gpt-4o") == "gpt-4o"
+    assert guard.value("model", "gpt-4o", admit=False) == "gpt-4o"  # it has its place
+    assert guard.value("model", "claude") == "claude"
+    assert guard.value("model", "third") == OTHER

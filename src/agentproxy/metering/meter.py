@@ -37,6 +37,7 @@ class Meter:
         cost = self.prices.cost(model or "", usage)
         if cost is None:
             total = usage.input + usage.output + usage.cached_input
+            # Tokens are read from an answer: the upstream answered for this model.
             self.metrics.unpriced_tokens.labels(self.guard.value("model", model)).inc(total)
         return cost
 
@@ -50,12 +51,19 @@ class Meter:
         cost: float | None,
         currency: str,
         usage: TokenUsage | None,
+        answered: bool = True,
     ) -> None:
+        """`answered`: the upstream answered the call (not an error status, not a refusal).
+        The model is the agent's to write, so a new model name takes a place in the
+        cardinality guard only then, or when the price table (the operator's) names it;
+        agent and attribution values come from verified tokens."""
+        guard = self.guard
+        priced = model is not None and self.prices.price(model) is not None
         labels = [
-            self.guard.value("agent", principal.agent),
+            guard.value("agent", principal.agent),
             upstream,
             action,
-            self.guard.value("model", model),
+            guard.value("model", model, admit=answered or priced),
             *self._attribution(principal),
         ]
         m = self.metrics

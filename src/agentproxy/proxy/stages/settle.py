@@ -53,6 +53,12 @@ class Settle:
         if principal is None or not decided:
             return
         meter = self._meter
+        answered = (
+            call.forwarded
+            and call.refusal is None
+            and call.status is not None
+            and call.status < 400
+        )
         total = 0.0
         rules = []
         for index, (action, decision) in enumerate(decided):
@@ -74,6 +80,7 @@ class Settle:
                 cost=cost,
                 currency=rule.cost.currency if rule.cost else meter.settings.currency,
                 usage=usage,
+                answered=answered,
             )
             total += cost
         reserved = call.cost or 0.0

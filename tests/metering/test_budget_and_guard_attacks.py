@@ -1,6 +1,6 @@
-"""Budgets hold under concurrency when requests name no max_tokens: each call reserves the
-model's output cap before it starts, so 20 calls at once cannot all start on one unspent
-budget (before, they reserved no output and spent ten times the budget)."""
+"""Metering under attack: budgets hold under concurrency when requests name no max_tokens
+(each call reserves the model's output cap before it starts, so 20 calls at once cannot all
+start on one unspent budget), and junk model names cannot poison the cardinality guard."""
 
 from __future__ import annotations
 
@@ -91,3 +91,41 @@ def test_the_reserve_is_what_was_asked_else_the_models_cap_else_the_default() ->
     assert table.output_reserve("gpt-4o", None) == 16384
     assert table.output_reserve("gpt-3.5", None) == 2000
     assert table.output_reserve("unpriced", None) == 2000
+
+
+async def test_junk_model_names_cannot_push_real_models_into_other(
+    make_proxy: ProxyFactory, llm_upstream: LlmUpstream, keys: Keys
+) -> None:
+    """The cardinality guard gives a model a series only when the upstream answered a call for
+    it, or the price table names it; 100 junk names the upstream refuses take no place."""
+    policy = (
+        'default: deny\nrules:\n  - {id: any, agents: ["*"], actions: ["llm:**"], effect: allow}\n'
+    )
+    metering = (
+        "metering:\n  prices:\n"
+        '    "gpt-4o": {input_per_mtok: 2.5, output_per_mtok: 10}\n'
+        "  attribution: {max_values: 5}\n"
+    )
+    proxy = await make_proxy(
+        policy=policy,
+        upstream_url=llm_upstream.url,
+        upstream_extra="    protocol: llm",
+        extra=metering,
+    )
+    llm_upstream.models = {"gpt-4o", "unpriced-but-real"}
+    llm_upstream.default_usage = Usage(input=10, output=10)
+    async with oai(proxy, keys.token("sender")) as client:
+        for i in range(100):
+            with pytest.raises(openai.NotFoundError):
+                await client.chat.completions.create(
+                    model=f"junk-{i}", messages=[{"role": "user", "content": "x"}]
+                )
+        for model in ("gpt-4o", "unpriced-but-real"):
+            await client.chat.completions.create(
+                model=model, messages=[{"role": "user", "content": "x"}]
+            )
+    text = await scrape(proxy)
+    assert metric_sum(text, "agentproxy_tokens_total", model="gpt-4o") == 20
+    assert metric_sum(text, "agentproxy_tokens_total", model="unpriced-but-real") == 20
+    assert metric_sum(text, "agentproxy_calls_total", model="other") == 100
+    assert "junk-" not in text
