@@ -12,7 +12,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from agentproxy import config as config_module
 from agentproxy.clock import SYSTEM
@@ -518,25 +518,32 @@ async def _approvals(args: argparse.Namespace) -> int:
     headers = {"Authorization": f"Bearer {args.token}"}
     command = args.approvals_command
     if command == "list":
-        method, url, body = "GET", f"{base}?state={args.state}", None
+        method, url, body = "GET", f"{base}?state={args.state}&limit=1000", None
     elif command == "show":
         method, url, body = "GET", f"{base}/{args.id}", None
     else:
         method, url, body = "POST", f"{base}/{args.id}/{command}", {"reason": args.reason}
+    listed: list[dict[str, Any]] = []
     try:
-        async with (
-            aiohttp.ClientSession() as session,
-            session.request(method, url, json=body, headers=headers) as response,
-        ):
-            payload = await response.read()
-            status = response.status
+        async with aiohttp.ClientSession() as session:
+            while True:
+                async with session.request(method, url, json=body, headers=headers) as response:
+                    payload = await response.read()
+                    status = response.status
+                try:
+                    data = orjson.loads(payload)
+                except orjson.JSONDecodeError:
+                    data = {"detail": payload.decode(errors="replace")}
+                if status != 200 or command != "list":
+                    break
+                listed += data["approvals"]
+                # A list comes in pages: follow them to the end.
+                if not data.get("next_cursor"):
+                    break
+                url = f"{base}?state={args.state}&limit=1000&cursor={data['next_cursor']}"
     except aiohttp.ClientError as exc:
         print(f"cannot reach {args.admin}: {exc}", file=sys.stderr)
         return 1
-    try:
-        data = orjson.loads(payload)
-    except orjson.JSONDecodeError:
-        data = {"detail": payload.decode(errors="replace")}
     if status != 200:
         print(
             f"{command} failed ({status}): {data.get('detail') or data.get('error') or data}",
@@ -544,6 +551,7 @@ async def _approvals(args: argparse.Namespace) -> int:
         )
         return 1
     if command == "list":
+        data = {"approvals": listed}
         for a in data["approvals"]:
             user = f" for {a['user']}" if a["user"] else ""
             print(

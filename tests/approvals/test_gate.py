@@ -55,9 +55,17 @@ async def transfer(
 
 
 async def pending(s: aiohttp.ClientSession, proxy: Proxy, token: str) -> list[dict[str, Any]]:
-    async with s.get(proxy.admin + "/v1/approvals?state=pending", headers=auth(token)) as r:
-        assert r.status == 200, await r.text()
-        return list((await r.json())["approvals"])
+    """Every pending approval the token may see, page by page."""
+    found: list[dict[str, Any]] = []
+    query = "state=pending&limit=300"
+    while True:
+        async with s.get(f"{proxy.admin}/v1/approvals?{query}", headers=auth(token)) as r:
+            assert r.status == 200, await r.text()
+            page = await r.json()
+        found += page["approvals"]
+        if page["next_cursor"] is None:
+            return found
+        query = f"state=pending&limit=300&cursor={page['next_cursor']}"
 
 
 async def decide(
@@ -189,6 +197,43 @@ async def test_pending_caps(make_proxy: ProxyFactory, keys: Keys) -> None:
         assert (await transfer(s, proxy, bot, 202))[0] == 403
         status, body = await transfer(s, proxy, bot, 203)
         assert status == 429 and body["type"].endswith("/approval-cap")
+
+
+async def test_agents_at_their_caps_cannot_lock_others_out_of_approvals(
+    make_proxy: ProxyFactory, keys: Keys
+) -> None:
+    """Four agents fill the total with their own caps; a fifth still gets its approval (and
+    each of the four still gets 429), until twice the total."""
+    proxy = await make_proxy(
+        policy=policy().replace("agents: [pay-bot]", 'agents: ["*"]'),
+        extra="approvals: {max_pending: 8, max_pending_per_agent: 2}",
+    )
+    async with aiohttp.ClientSession() as s:
+        for agent in ("a1", "a2", "a3", "a4"):
+            token = keys.token(agent)
+            assert [(await transfer(s, proxy, token, 300 + i))[0] for i in range(3)] == [
+                403,
+                403,
+                429,
+            ]
+        victim = keys.token("newcomer")
+        status, body = await transfer(s, proxy, victim, 999)
+        assert status == 403 and body["approval_id"]
+        status, body = await transfer(s, proxy, keys.token("a1"), 998)
+        assert status == 429 and body["type"].endswith("/approval-cap")
+
+
+async def test_pending_caps_per_user(make_proxy: ProxyFactory, keys: Keys) -> None:
+    proxy = await make_proxy(
+        policy=policy().replace("agents: [pay-bot]", 'agents: ["*"]'),
+        extra="approvals: {max_pending_per_user: 2}",
+    )
+    async with aiohttp.ClientSession() as s:
+        for i, agent in enumerate(("b1", "b2", "b3")):
+            status, _ = await transfer(s, proxy, keys.token("alice", act={"sub": agent}), 500 + i)
+            assert status == (403 if i < 2 else 429), agent
+        status, _ = await transfer(s, proxy, keys.token("bob", act={"sub": "b3"}), 600)
+        assert status == 403
 
 
 async def test_a_thousand_held_calls(

@@ -3,6 +3,7 @@ store's address or error text; its explain is the data plane's answer, revocatio
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import aiohttp
@@ -123,3 +124,66 @@ async def test_admin_explain_refuses_a_revoked_agent(make_proxy: ProxyFactory, k
             explained = await problem(r)
     assert explained["detail"] == served["detail"]
     assert "revoked" in explained["detail"] and "key leaked" in explained["detail"]
+
+
+async def test_the_approvals_list_pages_through_thousands_within_the_store_bound(
+    make_proxy: ProxyFactory, keys: Keys, make_redis_server: MakeRedisServer
+) -> None:
+    """1,200 pending approvals on Redis with its default 50 ms bound per store call: every page
+    answers (a single 1,000-item listing hit the bound and answered 503), the pages hold each
+    approval once, and a cursor the API never gave is a 400."""
+    import uuid
+
+    from agentproxy.approvals.lifecycle import Approval, State
+
+    redis = make_redis_server()
+    proxy = await make_proxy(
+        policy=APPROVALS, extra=f'{OPERATORS}\nstore: {{redis: {{url: "{redis.url}"}}}}'
+    )
+    store = proxy.server.services.store
+    now = proxy.server.services.clock.now()
+    for i in range(1200):
+        approval = Approval(
+            id=uuid.uuid4().hex,
+            fingerprint=f"fp-{i}",
+            state=State.PENDING,
+            rule="transfers",
+            reason="",
+            agent=f"bot-{i % 30}",
+            user=None,
+            chain=(f"bot-{i % 30}",),
+            action="http:POST /v1/transfers",
+            summary={"i": i},
+            approvers=("role:finance",),
+            created=now,
+            expires=now + 600 + i,
+        )
+        assert await store.open_approval(
+            approval, now, max_pending=5000, max_pending_per_agent=5000
+        )
+    operator = auth(keys.token("sec", roles=["security"]))
+    seen: list[str] = []
+    async with aiohttp.ClientSession() as s:
+
+        async def walk() -> list[str]:
+            ids: list[str] = []
+            query = "state=pending"
+            while True:
+                async with s.get(f"{proxy.admin}/v1/approvals?{query}", headers=operator) as r:
+                    assert r.status == 200, await r.text()
+                    page = await r.json()
+                assert len(page["approvals"]) <= 100
+                ids += [a["id"] for a in page["approvals"]]
+                if page["next_cursor"] is None:
+                    return ids
+                query = f"state=pending&cursor={page['next_cursor']}"
+
+        # Four approvers paging at once, as a console under load would.
+        walks = await asyncio.gather(*(walk() for _ in range(4)))
+        seen = walks[0]
+        async with s.get(f"{proxy.admin}/v1/approvals?cursor=bm90LW9uZQ", headers=operator) as r:
+            assert r.status == 400 and "cursor" in (await problem(r))["detail"]
+        async with s.get(f"{proxy.admin}/v1/approvals?limit=5000", headers=operator) as r:
+            assert r.status == 400
+    assert len(seen) == len(set(seen)) == 1200
+    assert all(walk == seen for walk in walks)

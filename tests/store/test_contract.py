@@ -276,15 +276,17 @@ def approval(
     created: float = NOW,
     lifetime: float = LIFETIME,
     grant_ttl: float | None = None,
+    user: str | None = "alice",
+    rule: str = "transfers-need-finance",
 ) -> Approval:
     return Approval(
         id=uuid.uuid4().hex,
         fingerprint=fingerprint,
         state=State.PENDING,
-        rule="transfers-need-finance",
+        rule=rule,
         reason="large transfer",
         agent=agent,
-        user="alice",
+        user=user,
         chain=("alice", agent),
         action="POST /transfers",
         summary={"amount": 50, "currency": "EUR", "memo": "é" * 3},
@@ -320,15 +322,114 @@ async def test_caps_refuse_and_create_nothing(store: Store) -> None:
         is None
     )
     await opened(store, approval("b1", agent="b"), max_pending=2, max_pending_per_agent=1)
-    refused = approval("c1", agent="c")
+    # Past the total, agents that hold nothing still get one each, up to twice the total.
+    await opened(store, approval("c1", agent="c"), max_pending=2, max_pending_per_agent=1)
+    await opened(store, approval("d1", agent="d"), max_pending=2, max_pending_per_agent=1)
+    refused = approval("e1", agent="e")
     assert await store.open_approval(refused, NOW, max_pending=2, max_pending_per_agent=1) is None
-    assert {a.fingerprint for a in await store.list_approvals(None, NOW)} == {"a1", "b1"}
+    assert {a.fingerprint for a in await store.list_approvals(None, NOW)} == {
+        "a1",
+        "b1",
+        "c1",
+        "d1",
+    }
     assert await store.get_approval(refused.id, NOW) is None
     # An existing approval is still found at the cap: finding creates nothing.
     found = await store.open_approval(
         approval("a1", agent="a"), NOW, max_pending=0, max_pending_per_agent=0
     )
     assert found is not None and found[1] is False
+
+
+async def test_agents_at_their_caps_cannot_lock_out_an_agent_that_holds_little(
+    store: Store,
+) -> None:
+    caps = {"max_pending": 4, "max_pending_per_agent": 2}
+    for agent in ("a", "b"):
+        for i in range(2):
+            await opened(store, approval(f"{agent}{i}", agent=agent), **caps)
+    # The total is full; a and b hold their caps. c holds nothing: under its share (4 // 3).
+    await opened(store, approval("c0", agent="c"), **caps)
+    assert await store.open_approval(approval("c1", agent="c"), NOW, **caps) is None
+    assert await store.open_approval(approval("a9", agent="a"), NOW, **caps) is None
+    for agent in ("d", "e", "f"):
+        await opened(store, approval(f"{agent}0", agent=agent), **caps)
+    # Never past twice the total, whoever asks.
+    assert await store.open_approval(approval("g0", agent="g"), NOW, **caps) is None
+    assert await store.count_pending(NOW) == 8
+
+
+async def test_caps_per_user_and_per_rule(store: Store) -> None:
+    caps = {**CAPS, "max_pending_per_user": 2, "max_pending_per_rule": 3}
+    await opened(store, approval("u1", agent="a", user="alice"), **caps)
+    await opened(store, approval("u2", agent="b", user="alice"), **caps)
+    refused = approval("u3", agent="c", user="alice")
+    assert await store.open_approval(refused, NOW, **caps) is None  # alice's cap, any agent
+    await opened(store, approval("u4", agent="c", user="bob"), **caps)
+    # The rule holds 3: a fourth is refused whoever asks, another rule's is not.
+    assert await store.open_approval(approval("r1", user=None), NOW, **caps) is None
+    await opened(store, approval("r2", user=None, rule="other-rule"), **caps)
+    # A decision frees a place in every count it held.
+    first = await store.list_approvals("pending", NOW)
+    alices = [a for a in first if a.user == "alice"]
+    await store.decide_approval(alices[0].id, Event.DENY, "carol", "", NOW + 1)
+    await opened(store, approval("u5", agent="c", user="alice"), NOW + 1, **caps)
+
+
+async def test_pages_cover_every_approval_once_in_order(store: Store) -> None:
+    caps = {"max_pending": 1000, "max_pending_per_agent": 1000}
+    made = [
+        await opened(store, approval(f"p{i}", created=NOW + i % 3, user=None), NOW + 2, **caps)
+        for i in range(250)
+    ]
+    seen: list[Approval] = []
+    cursor = None
+    pages = 0
+    while True:
+        page = await store.page_approvals("pending", NOW + 2, cursor=cursor, limit=100)
+        pages += 1
+        seen += page.approvals
+        if page.next_cursor is None:
+            break
+        cursor = page.next_cursor
+        if pages == 1:  # a decision between pages moves nothing past the cursor
+            await store.decide_approval(seen[0].id, Event.DENY, "carol", "", NOW + 2)
+    assert pages == 3 and [len(p) for p in (seen[:100], seen[100:200], seen[200:])] == [
+        100,
+        100,
+        50,
+    ]
+    assert sorted(a.id for a in seen) == sorted(a.id for a in made)
+    assert [(a.expires, a.id) for a in seen] == sorted((a.expires, a.id) for a in seen)
+    everything = await store.page_approvals(None, NOW + 2, limit=1000)
+    assert len(everything.approvals) == 250 and everything.next_cursor is None
+    assert [(a.created, a.id) for a in everything.approvals] == sorted(
+        (a.created, a.id) for a in made
+    )
+    denied = await store.page_approvals("denied", NOW + 2, limit=10)
+    assert [a.id for a in denied.approvals] == [seen[0].id]
+
+
+async def test_a_page_of_rare_states_examines_a_bounded_number_of_records(store: Store) -> None:
+    caps = {"max_pending": 5000, "max_pending_per_agent": 5000}
+    for i in range(2500):
+        await opened(store, approval(f"q{i}", user=None), **caps)
+    late = await opened(store, approval("late", created=NOW + 1, user=None), NOW + 1, **caps)
+    await store.decide_approval(late.id, Event.DENY, "carol", "", NOW + 1)
+    first = await store.page_approvals("denied", NOW + 1, limit=10)
+    assert first.approvals == [] and first.next_cursor is not None  # scanned 2000, go on
+    second = await store.page_approvals("denied", NOW + 1, cursor=first.next_cursor, limit=10)
+    assert [a.id for a in second.approvals] == [late.id] and second.next_cursor is None
+
+
+async def test_a_cursor_no_store_gave_is_refused(store: Store) -> None:
+    for cursor in ("", "bm9wZQ", "!!", "MS41IA", "aW5mIHg", "MTIzIH"):
+        with pytest.raises(ValueError):
+            await store.page_approvals(None, NOW, cursor=cursor)
+    with pytest.raises(ValueError):
+        await store.page_approvals(None, NOW, limit=0)
+    with pytest.raises(ValueError):
+        await store.page_approvals("maybe", NOW)
 
 
 async def test_caps_count_only_approvals_still_pending(store: Store) -> None:

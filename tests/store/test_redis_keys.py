@@ -70,5 +70,8 @@ async def test_approval_keys_live_under_the_prefix_and_expire(
         "app1:approval-fp:fp-2": pytest.approx(180, abs=1),
         "app1:approvals:pending": pytest.approx(180, abs=1),
         "app1:approvals:pending:agent:hr-bot": pytest.approx(180, abs=1),
+        "app1:approvals:pending:agents": pytest.approx(180, abs=1),
+        "app1:approvals:pending:user:alice": pytest.approx(180, abs=1),
+        "app1:approvals:pending:rule:transfers-need-finance": pytest.approx(180, abs=1),
         "app1:approvals:all": pytest.approx(180, abs=1),
     }

@@ -36,6 +36,7 @@ from agentproxy.protocols import grpc as grpc_adapter
 from agentproxy.protocols import mcp as mcp_adapter
 from agentproxy.protocols.http import describe as describe_http
 from agentproxy.store import StoreError
+from agentproxy.store.base import PAGE_LIMIT
 from agentproxy.v1 import approvals_pb2, approvals_pb2_grpc, authorizer_pb2, authorizer_pb2_grpc
 
 __all__ = ["WATCH_QUEUE", "GrpcBackend", "add_admin_services"]
@@ -240,9 +241,23 @@ class ApprovalsService(approvals_pb2_grpc.ApprovalsServicer):
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"state must be one of {', '.join(s.value for s in State)}",
             )
-        items = await self._store(context, self.backend.list_approvals(state))
+        size = request.page_size or 100
+        if not 1 <= size <= PAGE_LIMIT:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, f"page_size must be from 1 to {PAGE_LIMIT}"
+            )
+        try:
+            page = await self._store(
+                context, self.backend.page_approvals(state, request.page_token or None, size)
+            )
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            raise  # abort raises; this line only satisfies the type checker
         return approvals_pb2.ListApprovalsResponse(
-            approvals=[approval_message(a) for a in items if visible(self.backend, principal, a)]
+            approvals=[
+                approval_message(a) for a in page.approvals if visible(self.backend, principal, a)
+            ],
+            next_page_token=page.next_cursor or "",
         )
 
     async def Get(self, request: Any, context: aio.ServicerContext[Any, Any]) -> Any:

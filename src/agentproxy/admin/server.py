@@ -31,9 +31,11 @@ from agentproxy.errors import (
     Unavailable,
 )
 from agentproxy.protocols.http import bearer_token, render
-from agentproxy.store import Revocation, StoreError
+from agentproxy.store import ApprovalPage, Revocation, StoreError
+from agentproxy.store.base import PAGE_LIMIT
 
 log = logging.getLogger("agentproxy.admin")
+DEFAULT_PAGE = 100  # approvals a list answers by default: one store call well within its bound
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -46,6 +48,11 @@ class ApprovalsBackend(Protocol):
     def is_operator(self, principal: Principal) -> bool: ...
 
     async def list_approvals(self, state: str | None) -> list[Approval]: ...
+
+    async def page_approvals(
+        self, state: str | None, cursor: str | None, limit: int
+    ) -> ApprovalPage:
+        """Raises ValueError (a cursor no store gave), StoreError."""
 
     async def get_approval(self, approval_id: str) -> Approval | None: ...
 
@@ -143,13 +150,21 @@ def admin_app(backend: AdminBackend, clock: Clock = SYSTEM) -> web.Application:
         return await backend.approver(token)
 
     async def approvals_list(request: web.Request) -> web.Response:
-        state = request.query.get("state")
+        """One page: `?state=&cursor=&limit=` (limit 1..1000, 100 by default); the answer's
+        `next_cursor` (null on the last page) fetches the next."""
+        state = request.query.get("state") or None
         if state is not None and state not in {s.value for s in State}:
             raise BadAdminRequest(f"state must be one of {', '.join(s.value for s in State)}")
+        limit = _page_limit(request.query.get("limit"))
         principal = await _approver(request)
-        items = await backend.list_approvals(state)
-        shown = [a.to_json() for a in items if visible(backend, principal, a)]
-        return web.json_response({"approvals": shown}, headers=NO_STORE)
+        try:
+            page = await backend.page_approvals(state, request.query.get("cursor"), limit)
+        except ValueError as exc:
+            raise BadAdminRequest(str(exc)) from None
+        shown = [a.to_json() for a in page.approvals if visible(backend, principal, a)]
+        return web.json_response(
+            {"approvals": shown, "next_cursor": page.next_cursor}, headers=NO_STORE
+        )
 
     async def approvals_get(request: web.Request) -> web.Response:
         principal = await _approver(request)
@@ -368,3 +383,12 @@ def operator_allowed(principal: Principal, operators: tuple[str, ...]) -> None:
     raise Denied(
         "not an operator (admin.operators)" if operators else "no admin.operators are configured"
     )
+
+
+def _page_limit(text: str | None) -> int:
+    """Raises BadAdminRequest for a limit that is not a number from 1 to PAGE_LIMIT."""
+    if text is None:
+        return DEFAULT_PAGE
+    if not text.isdigit() or not 1 <= int(text) <= PAGE_LIMIT:
+        raise BadAdminRequest(f"limit must be a number from 1 to {PAGE_LIMIT}")
+    return int(text)

@@ -18,9 +18,10 @@ from collections.abc import Callable
 from agentproxy.approvals.authorize import check_approver
 from agentproxy.approvals.lifecycle import Approval, Event, IllegalTransition, State
 from agentproxy.clock import Clock
+from agentproxy.config.model import ApprovalsSettings
 from agentproxy.core import Principal
 from agentproxy.errors import Conflict, NotFound
-from agentproxy.store import ApprovalGrant, Store, StoreError
+from agentproxy.store import ApprovalGrant, ApprovalPage, Store, StoreError
 
 log = logging.getLogger("agentproxy.approvals")
 
@@ -76,15 +77,17 @@ class ApprovalService:
         return await self._store.use_grant(fingerprint, self._clock.now())
 
     async def open(
-        self, approval: Approval, *, max_pending: int, max_pending_per_agent: int
+        self, approval: Approval, caps: ApprovalsSettings
     ) -> tuple[Approval, bool] | None:
         """The approval for `approval.fingerprint`, found or created (then `requested` is
         emitted); None when the caps forbid creating it. Raises StoreError."""
         opened = await self._store.open_approval(
             approval,
             self._clock.now(),
-            max_pending=max_pending,
-            max_pending_per_agent=max_pending_per_agent,
+            max_pending=caps.max_pending,
+            max_pending_per_agent=caps.max_pending_per_agent,
+            max_pending_per_user=caps.max_pending_per_user,
+            max_pending_per_rule=caps.max_pending_per_rule,
         )
         if opened is not None and opened[1]:
             self.emit("requested", opened[0])
@@ -115,6 +118,12 @@ class ApprovalService:
     async def list(self, state: str | None) -> list[Approval]:
         """Raises StoreError."""
         return await self._store.list_approvals(state, self._clock.now())
+
+    async def page(self, state: str | None, cursor: str | None, limit: int) -> ApprovalPage:
+        """Raises ValueError (a bad state, cursor or limit), StoreError."""
+        return await self._store.page_approvals(
+            state, self._clock.now(), cursor=cursor, limit=limit
+        )
 
     async def decide(
         self, approval_id: str, event: Event, principal: Principal, reason: str

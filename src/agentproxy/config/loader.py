@@ -540,14 +540,34 @@ class _Loader:
         doc = self.doc
         path = "$.approvals"
         section = doc.mapping(
-            value, path, ("webhooks", "max_pending", "max_pending_per_agent", "ui_url")
+            value,
+            path,
+            (
+                "webhooks",
+                "max_pending",
+                "max_pending_per_agent",
+                "max_pending_per_user",
+                "max_pending_per_rule",
+                "ui_url",
+            ),
         )
         hooks = doc.each(section.get("webhooks"), f"{path}.webhooks", self.webhook)
         total = doc.get(section, path, "max_pending", int, 1000) or 1000
         per_agent = doc.get(section, path, "max_pending_per_agent", int, 50) or 50
         doc.check(total > 0 and per_agent > 0, path, "max_pending values must be more than 0")
+        per_user = doc.get(section, path, "max_pending_per_user", int, 100)
+        per_rule = doc.get(section, path, "max_pending_per_rule", int, 0)
+        for name, cap in (("max_pending_per_user", per_user), ("max_pending_per_rule", per_rule)):
+            doc.check(cap is None or cap >= 0, f"{path}.{name}", "must be 0 (no cap) or more")
         ui_url = doc.get(section, path, "ui_url", str)
-        return ApprovalsSettings(tuple(hooks), total, per_agent, ui_url)
+        return ApprovalsSettings(
+            tuple(hooks),
+            total,
+            per_agent,
+            ui_url,
+            max_pending_per_user=100 if per_user is None else per_user,
+            max_pending_per_rule=per_rule or 0,
+        )
 
     def webhook(self, value: Any, path: str) -> Webhook | None:
         section = self.doc.mapping(value, path, ("url", "secret_file"))

@@ -333,6 +333,8 @@ class ApprovalsSettings:
     max_pending: int = 1000
     max_pending_per_agent: int = 50
     ui_url: str | None = None
+    max_pending_per_user: int = 100  # 0: no cap
+    max_pending_per_rule: int = 0  # 0: no cap
 
 
 @dataclass(frozen=True, slots=True)

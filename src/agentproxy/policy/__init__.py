@@ -1,7 +1,7 @@
 """Policy: the rule compiler, CEL conditions, the action index and `decide()`."""
 
 from agentproxy.policy.compiler import PolicySet, compile_policy, policy_issues
-from agentproxy.policy.decide import TraceStep, could_allow, decide
+from agentproxy.policy.decide import TraceStep, could_allow, decide, decide_next_message
 
 __all__ = [
     "PolicySet",
@@ -9,5 +9,6 @@ __all__ = [
     "compile_policy",
     "could_allow",
     "decide",
+    "decide_next_message",
     "policy_issues",
 ]

@@ -387,3 +387,40 @@ def _printable(value: Any) -> Any:
     if isinstance(value, str | int | float | bool) or value is None:
         return value
     return str(value)
+
+
+def decide_next_message(
+    policy: PolicySet,
+    action: Action,
+    principal: Principal,
+    facts: Facts,
+    now: float,
+    first_rule: str | None,
+) -> tuple[str, str | None] | None:
+    """A later message of a client-streaming or bidi call, decided on its own arguments with
+    the facts of the call's first: None to forward it, else (why not, the rule).
+
+    The call's limits, cost, budget and approval were taken once, for its first message under
+    `first_rule`. A later message passes only when a rule allows it outright and that rule is
+    `first_rule`, or one that takes nothing per call (no limits, no cost); a message that
+    would need an approval is refused (the approval, if any, was for the first message).
+    """
+    decision = decide(policy, action, principal, facts, now)
+    if decision.effect is Effect.DENY:
+        return decision.reason, decision.rule_id
+    if decision.effect is Effect.REQUIRE_APPROVAL:
+        return (
+            "a message later in the stream needs an approval; a streaming call's approval "
+            "covers its first message only: send it in a call of its own",
+            decision.rule_id,
+        )
+    if decision.rule_id is not None and decision.rule_id != first_rule:
+        rule = policy.rule(decision.rule_id)
+        if rule.limits or rule.cost is not None:
+            return (
+                f"a message later in the stream falls under rule {rule.id}, whose limits or "
+                f"cost were not taken for this call (they are taken for the first message "
+                f"under rule {first_rule}): send it in a call of its own",
+                rule.id,
+            )
+    return None

@@ -24,7 +24,7 @@ from agentproxy.proxy.check import check
 from agentproxy.proxy.explain import explain
 from agentproxy.proxy.grpc_upstreams import Descriptors
 from agentproxy.proxy.pipeline import Pipeline
-from agentproxy.store import Revocation
+from agentproxy.store import ApprovalPage, Revocation
 
 log = logging.getLogger("agentproxy.admin")
 
@@ -119,6 +119,11 @@ class ProxyBackend:
 
     async def list_approvals(self, state: str | None) -> list[Approval]:
         return await self._services.approvals.list(state)
+
+    async def page_approvals(
+        self, state: str | None, cursor: str | None, limit: int
+    ) -> ApprovalPage:
+        return await self._services.approvals.page(state, cursor, limit)
 
     async def get_approval(self, approval_id: str) -> Approval | None:
         return await self._services.approvals.get(approval_id)

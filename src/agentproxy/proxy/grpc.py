@@ -26,21 +26,22 @@ from grpc import aio
 
 from agentproxy.clock import Clock
 from agentproxy.config.model import Upstream
-from agentproxy.core import Action, Call
+from agentproxy.core import Action, Call, Facts
 from agentproxy.errors import (
     BadRequest,
+    Denied,
     NoRoute,
     PayloadTooLarge,
     Refusal,
     UpstreamFailed,
 )
+from agentproxy.policy import decide_next_message
 from agentproxy.protocols import grpc as adapter
 from agentproxy.protocols.http import parse_declared_task
 from agentproxy.proxy.context import context_headers
 from agentproxy.proxy.grpc_upstreams import Channels, Descriptors
 from agentproxy.proxy.pipeline import Pipeline, start_call
 from agentproxy.proxy.runtime import Runtime
-from agentproxy.proxy.stages.decide import next_message
 
 log = logging.getLogger("agentproxy.grpc")
 
@@ -387,13 +388,21 @@ class GrpcExchange:
         method = self._method
         if method is None:
             return
+        principal = call.principal
+        if principal is None:
+            raise Denied("a streaming call has no principal")
         action = replace(call.action, args=adapter.decode_args(method, message))
-        refusal = next_message(self.runtime.policy, call, action, self.clock.now())
-        if refusal is None:
+        facts = call.facts if call.facts is not None else Facts(task_id=call.task)
+        first = call.decision.rule_id if call.decision is not None else None
+        refused = decide_next_message(
+            self.runtime.policy, action, principal, facts, self.clock.now(), first
+        )
+        if refused is None:
             return
+        reason, rule = refused
         if call.enforced:
-            raise refusal
-        call.error = f"shadow: {refusal.detail}"
+            raise Denied(reason, rule=rule)
+        call.error = f"shadow: {reason}"
 
     async def refuse(self, call: Call) -> None:
         refusal = call.refusal

@@ -2,6 +2,7 @@
 
 from agentproxy.store.base import (
     ApprovalGrant,
+    ApprovalPage,
     LimitExceeded,
     Reservation,
     Revocation,
@@ -13,6 +14,7 @@ from agentproxy.store.memory import MemoryStore
 
 __all__ = [
     "ApprovalGrant",
+    "ApprovalPage",
     "LimitExceeded",
     "MemoryStore",
     "Reservation",

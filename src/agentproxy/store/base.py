@@ -8,6 +8,8 @@ the caller; a store that cannot answer raises `StoreError`, which the pipeline t
 
 from __future__ import annotations
 
+import base64
+import binascii
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -18,6 +20,7 @@ from agentproxy.core import Reservation
 
 __all__ = [
     "ApprovalGrant",
+    "ApprovalPage",
     "LimitExceeded",
     "Reservation",
     "Revocation",
@@ -25,14 +28,78 @@ __all__ = [
     "Store",
     "StoreError",
     "TaskHistory",
+    "admits",
     "window_start",
 ]
 
 RevocationKind = Literal["agent", "token"]
 
+# The most approvals one page of `page_approvals` holds, and how many records one page may
+# examine to find them (a page of decided ones among many others stays bounded in time).
+PAGE_LIMIT = 1000
+PAGE_SCAN = 2000
+
+
+def admits(
+    *,
+    total: int,
+    mine: int,
+    holders: int,
+    user: int | None,
+    rule: int,
+    max_pending: int,
+    max_pending_per_agent: int,
+    max_pending_per_user: int = 0,
+    max_pending_per_rule: int = 0,
+) -> bool:
+    """Whether one more pending approval may be opened (RedisStore's script applies the same).
+
+    `total` pending in all, `mine` of this agent's, `holders` agents holding any (this one
+    included), `user` of the user it acts for (None: it acts for no one), `rule` of its rule;
+    a `max_pending_per_…` of 0 is no cap. The total is fair: past `max_pending`, only an agent
+    holding less than its share (`max_pending // holders`, at least 1) may open one, up to
+    twice `max_pending` in all, so a set of agents at their own caps can fill the total but
+    never lock out an agent that holds little.
+    """
+    if mine >= max_pending_per_agent:
+        return False
+    if user is not None and max_pending_per_user and user >= max_pending_per_user:
+        return False
+    if max_pending_per_rule and rule >= max_pending_per_rule:
+        return False
+    if total < max_pending:
+        return True
+    return total < 2 * max_pending and mine < max(1, max_pending // max(1, holders))
+
 
 class StoreError(Exception):
     """The store could not answer (unreachable, timed out, or refused the operation)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ApprovalPage:
+    """`next_cursor` is None when nothing follows the page."""
+
+    approvals: list[Approval]
+    next_cursor: str | None
+
+
+def encode_cursor(score: str, approval_id: str) -> str:
+    """An opaque page cursor: where the last page stopped (its order key and id)."""
+    return base64.urlsafe_b64encode(f"{score} {approval_id}".encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[float, str, str]:
+    """(score, its text, id) of a cursor. Raises ValueError for one no store gave."""
+    try:
+        text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        score_text, approval_id = text.split(" ", 1)
+        score = float(score_text)
+    except (ValueError, UnicodeDecodeError, binascii.Error):
+        raise ValueError("cursor is not one this API gave (pass next_cursor back as is)") from None
+    if not approval_id or not score_text.isascii() or not math.isfinite(score):
+        raise ValueError("cursor is not one this API gave (pass next_cursor back as is)")
+    return score, score_text, approval_id
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,16 +199,22 @@ class Store(Protocol):
         one-use grant exactly one gets it). Raises StoreError."""
 
     async def open_approval(
-        self, approval: Approval, now: float, *, max_pending: int, max_pending_per_agent: int
+        self,
+        approval: Approval,
+        now: float,
+        *,
+        max_pending: int,
+        max_pending_per_agent: int,
+        max_pending_per_user: int = 0,
+        max_pending_per_rule: int = 0,
     ) -> tuple[Approval, bool] | None:
         """Finds the approval for `approval.fingerprint` or creates this one, atomically.
 
         An approval is found while it is pending, and after it was decided (approved, denied
         or expired) until `decided_at + (expires - created)`, so an identical retry sees the
-        decision. Returns (approval, created), or None when creating would exceed
-        `max_pending` pending approvals in total or `max_pending_per_agent` for its agent
-        (nothing is created then). A pending approval past `expires` is expired first.
-        Raises StoreError.
+        decision. Returns (approval, created), or None when the caps forbid creating it
+        (`admits`; nothing is created then). A pending approval past `expires` is expired
+        first. Raises StoreError.
         """
 
     async def get_approval(self, approval_id: str, now: float) -> Approval | None:
@@ -150,6 +223,14 @@ class Store(Protocol):
     async def list_approvals(self, state: str | None, now: float) -> list[Approval]:
         """Approvals in `state` (all when None), oldest first, expiring overdue pending ones
         first. Raises StoreError."""
+
+    async def page_approvals(
+        self, state: str | None, now: float, *, cursor: str | None = None, limit: int = 100
+    ) -> ApprovalPage:
+        """One page of approvals in `state` (all when None): pending ones soonest to expire
+        first, others oldest first, after `cursor` (a previous page's `next_cursor`), at most
+        `limit` (1..PAGE_LIMIT) of them, examining at most PAGE_SCAN records. Raises
+        ValueError for an unknown state or a cursor no store gave, StoreError."""
 
     async def count_pending(self, now: float) -> int:
         """How many approvals are pending and not yet overdue at `now`, however many (lists

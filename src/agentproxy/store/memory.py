@@ -21,11 +21,17 @@ from dataclasses import dataclass, field, replace
 
 from agentproxy.approvals.lifecycle import Approval, Event, State, advance
 from agentproxy.store.base import (
+    PAGE_LIMIT,
+    PAGE_SCAN,
     ApprovalGrant,
+    ApprovalPage,
     LimitExceeded,
     Reservation,
     Revocation,
     TaskHistory,
+    admits,
+    decode_cursor,
+    encode_cursor,
     window_start,
 )
 
@@ -61,6 +67,7 @@ class MemoryStore:
         self._approvals: dict[str, Approval] = {}
         self._by_fingerprint: dict[str, str] = {}  # → the id of its latest approval
         self._pending: dict[str, set[str]] = {}  # agent → ids of its pending approvals
+        self._pending_by: dict[tuple[str, str], set[str]] = {}  # ("user"|"rule", name) → ids
         self._pending_total = 0
         self._deadlines: list[tuple[float, str]] = []  # heap of (expires, id), pending ones
         self._reclaims: list[tuple[float, str]] = []  # heap of (forget at, id), decided ones
@@ -125,7 +132,14 @@ class MemoryStore:
         return grant
 
     async def open_approval(
-        self, approval: Approval, now: float, *, max_pending: int, max_pending_per_agent: int
+        self,
+        approval: Approval,
+        now: float,
+        *,
+        max_pending: int,
+        max_pending_per_agent: int,
+        max_pending_per_user: int = 0,
+        max_pending_per_rule: int = 0,
     ) -> tuple[Approval, bool] | None:
         """Finds the approval for the fingerprint or creates `approval`; see `Store`.
 
@@ -139,12 +153,27 @@ class MemoryStore:
         if found is not None and (found.state is State.PENDING or _in_window(found, now)):
             return found, False
         agent_pending = self._pending.get(approval.agent, set())
-        if self._pending_total >= max_pending or len(agent_pending) >= max_pending_per_agent:
+        scopes = _scopes(approval)
+        holding = {scope: len(self._pending_by.get(scope, ())) for scope in scopes}
+        holders = len(self._pending) + (0 if agent_pending else 1)
+        if not admits(
+            total=self._pending_total,
+            mine=len(agent_pending),
+            holders=holders,
+            user=holding.get(("user", approval.user or "")),
+            rule=holding[("rule", approval.rule)],
+            max_pending=max_pending,
+            max_pending_per_agent=max_pending_per_agent,
+            max_pending_per_user=max_pending_per_user,
+            max_pending_per_rule=max_pending_per_rule,
+        ):
             return None
         self._approvals[approval.id] = approval
         self._by_fingerprint[approval.fingerprint] = approval.id
         self._pending[approval.agent] = agent_pending
         agent_pending.add(approval.id)
+        for scope in scopes:
+            self._pending_by.setdefault(scope, set()).add(approval.id)
         self._pending_total += 1
         heapq.heappush(self._deadlines, (approval.expires, approval.id))
         return approval, True
@@ -166,6 +195,39 @@ class MemoryStore:
             return sorted(soonest, key=_age)
         every = sorted(self._approvals.values(), key=_age)
         return [a for a in every if wanted is None or a.state is wanted][:LIST_LIMIT]
+
+    async def page_approvals(
+        self, state: str | None, now: float, *, cursor: str | None = None, limit: int = 100
+    ) -> ApprovalPage:
+        """See `Store`: the order and bounds RedisStore's pages have."""
+        wanted = None if state is None else State(state)
+        if not 1 <= limit <= PAGE_LIMIT:
+            raise ValueError(f"limit must be between 1 and {PAGE_LIMIT}")
+        after = None if cursor is None else decode_cursor(cursor)
+        self._expire_overdue(now)
+        self._reclaim(now)
+        if wanted is State.PENDING:
+            keyed = [
+                (a.expires, a.id, a) for a in self._approvals.values() if a.state is State.PENDING
+            ]
+        else:
+            keyed = [(a.created, a.id, a) for a in self._approvals.values()]
+        keyed.sort(key=lambda entry: (entry[0], entry[1]))
+        if after is not None:
+            keyed = [e for e in keyed if (e[0], e[1]) > (after[0], after[2])]
+        out: list[Approval] = []
+        last: tuple[float, str] | None = None
+        examined = 0
+        for score, approval_id, approval in keyed:
+            if len(out) >= limit or examined >= PAGE_SCAN:
+                break
+            examined += 1
+            last = (score, approval_id)
+            if wanted is None or approval.state is wanted:
+                out.append(approval)
+        more = examined < len(keyed)
+        next_cursor = encode_cursor(repr(last[0]), last[1]) if more and last else None
+        return ApprovalPage(out, next_cursor)
 
     async def count_pending(self, now: float) -> int:
         return sum(
@@ -235,6 +297,12 @@ class MemoryStore:
             self._pending_total -= 1
             if not agent_pending:
                 del self._pending[decided.agent]
+        for scope in _scopes(decided):
+            ids = self._pending_by.get(scope)
+            if ids is not None:
+                ids.discard(decided.id)
+                if not ids:
+                    del self._pending_by[scope]
         heapq.heappush(self._reclaims, (_forget_at(decided), decided.id))
         watch = self._watches.pop(decided.id, None)
         if watch is not None:
@@ -318,3 +386,11 @@ def _grant(approved: Approval, approver: str, now: float) -> ApprovalGrant:
     return ApprovalGrant(
         approved.fingerprint, approved.id, now + approved.grant_ttl, None, approver
     )
+
+
+def _scopes(approval: Approval) -> list[tuple[str, str]]:
+    """The per-user (when the agent acts for one) and per-rule counters it counts in."""
+    scopes = [("rule", approval.rule)]
+    if approval.user is not None:
+        scopes.append(("user", approval.user))
+    return scopes

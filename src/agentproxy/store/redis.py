@@ -93,12 +93,17 @@ from redis.typing import EncodableT, FieldT
 from agentproxy.approvals.lifecycle import TRANSITIONS, Approval, Event, State, advance
 from agentproxy.config.model import RedisSettings, redact_url
 from agentproxy.store.base import (
+    PAGE_LIMIT,
+    PAGE_SCAN,
     ApprovalGrant,
+    ApprovalPage,
     LimitExceeded,
     Reservation,
     Revocation,
     StoreError,
     TaskHistory,
+    decode_cursor,
+    encode_cursor,
     window_start,
 )
 
@@ -226,8 +231,11 @@ local ALL = P .. 'approvals:all'
 local CHANGED = P .. 'approvals:changed'
 local EXPIRED = TRANSITIONS['pending:expire']
 
+local AGENTS = P .. 'approvals:pending:agents'
 local function record_key(id) return P .. 'approval:' .. id end
 local function agent_key(agent) return P .. 'approvals:pending:agent:' .. agent end
+local function user_key(user) return P .. 'approvals:pending:user:' .. user end
+local function rule_key(rule) return P .. 'approvals:pending:rule:' .. rule end
 local function fp_key(fp) return P .. 'approval-fp:' .. fp end
 
 local function ttl_at_least(key, ms)
@@ -236,8 +244,13 @@ end
 
 local function leave_pending(id, rec)
   redis.call('ZREM', PENDING, id)
-  local agent = redis.call('HGET', rec, 'agent')
-  if agent then redis.call('ZREM', agent_key(agent), id) end
+  local f = redis.call('HMGET', rec, 'agent', 'user', 'rule')
+  if f[1] then
+    redis.call('ZREM', agent_key(f[1]), id)
+    if redis.call('ZCARD', agent_key(f[1])) == 0 then redis.call('ZREM', AGENTS, f[1]) end
+  end
+  if f[2] and f[2] ~= '' then redis.call('ZREM', user_key(f[2]), id) end
+  if f[3] then redis.call('ZREM', rule_key(f[3]), id) end
 end
 
 local function meet(id)
@@ -265,7 +278,9 @@ end
 )
 
 # ARGV[3..]: id, fingerprint, agent, created, expires, grant_ttl ('' for one use), the JSON,
-# max pending, max pending for the agent. Returns {created 0/1, fields} or false (a cap).
+# max pending, max pending for the agent, user ('' for none), rule, max pending for the user
+# and for the rule (0: none). Returns {created 0/1, fields} or false (a cap). The caps are
+# `store.base.admits`, applied here in the same order.
 _OPEN_APPROVAL = (
     _APPROVAL_PRELUDE
     + """
@@ -282,23 +297,52 @@ if found then
     end
   end
 end
-local per_agent = agent_key(agent)
+local user, rule = ARGV[12], ARGV[13]
+local max_total, max_agent = tonumber(ARGV[10]), tonumber(ARGV[11])
+local max_user, max_rule = tonumber(ARGV[14]), tonumber(ARGV[15])
+local per_agent, per_user, per_rule = agent_key(agent), user_key(user), rule_key(rule)
 redis.call('ZREMRANGEBYSCORE', per_agent, '-inf', NOW_S)
-if redis.call('ZCOUNT', PENDING, '(' .. NOW_S, '+inf') >= tonumber(ARGV[10]) then return false end
-if redis.call('ZCARD', per_agent) >= tonumber(ARGV[11]) then return false end
+redis.call('ZREMRANGEBYSCORE', AGENTS, '-inf', NOW_S)
+local mine = redis.call('ZCARD', per_agent)
+if mine >= max_agent then return false end
+if user ~= '' and max_user > 0 then
+  redis.call('ZREMRANGEBYSCORE', per_user, '-inf', NOW_S)
+  if redis.call('ZCARD', per_user) >= max_user then return false end
+end
+if max_rule > 0 then
+  redis.call('ZREMRANGEBYSCORE', per_rule, '-inf', NOW_S)
+  if redis.call('ZCARD', per_rule) >= max_rule then return false end
+end
+local total = redis.call('ZCOUNT', PENDING, '(' .. NOW_S, '+inf')
+if total >= max_total then
+  local holders = redis.call('ZCARD', AGENTS)
+  if not redis.call('ZSCORE', AGENTS, agent) then holders = holders + 1 end
+  local share = math.max(1, math.floor(max_total / math.max(1, holders)))
+  if total >= 2 * max_total or mine >= share then
+    return false
+  end
+end
 local expires = tonumber(expires_s)
 local ms = math.max(1, math.ceil((expires - NOW + 2 * (expires - tonumber(created_s))) * 1000))
 local rec = record_key(id)
 redis.call('DEL', rec)
 redis.call('HSET', rec, 'json', ARGV[9], 'state', 'pending', 'fingerprint', fp, 'agent', agent,
-  'created', created_s, 'expires', expires_s, 'grant_ttl', ARGV[8])
+  'created', created_s, 'expires', expires_s, 'grant_ttl', ARGV[8], 'user', user, 'rule', rule)
 redis.call('PEXPIRE', rec, ms)
 redis.call('SET', fp_key(fp), id, 'PX', ms)
 redis.call('ZADD', PENDING, expires_s, id)
 redis.call('ZADD', per_agent, expires_s, id)
+redis.call('ZADD', AGENTS, 'GT', expires_s, agent)  -- GT still adds a new member
+if user ~= '' then
+  redis.call('ZADD', per_user, expires_s, id)
+  ttl_at_least(per_user, ms)
+end
+redis.call('ZADD', per_rule, expires_s, id)
 redis.call('ZADD', ALL, created_s, id)
 ttl_at_least(PENDING, ms)
 ttl_at_least(per_agent, ms)
+ttl_at_least(per_rule, ms)
+ttl_at_least(AGENTS, ms)
 ttl_at_least(ALL, ms)
 for _, old in ipairs(redis.call('ZRANGE', ALL, 0, 9)) do
   if redis.call('EXISTS', record_key(old)) == 0 then redis.call('ZREM', ALL, old) end
@@ -349,6 +393,53 @@ while #out < limit and start < scan do
 end
 for _, id in ipairs(gone) do redis.call('ZREM', ALL, id) end
 return out
+"""
+)
+
+# ARGV[3]: the state ('' for all), ARGV[4]: at most this many, ARGV[5]: records to examine,
+# ARGV[6], ARGV[7]: the cursor's score and id ('' for the first page). Pending ones come from
+# PENDING (by expiry), the rest from ALL (by creation), in (score, id) order, as Redis orders
+# equal scores by member. Returns {next cursor's score or '', its id, field lists}.
+_PAGE_APPROVALS = (
+    _APPROVAL_PRELUDE
+    + """
+local wanted, limit, scan = ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5])
+local after_s, after_id = ARGV[6], ARGV[7]
+sweep()
+local key = ALL
+if wanted == 'pending' then key = PENDING end
+-- The rank of the first member after (s, id), whether or not (s, id) is still there.
+local function rank_after(s, id)
+  local n = redis.call('ZCOUNT', key, '-inf', '(' .. s)
+  for _, m in ipairs(redis.call('ZRANGEBYSCORE', key, s, s)) do
+    if m <= id then n = n + 1 end
+  end
+  return n
+end
+local start = 0
+if after_s ~= '' then start = rank_after(after_s, after_id) end
+local out = {}
+local examined = 0
+local last_s, last_id = nil, nil
+while #out < limit and examined < scan do
+  local batch = redis.call('ZRANGE', key, start, start + 99, 'WITHSCORES')
+  if #batch == 0 then break end
+  for i = 1, #batch, 2 do
+    if #out >= limit or examined >= scan then break end
+    local id = batch[i]
+    examined = examined + 1
+    last_s, last_id = batch[i + 1], id
+    local state = meet(id)
+    if not state then
+      redis.call('ZREM', key, id)
+    elseif wanted == '' or state == wanted then
+      out[#out + 1] = redis.call('HGETALL', record_key(id))
+    end
+  end
+  start = rank_after(last_s, last_id)
+end
+if last_s == nil or redis.call('ZCARD', key) <= start then return {'', '', out} end
+return {last_s, last_id, out}
 """
 )
 
@@ -420,6 +511,7 @@ class RedisStore:
         self._open_approval = self._redis.register_script(_OPEN_APPROVAL)
         self._get_approval = self._redis.register_script(_GET_APPROVAL)
         self._list_approvals = self._redis.register_script(_LIST_APPROVALS)
+        self._page_approvals = self._redis.register_script(_PAGE_APPROVALS)
         self._decide_approval = self._redis.register_script(_DECIDE_APPROVAL)
         self._changed_channel = f"{self._prefix}approvals:changed"
         self._waits: dict[str, set[asyncio.Event]] = {}  # approval id → its waiters' events
@@ -598,7 +690,14 @@ class RedisStore:
         return f"{self._prefix}grant:{fingerprint}"
 
     async def open_approval(
-        self, approval: Approval, now: float, *, max_pending: int, max_pending_per_agent: int
+        self,
+        approval: Approval,
+        now: float,
+        *,
+        max_pending: int,
+        max_pending_per_agent: int,
+        max_pending_per_user: int = 0,
+        max_pending_per_rule: int = 0,
     ) -> tuple[Approval, bool] | None:
         """Finds the approval for the fingerprint or creates `approval`, in one script.
 
@@ -618,6 +717,10 @@ class RedisStore:
             orjson.dumps(approval.to_json()).decode(),
             str(max_pending),
             str(max_pending_per_agent),
+            approval.user or "",
+            approval.rule,
+            str(max_pending_per_user),
+            str(max_pending_per_rule),
         ]
         async with self._bounded("open_approval"):
             result = await self._open_approval(keys=[], args=args)
@@ -643,6 +746,22 @@ class RedisStore:
             found = await self._list_approvals(keys=[], args=args)
             approvals = [_approval_from(fields) for fields in found]
         return sorted(approvals, key=lambda a: (a.created, a.id))
+
+    async def page_approvals(
+        self, state: str | None, now: float, *, cursor: str | None = None, limit: int = 100
+    ) -> ApprovalPage:
+        """See `Store`; one script, examining at most PAGE_SCAN records. Raises ValueError,
+        StoreError."""
+        wanted = "" if state is None else State(state).value
+        if not 1 <= limit <= PAGE_LIMIT:
+            raise ValueError(f"limit must be between 1 and {PAGE_LIMIT}")
+        after = ("", "") if cursor is None else decode_cursor(cursor)[1:]
+        args = [*self._approval_args(now), wanted, str(limit), str(PAGE_SCAN), *after]
+        async with self._bounded("page_approvals"):
+            score, last, found = await self._page_approvals(keys=[], args=args)
+            approvals = [_approval_from(fields) for fields in found]
+        # decode_responses=True: the score and id are str, the score as Redis wrote it.
+        return ApprovalPage(approvals, encode_cursor(score, last) if score else None)
 
     async def count_pending(self, now: float) -> int:
         """The pending set scores ids by `expires`: those after `now`, in one ZCOUNT."""

@@ -117,8 +117,16 @@ async function refresh() {
     return;
   }
   try {
-    const data = await api("GET", "/v1/approvals?state=pending");
-    render(data.approvals, highlighted);
+    // The list comes in pages (soonest to expire first): follow them, up to 10,000 rows.
+    let approvals = [];
+    let path = "/v1/approvals?state=pending&limit=1000";
+    for (let pages = 0; pages < 10; pages++) {
+      const data = await api("GET", path);
+      approvals = approvals.concat(data.approvals);
+      if (!data.next_cursor) { break; }
+      path = "/v1/approvals?state=pending&limit=1000&cursor=" + encodeURIComponent(data.next_cursor);
+    }
+    render(approvals, highlighted);
     if (!document.getElementById("status").classList.contains("error")) {
       setStatus("Updated " + new Date().toLocaleTimeString(), false);
     }

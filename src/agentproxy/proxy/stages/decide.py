@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 
 from agentproxy.clock import Clock
-from agentproxy.core import Action, Call, Decision, Effect, Facts, Mode, task_history_key
+from agentproxy.core import Call, Decision, Effect, Facts, Mode, task_history_key
 from agentproxy.errors import Denied, MissingCredential
 from agentproxy.metering.metrics import Metrics
 from agentproxy.policy import PolicySet, decide
@@ -105,38 +105,3 @@ class Decide:
             call.store_error = str(exc)
             return Facts(task_id=task)
         return Facts(task, history.labels, history.calls, history.spent)
-
-
-def next_message(policy: PolicySet, call: Call, action: Action, now: float) -> Denied | None:
-    """A later message of a client-streaming or bidi gRPC call, decided on its own arguments
-    with the facts of the call's first: None to forward it, else why not.
-
-    The call's limits, cost, budget and approval were taken once, for its first message under
-    its rule. A later message passes only when a rule allows it outright and that rule is the
-    call's own, or one that takes nothing per call (no limits, no cost); a message that would
-    need an approval is refused (the approval, if any, was for the first message).
-    """
-    principal = call.principal
-    if principal is None:
-        return Denied("a streaming call has no principal")
-    facts = call.facts if call.facts is not None else Facts(task_id=call.task)
-    decision = decide(policy, action, principal, facts, now)
-    if decision.effect is Effect.DENY:
-        return Denied(decision.reason, rule=decision.rule_id)
-    if decision.effect is Effect.REQUIRE_APPROVAL:
-        return Denied(
-            "a message later in the stream needs an approval; a streaming call's approval "
-            "covers its first message only: send it in a call of its own",
-            rule=decision.rule_id,
-        )
-    first = call.decision.rule_id if call.decision is not None else None
-    if decision.rule_id is not None and decision.rule_id != first:
-        rule = policy.rule(decision.rule_id)
-        if rule.limits or rule.cost is not None:
-            return Denied(
-                f"a message later in the stream falls under rule {rule.id}, whose limits or "
-                f"cost were not taken for this call (they are taken for the first message "
-                f"under rule {first}): send it in a call of its own",
-                rule=rule.id,
-            )
-    return None

@@ -90,11 +90,7 @@ class Gate:
                 grant_ttl=spec.grant_ttl,
                 upstream=call.action.upstream,
             )
-            opened = await approvals.open(
-                approval,
-                max_pending=self._caps.max_pending,
-                max_pending_per_agent=self._caps.max_pending_per_agent,
-            )
+            opened = await approvals.open(approval, self._caps)
             if opened is None:
                 raise ApprovalCap("too many approvals are pending; ask again later")
             approval = opened[0]
