@@ -87,6 +87,12 @@ async def test_spoofed_context_metadata_and_credential_never_reach_the_upstream(
         ("x-agentproxy-decision", "fake"),
         ("x-api-key", "agent-chosen-key"),
         ("x-forwarded-for", "10.0.0.1"),
+        # `_` for `-`: one key to a service that maps metadata to CGI-style names
+        ("x_agentproxy_user", "ceo"),
+        ("x_api_key", "agent-chosen-key"),
+        ("x_forwarded_for", "10.0.0.1"),
+        ("x-real-ip", "10.0.0.1"),
+        ("x-http-method-override", "Delete"),
     )
     async with proxy.channel() as channel:
         await stub(hr, channel).Get(
@@ -98,6 +104,9 @@ async def test_spoofed_context_metadata_and_credential_never_reach_the_upstream(
     assert seen["x-agentproxy-decision"] != "fake"
     assert seen["x-agentproxy-context"] != "forged.jwt.value"
     assert seen["x-api-key"] == UPSTREAM_SECRET
+    for key in ("x_agentproxy_user", "x_api_key", "x_forwarded_for", "x-real-ip"):
+        assert key not in seen, key
+    assert "x-http-method-override" not in seen
     assert seen["x-forwarded-for"] == "127.0.0.1"
 
 

@@ -61,6 +61,7 @@ ASYMMETRIC_ALGORITHMS = frozenset(
 HMAC_ALGORITHMS = frozenset({"HS256", "HS384", "HS512"})
 _NAME = re.compile(r"[a-z0-9][a-z0-9_.-]{0,62}")
 _HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+_FORWARDED_HOST = re.compile(r"[A-Za-z0-9.-]{1,253}(:[0-9]{1,5})?|\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?")
 _SERVICE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
 _SECRET_FILE_LIMIT = 64 * 1024
 
@@ -227,6 +228,8 @@ class _Loader:
             "endpoint",
             "descriptor_set",
             "max_message_bytes",
+            "forwarded_host",
+            "paths",
         )
         section = doc.mapping(value, path, keys)
         name = doc.get(section, path, "name", str, required=True) or ""
@@ -314,7 +317,22 @@ class _Loader:
         )
         reflection = section.get("descriptor_set") == "reflection"
         descriptor_set = None if reflection else self.existing_file(section, path, "descriptor_set")
+        forwarded_host = doc.get(section, path, "forwarded_host", str)
+        doc.check(
+            forwarded_host is None or bool(_FORWARDED_HOST.fullmatch(forwarded_host)),
+            f"{path}.forwarded_host",
+            'must be a host[:port] such as "api.example.com" (sent as X-Forwarded-Host)',
+        )
+        ppath = f"{path}.paths"
+        paths = doc.mapping(section.get("paths"), ppath, ("case", "integer_segments"))
+        case = doc.choice(paths, ppath, "case", ["sensitive", "insensitive"], "sensitive")
+        integers = doc.choice(paths, ppath, "integer_segments", ["as_sent", "canonical"], "as_sent")
+        for key in ("forwarded_host", "paths"):
+            doc.check(key not in section or not grpc, f"{path}.{key}", "applies to HTTP protocols")
         return Upstream(
+            forwarded_host=forwarded_host,
+            path_case=case,  # type: ignore[arg-type]
+            integer_segments=integers,  # type: ignore[arg-type]
             service=service,
             descriptor_set=descriptor_set,
             reflection=reflection,

@@ -155,6 +155,12 @@ class Upstream:
     descriptor_set: Path | None = None
     reflection: bool = False
     max_message_bytes: int = 4 * 1024 * 1024
+    # HTTP protocols: the X-Forwarded-Host the upstream gets (absent: none; never the agent's
+    # Host), and how the upstream reads paths (`paths:`): case-insensitively (Express, nginx
+    # `~*`), and whether integer segments must be in canonical form (Starlette's {id:int}).
+    forwarded_host: str | None = None
+    path_case: Literal["sensitive", "insensitive"] = "sensitive"
+    integer_segments: Literal["as_sent", "canonical"] = "as_sent"
 
     @property
     def is_grpc(self) -> bool:

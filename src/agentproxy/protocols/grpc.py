@@ -36,7 +36,7 @@ from agentproxy.errors import (
     UpstreamFailed,
     UpstreamTimeout,
 )
-from agentproxy.protocols.http import bearer_token
+from agentproxy.protocols.http import REQUEST_DROP, bearer_token, header_key
 
 _IDENT = r"[A-Za-z_][A-Za-z0-9_]*"
 _METHOD_PATH = re.compile(rf"/({_IDENT}(?:\.{_IDENT})*)/({_IDENT})")
@@ -136,13 +136,17 @@ def metadata_to_forward(
 
     Drops `authorization` (the agent's credential is never forwarded), `x-agentproxy-*` (only
     the proxy sets those), trace context (the proxy continues it), `user-agent` (the channel
-    sends its own), reserved `grpc-*` and pseudo-headers, `x-forwarded-*`, and every name in
-    `strip` (the upstream credential's, so an agent cannot supply its own). Never raises.
+    sends its own), reserved `grpc-*` and pseudo-headers, `x-forwarded-*`, the client-address
+    and override headers HTTP drops, and every name in `strip` (the upstream credential's, so
+    an agent cannot supply its own). Keys are matched with `_` as `-` (`x_agentproxy_user`
+    reaches a service that maps metadata to CGI-style names as `x-agentproxy-user`). Never
+    raises.
     """
-    drop = {s.lower() for s in strip} | _REQUEST_DROPPED
+    drop = {header_key(s) for s in strip} | _REQUEST_DROPPED
     kept: Metadata = []
     for key, value in metadata:
-        if key in drop or key.startswith(("x-agentproxy-", "x-forwarded-", "grpc-", ":")):
+        folded = header_key(key)
+        if folded in drop or folded.startswith(("x-agentproxy-", "x-forwarded-", "grpc-", ":")):
             continue
         kept.append((key, value))
     return kept
@@ -150,6 +154,7 @@ def metadata_to_forward(
 
 _REQUEST_DROPPED = frozenset(
     {"authorization", "traceparent", "tracestate", "user-agent", "forwarded", "te", "host"}
+    | REQUEST_DROP
 )
 
 

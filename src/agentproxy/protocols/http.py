@@ -24,10 +24,12 @@ from agentproxy.protocols.http_token import TOKEN
 __all__ = [
     "HOP_BY_HOP",
     "MAX_PATH_LENGTH",
+    "REQUEST_DROP",
     "WireReply",
     "bearer_token",
     "decode_segment",
     "describe",
+    "header_key",
     "header_value",
     "normalize_path",
     "parse_declared_task",
@@ -344,9 +346,38 @@ HOP_BY_HOP: Final = frozenset(
 
 
 # Never forwarded upstream whatever Connection says: the agent's credential, and the proxy's
-# own Forwarded (the shell sets X-Forwarded-* itself).
-_REQUEST_DROP: Final = HOP_BY_HOP | {"authorization", "forwarded"}
+# own Forwarded (the shell sets X-Forwarded-* itself); headers that make a framework or a proxy
+# behind us run another method or path than the one decided (method overrides, IIS/Symfony's
+# original-URL headers); and client-address headers that upstreams trust from a proxy.
+_REQUEST_DROP: Final = HOP_BY_HOP | {
+    "authorization",
+    "forwarded",
+    "x-http-method-override",
+    "x-method-override",
+    "x-http-method",
+    "x-original-url",
+    "x-original-uri",
+    "x-original-method",
+    "x-rewrite-url",
+    "x-real-ip",
+    "true-client-ip",
+    "x-client-ip",
+    "client-ip",
+    "x-cluster-client-ip",
+    "cf-connecting-ip",
+    "fastly-client-ip",
+    "x-host",
+}
 _PROXY_SET_PREFIXES: Final = ("x-agentproxy-", "x-forwarded-")
+REQUEST_DROP: Final = _REQUEST_DROP - HOP_BY_HOP  # what gRPC metadata drops too
+
+
+@functools.lru_cache(maxsize=1024)  # the same few header names on every call
+def header_key(name: str) -> str:
+    """A header name as every server reads it: lower case, `_` as `-`. CGI and WSGI servers
+    (wsgiref, gunicorn with header_map=dangerous, PHP) turn both `X-Api-Key` and `X_Api_Key`
+    into HTTP_X_API_KEY, so whatever the proxy strips or reads, it matches by this key."""
+    return name.lower().replace("_", "-")
 
 
 def _connection_named(lowered: list[tuple[str, str, str]]) -> frozenset[str]:
@@ -359,12 +390,12 @@ def _connection_named(lowered: list[tuple[str, str, str]]) -> frozenset[str]:
 
 
 def _connection_tokens(value: str) -> set[str]:
-    return {t.strip().lower() for t in value.split(",") if t.strip()}
+    return {header_key(t.strip()) for t in value.split(",") if t.strip()}
 
 
 @functools.lru_cache(maxsize=64)
 def _request_drop(strip: frozenset[str]) -> frozenset[str]:
-    return _REQUEST_DROP | {name.lower() for name in strip}
+    return _REQUEST_DROP | {header_key(name) for name in strip}
 
 
 def request_headers_to_forward(
@@ -374,13 +405,14 @@ def request_headers_to_forward(
 
     Drops hop-by-hop headers and those Connection names; `Authorization` (the agent's
     credential is never forwarded); `X-Agentproxy-*` (only the proxy sets those), `Forwarded`
-    and `X-Forwarded-*` (the shell sets its own); and every name in `strip` (matched
-    case-insensitively), e.g. the upstream credential header so an agent cannot supply its own.
-    The shell adds its own headers after this filter, so Connection cannot name them away.
-    Never raises.
+    and `X-Forwarded-*` (the shell sets its own); method-override, original-URL and
+    client-address headers (`_REQUEST_DROP`); and every name in `strip`, e.g. the upstream
+    credential header so an agent cannot supply its own. Names are matched by `header_key`
+    (`X_Agentproxy_User` is `X-Agentproxy-User` to a WSGI server, so it goes too). The shell
+    adds its own headers after this filter, so Connection cannot name them away. Never raises.
     """
-    # Each name is lowercased once; this runs on every call.
-    lowered = [(name.lower(), name, value) for name, value in headers]
+    # Each name is keyed once; this runs on every call.
+    lowered = [(header_key(name), name, value) for name, value in headers]
     drop = _request_drop(strip)
     named = _connection_named(lowered)
     if named:

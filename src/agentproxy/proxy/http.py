@@ -176,9 +176,10 @@ class HttpExchange:
         if peer:
             headers.append(("X-Forwarded-For", peer))
         headers.append(("X-Forwarded-Proto", self.request.scheme))
-        host = self.request.headers.get("Host")
-        if host:
-            headers.append(("X-Forwarded-Host", host))
+        if upstream.forwarded_host is not None:
+            # From configuration, never the agent's Host: upstreams build links, redirects
+            # and password-reset URLs from it.
+            headers.append(("X-Forwarded-Host", upstream.forwarded_host))
         forwarded_path = origin_of(upstream.url)[1] + self.path
         headers.extend(
             context_headers(
