@@ -67,6 +67,11 @@ def build_server(state: McpUpstream) -> MCPServer:
         state.calls.append("admin_reset")
         return "reset"
 
+    @server.resource("file:///tmp/{name}")
+    def tmp_file(name: str) -> str:
+        state.calls.append(f"read /tmp/{name}")
+        return f"contents of /tmp/{name}"
+
     @server.tool()
     def unlisted_secret() -> str:
         state.calls.append("unlisted_secret")

@@ -8,9 +8,12 @@ from typing import Any
 
 import aiohttp
 import orjson
+import pytest
+from mcp.shared.exceptions import MCPError
 
 from tests.conftest import Keys, Proxy, ProxyFactory
 from tests.mcp.conftest import POLICY, McpUpstream
+from tests.mcp.test_mcp_sdk import client
 
 HEADERS = {
     "Accept": "application/json, text/event-stream",
@@ -125,3 +128,50 @@ async def test_a_denied_tool_can_answer_as_a_tool_result(
     assert status == 200
     assert answer["id"] == 9 and answer["result"]["isError"] is True
     assert "no rule allows mcp:tools/call/transfer" in answer["result"]["content"][0]["text"]
+
+
+RESOURCE_POLICY = """
+default: deny
+rules:
+  - id: tmp-files
+    agents: [mcp-agent]
+    actions: ["mcp:resources/read/file:///tmp/**"]
+    effect: allow
+  - id: no-etc
+    agents: ["*"]
+    actions: ["mcp:resources/read/file:///etc/**"]
+    effect: deny
+"""
+
+
+def read(i: int, uri: str) -> dict[str, Any]:
+    return {"jsonrpc": "2.0", "id": i, "method": "resources/read", "params": {"uri": uri}}
+
+
+async def test_resource_uris_are_matched_as_the_server_reads_them(
+    make_proxy: ProxyFactory, mcp_upstream: McpUpstream, keys: Keys
+) -> None:
+    proxy = await make_proxy(
+        policy=RESOURCE_POLICY, upstream_url=mcp_upstream.url, upstream_extra="    protocol: mcp"
+    )
+    token = keys.token("mcp-agent")
+    for uri in (
+        "file:///tmp/../etc/passwd",
+        "file:///tmp/%2e%2e/etc/passwd",
+        "file:///tmp/.%2E/etc/passwd",
+        "file:///tmp/%2fetc/passwd",
+        "file:///tmp/%252e%252e/etc/passwd",
+        "FILE:///tmp/../etc/passwd",
+    ):
+        status, answer, _ = await post(proxy, token, orjson.dumps(read(1, uri)))
+        assert status == 400 and answer["error"]["code"] == -32600, (uri, answer)
+    assert mcp_upstream.calls == []
+    # Through the official SDK client: the canonical spelling of a /tmp file is read, of an
+    # /etc one denied by its rule.
+    async with client(proxy, token, "legacy") as c:
+        result = await c.read_resource("file:///tmp/notes")
+        assert result.contents[0].text == "contents of /tmp/notes"  # type: ignore[union-attr]
+        with pytest.raises(MCPError) as denied:
+            await c.read_resource("file:///etc/passwd")
+        assert denied.value.code == -32003
+    assert mcp_upstream.calls == ["read /tmp/notes"]

@@ -85,6 +85,34 @@ def test_tools_call_without_arguments_has_empty_args(arguments: Any) -> None:
     assert post(message).actions[0].args == {}
 
 
+@pytest.mark.parametrize(
+    ("uri", "why"),
+    [
+        ("file:///tmp/../etc/passwd", "send 'file:///etc/passwd'"),
+        ("file:///tmp/%2e%2e/etc/passwd", "send 'file:///etc/passwd'"),
+        ("file:///tmp/./x", "send 'file:///tmp/x'"),
+        ("FILE:///tmp/x", "send 'file:///tmp/x'"),
+        ("file:///tmp//x", "send 'file:///tmp/x'"),
+        ("file:///tmp/%78", "send 'file:///tmp/x'"),
+        ("https://Files.Example/x", "send 'https://files.example/x'"),
+        ("file:///tmp/%2fetc/passwd", "encoded '/'"),
+        ("file:///tmp/%252e%252e/etc", "double-encoded"),
+        ("file:///tmp/a%00b", "NUL"),
+        ("file:///tmp\\..\\etc", "backslash"),
+        ("file:///tmp/x#../../etc", "fragment"),
+        ("file:///tmp/%zz", "malformed"),
+        ("notes/../secret", "absolute URI"),
+        ("custom:a/../b", "dot segments"),
+        ("file:///tmp/caf\u00e9", "non-ASCII"),
+    ],
+)
+def test_resource_uris_are_decided_in_canonical_form_only(uri: str, why: str) -> None:
+    message = {"jsonrpc": "2.0", "id": 2, "method": "resources/read", "params": {"uri": uri}}
+    with pytest.raises(BadRequest) as refused:
+        post(message)
+    assert why in refused.value.detail
+
+
 def test_resources_read_and_prompts_get() -> None:
     uri = "file:///etc/hosts"
     read = post({"jsonrpc": "2.0", "id": 2, "method": "resources/read", "params": {"uri": uri}})

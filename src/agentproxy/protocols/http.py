@@ -32,6 +32,7 @@ __all__ = [
     "header_key",
     "header_value",
     "normalize_path",
+    "normalize_uri",
     "parse_declared_task",
     "parse_query",
     "parse_traceparent",
@@ -91,6 +92,58 @@ def normalize_path(raw: str) -> str:
     if _CLEAN_PATH.fullmatch(raw):
         return raw
     return _normalize_slow(raw)
+
+
+# RFC 3986 §3: scheme ":" ["//" authority] path ["?" query] ["#" fragment].
+_URI = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*):(//([^/?#]*))?([^?#]*)(\?[^#]*)?(#.*)?", re.DOTALL)
+_AUTHORITY = re.compile(
+    r"(?:[A-Za-z0-9\-._~!$&'()*+,;=:]*@)?([A-Za-z0-9\-._~!$&'()*+,;=]*|\[[0-9A-Fa-f:.]+\])(:[0-9]*)?"
+)
+
+
+def normalize_uri(raw: str) -> str:
+    """The one canonical spelling of an absolute URI (RFC 3986 §6.2.2): scheme and host in
+    lower case, unreserved escapes decoded and others in upper-case hex, dot segments removed
+    from the path (`normalize_path`'s rules, so `file:///tmp/../etc/passwd` is
+    `file:///etc/passwd`). What policy matches a resource URI on.
+
+    Raises:
+        BadRequest: not an absolute URI; a fragment; a space, control or non-ASCII character;
+            an authority that is not host[:port] (userinfo allowed); a path `normalize_path`
+            refuses (encoded "/", "\\" or NUL, double encoding, malformed escapes); dot
+            segments in a rootless path.
+    """
+    if len(raw) > MAX_PATH_LENGTH:
+        raise BadRequest(f"URI longer than {MAX_PATH_LENGTH} bytes")
+    match = _URI.fullmatch(raw)
+    if match is None:
+        raise BadRequest("not an absolute URI (scheme:…)")
+    scheme, has_authority, authority, path, query, fragment = match.groups()
+    if fragment is not None:
+        raise BadRequest("a resource URI carries no fragment")
+    bad = _NOT_VISIBLE_ASCII.search(raw)
+    if bad is not None:
+        raise BadRequest(f"URI contains a space, control or non-ASCII character at {bad.start()}")
+    if "\\" in raw:
+        raise BadRequest("URI contains a backslash")
+    out = scheme.lower() + ":"
+    if has_authority is not None:
+        parts = _AUTHORITY.fullmatch(authority)
+        if parts is None or "%" in authority:
+            raise BadRequest("URI authority must be [userinfo@]host[:port], without escapes")
+        host_start, host_end = parts.span(1)
+        out += "//" + authority[:host_start] + parts.group(1).lower() + authority[host_end:]
+        if path and not path.startswith("/"):
+            raise BadRequest("URI path after an authority must start with '/'")
+    if path.startswith("/"):
+        out += normalize_path(path)
+    elif path:
+        if any(segment in (".", "..") for segment in path.split("/")):
+            raise BadRequest("URI has dot segments in a path without a root")
+        out += _ESCAPE_OR_UNSAFE.sub(_canonical_escape, path)
+    if query is not None:
+        out += _ESCAPE_OR_UNSAFE.sub(_canonical_escape, query)
+    return out
 
 
 def _normalize_slow(raw: str) -> str:

@@ -30,7 +30,7 @@ from agentproxy.errors import (
 )
 from agentproxy.protocols import sse
 from agentproxy.protocols.body import check_json_content_type, decode_content
-from agentproxy.protocols.http import WireReply
+from agentproxy.protocols.http import WireReply, normalize_uri
 from agentproxy.protocols.http import render as render_http
 from agentproxy.protocols.strict_json import MAX_DEPTH, JsonError, parse_answer, parse_request
 
@@ -231,6 +231,8 @@ def _request_action(where: str, method: str, params: Any) -> Action:
             f'{where}: {method} "{subject_key}" must be a non-empty string of at most '
             f"{MAX_NAME_LENGTH} printable characters"
         )
+    if method == "resources/read":
+        subject = _decided_uri(where, subject)
     args: Any = {}
     if method != "resources/read":
         # The SDK reads `"arguments": null` as absent; so do we.
@@ -240,6 +242,24 @@ def _request_action(where: str, method: str, params: Any) -> Action:
         elif not isinstance(args, dict):
             raise BadRequest(f'{where}: {method} "arguments" must be an object')
     return Action("mcp", method, subject, args=args)
+
+
+def _decided_uri(where: str, uri: str) -> str:
+    """The resource URI policy matches: its canonical form (`normalize_uri`), which must be
+    what was sent, since the body is forwarded byte for byte and the server must read the URI
+    that was decided. Raises BadRequest naming the canonical spelling to send instead."""
+    try:
+        canonical = normalize_uri(uri)
+    except BadRequest as exc:
+        raise BadRequest(
+            f'{where}: resources/read "uri" cannot be read one way only: {exc.detail}'
+        ) from None
+    if canonical != uri:
+        raise BadRequest(
+            f'{where}: resources/read "uri" is not in canonical form (RFC 3986 §6); '
+            f"send {canonical!r}"
+        )
+    return canonical
 
 
 def _check_response(where: str, message: dict[str, Any]) -> None:
