@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 SHARED ?= ../shared
 
-.PHONY: run test lint pytest smoke install proto system-deps helm bench demo-metrics clean
+.PHONY: run test lint pytest smoke install proto system-deps helm node-deps bench demo-metrics clean
 
 $(VENV)/.installed: pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -24,7 +24,7 @@ run: proto
 	$(PY) examples/demo/run.py
 
 ## make test: lint, types, the whole test suite, and the public contract smoke test
-test: proto system-deps helm lint pytest smoke
+test: proto system-deps helm node-deps lint pytest smoke
 
 pytest: install
 	$(PY) -m pytest
@@ -117,6 +117,15 @@ $(HELM_BIN):
 	chmod 0755 $(HELM_DIR)/download/helm/helm && mv $(HELM_DIR)/download/helm/helm $@
 	rm -rf $(HELM_DIR)/download
 	$@ version --short
+
+# Express, the upstream framework that routes paths case-insensitively (tests/proxy/
+# test_path_readings.py), into .cache/node/ from the npm registry.
+EXPRESS := express@4.21.2
+node-deps: .cache/node/node_modules/express/package.json
+
+.cache/node/node_modules/express/package.json:
+	@command -v npm >/dev/null 2>&1 || { echo "npm is missing: apt-get install npm"; exit 1; }
+	mkdir -p .cache/node && npm install --prefix .cache/node $(EXPRESS) --no-audit --no-fund --silent
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache src/*.egg-info

@@ -86,6 +86,9 @@ class Action:
     args: Any = None
     name: str = ""
     upstream: str = ""
+    # The upstream reads paths case-insensitively (`paths: {case: insensitive}`): patterns
+    # match whatever the case; bindings keep the case sent, as such frameworks pass them on.
+    fold_case: bool = False
 
     def __post_init__(self) -> None:
         if not self.protocol or ":" in self.protocol:

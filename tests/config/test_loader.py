@@ -314,3 +314,21 @@ def test_output_caps_load_and_bad_ones_are_named(tmp_path: Path) -> None:
     text = "\n".join(problems(write(tmp_path, MAIN + bad)))
     assert "max_output_tokens: must be at least 1" in text
     assert "default_max_output_tokens: must be at least 1" in text
+
+
+def test_path_readings_and_forwarded_host_load_and_bad_ones_are_named(tmp_path: Path) -> None:
+    extra = (
+        '    forwarded_host: "hr.example.com:8443"\n'
+        "    paths: {case: insensitive, integer_segments: canonical}\n"
+    )
+    main = MAIN.replace("    timeout: 5s\n", "    timeout: 5s\n" + extra)
+    (up,) = config.load(write(tmp_path, main)).upstreams
+    assert (up.forwarded_host, up.path_case, up.integer_segments) == (
+        "hr.example.com:8443",
+        "insensitive",
+        "canonical",
+    )
+    bad = main.replace("hr.example.com:8443", "evil.test/path").replace("insensitive", "lower")
+    text = "\n".join(problems(write(tmp_path, bad)))
+    assert "forwarded_host: must be a host[:port]" in text
+    assert "case" in text and "insensitive" in text

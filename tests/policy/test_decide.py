@@ -506,3 +506,30 @@ def test_index_lookups_see_entries_added_after_them() -> None:
     assert index.candidates("http:GET /v1/a") == (0, 1, 2)
     # Shared by every lookup, so no caller can change what the next one sees.
     assert isinstance(index.candidates("http:GET /v1/a"), tuple)
+
+
+@pytest.mark.parametrize(
+    ("pattern", "action", "bindings"),
+    [
+        ("http:* /admin/**", "http:GET /ADMIN/export", {}),
+        ("http:GET /v1/users/{id}", "http:GET /V1/Users/Root", {"id": "Root"}),
+        ("http:GET /files/*-*-*.csv", "http:GET /FILES/a-b-c.CSV", {}),  # on RE2
+        ("http:GET /v1/users/{id}", "http:GET /v2/users/x", None),
+    ],
+)
+def test_case_folded_matching_keeps_the_bindings_as_sent(
+    pattern: str, action: str, bindings: dict[str, str] | None
+) -> None:
+    compiled = compile_pattern(pattern)
+    assert compiled.match(action, fold_case=True) == bindings
+    assert compiled.match(action) is None  # as sent, the case differs: no match
+
+
+def test_the_index_finds_rules_whatever_the_case_when_asked() -> None:
+    index: PatternIndex[int] = PatternIndex()
+    for i, text in enumerate(["http:GET /admin/**", "http:GET /v1/a", "http:GET /V1/b", "*"]):
+        index.add(compile_pattern(text), i)
+    assert index.candidates("http:GET /ADMIN/x") == (3,)
+    assert index.candidates("http:GET /ADMIN/x", fold_case=True) == (0, 3)
+    assert index.candidates("http:GET /v1/A", fold_case=True) == (1, 3)
+    assert index.candidates("http:GET /v1/B", fold_case=True) == (2, 3)

@@ -617,3 +617,21 @@ def test_request_lines_are_remembered_but_refusals_are_not() -> None:
     long_target = "/v1/" + "x" * 600
     action, _ = describe("GET", long_target)  # too long to remember, described all the same
     assert action.target == long_target and describe("GET", long_target) is not None
+
+
+@pytest.mark.parametrize("segment", ["01", "001", "+1", "-0", "%2B1", "1_0", "%D9%A1", "%201"])
+def test_integer_segments_not_in_canonical_form_are_refused(segment: str) -> None:
+    from agentproxy.protocols.http import read_as_upstream
+
+    action, _ = describe("GET", f"/v1/items/{segment}")
+    with pytest.raises(BadRequest):
+        read_as_upstream(action, fold_case=False, canonical_integers=True)
+    assert read_as_upstream(action, fold_case=False, canonical_integers=False) == action
+
+
+@pytest.mark.parametrize("segment", ["0", "1", "42", "-7", "abc", "1.5", "0x1", "1e3"])
+def test_canonical_and_non_integer_segments_pass(segment: str) -> None:
+    from agentproxy.protocols.http import read_as_upstream
+
+    action, _ = describe("GET", f"/v1/items/{segment}")
+    assert read_as_upstream(action, fold_case=True, canonical_integers=True).fold_case

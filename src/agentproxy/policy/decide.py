@@ -64,10 +64,10 @@ def decide(
     inputs: _Inputs | None = None
     seen: set[str] = set()
     memoizable = True
-    for rule, pattern in policy.index.candidates(action.name):
+    for rule, pattern in policy.index.candidates(action.name, action.fold_case):
         if rule.id in seen:
             continue
-        bindings = pattern.match(action.name)
+        bindings = pattern.match(action.name, action.fold_case)
         if bindings is None:
             continue
         if rule.upstreams and action.upstream not in rule.upstreams:
@@ -290,7 +290,7 @@ def rule_activation(
     the same as its condition saw, `resource` bound from its own matching action pattern."""
     inputs = cel_inputs(action, principal, facts, now)
     for pattern in rule.patterns:
-        bindings = pattern.match(action.name)
+        bindings = pattern.match(action.name, action.fold_case)
         if bindings is not None:
             return _activation(inputs, bindings)
     return _activation(inputs, {})

@@ -16,6 +16,7 @@ never backtracking; ~4 µs).
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -43,10 +44,14 @@ class ActionPattern:
     regex: _Matcher  # re.Pattern, or an RE2 one where re could backtrack (see above)
     names: tuple[str, ...]
     literal_prefix: tuple[str, ...]
+    source: str = ""  # the regex's source, for its case-insensitive twin
 
-    def match(self, action: str) -> dict[str, str] | None:
-        """The template bindings if `action` matches (still percent-encoded), else None."""
-        m = self.regex.fullmatch(action)
+    def match(self, action: str, fold_case: bool = False) -> dict[str, str] | None:
+        """The template bindings if `action` matches (still percent-encoded), else None.
+        `fold_case`: whatever the case (the upstream reads paths so); bindings keep the case
+        of `action`."""
+        regex = _folded(self.source, is_linear_on_re(self)) if fold_case else self.regex
+        m = regex.fullmatch(action)
         if m is None:
             return None
         return m.groupdict() if self.names else {}
@@ -55,7 +60,7 @@ class ActionPattern:
 def compile_pattern(text: str) -> ActionPattern:
     """Raises PatternError saying what is wrong with the pattern."""
     if text == "*":
-        return ActionPattern(text, re.compile(r".*", re.DOTALL), (), ())
+        return ActionPattern(text, re.compile(r".*", re.DOTALL), (), (), ".*")
     protocol, sep, rest = text.partition(":")
     if not sep or protocol not in PROTOCOLS:
         raise PatternError(
@@ -101,7 +106,16 @@ def compile_pattern(text: str) -> ActionPattern:
     source = "".join(parts)
     linear = wildcards <= 1 or (not crosses and max(per_segment.values()) <= 1)
     regex: _Matcher = re.compile(source, re.DOTALL) if linear else _re2(source)
-    return ActionPattern(text, regex, tuple(names), _literal_prefix(text))
+    return ActionPattern(text, regex, tuple(names), _literal_prefix(text), source)
+
+
+@functools.lru_cache(maxsize=4096)
+def _folded(source: str, linear: bool) -> _Matcher:
+    """The case-insensitive twin of a pattern's regex, compiled when first needed (only
+    upstreams declared case-insensitive ask for it)."""
+    if linear:
+        return re.compile(source, re.DOTALL | re.IGNORECASE)
+    return _re2(source, case_sensitive=False)
 
 
 def is_linear_on_re(pattern: ActionPattern) -> bool:
@@ -109,9 +123,10 @@ def is_linear_on_re(pattern: ActionPattern) -> bool:
     return isinstance(pattern.regex, re.Pattern)
 
 
-def _re2(source: str) -> _Matcher:
+def _re2(source: str, *, case_sensitive: bool = True) -> _Matcher:
     options = re2.Options()
     options.dot_nl = True  # as re.DOTALL: an action may hold a newline (percent-decoded)
+    options.case_sensitive = case_sensitive
     compiled: _Matcher = re2.compile(source, options)
     return compiled
 
@@ -155,7 +170,9 @@ class PatternIndex(Generic[T]):
         node.entries.append((self._count, entry))
         self._count += 1
 
-    def candidates(self, action: str) -> tuple[T, ...]:
+    def candidates(self, action: str, fold_case: bool = False) -> tuple[T, ...]:
+        if fold_case:
+            return self._folded_candidates(action)
         path = [self._root]
         node = self._root
         for segment in action.split("/"):
@@ -171,6 +188,28 @@ class PatternIndex(Generic[T]):
             node.merged = tuple(entry for _, entry in found)
             node.merged_at = self._count
         return node.merged  # a tuple: shared by every lookup, and no copy per decision
+
+    def _folded_candidates(self, action: str) -> tuple[T, ...]:
+        """As `candidates`, with literal segments compared case-insensitively: every branch
+        whose segment folds to the action's is walked (rare: case-insensitive upstreams)."""
+        found: list[tuple[int, T]] = []
+        level = [self._root]
+        for segment in action.split("/"):
+            for node in level:
+                found.extend(node.entries)
+            folded = segment.casefold()
+            level = [
+                child
+                for node in level
+                for key, child in node.children.items()
+                if key.casefold() == folded
+            ]
+            if not level:
+                break
+        for node in level:
+            found.extend(node.entries)
+        found.sort(key=_first)
+        return tuple(entry for _, entry in found)
 
     def __iter__(self) -> Iterator[T]:
         stack = [self._root]

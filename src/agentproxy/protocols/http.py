@@ -11,7 +11,7 @@ import functools
 import re
 import urllib.parse
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import MappingProxyType
 from typing import Final
 
@@ -36,6 +36,7 @@ __all__ = [
     "parse_declared_task",
     "parse_query",
     "parse_traceparent",
+    "read_as_upstream",
     "render",
     "request_headers_to_forward",
     "response_headers_to_return",
@@ -302,6 +303,40 @@ def describe(method: str, raw_target: str) -> tuple[Action, str]:
 # A remembered request line costs its Action and the strings in it: 4,096 lines of at most
 # 512 characters bound the cache to a few MiB, whatever the agents send.
 _REMEMBERED_LINE = 512
+
+
+def read_as_upstream(action: Action, *, fold_case: bool, canonical_integers: bool) -> Action:
+    """`action` as an upstream that reads paths this way sees it (`upstreams[].paths`).
+
+    `fold_case`: the upstream routes case-insensitively (Express, nginx `~*`), so patterns
+    must match whatever the case. `canonical_integers`: the upstream reads integer segments
+    as numbers (Starlette's `{id:int}`, FastAPI's `id: int`), so `/01`, `/+1` or Arabic-Indic
+    digits would be read as 1 past a `resource.id != "1"`: such spellings are refused.
+
+    Raises:
+        BadRequest: a segment some framework reads as an integer, not in canonical form.
+    """
+    if canonical_integers:
+        for segment in action.target.split("/"):
+            _check_integer_segment(segment)
+    if fold_case and not action.fold_case:
+        action = replace(action, fold_case=True)
+    return action
+
+
+def _check_integer_segment(segment: str) -> None:
+    if not segment:
+        return
+    text = urllib.parse.unquote(segment, errors="strict")
+    try:
+        number = int(text)  # as lenient as the frameworks: signs, spaces, "_", other digits
+    except ValueError:
+        return
+    if str(number) != text:
+        raise BadRequest(
+            f"path segment {segment!r} reads as the integer {number}: send it as {number} "
+            "(this upstream reads integer segments as numbers)"
+        )
 
 
 @functools.lru_cache(maxsize=4096)

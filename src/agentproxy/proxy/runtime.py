@@ -55,7 +55,12 @@ class Runtime:
             return found
         action, raw_query = http.describe(method, raw_target)
         upstream = self.route(action.target)
-        found = (replace(action, upstream=upstream.name), raw_query, upstream)
+        action = http.read_as_upstream(
+            replace(action, upstream=upstream.name),
+            fold_case=upstream.path_case == "insensitive",
+            canonical_integers=upstream.integer_segments == "canonical",
+        )
+        found = (action, raw_query, upstream)
         if len(method) + len(raw_target) <= LINE_BYTES:
             if len(self._lines) >= LINES:
                 self._lines.clear()
