@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from agentproxy import config as config_module
+from agentproxy import startup
 from agentproxy.clock import SYSTEM
 from agentproxy.config import Config, ConfigError
 from agentproxy.errors import Unavailable
@@ -209,17 +210,19 @@ def _run_workers(path: Path, level: str, workers: int) -> int:
         level,
         "--worker",
     ]
-    children = [
-        subprocess.Popen(command, env=dict(env, AGENTPROXY_WORKER=str(i))) for i in range(workers)
-    ]
+    children: list[subprocess.Popen[bytes]] = []
 
     def forward(signum: int, _frame: object) -> None:
         for child in children:
             if child.poll() is None:
                 child.send_signal(signum)
 
+    # Before any worker exists: a signal while they start is passed on to those started,
+    # never the default action (SIGHUP's would kill the supervisor).
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, forward)
+    for i in range(workers):
+        children.append(subprocess.Popen(command, env=dict(env, AGENTPROXY_WORKER=str(i))))
     code = 0
     try:
         while all(child.poll() is None for child in children):
@@ -236,6 +239,7 @@ def _run_workers(path: Path, level: str, workers: int) -> int:
 
 
 def _run(path: Path, level: str, *, worker: bool = False) -> int:
+    startup.remember_hups()  # again, for callers of main() that did not come through __main__
     logging.basicConfig(
         level=level.upper(),
         stream=sys.stderr,
@@ -281,13 +285,27 @@ async def _serve(config: config_module.Config, *, reuse_port: bool = False) -> i
     from agentproxy.proxy.server import ProxyServer
 
     server = ProxyServer(config, reuse_port=reuse_port)
-    await server.start()
-    tune_gc()
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
+    wanted = asyncio.Event()  # a reload asked for; SIGHUPs that come during one make one more
+
+    async def reloader() -> None:
+        while True:
+            await wanted.wait()
+            wanted.clear()
+            await server.reload()
+
+    # Installed before any listener opens, so no signal finds the defaults (SIGHUP's kills);
+    # one asked for while starting runs once the proxy serves.
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(server.reload()))
+    loop.add_signal_handler(signal.SIGHUP, wanted.set)
+    await server.start()
+    if startup.HUPS:
+        startup.HUPS.clear()
+        wanted.set()
+    reloads = asyncio.create_task(reloader())
+    tune_gc()
     listen = config.listen
     grpc = ""
     if listen.grpc is not None:
@@ -305,6 +323,7 @@ async def _serve(config: config_module.Config, *, reuse_port: bool = False) -> i
     )
     await stop.wait()
     log.info("shutting down")
+    reloads.cancel()
     await server.stop()
     return 0
 

@@ -126,8 +126,13 @@ async def test_store_down_fails_closed_and_recovers(
         seen = len(upstream.seen)
         async with s.get(proxy.base + "/v1/employees/1", headers=auth(reader)) as r:
             assert r.status == 503
-            body = orjson.loads(await r.read())
+            raw = await r.read()
+            body = orjson.loads(raw)
         assert body["type"].endswith("/store-unavailable")
+        # The store's address and error text go to the operator's log, never to the agent.
+        text = raw.decode()
+        for secret in (str(redis.port), "127.0.0.1", "redis", "refused", "Error", "onnect"):
+            assert secret not in text, secret
         # a rule without limits still needs the revocation list: refused once it is stale
         clock.advance(2.2)
         assert await status(s, "POST", proxy.base + "/v1/mail", keys.token("mailer")) == 503

@@ -160,3 +160,52 @@ async def test_sigterm_finishes_calls_in_flight_and_the_audit_trail(
         check=False,
     )
     assert verified.returncode == 0, verified.stdout + verified.stderr
+
+
+async def test_sighup_at_any_moment_of_start_up_never_kills_the_proxy(
+    tmp_path: Path, keys: Keys, upstream: Upstream
+) -> None:
+    """SIGHUPs from the moment the process exists until it serves, as a config watcher may
+    send them: it survives every round, serves, and reloads."""
+    import signal
+
+    for round_ in range(4):
+        config = write_config(tmp_path, keys, upstream.url, decision_log="off")
+        http_port, admin_port = pin_ports(config)
+        log = tmp_path / f"proxy-{round_}.log"
+        proc = await spawn_proxy(config, log)
+        try:
+            async with aiohttp.ClientSession() as s:
+
+                async def ready(port: int) -> bool:
+                    try:
+                        async with s.get(f"http://127.0.0.1:{port}/readyz") as r:
+                            return r.status == 200
+                    except aiohttp.ClientError:
+                        return False
+
+                sent = 0
+                # Once the interpreter runs our entry point (it cannot catch a signal before),
+                # a signal every few ms: some land in imports, some while the listeners open,
+                # some after.
+                await asyncio.sleep(0.15)
+                while not await ready(admin_port):
+                    assert proc.returncode is None, log.read_text()[-2000:]
+                    proc.send_signal(signal.SIGHUP)
+                    sent += 1
+                    await asyncio.sleep(0.003 * (round_ + 1))
+                for _ in range(5):
+                    proc.send_signal(signal.SIGHUP)
+                    await asyncio.sleep(0.05)
+                assert sent > 0
+                await asyncio.sleep(0.3)
+                assert proc.returncode is None, log.read_text()[-2000:]
+                headers = {"Authorization": f"Bearer {keys.token()}"}
+                url = f"http://127.0.0.1:{http_port}/v1/employees/1"
+                async with s.get(url, headers=headers) as r:
+                    assert r.status == 200
+        finally:
+            if proc.returncode is None:
+                proc.terminate()
+            await proc.wait()
+    assert "reload" in log.read_text().lower()

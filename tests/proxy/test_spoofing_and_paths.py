@@ -365,3 +365,26 @@ async def test_encoded_path_via_aiohttp_client(
         async with s.get(url, headers=headers) as r:
             assert r.status == 200
     assert [s.path for s in upstream.seen] == ["/public/x"]
+
+
+async def test_no_log_line_carries_a_query_token_or_the_agents_user_agent(
+    caplog: pytest.LogCaptureFixture, proxy: Proxy, keys: Keys
+) -> None:
+    """aiohttp's access log wrote the full query (an ?access_token= JWT in clear) and the
+    User-Agent unescaped; the data plane writes none (the decision log records each call)."""
+    import logging
+
+    caplog.set_level(logging.DEBUG)
+    token = keys.token()
+    async with aiohttp.ClientSession() as s:
+        async with s.get(
+            f"{proxy.base}/v1/employees/42?access_token={token}",
+            headers={"Authorization": f"Bearer {token}", "User-Agent": 'x" 200 0 "forged'},
+        ) as r:
+            assert r.status == 200
+        async with s.get(f"{proxy.base}/v1/employees/13?access_token={token}") as r:
+            assert r.status == 401
+    # (The decision log names the action, never the query: see test_audit_e2e for redaction.)
+    assert token not in caplog.text
+    assert "forged" not in caplog.text
+    assert not [r for r in caplog.records if r.name == "aiohttp.access"]

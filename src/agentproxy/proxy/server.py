@@ -193,6 +193,9 @@ class ProxyServer:
                 max_field_size=MAX_FIELD,
                 max_line_size=MAX_FIELD,
                 auto_decompress=False,
+                # No access log: aiohttp's writes the full query (an ?access_token= in clear)
+                # and the agent's User-Agent unescaped; the decision log records every call.
+                access_log=None,
             ),
             access_log=None,
             shutdown_timeout=SHUTDOWN_GRACE,
