@@ -2,24 +2,33 @@
 
 A body is decided on what it means to us, and executed on what it means to the upstream's
 parser. Wherever parsers could disagree, the body is refused instead of guessed at: duplicate
-keys (first wins in some parsers, last in others), NaN and Infinity, numbers outside 64 bits,
-lone surrogates, a byte order mark, nesting deeper than `MAX_DEPTH`. Pure: bytes in, values
-out. `parse_answer` reads what an upstream sent (to filter it), with the same parser but
-without the request-only checks.
+keys (first wins in some parsers, last in others), keys that are one key to a parser matching
+names case-insensitively (Go's `encoding/json`, ASP.NET, Jackson) or after NFKC, NaN and
+Infinity, numbers outside 64 bits, lone surrogates, a byte order mark. A request is also
+bounded in what reading it costs whoever reads it next (policy, audit): nesting deeper than
+`MAX_DEPTH`, more than `MAX_ELEMENTS` values. Pure: bytes in, values out. `parse_answer` reads
+what an upstream sent (to filter it), with the same parser but without the request-only
+checks.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
+import unicodedata
 from typing import Any, Final
 
-__all__ = ["MAX_DEPTH", "JsonError", "parse_answer", "parse_request"]
+__all__ = ["MAX_DEPTH", "MAX_ELEMENTS", "JsonError", "parse_answer", "parse_request"]
 
 # orjson (the audit log, our replies) refuses to serialize deeper than 254 levels; a request we
 # authorized must never fail later when it is recorded.
 MAX_DEPTH: Final = 64
+# Every value of a request is walked again after parsing (policy's `args`, the audit record),
+# on the event loop that serves every agent: ~1 us per value there, so 100,000 values bound a
+# call's share to ~0.1 s. Real requests hold far fewer (a 2,000-message conversation is ~10,000).
+MAX_ELEMENTS: Final = 100_000
 
 
 class JsonError(ValueError):
@@ -35,6 +44,67 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
             raise JsonError(f"duplicate key {key[:64]!r}")
         result[key] = value
     return result
+
+
+def _unique_folded_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    # {"name": "search", "Name": "delete_all"}: we read "name", a Go upstream decoding into a
+    # struct reads whichever spelling comes last. Two keys that any parser may take for one
+    # are refused, at every depth: we cannot know which of them is an upstream's field.
+    result: dict[str, Any] = {}
+    lowered: set[str] = set()
+    for key, value in pairs:
+        folded = key.lower()
+        if folded in lowered or not key.isascii():
+            # A repeat (exact or in another case) or a key needing Unicode folding: rare.
+            result = _unique_keys(pairs)
+            _check_folded(result)
+            return result
+        lowered.add(folded)
+        result[key] = value
+    return result
+
+
+def _check_folded(keys: dict[str, Any]) -> None:
+    seen: dict[str, str] = {}
+    for key in keys:
+        folds = (key.lower(),) if key.isascii() else _unicode_folds(key)
+        for fold in folds:
+            other = seen.setdefault(fold, key)
+            if other != key:
+                raise JsonError(
+                    f"keys {other[:64]!r} and {key[:64]!r} are one key to a parser that "
+                    "ignores case or normalizes Unicode (Go's encoding/json, ASP.NET): send one"
+                )
+
+
+@functools.lru_cache(maxsize=4096)
+def _unicode_folds(key: str) -> tuple[str, ...]:
+    """The spellings `key` may be matched as, lower-cased so that an ASCII key's only fold
+    (`key.lower()`) compares with them. Two keys collide when any fold of one is a fold of the
+    other; folding coarser than a real parser only refuses more."""
+    # Unicode §3.13 D146, compatibility caseless match: NFKC and full case folding, twice
+    # (one can undo the other). The "fi" ligature (U+FB01), fullwidth letters (U+FF41...),
+    # the Kelvin sign (U+212A) and the long s (U+017F) meet their ASCII keys.
+    compat = unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", key).casefold())
+    compat = compat.casefold()
+    # Go's encoding/json matches a name rune by rune as unicode.ToUpper(unicode.ToLower(r))
+    # (simple mappings, no normalization): dotless i (U+0131) and U+0130 meet "i" there, not
+    # under full folding.
+    go = "".join(_go_fold(c) for c in key).lower()
+    return (compat,) if go == compat else (compat, go)
+
+
+def _go_fold(char: str) -> str:
+    # Python has only the full case mappings. The one multi-character lower-case mapping
+    # (U+0130) starts with its simple mapping; where upper case is several characters, the
+    # simple mapping is the title case when that is one character (Greek with ypogegrammeni),
+    # else there is none and the character stays itself ("\u00df").
+    lower = char.lower()[0]
+    upper = lower.upper()
+    if len(upper) == 1:
+        return upper
+    title = lower.title()
+    return title if len(title) == 1 else lower
 
 
 def _no_constant(name: str) -> Any:
@@ -66,12 +136,22 @@ _DECODER: Final = json.JSONDecoder(
     parse_float=_finite_float,
     parse_int=_int64,
 )
+_REQUEST_DECODER: Final = json.JSONDecoder(
+    object_pairs_hook=_unique_folded_keys,
+    parse_constant=_no_constant,
+    parse_float=_finite_float,
+    parse_int=_int64,
+)
 _SURROGATE: Final = re.compile(r"[\ud800-\udfff]")
 
 
 def parse_answer(raw: bytes) -> Any:
     """UTF-8 JSON without a byte order mark, duplicate keys, NaN or out-of-range numbers.
     Raises JsonError."""
+    return _parse(raw, _DECODER)
+
+
+def _parse(raw: bytes, decoder: json.JSONDecoder) -> Any:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
@@ -80,7 +160,7 @@ def parse_answer(raw: bytes) -> Any:
         # RFC 8259 §8.1: senders must not add one; receivers may skip it or fail.
         raise JsonError("byte order mark before the JSON text")
     try:
-        return _DECODER.decode(text)
+        return decoder.decode(text)
     except RecursionError:
         raise JsonError("nesting too deep") from None
     except JsonError:
@@ -89,20 +169,26 @@ def parse_answer(raw: bytes) -> Any:
         raise JsonError(str(exc)) from None
 
 
-def parse_request(raw: bytes) -> Any:
-    """`parse_answer`, and no lone surrogate or nesting deeper than MAX_DEPTH.
+def parse_request(raw: bytes, *, max_elements: int = MAX_ELEMENTS) -> Any:
+    """`parse_answer`, and no keys of one object that collide under case folding or NFKC (at
+    any depth), no lone surrogate, no nesting deeper than MAX_DEPTH and at most
+    `max_elements` values (objects, arrays and scalars, the document included).
     Raises JsonError."""
-    document = parse_answer(raw)
+    document = _parse(raw, _REQUEST_DECODER)
     # Strict UTF-8 decoding leaves no surrogates in the text, so only a "\u" escape can make a
     # lone one: those are read as U+FFFD, an error or the raw code unit, parser by parser.
-    _check_tree(document, check_surrogates=b"\\u" in raw)
+    _check_tree(document, check_surrogates=b"\\u" in raw, max_elements=max_elements)
     return document
 
 
-def _check_tree(document: Any, *, check_surrogates: bool) -> None:
+def _check_tree(document: Any, *, check_surrogates: bool, max_elements: int) -> None:
     stack: list[tuple[Any, int]] = [(document, 1)]
+    budget = max_elements
     while stack:
         value, depth = stack.pop()
+        budget -= 1
+        if budget < 0:
+            raise JsonError(f"more than {max_elements} values")
         if isinstance(value, dict):
             if depth > MAX_DEPTH:
                 raise JsonError(f"nesting deeper than {MAX_DEPTH}")

@@ -1,0 +1,101 @@
+"""Strict JSON as an attacker feeds it: keys one spelling apart, documents too big to walk,
+and gzip bodies that inflate far beyond what was sent. Bytes in, values or errors out."""
+
+from __future__ import annotations
+
+import gzip
+import os
+
+import orjson
+import pytest
+
+from agentproxy.errors import PayloadTooLarge
+from agentproxy.protocols.body import INFLATION_FLOOR, MAX_INFLATION_RATIO, decode_content
+from agentproxy.protocols.strict_json import (
+    MAX_ELEMENTS,
+    JsonError,
+    parse_answer,
+    parse_request,
+)
+
+
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [
+        ("name", "Name"),
+        ("amount", "AMOUNT"),
+        ("method", "METHOD"),
+        ("userId", "userid"),
+        # Go's encoding/json folds rune by rune with ToUpper(ToLower(r)): these meet ASCII
+        # keys there, and under NFKC + case folding.
+        ("\u212aey", "key"),  # Kelvin sign
+        ("\u017ftatus", "status"),  # long s
+        ("\u0131d", "id"),  # dotless i: Go only
+        ("\u0130d", "id"),  # capital I with dot: Go only
+        ("\uff4e\uff41\uff4d\uff45", "name"),  # fullwidth: NFKC
+        ("\ufb01le", "file"),  # ligature: NFKC
+        ("e\u0301", "\u00e9"),  # decomposed and composed e-acute
+        ("\u00e9", "\u00c9"),
+        ("stra\u00dfe", "STRASSE"),  # full folding
+        ("\u03c3", "\u03c2"),  # sigma and final sigma
+    ],
+)
+def test_keys_colliding_under_case_folding_or_nfkc_are_refused(first: str, second: str) -> None:
+    for a, b in ((first, second), (second, first)):
+        body = orjson.dumps({"jsonrpc": "2.0", a: "search", b: "delete_all"})
+        with pytest.raises(JsonError, match="one key to a parser that ignores case"):
+            parse_request(body)
+
+
+def test_collisions_are_refused_at_any_depth_and_in_arrays() -> None:
+    deep = {"a": [{"b": {"c": [1, {"amount": 50, "x": {"AMOUNT": 1}}]}}]}
+    assert parse_request(orjson.dumps(deep)) == deep  # same spelling in different objects
+    body = b'{"a":[{"b":{"c":[1,{"amount":50,"AMOUNT":5000000}]}}]}'
+    with pytest.raises(JsonError, match="'amount' and 'AMOUNT'"):
+        parse_request(body)
+
+
+def test_distinct_keys_that_only_look_alike_are_read() -> None:
+    document = {"e": 1, "\u00e9": 2, "i": 3, "j": 4, "\u00df": 5, "s": 6, "a_b": 7, "ab": 8}
+    assert parse_request(orjson.dumps(document)) == document
+
+
+def test_exact_duplicates_are_still_named() -> None:
+    with pytest.raises(JsonError, match="duplicate key 'name'"):
+        parse_request(b'{"name":"a","x":1,"name":"b"}')
+
+
+def test_answers_keep_their_own_keys() -> None:
+    # What an upstream sends is not decided on: only exact duplicates are refused there.
+    assert parse_answer(b'{"name":"a","Name":"b"}') == {"name": "a", "Name": "b"}
+
+
+def test_element_count_is_capped() -> None:
+    at_cap = orjson.dumps({"a": [0] * (MAX_ELEMENTS - 2)})  # the object and its array count
+    assert len(parse_request(at_cap)["a"]) == MAX_ELEMENTS - 2
+    with pytest.raises(JsonError, match=f"more than {MAX_ELEMENTS} values"):
+        parse_request(orjson.dumps({"a": [0] * (MAX_ELEMENTS - 1)}))
+    with pytest.raises(JsonError, match="more than 10 values"):
+        parse_request(orjson.dumps([{"k": [1, 2]}] * 4), max_elements=10)
+
+
+def test_gzip_inflating_more_than_the_ratio_is_refused() -> None:
+    plain = orjson.dumps({"a": "0" * (4 * INFLATION_FLOOR)})
+    bomb = gzip.compress(plain, compresslevel=9)
+    assert len(plain) > MAX_INFLATION_RATIO * len(bomb)
+    with pytest.raises(PayloadTooLarge, match=f"inflates more than {MAX_INFLATION_RATIO} times"):
+        decode_content("gzip", bomb, 64 * 1024 * 1024)
+
+
+def test_gzip_below_the_floor_may_inflate_any_amount() -> None:
+    plain = b"[" + b"0," * (INFLATION_FLOOR // 2 - 2) + b"0]"
+    assert len(plain) <= INFLATION_FLOOR
+    packed = gzip.compress(plain, compresslevel=9)
+    assert len(plain) > MAX_INFLATION_RATIO * len(packed)
+    assert decode_content("gzip", packed, 64 * 1024 * 1024) == plain
+
+
+def test_gzip_within_the_ratio_is_read_past_the_floor() -> None:
+    # Random bytes barely compress: a big body inflating a little is ordinary.
+    plain = orjson.dumps({"blob": os.urandom(INFLATION_FLOOR).hex()})
+    assert decode_content("gzip", gzip.compress(plain), 64 * 1024 * 1024) == plain
