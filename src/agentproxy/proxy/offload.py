@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sys
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -31,6 +32,10 @@ T = TypeVar("T")
 # on a 2-core machine); an MCP tool call or a short chat is far below it.
 INLINE_BYTES: Final = 16 * 1024
 MAX_PER_AGENT: Final = 2
+# How long the worker may hold the GIL while the loop waits for it (CPython's default is
+# 5 ms). A call through the proxy wakes the loop several times; at 5 ms a wake-up, a parse on
+# the worker made every other agent's call ~20x slower. Only matters while both want the GIL.
+SWITCH_INTERVAL: Final = 0.0005
 
 
 class BodyReader:
@@ -63,6 +68,7 @@ class BodyReader:
         try:
             executor = self._executor
             if executor is None:
+                sys.setswitchinterval(SWITCH_INTERVAL)
                 executor = self._executor = ThreadPoolExecutor(
                     max_workers=1, thread_name_prefix="agentproxy-body"
                 )
