@@ -63,6 +63,7 @@ bench: bench-deps
 	$(PY) bench/grpc_overhead.py
 	$(PY) bench/audit_trail.py
 	$(PY) bench/wake_cost.py
+	$(PY) bench/body_flood.py
 
 ## make bench-quick: every benchmark with short runs (~5 minutes), for a first look; writes
 ## bench/results/*_quick.md (not committed), leaving the full runs' results alone
@@ -74,6 +75,7 @@ bench-quick: bench-deps
 	$(PY) bench/grpc_overhead.py --seconds 2 --rounds 1 --name grpc_overhead_quick
 	$(PY) bench/audit_trail.py --seconds 1 --name audit_trail_quick
 	$(PY) bench/wake_cost.py --rounds 2 --name wake_cost_quick
+	$(PY) bench/body_flood.py --seconds 2 --rounds 1 --name body_flood_quick
 
 ## make bench-profile: py-spy samples the full HTTP pipeline under wrk load
 bench-profile: bench-deps

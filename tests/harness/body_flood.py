@@ -18,10 +18,12 @@ import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import aiohttp
 import orjson
 
+ROOT = Path(__file__).resolve().parents[2]
 HEADERS = {
     "Accept": "application/json, text/event-stream",
     "Content-Type": "application/json",
@@ -141,6 +143,7 @@ async def measure(
             str(seconds + 1.5),
             *attacker_tokens,
             stdout=asyncio.subprocess.PIPE,
+            cwd=ROOT,  # where `tests` is a package
         )
         assert flood.stdout is not None
         await flood.stdout.readline()  # "started": its bodies are built, the attack is on
