@@ -10,6 +10,7 @@ import aiohttp
 import openai
 import orjson
 import pytest
+from openai.types.chat import ChatCompletionUserMessageParam
 
 from agentproxy.proxy.offload import INLINE_BYTES
 from tests.conftest import Keys, Proxy
@@ -35,7 +36,9 @@ async def post(proxy: Proxy, token: str, body: bytes, **headers: str) -> tuple[i
 async def test_a_large_chat_is_decided_and_forwarded_as_sent(
     llm_proxy: Proxy, llm_upstream: LlmUpstream, keys: Keys
 ) -> None:
-    history = [{"role": "user", "content": f"message {i} " + "x" * 500} for i in range(400)]
+    history: list[ChatCompletionUserMessageParam] = [
+        {"role": "user", "content": f"message {i} " + "x" * 500} for i in range(400)
+    ]
     async with oai(llm_proxy, keys.token("writer")) as client:
         reply = await client.chat.completions.create(
             model="gpt-4o-mini", messages=history, max_tokens=100
