@@ -32,7 +32,13 @@ from agentproxy.protocols import sse
 from agentproxy.protocols.body import check_json_content_type, decode_content
 from agentproxy.protocols.http import WireReply
 from agentproxy.protocols.http import render as render_http
-from agentproxy.protocols.strict_json import MAX_DEPTH, JsonError, parse_answer, parse_request
+from agentproxy.protocols.strict_json import (
+    MAX_DEPTH,
+    JsonError,
+    check_value,
+    parse_answer,
+    parse_request,
+)
 
 __all__ = [
     "ACTION_PREFIX",
@@ -206,7 +212,12 @@ _ABSENT: Final = object()
 
 def describe_call(method: str, name: str, arguments: Any) -> Action:
     """The action of an MCP request named outside JSON-RPC (Authorizer.Check): what its
-    message would be described as. Raises BadRequest as `describe` would."""
+    message would be described as. Raises BadRequest as `describe` would, also for
+    arguments that `describe` would refuse as JSON (keys colliding under case folding)."""
+    try:
+        check_value(arguments)
+    except JsonError as exc:
+        raise BadRequest(f'mcp {method}: "arguments": {exc}') from None
     key = _NAMED_METHODS.get(method)
     params: dict[str, Any] = {key: name} if key is not None else {}
     if arguments is not None:

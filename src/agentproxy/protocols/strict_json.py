@@ -20,7 +20,14 @@ import re
 import unicodedata
 from typing import Any, Final
 
-__all__ = ["MAX_DEPTH", "MAX_ELEMENTS", "JsonError", "parse_answer", "parse_request"]
+__all__ = [
+    "MAX_DEPTH",
+    "MAX_ELEMENTS",
+    "JsonError",
+    "check_value",
+    "parse_answer",
+    "parse_request",
+]
 
 # orjson (the audit log, our replies) refuses to serialize deeper than 254 levels; a request we
 # authorized must never fail later when it is recorded.
@@ -181,7 +188,17 @@ def parse_request(raw: bytes, *, max_elements: int = MAX_ELEMENTS) -> Any:
     return document
 
 
-def _check_tree(document: Any, *, check_surrogates: bool, max_elements: int) -> None:
+def check_value(document: Any, *, max_elements: int = MAX_ELEMENTS) -> None:
+    """What `parse_request` checks, for a value that did not arrive as JSON text (the
+    arguments an Authorizer.Check caller sends as a protobuf Struct, and will forward as
+    JSON): no keys of one object that collide, no lone surrogate, no nesting deeper than
+    MAX_DEPTH, at most `max_elements` values. Raises JsonError."""
+    _check_tree(document, check_surrogates=True, max_elements=max_elements, check_keys=True)
+
+
+def _check_tree(
+    document: Any, *, check_surrogates: bool, max_elements: int, check_keys: bool = False
+) -> None:
     stack: list[tuple[Any, int]] = [(document, 1)]
     budget = max_elements
     while stack:
@@ -192,6 +209,8 @@ def _check_tree(document: Any, *, check_surrogates: bool, max_elements: int) -> 
         if isinstance(value, dict):
             if depth > MAX_DEPTH:
                 raise JsonError(f"nesting deeper than {MAX_DEPTH}")
+            if check_keys:
+                _unique_folded_keys(list(value.items()))
             for key, item in value.items():
                 if check_surrogates and _SURROGATE.search(key):
                     raise JsonError("lone surrogate in a string")
