@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import sys
 
 import orjson
 import pytest
@@ -99,3 +100,42 @@ def test_gzip_within_the_ratio_is_read_past_the_floor() -> None:
     # Random bytes barely compress: a big body inflating a little is ordinary.
     plain = orjson.dumps({"blob": os.urandom(INFLATION_FLOOR).hex()})
     assert decode_content("gzip", gzip.compress(plain), 64 * 1024 * 1024) == plain
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"1e400",
+        b"18446744073709551616",
+        b"[[1, [2, -1e999]]]",
+        b'{"a": [0, {"b": [-9223372036854775809]}]}',
+        b'{"a": [18446744073709551616]}',
+    ],
+)
+def test_numbers_out_of_range_are_refused_wherever_they_sit(body: bytes) -> None:
+    with pytest.raises(JsonError, match="out of range"):
+        parse_request(body)
+
+
+def test_the_64_bit_edges_are_read_in_arrays() -> None:
+    values = [-(2**63), 2**64 - 1, 1.5e308, True, None, "s"]
+    assert parse_request(orjson.dumps({"a": [values]})) == {"a": [values]}
+
+
+def test_lone_surrogates_in_arrays_and_keys_are_refused() -> None:
+    for body in (b'["ok", ["\\udc00"]]', b'[{"\\ud800x": 1}]', b'"\\ud800"'):
+        with pytest.raises(JsonError, match="surrogate"):
+            parse_request(body)
+
+
+def test_long_integers_stay_cheap_where_python_lets_them_be_converted() -> None:
+    # PYTHONINTMAXSTRDIGITS=0 lifts Python's own cap; a literal is then refused on its length.
+    before = sys.get_int_max_str_digits()
+    sys.set_int_max_str_digits(0)
+    try:
+        with pytest.raises(JsonError, match="out of range"):
+            parse_request(b'{"a": [' + b"7" * 200_000 + b"]}")
+    finally:
+        sys.set_int_max_str_digits(before)
+    with pytest.raises(JsonError, match="out of range"):
+        parse_request(b'{"a": [' + b"7" * 200_000 + b"]}")

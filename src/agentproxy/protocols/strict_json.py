@@ -17,6 +17,7 @@ import functools
 import json
 import math
 import re
+import sys
 import unicodedata
 from typing import Any, Final
 
@@ -143,12 +144,20 @@ _DECODER: Final = json.JSONDecoder(
     parse_float=_finite_float,
     parse_int=_int64,
 )
+# Numbers are checked by the walk that follows (`_check_tree`): a hook per number costs a
+# Python call each, twice the parse of a body of numbers.
 _REQUEST_DECODER: Final = json.JSONDecoder(
-    object_pairs_hook=_unique_folded_keys,
-    parse_constant=_no_constant,
-    parse_float=_finite_float,
-    parse_int=_int64,
+    object_pairs_hook=_unique_folded_keys, parse_constant=_no_constant
 )
+# Converting a decimal literal costs time quadratic in its digits. Python refuses literals
+# past 4,300 digits (sys.int_info.default_max_str_digits); where a deployment lifted that
+# (PYTHONINTMAXSTRDIGITS=0), every integer goes through the length check instead.
+_REQUEST_DECODER_SHORT_INTS: Final = json.JSONDecoder(
+    object_pairs_hook=_unique_folded_keys, parse_constant=_no_constant, parse_int=_int64
+)
+_MAX_INT_DIGITS: Final = 4300
+_INT_LOW: Final = -(2**63)
+_INT_HIGH: Final = 2**64
 _SURROGATE: Final = re.compile(r"[\ud800-\udfff]")
 
 
@@ -173,6 +182,8 @@ def _parse(raw: bytes, decoder: json.JSONDecoder) -> Any:
     except JsonError:
         raise
     except ValueError as exc:
+        if "integer string conversion" in str(exc):
+            raise JsonError("integer out of range") from None
         raise JsonError(str(exc)) from None
 
 
@@ -181,7 +192,9 @@ def parse_request(raw: bytes, *, max_elements: int = MAX_ELEMENTS) -> Any:
     any depth), no lone surrogate, no nesting deeper than MAX_DEPTH and at most
     `max_elements` values (objects, arrays and scalars, the document included).
     Raises JsonError."""
-    document = _parse(raw, _REQUEST_DECODER)
+    digits = sys.get_int_max_str_digits()
+    decoder = _REQUEST_DECODER if 0 < digits <= _MAX_INT_DIGITS else _REQUEST_DECODER_SHORT_INTS
+    document = _parse(raw, decoder)
     # Strict UTF-8 decoding leaves no surrogates in the text, so only a "\u" escape can make a
     # lone one: those are read as U+FFFD, an error or the raw code unit, parser by parser.
     _check_tree(document, check_surrogates=b"\\u" in raw, max_elements=max_elements)
@@ -199,25 +212,37 @@ def check_value(document: Any, *, max_elements: int = MAX_ELEMENTS) -> None:
 def _check_tree(
     document: Any, *, check_surrogates: bool, max_elements: int, check_keys: bool = False
 ) -> None:
-    stack: list[tuple[Any, int]] = [(document, 1)]
-    budget = max_elements
+    # Containers are walked; scalars are checked where they sit, without a stack entry each:
+    # a body of numbers is the parser's worst case and this walk's most common.
+    budget = max_elements - 1
+    stack: list[tuple[Any, int]] = [([document], 0)]
     while stack:
         value, depth = stack.pop()
-        budget -= 1
-        if budget < 0:
-            raise JsonError(f"more than {max_elements} values")
-        if isinstance(value, dict):
-            if depth > MAX_DEPTH:
-                raise JsonError(f"nesting deeper than {MAX_DEPTH}")
+        if depth > MAX_DEPTH:
+            raise JsonError(f"nesting deeper than {MAX_DEPTH}")
+        items: Any = value
+        if type(value) is dict:
             if check_keys:
                 _unique_folded_keys(list(value.items()))
-            for key, item in value.items():
-                if check_surrogates and _SURROGATE.search(key):
-                    raise JsonError("lone surrogate in a string")
+            if check_surrogates and any(_SURROGATE.search(key) for key in value):
+                raise JsonError("lone surrogate in a string")
+            items = value.values()
+        if depth:
+            budget -= len(items)
+            if budget < 0:
+                raise JsonError(f"more than {max_elements} values")
+        for item in items:
+            kind = type(item)
+            if kind is dict or kind is list:
                 stack.append((item, depth + 1))
-        elif isinstance(value, list):
-            if depth > MAX_DEPTH:
-                raise JsonError(f"nesting deeper than {MAX_DEPTH}")
-            stack.extend((item, depth + 1) for item in value)
-        elif check_surrogates and isinstance(value, str) and _SURROGATE.search(value):
-            raise JsonError("lone surrogate in a string")
+            elif kind is int:
+                # orjson (and most upstream parsers) hold integers in 64 bits; beyond that
+                # they round, overflow or refuse. (Python refuses literals past 4,300 digits.)
+                if not _INT_LOW <= item < _INT_HIGH:
+                    raise JsonError("integer out of range")
+            elif kind is float:
+                if not math.isfinite(item):
+                    # "1e400" is infinity to Python and an error or another number elsewhere.
+                    raise JsonError("number out of range")
+            elif check_surrogates and kind is str and _SURROGATE.search(item):
+                raise JsonError("lone surrogate in a string")
