@@ -4,8 +4,8 @@ tests/proxy/test_body_flood.py (does the good agent get through?) and bench/body
 much slower?).
 
 The attacks are those of issue 21: a 58 KB gzip body inflating to 60 MB, a 30 MB JSON body,
-and (the worst that the caps still let in) a body just under `max_body_bytes` packed with
-numbers, each for a tool the attacker may not call.
+and (the worst that the caps still let in) bodies just under `max_body_bytes` packed with
+numbers or with empty arrays, each for a tool the attacker may not call.
 """
 
 from __future__ import annotations
@@ -62,10 +62,16 @@ def attack_bodies(max_body_bytes: int) -> tuple[tuple[bytes, dict[str, str]], ..
     count = (max_body_bytes - 200) // 2
     dense = tools_call("admin_reset", b'{"xs":[' + b"0," * (count - 1) + b"0]}")
     assert len(dense) <= max_body_bytes
+    # Empty arrays: nothing in them calls back into Python, the C parser's longest hold.
+    arrays = tools_call(
+        "admin_reset", b'{"xs":[' + b"[]," * ((max_body_bytes - 200) // 3) + b"[]]}"
+    )
+    assert len(arrays) <= max_body_bytes
     huge = tools_call("admin_reset", b'{"pad":"' + b"1" * 30_000_000 + b'"}')
     return (
         (bomb, {"Content-Encoding": "gzip"}),
         (dense, {}),
+        (arrays, {}),
         (huge, {}),
     )
 

@@ -14,6 +14,7 @@ from agentproxy.errors import PayloadTooLarge
 from agentproxy.protocols.body import INFLATION_FLOOR, MAX_INFLATION_RATIO, decode_content
 from agentproxy.protocols.strict_json import (
     MAX_ELEMENTS,
+    YIELDING_ABOVE,
     JsonError,
     parse_answer,
     parse_request,
@@ -139,3 +140,49 @@ def test_long_integers_stay_cheap_where_python_lets_them_be_converted() -> None:
         sys.set_int_max_str_digits(before)
     with pytest.raises(JsonError, match="out of range"):
         parse_request(b'{"a": [' + b"7" * 200_000 + b"]}")
+
+
+def _large(inner: bytes, filler: str) -> bytes:
+    # Past YIELDING_ABOVE, each way to the parser: brackets inside a string overcount the
+    # containers past the cap (the Python scanner), empty arrays and numbers do not (the C
+    # parser with a hook per number).
+    size = YIELDING_ABOVE + 1
+    pad = {
+        "python": b'"' + b"[" * (MAX_ELEMENTS + 1) + b'",',
+        "arrays": b"[]," * (size // 3),
+        "numbers": b"1," * (size // 2),
+    }[filler]
+    return b'{"pad":[' + pad + b'0],"x":' + inner + b"}"
+
+
+FILLERS = ["python", "arrays", "numbers"]
+
+
+@pytest.mark.parametrize("filler", FILLERS)
+@pytest.mark.parametrize(
+    ("inner", "reason"),
+    [
+        (b'{"name":"a","name":"b"}', "duplicate key"),
+        (b'{"name":"a","NAME":"b"}', "ignores case"),
+        (b"NaN", "NaN"),
+        (b"1e400", "out of range"),
+        (b"18446744073709551616", "out of range"),
+        (b"1" + b"0" * 5000, "out of range"),
+        (b'"\\ud800"', "surrogate"),
+        (b"[" * 100 + b"]" * 100, "nesting"),
+    ],
+)
+def test_large_documents_are_as_strict_whichever_way_they_are_parsed(
+    filler: str, inner: bytes, reason: str
+) -> None:
+    body = _large(inner, filler)
+    assert len(body) > YIELDING_ABOVE
+    with pytest.raises(JsonError, match=reason):
+        parse_request(body)
+
+
+@pytest.mark.parametrize("filler", FILLERS)
+def test_large_documents_read_the_same_whichever_way_they_are_parsed(filler: str) -> None:
+    inner = orjson.dumps({"a": [1, -2.5, "\u00e9\U0001f600", None, True, {"b": [[]]}]})
+    body = _large(inner, filler)
+    assert parse_request(body) == orjson.loads(body)

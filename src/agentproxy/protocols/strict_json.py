@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import json
+import json.scanner
 import math
 import re
 import sys
@@ -24,6 +25,7 @@ from typing import Any, Final
 __all__ = [
     "MAX_DEPTH",
     "MAX_ELEMENTS",
+    "YIELDING_ABOVE",
     "JsonError",
     "check_value",
     "parse_answer",
@@ -144,18 +146,29 @@ _DECODER: Final = json.JSONDecoder(
     parse_float=_finite_float,
     parse_int=_int64,
 )
-# Numbers are checked by the walk that follows (`_check_tree`): a hook per number costs a
-# Python call each, twice the parse of a body of numbers.
+# Small documents: numbers are checked by the walk that follows (`_check_tree`) rather than a
+# Python hook per number, which costs twice the parse of a body of numbers.
 _REQUEST_DECODER: Final = json.JSONDecoder(
     object_pairs_hook=_unique_folded_keys, parse_constant=_no_constant
 )
-# Converting a decimal literal costs time quadratic in its digits. Python refuses literals
-# past 4,300 digits (sys.int_info.default_max_str_digits); where a deployment lifted that
-# (PYTHONINTMAXSTRDIGITS=0), every integer goes through the length check instead.
-_REQUEST_DECODER_SHORT_INTS: Final = json.JSONDecoder(
-    object_pairs_hook=_unique_folded_keys, parse_constant=_no_constant, parse_int=_int64
+# Large documents are parsed on a worker thread while the event loop serves other agents. The
+# C parser never lets go of the GIL by itself: the interpreter can hand it to the loop only
+# when the parser calls back into Python. So large documents keep the hook per number and
+# object, and one with more containers and strings than MAX_ELEMENTS (which nothing calls
+# back for: 8 MiB of "[]," held the GIL 0.5 s) is parsed by the pure-Python scanner, every
+# step of which can yield. The hooks also check integer lengths: converting a decimal literal
+# costs time quadratic in its digits, and Python's own 4,300-digit cap can be lifted
+# (PYTHONINTMAXSTRDIGITS=0), in which case small documents take this decoder too.
+_REQUEST_DECODER_YIELDING: Final = json.JSONDecoder(
+    object_pairs_hook=_unique_folded_keys,
+    parse_constant=_no_constant,
+    parse_float=_finite_float,
+    parse_int=_int64,
 )
 _MAX_INT_DIGITS: Final = 4300
+# The size above which a request is parsed so that it yields (the shells read bodies this
+# large on a worker thread: proxy/offload.py).
+YIELDING_ABOVE: Final = 16 * 1024
 _INT_LOW: Final = -(2**63)
 _INT_HIGH: Final = 2**64
 _SURROGATE: Final = re.compile(r"[\ud800-\udfff]")
@@ -192,13 +205,29 @@ def parse_request(raw: bytes, *, max_elements: int = MAX_ELEMENTS) -> Any:
     any depth), no lone surrogate, no nesting deeper than MAX_DEPTH and at most
     `max_elements` values (objects, arrays and scalars, the document included).
     Raises JsonError."""
-    digits = sys.get_int_max_str_digits()
-    decoder = _REQUEST_DECODER if 0 < digits <= _MAX_INT_DIGITS else _REQUEST_DECODER_SHORT_INTS
-    document = _parse(raw, decoder)
+    document = _parse(raw, _request_decoder(raw, max_elements))
     # Strict UTF-8 decoding leaves no surrogates in the text, so only a "\u" escape can make a
     # lone one: those are read as U+FFFD, an error or the raw code unit, parser by parser.
     _check_tree(document, check_surrogates=b"\\u" in raw, max_elements=max_elements)
     return document
+
+
+def _request_decoder(raw: bytes, max_elements: int) -> json.JSONDecoder:
+    if len(raw) <= YIELDING_ABOVE and 0 < sys.get_int_max_str_digits() <= _MAX_INT_DIGITS:
+        return _REQUEST_DECODER
+    # Counted in C at memory speed; brackets and quotes inside strings only overcount.
+    unhooked = raw.count(b"[") + raw.count(b'"') // 2
+    if unhooked <= max_elements:
+        return _REQUEST_DECODER_YIELDING
+    decoder = json.JSONDecoder(
+        object_pairs_hook=_unique_folded_keys,
+        parse_constant=_no_constant,
+        parse_float=_finite_float,
+        parse_int=_int64,
+    )
+    # Per call: the Python scanner keeps a memo between its steps.
+    decoder.scan_once = json.scanner.py_make_scanner(decoder)  # type: ignore[attr-defined]
+    return decoder
 
 
 def check_value(document: Any, *, max_elements: int = MAX_ELEMENTS) -> None:
