@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import traceback
+import weakref
 from collections.abc import Callable
 
 import pytest
 
 from agentproxy.errors import BadRequest, LimitRefused
+from agentproxy.protocols.strict_json import JsonError
 from agentproxy.proxy.offload import INLINE_BYTES, MAX_PER_AGENT, BodyReader, parse_off_loop
 
 
@@ -86,3 +89,24 @@ async def test_small_plain_bodies_are_read_on_the_loop() -> None:
     )
     # A few bytes of gzip may inflate to the cap: always the worker's.
     assert (await parse_off_loop("a", b"x", "gzip", where)).startswith("agentproxy-body")
+
+
+async def test_a_refused_body_is_freed_on_the_worker_not_on_the_loop() -> None:
+    class Document:
+        pass
+
+    kept: list[weakref.ref[Document]] = []
+
+    def read() -> None:
+        document = Document()
+        kept.append(weakref.ref(document))
+        try:
+            raise JsonError("more than 10 values")
+        except JsonError:
+            raise BadRequest("parse error: more than 10 values") from None
+
+    with pytest.raises(BadRequest) as caught:
+        await BodyReader().run("a", read)
+    # Nothing the loop holds (the refusal, its traceback, its context) keeps the document.
+    assert kept[0]() is None
+    assert "read" not in [frame.name for frame in traceback.extract_tb(caught.value.__traceback__)]
