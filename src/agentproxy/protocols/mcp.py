@@ -136,13 +136,16 @@ def describe(method: str, headers: Mapping[str, str], body: bytes, *, max_bytes:
         BadRequest: another HTTP method; a body on GET/DELETE; Content-Type not
             application/json (or a charset other than utf-8); a Content-Encoding other than
             identity or gzip, or a corrupt gzip stream; a body that is not UTF-8 JSON (detail
-            "parse error: …": duplicate keys, NaN/Infinity, numbers out of 64-bit range, lone
-            surrogates, nesting deeper than MAX_JSON_DEPTH); an empty or oversized batch; a
+            "parse error: …": duplicate keys, keys of one object that collide under case
+            folding or NFKC, NaN/Infinity, numbers out of 64-bit range, lone surrogates,
+            nesting deeper than MAX_JSON_DEPTH, more than MAX_ELEMENTS values); an empty or
+            oversized batch; a
             message that is not JSON-RPC 2.0 as MCP uses it (the detail names its index); a
             tool name, URI or prompt name that is empty, longer than MAX_NAME_LENGTH or holds
             a non-printable character; `Mcp-Method`/`Mcp-Name` headers that disagree with the
             body or come with a batch.
-        PayloadTooLarge: the body, or its gzip-decoded form, exceeds `max_bytes`.
+        PayloadTooLarge: the body, or its gzip-decoded form, exceeds `max_bytes`, or gzip
+            inflates it past the ratio `body.decode_content` allows.
     """
     if method in ("GET", "DELETE"):
         if body:
