@@ -186,3 +186,20 @@ def test_large_documents_read_the_same_whichever_way_they_are_parsed(filler: str
     inner = orjson.dumps({"a": [1, -2.5, "\u00e9\U0001f600", None, True, {"b": [[]]}]})
     body = _large(inner, filler)
     assert parse_request(body) == orjson.loads(body)
+
+
+def _values(document: object) -> int:
+    if isinstance(document, dict):
+        return 1 + sum(_values(v) for v in document.values())
+    if isinstance(document, list):
+        return 1 + sum(_values(v) for v in document)
+    return 1
+
+
+@pytest.mark.parametrize("filler", FILLERS)
+def test_the_value_cap_is_exact_however_early_the_parse_stops(filler: str) -> None:
+    body = _large(orjson.dumps({"a": [1, 2.5, "s", None, {"b": []}]}), filler)
+    count = _values(orjson.loads(body))
+    assert parse_request(body, max_elements=count) == orjson.loads(body)
+    with pytest.raises(JsonError, match=f"more than {count - 1} values"):
+        parse_request(body, max_elements=count - 1)

@@ -153,12 +153,13 @@ _REQUEST_DECODER: Final = json.JSONDecoder(
 )
 # Large documents are parsed on a worker thread while the event loop serves other agents. The
 # C parser never lets go of the GIL by itself: the interpreter can hand it to the loop only
-# when the parser calls back into Python. So large documents keep the hook per number and
-# object, and one with more containers and strings than MAX_ELEMENTS (which nothing calls
-# back for: 8 MiB of "[]," held the GIL 0.5 s) is parsed by the pure-Python scanner, every
-# step of which can yield. The hooks also check integer lengths: converting a decimal literal
-# costs time quadratic in its digits, and Python's own 4,300-digit cap can be lifted
-# (PYTHONINTMAXSTRDIGITS=0), in which case small documents take this decoder too.
+# when the parser calls back into Python. So a large document gets a decoder of its own
+# (`_counting_decoder`) with a hook per number and object, and one with more containers and
+# strings than MAX_ELEMENTS (which nothing calls back for: 8 MiB of "[]," held the GIL 0.5 s)
+# is parsed by the pure-Python scanner, every step of which can yield. The hooks also check
+# integer lengths: converting a decimal literal costs time quadratic in its digits, and
+# Python's own 4,300-digit cap can be lifted (PYTHONINTMAXSTRDIGITS=0), in which case small
+# documents take this decoder.
 _REQUEST_DECODER_YIELDING: Final = json.JSONDecoder(
     object_pairs_hook=_unique_folded_keys,
     parse_constant=_no_constant,
@@ -215,18 +216,56 @@ def parse_request(raw: bytes, *, max_elements: int = MAX_ELEMENTS) -> Any:
 def _request_decoder(raw: bytes, max_elements: int) -> json.JSONDecoder:
     if len(raw) <= YIELDING_ABOVE and 0 < sys.get_int_max_str_digits() <= _MAX_INT_DIGITS:
         return _REQUEST_DECODER
-    # Counted in C at memory speed; brackets and quotes inside strings only overcount.
-    unhooked = raw.count(b"[") + raw.count(b'"') // 2
-    if unhooked <= max_elements:
+    if len(raw) <= YIELDING_ABOVE:
         return _REQUEST_DECODER_YIELDING
+    return _counting_decoder(raw, max_elements)
+
+
+def _counting_decoder(raw: bytes, max_elements: int) -> json.JSONDecoder:
+    """A decoder for one large document whose hooks also count the values they see, and
+    stop the parse once they pass `max_elements`: a flood of values costs the worker a
+    fraction of its parse. They see fewer values than there are (never true, false or null;
+    strings and arrays only in the Python scanner), so they never refuse what the walk after
+    the parse would accept."""
+    left = max_elements
+
+    def spend(count: int) -> None:
+        nonlocal left
+        left -= count
+        if left < 0:
+            raise JsonError(f"more than {max_elements} values")
+
+    def pairs(members: list[tuple[str, Any]]) -> dict[str, Any]:
+        spend(1)
+        return _unique_folded_keys(members)
+
+    def integer(text: str) -> int:
+        spend(1)
+        return _int64(text)
+
+    def number(text: str) -> float:
+        spend(1)
+        return _finite_float(text)
+
     decoder = json.JSONDecoder(
-        object_pairs_hook=_unique_folded_keys,
-        parse_constant=_no_constant,
-        parse_float=_finite_float,
-        parse_int=_int64,
+        object_pairs_hook=pairs, parse_constant=_no_constant, parse_float=number, parse_int=integer
     )
-    # Per call: the Python scanner keeps a memo between its steps.
-    decoder.scan_once = json.scanner.py_make_scanner(decoder)  # type: ignore[attr-defined]
+    # Counted in C at memory speed; brackets and quotes inside strings only overcount.
+    if raw.count(b"[") + raw.count(b'"') // 2 > max_elements:
+        # The Python scanner's steps, read off the decoder when it is made (json/scanner.py).
+        scanner: Any = decoder
+        array, string = scanner.parse_array, scanner.parse_string
+
+        def counted_array(*args: Any) -> Any:
+            spend(1)
+            return array(*args)
+
+        def counted_string(*args: Any) -> Any:
+            spend(1)
+            return string(*args)
+
+        scanner.parse_array, scanner.parse_string = counted_array, counted_string
+        scanner.scan_once = json.scanner.py_make_scanner(decoder)  # type: ignore[attr-defined]
     return decoder
 
 
