@@ -6,6 +6,7 @@ from __future__ import annotations
 import gzip
 import os
 import sys
+from types import MappingProxyType
 
 import orjson
 import pytest
@@ -16,6 +17,7 @@ from agentproxy.protocols.strict_json import (
     MAX_ELEMENTS,
     YIELDING_ABOVE,
     JsonError,
+    check_value,
     parse_answer,
     parse_request,
 )
@@ -203,3 +205,16 @@ def test_the_value_cap_is_exact_however_early_the_parse_stops(filler: str) -> No
     assert parse_request(body, max_elements=count) == orjson.loads(body)
     with pytest.raises(JsonError, match=f"more than {count - 1} values"):
         parse_request(body, max_elements=count - 1)
+
+
+def test_values_that_did_not_arrive_as_json_are_held_to_the_same_keys() -> None:
+    check_value({"a": [{"x": 1}], "b": MappingProxyType({"k": (1, 2)})})
+    for value in (
+        {"amount": 50, "AMOUNT": 5000000},
+        {"a": [MappingProxyType({"to": "x", "TO": "y"})]},
+        {"a": ({"\u212aey": 1, "key": 2},)},
+    ):
+        with pytest.raises(JsonError, match="ignores case"):
+            check_value(value)
+    with pytest.raises(JsonError, match="more than 3 values"):
+        check_value({"a": [1, 2, 3]}, max_elements=3)

@@ -22,6 +22,8 @@ import sys
 import unicodedata
 from typing import Any, Final
 
+from agentproxy.core import plain
+
 __all__ = [
     "MAX_DEPTH",
     "MAX_ELEMENTS",
@@ -274,7 +276,9 @@ def check_value(document: Any, *, max_elements: int = MAX_ELEMENTS) -> None:
     arguments an Authorizer.Check caller sends as a protobuf Struct, and will forward as
     JSON): no keys of one object that collide, no lone surrogate, no nesting deeper than
     MAX_DEPTH, at most `max_elements` values. Raises JsonError."""
-    _check_tree(document, check_surrogates=True, max_elements=max_elements, check_keys=True)
+    # As plain dicts and lists: the walk does not look inside other mappings and sequences.
+    tree = plain(document)
+    _check_tree(tree, check_surrogates=True, max_elements=max_elements, check_keys=True)
 
 
 def _check_tree(
