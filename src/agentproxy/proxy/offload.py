@@ -3,13 +3,13 @@
 A body of more than `INLINE_BYTES`, or any compressed one (a few bytes of gzip can inflate to
 the decoded cap), is inflated and parsed on one worker thread, process-wide. One, because
 CPython runs one thread at a time: a second worker would not parse faster, only take more of
-the loop's turns. The strict parser calls back into Python for every object and number, so
-the interpreter hands the loop the GIL every switch interval (5 ms) however long a parse runs:
-other agents' calls go on, slower but not frozen. What a parse may cost is bounded by the
-body caps (`max_body_bytes`, the inflation ratio, `MAX_ELEMENTS`); its turn on the worker is
-bounded per agent: at most `MAX_PER_AGENT` of an agent's bodies wait for or hold the worker,
-and another is refused with 429, so one agent's flood queues in front of nobody else's body
-but its own.
+the loop's turns. The worker yields: the strict parser calls back into Python often for a
+large document (`strict_json`), and the interpreter is told to hand the GIL to a waiting loop
+within `SWITCH_INTERVAL`, so other agents' calls go on, slower but not frozen. What a parse
+may cost is bounded by the body caps (`max_body_bytes`, the inflation ratio, `MAX_ELEMENTS`,
+at which the parse stops); its turn on the worker is bounded per agent: at most
+`MAX_PER_AGENT` of an agent's bodies wait for or hold the worker, and another is refused with
+429, so one agent's flood queues in front of nobody else's body but its own.
 """
 
 from __future__ import annotations
@@ -23,14 +23,16 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Final, TypeVar
 
 from agentproxy.errors import LimitRefused, Refusal
+from agentproxy.protocols.strict_json import YIELDING_ABOVE
 
-__all__ = ["INLINE_BYTES", "MAX_PER_AGENT", "BodyReader", "body_reader", "parse_off_loop"]
+__all__ = ["INLINE_BYTES", "MAX_PER_AGENT", "BodyReader", "parse_off_loop"]
 
 T = TypeVar("T")
 
-# Read on the loop at most ~1.5 ms of the strict parser's worst case (dense numbers, ~12 MB/s
-# on a 2-core machine); an MCP tool call or a short chat is far below it.
-INLINE_BYTES: Final = 16 * 1024
+# Read on the loop: about 1 ms of the strict parser's worst case at most (dense objects,
+# ~15 MB/s on a 2-core machine); an MCP tool call or a short chat is far below it. Larger
+# documents are also the ones strict_json parses so that they yield.
+INLINE_BYTES: Final = YIELDING_ABOVE
 MAX_PER_AGENT: Final = 2
 # How long the worker may hold the GIL while the loop waits for it (CPython's default is
 # 5 ms). A call through the proxy wakes the loop several times; at 5 ms a wake-up, a parse on
@@ -109,13 +111,9 @@ def _read(read: Callable[[], T]) -> T:
         raise refusal from None
 
 
+# The process's one worker, shared by every upstream and every reload's pipeline.
 _READER: Final = BodyReader()
 os.register_at_fork(after_in_child=_READER.forget)
-
-
-def body_reader() -> BodyReader:
-    """The process's body reader (its worker thread is shared by every upstream and reload)."""
-    return _READER
 
 
 async def parse_off_loop(
