@@ -63,6 +63,7 @@ bench: bench-deps
 	$(PY) bench/grpc_overhead.py
 	$(PY) bench/audit_trail.py
 	$(PY) bench/wake_cost.py
+	$(PY) bench/body_flood.py
 
 ## make bench-quick: every benchmark with short runs (~5 minutes), for a first look; writes
 ## bench/results/*_quick.md (not committed), leaving the full runs' results alone
@@ -74,6 +75,7 @@ bench-quick: bench-deps
 	$(PY) bench/grpc_overhead.py --seconds 2 --rounds 1 --name grpc_overhead_quick
 	$(PY) bench/audit_trail.py --seconds 1 --name audit_trail_quick
 	$(PY) bench/wake_cost.py --rounds 2 --name wake_cost_quick
+	$(PY) bench/body_flood.py --seconds 2 --rounds 1 --name body_flood_quick
 
 ## make bench-profile: py-spy samples the full HTTP pipeline under wrk load
 bench-profile: bench-deps
@@ -88,7 +90,7 @@ demo-metrics: install
 
 # Debian packages the tests use: promtool (package prometheus) checks /metrics, redis-server
 # backs the Redis store tests, chromium drives the approvals page. Installed when run as root.
-SYSTEM_TOOLS := promtool:prometheus redis-server:redis-server chromium:chromium
+SYSTEM_TOOLS := promtool:prometheus redis-server:redis-server chromium:chromium go:golang-go
 
 system-deps:
 	@missing=""; for pair in $(SYSTEM_TOOLS); do \

@@ -332,3 +332,27 @@ def test_path_readings_and_forwarded_host_load_and_bad_ones_are_named(tmp_path: 
     text = "\n".join(problems(write(tmp_path, bad)))
     assert "forwarded_host: must be a host[:port]" in text
     assert "case" in text and "insensitive" in text
+
+
+def test_max_body_bytes_defaults_by_protocol_and_is_checked(tmp_path: Path) -> None:
+    upstreams = """\
+  - {name: api, url: "http://127.0.0.1:8001", match: {path_prefix: /api}}
+  - {name: tools, url: "http://127.0.0.1:8002", protocol: mcp, match: {path_prefix: /mcp}}
+  - {name: models, url: "http://127.0.0.1:8003", protocol: llm, match: {path_prefix: /llm}}
+  - {name: big, url: "http://127.0.0.1:8004", protocol: llm, match: {path_prefix: /big},
+     max_body_bytes: 33554432}
+"""
+    text = MAIN.replace("upstreams:\n", "upstreams:\n" + upstreams)
+    loaded = {u.name: u.max_body_bytes for u in load_config(write(tmp_path, text)).upstreams}
+    assert loaded == {
+        "hr": 64 << 20,
+        "api": 64 << 20,
+        "tools": 1 << 20,
+        "models": 8 << 20,
+        "big": 32 << 20,
+    }
+    bad = MAIN.replace("    timeout: 5s\n", "    timeout: 5s\n    max_body_bytes: 0\n")
+    assert any(
+        "$.upstreams[0].max_body_bytes: must be a positive number of bytes" in line
+        for line in problems(write(tmp_path, bad))
+    )

@@ -169,9 +169,16 @@ async def test_check_of_an_mcp_call_and_of_nothing(
     )
     proxy = await make_grpc_proxy(policy=policy, admin_grpc=True)
     async with admin(proxy) as channel:
-        for amount, expected in ((50, Outcome.ALLOWED), (500, Outcome.DENIED)):
+        cases: list[tuple[dict[str, Any], Any]] = [
+            ({"amount": 50}, Outcome.ALLOWED),
+            ({"amount": 500}, Outcome.DENIED),
+            # The caller will forward these as JSON: a Go tool would read 5000000 (issue 20.2).
+            ({"amount": 50, "AMOUNT": 5000000}, Outcome.INVALID),
+            ({"amount": 50, "memo": {"to": "a", "TO": "b"}}, Outcome.INVALID),
+        ]
+        for values, expected in cases:
             arguments = struct_pb2.Struct()
-            arguments.update({"amount": amount})
+            arguments.update(values)
             answer = await authorizer(channel).Check(
                 authorizer_pb2.CheckRequest(
                     token=keys.token(),
@@ -180,8 +187,11 @@ async def test_check_of_an_mcp_call_and_of_nothing(
                     ),
                 )
             )
-            assert answer.outcome == expected
-            assert answer.action == "mcp:tools/call/payments.transfer"
+            assert answer.outcome == expected, values
+            if expected == Outcome.INVALID:
+                assert "one key to a parser that ignores case" in answer.reason
+            else:
+                assert answer.action == "mcp:tools/call/payments.transfer"
         empty = await authorizer(channel).Check(authorizer_pb2.CheckRequest(token=keys.token()))
         assert empty.outcome == Outcome.INVALID and "one of http, grpc or mcp" in empty.reason
 

@@ -284,8 +284,12 @@ class _Loader:
                 credentials = Credentials(
                     header, secret, doc.get(creds, cpath, "prefix", str, "") or ""
                 )
-        max_body = doc.get(section, path, "max_body_bytes", int, 64 * 1024 * 1024) or 0
-        doc.check(max_body > 0, f"{path}.max_body_bytes", "must be a positive number of bytes")
+        max_body = doc.get(section, path, "max_body_bytes", int) or 0
+        doc.check(
+            section.get("max_body_bytes") is None or max_body > 0,
+            f"{path}.max_body_bytes",
+            "must be a positive number of bytes",
+        )
         timeout = doc.duration(section, path, "timeout", 30.0)
         doc.check(timeout > 0, f"{path}.timeout", "must be more than 0")
         pin_tools = doc.choice(section, path, "pin_tools", ["off", "report", "enforce"], "report")
@@ -346,7 +350,7 @@ class _Loader:
             path_prefix=prefix,
             timeout=timeout,
             credentials=credentials,
-            max_body_bytes=max_body,
+            max_body_bytes=max(max_body, 0),  # 0: the protocol's default
         )
 
     def identity(self, value: Any) -> Identity:

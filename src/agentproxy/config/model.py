@@ -7,9 +7,10 @@ themselves in `repr` and logs. Paths are absolute (resolved against the config f
 from __future__ import annotations
 
 import fnmatch
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Final, Literal
 
 from agentproxy.core import Effect, Mode, Principal
 
@@ -130,6 +131,18 @@ class Credentials:
 
 Protocol = Literal["http", "mcp", "llm", "grpc"]
 
+# The largest request body, by protocol, when `max_body_bytes` is not set. HTTP bodies stream
+# through unread. MCP and LLM bodies are read whole and parsed before they are decided, so
+# their cap is what one request can make the proxy hold and parse: an MCP tool call is a few
+# KiB (1 MiB leaves room for documents in arguments); an LLM request carries the conversation
+# and inline images (8 MiB: a 5 MiB image in base64, Anthropic's per-image limit).
+DEFAULT_MAX_BODY_BYTES: Final[Mapping[str, int]] = {
+    "http": 64 * 1024 * 1024,
+    "mcp": 1024 * 1024,
+    "llm": 8 * 1024 * 1024,
+    "grpc": 64 * 1024 * 1024,
+}
+
 
 @dataclass(frozen=True, slots=True)
 class Upstream:
@@ -139,7 +152,8 @@ class Upstream:
     path_prefix: str | None = None
     timeout: float = 30.0
     credentials: Credentials | None = None
-    max_body_bytes: int = 64 * 1024 * 1024
+    # 0: the protocol's default (DEFAULT_MAX_BODY_BYTES).
+    max_body_bytes: int = 0
     # MCP only: tool pinning (off | report | enforce) and how a refused tools/call is
     # answered (a JSON-RPC error, or a CallToolResult with isError the model can read).
     pin_tools: Literal["off", "report", "enforce"] = "report"
@@ -161,6 +175,12 @@ class Upstream:
     forwarded_host: str | None = None
     path_case: Literal["sensitive", "insensitive"] = "sensitive"
     integer_segments: Literal["as_sent", "canonical"] = "as_sent"
+
+    def __post_init__(self) -> None:
+        if self.max_body_bytes == 0:
+            object.__setattr__(self, "max_body_bytes", DEFAULT_MAX_BODY_BYTES[self.protocol])
+        elif self.max_body_bytes < 0:
+            raise ValueError("max_body_bytes must be positive")
 
     @property
     def is_grpc(self) -> bool:

@@ -120,11 +120,13 @@ def describe(
             endpoints: Content-Type not application/json (or a charset other than utf-8), a
             Content-Encoding other than identity or gzip or a corrupt gzip stream, a body that
             is not one strict UTF-8 JSON object (detail "parse error: …" for duplicate keys,
-            NaN, out-of-range numbers, lone surrogates, deep nesting), `model` not a non-empty
+            keys colliding under case folding or NFKC, NaN, out-of-range numbers, lone
+            surrogates, deep nesting, too many values), `model` not a non-empty
             string of at most 256 printable characters, `stream` not a boolean, a max-tokens
             field not a non-negative integer, `stream_options` not an object or its
             `include_usage` not a boolean.
-        PayloadTooLarge: the body, or its gzip-decoded form, exceeds `max_bytes`.
+        PayloadTooLarge: the body, or its gzip-decoded form, exceeds `max_bytes`, or gzip
+            inflates it past the ratio `body.decode_content` allows.
     """
     if len(method) > 32 or not TOKEN.fullmatch(method):
         raise BadRequest("request method is not an RFC 9110 token")

@@ -32,7 +32,13 @@ from agentproxy.protocols import sse
 from agentproxy.protocols.body import check_json_content_type, decode_content
 from agentproxy.protocols.http import WireReply, normalize_uri
 from agentproxy.protocols.http import render as render_http
-from agentproxy.protocols.strict_json import MAX_DEPTH, JsonError, parse_answer, parse_request
+from agentproxy.protocols.strict_json import (
+    MAX_DEPTH,
+    JsonError,
+    check_value,
+    parse_answer,
+    parse_request,
+)
 
 __all__ = [
     "ACTION_PREFIX",
@@ -130,13 +136,16 @@ def describe(method: str, headers: Mapping[str, str], body: bytes, *, max_bytes:
         BadRequest: another HTTP method; a body on GET/DELETE; Content-Type not
             application/json (or a charset other than utf-8); a Content-Encoding other than
             identity or gzip, or a corrupt gzip stream; a body that is not UTF-8 JSON (detail
-            "parse error: …": duplicate keys, NaN/Infinity, numbers out of 64-bit range, lone
-            surrogates, nesting deeper than MAX_JSON_DEPTH); an empty or oversized batch; a
+            "parse error: …": duplicate keys, keys of one object that collide under case
+            folding or NFKC, NaN/Infinity, numbers out of 64-bit range, lone surrogates,
+            nesting deeper than MAX_JSON_DEPTH, more than MAX_ELEMENTS values); an empty or
+            oversized batch; a
             message that is not JSON-RPC 2.0 as MCP uses it (the detail names its index); a
             tool name, URI or prompt name that is empty, longer than MAX_NAME_LENGTH or holds
             a non-printable character; `Mcp-Method`/`Mcp-Name` headers that disagree with the
             body or come with a batch.
-        PayloadTooLarge: the body, or its gzip-decoded form, exceeds `max_bytes`.
+        PayloadTooLarge: the body, or its gzip-decoded form, exceeds `max_bytes`, or gzip
+            inflates it past the ratio `body.decode_content` allows.
     """
     if method in ("GET", "DELETE"):
         if body:
@@ -206,7 +215,12 @@ _ABSENT: Final = object()
 
 def describe_call(method: str, name: str, arguments: Any) -> Action:
     """The action of an MCP request named outside JSON-RPC (Authorizer.Check): what its
-    message would be described as. Raises BadRequest as `describe` would."""
+    message would be described as. Raises BadRequest as `describe` would, also for
+    arguments that `describe` would refuse as JSON (keys colliding under case folding)."""
+    try:
+        check_value(arguments)
+    except JsonError as exc:
+        raise BadRequest(f'mcp {method}: "arguments": {exc}') from None
     key = _NAMED_METHODS.get(method)
     params: dict[str, Any] = {key: name} if key is not None else {}
     if arguments is not None:

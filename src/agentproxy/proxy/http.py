@@ -196,13 +196,15 @@ class HttpExchange:
         Raises PayloadTooLarge past `limit` bytes (checked on Content-Length first).
         """
         length = self.request.content_length
+        # Says which setting to change: MCP and LLM upstreams have small defaults.
+        where = f" (max_body_bytes of upstream {self.upstream.name})" if self.upstream else ""
         if length is not None and length > limit:
-            raise PayloadTooLarge(f"request body is {length} bytes; the limit is {limit}")
+            raise PayloadTooLarge(f"request body is {length} bytes; the limit is {limit}{where}")
         chunks: list[bytes] = []
         async for chunk in self.request.content.iter_chunked(CHUNK):
             call.bytes_in += len(chunk)
             if call.bytes_in > limit:
-                raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
+                raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes{where}")
             chunks.append(chunk)
         return b"".join(chunks)
 

@@ -9,6 +9,7 @@ is counted (the usage-only chunk the client did not ask for is dropped).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import AsyncIterator
 from dataclasses import replace
 
@@ -18,6 +19,7 @@ from agentproxy.config.model import Upstream
 from agentproxy.core import Call
 from agentproxy.protocols import llm
 from agentproxy.proxy.http import HttpExchange
+from agentproxy.proxy.offload import parse_off_loop
 from agentproxy.proxy.upstream import UpstreamAnswer
 
 
@@ -26,7 +28,10 @@ class LlmExchange(HttpExchange):
     tap: llm.UsageTap | None = None
 
     async def describe(self, call: Call) -> None:
-        """Raises BadRequest or PayloadTooLarge for a body that cannot be read unambiguously."""
+        """Reads the body (bounded by `max_body_bytes`), off the loop when it is large or
+        compressed. Raises BadRequest or PayloadTooLarge for a body that cannot be read
+        unambiguously, LimitRefused when this agent already has too many large bodies being
+        read."""
         upstream = self.upstream
         if upstream is None:
             return
@@ -34,9 +39,16 @@ class LlmExchange(HttpExchange):
         if self.request.method == "POST":
             body = await self._read_body(call, upstream.max_body_bytes)
         headers = {k.lower(): v for k, v in self.request.headers.items()}
-        parsed = llm.describe(
-            self.request.method, self.path, headers, body, max_bytes=upstream.max_body_bytes
+        read = functools.partial(
+            llm.describe,
+            self.request.method,
+            self.path,
+            headers,
+            body,
+            max_bytes=upstream.max_body_bytes,
         )
+        agent = call.principal.agent if call.principal is not None else ""
+        parsed = await parse_off_loop(agent, body, headers.get("content-encoding"), read)
         self.parsed = parsed
         call.action = replace(parsed.action, upstream=upstream.name)
         call.model = parsed.model

@@ -10,6 +10,7 @@ allowed to call, and its definitions are pinned.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import replace
@@ -25,6 +26,7 @@ from agentproxy.policy import could_allow
 from agentproxy.protocols import mcp
 from agentproxy.protocols.http import response_headers_to_return
 from agentproxy.proxy.http import HttpExchange
+from agentproxy.proxy.offload import parse_off_loop
 from agentproxy.proxy.pins import McpState
 from agentproxy.proxy.runtime import Runtime
 from agentproxy.proxy.upstream import UpstreamAnswer, UpstreamClient
@@ -53,9 +55,11 @@ class McpExchange(HttpExchange):
         self.parsed: mcp.McpRequest | None = None
 
     async def describe(self, call: Call) -> None:
-        """Reads the body (bounded by `max_body_bytes`) and names every message in it.
+        """Reads the body (bounded by `max_body_bytes`) and names every message in it, off
+        the loop when it is large or compressed.
 
-        Raises BadRequest or PayloadTooLarge for a body that cannot be read unambiguously.
+        Raises BadRequest or PayloadTooLarge for a body that cannot be read unambiguously,
+        LimitRefused when this agent already has too many large bodies being read.
         """
         request = self.request
         upstream = self.mcp_upstream
@@ -70,7 +74,11 @@ class McpExchange(HttpExchange):
                 # Servers may route on these: two copies could be read either way.
                 raise BadRequest(f"more than one {name} header")
             headers[lower] = value
-        parsed = mcp.describe(request.method, headers, body, max_bytes=upstream.max_body_bytes)
+        read = functools.partial(
+            mcp.describe, request.method, headers, body, max_bytes=upstream.max_body_bytes
+        )
+        agent = call.principal.agent if call.principal is not None else ""
+        parsed = await parse_off_loop(agent, body, headers.get("content-encoding"), read)
         self.parsed = parsed
         actions = [replace(action, upstream=upstream.name) for action in parsed.actions]
         call.action = actions[0]

@@ -15,5 +15,6 @@ class Describe:
 
     async def __call__(self, call: Call, exchange: Exchange) -> None:
         """Raises Refusal (BadRequest, PayloadTooLarge) for a body that cannot be read
-        unambiguously."""
+        unambiguously, LimitRefused when the agent already has its share of large bodies
+        being read (proxy/offload.py)."""
         await exchange.describe(call)
