@@ -263,6 +263,7 @@ def write_config(
     mode: str = "enforce",
     timeout: str = "2s",
     decision_log: str = "stdout",
+    listen: str = "",
 ) -> Path:
     (d / "issuer.pem").write_bytes(keys.public_pem)
     (d / "secret").write_text(UPSTREAM_SECRET + "\n")
@@ -272,7 +273,7 @@ def write_config(
     path.write_text(
         f"""
 mode: {mode}
-listen: {{http: "127.0.0.1:0", admin: "127.0.0.1:0"}}
+listen: {{http: "127.0.0.1:0", admin: "127.0.0.1:0"{", " + listen if listen else ""}}}
 upstreams:
   - name: tool
     url: "{upstream_url}"

@@ -186,6 +186,15 @@ class PayloadTooLarge(Refusal):
     fault = "client"
 
 
+class BodyTimeout(Refusal):
+    """The request body stopped arriving for longer than `listen.body_timeout`."""
+
+    status = 408
+    problem = "body-timeout"
+    title = "Request body timed out"
+    fault = "client"
+
+
 class Unavailable(Refusal):
     """A dependency the decision needs is down (identity keys, store, audit): fail closed.
 

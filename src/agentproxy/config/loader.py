@@ -159,8 +159,37 @@ class _Loader:
 
     def listen(self, value: Any) -> Listen:
         doc = self.doc
-        section = doc.mapping(value, "$.listen", ("http", "admin", "grpc", "admin_grpc"))
+        section = doc.mapping(
+            value,
+            "$.listen",
+            (
+                "http",
+                "admin",
+                "grpc",
+                "admin_grpc",
+                "max_connections",
+                "header_timeout",
+                "idle_timeout",
+                "body_timeout",
+            ),
+        )
+        max_connections = doc.get(section, "$.listen", "max_connections", int, 10_000) or 0
+        doc.check(
+            max_connections >= 1,
+            "$.listen.max_connections",
+            "must be at least 1 (open client connections per data-plane listener)",
+        )
+        timeouts = {}
+        for key, default in (
+            ("header_timeout", 10.0),
+            ("idle_timeout", 60.0),
+            ("body_timeout", 10.0),
+        ):
+            timeouts[key] = doc.duration(section, "$.listen", key, default)
+            doc.check(timeouts[key] > 0, f"$.listen.{key}", "must be more than 0")
         return Listen(
+            max_connections=max_connections,
+            **timeouts,
             http=self.host_port(section, "$.listen", "http", "0.0.0.0:8080"),
             admin=self.host_port(section, "$.listen", "admin", "0.0.0.0:9901"),
             grpc=self.host_port(section, "$.listen", "grpc") if "grpc" in section else None,

@@ -118,6 +118,11 @@ class Listen:
     # Absent: no listener. The gRPC data plane, and agentproxy.v1 (Authorizer, Approvals).
     grpc: HostPort | None = None
     admin_grpc: HostPort | None = None
+    # Bounds on the HTTP listeners' clients (per listener, so per worker process).
+    max_connections: int = 10_000  # data plane; beyond it a new connection gets 503 and closes
+    header_timeout: float = 10.0  # a request head, once begun, must arrive within this
+    idle_timeout: float = 60.0  # a keep-alive connection with no request is closed after this
+    body_timeout: float = 10.0  # the longest wait for the next piece of a request body
 
 
 @dataclass(frozen=True, slots=True)

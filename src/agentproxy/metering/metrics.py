@@ -228,6 +228,20 @@ class Metrics:
             ["upstream", "tool"],
             registry=r,
         )
+        self.connections = Gauge(
+            "agentproxy_connections",
+            "Open client connections, by listener.",
+            ["listener"],
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.connections_refused = Counter(
+            "agentproxy_connections_refused",
+            "Client connections closed by the proxy's bounds, by reason (max_connections, "
+            "header_timeout, body_timeout).",
+            ["reason"],
+            registry=r,
+        )
         self.approvals_pending = Gauge(
             "agentproxy_approvals_pending",
             "Approvals waiting for a decision.",

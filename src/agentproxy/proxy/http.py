@@ -4,6 +4,7 @@ LLM exchanges extend it; `proxy/http_plane.py` picks one per request."""
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 from collections.abc import AsyncIterator
@@ -15,6 +16,7 @@ from agentproxy.clock import Clock
 from agentproxy.config.model import Upstream
 from agentproxy.core import Call
 from agentproxy.errors import (
+    BodyTimeout,
     PayloadTooLarge,
     UpstreamFailed,
     UpstreamTimeout,
@@ -69,6 +71,7 @@ class HttpExchange:
         self._response: web.StreamResponse | None = None
         self._responded = False
         self._body_too_large = False
+        self._body_stalled = False
 
     @property
     def responded(self) -> bool:
@@ -130,6 +133,11 @@ class HttpExchange:
             await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
             request.writer.output_size = 0
         headers = self._upstream_headers(call, upstream)
+        data = self._request_data(call, upstream)
+        if data is not None and not isinstance(data, bytes) and _buffered(request):
+            # A small body is read whole before the upstream is involved: one trickled a
+            # byte at a time holds a coroutine here, never one of the upstream's workers.
+            data = b"".join([chunk async for chunk in data])
         origin, base = origin_of(upstream.url)
         # Already normalized by the adapter: sent as it is.
         target = base + self.path + ("?" + self.raw_query if self.raw_query else "")
@@ -140,7 +148,7 @@ class HttpExchange:
                 request.method,
                 target,
                 headers,
-                self._request_data(call, upstream),
+                data,
                 upstream.timeout,
             )
         except TimeoutError:
@@ -163,6 +171,11 @@ class HttpExchange:
             call.upstream_seconds = self.clock.monotonic() - sent
 
     def _check_body_size(self, upstream: Upstream) -> None:
+        if self._body_stalled:
+            raise BodyTimeout(
+                f"the request body stopped arriving for "
+                f"{self.runtime.config.listen.body_timeout:g}s (listen.body_timeout)"
+            )
         if self._body_too_large:
             raise PayloadTooLarge(
                 f"request body exceeds the limit of {upstream.max_body_bytes} bytes"
@@ -201,12 +214,30 @@ class HttpExchange:
         if length is not None and length > limit:
             raise PayloadTooLarge(f"request body is {length} bytes; the limit is {limit}{where}")
         chunks: list[bytes] = []
-        async for chunk in self.request.content.iter_chunked(CHUNK):
+        async for chunk in self._chunks():
             call.bytes_in += len(chunk)
             if call.bytes_in > limit:
                 raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes{where}")
             chunks.append(chunk)
         return b"".join(chunks)
+
+    async def _chunks(self) -> AsyncIterator[bytes]:
+        """The agent's body as it arrives. Raises BodyTimeout when it stalls for longer than
+        `listen.body_timeout` (a body trickled a byte at a time must not hold the proxy)."""
+        content = self.request.content
+        wait = self.runtime.config.listen.body_timeout
+        while True:
+            try:
+                async with asyncio.timeout(wait):
+                    chunk = await content.read(CHUNK)
+            except TimeoutError:
+                self._body_stalled = True
+                raise BodyTimeout(
+                    f"the request body stopped arriving for {wait:g}s (listen.body_timeout)"
+                ) from None
+            if not chunk:
+                return
+            yield chunk
 
     def _request_data(self, call: Call, upstream: Upstream) -> AsyncIterator[bytes] | bytes | None:
         """What is sent upstream as the body: the caller's, streamed."""
@@ -215,7 +246,7 @@ class HttpExchange:
         return self._body(call, upstream.max_body_bytes)
 
     async def _body(self, call: Call, limit: int) -> AsyncIterator[bytes]:
-        async for chunk in self.request.content.iter_chunked(CHUNK):
+        async for chunk in self._chunks():
             call.bytes_in += len(chunk)
             if call.bytes_in > limit:
                 # Aborting the upload cuts the upstream request short: it never sees a
@@ -285,3 +316,13 @@ class HttpExchange:
         transport = self.request.transport
         if transport is not None:
             transport.abort()
+
+
+# Bodies up to this size (by Content-Length) are read whole before the upstream sees the
+# request; larger ones stream, the upstream's timeout running while they are sent.
+BUFFERED_BODY = 64 * 1024
+
+
+def _buffered(request: web.BaseRequest) -> bool:
+    length = request.content_length
+    return length is not None and length <= BUFFERED_BODY

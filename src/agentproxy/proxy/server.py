@@ -38,6 +38,7 @@ from agentproxy.proxy.backend import ProxyBackend
 from agentproxy.proxy.grpc import GrpcDataPlane
 from agentproxy.proxy.grpc_upstreams import Channels, Descriptors
 from agentproxy.proxy.http_plane import HttpDataPlane
+from agentproxy.proxy.listener import BoundedServer, ConnectionBounds
 from agentproxy.proxy.pins import McpState
 from agentproxy.proxy.pipeline import Pipeline
 from agentproxy.proxy.upstream import UpstreamClient
@@ -184,12 +185,27 @@ class ProxyServer:
     async def _listen(self) -> None:
         listen = self.config.listen
         data_plane = HttpDataPlane(lambda: self.pipeline, self.upstream_client, self.mcp)
-        admin = web.AppRunner(admin_app(self.backend, self.clock), access_log=None)
+        admin = web.AppRunner(
+            admin_app(self.backend, self.clock),
+            access_log=None,
+            keepalive_timeout=listen.idle_timeout,
+        )
+        bounds = ConnectionBounds(
+            "http",
+            self.metrics,
+            max_connections=listen.max_connections,
+            header_timeout=listen.header_timeout,
+        )
         http = web.ServerRunner(
             # auto_decompress=False: bodies pass through as sent (a gzip body stays gzip, with
             # its Content-Encoding and length); the MCP adapter decodes what it authorizes.
-            web.Server(
+            BoundedServer(
                 data_plane.handle,
+                bounds=bounds,
+                keepalive_timeout=listen.idle_timeout,
+                # After a refusal whose body was not read, aiohttp drains it before closing
+                # (so the client reads the answer, not a reset): 2 s, not its 10.
+                lingering_time=2.0,
                 max_field_size=MAX_FIELD,
                 max_line_size=MAX_FIELD,
                 auto_decompress=False,

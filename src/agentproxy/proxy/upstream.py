@@ -222,6 +222,9 @@ class UpstreamClient:
                 protocol.start_timeout()
             else:
                 sender = loop.create_task(_send(protocol, writer, body))
+                # The upstream's silence is counted while the body is still being sent: a
+                # body trickled to it holds one of its workers at most `seconds`.
+                protocol.start_timeout()
             while True:
                 message, content = await protocol.read()
                 if not 100 <= message.code < 200 or message.code == 101:
