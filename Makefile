@@ -64,6 +64,7 @@ bench: bench-deps
 	$(PY) bench/audit_trail.py
 	$(PY) bench/wake_cost.py
 	$(PY) bench/body_flood.py
+	$(PY) bench/attacks.py
 
 ## make bench-quick: every benchmark with short runs (~5 minutes), for a first look; writes
 ## bench/results/*_quick.md (not committed), leaving the full runs' results alone
@@ -76,6 +77,7 @@ bench-quick: bench-deps
 	$(PY) bench/audit_trail.py --seconds 1 --name audit_trail_quick
 	$(PY) bench/wake_cost.py --rounds 2 --name wake_cost_quick
 	$(PY) bench/body_flood.py --seconds 2 --rounds 1 --name body_flood_quick
+	$(PY) bench/attacks.py --seconds 2 --rounds 1 --name attacks_quick
 
 ## make bench-profile: py-spy samples the full HTTP pipeline under wrk load
 bench-profile: bench-deps

@@ -134,10 +134,11 @@ class HttpExchange:
             request.writer.output_size = 0
         headers = self._upstream_headers(call, upstream)
         data = self._request_data(call, upstream)
-        if data is not None and not isinstance(data, bytes) and _buffered(request):
-            # A small body is read whole before the upstream is involved: one trickled a
-            # byte at a time holds a coroutine here, never one of the upstream's workers.
-            data = b"".join([chunk async for chunk in data])
+        if data is not None and not isinstance(data, bytes):
+            # The first BUFFERED_BODY bytes (a small body: all of it) arrive before the
+            # upstream is involved: a body trickled a byte at a time holds a coroutine here,
+            # never one of the upstream's workers.
+            data = await _read_ahead(data, BUFFERED_BODY)
         origin, base = origin_of(upstream.url)
         # Already normalized by the adapter: sent as it is.
         target = base + self.path + ("?" + self.raw_query if self.raw_query else "")
@@ -318,11 +319,25 @@ class HttpExchange:
             transport.abort()
 
 
-# Bodies up to this size (by Content-Length) are read whole before the upstream sees the
-# request; larger ones stream, the upstream's timeout running while they are sent.
+# A body's first bytes, up to this many, arrive before the upstream sees the request (a
+# smaller body: all of it); the rest streams, the upstream's timeout running while it is sent.
 BUFFERED_BODY = 64 * 1024
 
 
-def _buffered(request: web.BaseRequest) -> bool:
-    length = request.content_length
-    return length is not None and length <= BUFFERED_BODY
+async def _read_ahead(body: AsyncIterator[bytes], limit: int) -> AsyncIterator[bytes] | bytes:
+    """`body` whole if it ends within `limit` bytes, else its first `limit` bytes or more
+    already read, followed by the rest as it comes. Raises what reading `body` raises."""
+    head: list[bytes] = []
+    size = 0
+    async for chunk in body:
+        head.append(chunk)
+        size += len(chunk)
+        if size >= limit:
+            return _chain(b"".join(head), body)
+    return b"".join(head)
+
+
+async def _chain(first: bytes, rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    yield first
+    async for chunk in rest:
+        yield chunk
