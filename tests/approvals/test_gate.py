@@ -126,9 +126,15 @@ async def test_pending_then_retry_once_granted(
         assert await decide(s, proxy, carol, approval_id, "approve") == 200
         assert (await transfer(s, proxy, bot, 501))[0] == 403  # still pending: not this one
         assert (await transfer(s, proxy, bot, 500))[0] == 200
-        status, body = await transfer(s, proxy, bot, 500)  # grant: once
-        assert status == 403 and body["type"].endswith("/approval-used")
-    assert len(upstream.seen) == 1
+        # grant: once. The next identical call asks anew: a new approval, pending.
+        status, body = await transfer(s, proxy, bot, 500)
+        assert status == 403 and body["type"].endswith("/approval-pending")
+        again = body["approval_id"]
+        assert again != approval_id
+        assert (await transfer(s, proxy, bot, 500))[1]["approval_id"] == again
+        assert await decide(s, proxy, carol, again, "approve") == 200
+        assert (await transfer(s, proxy, bot, 500))[0] == 200
+    assert len(upstream.seen) == 2
 
 
 async def test_deny_refuses_the_retry_with_the_reason(
@@ -172,6 +178,16 @@ async def test_ttl_grant_lets_retries_through(make_proxy: ProxyFactory, keys: Ke
         approval_id = (await transfer(s, proxy, bot, 300))[1]["approval_id"]
         assert await decide(s, proxy, carol, approval_id, "approve") == 200
         assert [(await transfer(s, proxy, bot, 300))[0] for _ in range(3)] == [200, 200, 200]
+
+
+async def test_a_held_call_whose_approval_times_out_is_told_it_expired(
+    make_proxy: ProxyFactory, keys: Keys, upstream: Upstream
+) -> None:
+    proxy = await make_proxy(policy=policy(timeout="1s", hold="5s"))
+    async with aiohttp.ClientSession() as s:
+        status, body = await transfer(s, proxy, keys.token("pay-bot"), 450)
+    assert status == 403 and body["type"].endswith("/approval-expired"), body
+    assert upstream.seen == []
 
 
 async def test_expiry_is_reported_as_expiry(make_proxy: ProxyFactory, keys: Keys) -> None:

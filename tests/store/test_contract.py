@@ -455,6 +455,9 @@ async def test_approve_stores_a_one_use_grant(store: Store) -> None:
     assert (grant.approval_id, grant.approver, grant.uses) == (pending.id, "carol", 1)
     assert grant.expires == pending.expires  # when the approval itself would have expired
     assert await store.use_grant(pending.fingerprint, NOW + 6) is None
+    # The grant is spent: an identical request is a new approval, not the used one.
+    again = approval(pending.fingerprint, created=NOW + 7)
+    assert await store.open_approval(again, NOW + 7, **CAPS) == (again, True)
 
 
 async def test_approve_with_a_ttl_stores_a_grant_for_many_calls(store: Store) -> None:

@@ -119,6 +119,14 @@ class MemoryStore:
             self._grants = {k: g for k, g in self._grants.items() if g.expires > now}
         self._grants[grant.fingerprint] = grant
 
+    def _spent(self, approval: Approval, now: float) -> bool:
+        """An approved approval whose grant is used up or lapsed: the next identical call
+        asks anew (a denial or an expiry, by contrast, answers every retry in its window)."""
+        if approval.state is not State.APPROVED:
+            return False
+        grant = self._grants.get(approval.fingerprint)
+        return grant is None or grant.expires <= now
+
     async def use_grant(self, fingerprint: str, now: float) -> ApprovalGrant | None:
         grant = self._grants.get(fingerprint)
         if grant is None or grant.expires <= now:
@@ -150,7 +158,9 @@ class MemoryStore:
         self._reclaim(now)
         found_id = self._by_fingerprint.get(approval.fingerprint)
         found = None if found_id is None else self._approvals.get(found_id)
-        if found is not None and (found.state is State.PENDING or _in_window(found, now)):
+        if found is not None and (
+            found.state is State.PENDING or (_in_window(found, now) and not self._spent(found, now))
+        ):
             return found, False
         agent_pending = self._pending.get(approval.agent, set())
         scopes = _scopes(approval)

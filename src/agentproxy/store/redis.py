@@ -290,7 +290,13 @@ local found = redis.call('GET', fp_key(fp))
 if found then
   local state = meet(found)
   if state == 'pending' then return {0, redis.call('HGETALL', record_key(found))} end
-  if state then
+  -- An approved one whose grant is used up or lapsed is not found: the call asks anew.
+  local spent = false
+  if state == 'approved' then
+    local grant = redis.call('GET', P .. 'grant:' .. fp)
+    spent = not grant or tonumber(cjson.decode(grant)['expires']) <= NOW
+  end
+  if state and not spent then
     local f = redis.call('HMGET', record_key(found), 'decided_at', 'created', 'expires')
     if NOW < tonumber(f[1]) + (tonumber(f[3]) - tonumber(f[2])) then
       return {0, redis.call('HGETALL', record_key(found))}

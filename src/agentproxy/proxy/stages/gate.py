@@ -90,7 +90,8 @@ class Gate:
                 grant_ttl=spec.grant_ttl,
                 upstream=call.action.upstream,
             )
-            opened = await approvals.open(approval, self._caps)
+            asked = approval
+            opened = await approvals.open(asked, self._caps)
             if opened is None:
                 raise ApprovalCap("too many approvals are pending; ask again later")
             approval = opened[0]
@@ -99,8 +100,20 @@ class Gate:
                 held = await approvals.hold(approval.id, min(spec.hold, approval.expires - now))
                 self._metrics.approval_wait_seconds.observe(self._clock.monotonic() - waited)
                 approval = held or approval
+                if approval.state is State.PENDING and self._clock.now() >= approval.expires:
+                    # Its timeout passed while the call was held: the store expires it.
+                    approval = await approvals.get(approval.id) or approval
             if approval.state is State.APPROVED and await self._use_grant(call, fp):
                 return
+            if approval.state is State.APPROVED:
+                # Its grant went to a concurrent identical call: this one asks anew (the
+                # store no longer finds an approval whose grant is spent).
+                opened = await approvals.open(asked, self._caps)
+                if opened is None:
+                    raise ApprovalCap("too many approvals are pending; ask again later")
+                approval = opened[0]
+                if approval.state is State.APPROVED and await self._use_grant(call, fp):
+                    return
         except StoreError as exc:
             self._metrics.store_errors.labels("approvals").inc()
             log.warning("call %s: approvals store error: %s", call.id, exc)
