@@ -503,3 +503,30 @@ async def test_a_full_queue_drops_posted_records_at_once(settings: AuditSettings
         trail.post(decision(n))
     assert trail.dropped == 3
     await trail.close()
+
+
+async def test_a_record_the_trail_cannot_take_is_sealed_as_a_gap_that_verify_reports(
+    settings: AuditSettings, log_path: Path, signing_key: Ed25519PrivateKey
+) -> None:
+    """A record refused before it was sealed (a member only the trail writes, a value that is
+    not JSON) leaves a sealed `gap` record saying how many and why: the loss is in the chain,
+    and `verify` names it."""
+    trail = AuditTrail(settings)
+    await trail.start()
+    await trail.submit(decision(0))
+    refused = [
+        trail.submit({"kind": "approval", "chain": ["alice"]}),
+        trail.submit({"kind": "decision", "n": 1, "bad": {1, 2}}),
+    ]
+    for future in refused:
+        with pytest.raises(AuditError):
+            await future
+    await trail.submit(decision(2))
+    await trail.close()
+    written = records(log_path)
+    (gap,) = [r for r in written if r["kind"] == "gap"]
+    assert gap["dropped"] == 2
+    assert "only the trail may write" in gap["reason"] and "JSON" in gap["reason"]
+    report = verify([log_path], signing_key.public_key())
+    assert report.ok  # the chain is whole; what it lacks, it says
+    assert any("2 record(s) were lost before they were sealed" in n for n in report.notes)

@@ -171,3 +171,65 @@ async def test_optional_audit_keeps_serving_and_counts_the_loss(
         line for line in metrics.splitlines() if line.startswith("agentproxy_audit_dropped_total ")
     ]
     assert float(dropped[0].split()[-1]) >= 1
+
+
+APPROVAL_POLICY = """
+default: deny
+rules:
+  - id: big-transfers
+    agents: [pay-bot]
+    actions: ["http:POST /v1/transfers"]
+    effect: require_approval
+    reason: transfers need a human
+    approval: {approvers: ["role:finance"], timeout: 10m, hold: 0s}
+"""
+
+
+async def test_every_approval_event_is_a_sealed_record_that_verifies(
+    make_proxy: ProxyFactory, keys: Keys, tmp_path: Path
+) -> None:
+    """requested, approved, used, denied and expired, each in the chain with the calls, with
+    approver and reason; the file verifies (before: every approval record was refused by the
+    trail, since its delegation chain was named `chain`, and nothing said so)."""
+    from agentproxy.approvals.lifecycle import Event
+    from tests.harness.clock import FakeClock
+
+    d = tmp_path / "audit"
+    clock = FakeClock()
+    proxy = await make_proxy(policy=APPROVAL_POLICY, extra=audit_extra(d), clock=clock)
+    bot = {"Authorization": f"Bearer {keys.token('pay-bot', iat=int(clock.now()))}"}
+    backend = proxy.server.backend
+    finance = await backend.approver(keys.token("fin-1", roles=["finance"]))
+
+    async def transfer(s: aiohttp.ClientSession, amount: int) -> dict[str, object]:
+        async with s.post(f"{proxy.base}/v1/transfers?amount={amount}", headers=bot) as r:
+            return (
+                {"status": r.status, **orjson.loads(await r.read())}
+                if r.status != 200
+                else {"status": 200}
+            )
+
+    async with aiohttp.ClientSession() as s:
+        approved = str((await transfer(s, 1))["approval_id"])
+        denied = str((await transfer(s, 2))["approval_id"])
+        expired = str((await transfer(s, 3))["approval_id"])
+        await backend.decide_approval(approved, Event.APPROVE, finance, "looks right")
+        await backend.decide_approval(denied, Event.DENY, finance, "not this one")
+        assert (await transfer(s, 1))["status"] == 200  # the grant is used
+        clock.advance(601)
+        await proxy.server.services.approvals.check()  # the expiry round
+    assert proxy.server.services.audit is not None
+    assert proxy.server.services.audit.dropped == 0
+    await proxy.server.stop()
+
+    records = [orjson.loads(line) for line in (d / "audit.jsonl").read_text().splitlines()]
+    events = [(r["event"], r["approval_id"]) for r in records if r.get("kind") == "approval"]
+    assert ("requested", approved) in events and ("requested", denied) in events
+    assert ("approved", approved) in events and ("used", approved) in events
+    assert ("denied", denied) in events and ("expired", expired) in events
+    by_event = {r["event"] + r["approval_id"]: r for r in records if r.get("kind") == "approval"}
+    assert by_event["approved" + approved]["decided_by"] == "fin-1"
+    assert by_event["denied" + denied]["approval"]["decided_reason"] == "not this one"
+    assert by_event["requested" + approved]["approval"]["chain"] == []
+    ok = cli("audit", "verify", str(d / "audit.jsonl"), "--key", str(d / "signing.pem"))
+    assert ok.returncode == 0, ok.stdout + ok.stderr

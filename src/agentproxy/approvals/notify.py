@@ -36,7 +36,7 @@ from agentproxy.clock import SYSTEM, Clock, rfc3339
 
 log = logging.getLogger("agentproxy.approvals")
 
-EVENTS = frozenset({"requested", "approved", "denied", "expired"})
+EVENTS = frozenset({"requested", "approved", "denied", "expired", "used"})
 
 SIGNATURE_HEADER = "X-Agentproxy-Signature"
 EVENT_HEADER = "X-Agentproxy-Event"
@@ -125,7 +125,7 @@ def _clip(text: str, limit: int) -> str:
 def payload(event: str, approval: Approval, *, ui_url: str | None = None) -> dict[str, Any]:
     """The JSON body for one event: Slack's `text` and `blocks`, plus `event` and `approval`.
 
-    Raises ValueError for an event that is not requested, approved, denied or expired."""
+    Raises ValueError for an event that is not requested, approved, denied, expired or used."""
     if event not in EVENTS:
         raise ValueError(f"unknown approval event {event!r}; expected one of {sorted(EVENTS)}")
     who = slack_escape(approval.agent)

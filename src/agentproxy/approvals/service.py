@@ -73,8 +73,15 @@ class ApprovalService:
     # --- the gate's side ---------------------------------------------------------------------
 
     async def use_grant(self, fingerprint: str) -> ApprovalGrant | None:
-        """Uses the grant for `fingerprint` once, if there is one. Raises StoreError."""
-        return await self._store.use_grant(fingerprint, self._clock.now())
+        """Uses the grant for `fingerprint` once, if there is one (then `used` is emitted with
+        its approval, for the audit trail). Raises StoreError."""
+        now = self._clock.now()
+        grant = await self._store.use_grant(fingerprint, now)
+        if grant is not None:
+            approval = await self._store.get_approval(grant.approval_id, now)
+            if approval is not None:
+                self.emit("used", approval)
+        return grant
 
     async def open(
         self, approval: Approval, caps: ApprovalsSettings

@@ -131,6 +131,7 @@ class AuditTrail:
             raise ValueError("audit: no sink configured (file, stdout or redis_stream)")
         self.settings = settings
         self.dropped = 0
+        self._lost: dict[str, int] = {}  # reason → records dropped before they were sealed
         self._on_drop = on_drop
         self._clock = clock
         self._key: Ed25519PrivateKey | None = (
@@ -238,22 +239,22 @@ class AuditTrail:
         counted and logged as `submit`'s are. Must be called on the event loop.
         """
         if not self._running:
-            self._count_drops(1, "audit trail is not running")
+            self._lose(1, "audit trail is not running")
             return
         kind = record.get("kind")
         if isinstance(kind, str) and kind in CONTROL_KINDS:
-            self._count_drops(1, f"record carries what only the trail may write: kind {kind!r}")
+            self._lose(1, f"record carries what only the trail may write: kind {kind!r}")
             return
         if self.settings.redact:
             try:
                 record = redact(record, self.settings.redact, self.settings.hmac_key)
             except TypeError as exc:
-                self._count_drops(1, f"record is not JSON-serializable: {exc}")
+                self._lose(1, f"record is not JSON-serializable: {exc}")
                 return
         try:
             self._queue.put_nowait(_Entry(record, None))
         except asyncio.QueueFull:
-            self._count_drops(1, "queue full")
+            self._lose(1, "queue full")
 
     async def close(self) -> None:
         """Writes everything queued, then a closing checkpoint (with a signing key), and
@@ -338,7 +339,7 @@ class AuditTrail:
         self._settle(kept, "; ".join(failures) if failures else None)
 
     def _reject(self, entry: _Entry, reason: str) -> None:
-        self._count_drops(1, reason)
+        self._lose(1, reason)
         if entry.future is not None and not entry.future.done():
             entry.future.set_exception(AuditError(reason))
 
@@ -418,9 +419,21 @@ class AuditTrail:
         """A gap record for the sinks that missed records, sealed right after the last of them
         (every such sink missed everything up to the chain's head)."""
         assert self._chain is not None
+        sealed: list[Sealed] = []
+        if self._lost:
+            lost, self._lost = self._lost, {}
+            sealed += self._seal(
+                self._control(
+                    {
+                        "kind": "gap",
+                        "dropped": sum(lost.values()),
+                        "reason": "; ".join(f"{n} {why}" for why, n in lost.items()),
+                    }
+                )
+            )
         lacking = [s for s in self._sinks if s.missing_from is not None]
         if not lacking:
-            return []
+            return sealed
         sinks = {s.sink.name: {"missing_from": s.missing_from, "reason": s.reason} for s in lacking}
         gap = {
             "kind": "gap",
@@ -429,7 +442,7 @@ class AuditTrail:
             "reason": "; ".join(f"{name}: {s['reason']}" for name, s in sinks.items()),
             "sinks": sinks,
         }
-        return self._seal(self._control(gap))
+        return sealed + self._seal(self._control(gap))
 
     def _continue(self, chain_id: str, resumes: list[Resume]) -> Chain:
         """The chain after the highest record any sink holds; sinks holding less lack the
@@ -450,9 +463,15 @@ class AuditTrail:
         return {**record, "time": rfc3339(self._clock.now(), 6)}
 
     def _fail(self, future: asyncio.Future[None], reason: str) -> asyncio.Future[None]:
-        self._count_drops(1, reason)
+        self._lose(1, reason)
         future.set_exception(AuditError(reason))
         return future
+
+    def _lose(self, count: int, reason: str) -> None:
+        """Records that never got a seq: the next write seals a `gap` record saying how many
+        and why, so a loss is in the chain itself and `verify` reports it."""
+        self._lost[reason] = self._lost.get(reason, 0) + count
+        self._count_drops(count, reason)
 
     def _count_drops(self, count: int, reason: str) -> None:
         self.dropped += count

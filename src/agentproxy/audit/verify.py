@@ -210,6 +210,12 @@ class _Verifier:
         """Checks a checkpoint, notes a gap or a recovery; True for a good closing checkpoint."""
         report, kind, seq = self.report, record["kind"], record["seq"]
         where = f"{name}:{number}"
+        if kind == "gap" and "dropped" in record:
+            report.notes.append(
+                f"{where}: {record.get('dropped')} record(s) were lost before they were sealed, "
+                f"as the writer recorded: {record.get('reason', '')}"
+            )
+            return False
         if kind == "gap":
             report.notes.append(
                 f"{where}: records {record.get('missing_from')}..{record.get('missing_to')} "

@@ -188,7 +188,17 @@ def wire_approvals(
 
 
 def approval_record(event: str, approval: Approval) -> dict[str, object]:
-    return {"kind": "approval", "event": event, **approval.to_json()}
+    """An approval event as the decision log and the audit trail record it. The approval is
+    nested: its own members (`chain`, the delegation chain) must not meet the members only
+    the trail writes (`chain`, `seq`, `prev`, `hash`), or the trail refuses the record."""
+    return {
+        "kind": "approval",
+        "event": event,
+        "approval_id": approval.id,
+        "rule": approval.rule,
+        "decided_by": approval.decided_by,
+        "approval": approval.to_json(),
+    }
 
 
 def store_error_counter(metrics: Metrics, op: str) -> Callable[[], None]:
