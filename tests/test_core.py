@@ -7,8 +7,7 @@ from collections.abc import Iterator, Mapping
 from types import MappingProxyType
 from typing import NamedTuple
 
-from agentproxy.audit.records import jsonable
-from agentproxy.core import Principal, plain, principal_view
+from agentproxy.core import Principal, jsonable, plain, principal_view
 
 
 def test_a_principals_view_is_built_once_per_object_and_never_confused() -> None:

@@ -6,6 +6,7 @@ Values are frozen and check their invariants when built, so no caller has to.
 
 from __future__ import annotations
 
+import base64
 import enum
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -54,6 +55,19 @@ def plain(value: Any) -> Any:
         return {str(k): plain(v) for k, v in value.items()}
     if kind == SEQUENCE:
         return [plain(v) for v in value]
+    return value
+
+
+def jsonable(value: Any) -> Any:
+    """`plain`, with bytes (gRPC `bytes` fields) as base64 text: what a record that must be
+    JSON (audit, approvals) holds."""
+    if isinstance(value, bytes):
+        return "base64:" + base64.b64encode(value).decode()
+    kind = shape(value)
+    if kind == MAPPING:
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if kind == SEQUENCE:
+        return [jsonable(v) for v in value]
     return value
 
 

@@ -119,6 +119,9 @@ async def test_pending_then_retry_once_granted(
         assert status == 403 and body["type"].endswith("/approval-pending")
         assert body["rule"] == "big-transfers" and int(body["_retry_after"]) >= 1
         approval_id = body["approval_id"]
+        # The approver sees the query the grant is bound to.
+        async with s.get(f"{proxy.admin}/v1/approvals/{approval_id}", headers=auth(carol)) as r:
+            assert (await r.json())["query"] == {"amount": "500"}
         # an identical retry finds the same approval; another amount is another approval
         assert (await transfer(s, proxy, bot, 500))[1]["approval_id"] == approval_id
         other = (await transfer(s, proxy, bot, 501))[1]["approval_id"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Any
 
 import aiohttp
@@ -247,6 +248,14 @@ async def test_approval_over_grpc_end_to_end(
             approvals_pb2.ListApprovalsRequest(), metadata=bearer(carol)
         )
         assert [x.id for x in listed.approvals] == [approval_id]
+        # A list names the arguments by digest; Get has them whole, as JSON.
+        assert listed.approvals[0].arguments_json == ""
+        assert len(listed.approvals[0].arguments_sha256) == 64
+        got = await approvals(a).Get(
+            approvals_pb2.GetApprovalRequest(id=approval_id), metadata=bearer(carol)
+        )
+        assert json.loads(got.arguments_json)["id"] == "new-1"
+        assert got.arguments_bytes == len(got.arguments_json.replace(" ", ""))
         hidden = await approvals(a).List(
             approvals_pb2.ListApprovalsRequest(), metadata=bearer(mallory)
         )

@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 from typing import Any, Protocol
 
 import grpc
+import orjson
 from google.protobuf import json_format, struct_pb2, timestamp_pb2
 from grpc import aio
 
@@ -187,7 +188,8 @@ class AuthorizerService(authorizer_pb2_grpc.AuthorizerServicer):
 # --- Approvals -------------------------------------------------------------------------------
 
 
-def approval_message(approval: Approval) -> Any:
+def approval_message(approval: Approval, *, arguments: bool = False) -> Any:
+    """`arguments`: with the arguments whole (Get), else by size and digest (lists, events)."""
     message = approvals_pb2.Approval(
         id=approval.id,
         state=approval.state.value,
@@ -204,10 +206,18 @@ def approval_message(approval: Approval) -> Any:
         decided_by=approval.decided_by or "",
         decided_reason=approval.decided_reason or "",
         upstream=approval.upstream,
+        task=approval.task or "",
+        arguments_bytes=approval.arguments_bytes,
+        arguments_sha256=approval.arguments_sha256,
     )
+    if arguments and approval.arguments is not None:
+        message.arguments_json = orjson.dumps(approval.arguments).decode()
     summary = struct_pb2.Struct()
     summary.update(plain(approval.summary))
     message.summary.CopyFrom(summary)
+    query = struct_pb2.Struct()
+    query.update(plain(approval.query))
+    message.query.CopyFrom(query)
     if approval.decided_at is not None:
         message.decided_at.CopyFrom(_timestamp(approval.decided_at))
     return message
@@ -265,7 +275,7 @@ class ApprovalsService(approvals_pb2_grpc.ApprovalsServicer):
         approval = await self._store(context, self.backend.get_approval(request.id))
         if approval is None or not visible(self.backend, principal, approval):
             await context.abort(grpc.StatusCode.NOT_FOUND, "no such approval")
-        return approval_message(approval)
+        return approval_message(approval, arguments=True)
 
     async def Approve(self, request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
         return await self._decide(request, context, Event.APPROVE)

@@ -161,7 +161,12 @@ def admin_app(backend: AdminBackend, clock: Clock = SYSTEM) -> web.Application:
             page = await backend.page_approvals(state, request.query.get("cursor"), limit)
         except ValueError as exc:
             raise BadAdminRequest(str(exc)) from None
-        shown = [a.to_json() for a in page.approvals if visible(backend, principal, a)]
+        # A list names the arguments by size and digest; the detail view has them whole.
+        shown = [
+            {**a.to_json(), "arguments": None}
+            for a in page.approvals
+            if visible(backend, principal, a)
+        ]
         return web.json_response(
             {"approvals": shown, "next_cursor": page.next_cursor}, headers=NO_STORE
         )

@@ -12,10 +12,12 @@ from __future__ import annotations
 import enum
 import hashlib
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
+
+from agentproxy.core import jsonable
 
 
 class State(enum.Enum):
@@ -73,6 +75,14 @@ class Approval:
     decided_reason: str | None = None
     decided_at: float | None = None
     upstream: str = ""  # the upstream the call goes to
+    # What the approver must see to know what is released (all bound by the fingerprint): the
+    # task, the query, and the arguments whole (None when larger than MAX_SHOWN_ARGUMENTS: then
+    # their size and SHA-256 say exactly which, never a silent cut).
+    task: str | None = None
+    query: Mapping[str, Any] = field(default_factory=dict)
+    arguments: Any = None
+    arguments_bytes: int = 0
+    arguments_sha256: str = ""
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -94,6 +104,11 @@ class Approval:
             "decided_reason": self.decided_reason,
             "decided_at": self.decided_at,
             "upstream": self.upstream,
+            "task": self.task,
+            "query": dict(self.query),
+            "arguments": self.arguments,
+            "arguments_bytes": self.arguments_bytes,
+            "arguments_sha256": self.arguments_sha256,
         }
 
     @classmethod
@@ -118,6 +133,11 @@ class Approval:
             decided_reason=data.get("decided_reason"),
             decided_at=None if data.get("decided_at") is None else float(data["decided_at"]),
             upstream=str(data.get("upstream", "")),
+            task=None if data.get("task") is None else str(data["task"]),
+            query=dict(data.get("query") or {}),
+            arguments=data.get("arguments"),
+            arguments_bytes=int(data.get("arguments_bytes") or 0),
+            arguments_sha256=str(data.get("arguments_sha256") or ""),
         )
 
 
@@ -146,6 +166,20 @@ def fingerprint(
         default=str,
     )
     return hashlib.sha256(canonical).hexdigest()
+
+
+# Arguments up to this size (canonical JSON) are kept whole on the approval; larger ones are
+# named by size and digest (an approval is stored, listed and sent to webhooks).
+MAX_SHOWN_ARGUMENTS = 256 * 1024
+
+
+def shown_arguments(args: Any) -> tuple[Any, int, str]:
+    """(the arguments whole, or None past MAX_SHOWN_ARGUMENTS; their canonical JSON's size;
+    its SHA-256): what the approver is shown of what the fingerprint binds."""
+    shown = jsonable(args)
+    canonical = orjson.dumps(shown, option=orjson.OPT_SORT_KEYS, default=str)
+    digest = hashlib.sha256(canonical).hexdigest()
+    return (shown if len(canonical) <= MAX_SHOWN_ARGUMENTS else None), len(canonical), digest
 
 
 def summarize(args: Any, *, max_items: int = 20, max_text: int = 200) -> dict[str, Any]:

@@ -11,23 +11,10 @@ as it is; nested values may be shared with others (the principal's view) but are
 
 from __future__ import annotations
 
-import base64
 from typing import Any
 
 from agentproxy.clock import Clock, rfc3339
-from agentproxy.core import MAPPING, SEQUENCE, Call, plain, principal_view, shape
-
-
-def jsonable(value: Any) -> Any:
-    """`plain`, with bytes (gRPC `bytes` fields) as base64 text: a record must be JSON."""
-    if isinstance(value, bytes):
-        return "base64:" + base64.b64encode(value).decode()
-    kind = shape(value)
-    if kind == MAPPING:
-        return {str(k): jsonable(v) for k, v in value.items()}
-    if kind == SEQUENCE:
-        return [jsonable(v) for v in value]
-    return value
+from agentproxy.core import Call, jsonable, plain, principal_view
 
 
 def decision_record(call: Call, clock: Clock, cost: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -72,10 +59,21 @@ def decision_record(call: Call, clock: Clock, cost: dict[str, Any] | None = None
 
 def redaction_paths(paths: tuple[str, ...]) -> tuple[str, ...]:
     """The configured `audit.redact` paths, and for each `args.…` one the same path in every
-    message of a batch (`batch.args.…`), so that no argument escapes redaction by being sent
-    second."""
-    extra = tuple("batch." + path for path in paths if path.startswith("args."))
-    return paths + tuple(p for p in extra if p not in paths)
+    message of a batch (`batch.args.…`) and in approval records (`approval.arguments.…`,
+    `approval.summary.…`), and for each `resource.query.…` one `approval.query.…`: no
+    argument escapes redaction by being sent second or by needing an approval."""
+    extra = [
+        prefix + path[len("args.") :]
+        for path in paths
+        if path.startswith("args.")
+        for prefix in ("batch.args.", "approval.arguments.", "approval.summary.")
+    ]
+    extra += [
+        "approval.query." + path[len("resource.query.") :]
+        for path in paths
+        if path.startswith("resource.query.")
+    ]
+    return paths + tuple(p for p in dict.fromkeys(extra) if p not in paths)
 
 
 def outcome_record(call: Call, now: float, latency: float) -> dict[str, Any]:

@@ -172,7 +172,8 @@ def wire_approvals(
             metrics.approvals.labels(event).inc()
 
     def log_line(event: str, approval: Approval) -> None:
-        decision_log().write_event(approval_record(event, approval))
+        # The decision log never carries a body: the arguments by size and digest only.
+        decision_log().write_event(approval_record(event, approval, arguments=False))
 
     approvals.listen(count)
     approvals.listen(log_line)
@@ -187,17 +188,22 @@ def wire_approvals(
         approvals.listen(notifier.notify)
 
 
-def approval_record(event: str, approval: Approval) -> dict[str, object]:
+def approval_record(event: str, approval: Approval, *, arguments: bool = True) -> dict[str, object]:
     """An approval event as the decision log and the audit trail record it. The approval is
     nested: its own members (`chain`, the delegation chain) must not meet the members only
-    the trail writes (`chain`, `seq`, `prev`, `hash`), or the trail refuses the record."""
+    the trail writes (`chain`, `seq`, `prev`, `hash`), or the trail refuses the record. The
+    audit's `args.*` and `resource.query.*` redactions cover `approval.arguments.*`,
+    `approval.summary.*` and `approval.query.*` (`audit.records.redaction_paths`)."""
+    shown = approval.to_json()
+    if not arguments:
+        shown["arguments"] = None
     return {
         "kind": "approval",
         "event": event,
         "approval_id": approval.id,
         "rule": approval.rule,
         "decided_by": approval.decided_by,
-        "approval": approval.to_json(),
+        "approval": shown,
     }
 
 

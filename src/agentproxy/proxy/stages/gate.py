@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 
-from agentproxy.approvals.lifecycle import Approval, State, fingerprint, summarize
+from agentproxy.approvals.lifecycle import Approval, State, fingerprint, shown_arguments, summarize
 from agentproxy.approvals.service import ApprovalService
 from agentproxy.clock import Clock
 from agentproxy.config.model import ApprovalsSettings
@@ -73,6 +73,7 @@ class Gate:
             if await self._use_grant(call, fp):
                 return
             now = self._clock.now()
+            shown, size, digest = shown_arguments(args)
             approval = Approval(
                 id=os.urandom(10).hex(),
                 fingerprint=fp,
@@ -89,6 +90,11 @@ class Gate:
                 expires=now + spec.timeout,
                 grant_ttl=spec.grant_ttl,
                 upstream=call.action.upstream,
+                task=call.task,
+                query=plain(call.action.query),
+                arguments=shown,
+                arguments_bytes=size,
+                arguments_sha256=digest,
             )
             asked = approval
             opened = await approvals.open(asked, self._caps)
