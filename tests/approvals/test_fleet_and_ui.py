@@ -143,9 +143,27 @@ async def test_the_approvals_page_in_chromium(
             row = page.locator("tbody tr", has_text="pay-bot")
             await row.wait_for(timeout=10_000)
             assert "big-transfers" in await row.inner_text()
-            await row.locator("input").fill("looks fine")
+            # A denial needs a reason: without one nothing is sent.
+            await row.get_by_role("button", name="Deny").click()
+            assert "needs a reason" in await page.locator("#status").inner_text()
+            # Typed at human speed across several 2 s refreshes: nothing typed is lost, the
+            # caret stays in the field.
+            field = row.locator("input")
+            await field.click()
+            await field.press_sequentially("checked with the vendor, looks fine", delay=130)
+            assert await field.input_value() == "checked with the vendor, looks fine"
+            assert await page.evaluate("document.activeElement.dataset.id") is not None
+            # Approving asks first, naming what is released.
+            dialogs: list[str] = []
+
+            async def accept(dialog: Any) -> None:
+                dialogs.append(dialog.message)
+                await dialog.accept()
+
+            page.on("dialog", lambda d: asyncio.ensure_future(accept(d)))
             await row.get_by_role("button", name="Approve").click()
             status, _ = await asyncio.wait_for(held, 10)
+            assert dialogs and "http:POST /v1/transfers" in dialogs[0]
             assert status == 200
             await page.locator("#empty").wait_for(state="visible", timeout=10_000)
             assert errors == []

@@ -147,6 +147,9 @@ async def test_deny_refuses_the_retry_with_the_reason(
     bot, carol = keys.token("pay-bot"), keys.token("carol")
     async with aiohttp.ClientSession() as s:
         approval_id = (await transfer(s, proxy, bot, 9000))[1]["approval_id"]
+        # A denial needs a reason (the agent and the audit trail are told it).
+        assert await decide(s, proxy, carol, approval_id, "deny", "   ") == 400
+        assert (await transfer(s, proxy, bot, 9000))[1]["type"].endswith("/approval-pending")
         assert await decide(s, proxy, carol, approval_id, "deny", "not on the vendor list") == 200
         status, body = await transfer(s, proxy, bot, 9000)
         assert status == 403 and body["type"].endswith("/approval-denied")

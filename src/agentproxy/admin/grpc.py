@@ -301,6 +301,8 @@ class ApprovalsService(approvals_pb2_grpc.ApprovalsServicer):
             await context.abort(grpc.StatusCode.NOT_FOUND, "no such approval")
         except Conflict as exc:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, exc.detail)
+        except BadRequest as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, exc.detail)
         except StoreError:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the decision store is unavailable")
         return approval_message(approval)

@@ -20,7 +20,7 @@ from agentproxy.approvals.lifecycle import Approval, Event, IllegalTransition, S
 from agentproxy.clock import Clock
 from agentproxy.config.model import ApprovalsSettings
 from agentproxy.core import Principal
-from agentproxy.errors import Conflict, NotFound
+from agentproxy.errors import BadRequest, Conflict, NotFound
 from agentproxy.store import ApprovalGrant, ApprovalPage, Store, StoreError
 
 log = logging.getLogger("agentproxy.approvals")
@@ -145,6 +145,9 @@ class ApprovalService:
         if approval is None:
             raise NotFound("no such approval")
         check_approver(principal, approval)
+        if event is Event.DENY and approval.state is State.PENDING and not reason.strip():
+            # The agent is told why, and so is the audit trail.
+            raise BadRequest("a denial needs a reason")
         try:
             decided = await self._store.decide_approval(
                 approval_id, event, principal.agent, reason, now

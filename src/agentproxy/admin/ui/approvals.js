@@ -64,6 +64,13 @@ function when(epoch) { return new Date(epoch * 1000).toLocaleString(); }
 function render(approvals, highlight) {
   const table = document.getElementById("approvals");
   const body = table.querySelector("tbody");
+  // A refresh must never disturb what the approver is typing: keep each reason, and the
+  // focus and caret, across the re-render.
+  const typed = {};
+  for (const input of body.querySelectorAll("input[data-id]")) { typed[input.dataset.id] = input.value; }
+  const active = document.activeElement;
+  const focusedId = active && active.dataset ? active.dataset.id : null;
+  const caret = focusedId ? [active.selectionStart, active.selectionEnd] : null;
   body.replaceChildren();
   for (const a of approvals) {
     const row = document.createElement("tr");
@@ -82,17 +89,37 @@ function render(approvals, highlight) {
     decision.className = "decision";
     const reason = document.createElement("input");
     reason.placeholder = "reason";
+    reason.dataset.id = a.id;
+    reason.value = typed[a.id] || "";
     reason.setAttribute("aria-label", "reason for " + a.id);
     const approve = document.createElement("button");
     approve.className = "approve";
     approve.textContent = "Approve";
-    approve.addEventListener("click", () => decide(a.id, "approve", reason.value));
+    approve.addEventListener("click", () => {
+      // Approving releases the call: say exactly which, and ask.
+      const what = a.agent + (a.user ? " for " + a.user : "") + ": " + a.action + "\n" +
+        JSON.stringify(a.summary, null, 1);
+      if (window.confirm("Approve " + a.id + "?\n\n" + what)) {
+        decide(a.id, "approve", reason.value);
+      }
+    });
     const deny = document.createElement("button");
     deny.className = "deny";
     deny.textContent = "Deny";
-    deny.addEventListener("click", () => decide(a.id, "deny", reason.value));
+    deny.addEventListener("click", () => {
+      if (!reason.value.trim()) {
+        setStatus("A denial needs a reason: the agent and the audit trail are told it.", true);
+        reason.focus();
+        return;
+      }
+      decide(a.id, "deny", reason.value);
+    });
     decision.append(reason, " ", approve, " ", deny);
     body.appendChild(row);
+    if (a.id === focusedId) {
+      reason.focus();
+      if (caret) { reason.setSelectionRange(caret[0], caret[1]); }
+    }
   }
   table.hidden = approvals.length === 0;
   document.getElementById("empty").hidden = approvals.length !== 0;
