@@ -572,16 +572,35 @@ async def _approvals(args: argparse.Namespace) -> int:
     if command == "list":
         data = {"approvals": listed}
         for a in data["approvals"]:
-            user = f" for {a['user']}" if a["user"] else ""
-            print(
-                f"{a['id']}  {a['state']:8}  {a['agent']}{user}  {a['action']}  "
-                f"rule {a['rule']}: {a['reason']}"
-            )
+            print(approval_lines(a))
         if not data["approvals"]:
             print(f"no {args.state} approvals you may see")
     else:
         sys.stdout.buffer.write(orjson.dumps(data, option=orjson.OPT_INDENT_2) + b"\n")
     return 0
+
+
+def approval_lines(a: dict[str, Any]) -> str:
+    """One approval as `approvals list` prints it: who (with the delegation chain) wants what,
+    times in RFC 3339 (UTC), the task and upstream, and what the grant is bound to."""
+    import orjson
+
+    from agentproxy.clock import rfc3339
+
+    user = f" for {a['user']}" if a.get("user") else ""
+    via = f" (via {' → '.join(a['chain'])})" if a.get("chain") else ""
+    query = f"  query {orjson.dumps(a['query']).decode()}" if a.get("query") else ""
+    digest = str(a.get("arguments_sha256") or "")[:16]
+    lines = [
+        f"{a['id']}  {a['state']:8}  {a['agent']}{user}{via}  {a['action']}  "
+        f"rule {a['rule']}: {a['reason']}",
+        f"    created {rfc3339(a['created'])}  expires {rfc3339(a['expires'])}"
+        f"  task {a.get('task') or '-'}  upstream {a.get('upstream') or '-'}",
+        f"    arguments {orjson.dumps(a['summary']).decode()}"
+        f" ({a.get('arguments_bytes', 0)} bytes, sha256 {digest}…;"
+        f" `approvals show` has them whole){query}",
+    ]
+    return "\n".join(lines)
 
 
 async def _tools_accept(args: argparse.Namespace) -> int:

@@ -314,3 +314,41 @@ async def test_pending_gauge_counts_past_the_list_limit(
     while (value := proxy.server.registry.get_sample_value("agentproxy_approvals_pending")) != 1200:
         assert time.monotonic() < deadline, f"gauge at {value}"  # lists stop at 1,000
         await asyncio.sleep(0.2)
+
+
+async def test_the_cli_lists_approvals_with_times_chain_and_what_is_bound(
+    make_proxy: ProxyFactory, keys: Keys
+) -> None:
+    import re
+    import sys
+
+    proxy = await make_proxy(policy=policy().replace("agents: [pay-bot]", 'agents: ["*"]'))
+    bot = keys.token("alice", act={"sub": "pay-bot", "act": {"sub": "planner"}})
+    async with aiohttp.ClientSession() as s:
+        approval_id = (await transfer(s, proxy, bot, 640))[1]["approval_id"]
+
+    async def cli(*args: str) -> str:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "agentproxy",
+            "approvals",
+            *args,
+            "--admin",
+            proxy.admin,
+            "--token",
+            keys.token("carol"),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        out, err = await process.communicate()
+        assert process.returncode == 0, err.decode()
+        return out.decode()
+
+    listed = await cli("list")
+    assert approval_id in listed
+    assert "pay-bot for alice (via planner)" in listed
+    assert re.search(r"created \d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ  expires \d{4}-", listed)
+    assert 'query {"amount":"640"}' in listed and "sha256 " in listed
+    shown = orjson.loads(await cli("show", approval_id))
+    assert shown["query"] == {"amount": "640"} and shown["chain"] == ["planner"]
