@@ -87,6 +87,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     explain.add_argument(
         "--args", help="gRPC request fields or MCP arguments, as a JSON object", default=None
     )
+    explain.add_argument(
+        "--body",
+        help="an HTTP call's body as sent (or @FILE), read as args like the data plane reads it",
+    )
+    explain.add_argument(
+        "--content-type",
+        default="application/json",
+        help="the body's Content-Type (application/json, application/x-www-form-urlencoded)",
+    )
     explain.add_argument("--task", help="a declared task id (X-Agentproxy-Task)")
     explain.add_argument("--json", action="store_true", help="machine-readable output")
 
@@ -397,6 +406,17 @@ async def _explain(args: argparse.Namespace) -> int:
         if not isinstance(call_args, dict):
             print("--args must be a JSON object", file=sys.stderr)
             return 2
+    body = None
+    if args.body is not None:
+        try:
+            body = (
+                await asyncio.to_thread(Path(args.body[1:]).read_bytes)
+                if args.body.startswith("@")
+                else args.body.encode("utf-8")
+            )
+        except OSError as exc:
+            print(f"--body {args.body}: {exc}", file=sys.stderr)
+            return 2
     services = _explain_services(config)
     try:
         await services.store.start()
@@ -404,7 +424,15 @@ async def _explain(args: argparse.Namespace) -> int:
         # own, so a CLI explain with it knows none (the admin API's explain does).
         await services.revocations.refresh()
         pipeline = assemble.build_explain(runtime, services)
-        result = await explain(pipeline, args.token, args.request, task=args.task, args=call_args)
+        result = await explain(
+            pipeline,
+            args.token,
+            args.request,
+            task=args.task,
+            args=call_args,
+            body=body,
+            content_type=args.content_type,
+        )
     except Refusal as exc:
         print(
             f"the proxy would refuse this call before deciding: {exc.status} {exc.detail}",
@@ -443,9 +471,12 @@ def _policy_test(directory: Path, verbose: bool) -> int:
     from agentproxy.policy.testing import format_report, run_dir
     from agentproxy.protocols.request_line import describe_line
 
-    def describe_request(line: str) -> Action:
-        # No upstream is running: gRPC arguments are taken as written.
-        return describe_line(line, None, lambda service, path: None)
+    def describe_request(line: str, body: bytes | None, content_type: str | None) -> Action:
+        # No upstream is running: gRPC arguments are taken as written, an HTTP body is read
+        # by its Content-Type (JSON if none is given).
+        return describe_line(
+            line, None, lambda service, path: None, body=body, content_type=content_type
+        )
 
     if not directory.is_dir():
         print(f"{directory} is not a directory", file=sys.stderr)

@@ -16,8 +16,10 @@ from agentproxy.protocols.request_line import describe_line
 CASES = Path(__file__).parent / "cases"
 
 
-def describe_request(line: str) -> Action:
-    return describe_line(line, None, lambda service, path: None)
+def describe_request(line: str, body: bytes | None, content_type: str | None) -> Action:
+    return describe_line(
+        line, None, lambda service, path: None, body=body, content_type=content_type
+    )
 
 
 def test_case_files_pass_and_cover_every_rule() -> None:
@@ -80,3 +82,57 @@ def test_cli_policy_test_exit_codes(tmp_path: Path) -> None:
     )
     assert bad.returncode == 1
     assert "FAIL wrong" in bad.stdout
+
+
+BODY_POLICY = """
+rules:
+  - id: small-transfers
+    agents: [payer]
+    actions: ["http:POST /v1/transfers"]
+    when: 'args.amount <= 100'
+    effect: allow
+  - id: form-transfers
+    agents: [payer]
+    actions: ["http:POST /v1/form"]
+    when: 'int(args.amount) <= 100'
+    effect: allow
+"""
+
+
+def test_cases_give_http_bodies_read_as_the_data_plane_reads_them(tmp_path: Path) -> None:
+    (tmp_path / "pay.yaml").write_text(BODY_POLICY)
+    (tmp_path / "pay_test.yaml").write_text(
+        """tests:
+  - name: a small transfer, written as YAML
+    principal: {agent: payer}
+    request: "POST /v1/transfers"
+    body: {amount: 50}
+    expect: allow
+  - name: a large one, as sent
+    principal: {agent: payer}
+    request: "POST /v1/transfers"
+    body: '{"amount": 5e6}'
+    expect: deny
+  - name: a form
+    principal: {agent: payer}
+    request: "POST /v1/form"
+    body: "amount=50"
+    content_type: application/x-www-form-urlencoded
+    expect: allow
+"""
+    )
+    report = run_dir(tmp_path, describe_request)
+    assert report.failed == [], format_report(report)
+    (tmp_path / "bad_test.yaml").write_text(
+        """tests:
+  - name: a body the data plane refuses
+    principal: {agent: payer}
+    request: "POST /v1/transfers"
+    body: '{"amount": 5, "Amount": 5000}'
+    expect: allow
+"""
+    )
+    with pytest.raises(ConfigError) as info:
+        run_dir(tmp_path, describe_request)
+    assert "bad_test.yaml:5:5: $.tests[0].body: JSON body: keys" in str(info.value)
+    assert "one key to a parser" in str(info.value)

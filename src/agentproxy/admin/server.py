@@ -83,9 +83,15 @@ class AdminBackend(ApprovalsBackend, Protocol):
         """Raises StoreError."""
 
     async def explain(
-        self, token: str, request: str, task: str | None, args: dict[str, Any] | None = None
+        self,
+        token: str,
+        request: str,
+        task: str | None,
+        args: dict[str, Any] | None = None,
+        body: bytes | None = None,
+        content_type: str | None = None,
     ) -> dict[str, Any]:
-        """Raises Refusal (the token or request would be refused) or StoreError."""
+        """Raises Refusal (the token, request or body would be refused) or StoreError."""
 
     async def accept_tool(self, upstream: str, tool: str) -> str:
         """Pins a changed MCP tool's new definition; its fingerprint. Raises NotFound when the
@@ -121,7 +127,9 @@ def admin_app(backend: AdminBackend, clock: Clock = SYSTEM) -> web.Application:
 
     async def explain(request: web.Request) -> web.Response:
         await _operator(request)
-        data = _json_object(await request.read(), {"token", "request", "task", "args"})
+        data = _json_object(
+            await request.read(), {"token", "request", "task", "args", "body", "content_type"}
+        )
         token, line, task = data.get("token"), data.get("request"), data.get("task")
         if not isinstance(token, str) or not isinstance(line, str):
             raise BadAdminRequest('send {"token": "…", "request": "GET /path"}')
@@ -130,7 +138,13 @@ def admin_app(backend: AdminBackend, clock: Clock = SYSTEM) -> web.Application:
         args = data.get("args")
         if args is not None and not isinstance(args, dict):
             raise BadAdminRequest('"args" must be an object')
-        return web.json_response(await backend.explain(token, line, task, args))
+        body, content_type = data.get("body"), data.get("content_type")
+        if body is not None and not isinstance(body, str):
+            raise BadAdminRequest('"body" must be a string: the HTTP body as it is sent')
+        if content_type is not None and not isinstance(content_type, str):
+            raise BadAdminRequest('"content_type" must be a string')
+        raw = None if body is None else body.encode("utf-8")
+        return web.json_response(await backend.explain(token, line, task, args, raw, content_type))
 
     async def accept_tool(request: web.Request) -> web.Response:
         operator = await _operator(request)

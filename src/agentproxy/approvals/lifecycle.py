@@ -151,7 +151,9 @@ def fingerprint(
     upstream: str = "",
 ) -> str:
     """SHA-256 over the canonical JSON of who asks for exactly what, of which upstream (an
-    approval of one server's `export` never releases another server's)."""
+    approval of one server's `export` never releases another server's). Canonical: keys
+    sorted, and a number is one number however it was written (`200`, `2e2`, `200.0`), so an
+    approval binds what the call does, not its spelling."""
     canonical = orjson.dumps(
         {
             "agent": agent,
@@ -159,13 +161,27 @@ def fingerprint(
             "chain": list(chain),
             "action": action,
             "upstream": upstream,
-            "args": args,
+            "args": canonical_numbers(args),
             "query": query,
         },
         option=orjson.OPT_SORT_KEYS,
         default=str,
     )
     return hashlib.sha256(canonical).hexdigest()
+
+
+def canonical_numbers(value: Any) -> Any:
+    """`value` with every float that is a whole number within 64 bits written as an integer
+    (JSON has one number type: 2e2, 200.0 and 200 are the same to an upstream's parser)."""
+    if isinstance(value, float):
+        if value.is_integer() and -(2.0**63) <= value < 2.0**63:
+            return int(value)
+        return value
+    if isinstance(value, dict):
+        return {key: canonical_numbers(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [canonical_numbers(item) for item in value]
+    return value
 
 
 # Arguments up to this size (canonical JSON) are kept whole on the approval; larger ones are

@@ -121,6 +121,9 @@ def entry(call: Call, latency: float, now: float) -> dict[str, Any]:
         record["upstream_ms"] = round(call.upstream_seconds * 1000, 3)
     if call.cost:
         record["cost"] = {"amount": round(call.cost, 9), "currency": call.currency}
+    if call.shaped is not None:
+        rules, fields, items = call.shaped
+        record["shaped"] = {"rules": list(rules), "fields_removed": fields, "items_removed": items}
     if call.grpc_status is not None:
         record["rpc.grpc.status_code"] = call.grpc_status  # OpenTelemetry's name
     if call.action.protocol == "llm":

@@ -259,6 +259,8 @@ class _Loader:
             "max_message_bytes",
             "forwarded_host",
             "paths",
+            "body",
+            "max_response_bytes",
         )
         section = doc.mapping(value, path, keys)
         name = doc.get(section, path, "name", str, required=True) or ""
@@ -362,7 +364,22 @@ class _Loader:
         integers = doc.choice(paths, ppath, "integer_segments", ["as_sent", "canonical"], "as_sent")
         for key in ("forwarded_host", "paths"):
             doc.check(key not in section or not grpc, f"{path}.{key}", "applies to HTTP protocols")
+        body = doc.choice(section, path, "body", ["auto", "json", "form", "stream"], "auto")
+        for key in ("body", "max_response_bytes"):
+            doc.check(
+                key not in section or protocol == "http",
+                f"{path}.{key}",
+                "applies to protocol: http only (MCP, LLM and gRPC bodies are always read)",
+            )
+        max_response = doc.get(section, path, "max_response_bytes", int, 16 * 1024 * 1024) or 0
+        doc.check(
+            max_response > 0,
+            f"{path}.max_response_bytes",
+            "must be a positive number of bytes (the largest answer a rule's obligations shape)",
+        )
         return Upstream(
+            body=body,  # type: ignore[arg-type]
+            max_response_bytes=max_response,
             forwarded_host=forwarded_host,
             path_case=case,  # type: ignore[arg-type]
             integer_segments=integers,  # type: ignore[arg-type]

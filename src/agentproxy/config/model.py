@@ -180,6 +180,12 @@ class Upstream:
     forwarded_host: str | None = None
     path_case: Literal["sensitive", "insensitive"] = "sensitive"
     integer_segments: Literal["as_sent", "canonical"] = "as_sent"
+    # Plain HTTP only: when a request body is read as `args` (`auto`: a JSON or form body,
+    # when a rule that may match reads it; `json`/`form`: every body, as that kind;
+    # `stream`: never), and the largest answer a rule's obligations may shape (buffered
+    # whole to be shaped; a larger one is refused, never passed on unshaped).
+    body: Literal["auto", "json", "form", "stream"] = "auto"
+    max_response_bytes: int = 16 * 1024 * 1024
 
     def __post_init__(self) -> None:
         if self.max_body_bytes == 0:
@@ -275,6 +281,16 @@ class ApprovalSpec:
 
 
 @dataclass(frozen=True, slots=True)
+class KeepItemsSpec:
+    """An obligation shaping the answer: of the list at `path`, only the items for which the
+    CEL condition `when` (over `item` and the call's variables) is true are passed on."""
+
+    path: str
+    when: str
+    position: Position = Position("<memory>", 1, 1)
+
+
+@dataclass(frozen=True, slots=True)
 class RuleSpec:
     id: str
     agents: tuple[str, ...]
@@ -289,6 +305,11 @@ class RuleSpec:
     limits: tuple[LimitSpec, ...] = ()
     cost: CostSpec | None = None
     label_task: tuple[str, ...] = ()
+    # Obligations on the JSON answer of a call the rule lets through: fields removed, list
+    # items kept only where a condition holds.
+    redact_fields: tuple[str, ...] = ()
+    keep_items: tuple[KeepItemsSpec, ...] = ()
+    obligations_position: Position | None = None
     builtin: bool = False
     approval: ApprovalSpec | None = None
     # Names of the upstreams the rule applies to (empty: every upstream).

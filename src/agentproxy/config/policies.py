@@ -15,6 +15,7 @@ from typing import Any
 from agentproxy.config.model import (
     ApprovalSpec,
     CostSpec,
+    KeepItemsSpec,
     LimitSpec,
     PolicyFile,
     PrincipalRef,
@@ -158,15 +159,23 @@ def _rule(doc: Document, value: Any, path: str) -> RuleSpec | None:
                 f"{path}.limits[{i}].currency",
                 f"must match the rule's cost currency {cost.currency}",
             )
-    obligations = doc.mapping(section.get("obligations"), f"{path}.obligations", ("label_task",))
-    labels = doc.strings(obligations, f"{path}.obligations", "label_task")
+    opath = f"{path}.obligations"
+    obligations = doc.mapping(
+        section.get("obligations"), opath, ("label_task", "redact_fields", "keep_items")
+    )
+    labels = doc.strings(obligations, opath, "label_task")
+    redact = doc.strings(obligations, opath, "redact_fields")
+    keep_value = obligations.get("keep_items")
+    if isinstance(keep_value, dict):
+        keep_value = [keep_value]  # one list to filter, written without a list around it
+    keep = tuple(doc.each(keep_value, f"{opath}.keep_items", lambda v, p: _keep_items(doc, v, p)))
     for label in labels:
         doc.check(
             bool(_LABEL.fullmatch(label)),
             f"{path}.obligations.label_task",
             f"label {label!r}: letters, digits, '.', '_', ':' or '-' (at most 64)",
         )
-    if (limits or cost or labels) and effect == "deny":
+    if (limits or cost or labels or redact or keep) and effect == "deny":
         doc.error(path, "limits, cost and obligations apply to calls a rule allows, not to a deny")
     approval = _approval(doc, section.get("approval"), f"{path}.approval")
     if effect == "require_approval" and approval is None:
@@ -178,6 +187,9 @@ def _rule(doc: Document, value: Any, path: str) -> RuleSpec | None:
         limits=limits,
         cost=cost,
         label_task=labels,
+        redact_fields=redact,
+        keep_items=keep,
+        obligations_position=doc.position(opath) if "obligations" in section else None,
         id=rule_id,
         agents=agents,
         users=doc.strings(section, path, "users"),
@@ -190,6 +202,15 @@ def _rule(doc: Document, value: Any, path: str) -> RuleSpec | None:
         position=doc.position(path),
         when_position=doc.position(f"{path}.when") if when is not None else None,
     )
+
+
+def _keep_items(doc: Document, value: Any, path: str) -> KeepItemsSpec | None:
+    section = doc.mapping(value, path, ("path", "when"))
+    where = doc.get(section, path, "path", str, required=True)
+    when = doc.get(section, path, "when", str, required=True)
+    if where is None or when is None:
+        return None
+    return KeepItemsSpec(where, when, doc.position(f"{path}.when"))
 
 
 def _cost(doc: Document, value: Any, path: str) -> CostSpec | None:

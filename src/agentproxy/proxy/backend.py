@@ -99,10 +99,24 @@ class ProxyBackend:
         log.warning("revoked %s %s until %s", revocation.kind, revocation.subject, revocation.until)
 
     async def explain(
-        self, token: str, request: str, task: str | None, args: dict[str, Any] | None = None
+        self,
+        token: str,
+        request: str,
+        task: str | None,
+        args: dict[str, Any] | None = None,
+        body: bytes | None = None,
+        content_type: str | None = None,
     ) -> dict[str, Any]:
         """Raises Refusal (the token or request would be refused)."""
-        return await explain(self._process.explainer, token, request, task=task, args=args)
+        return await explain(
+            self._process.explainer,
+            token,
+            request,
+            task=task,
+            args=args,
+            body=body,
+            content_type=content_type,
+        )
 
     async def accept_tool(self, upstream: str, tool: str) -> str:
         """The accepted definition's fingerprint. Raises NotFound when the tool has no

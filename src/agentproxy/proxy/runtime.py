@@ -44,6 +44,13 @@ class Runtime:
         default_factory=dict, repr=False, compare=False
     )
 
+    @property
+    def audit_reads_args(self) -> bool:
+        """Whether the audit trail redacts an `args.` path: then a JSON or form body is read
+        as `args` whatever the policy reads, so that the trail records it (redacted)."""
+        audit = self.config.audit
+        return audit.enabled and any(path.startswith("args.") for path in audit.redact)
+
     def describe_http(self, method: str, raw_target: str) -> tuple[Action, str, Upstream]:
         """The HTTP adapter's action for a request line, bound to the upstream it routes to,
         its raw query, and that upstream. Agents send the same few lines over and over:
