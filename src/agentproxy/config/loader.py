@@ -421,6 +421,14 @@ class _Loader:
             roles=doc.get(claims, cpath, "roles", str, "roles") or "roles",
             task=doc.get(claims, cpath, "task", str, "task") or "task",
         )
+        for key in ("agent", "roles", "task"):
+            claim = getattr(names_cfg, key)
+            doc.check(
+                _claim_path_readable(claim),
+                f"{cpath}.{key}",
+                f"{claim!r} is not a claim name or a dotted path to one (realm_access.roles): "
+                "no token would ever have it, so every call would be refused",
+            )
         max_bytes = doc.get(section, "$.identity", "max_token_bytes", int, 8192) or 8192
         sources = doc.strings(section, "$.identity", "task_from") or ["token", "header"]
         doc.check(
@@ -738,6 +746,15 @@ def _is_plain_path(path: str) -> bool:
     return path == "/" or all(
         _PLAIN_SEGMENT.fullmatch(seg) and seg not in (".", "..") for seg in segments
     )
+
+
+def _claim_path_readable(path: str) -> bool:
+    """A claim name, or a dotted path whose every step is a name (no empty step, no index:
+    `roles[0]` and `a..b` read nothing). A URL-like namespaced name is read whole."""
+    if "://" in path:
+        return bool(path.strip()) and not any(c.isspace() for c in path)
+    steps = path.split(".")
+    return all(step and not any(c in "[] \t" for c in step) for step in steps)
 
 
 def _valid_url(url: str, grpc: bool) -> bool:

@@ -6,6 +6,7 @@ changes the rules under a call in flight.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -138,6 +139,7 @@ def check(config: Config) -> PolicySet:
         issues.append(Issue(str(config.source), 1, 1, "$.context_token.signing_key_file", str(exc)))
     issues.extend(unbound_privileges(config, policy))
     issues.extend(unknown_upstreams(config, policy))
+    issues.extend(silent_denials(config, policy))
     for i, upstream in enumerate(config.upstreams):
         try:
             descriptor_methods(upstream)
@@ -164,6 +166,71 @@ def unknown_upstreams(config: Config, policy: PolicySet | None) -> list[Issue]:
                     pos.column,
                     f"rule {rule.id}.upstreams",
                     f"no upstream is named {name!r} (the config names {known})",
+                )
+            )
+    return issues
+
+
+_STRING_LITERALS = re.compile(r"'(?:[^'\\]|\\.)*'" + r'|"(?:[^"\\]|\\.)*"')
+_RESOURCE_MEMBER = re.compile(r"(?<![.\w])resource\s*\.\s*([A-Za-z_]\w*)")
+
+
+def silent_denials(config: Config, policy: PolicySet | None) -> list[Issue]:
+    """Conditions that would deny every call they see, for a reason the config shows: `args`
+    read on HTTP calls whose body is never read (`body: stream`, a GET), `resource.NAME` on
+    a pattern that binds no NAME."""
+    issues: list[Issue] = []
+    http_upstreams = [u for u in config.upstreams if u.protocol == "http"]
+    for rule in policy.rules if policy is not None else ():
+        if rule.builtin:
+            continue
+        pos = rule.position
+        sources = [rule.when or "", rule.cost.expr if rule.cost and rule.cost.expr else ""]
+        sources += [limit.key for limit in rule.limits if limit.key_expr is not None]
+        text = _STRING_LITERALS.sub("''", " ".join(sources))
+        for name in sorted(set(_RESOURCE_MEMBER.findall(text)) - {"query"}):
+            if re.search(rf"has\(\s*resource\s*\.\s*{name}\s*\)", text):
+                continue  # guarded: written for patterns that bind it and ones that do not
+            for pattern in rule.patterns:
+                if name in pattern.names:
+                    continue
+                bound = ", ".join(pattern.names) or "nothing"
+                issues.append(
+                    Issue(
+                        pos.file,
+                        pos.line,
+                        pos.column,
+                        f"rule {rule.id}.when",
+                        f"resource.{name}: action {pattern.text!r} binds {bound}, so the "
+                        f"condition could never read it (name it {{{name}}} in the path)",
+                    )
+                )
+        if not rule.reads_args:
+            continue
+        http_patterns = [p.text for p in rule.patterns if p.text.startswith("http:")]
+        bodyless = [t for t in http_patterns if t.split(" ")[0] in ("http:GET", "http:HEAD")]
+        for text in bodyless:
+            issues.append(
+                Issue(
+                    pos.file,
+                    pos.line,
+                    pos.column,
+                    f"rule {rule.id}.when",
+                    f"reads args, but {text!r} calls carry no body, so args is empty "
+                    "(read the query string as resource.query)",
+                )
+            )
+        scoped = [u for u in http_upstreams if not rule.upstreams or u.name in rule.upstreams]
+        if http_patterns and scoped and all(u.body == "stream" for u in scoped):
+            names = ", ".join(u.name for u in scoped)
+            issues.append(
+                Issue(
+                    pos.file,
+                    pos.line,
+                    pos.column,
+                    f"rule {rule.id}.when",
+                    f"reads args on HTTP calls, but upstream {names} never reads bodies "
+                    "(body: stream), so args is always empty: set body: auto",
                 )
             )
     return issues
