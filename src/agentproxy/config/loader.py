@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
+
+import yaml
 
 from agentproxy.config.model import (
     AdminSettings,
@@ -27,6 +30,7 @@ from agentproxy.config.model import (
     Issuer,
     Listen,
     MeteringSettings,
+    OpenApiOperation,
     PolicyFile,
     Price,
     PrincipalRef,
@@ -37,6 +41,7 @@ from agentproxy.config.model import (
     Webhook,
     redact_url,
 )
+from agentproxy.config.openapi import OpenApiError, operations_of
 from agentproxy.config.policies import CURRENCY, load_policies
 from agentproxy.config.yamldoc import ConfigError, Document, Issue
 from agentproxy.core import Mode
@@ -102,7 +107,7 @@ def load(path: str | Path, *, check_policies: PolicyChecker | None = None) -> Co
         upstreams=loader.upstreams(raw.get("upstreams")),
         identity=loader.identity(raw.get("identity")),
         context_token=loader.context_token(raw.get("context_token")),
-        policy_files=load_policies(globs, base, doc, issues, exclude=source),
+        policy_files=(),
         store=loader.store(raw.get("store")),
         admin=AdminSettings(operators=loader.operators(raw.get("admin"))),
         approvals=loader.approvals(raw.get("approvals")),
@@ -110,11 +115,61 @@ def load(path: str | Path, *, check_policies: PolicyChecker | None = None) -> Co
         audit=loader.audit(raw.get("audit"), has_redis=bool((raw.get("store") or {}).get("redis"))),
         decision_log=doc.choice(raw, "$", "decision_log", ["stdout", "stderr", "off"], "stdout"),  # type: ignore[arg-type]
     )
+    files = load_policies(globs, base, doc, issues, exclude=source)
+    config = replace(config, policy_files=name_operations(files, config.upstreams, issues))
     if check_policies is not None:
         issues.extend(check_policies(config.policy_files))
     if issues:
         raise ConfigError(issues)
     return config
+
+
+def name_operations(
+    files: tuple[PolicyFile, ...], upstreams: tuple[Upstream, ...], issues: list[Issue]
+) -> tuple[PolicyFile, ...]:
+    """The policy files with every `http:OPERATION_ID` action written as the operation's
+    `http:METHOD /path` (from the upstreams' OpenAPI specs). An id no spec has, or two specs
+    have, is an issue at its rule."""
+    by_id: dict[str, list[tuple[str, OpenApiOperation]]] = {}
+    for upstream in upstreams:
+        for operation in upstream.openapi:
+            by_id.setdefault(operation.id, []).append((upstream.name, operation))
+    out = []
+    for policy in files:
+        rules = []
+        for rule in policy.rules:
+            actions = []
+            for action in rule.actions:
+                op_id = action.removeprefix("http:")
+                if not action.startswith("http:") or " " in op_id or not op_id:
+                    actions.append(action)
+                    continue
+                found = by_id.get(op_id, [])
+                if len(found) == 1:
+                    actions.append(found[0][1].action)
+                    continue
+                pos = rule.position
+                specs = ", ".join(sorted(u.name for u in upstreams if u.openapi)) or "none"
+                why = (
+                    f"is an operationId of upstreams {', '.join(u for u, _ in found)}: scope "
+                    "it with the http:METHOD /path form"
+                    if found
+                    else f'is "http:METHOD /path", or an operationId of an upstream with '
+                    f"openapi: (upstreams with a spec: {specs})"
+                )
+                issues.append(
+                    Issue(
+                        pos.file,
+                        pos.line,
+                        pos.column,
+                        f"rule {rule.id}.actions",
+                        f"{action!r} {why}",
+                    )
+                )
+                actions.append(action)
+            rules.append(replace(rule, actions=tuple(actions)))
+        out.append(replace(policy, rules=tuple(rules)))
+    return tuple(out)
 
 
 class _Loader:
@@ -156,6 +211,16 @@ class _Loader:
             self.doc.error(f"{path}.{key}", f"file {name!r} does not exist (resolved to {file})")
             return None
         return file
+
+    def openapi(self, file: Path, path: str, base_path: str) -> tuple[OpenApiOperation, ...]:
+        try:
+            spec = yaml.safe_load(file.read_text(encoding="utf-8"))  # JSON is YAML too
+            return operations_of(spec, base_path)
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+            self.doc.error(path, f"cannot read {file.name}: {exc}")
+        except OpenApiError as exc:
+            self.doc.error(path, f"{file.name}: {exc}")
+        return ()
 
     def listen(self, value: Any) -> Listen:
         doc = self.doc
@@ -261,6 +326,7 @@ class _Loader:
             "paths",
             "body",
             "max_response_bytes",
+            "openapi",
         )
         section = doc.mapping(value, path, keys)
         name = doc.get(section, path, "name", str, required=True) or ""
@@ -365,7 +431,7 @@ class _Loader:
         for key in ("forwarded_host", "paths"):
             doc.check(key not in section or not grpc, f"{path}.{key}", "applies to HTTP protocols")
         body = doc.choice(section, path, "body", ["auto", "json", "form", "stream"], "auto")
-        for key in ("body", "max_response_bytes"):
+        for key in ("body", "max_response_bytes", "openapi"):
             doc.check(
                 key not in section or protocol == "http",
                 f"{path}.{key}",
@@ -377,7 +443,12 @@ class _Loader:
             f"{path}.max_response_bytes",
             "must be a positive number of bytes (the largest answer a rule's obligations shape)",
         )
+        operations: tuple[OpenApiOperation, ...] = ()
+        spec_file = self.existing_file(section, path, "openapi")
+        if spec_file is not None and url:
+            operations = self.openapi(spec_file, f"{path}.openapi", urlsplit(url).path)
         return Upstream(
+            openapi=operations,
             body=body,  # type: ignore[arg-type]
             max_response_bytes=max_response,
             forwarded_host=forwarded_host,

@@ -10,7 +10,7 @@ import fnmatch
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Final, Literal
+from typing import Any, Final, Literal
 
 from agentproxy.core import Effect, Mode, Principal
 
@@ -150,6 +150,26 @@ DEFAULT_MAX_BODY_BYTES: Final[Mapping[str, int]] = {
 
 
 @dataclass(frozen=True, slots=True)
+class OpenApiOperation:
+    """One operation: `path` is an action pattern's path template (`/v1/employees/{id}`)."""
+
+    id: str
+    method: str
+    path: str
+    integer_params: tuple[str, ...] = ()
+    # The JSON schema of an application/json request body (with the spec's components, so
+    # its `$ref`s resolve), and whether a body is required.
+    body_schema: Any = None
+    body_required: bool = False
+    body_media: tuple[str, ...] = ()  # the media types its requestBody declares
+    version: str = "3.1"
+
+    @property
+    def action(self) -> str:
+        return f"http:{self.method} {self.path}"
+
+
+@dataclass(frozen=True, slots=True)
 class Upstream:
     name: str
     url: str
@@ -186,6 +206,8 @@ class Upstream:
     # whole to be shaped; a larger one is refused, never passed on unshaped).
     body: Literal["auto", "json", "form", "stream"] = "auto"
     max_response_bytes: int = 16 * 1024 * 1024
+    # Plain HTTP only: the operations of the upstream's OpenAPI spec (`openapi:`).
+    openapi: tuple[OpenApiOperation, ...] = ()
 
     def __post_init__(self) -> None:
         if self.max_body_bytes == 0:

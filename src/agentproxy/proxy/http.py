@@ -24,6 +24,7 @@ from agentproxy.errors import (
     PayloadTooLarge,
     Refusal,
     UnshapedAnswer,
+    UnsupportedMediaType,
     UpstreamFailed,
     UpstreamTimeout,
 )
@@ -36,7 +37,14 @@ from agentproxy.protocols.http import (
     request_headers_to_forward,
     response_headers_to_return,
 )
-from agentproxy.protocols.http_body import HttpBody, body_kind, is_json_media, parse_body
+from agentproxy.protocols.http_body import (
+    BodyKind,
+    HttpBody,
+    body_kind,
+    is_json_media,
+    parse_body,
+)
+from agentproxy.protocols.openapi import BodyValidator
 from agentproxy.protocols.strict_json import JsonError, parse_answer
 from agentproxy.proxy.context import context_headers
 from agentproxy.proxy.offload import parse_off_loop
@@ -64,6 +72,9 @@ def why_read_body(runtime: Runtime, upstream: Upstream, action: Action) -> str |
     be), or None to stream it unread."""
     if upstream.body == "stream":
         return None
+    operation = runtime.operation(action) if upstream.openapi else None
+    if operation is not None and operation[0].validator is not None:
+        return f"operation {operation[0].spec.id} of upstream {upstream.name} has a body schema"
     if upstream.body != "auto":
         return f"upstream {upstream.name} reads every body as {upstream.body}"
     rule = body_reader(runtime.policy, action)
@@ -131,7 +142,13 @@ class HttpExchange:
         LimitRefused when this agent already has too many large bodies being read.
         """
         upstream = self.upstream
-        if upstream is None or not self.request.body_exists or upstream.body == "stream":
+        if upstream is None or upstream.body == "stream":
+            return
+        found = self.runtime.operation(call.action) if upstream.openapi else None
+        operation = found[0] if found is not None else None
+        if not self.request.body_exists:
+            if operation is not None and operation.spec.body_required:
+                raise BadRequest(f"operation {operation.spec.id} requires a request body")
             return
         why = why_read_body(self.runtime, upstream, call.action)
         if why is None:
@@ -139,9 +156,24 @@ class HttpExchange:
         content_type = self._single_header("Content-Type")
         encoding = self._single_header("Content-Encoding")
         kind = body_kind(upstream.body, content_type, why=why)
+        validator = operation.validator if operation is not None else None
+        if (
+            operation is not None
+            and validator is not None
+            and kind != "json"
+            and _FORM not in operation.spec.body_media
+        ):
+            # Its schema is for JSON: a form would reach the upstream unvalidated.
+            media = ", ".join(operation.spec.body_media)
+            raise UnsupportedMediaType(f"operation {operation.spec.id} takes {media}")
         body = await self._read_body(call, upstream.max_body_bytes)
         read = functools.partial(
-            parse_body, kind, encoding, body, max_bytes=upstream.max_body_bytes
+            _read_checked,
+            kind,
+            encoding,
+            body,
+            upstream.max_body_bytes,
+            validator if kind == "json" else None,
         )
         agent = call.principal.agent if call.principal is not None else ""
         parsed = await parse_off_loop(agent, body, encoding, read)
@@ -481,6 +513,25 @@ _RESHAPED_HEADERS = frozenset(
         "transfer-encoding",
     }
 )
+
+
+_FORM = "application/x-www-form-urlencoded"
+
+
+def _read_checked(
+    kind: BodyKind,
+    encoding: str | None,
+    body: bytes,
+    max_bytes: int,
+    validator: BodyValidator | None,
+) -> HttpBody:
+    """The body parsed and, for an OpenAPI operation with a schema, validated (both on the
+    worker when it is large: validating costs more than parsing). Raises BadRequest,
+    PayloadTooLarge."""
+    parsed = parse_body(kind, encoding, body, max_bytes=max_bytes)
+    if validator is not None:
+        validator.check(parsed.args)
+    return parsed
 
 
 def _shape_answer(raw: bytes, shape: AnswerShape) -> tuple[bytes, Any]:

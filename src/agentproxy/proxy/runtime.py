@@ -12,20 +12,45 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from agentproxy.config import Config, ConfigError, Issue, load
-from agentproxy.config.model import PrincipalRef, RuleSpec, Upstream
+from agentproxy.config.model import OpenApiOperation, PrincipalRef, RuleSpec, Upstream
 from agentproxy.core import Action, Effect
 from agentproxy.errors import NoRoute
 from agentproxy.identity.context import ContextSigner
 from agentproxy.identity.verifier import TokenVerifier
 from agentproxy.metering.meter import compile_attribution
 from agentproxy.policy import PolicySet, compile_policy, policy_issues
+from agentproxy.policy.patterns import ActionPattern, compile_pattern
 from agentproxy.protocols import http, mcp
 from agentproxy.protocols.grpc import DescriptorError, Method, load_descriptor_set
+from agentproxy.protocols.openapi import BodyValidator, check_path_params
 
 # A remembered request line costs its Action and its strings: 4,096 lines of at most 512
 # characters bound the memory to a few MiB, whatever agents send.
 LINES = 4096
 LINE_BYTES = 512
+
+
+@dataclass(frozen=True, slots=True)
+class Operation:
+    """An upstream's OpenAPI operation, compiled: its action pattern, and its body schema."""
+
+    pattern: ActionPattern
+    spec: OpenApiOperation
+    validator: BodyValidator | None
+
+
+def compile_operations(upstream: Upstream) -> tuple[Operation, ...]:
+    """The upstream's operations, concrete paths before templated ones (OpenAPI: `/users/me`
+    is matched before `/users/{id}`)."""
+    ordered = sorted(upstream.openapi, key=lambda op: (op.path.count("{"), -len(op.path)))
+    return tuple(
+        Operation(
+            compile_pattern(op.action),
+            op,
+            BodyValidator(op) if op.body_schema is not None else None,
+        )
+        for op in ordered
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +69,30 @@ class Runtime:
     _lines: dict[tuple[str, str], tuple[Action, str, Upstream]] = field(
         default_factory=dict, repr=False, compare=False
     )
+    # OpenAPI operations by upstream name, and those found lately by action name.
+    operations: Mapping[str, tuple[Operation, ...]] = field(default_factory=dict)
+    _operations_found: dict[tuple[str, str], tuple[Operation, Mapping[str, str]] | None] = field(
+        default_factory=dict, repr=False, compare=False
+    )
+
+    def operation(self, action: Action) -> tuple[Operation, Mapping[str, str]] | None:
+        """The OpenAPI operation an HTTP action calls on its upstream, with its bindings."""
+        ops = self.operations.get(action.upstream)
+        if not ops:
+            return None
+        key = (action.upstream, action.name)
+        if key in self._operations_found:
+            return self._operations_found[key]
+        found = None
+        for op in ops:
+            bindings = op.pattern.match(action.name, action.fold_case)
+            if bindings is not None:
+                found = (op, bindings)
+                break
+        if len(self._operations_found) >= LINES:
+            self._operations_found.clear()
+        self._operations_found[key] = found
+        return found
 
     @property
     def audit_reads_args(self) -> bool:
@@ -68,6 +117,10 @@ class Runtime:
             fold_case=upstream.path_case == "insensitive",
             canonical_integers=upstream.integer_segments == "canonical",
         )
+        if upstream.openapi:
+            operation = self.operation(action)
+            if operation is not None:
+                check_path_params(operation[0].spec, operation[1])
         found = (action, raw_query, upstream)
         if len(method) + len(raw_target) <= LINE_BYTES:
             if len(self._lines) >= LINES:
@@ -295,4 +348,7 @@ async def build(config: Config) -> Runtime:
         found = descriptor_methods(upstream)
         if found is not None:
             methods[upstream.name] = found
-    return Runtime(config, policy, verifier, signer, tuple(routes), grpc_routes, methods)
+    operations = {u.name: compile_operations(u) for u in config.upstreams if u.openapi}
+    return Runtime(
+        config, policy, verifier, signer, tuple(routes), grpc_routes, methods, operations=operations
+    )
