@@ -99,9 +99,19 @@ def answer_shape(
 
 def _keeper(keep: KeepItems, data: dict[str, Any]) -> Callable[[Any], bool]:
     condition = keep.condition
+    base = {name: value for name, value in data.items() if name in keep.variables}
+    view = base.get("principal")
+    if isinstance(view, dict) and keep.principal_fields is not None:
+        # Only the members it reads: the view is converted again for every item.
+        read = {k: view[k] for k in keep.principal_fields if k in view}
+        claims = read.get("claims")
+        if keep.claims_fields is not None and isinstance(claims, dict):
+            read["claims"] = {k: claims[k] for k in keep.claims_fields if k in claims}
+        base["principal"] = read
 
     def admits(item: Any) -> bool:
         # An item the condition cannot be evaluated on is dropped: kept only when admitted.
-        return _evaluate(condition, {**data, "item": item}) is True
+        base["item"] = item
+        return _evaluate(condition, base) is True
 
     return admits
