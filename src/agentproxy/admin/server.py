@@ -163,6 +163,21 @@ def admin_app(backend: AdminBackend, clock: Clock = SYSTEM) -> web.Application:
             raise Unauthenticated("an approver's bearer token is required")
         return await backend.approver(token)
 
+    async def whoami(request: web.Request) -> web.Response:
+        """Who the bearer token says the caller is (the approvals page shows it)."""
+        principal = await _approver(request)
+        return web.json_response(
+            {
+                "agent": principal.agent,
+                "user": principal.acting_for,
+                "chain": list(principal.chain),
+                "roles": sorted(principal.roles),
+                "issuer": principal.issuer,
+                "operator": backend.is_operator(principal),
+            },
+            headers=NO_STORE,
+        )
+
     async def approvals_list(request: web.Request) -> web.Response:
         """One page: `?state=&cursor=&limit=` (limit 1..1000, 100 by default); the answer's
         `next_cursor` (null on the last page) fetches the next."""
@@ -239,6 +254,7 @@ def admin_app(backend: AdminBackend, clock: Clock = SYSTEM) -> web.Application:
     app.router.add_post("/v1/explain", explain)
     app.router.add_post("/v1/tools/accept", accept_tool)
     app.router.add_post("/v1/reload", reload)
+    app.router.add_get("/v1/whoami", whoami)
     app.router.add_get("/v1/approvals", approvals_list)
     app.router.add_get("/v1/approvals/{id}", approvals_get)
     app.router.add_post("/v1/approvals/{id}/{verb:approve|deny}", approvals_decide)

@@ -118,6 +118,10 @@ def slack_escape(text: str) -> str:
     return flat.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 
+def _listed(value: Any) -> list[Any]:
+    return list(value) if isinstance(value, list | tuple) else [value]
+
+
 def _clip(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
@@ -145,11 +149,21 @@ def payload(event: str, approval: Approval, *, ui_url: str | None = None) -> dic
         parts.append(f"approve at {link}" if event == "requested" else f"details at {link}")
     text = " — ".join(parts)
 
+    query = "&".join(f"{k}={v}" for k, values in approval.query.items() for v in _listed(values))
     fields = [
         ("Agent", approval.agent),
         ("User", approval.user if approval.user is not None else "—"),
-        ("Action", approval.action),
+        ("Chain", " → ".join((*approval.chain, approval.agent)) if approval.chain else "—"),
+        ("Action", approval.action + (f"?{query}" if query else "")),
+        ("Upstream", approval.upstream or "—"),
+        ("Task", approval.task or "—"),
         ("Rule", approval.rule),
+        (
+            "Arguments",
+            f"{approval.arguments_bytes} bytes, SHA-256 {approval.arguments_sha256[:16]}…"
+            if approval.arguments_sha256
+            else "—",
+        ),
         ("Expires", rfc3339(approval.expires)),
     ]
     if approval.decided_by is not None:
