@@ -631,6 +631,11 @@ def approval_lines(a: dict[str, Any]) -> str:
         f" ({a.get('arguments_bytes', 0)} bytes, sha256 {digest}…;"
         f" `approvals show` has them whole){query}",
     ]
+    quorum = int(a.get("quorum") or 1)
+    if quorum > 1:
+        votes = a.get("votes") or []
+        given = ", ".join(f"{v['by']} at {rfc3339(v['at'])}" for v in votes) or "none yet"
+        lines.append(f"    approvals {len(votes)} of {quorum}: {given}")
     return "\n".join(lines)
 
 

@@ -169,7 +169,9 @@ async def test_payload_is_slack_shaped_and_machine_readable(receiver: Receiver) 
         arguments_sha256="ab" * 32,
     )
     fields = [f["text"] for f in payload("requested", http)["blocks"][0]["fields"]]
-    assert "*Action*\nhttp:POST /v1/transfers?amount=7777&amp;tag=a&amp;tag=b" in fields  # Slack-escaped
+    assert (
+        "*Action*\nhttp:POST /v1/transfers?amount=7777&amp;tag=a&amp;tag=b" in fields
+    )  # Slack-escaped
     assert "*Task*\nt-1" in fields and "*Upstream*\npayments" in fields
     assert "*Arguments*\n12 bytes, SHA-256 abababababababab…" in fields
 

@@ -36,7 +36,7 @@ from agentproxy.clock import SYSTEM, Clock, rfc3339
 
 log = logging.getLogger("agentproxy.approvals")
 
-EVENTS = frozenset({"requested", "approved", "denied", "expired", "used"})
+EVENTS = frozenset({"requested", "voted", "approved", "denied", "expired", "used"})
 
 SIGNATURE_HEADER = "X-Agentproxy-Signature"
 EVENT_HEADER = "X-Agentproxy-Event"
@@ -139,6 +139,9 @@ def payload(event: str, approval: Approval, *, ui_url: str | None = None) -> dic
     if approval.reason:
         rule += f": {slack_escape(approval.reason)}"
     parts = [f"agentproxy: approval {event}", f"{who} wants {slack_escape(approval.action)}", rule]
+    if approval.quorum > 1:
+        voters = ", ".join(slack_escape(v.by) for v in approval.votes) or "none yet"
+        parts.append(f"{len(approval.votes)} of {approval.quorum} approvals ({voters})")
     if approval.decided_by is not None:
         by = f"by {slack_escape(approval.decided_by)}"
         if approval.decided_reason:

@@ -300,6 +300,8 @@ class ApprovalSpec:
     hold: float = 25.0
     grant_ttl: float | None = None
     reason: str = ""
+    # How many distinct approvers must approve (N of M); one denial refuses.
+    quorum: int = 1
 
 
 @dataclass(frozen=True, slots=True)

@@ -271,7 +271,9 @@ def _limit(doc: Document, value: Any, path: str) -> LimitSpec | None:
 def _approval(doc: Document, value: Any, path: str) -> ApprovalSpec | None:
     if value is None:
         return None
-    section = doc.mapping(value, path, ("approvers", "timeout", "hold", "grant", "reason"))
+    section = doc.mapping(
+        value, path, ("approvers", "timeout", "hold", "grant", "reason", "quorum")
+    )
     approvers = doc.strings(section, path, "approvers", required=True)
     doc.check(
         "approvers" not in section or bool(approvers),
@@ -302,10 +304,24 @@ def _approval(doc: Document, value: Any, path: str) -> ApprovalSpec | None:
         if not ttl:
             doc.error(f"{path}.grant", 'write "once" or {ttl: 1h}')
         grant_ttl = ttl or None
+    quorum = doc.get(section, path, "quorum", int, 1) or 1
+    doc.check(
+        1 <= quorum <= 10,
+        f"{path}.quorum",
+        "must be between 1 and 10: how many distinct approvers must approve",
+    )
+    people = [a for a in approvers if not a.startswith("role:")]
+    doc.check(
+        quorum == 1 or len(people) >= quorum or len(people) < len(approvers),
+        f"{path}.quorum",
+        f"{quorum} approvals are needed but only {len(people)} approvers are named "
+        "(name more, or a role)",
+    )
     return ApprovalSpec(
         approvers=approvers,
         timeout=timeout,
         hold=min(hold, timeout),
         grant_ttl=grant_ttl,
         reason=doc.get(section, path, "reason", str, "") or "",
+        quorum=max(1, min(quorum, 10)),
     )

@@ -89,6 +89,14 @@ function who(a) {
   return a.agent + (a.chain.length ? " (via " + a.chain.join(" → ") + ")" : "");
 }
 
+// N of M: how many have approved, and who.
+function quorumText(a) {
+  if (!a.quorum || a.quorum <= 1) { return ""; }
+  const votes = a.votes || [];
+  return " · " + votes.length + " of " + a.quorum + " approvals" +
+    (votes.length ? " (" + votes.map((v) => v.by).join(", ") + ")" : "");
+}
+
 function detailLink(a) {
   const link = document.createElement("a");
   link.href = "#approval=" + encodeURIComponent(a.id);
@@ -126,7 +134,7 @@ function renderPending(approvals) {
     const args = document.createElement("pre");
     args.textContent = JSON.stringify(a.summary, null, 1);
     cell(row, args);
-    cell(row, a.reason + " (rule " + a.rule + ")");
+    cell(row, a.reason + " (rule " + a.rule + ")" + quorumText(a));
     timeCell(row, a.expires);
     const decision = cell(row, "");
     decision.className = "decision";
@@ -258,7 +266,12 @@ function renderDetail() {
     field(list, "Action", a.action, true);
   }
   field(list, "Rule", a.rule + (a.reason ? ": " + a.reason : ""));
-  field(list, "Approvers", a.approvers.join(", "));
+  field(list, "Approvers", a.approvers.join(", ") + (a.quorum > 1 ? " (" + a.quorum + " must approve)" : ""));
+  if (a.quorum > 1) {
+    const votes = a.votes || [];
+    field(list, "Approved so far", votes.length ? votes.map((v) => v.by + " at " + when(v.at) +
+      (v.reason ? ": " + v.reason : "")).join("; ") : "nobody yet");
+  }
   field(list, "Requested", when(a.created) + " (" + utc(a.created) + ")");
   field(list, "Expires", when(a.expires) + " (" + utc(a.expires) + ")");
   if (a.decided_by) {
