@@ -103,6 +103,9 @@ class Action:
     # The upstream reads paths case-insensitively (`paths: {case: insensitive}`): patterns
     # match whatever the case; bindings keep the case sent, as such frameworks pass them on.
     fold_case: bool = False
+    # An LLM API call's normalized facts (CEL `llm`): model, max_output_tokens (whichever of
+    # max_tokens, max_completion_tokens, max_output_tokens), stream, tools; None otherwise.
+    llm: Mapping[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if not self.protocol or ":" in self.protocol:

@@ -149,12 +149,15 @@ def _rule(doc: Document, value: Any, path: str) -> RuleSpec | None:
     for i, limit in enumerate(limits):
         if limit.spend is None:
             continue
-        if cost is None:
+        llm_only = bool(actions) and all(a.startswith("llm:") for a in actions)
+        if cost is None and not llm_only:
+            # An LLM call's cost is its tokens at the price table: its rule needs no cost.
             doc.error(
                 f"{path}.limits[{i}]",
-                "a spend limit needs a cost on the rule (cost: {amount, currency})",
+                "a spend limit needs a cost on the rule (cost: {amount, currency}), unless "
+                "every action is an llm: call (priced by metering.prices)",
             )
-        elif limit.currency != cost.currency:
+        elif cost is not None and limit.currency != cost.currency:
             doc.error(
                 f"{path}.limits[{i}].currency",
                 f"must match the rule's cost currency {cost.currency}",

@@ -37,6 +37,7 @@ CEL_VARIABLES = {
     "task": _MAP,
     "request": _MAP,
     "now": cel.Type.TIMESTAMP,
+    "llm": _MAP,
 }
 # The standard string and math extensions (split, lowerAscii, math.greatest, …): policies
 # read paths, ids and amounts.
@@ -111,6 +112,7 @@ class Limit:
     key_expr: cel.Expression | None
     calls: int | None
     spend: float | None
+    currency: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -304,6 +306,7 @@ def _compile_rule(spec: RuleSpec, issues: list[Issue]) -> Rule | None:
                 key_expr,
                 spec_limit.calls,
                 spec_limit.spend,
+                spec_limit.currency,
             )
         )
     cost_expr = None
@@ -347,7 +350,7 @@ def _compile_rule(spec: RuleSpec, issues: list[Issue]) -> Rule | None:
         limits=tuple(limits),
         cost=spec.cost,
         label_task=spec.label_task,
-        memoizable=not reads & {"args", "now", "task", "request"},
+        memoizable=not reads & {"args", "now", "task", "request", "llm"},
         reads_task="task" in reads,
         reads_args="args" in reads | _reads(spec.cost.expr if spec.cost else None),
         builtin=spec.builtin,

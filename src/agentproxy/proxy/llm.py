@@ -54,6 +54,25 @@ class LlmExchange(HttpExchange):
         call.model = parsed.model
         call.estimate = (llm.estimate_input_tokens(parsed), parsed.max_tokens)
 
+    async def refuse(self, call: Call) -> None:
+        """The refusal in the provider's own error shape (OpenAI or Anthropic), so the SDKs
+        show its reason and decision id, not a bare status."""
+        refusal = call.refusal
+        if refusal is None:
+            raise ValueError("refuse() needs call.refusal")
+        provider = self.parsed.provider if self.parsed is not None else "other"
+        if provider == "other":
+            provider = llm.provider_of(self.path)
+        reply = llm.render(refusal, decision_id=call.id, provider=provider)
+        response = web.Response(status=reply.status, body=reply.body)
+        for name, value in reply.headers:
+            response.headers.add(name, value)
+        response.headers["Server"] = "agentproxy"
+        if self.request.body_exists and self.parsed is None:
+            response.force_close()  # the body was not read
+        call.status = reply.status
+        self.response = response
+
     def _request_data(self, call: Call, upstream: Upstream) -> AsyncIterator[bytes] | bytes | None:
         if self.parsed is None or self.request.method != "POST":
             return None

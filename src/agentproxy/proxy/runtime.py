@@ -193,6 +193,7 @@ def check(config: Config) -> PolicySet:
     issues.extend(unbound_privileges(config, policy))
     issues.extend(unknown_upstreams(config, policy))
     issues.extend(silent_denials(config, policy))
+    issues.extend(llm_spend_currencies(config, policy))
     for i, upstream in enumerate(config.upstreams):
         try:
             descriptor_methods(upstream)
@@ -286,6 +287,30 @@ def silent_denials(config: Config, policy: PolicySet | None) -> list[Issue]:
                     "(body: stream), so args is always empty: set body: auto",
                 )
             )
+    return issues
+
+
+def llm_spend_currencies(config: Config, policy: PolicySet | None) -> list[Issue]:
+    """A spend limit of an LLM rule without a cost is charged in the price table's currency:
+    one in another would never be compared with what calls cost."""
+    issues = []
+    currency = config.metering.currency
+    for rule in policy.rules if policy is not None else ():
+        if rule.cost is not None:
+            continue
+        for limit in rule.limits:
+            if limit.spend is not None and limit.currency not in (None, currency):
+                pos = rule.position
+                issues.append(
+                    Issue(
+                        pos.file,
+                        pos.line,
+                        pos.column,
+                        f"rule {rule.id}.limits",
+                        f"limit {limit.name!r} is in {limit.currency}, but LLM calls are "
+                        f"priced in {currency} (metering.currency)",
+                    )
+                )
     return issues
 
 
