@@ -14,6 +14,7 @@ import pytest
 from tests.conftest import Keys, Proxy, ProxyFactory
 from tests.harness.llm_upstream import LlmUpstream, Usage
 from tests.metering.test_llm_e2e import METERING, oai
+from tests.proxy.conftest import captured, log_records
 
 POLICY = """
 default: deny
@@ -142,3 +143,30 @@ async def test_a_spend_limit_on_an_llm_rule_needs_no_rule_cost_and_holds_under_c
     served = statuses.count(200)
     assert served == 9 and served * 0.00505 <= 0.05, statuses
     assert len(llm_upstream.bodies("/v1/chat/completions")) == served
+
+
+async def test_cached_input_is_logged_with_the_genai_names(
+    make_proxy: ProxyFactory,
+    llm_upstream: LlmUpstream,
+    keys: Keys,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # Started in the test: the proxy's log must write to the stdout capsys captures.
+    proxy = await make_proxy(
+        policy=POLICY,
+        upstream_url=llm_upstream.url,
+        upstream_extra="    protocol: llm",
+        extra=METERING,
+    )
+    llm_upstream.usage["gpt-4o"] = Usage(input=1000, output=50, cached_input=400)
+    async with oai(proxy, keys.token("writer")) as client:
+        await client.chat.completions.create(
+            model="gpt-4o", max_tokens=100, messages=[{"role": "user", "content": "hi"}]
+        )
+    out, _ = captured(capsys, proxy)
+    (record,) = [r for r in log_records(out) if r.get("gen_ai.operation.name") == "chat"]
+    # GenAI's input_tokens counts the cached ones too; cache_read says how many they were.
+    assert record["gen_ai.usage.input_tokens"] == 1400
+    assert record["gen_ai.usage.cache_read.input_tokens"] == 400
+    assert record["gen_ai.usage.output_tokens"] == 50
+    assert abs(record["cost"]["amount"] - (1000 * 2.5 + 400 * 1.25 + 50 * 10) / 1e6) < 1e-12

@@ -136,4 +136,6 @@ def entry(call: Call, latency: float, now: float) -> dict[str, Any]:
         if call.tokens is not None:
             record["gen_ai.usage.input_tokens"] = call.tokens[0] + call.tokens[2]
             record["gen_ai.usage.output_tokens"] = call.tokens[1]
+            # Of the input, what the provider's cache served (priced at the cached rate).
+            record["gen_ai.usage.cache_read.input_tokens"] = call.tokens[2]
     return record
