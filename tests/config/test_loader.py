@@ -215,11 +215,16 @@ def test_validate_command_prints_every_problem_and_exits_1(tmp_path: Path) -> No
 def test_validate_command_accepts_the_examples(example: Path, tmp_path: Path) -> None:
     from agentproxy.identity.issue import generate_demo_keypair
 
-    # A copy, with the issuer key its run.py would make (never committed).
-    copy = tmp_path / example.parent.name
-    shutil.copytree(example.parent, copy, ignore=shutil.ignore_patterns(".keys"))
-    (copy / ".keys").mkdir()
-    generate_demo_keypair(copy / ".keys" / "issuer.pem", copy / ".keys" / "issuer.pub.pem")
+    # A copy of every example (one may use another's files), with the issuer keys their
+    # run.py would make (never committed).
+    shutil.copytree(
+        example.parent.parent, tmp_path / "examples", ignore=shutil.ignore_patterns(".keys")
+    )
+    for each in (tmp_path / "examples").iterdir():
+        if each.is_dir():
+            (each / ".keys").mkdir()
+            generate_demo_keypair(each / ".keys" / "issuer.pem", each / ".keys" / "issuer.pub.pem")
+    copy = tmp_path / "examples" / example.parent.name
     out = subprocess.run(
         [sys.executable, "-m", "agentproxy", "validate", "--config", str(copy / example.name)],
         capture_output=True,

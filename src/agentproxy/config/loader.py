@@ -232,6 +232,7 @@ class _Loader:
                 "admin",
                 "grpc",
                 "admin_grpc",
+                "ext_authz",
                 "max_connections",
                 "header_timeout",
                 "idle_timeout",
@@ -261,6 +262,11 @@ class _Loader:
             admin_grpc=(
                 self.host_port(section, "$.listen", "admin_grpc")
                 if "admin_grpc" in section
+                else None
+            ),
+            ext_authz=(
+                self.host_port(section, "$.listen", "ext_authz")
+                if "ext_authz" in section
                 else None
             ),
         )

@@ -118,6 +118,8 @@ class Listen:
     # Absent: no listener. The gRPC data plane, and agentproxy.v1 (Authorizer, Approvals).
     grpc: HostPort | None = None
     admin_grpc: HostPort | None = None
+    # Envoy's external authorization (envoy.service.auth.v3.Authorization, gRPC).
+    ext_authz: HostPort | None = None
     # Bounds on the HTTP listeners' clients (per listener, so per worker process).
     max_connections: int = 10_000  # data plane; beyond it a new connection gets 503 and closes
     header_timeout: float = 10.0  # a request head, once begun, must arrive within this

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
 from typing import Any
 
@@ -578,3 +578,53 @@ async def _chain(first: bytes, rest: AsyncIterator[bytes]) -> AsyncIterator[byte
     yield first
     async for chunk in rest:
         yield chunk
+
+
+async def read_described_body(
+    runtime: Runtime,
+    upstream: Upstream,
+    action: Action,
+    *,
+    body_exists: bool,
+    content_type: str | None,
+    encoding: str | None,
+    read: Callable[[], Awaitable[bytes]],
+    agent: str,
+) -> HttpBody | None:
+    """A plain HTTP body read as `args` when something needs it (`why_read_body`, an OpenAPI
+    schema), else None: what `HttpExchange.describe` does, for shells that hold the body some
+    other way (ext_authz: Envoy sends it). `read` gives the body's bytes, bounded.
+
+    Raises UnsupportedMediaType, BadRequest, PayloadTooLarge, LimitRefused as the data plane.
+    """
+    if upstream.body == "stream":
+        return None
+    found = runtime.operation(action) if upstream.openapi else None
+    operation = found[0] if found is not None else None
+    if not body_exists:
+        if operation is not None and operation.spec.body_required:
+            raise BadRequest(f"operation {operation.spec.id} requires a request body")
+        return None
+    why = why_read_body(runtime, upstream, action)
+    if why is None:
+        return None
+    kind = body_kind(upstream.body, content_type, why=why)
+    validator = operation.validator if operation is not None else None
+    if (
+        operation is not None
+        and validator is not None
+        and kind != "json"
+        and _FORM not in operation.spec.body_media
+    ):
+        media = ", ".join(operation.spec.body_media)
+        raise UnsupportedMediaType(f"operation {operation.spec.id} takes {media}")
+    body = await read()
+    work = functools.partial(
+        _read_checked,
+        kind,
+        encoding,
+        body,
+        upstream.max_body_bytes,
+        validator if kind == "json" else None,
+    )
+    return await parse_off_loop(agent, body, encoding, work)
