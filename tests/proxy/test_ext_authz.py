@@ -206,3 +206,53 @@ async def test_bodies_are_decided_on_what_they_ask(
     status, body, _ = await call(envoy_.base, "POST", "/mcp", token, denied, **mcp_headers)
     assert status == 200 and body["id"] == 2 and body["error"]["code"] == -32003, body
     assert len([s for s in upstream.seen if s.path == "/mcp"]) == 1
+
+
+async def test_authzen_evaluations_are_decided_by_the_pipeline(
+    make_proxy: ProxyFactory, keys: Keys
+) -> None:
+    proxy = await make_proxy(policy=POLICY, extra='admin: {operators: ["role:gateway"]}')
+    gateway = {"Authorization": f"Bearer {keys.token('gw', roles=['gateway'])}"}
+    agent = keys.token("hr-bot")
+
+    def asked(method: str, path: str, **properties: Any) -> dict[str, Any]:
+        return {
+            "subject": {"type": "agent", "id": "ignored", "properties": {"token": agent}},
+            "action": {"name": method},
+            "resource": {"type": "http", "id": path, "properties": properties},
+        }
+
+    async with aiohttp.ClientSession() as s:
+        url = proxy.admin + "/access/v1/evaluation"
+        async with s.post(url, json=asked("GET", "/v1/employees/42")) as r:
+            assert r.status == 401  # only an operator (the gateway) asks
+        async with s.post(url, json=asked("GET", "/v1/employees/42"), headers=gateway) as r:
+            assert r.status == 200
+            allowed = await r.json()
+        assert allowed["decision"] is True and allowed["context"]["rule"] == "read-employees"
+        async with s.post(url, json=asked("GET", "/v1/employees/7/salary"), headers=gateway) as r:
+            denied = await r.json()
+        assert denied["decision"] is False and denied["context"]["rule"] == "no-salaries"
+        assert denied["context"]["status"] == 403
+        big = asked("POST", "/v1/transfers", body={"amount": 5000000})
+        async with s.post(url, json=big, headers=gateway) as r:
+            pending = await r.json()
+        assert pending["decision"] is False and pending["context"]["effect"] == "require_approval"
+        assert pending["context"]["approval_id"]
+        # The subject is who the token says, whatever id the request names.
+        forged = asked("GET", "/v1/employees/42")
+        forged["subject"]["properties"]["token"] = keys.token("sales-bot")
+        forged["subject"]["id"] = "hr-bot"
+        batch = {
+            "subject": asked("GET", "/")["subject"],
+            "evaluations": [
+                {"action": {"name": "GET"}, "resource": {"type": "http", "id": "/v1/employees/42"}},
+                forged,
+                {"action": {"name": "tools/call"}, "resource": {"type": "mcp", "id": "search"}},
+                {"action": {"name": "GET"}, "resource": {"type": "ftp", "id": "/x"}},
+            ],
+        }
+        async with s.post(proxy.admin + "/access/v1/evaluations", json=batch, headers=gateway) as r:
+            results = (await r.json())["evaluations"]
+        assert [e["decision"] for e in results] == [True, False, True, False]
+        assert "resource.type" in results[3]["context"]["reason_admin"]["detail"]

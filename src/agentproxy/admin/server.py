@@ -15,12 +15,13 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 from prometheus_client.aiohttp import make_aiohttp_handler
 
+from agentproxy.admin import authzen
 from agentproxy.approvals.authorize import is_listed
 from agentproxy.approvals.lifecycle import Approval, Event, State
 from agentproxy.clock import SYSTEM, Clock, parse_rfc3339
 from agentproxy.config.model import names_principal
 from agentproxy.config.yamldoc import parse_duration
-from agentproxy.core import Principal
+from agentproxy.core import Action, Call, Principal
 from agentproxy.errors import (
     Denied,
     InternalError,
@@ -93,6 +94,18 @@ class AdminBackend(ApprovalsBackend, Protocol):
     ) -> dict[str, Any]:
         """Raises Refusal (the token, request or body would be refused) or StoreError."""
 
+    async def check(
+        self,
+        *,
+        token: str | None,
+        describe: Action | Refusal,
+        task: str | None,
+        traceparent: str | None,
+        upstream: str | None = None,
+    ) -> tuple[Call, list[tuple[str, str]]]:
+        """The finished call of an Authorizer.Check (AuthZEN too) and the context it would
+        add. Never raises for the call itself: its refusal is on the call."""
+
     async def accept_tool(self, upstream: str, tool: str) -> str:
         """Pins a changed MCP tool's new definition; its fingerprint. Raises NotFound when the
         tool has no unaccepted change."""
@@ -162,6 +175,34 @@ def admin_app(backend: AdminBackend, clock: Clock = SYSTEM) -> web.Application:
         if token is None:
             raise Unauthenticated("an approver's bearer token is required")
         return await backend.approver(token)
+
+    async def authzen_evaluation(request: web.Request) -> web.Response:
+        """OpenID AuthZEN access evaluation, for operators (a gateway's identity)."""
+        await _operator(request)
+        data = _json_object(await request.read(), set(authzen.MEMBERS))
+        asked = authzen.evaluation(data)
+        call, _ = await backend.check(
+            token=asked.token,
+            describe=asked.describe,
+            task=asked.task,
+            traceparent=asked.traceparent,
+        )
+        return web.json_response(authzen.answer(call), headers=NO_STORE)
+
+    async def authzen_evaluations(request: web.Request) -> web.Response:
+        await _operator(request)
+        data = _json_object(await request.read(), set(authzen.MEMBERS) | {"evaluations", "options"})
+        try:
+            asked = authzen.evaluations(data)
+        except Refusal as exc:
+            raise BadAdminRequest(exc.detail) from None
+        results = []
+        for one in asked:
+            call, _ = await backend.check(
+                token=one.token, describe=one.describe, task=one.task, traceparent=one.traceparent
+            )
+            results.append(authzen.answer(call))
+        return web.json_response({"evaluations": results}, headers=NO_STORE)
 
     async def whoami(request: web.Request) -> web.Response:
         """Who the bearer token says the caller is (the approvals page shows it)."""
@@ -255,6 +296,8 @@ def admin_app(backend: AdminBackend, clock: Clock = SYSTEM) -> web.Application:
     app.router.add_post("/v1/tools/accept", accept_tool)
     app.router.add_post("/v1/reload", reload)
     app.router.add_get("/v1/whoami", whoami)
+    app.router.add_post("/access/v1/evaluation", authzen_evaluation)
+    app.router.add_post("/access/v1/evaluations", authzen_evaluations)
     app.router.add_get("/v1/approvals", approvals_list)
     app.router.add_get("/v1/approvals/{id}", approvals_get)
     app.router.add_post("/v1/approvals/{id}/{verb:approve|deny}", approvals_decide)

@@ -265,9 +265,7 @@ class _Loader:
                 else None
             ),
             ext_authz=(
-                self.host_port(section, "$.listen", "ext_authz")
-                if "ext_authz" in section
-                else None
+                self.host_port(section, "$.listen", "ext_authz") if "ext_authz" in section else None
             ),
         )
 
