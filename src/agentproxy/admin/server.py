@@ -106,6 +106,13 @@ class AdminBackend(ApprovalsBackend, Protocol):
         """The finished call of an Authorizer.Check (AuthZEN too) and the context it would
         add. Never raises for the call itself: its refusal is on the call."""
 
+    async def gateway_check(
+        self, method: str, path: str, headers: dict[str, str], body: bytes | None
+    ) -> tuple[bool, int, list[tuple[str, str]], list[str], bytes] | None:
+        """Envoy's HTTP ext_authz: (allowed, status, headers to set or answer with, headers
+        to remove, body) for a request a gateway holds; None when listen.ext_authz is not
+        set (the mode is off)."""
+
     async def accept_tool(self, upstream: str, tool: str) -> str:
         """Pins a changed MCP tool's new definition; its fingerprint. Raises NotFound when the
         tool has no unaccepted change."""
@@ -175,6 +182,29 @@ def admin_app(backend: AdminBackend, clock: Clock = SYSTEM) -> web.Application:
         if token is None:
             raise Unauthenticated("an approver's bearer token is required")
         return await backend.approver(token)
+
+    async def ext_authz_http(request: web.Request) -> web.Response:
+        """Envoy's HTTP ext_authz mode: the request as Envoy received it, under
+        /ext_authz (`http_service.path_prefix`). Allowed: 200, the headers to set (list them
+        in `allowed_upstream_headers`) and `x-envoy-auth-headers-to-remove`; refused: the
+        data plane's own answer."""
+        body = await request.read() if request.body_exists else None
+        path = request.raw_path.removeprefix("/ext_authz") or "/"
+        headers = {k.lower(): v for k, v in request.headers.items()}
+        answer = await backend.gateway_check(request.method, path, headers, body)
+        if answer is None:
+            raise NotFound("the ext_authz mode is off (set listen.ext_authz)")
+        allowed, status, set_headers, remove, reply = answer
+        if not allowed and status < 300:
+            # Envoy's HTTP mode reads any 200 as "allowed": a refusal the data plane answers
+            # 200 (an MCP JSON-RPC error) must not be, or the call would be forwarded.
+            status = 403
+        response = web.Response(status=200 if allowed else status, body=reply)
+        for name, value in set_headers:
+            response.headers.add(name, value)
+        if allowed and remove:
+            response.headers["x-envoy-auth-headers-to-remove"] = ",".join(remove)
+        return response
 
     async def authzen_evaluation(request: web.Request) -> web.Response:
         """OpenID AuthZEN access evaluation, for operators (a gateway's identity)."""
@@ -297,6 +327,7 @@ def admin_app(backend: AdminBackend, clock: Clock = SYSTEM) -> web.Application:
     app.router.add_post("/v1/reload", reload)
     app.router.add_get("/v1/whoami", whoami)
     app.router.add_post("/access/v1/evaluation", authzen_evaluation)
+    app.router.add_route("*", "/ext_authz/{tail:.*}", ext_authz_http)
     app.router.add_post("/access/v1/evaluations", authzen_evaluations)
     app.router.add_get("/v1/approvals", approvals_list)
     app.router.add_get("/v1/approvals/{id}", approvals_get)

@@ -22,6 +22,7 @@ from agentproxy.protocols.grpc import Method as GrpcMethod
 from agentproxy.proxy.assemble import Services
 from agentproxy.proxy.check import check
 from agentproxy.proxy.explain import explain
+from agentproxy.proxy.ext_authz import GatewayRequest, decide_request
 from agentproxy.proxy.grpc_upstreams import Descriptors
 from agentproxy.proxy.pipeline import Pipeline
 from agentproxy.store import ApprovalPage, Revocation
@@ -159,6 +160,16 @@ class ProxyBackend:
         runtime = self._process.pipeline.runtime
         methods = await self._descriptors.methods(runtime, runtime.route_grpc(service))
         return methods.get(path) if methods is not None else None
+
+    async def gateway_check(
+        self, method: str, path: str, headers: dict[str, str], body: bytes | None
+    ) -> tuple[bool, int, list[tuple[str, str]], list[str], bytes] | None:
+        if self._process.pipeline.runtime.config.listen.ext_authz is None:
+            return None
+        answer = await decide_request(
+            self._process.pipeline, GatewayRequest(method, path, headers, body)
+        )
+        return answer.allowed, answer.status, answer.headers, answer.remove, answer.body
 
     async def check(
         self,
