@@ -132,6 +132,7 @@ class Principal:
     token_id: str | None = None
     expires_at: float = 0.0
     task: str | None = None
+    parent_task: str | None = None  # the task that delegated this one (the token says so)
 
     def __post_init__(self) -> None:
         for value in (self.agent, self.acting_for, *self.chain):
@@ -258,12 +259,16 @@ class Reservation:
 
 @dataclass(frozen=True, slots=True)
 class TraceContext:
-    """W3C Trace Context (traceparent): the trace we continue and our own span in it."""
+    """W3C Trace Context (traceparent): the trace we continue and our own span in it.
+
+    `parent_id`: the caller's span (from its `traceparent`), None when we started the trace.
+    `span_id` is the proxy's SERVER span: the parent the upstream sees."""
 
     trace_id: str
     span_id: str
     flags: str = "01"
     state: str | None = None
+    parent_id: str | None = None
 
     @property
     def traceparent(self) -> str:
@@ -288,6 +293,7 @@ class Call:
     declared_task: str | None = None
     principal: Principal | None = None
     task: str | None = None
+    parent_task: str | None = None
     decision: Decision | None = None
     enforced: bool = True
     refusal: Refusal | None = None
@@ -324,6 +330,9 @@ class Call:
     grpc_status: int | None = None  # a gRPC call's status code (`status` is its HTTP mapping)
     # explain's collecting tracer: when set, decide() appends the steps of its evaluation.
     trace_steps: list[Any] | None = field(default=None, repr=False)
+    # A sampled call's stage timings for its spans: [stage, started, ended or None (it
+    # raised)] on the monotonic clock. None: the call is not traced.
+    spans: list[list[Any]] | None = field(default=None, repr=False)
 
     def allowed(self) -> list[tuple[Action, Decision]]:
         """Each message of the call (the one, or every message of a batch) that a rule

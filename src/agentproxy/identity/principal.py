@@ -50,6 +50,7 @@ def principal_from_claims(
         token_id=jti if isinstance(jti, str) else None,
         expires_at=expires_at,
         task=_task(claims.get(names.task), names.task),
+        parent_task=_task(claims.get(names.parent_task), names.parent_task),
     )
 
 

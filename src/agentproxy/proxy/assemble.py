@@ -38,7 +38,9 @@ from agentproxy.proxy.stages.limits import Limits
 from agentproxy.proxy.stages.pins import Pins
 from agentproxy.proxy.stages.record import Record
 from agentproxy.proxy.stages.settle import Settle
+from agentproxy.proxy.stages.trace import Trace
 from agentproxy.store import Store
+from agentproxy.telemetry import Tracing
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +58,7 @@ class Services:
     mcp: McpState
     audit: AuditTrail | None = None
     audit_required: bool = False
+    tracing: Tracing | None = None
 
 
 def services(
@@ -66,6 +69,7 @@ def services(
     metrics: Metrics,
     stopping: asyncio.Event,
     audit: AuditTrail | None = None,
+    tracing: Tracing | None = None,
 ) -> Services:
     """The services for `config` over `store` (not started), nothing yet listening to the
     approval service (`wire_approvals`). Raises ValueError when the metering attribution does
@@ -93,6 +97,7 @@ def services(
         ),
         audit=audit,
         audit_required=config.audit.required,
+        tracing=tracing,
     )
 
 
@@ -120,7 +125,9 @@ def build(runtime: Runtime, services: Services, decision_log: DecisionLog) -> Pi
         ),
         Record(services.metrics, decision_log, services.audit, policy, clock),
     )
-    return Pipeline(runtime, clock, tuple(stages), after)
+    if services.tracing is not None:
+        after += (Trace(services.tracing, clock),)
+    return Pipeline(runtime, clock, tuple(stages), after, services.tracing)
 
 
 def build_explain(runtime: Runtime, services: Services) -> Pipeline:

@@ -50,7 +50,12 @@ class Identify:
                 "X-Agentproxy-Task is not accepted here: the task id comes from the token "
                 "(identity.task_from)"
             )
-        call.task = (principal.task if self._from_token else None) or call.declared_task
+        from_token = principal.task if self._from_token else None
+        call.task = from_token or call.declared_task
+        if from_token is not None:
+            # Only the token that names the task may name its parent: the task tree's edges
+            # come from the identity provider (or the STS), never from the agent itself.
+            call.parent_task = principal.parent_task
         revocations = self._revocations
         if not revocations.fresh():
             call.store_error = "revocations could not be refreshed"
