@@ -271,6 +271,11 @@ class TraceContext:
     parent_id: str | None = None
 
     @property
+    def sampled(self) -> bool:
+        """The sampled flag (W3C Trace Context §3.2.2.5)."""
+        return int(self.flags, 16) & 1 == 1
+
+    @property
     def traceparent(self) -> str:
         return f"00-{self.trace_id}-{self.span_id}-{self.flags}"
 

@@ -220,3 +220,53 @@ def test_a_proxy_that_does_not_trace_never_imports_the_tracing_sdk() -> None:
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+
+
+async def test_mcp_calls_carry_the_tool_and_continue_the_trace_named_in_meta(
+    make_proxy: ProxyFactory, keys: Keys, upstream: Upstream, receiver: Received
+) -> None:
+    policy = """
+default: deny
+rules:
+  - id: lookups
+    agents: [mcp-agent]
+    actions: ["mcp:tools/call/lookup"]
+    effect: allow
+"""
+    proxy = await make_proxy(
+        policy=policy, extra=telemetry(receiver, ratio=0), upstream_extra="    protocol: mcp"
+    )
+    body = orjson.dumps(
+        {
+            "jsonrpc": "2.0",
+            "id": 1,
+            "method": "tools/call",
+            "params": {
+                "name": "lookup",
+                "arguments": {"id": "patient-4711-secret"},
+                "_meta": {"traceparent": f"00-{CALLER_TRACE}-{CALLER_SPAN}-01"},
+            },
+        }
+    )
+    headers = {
+        "Authorization": f"Bearer {keys.token('mcp-agent')}",
+        "Content-Type": "application/json",
+        "Accept": "application/json, text/event-stream",
+    }
+    async with (
+        aiohttp.ClientSession() as s,
+        s.post(proxy.base + "/mcp", data=body, headers=headers) as r,
+    ):
+        assert r.status == 200
+    spans = await receiver.wait(4)  # ratio 0, but the caller's trace is sampled
+    server = next(s for s in spans if s.kind == SERVER)
+    assert server.name == "tools/call lookup"
+    assert (server.trace_id, server.parent_id) == (CALLER_TRACE, CALLER_SPAN)
+    assert server.attributes["mcp.method.name"] == "tools/call"
+    assert server.attributes["gen_ai.tool.name"] == "lookup"
+    assert server.attributes["gen_ai.operation.name"] == "execute_tool"
+    assert server.attributes["gen_ai.security.policy.rule.id"] == "lookups"
+    seen = upstream.seen[-1]
+    assert seen.headers["traceparent"] == f"00-{CALLER_TRACE}-{server.span_id}-01"
+    assert seen.body_bytes == len(body)  # forwarded as authorized, not rewritten
+    assert b"patient-4711-secret" not in b"".join(receiver.raw)

@@ -97,19 +97,22 @@ class Tracing:
 
     def begin(self, call: Call) -> None:
         """Decides whether `call` is traced; a trace the proxy starts says so in its flags
-        (the upstream's sampler follows them)."""
+        (the upstream's sampler follows them). Its stages are timed if it is, or if it may
+        yet be: a call with no `traceparent` header may find its parent in an MCP body."""
         trace = call.trace
         keep = sampled(trace, self._bound)
         if trace.parent_id is None:
             flags = "01" if keep else "00"
             if trace.flags != flags:
                 call.trace = replace(trace, flags=flags)
-        if keep:
+        if keep or trace.parent_id is None:
             call.spans = []
 
     def end(self, call: Call, ended: float) -> None:
-        """Queues the spans of a traced call (`ended`: monotonic). Never blocks."""
-        if call.spans is not None:
+        """Queues the spans of a traced call (`ended`: monotonic). Never blocks. Decided
+        again: an MCP call may have found its parent in the body (`params._meta`) after
+        `begin`; the parent's flag then decides (a call timed by then has its stages)."""
+        if sampled(call.trace, self._bound):
             self._queue.put(self._build(call, ended, self._resource))
 
     def close(self, timeout: float = 5.0) -> None:

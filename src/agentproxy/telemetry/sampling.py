@@ -24,7 +24,7 @@ def bound(ratio: float) -> int:
 def sampled(trace: TraceContext, bound: int) -> bool:
     """True when the call's spans are recorded and exported."""
     if trace.parent_id is not None:
-        return int(trace.flags, 16) & 1 == 1
+        return trace.sampled
     return int(trace.trace_id[16:], 16) < bound
 
 

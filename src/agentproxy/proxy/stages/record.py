@@ -58,9 +58,9 @@ class Record:
             # A traced call's latencies carry its trace (OpenMetrics exemplars): a slow bucket
             # leads to a trace that exists. An untraced call's would lead nowhere.
             exemplar = (
-                None
-                if call.spans is None
-                else {"trace_id": call.trace.trace_id, "span_id": call.trace.span_id}
+                {"trace_id": call.trace.trace_id, "span_id": call.trace.span_id}
+                if call.spans is not None and call.trace.sampled
+                else None
             )
             if call.decision_seconds is not None:
                 m.decision_seconds.observe(call.decision_seconds, exemplar)

@@ -21,8 +21,6 @@ class Trace:
         self._clock = clock
 
     async def __call__(self, call: Call) -> None:
-        if call.spans is None:
-            return
         try:
             self._tracing.end(call, self._clock.monotonic())
         except Exception:
