@@ -17,6 +17,8 @@ from typing import Any
 
 import orjson
 
+from agentproxy.clock import rfc3339
+
 
 @dataclass
 class TaskNode:
@@ -176,18 +178,30 @@ def _action(d: dict[str, Any], outcome: dict[str, Any] | None) -> dict[str, Any]
 
 def _approval(a: dict[str, Any]) -> dict[str, Any]:
     approval = a["approval"]
+    event = a.get("event")
+    decided = event in ("approved", "denied")
     return {
         "type": "approval",
-        "time": a.get("time"),
-        "event": a.get("event"),
+        "time": a.get("time") or _approval_time(event, approval),
+        "event": event,
         "approval_id": a.get("approval_id"),
         "agent": None,  # the approval's agent is the requester, not an actor here
         "requested_by": approval.get("agent"),
         "action": approval.get("action"),
         "rule": a.get("rule"),
-        "decided_by": a.get("decided_by"),
-        "reason": approval.get("decided_reason"),
+        "decided_by": a.get("decided_by") if decided else None,
+        "reason": approval.get("decided_reason") if decided else None,
     }
+
+
+def _approval_time(event: Any, approval: dict[str, Any]) -> str | None:
+    """Approval records carry the approval's own times (epoch seconds), not a `time`: when
+    it was asked for, decided, or expired (a grant is used after its decision)."""
+    at = {"requested": "created", "expired": "expires"}.get(str(event), "decided_at")
+    value = approval.get(at)
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return None
+    return rfc3339(float(value), 6)
 
 
 def _when(event: dict[str, Any]) -> str:
