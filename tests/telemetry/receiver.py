@@ -35,6 +35,7 @@ class Span:
 @dataclass
 class Received:
     endpoint: str = ""
+    protocol: str = "grpc"
     spans: list[Span] = field(default_factory=list)
     raw: list[bytes] = field(default_factory=list)
 
@@ -105,7 +106,7 @@ async def grpc_receiver() -> AsyncIterator[Received]:
 
 
 async def http_receiver() -> AsyncIterator[Received]:
-    received = Received()
+    received = Received(protocol="http/protobuf")
 
     async def export(request: web.Request) -> web.Response:
         assert request.content_type == "application/x-protobuf"

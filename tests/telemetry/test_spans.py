@@ -8,37 +8,18 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
 import orjson
-import pytest
 
 from tests.conftest import UPSTREAM_SECRET, Keys, ProxyFactory, Upstream
-from tests.telemetry.receiver import Received, Span, grpc_receiver, http_receiver
+from tests.telemetry.conftest import telemetry
+from tests.telemetry.receiver import Received, Span
 
 CALLER_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 CALLER_SPAN = "00f067aa0ba902b7"
 SERVER, INTERNAL = 2, 1  # opentelemetry.proto.trace.v1.Span.SpanKind
-
-
-@pytest.fixture(params=["grpc", "http/protobuf"])
-async def receiver(request: pytest.FixtureRequest) -> AsyncIterator[Received]:
-    make = grpc_receiver if request.param == "grpc" else http_receiver
-    async for received in make():
-        received.protocol = request.param  # type: ignore[attr-defined]
-        yield received
-
-
-def telemetry(received: Received, ratio: float = 1.0, **more: object) -> str:
-    protocol = getattr(received, "protocol", "grpc")
-    extra = "".join(f"  {k}: {v}\n" for k, v in more.items())
-    return (
-        "telemetry:\n"
-        f'  otlp: {{endpoint: "{received.endpoint}", protocol: {protocol}}}\n'
-        f"  sample_ratio: {ratio}\n" + extra
-    )
 
 
 def by_name(spans: list[Span]) -> dict[str, Span]:

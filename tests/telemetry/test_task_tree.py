@@ -9,15 +9,13 @@ import asyncio
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
 import orjson
-import pytest
 
 from tests.conftest import AUDIENCE, ISSUER, Keys, ProxyFactory, Upstream
-from tests.telemetry.receiver import Received, grpc_receiver
+from tests.telemetry.receiver import Received
 
 POLICY = """
 default: deny
@@ -63,12 +61,6 @@ def mint(key: Path, agent: str, task: str, *more: str) -> str:
     )
     assert done.returncode == 0, done.stderr
     return done.stdout.strip()
-
-
-@pytest.fixture
-async def collector() -> AsyncIterator[Received]:
-    async for received in grpc_receiver():
-        yield received
 
 
 async def test_a_planner_and_two_agents_read_back_as_one_tree(

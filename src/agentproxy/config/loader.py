@@ -602,7 +602,8 @@ class _Loader:
         doc.check(
             ratio is None or 0.0 <= ratio <= 1.0, f"{path}.sample_ratio", "must be between 0 and 1"
         )
-        queue = doc.get(section, path, "max_queue_size", int, 2048) or 2048
+        queue = doc.get(section, path, "max_queue_size", int, 2048)
+        queue = 2048 if queue is None else queue
         doc.check(
             1 <= queue <= 1_000_000, f"{path}.max_queue_size", "must be between 1 and 1000000"
         )

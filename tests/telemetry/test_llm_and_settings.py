@@ -1,0 +1,132 @@
+"""An LLM call's span carries the GenAI conventions' model and usage (never the prompt or the
+provider's key); the `telemetry:` section and the `OTEL_*` variables decide whether and where
+spans go."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import openai
+import pytest
+
+from agentproxy.config import ConfigError
+from agentproxy.config.model import TelemetrySettings
+from agentproxy.proxy.runtime import load_config
+from agentproxy.telemetry import resolve
+from tests.conftest import Keys, ProxyFactory, write_config
+from tests.harness.llm_upstream import LlmUpstream, Usage
+from tests.telemetry.conftest import telemetry
+from tests.telemetry.receiver import Received
+
+POLICY = """
+default: deny
+rules:
+  - id: chat
+    agents: [writer]
+    actions: ["llm:chat/**"]
+    effect: allow
+"""
+PRICES = """
+metering:
+  currency: USD
+  prices:
+    "gpt-4o*": {input_per_mtok: 2.5, output_per_mtok: 10, cached_input_per_mtok: 1.25}
+"""
+
+
+async def test_an_llm_call_is_a_genai_span_with_usage_and_cost(
+    make_proxy: ProxyFactory, keys: Keys, llm_upstream: LlmUpstream, collector: Received
+) -> None:
+    proxy = await make_proxy(
+        policy=POLICY,
+        upstream_url=llm_upstream.url,
+        upstream_extra="    protocol: llm",
+        extra=PRICES + telemetry(collector),
+    )
+    llm_upstream.usage["gpt-4o"] = Usage(input=1000, output=500, cached_input=200)
+    llm_upstream.served_model["gpt-4o"] = "gpt-4o-2024-08-06"
+    token = keys.token("writer")
+    client = openai.AsyncOpenAI(base_url=proxy.base + "/v1", api_key=token, max_retries=0)
+    async with client:
+        await client.chat.completions.create(
+            model="gpt-4o", messages=[{"role": "user", "content": "the secret plan is X-77"}]
+        )
+    spans = await collector.wait(4)
+    (server,) = [s for s in spans if s.kind == 2]
+    assert server.name == "chat gpt-4o"
+    attrs = server.attributes
+    assert attrs["gen_ai.operation.name"] == "chat"
+    assert attrs["gen_ai.request.model"] == "gpt-4o"
+    assert attrs["gen_ai.response.model"] == "gpt-4o-2024-08-06"
+    assert attrs["gen_ai.usage.input_tokens"] == 1200  # cached input is input too
+    assert attrs["gen_ai.usage.output_tokens"] == 500
+    assert attrs["gen_ai.usage.cache_read.input_tokens"] == 200
+    assert attrs["agentproxy.cost"] == pytest.approx((1000 * 2.5 + 200 * 1.25 + 500 * 10) / 1e6)
+    assert attrs["agentproxy.cost.currency"] == "USD"
+    exported = b"".join(collector.raw)
+    assert b"X-77" not in exported and token.encode() not in exported
+
+
+def settings_of(tmp_path: Path, keys: Keys, section: str) -> TelemetrySettings:
+    return load_config(write_config(tmp_path, keys, "http://127.0.0.1:1", extra=section)).telemetry
+
+
+def test_the_section_is_checked_whole(tmp_path: Path, keys: Keys) -> None:
+    with pytest.raises(ConfigError) as caught:
+        settings_of(
+            tmp_path,
+            keys,
+            "telemetry:\n"
+            "  otlp: {endpoint: 'collector:4317', protocol: thrift, headers: x}\n"
+            "  sample_ratio: 1.5\n"
+            "  max_queue_size: 0\n",
+        )
+    text = str(caught.value)
+    for problem in (
+        "$.telemetry.otlp.endpoint: must be an http(s) URL",
+        "$.telemetry.otlp.protocol: must be one of grpc, http/protobuf",
+        "$.telemetry.otlp.headers: unknown key",
+        "$.telemetry.sample_ratio: must be between 0 and 1",
+        "$.telemetry.max_queue_size: must be between 1 and 1000000",
+    ):
+        assert problem in text
+    good = settings_of(
+        tmp_path,
+        keys,
+        "telemetry: {otlp: {endpoint: 'http://c:4318', protocol: http/protobuf},"
+        " sample_ratio: 0}\n",
+    )
+    assert good == TelemetrySettings("http://c:4318", "http/protobuf", 0.0)
+    assert settings_of(tmp_path, keys, "") == TelemetrySettings()
+
+
+def test_off_unless_an_endpoint_is_named_and_otel_variables_fill_the_rest() -> None:
+    assert resolve(TelemetrySettings(), {}) is None
+    assert resolve(TelemetrySettings(), {"OTEL_TRACES_SAMPLER_ARG": "0.5"}) is None
+    env = {
+        "OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318",
+        "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
+        "OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
+        "OTEL_TRACES_SAMPLER_ARG": "0.25",
+    }
+    found = resolve(TelemetrySettings(), env)
+    assert found is not None
+    # The exporter reads the endpoint (and headers, TLS) from the environment itself.
+    assert (found.endpoint, found.protocol, found.ratio) == (None, "http/protobuf", 0.25)
+    # The section wins over the variables.
+    configured = resolve(TelemetrySettings("http://d:4317", "grpc", 1.0), env)
+    assert configured is not None
+    assert (configured.endpoint, configured.protocol, configured.ratio) == (
+        "http://d:4317",
+        "grpc",
+        1.0,
+    )
+    assert resolve(TelemetrySettings("http://d:4317"), {"OTEL_SDK_DISABLED": "true"}) is None
+    assert resolve(TelemetrySettings("http://d:4317"), {"OTEL_TRACES_EXPORTER": "none"}) is None
+    off = resolve(TelemetrySettings("http://d:4317"), {"OTEL_TRACES_SAMPLER": "always_off"})
+    assert off is not None and off.ratio == 0.0
+    with pytest.raises(ValueError, match="not supported"):
+        resolve(
+            TelemetrySettings(),
+            {"OTEL_EXPORTER_OTLP_ENDPOINT": "x", **{"OTEL_EXPORTER_OTLP_PROTOCOL": "http/json"}},
+        )
