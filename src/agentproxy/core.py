@@ -338,6 +338,8 @@ class Call:
     # A sampled call's stage timings for its spans: [stage, started, ended or None (it
     # raised)] on the monotonic clock. None: the call is not traced.
     spans: list[list[Any]] | None = field(default=None, repr=False)
+    # Reasoning capture (telemetry.capture_messages): the LLM answer's text, bounded.
+    completion: str | None = field(default=None, repr=False)
 
     def allowed(self) -> list[tuple[Action, Decision]]:
         """Each message of the call (the one, or every message of a batch) that a rule

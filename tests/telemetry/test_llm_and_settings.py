@@ -6,7 +6,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import anthropic
 import openai
+import orjson
 import pytest
 
 from agentproxy.config import ConfigError
@@ -14,7 +16,7 @@ from agentproxy.config.model import TelemetrySettings
 from agentproxy.proxy.runtime import load_config
 from agentproxy.telemetry import resolve
 from tests.conftest import Keys, ProxyFactory, write_config
-from tests.harness.llm_upstream import LlmUpstream, Usage
+from tests.harness.llm_upstream import REPLY_TEXT, LlmUpstream, Usage
 from tests.telemetry.conftest import telemetry
 from tests.telemetry.receiver import Received
 
@@ -130,3 +132,78 @@ def test_off_unless_an_endpoint_is_named_and_otel_variables_fill_the_rest() -> N
             TelemetrySettings(),
             {"OTEL_EXPORTER_OTLP_ENDPOINT": "x", **{"OTEL_EXPORTER_OTLP_PROTOCOL": "http/json"}},
         )
+
+
+async def test_reasoning_capture_is_opt_in_redacted_and_bounded(
+    make_proxy: ProxyFactory,
+    keys: Keys,
+    llm_upstream: LlmUpstream,
+    collector: Received,
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "hmac").write_bytes(b"audit-hmac-key\n")
+    policy = POLICY.replace('"llm:chat/**"', '"llm:chat/**", "llm:messages/**"')
+    proxy = await make_proxy(
+        policy=policy,
+        upstream_url=llm_upstream.url,
+        upstream_extra="    protocol: llm",
+        extra=telemetry(collector, capture_messages="true", max_message_bytes=300)
+        + f"audit: {{hmac_key_file: {tmp_path / 'hmac'}, redact: [args.messages.content]}}\n",
+    )
+    token = keys.token("writer")
+    client = openai.AsyncOpenAI(base_url=proxy.base + "/v1", api_key=token, max_retries=0)
+    async with client:
+        await client.chat.completions.create(
+            model="gpt-4o",
+            messages=[{"role": "user", "content": "patient 4711 has the flu"}],
+        )
+    claude = anthropic.AsyncAnthropic(base_url=proxy.base, api_key=token, max_retries=0)
+    async with (
+        claude,
+        claude.messages.stream(
+            model="claude-sonnet-4",
+            max_tokens=100,
+            system="You are terse. " * 40,
+            messages=[{"role": "user", "content": "hello"}],
+        ) as stream,
+    ):
+        async for _ in stream:
+            pass
+    spans = await collector.wait(8)
+    chat, messages = sorted(
+        (s for s in spans if s.kind == 2), key=lambda s: s.attributes["gen_ai.operation.name"]
+    )
+    sent = orjson.loads(chat.attributes["gen_ai.input.messages"])
+    assert sent[0]["role"] == "user"
+    assert sent[0]["content"].startswith("hmac-sha256:")  # the trail's redaction
+    answer = orjson.loads(chat.attributes["gen_ai.output.messages"])
+    assert answer == [{"role": "assistant", "parts": [{"type": "text", "content": REPLY_TEXT}]}]
+    # Streamed: the deltas joined; a long system prompt cut at the bound, and said so.
+    streamed = orjson.loads(messages.attributes["gen_ai.output.messages"])
+    assert streamed[0]["parts"][0]["content"] == REPLY_TEXT
+    system = messages.attributes["gen_ai.system_instructions"]
+    assert system.endswith("…[truncated]") and len(system.encode()) <= 300
+    exported = b"".join(collector.raw)
+    assert b"4711" not in exported and token.encode() not in exported
+
+
+async def test_without_capture_no_message_is_on_the_span(
+    make_proxy: ProxyFactory, keys: Keys, llm_upstream: LlmUpstream, collector: Received
+) -> None:
+    proxy = await make_proxy(
+        policy=POLICY,
+        upstream_url=llm_upstream.url,
+        upstream_extra="    protocol: llm",
+        extra=telemetry(collector),
+    )
+    client = openai.AsyncOpenAI(
+        base_url=proxy.base + "/v1", api_key=keys.token("writer"), max_retries=0
+    )
+    async with client:
+        await client.chat.completions.create(
+            model="gpt-4o", messages=[{"role": "user", "content": "hello there"}]
+        )
+    await collector.wait(4)
+    exported = b"".join(collector.raw)
+    assert b"hello there" not in exported and REPLY_TEXT.encode() not in exported
+    assert not any("gen_ai.input.messages" in s.attributes for s in collector.spans)

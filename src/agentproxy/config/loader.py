@@ -584,7 +584,11 @@ class _Loader:
     def telemetry(self, value: Any) -> TelemetrySettings:
         doc = self.doc
         path = "$.telemetry"
-        section = doc.mapping(value, path, ("otlp", "sample_ratio", "max_queue_size"))
+        section = doc.mapping(
+            value,
+            path,
+            ("otlp", "sample_ratio", "max_queue_size", "capture_messages", "max_message_bytes"),
+        )
         otlp = doc.mapping(section.get("otlp"), f"{path}.otlp", ("endpoint", "protocol"))
         endpoint = doc.get(otlp, f"{path}.otlp", "endpoint", str)
         if endpoint is not None:
@@ -607,7 +611,22 @@ class _Loader:
         doc.check(
             1 <= queue <= 1_000_000, f"{path}.max_queue_size", "must be between 1 and 1000000"
         )
-        return TelemetrySettings(endpoint, protocol, ratio, queue)  # type: ignore[arg-type]
+        capture = doc.get(section, path, "capture_messages", bool, False)
+        limit = doc.get(section, path, "max_message_bytes", int, 16 * 1024)
+        limit = 16 * 1024 if limit is None else limit
+        doc.check(
+            256 <= limit <= 1024 * 1024,
+            f"{path}.max_message_bytes",
+            "must be between 256 and 1048576",
+        )
+        return TelemetrySettings(
+            endpoint,
+            protocol,  # type: ignore[arg-type]
+            ratio,
+            queue,
+            capture_messages=bool(capture),
+            max_message_bytes=limit,
+        )
 
     def operators(self, value: Any) -> tuple[str, ...]:
         doc = self.doc

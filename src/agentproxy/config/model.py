@@ -412,6 +412,10 @@ class TelemetrySettings:
     protocol: OtlpProtocol | None = None
     sample_ratio: float | None = None
     max_queue_size: int = 2048
+    # Reasoning capture: an LLM call's messages and answer on its span (opt-in; the audit
+    # trail's `redact` paths apply), each attribute at most `max_message_bytes`.
+    capture_messages: bool = False
+    max_message_bytes: int = 16 * 1024
 
 
 DecisionLog = Literal["stdout", "stderr", "off"]

@@ -126,7 +126,16 @@ def build(runtime: Runtime, services: Services, decision_log: DecisionLog) -> Pi
         Record(services.metrics, decision_log, services.audit, policy, clock),
     )
     if services.tracing is not None:
-        after += (Trace(services.tracing, clock),)
+        audit = config.audit
+        after += (
+            Trace(
+                services.tracing,
+                clock,
+                config.telemetry,
+                redact_paths=audit.redact,
+                hmac_key=audit.hmac_key.value if audit.hmac_key else None,
+            ),
+        )
     return Pipeline(runtime, clock, tuple(stages), after, services.tracing)
 
 

@@ -108,12 +108,13 @@ class Tracing:
         if keep or trace.parent_id is None:
             call.spans = []
 
-    def end(self, call: Call, ended: float) -> None:
+    def end(self, call: Call, ended: float, captured: Mapping[str, str] | None = None) -> None:
         """Queues the spans of a traced call (`ended`: monotonic). Never blocks. Decided
         again: an MCP call may have found its parent in the body (`params._meta`) after
-        `begin`; the parent's flag then decides (a call timed by then has its stages)."""
+        `begin`; the parent's flag then decides (a call timed by then has its stages).
+        `captured`: reasoning capture's attributes, already redacted and bounded."""
         if sampled(call.trace, self._bound):
-            self._queue.put(self._build(call, ended, self._resource))
+            self._queue.put(self._build(call, ended, self._resource, captured))
 
     def close(self, timeout: float = 5.0) -> None:
         self._queue.close(timeout)

@@ -12,6 +12,7 @@ decision log: never a token, a header value or an argument. Imported only when t
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from typing import Any
 
 from opentelemetry.sdk.resources import Resource
@@ -43,7 +44,9 @@ def resource(environ: dict[str, str] | None = None) -> Resource:
     return Resource.create({"service.name": "agentproxy"})
 
 
-def call_spans(call: Call, ended: float, where: Resource) -> list[ReadableSpan]:
+def call_spans(
+    call: Call, ended: float, where: Resource, captured: Mapping[str, str] | None = None
+) -> list[ReadableSpan]:
     """The spans of `call`, sampled, whose stages ran on the monotonic clock (`ended`: when
     its answer was complete)."""
     trace = call.trace
@@ -69,7 +72,7 @@ def call_spans(call: Call, ended: float, where: Resource) -> list[ReadableSpan]:
             server,
             parent,
             where,
-            _server_attributes(call),
+            {**_server_attributes(call), **(captured or {})},
             kind=SpanKind.SERVER,
             status=_server_status(call),
             start_time=ns(call.started),
