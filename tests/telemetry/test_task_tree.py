@@ -78,6 +78,7 @@ async def test_a_planner_and_two_agents_read_back_as_one_tree(
         policy=POLICY,
         extra=(
             f"audit: {{file: {audit}}}\n"
+            'admin: {operators: ["role:auditor"]}\n'
             f'telemetry: {{otlp: {{endpoint: "{received.endpoint}", protocol: grpc}}}}\n'
         ),
     )
@@ -114,6 +115,21 @@ async def test_a_planner_and_two_agents_read_back_as_one_tree(
         assert await asyncio.wait_for(held, 5) == 200
         # A call of another task, which must not appear in plan-1's tree.
         assert await call(keys.token("researcher", task="other"), "GET", "/v1/employees/9")
+        # The admin API serves the same tree, to operators only.
+        auditor = {"Authorization": f"Bearer {keys.token('eve', roles=['auditor'])}"}
+        await asyncio.sleep(0.2)  # the trail's writer lingers before a batch
+        async with s.get(proxy.admin + "/v1/tasks/plan-1/tree", headers=auditor) as r:
+            assert r.status == 200
+            served = await r.json()
+        async with s.get(proxy.admin + "/v1/tasks/plan-1/tree?format=text", headers=auditor) as r:
+            assert r.status == 200 and (await r.text()).startswith("task plan-1  started")
+        editor_auth = {"Authorization": f"Bearer {editor}"}
+        async with s.get(proxy.admin + "/v1/tasks/plan-1/tree", headers=editor_auth) as r:
+            assert r.status == 403
+        async with s.get(proxy.admin + "/v1/tasks/nope/tree", headers=auditor) as r:
+            assert r.status == 404
+        async with s.get(proxy.admin + "/ui/tasks") as r:
+            assert r.status == 200 and "Content-Security-Policy" in r.headers
     await proxy.server.stop()
     spans = await received.wait(1)
     approval_spans = [s for s in spans if s.name == "approval"]
@@ -129,6 +145,8 @@ async def test_a_planner_and_two_agents_read_back_as_one_tree(
     done = cli("audit", "trace", "plan-1", str(audit), "--json")
     assert done.returncode == 0, done.stderr
     tree = orjson.loads(done.stdout)
+    assert served["subtasks"][0]["task"] == "research-1"
+    assert [t["task"] for t in served["subtasks"]] == [t["task"] for t in tree["subtasks"]]
     assert tree["task"] == "plan-1" and tree["parent"] is None
     assert tree["started_by"] == {"agent": "planner", "user": "alice"}
     assert [t["task"] for t in tree["subtasks"]] == ["research-1", "write-1"]
