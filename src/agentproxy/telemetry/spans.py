@@ -35,13 +35,29 @@ _CHILDREN = {
 _VERDICT = {Effect.ALLOW: "allow", Effect.DENY: "deny", Effect.REQUIRE_APPROVAL: "escalate"}
 
 
+class _Resource(Resource):
+    """A resource whose hash is computed once. The OTLP encoder groups every span by its
+    resource, and `Resource.__hash__` serializes the attributes as JSON each time: a quarter
+    of the encoding's cost per span."""
+
+    def __init__(self, resource: Resource) -> None:
+        super().__init__(resource.attributes, resource.schema_url)
+        self._hash = super().__hash__()
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __eq__(self, other: object) -> bool:
+        return self is other or super().__eq__(other)
+
+
 def resource(environ: dict[str, str] | None = None) -> Resource:
     """`service.name` agentproxy unless `OTEL_SERVICE_NAME` or `OTEL_RESOURCE_ATTRIBUTES`
     say otherwise (the SDK reads both)."""
     env = os.environ if environ is None else environ
     if "OTEL_SERVICE_NAME" in env or "service.name=" in env.get("OTEL_RESOURCE_ATTRIBUTES", ""):
-        return Resource.create()
-    return Resource.create({"service.name": "agentproxy"})
+        return _Resource(Resource.create())
+    return _Resource(Resource.create({"service.name": "agentproxy"}))
 
 
 def call_spans(
