@@ -281,6 +281,9 @@ def _run(path: Path, level: str, *, worker: bool = False) -> int:
     except OSError as exc:
         print(f"cannot start: {exc}", file=sys.stderr)
         return 1
+    except (ImportError, ValueError) as exc:  # tracing without the otel extra, a bad OTEL_*
+        print(f"cannot start: {exc}", file=sys.stderr)
+        return 1
 
 
 def tune_gc() -> None:

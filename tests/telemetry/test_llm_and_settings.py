@@ -4,6 +4,9 @@ spans go."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import anthropic
@@ -207,3 +210,21 @@ async def test_without_capture_no_message_is_on_the_span(
     exported = b"".join(collector.raw)
     assert b"hello there" not in exported and REPLY_TEXT.encode() not in exported
     assert not any("gen_ai.input.messages" in s.attributes for s in collector.spans)
+
+
+def test_run_refuses_an_unsupported_otlp_protocol_clearly(tmp_path: Path, keys: Keys) -> None:
+    path = write_config(tmp_path, keys, "http://127.0.0.1:1")
+    env = {
+        **os.environ,
+        "OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:1",
+        "OTEL_EXPORTER_OTLP_PROTOCOL": "http/json",
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "agentproxy", "run", "--config", str(path)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert done.returncode == 1
+    assert "cannot start: OTLP protocol 'http/json' is not supported" in done.stderr

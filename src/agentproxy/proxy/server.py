@@ -87,6 +87,14 @@ class ProxyServer:
         self.notifier = _notifier(config)
         # One tracer for the life of the process (a changed `telemetry:` needs a restart).
         self.tracing = tracing(config.telemetry, on_drop=metrics.telemetry_dropped.inc)
+        if self.tracing is not None:
+            exporter = self.tracing.exporter
+            log.info(
+                "tracing: OTLP %s to %s, sampling %g (parent-based)",
+                exporter.protocol,
+                exporter.endpoint or "the OTEL_EXPORTER_OTLP_* endpoint",
+                exporter.ratio,
+            )
         self.services = assemble.services(
             config,
             store,
