@@ -1,6 +1,7 @@
 """The one place the pipeline's order is written.
 
     identify → describe → pins → decide → gate → limits → audit → (forward) → settle → record
+    → trace (when tracing is on: the call's spans, queued for export)
 
 `build()` assembles the data plane's pipeline from a runtime snapshot and the services that
 outlive it; `build_explain()` the same deciding stages for `explain`, with nothing forwarded
