@@ -296,9 +296,13 @@ class Call:
     trace: TraceContext
     bearer: str | None = field(default=None, repr=False)
     declared_task: str | None = None
+    declared_parent: str | None = None  # X-Agentproxy-Parent-Task, as the agent sent it
     principal: Principal | None = None
     task: str | None = None
     parent_task: str | None = None
+    # Who named the parent: "token" (its parent_task claim) or "header" (the orchestrator's
+    # X-Agentproxy-Parent-Task, the agent's own word).
+    parent_source: str | None = None
     decision: Decision | None = None
     enforced: bool = True
     refusal: Refusal | None = None

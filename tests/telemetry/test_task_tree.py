@@ -153,6 +153,7 @@ async def test_a_planner_and_two_agents_read_back_as_one_tree(
     assert [e["type"] for e in tree["events"]] == ["action", "task", "task"]
     research, write = tree["subtasks"]
     assert research["parent"] == "plan-1" and research["agents"] == ["researcher"]
+    assert research["parent_source"] == "token"
     assert [e["action"] for e in research["events"]] == [
         "http:GET /v1/employees/7",
         "http:GET /v1/employees/8",
@@ -189,3 +190,44 @@ async def test_a_planner_and_two_agents_read_back_as_one_tree(
     assert any("http:GET /v1/employees/8  allow  rule research" in line for line in lines)
     missing = cli("audit", "trace", "nope", str(audit))
     assert missing.returncode == 1 and "no record names task 'nope'" in missing.stderr
+
+
+async def test_an_orchestrators_header_names_the_parent_of_a_declared_task(
+    make_proxy: ProxyFactory, keys: Keys, upstream: Upstream, tmp_path: Path
+) -> None:
+    audit = tmp_path / "audit.jsonl"
+    proxy = await make_proxy(extra=f"audit: {{file: {audit}}}\n")
+    declared = {"X-Agentproxy-Task": "sub-1", "X-Agentproxy-Parent-Task": "plan-1"}
+    async with aiohttp.ClientSession() as s:
+
+        async def get(token: str, headers: dict[str, str]) -> tuple[int, str]:
+            sent = {"Authorization": f"Bearer {token}", **headers}
+            async with s.get(proxy.base + "/public/x", headers=sent) as r:
+                return r.status, await r.text()
+
+        # No task in the token: the declared task, and its declared parent.
+        assert (await get(keys.token("worker"), declared))[0] == 200
+        assert "x-agentproxy-parent-task" not in {k.lower() for k in upstream.seen[-1].headers}
+        # A task in the token: its parent is the token's (none here), never the header's.
+        assert (await get(keys.token("worker", task="t-9"), declared))[0] == 200
+        bad = {"X-Agentproxy-Parent-Task": "bad value!"}
+        assert (await get(keys.token("worker"), bad))[0] == 400
+        # Where only the token may name tasks, the header is refused.
+        text = proxy.config_path.read_text().replace(
+            "      algorithms: [RS256]\n", "      algorithms: [RS256]\n  task_from: [token]\n"
+        )
+        proxy.config_path.write_text(text)
+        assert await proxy.server.reload()
+        parent_only = {"X-Agentproxy-Parent-Task": "plan-1"}
+        status, body = await get(keys.token("worker", task="t-9"), parent_only)
+        assert status == 400 and "identity.task_from" in body
+    await proxy.server.stop()
+    found = [orjson.loads(line) for line in audit.read_bytes().splitlines()]
+    decisions = [r for r in found if r.get("kind") == "decision" and r.get("status") != 400]
+    assert [(r["task"], r["parent_task"], r["parent_source"]) for r in decisions] == [
+        ("sub-1", "plan-1", "header"),
+        ("t-9", None, None),
+    ]
+    tree = cli("audit", "trace", "sub-1", str(audit), "--json")
+    shown = orjson.loads(tree.stdout)
+    assert (shown["parent"], shown["parent_source"]) == ("plan-1", "header")

@@ -78,3 +78,20 @@ def test_a_cycle_in_the_trail_ends() -> None:
     assert [t.task for t in tree.subtasks] == ["b"]
     assert tree.subtasks[0].subtasks == []  # a is not placed twice
     assert task_tree("c", trail) is None
+
+
+def test_a_token_named_parent_wins_over_a_header_named_one() -> None:
+    trail = [
+        decision("2026-01-01T00:00:01Z", "root", "planner"),
+        decision("2026-01-01T00:00:02Z", "other", "planner"),
+        decision("2026-01-01T00:00:03Z", "sub", "worker", parent="other", parent_source="header"),
+        decision("2026-01-01T00:00:04Z", "sub", "worker", parent="root", parent_source="token"),
+    ]
+    root = task_tree("root", trail)
+    assert root is not None and [t.task for t in root.subtasks] == ["sub"]
+    assert root.subtasks[0].parent_source == "token"
+    only_header = task_tree("other", trail[:3])
+    assert only_header is not None
+    (sub,) = only_header.subtasks
+    assert sub.parent_source == "header"
+    assert "per the agent's X-Agentproxy-Parent-Task" in render(only_header)

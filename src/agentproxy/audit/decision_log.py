@@ -97,6 +97,7 @@ def entry(call: Call, latency: float, now: float) -> dict[str, Any]:
         record["task"] = call.task
     if call.parent_task is not None:
         record["parent_task"] = call.parent_task
+        record["parent_source"] = call.parent_source
     if call.session is not None:
         record["session"] = call.session
     record["action"] = call.action.name

@@ -24,6 +24,7 @@ from agentproxy.clock import rfc3339
 class TaskNode:
     task: str
     parent: str | None = None
+    parent_source: str | None = None  # "token", or "header": the orchestrator's word only
     # Time-ordered: actions, approval events and subtasks.
     events: list[dict[str, Any]] = field(default_factory=list)
     subtasks: list[TaskNode] = field(default_factory=list)
@@ -56,6 +57,7 @@ class TaskNode:
         return {
             "task": self.task,
             "parent": self.parent,
+            "parent_source": self.parent_source,
             "started": self.started or None,
             "started_by": None
             if first is None
@@ -105,12 +107,17 @@ def task_tree(task: str, trail: Iterable[dict[str, Any]]) -> TaskNode | None:
         elif kind == "approval" and isinstance(record.get("approval"), dict):
             approvals.append(record)
     parents: dict[str, str | None] = {}
+    sources: dict[str, str | None] = {}
     for d in decisions:
-        # The first parent a task's records name is its parent; a record naming none (a
-        # call whose token carried no parent_task) does not make it a root.
-        parents.setdefault(d["task"], None)
-        if parents[d["task"]] is None and isinstance(d.get("parent_task"), str):
-            parents[d["task"]] = d["parent_task"]
+        # The first parent a task's records name is its parent, a token's over a header's;
+        # a record naming none (a token without parent_task) does not make it a root.
+        name, parent = d["task"], d.get("parent_task")
+        parents.setdefault(name, None)
+        source = d.get("parent_source") or "token"
+        if isinstance(parent, str) and (
+            parents[name] is None or (sources.get(name) == "header" and source == "token")
+        ):
+            parents[name], sources[name] = parent, source
     if task not in parents and not any(a["approval"].get("task") == task for a in approvals):
         return None
     children: dict[str, list[str]] = {}
@@ -123,7 +130,7 @@ def task_tree(task: str, trail: Iterable[dict[str, Any]]) -> TaskNode | None:
         name = pending.pop(0)
         if name in nodes:
             continue
-        nodes[name] = TaskNode(name, parents.get(name))
+        nodes[name] = TaskNode(name, parents.get(name), sources.get(name))
         pending.extend(children.get(name, ()))
     for d in decisions:
         node = nodes.get(d["task"])
@@ -224,7 +231,17 @@ def _task_line(tree: dict[str, Any]) -> str:
     agents = ", ".join(tree["agents"]) or "-"
     return (
         f"task {tree['task']}"
-        + (f" (subtask of {tree['parent']})" if tree.get("parent") else "")
+        + (
+            f" (subtask of {tree['parent']}"
+            + (
+                ", per the agent's X-Agentproxy-Parent-Task"
+                if tree.get("parent_source") == "header"
+                else ""
+            )
+            + ")"
+            if tree.get("parent")
+            else ""
+        )
         + f"  started {tree['started'] or '?'} by {who}  agents: {agents}"
         + (f"  cost: {cost}" if cost else "")
     )

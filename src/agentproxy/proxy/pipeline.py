@@ -133,6 +133,7 @@ def start_call(
     bearer: str | None,
     declared_task: str | None,
     refusal: Refusal | None,
+    declared_parent: str | None = None,
     traceparent: str | None = None,
     tracestate: str | None = None,
     trace_steps: list[Any] | None = None,
@@ -140,6 +141,7 @@ def start_call(
     """A call as a protocol shell hands it to `Pipeline.run` (`refusal`: it could not be
     described; `started` and `now` from the pipeline's clock). One read of the OS's randomness
     gives the trace, span and decision ids; the caller's trace is continued when it sent one.
+    `declared_parent`: the orchestrator's `X-Agentproxy-Parent-Task`, validated.
     `trace_steps`: explain's collecting tracer (decide() appends to it)."""
     ids = _IDS.take()
     call = Call(
@@ -151,6 +153,7 @@ def start_call(
         trace=parse_traceparent(traceparent, tracestate, ids[:32], ids[32:48]),
         bearer=bearer,
         declared_task=declared_task,
+        declared_parent=declared_parent,
     )
     call.refusal = refusal
     call.trace_steps = trace_steps
