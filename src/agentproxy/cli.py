@@ -64,6 +64,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     token.add_argument("--role", action="append", default=[], help="a role (repeatable)")
     token.add_argument("--task", help="task id claim")
+    token.add_argument(
+        "--claim",
+        action="append",
+        default=[],
+        metavar="K=V",
+        help="an extra claim (repeatable; V as JSON if it parses, else a string), "
+        "e.g. parent_task=plan-1",
+    )
     token.add_argument("--ttl", default="15m", help='lifetime, e.g. "15m"')
 
     revoke = commands.add_parser("revoke", help="put an agent or a token on the fleet's deny list")
@@ -118,6 +126,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         query.add_argument(f"--{name}")
     query.add_argument("--since", help="RFC 3339 time, or a duration back from now (24h)")
     query.add_argument("--until", help="RFC 3339 time, or a duration back from now")
+    trace = audit_commands.add_parser(
+        "trace", help="a task's chain from the trail: agents, subtasks, actions, approvals"
+    )
+    trace.add_argument("task")
+    trace.add_argument("files", nargs="+", type=Path)
+    trace.add_argument("--json", action="store_true", help="the tree as JSON")
     audit_hash = audit_commands.add_parser(
         "hash", help="the HMAC a redacted value would have (is it this value?)"
     )
@@ -274,6 +288,9 @@ def _run(path: Path, level: str, *, worker: bool = False) -> int:
         print(f"cannot start: {exc.detail}", file=sys.stderr)
         return 1
     except OSError as exc:
+        print(f"cannot start: {exc}", file=sys.stderr)
+        return 1
+    except (ImportError, ValueError) as exc:  # tracing without the otel extra, a bad OTEL_*
         print(f"cannot start: {exc}", file=sys.stderr)
         return 1
 
@@ -545,6 +562,23 @@ def _audit(args: argparse.Namespace) -> int:
             print(f"cannot read: {exc}", file=sys.stderr)
             return 1
         return 0
+    if args.audit_command == "trace":
+        from agentproxy.audit.tree import records, render, task_tree
+
+        try:
+            tree = task_tree(args.task, records(args.files))
+        except OSError as exc:
+            print(f"cannot read: {exc}", file=sys.stderr)
+            return 1
+        if tree is None:
+            print(f"no record names task {args.task!r}", file=sys.stderr)
+            return 1
+        if args.json:
+            sys.stdout.buffer.write(orjson.dumps(tree.to_json(), option=orjson.OPT_INDENT_2))
+            sys.stdout.buffer.write(b"\n")
+        else:
+            print(render(tree))
+        return 0
     from agentproxy.audit.chain import hmac_value
 
     try:
@@ -682,7 +716,20 @@ def _token(args: argparse.Namespace) -> int:
     if ttl is None:
         print(f'invalid --ttl {args.ttl!r} (write e.g. "15m")', file=sys.stderr)
         return 1
-    extra = {"task": args.task} if args.task else {}
+    import orjson
+
+    extra: dict[str, Any] = {}
+    for pair in args.claim:
+        name, sep, text = pair.partition("=")
+        if not sep or not name:
+            print(f"invalid --claim {pair!r} (write K=V)", file=sys.stderr)
+            return 1
+        try:
+            extra[name] = orjson.loads(text)
+        except orjson.JSONDecodeError:
+            extra[name] = text
+    if args.task:
+        extra["task"] = args.task
     if args.via and not args.for_user:
         print("--via needs --for-user: a delegation chain acts for a user", file=sys.stderr)
         return 1

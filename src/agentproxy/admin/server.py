@@ -18,6 +18,8 @@ from prometheus_client.aiohttp import make_aiohttp_handler
 from agentproxy.admin import authzen
 from agentproxy.approvals.authorize import is_listed
 from agentproxy.approvals.lifecycle import Approval, Event, State
+from agentproxy.audit import tree as tree_module
+from agentproxy.audit.tree import records
 from agentproxy.clock import SYSTEM, Clock, parse_rfc3339
 from agentproxy.config.model import names_principal
 from agentproxy.config.yamldoc import parse_duration
@@ -121,6 +123,10 @@ class AdminBackend(ApprovalsBackend, Protocol):
         """Reloads config and policy; False when the new files were rejected."""
 
     def policy_version(self) -> str: ...
+
+    def audit_files(self) -> list[Path]:
+        """The audit trail's files, oldest first (rotated ones, then the current); empty when
+        `audit.file` is not configured."""
 
 
 def admin_app(backend: AdminBackend, clock: Clock = SYSTEM) -> web.Application:
@@ -288,6 +294,12 @@ def admin_app(backend: AdminBackend, clock: Clock = SYSTEM) -> web.Application:
         approval = await backend.decide_approval(request.match_info["id"], event, principal, reason)
         return web.json_response(approval.to_json(), headers=NO_STORE)
 
+    async def tasks_page(_: web.Request) -> web.StreamResponse:
+        path = UI_DIR / "tasks.html"
+        return web.FileResponse(
+            path, headers={**UI_HEADERS, "Content-Type": UI_FILES["tasks.html"]}
+        )
+
     async def ui_page(request: web.Request) -> web.StreamResponse:
         name = request.match_info.get("file") or "approvals.html"
         if name not in UI_FILES:
@@ -306,6 +318,25 @@ def admin_app(backend: AdminBackend, clock: Clock = SYSTEM) -> web.Application:
         if not reloaded:
             body["error"] = "the new config or policy was rejected; see the proxy's log"
         return web.json_response(body, status=200 if reloaded else 422)
+
+    async def task_tree(request: web.Request) -> web.Response:
+        """A task's tree from the audit file (operators only: it names every agent, user and
+        action of the task). `?format=text`: as `agentproxy audit trace` prints it."""
+        await _operator(request)
+        files = backend.audit_files()
+        if not files:
+            raise NotFound("no audit file to read task trees from (audit.file)")
+        task = request.match_info["task"]
+        try:
+            tree = await asyncio.to_thread(lambda: tree_module.task_tree(task, records(files)))
+        except OSError as exc:
+            log.error("audit: cannot read the trail for a task tree: %s", exc)
+            raise Unavailable("the audit trail cannot be read", component="audit") from None
+        if tree is None:
+            raise NotFound(f"no record names task {task!r}")
+        if request.query.get("format") == "text":
+            return web.Response(text=tree_module.render(tree), headers=NO_STORE)
+        return web.json_response(tree.to_json(), headers=NO_STORE)
 
     async def favicon(_: web.Request) -> web.Response:
         return web.Response(status=204, headers={"Cache-Control": "max-age=86400"})
@@ -332,7 +363,9 @@ def admin_app(backend: AdminBackend, clock: Clock = SYSTEM) -> web.Application:
     app.router.add_get("/v1/approvals", approvals_list)
     app.router.add_get("/v1/approvals/{id}", approvals_get)
     app.router.add_post("/v1/approvals/{id}/{verb:approve|deny}", approvals_decide)
+    app.router.add_get("/v1/tasks/{task}/tree", task_tree)
     app.router.add_get("/ui/approvals", ui_page)
+    app.router.add_get("/ui/tasks", tasks_page)
     app.router.add_get("/favicon.ico", favicon)
     app.router.add_get("/ui/{file}", ui_page)
     return app
@@ -389,6 +422,8 @@ UI_FILES = {
     "approvals.html": "text/html; charset=utf-8",
     "approvals.js": "text/javascript; charset=utf-8",
     "approvals.css": "text/css; charset=utf-8",
+    "tasks.html": "text/html; charset=utf-8",
+    "tasks.js": "text/javascript; charset=utf-8",
 }
 # A strict Content-Security-Policy: no inline script or style, nothing from elsewhere, no
 # framing (clickjacking an Approve button), no forms posting anywhere.

@@ -85,6 +85,7 @@ def entry(call: Call, latency: float, now: float) -> dict[str, Any]:
         "time": rfc3339(now, 3),
         "decision_id": call.id,
         "trace_id": call.trace.trace_id,
+        "span_id": call.trace.span_id,
     }
     if p is not None:
         record["agent"] = p.agent
@@ -94,6 +95,9 @@ def entry(call: Call, latency: float, now: float) -> dict[str, Any]:
             record["chain"] = list(p.chain)
     if call.task is not None:
         record["task"] = call.task
+    if call.parent_task is not None:
+        record["parent_task"] = call.parent_task
+        record["parent_source"] = call.parent_source
     if call.session is not None:
         record["session"] = call.session
     record["action"] = call.action.name

@@ -37,6 +37,7 @@ from agentproxy.config.model import (
     RedisSettings,
     Secret,
     StoreSettings,
+    TelemetrySettings,
     Upstream,
     Webhook,
     redact_url,
@@ -59,6 +60,7 @@ TOP_KEYS = (
     "audit",
     "approvals",
     "metering",
+    "telemetry",
 )
 ASYMMETRIC_ALGORITHMS = frozenset(
     {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"}
@@ -112,6 +114,7 @@ def load(path: str | Path, *, check_policies: PolicyChecker | None = None) -> Co
         admin=AdminSettings(operators=loader.operators(raw.get("admin"))),
         approvals=loader.approvals(raw.get("approvals")),
         metering=loader.metering(raw.get("metering")),
+        telemetry=loader.telemetry(raw.get("telemetry")),
         audit=loader.audit(raw.get("audit"), has_redis=bool((raw.get("store") or {}).get("redis"))),
         decision_log=doc.choice(raw, "$", "decision_log", ["stdout", "stderr", "off"], "stdout"),  # type: ignore[arg-type]
     )
@@ -490,13 +493,16 @@ class _Loader:
         for dup in {n for n in names if names.count(n) > 1}:
             doc.error("$.identity.issuers", f"issuer {dup!r} is configured twice")
         cpath = "$.identity.claims"
-        claims = doc.mapping(section.get("claims"), cpath, ("agent", "roles", "task"))
+        claims = doc.mapping(
+            section.get("claims"), cpath, ("agent", "roles", "task", "parent_task")
+        )
         names_cfg = ClaimNames(
             agent=doc.get(claims, cpath, "agent", str, "sub") or "sub",
             roles=doc.get(claims, cpath, "roles", str, "roles") or "roles",
             task=doc.get(claims, cpath, "task", str, "task") or "task",
+            parent_task=doc.get(claims, cpath, "parent_task", str, "parent_task") or "parent_task",
         )
-        for key in ("agent", "roles", "task"):
+        for key in ("agent", "roles", "task", "parent_task"):
             claim = getattr(names_cfg, key)
             doc.check(
                 _claim_path_readable(claim),
@@ -674,6 +680,53 @@ class _Loader:
             "must be at least 1 (reserved for a request that names no max_tokens)",
         )
         return MeteringSettings(currency, tuple(prices), tuple(pairs), max_values, default_cap)
+
+    def telemetry(self, value: Any) -> TelemetrySettings:
+        doc = self.doc
+        path = "$.telemetry"
+        section = doc.mapping(
+            value,
+            path,
+            ("otlp", "sample_ratio", "max_queue_size", "capture_messages", "max_message_bytes"),
+        )
+        otlp = doc.mapping(section.get("otlp"), f"{path}.otlp", ("endpoint", "protocol"))
+        endpoint = doc.get(otlp, f"{path}.otlp", "endpoint", str)
+        if endpoint is not None:
+            doc.check(
+                urlsplit(endpoint).scheme in ("http", "https") and bool(urlsplit(endpoint).netloc),
+                f"{path}.otlp.endpoint",
+                "must be an http(s) URL (e.g. http://otel-collector:4317)",
+            )
+        protocol = None
+        if "protocol" in otlp:
+            protocol = doc.choice(
+                otlp, f"{path}.otlp", "protocol", ["grpc", "http/protobuf"], "grpc"
+            )
+        ratio = doc.get(section, path, "sample_ratio", float)
+        doc.check(
+            ratio is None or 0.0 <= ratio <= 1.0, f"{path}.sample_ratio", "must be between 0 and 1"
+        )
+        queue = doc.get(section, path, "max_queue_size", int, 2048)
+        queue = 2048 if queue is None else queue
+        doc.check(
+            1 <= queue <= 1_000_000, f"{path}.max_queue_size", "must be between 1 and 1000000"
+        )
+        capture = doc.get(section, path, "capture_messages", bool, False)
+        limit = doc.get(section, path, "max_message_bytes", int, 16 * 1024)
+        limit = 16 * 1024 if limit is None else limit
+        doc.check(
+            256 <= limit <= 1024 * 1024,
+            f"{path}.max_message_bytes",
+            "must be between 256 and 1048576",
+        )
+        return TelemetrySettings(
+            endpoint,
+            protocol,  # type: ignore[arg-type]
+            ratio,
+            queue,
+            capture_messages=bool(capture),
+            max_message_bytes=limit,
+        )
 
     def operators(self, value: Any) -> tuple[str, ...]:
         doc = self.doc

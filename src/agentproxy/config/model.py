@@ -243,6 +243,7 @@ class ClaimNames:
     agent: str = "sub"
     roles: str = "roles"
     task: str = "task"
+    parent_task: str = "parent_task"
 
 
 TaskSource = Literal["token", "header"]
@@ -444,6 +445,26 @@ class AdminSettings:
     operators: tuple[str, ...] = ()
 
 
+OtlpProtocol = Literal["grpc", "http/protobuf"]
+
+
+@dataclass(frozen=True, slots=True)
+class TelemetrySettings:
+    """OpenTelemetry traces (`telemetry:`), exported over OTLP. Unset values fall back to the
+    standard `OTEL_*` variables when the proxy starts; no endpoint in either: no tracing.
+    `max_queue_size`: spans waiting for export; past it they are dropped (and counted), never
+    waited for."""
+
+    endpoint: str | None = None
+    protocol: OtlpProtocol | None = None
+    sample_ratio: float | None = None
+    max_queue_size: int = 2048
+    # Reasoning capture: an LLM call's messages and answer on its span (opt-in; the audit
+    # trail's `redact` paths apply), each attribute at most `max_message_bytes`.
+    capture_messages: bool = False
+    max_message_bytes: int = 16 * 1024
+
+
 DecisionLog = Literal["stdout", "stderr", "off"]
 
 
@@ -462,4 +483,5 @@ class Config:
     audit: AuditConfig = AuditConfig()
     approvals: ApprovalsSettings = ApprovalsSettings()
     metering: MeteringSettings = MeteringSettings()
+    telemetry: TelemetrySettings = TelemetrySettings()
     policy_globs: tuple[str, ...] = ()

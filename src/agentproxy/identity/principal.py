@@ -64,6 +64,7 @@ def principal_from_claims(
         token_id=jti if isinstance(jti, str) else None,
         expires_at=expires_at,
         task=_task(claim_at(claims, names.task), names.task),
+        parent_task=_task(claim_at(claims, names.parent_task), names.parent_task),
     )
 
 

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from pathlib import Path
 from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry
 
 from agentproxy.admin.server import operator_allowed
 from agentproxy.approvals.lifecycle import Approval, Event
+from agentproxy.audit.sinks import rotated_files
 from agentproxy.config import Config
 from agentproxy.core import Action, Call, Principal
 from agentproxy.errors import Denied, NotFound, Refusal
@@ -69,6 +71,12 @@ class ProxyBackend:
 
     def policy_version(self) -> str:
         return self._process.pipeline.runtime.policy.version
+
+    def audit_files(self) -> list[Path]:
+        path = self._process.config.audit.file
+        if path is None:
+            return []
+        return [*rotated_files(path), *([path] if path.exists() else [])]
 
     # --- who is asking -----------------------------------------------------------------------
 

@@ -44,6 +44,7 @@ from agentproxy.proxy.pipeline import Pipeline
 from agentproxy.proxy.upstream import UpstreamClient
 from agentproxy.proxy.watch import watch
 from agentproxy.store import MemoryStore, Store
+from agentproxy.telemetry import tracing
 
 log = logging.getLogger("agentproxy")
 HealthServicer = health_aio.HealthServicer
@@ -84,8 +85,24 @@ class ProxyServer:
                 audit_settings(config), on_drop=metrics.audit_dropped.inc, clock=clock
             )
         self.notifier = _notifier(config)
+        # One tracer for the life of the process (a changed `telemetry:` needs a restart).
+        self.tracing = tracing(config.telemetry, on_drop=metrics.telemetry_dropped.inc)
+        if self.tracing is not None:
+            exporter = self.tracing.exporter
+            log.info(
+                "tracing: OTLP %s to %s, sampling %g (parent-based)",
+                exporter.protocol,
+                exporter.endpoint or "the OTEL_EXPORTER_OTLP_* endpoint",
+                exporter.ratio,
+            )
         self.services = assemble.services(
-            config, store, clock, metrics=metrics, stopping=self._stopping, audit=audit
+            config,
+            store,
+            clock,
+            metrics=metrics,
+            stopping=self._stopping,
+            audit=audit,
+            tracing=self.tracing,
         )
         assemble.wire_approvals(
             self.services.approvals,
@@ -357,6 +374,9 @@ class ProxyServer:
                 log.error("audit: records lost at shutdown: %s", exc)
         await self.store.close()
         self.decision_log.flush()
+        if self.tracing is not None:
+            # Sends what is queued; off the loop, since the exporter's calls block.
+            await asyncio.to_thread(self.tracing.close)
 
 
 async def _cancel(task: asyncio.Task[None]) -> None:
