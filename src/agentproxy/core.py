@@ -233,6 +233,7 @@ class Facts:
     task_labels: frozenset[str] = frozenset()
     task_calls: int = 0
     task_spent: float = 0.0
+    task_parent: str | None = None  # the task that delegated this one (CEL task.parent)
 
 
 def task_history_key(agent: str, task: str) -> str:

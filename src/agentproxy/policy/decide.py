@@ -210,6 +210,7 @@ def _args(action: Action, principal: Principal, facts: Facts, now: float) -> Any
 def _task(action: Action, principal: Principal, facts: Facts, now: float) -> Any:
     return {
         "id": facts.task_id,
+        "parent": facts.task_parent,
         "labels": sorted(facts.task_labels),
         "calls": facts.task_calls,
         "spent": facts.task_spent,

@@ -9,7 +9,7 @@ A suite is a file named `*_test.yaml`; every other `*.yaml` under DIR is a polic
         request: "GET /v1/employees/42?limit=10"     # or action: "mcp:tools/call/x", args: {...}
         body: {amount: 500}                          # HTTP: a body (JSON; or a string as sent,
         content_type: application/json               #   read by its content_type), as args
-        task: {id: t-1, labels: [pii], calls: 3, spent: 0.5}   # optional
+        task: {id: t-1, parent: t-0, labels: [pii], calls: 3, spent: 0.5}   # optional
         now: "2026-01-01T00:00:00Z"                            # optional
         expect: allow                                # allow | deny | require_approval
         rule: read-employees                         # optional; `none` for the default deny
@@ -220,9 +220,10 @@ def _action(
 def _facts(doc: Document, value: Any, path: str) -> Facts:
     if value is None:
         return Facts()
-    t = doc.mapping(value, path, ("id", "labels", "calls", "spent"))
+    t = doc.mapping(value, path, ("id", "parent", "labels", "calls", "spent"))
     return Facts(
         task_id=doc.get(t, path, "id", str),
+        task_parent=doc.get(t, path, "parent", str),
         task_labels=frozenset(doc.strings(t, path, "labels")),
         task_calls=doc.get(t, path, "calls", int, 0) or 0,
         task_spent=doc.get(t, path, "spent", float, 0.0) or 0.0,
