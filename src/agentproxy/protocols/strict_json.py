@@ -181,7 +181,10 @@ _MAX_INT_DIGITS: Final = 4300
 YIELDING_ABOVE: Final = 16 * 1024
 _INT_LOW: Final = -(2**63)
 _INT_HIGH: Final = 2**64
-_SURROGATE: Final = re.compile(r"[\ud800-\udfff]")
+# A lone surrogate is read as U+FFFD, an error or the raw code unit, parser by parser; a NUL
+# ends the string CEL reads (cel-expr-python converts at the first NUL: "alice\u0000mallory"
+# is "alice" to a condition, and a key "title\u0000role" is "title").
+_SURROGATE: Final = re.compile(r"[\ud800-\udfff\x00]")
 
 
 def parse_answer(raw: bytes) -> Any:
@@ -212,7 +215,7 @@ def _parse(raw: bytes, decoder: json.JSONDecoder) -> Any:
 
 def parse_request(raw: bytes, *, max_elements: int = MAX_ELEMENTS) -> Any:
     """`parse_answer`, and no keys of one object that collide under case folding or NFKC (at
-    any depth), no lone surrogate, no nesting deeper than MAX_DEPTH and at most
+    any depth), no lone surrogate or NUL, no nesting deeper than MAX_DEPTH and at most
     `max_elements` values (objects, arrays and scalars, the document included).
     Raises JsonError."""
     document = _parse(raw, _request_decoder(raw, max_elements))
@@ -281,7 +284,7 @@ def _counting_decoder(raw: bytes, max_elements: int) -> json.JSONDecoder:
 def check_value(document: Any, *, max_elements: int = MAX_ELEMENTS) -> None:
     """What `parse_request` checks, for a value that did not arrive as JSON text (the
     arguments an Authorizer.Check caller sends as a protobuf Struct, and will forward as
-    JSON): no keys of one object that collide, no lone surrogate, no nesting deeper than
+    JSON): no keys of one object that collide, no lone surrogate or NUL, no nesting deeper than
     MAX_DEPTH, at most `max_elements` values. Raises JsonError."""
     # As plain dicts and lists: the walk does not look inside other mappings and sequences.
     tree = plain(document)
@@ -304,7 +307,7 @@ def _check_tree(
             if check_keys:
                 _unique_folded_keys(list(value.items()))
             if check_surrogates and any(_SURROGATE.search(key) for key in value):
-                raise JsonError("lone surrogate in a string")
+                raise JsonError("lone surrogate or NUL in a string")
             items = value.values()
         if depth:
             budget -= len(items)
@@ -324,4 +327,4 @@ def _check_tree(
                     # "1e400" is infinity to Python and an error or another number elsewhere.
                     raise JsonError("number out of range")
             elif check_surrogates and kind is str and _SURROGATE.search(item):
-                raise JsonError("lone surrogate in a string")
+                raise JsonError("lone surrogate or NUL in a string")

@@ -36,7 +36,13 @@ from agentproxy.protocols.http import (
     request_headers_to_forward,
     response_headers_to_return,
 )
-from agentproxy.protocols.http_body import HttpBody, body_kind, is_json_media, parse_body
+from agentproxy.protocols.http_body import (
+    HttpBody,
+    body_kind,
+    check_query_overlap,
+    is_json_media,
+    parse_body,
+)
 from agentproxy.protocols.strict_json import JsonError, parse_answer
 from agentproxy.proxy.context import context_headers
 from agentproxy.proxy.offload import parse_off_loop
@@ -128,7 +134,8 @@ class HttpExchange:
 
         Raises UnsupportedMediaType for a body that must be read but is neither JSON nor a
         form, BadRequest or PayloadTooLarge for one that cannot be read unambiguously,
-        LimitRefused when this agent already has too many large bodies being read.
+        LimitRefused when this agent already has too many large bodies being read; BadRequest
+        too when the query names a field of the body (`check_query_overlap`).
         """
         upstream = self.upstream
         if upstream is None or not self.request.body_exists or upstream.body == "stream":
@@ -145,6 +152,7 @@ class HttpExchange:
         )
         agent = call.principal.agent if call.principal is not None else ""
         parsed = await parse_off_loop(agent, body, encoding, read)
+        check_query_overlap(parsed.args, call.action.query)
         self.parsed_body = parsed
         call.action = replace(call.action, args=parsed.args)
 

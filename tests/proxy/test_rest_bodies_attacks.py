@@ -1,0 +1,398 @@
+"""REST bodies under policy, attacked (issue 22): bodies that the proxy reads one way and a
+real upstream framework another, answers that escape their obligations. Each test runs the
+framework itself (Starlette's `request.json()`, Express's `express.json()`, Go's
+`encoding/json`) behind a real proxy and asserts what it acted on and what the agent got."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+import uvicorn
+from grpc import aio
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from agentproxy.v1 import authorizer_pb2, authorizer_pb2_grpc
+from tests.conftest import Keys, ProxyFactory
+from tests.harness import go_upstream
+from tests.harness.processes import free_port
+from tests.proxy.test_rest_bodies import send
+
+NODE_MODULES = Path(__file__).resolve().parents[2] / ".cache" / "node" / "node_modules"
+FORM = "application/x-www-form-urlencoded"
+
+POLICY = """
+default: deny
+rules:
+  - id: small-transfers
+    agents: [payer]
+    actions: ["http:POST /v1/transfers"]
+    when: 'int(args.amount) <= 100'
+    effect: allow
+  - id: profile-edits
+    agents: [payer]
+    actions: ["http:PATCH /v1/employees/{id}"]
+    effect: allow
+  - id: no-role-changes
+    agents: ["*"]
+    actions: ["http:PATCH /v1/employees/{id}"]
+    when: 'has(args.role)'
+    effect: deny
+    reason: agents never change roles
+  - id: payouts-to-alice
+    agents: [payer]
+    actions: ["http:POST /v1/payouts"]
+    when: 'args.to == "alice"'
+    effect: allow
+  - id: employee-reads
+    agents: [payer]
+    actions: ["http:GET /v1/employees"]
+    effect: allow
+    obligations:
+      redact_fields: ["items[].salary"]
+"""
+
+
+@dataclass
+class JsonApi:
+    """A Starlette API that reads every body with `request.json()`, whatever its
+    Content-Type (as Starlette, and Go's `json.NewDecoder(r.Body)`, do)."""
+
+    url: str
+    read: list[Any] = field(default_factory=list)
+
+
+@pytest.fixture
+async def json_api() -> AsyncIterator[JsonApi]:
+    port = free_port()
+    state = JsonApi(f"http://127.0.0.1:{port}")
+
+    async def act(request: Request) -> Response:
+        try:
+            state.read.append(await request.json())
+        except ValueError:
+            return JSONResponse({"error": "not JSON"}, status_code=400)
+        return JSONResponse({"ok": True})
+
+    async def employees(request: Request) -> Response:
+        return JSONResponse({"items": [{"name": "Ann", "salary": 100}]})
+
+    app = Starlette(
+        routes=[
+            Route("/v1/transfers", act, methods=["POST"]),
+            Route("/v1/payouts", act, methods=["POST"]),
+            Route("/v1/employees/{id}", act, methods=["PATCH"]),
+            Route("/v1/employees", employees, methods=["GET"]),
+        ]
+    )
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    task = asyncio.create_task(server.serve())
+    while not server.started:  # noqa: ASYNC110 - uvicorn offers no event for this
+        await asyncio.sleep(0.02)
+    try:
+        yield state
+    finally:
+        server.should_exit = True
+        await task
+
+
+EXPRESS_APP = """
+const express = require("express");
+const app = express();
+app.use(express.json());
+app.use(express.urlencoded({extended: true}));
+app.post("/v1/transfers", (req, res) => {
+  console.log(JSON.stringify({body: req.body}));
+  res.json({ok: true});
+});
+const server = app.listen(0, "127.0.0.1", () =>
+  console.log(JSON.stringify({port: server.address().port})));
+"""
+
+
+@dataclass
+class Express:
+    url: str
+    process: asyncio.subprocess.Process
+
+    async def read(self) -> list[Any]:
+        """The bodies the app acted on so far (it logs each before it answers)."""
+        assert self.process.stdout is not None
+        seen: list[Any] = []
+        while True:
+            try:
+                line = await asyncio.wait_for(self.process.stdout.readline(), 0.3)
+            except TimeoutError:
+                return seen
+            if not line:
+                return seen
+            seen.append(orjson.loads(line)["body"])
+
+
+@pytest.fixture
+async def express(tmp_path: Path) -> AsyncIterator[Express]:
+    assert (NODE_MODULES / "express").is_dir(), "Express is missing: run `make node-deps`"
+    (tmp_path / "app.js").write_text(EXPRESS_APP)
+    process = await asyncio.create_subprocess_exec(
+        "node",
+        str(tmp_path / "app.js"),
+        stdout=asyncio.subprocess.PIPE,
+        env={**os.environ, "NODE_PATH": str(NODE_MODULES)},
+    )
+    assert process.stdout is not None
+    port = orjson.loads(await asyncio.wait_for(process.stdout.readline(), 20))["port"]
+    try:
+        yield Express(f"http://127.0.0.1:{port}", process)
+    finally:
+        process.terminate()
+        await process.wait()
+
+
+# --- a JSON text sent as a form ---------------------------------------------------------------
+
+
+async def test_a_json_text_sent_as_a_form_is_refused(
+    make_proxy: ProxyFactory, json_api: JsonApi, keys: Keys
+) -> None:
+    # Every byte of a JSON object is a legal form character, and "&" may sit in a JSON string:
+    # read as a form this body has amount=5, read as JSON (Starlette's request.json() and Go's
+    # decoders ignore the Content-Type) it moves five million.
+    proxy = await make_proxy(policy=POLICY, upstream_url=json_api.url)
+    token = keys.token("payer")
+    polyglot = b'{"z":"&amount=5&","amount":5000000}'
+    status, got, _ = await send(proxy.base, token, "POST", "/v1/transfers", polyglot, FORM)
+    assert status == 400 and "JSON" in got["detail"], got
+    # And a deny written on has(): the form has no field "role", the JSON has.
+    status, got, _ = await send(
+        proxy.base, token, "PATCH", "/v1/employees/7", b'{"role":"admin"}', FORM
+    )
+    assert status == 400, got
+    assert json_api.read == []
+    # A real form still passes.
+    status, got, _ = await send(proxy.base, token, "POST", "/v1/transfers", b"amount=5", FORM)
+    assert status == 400 and "not JSON" in str(got)  # the JSON API refuses it itself
+    status, got, _ = await send(proxy.base, token, "POST", "/v1/transfers", b'{"amount": 5}')
+    assert status == 200 and json_api.read == [{"amount": 5}], got
+
+
+# --- Content-Type parameters read two ways ----------------------------------------------------
+
+
+def _utf7_smuggled(hidden: str) -> bytes:
+    # UTF-7 spells any text in base64 between "+" and "-": a string value to a UTF-8 reader.
+    encoded = base64.b64encode(hidden.encode("utf-16-be")).decode().rstrip("=")
+    return ('{"amount":5,"x":"+' + encoded + '-"}').encode()
+
+
+@pytest.mark.parametrize(
+    "content_type",
+    [
+        # A quoted parameter value holding ";": a split on ";" reads charset=utf-8 last, RFC
+        # 9110's grammar (and Express's content-type) reads charset=utf-7.
+        'application/json; charset=utf-7; x="; charset=utf-8"',
+        'application/json; x="\\"; charset=utf-8"; charset=utf-7',
+        "application/json; charset=utf-7; charset=utf-8",  # two charsets
+        "application/json; charset=utf-8; charset",  # not name=value
+        'application/json; charset="utf-8',  # an open quoted string
+        "application/json, text/plain; charset=utf-7",
+    ],
+)
+async def test_content_type_parameters_are_read_by_the_grammar_or_refused(
+    make_proxy: ProxyFactory, express: Express, keys: Keys, content_type: str
+) -> None:
+    proxy = await make_proxy(policy=POLICY, upstream_url=express.url)
+    body = _utf7_smuggled('","amount":5000000,"y":"')
+    status, got, _ = await send(
+        proxy.base, keys.token("payer"), "POST", "/v1/transfers", body, content_type
+    )
+    assert status in (400, 415), got
+    assert await express.read() == []
+
+
+async def test_quoted_utf8_charsets_and_express_agree(
+    make_proxy: ProxyFactory, express: Express, keys: Keys
+) -> None:
+    proxy = await make_proxy(policy=POLICY, upstream_url=express.url)
+    token = keys.token("payer")
+    for content_type in ['application/json; charset="UTF-8"', "Application/JSON ;charset=utf-8"]:
+        status, got, _ = await send(
+            proxy.base, token, "POST", "/v1/transfers", b'{"amount": 5}', content_type
+        )
+        assert status == 200, (content_type, got)
+    assert await express.read() == [{"amount": 5}, {"amount": 5}]
+
+
+async def test_a_nul_cuts_no_string_policy_reads(
+    make_proxy: ProxyFactory, json_api: JsonApi, keys: Keys
+) -> None:
+    # cel-expr-python converts a string up to its first NUL: "alice\u0000mallory" was
+    # "alice" to the condition and the whole string to the API that pays it.
+    proxy = await make_proxy(policy=POLICY, upstream_url=json_api.url)
+    token = keys.token("payer")
+    for body in [b'{"to": "alice\\u0000mallory"}', b'{"to": "alice", "to\\u0000x": 1}']:
+        status, got, _ = await send(proxy.base, token, "POST", "/v1/payouts", body)
+        assert status == 400 and "NUL" in got["detail"], (body, got)
+    assert json_api.read == []
+    status, got, _ = await send(proxy.base, token, "POST", "/v1/payouts", b'{"to": "alice"}')
+    assert status == 200 and json_api.read == [{"to": "alice"}], got
+
+
+# --- form names that frameworks cut or merge ---------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        # PHP registers a form name as a C string (php_register_variable_ex: "not binary
+        # safe"): "amount%00x" is $_POST["amount"], and the last one wins.
+        b"amount=5&amount%00x=5000000",
+        b"amount=5&amount%0A=5000000",
+        b"amount=5&amount%7F=5000000",
+    ],
+)
+async def test_form_names_with_control_characters_are_refused(
+    make_proxy: ProxyFactory, json_api: JsonApi, keys: Keys, body: bytes
+) -> None:
+    proxy = await make_proxy(policy=POLICY, upstream_url=json_api.url)
+    status, got, _ = await send(
+        proxy.base, keys.token("payer"), "POST", "/v1/transfers", body, FORM
+    )
+    assert status == 400 and "form body" in got["detail"], got
+    assert json_api.read == []
+
+
+async def test_a_body_field_also_in_the_query_is_refused(
+    make_proxy: ProxyFactory, json_api: JsonApi, keys: Keys
+) -> None:
+    # Rails' params (request_parameters.merge(query_parameters)), a servlet's getParameter
+    # and Flask's request.values read the query's amount first; policy read the body's.
+    proxy = await make_proxy(policy=POLICY, upstream_url=json_api.url)
+    token = keys.token("payer")
+    for target, body, kind in [
+        ("/v1/transfers?amount=5000000", b"amount=5", FORM),
+        ("/v1/transfers?Amount=5000000", b'{"amount": 5}', "application/json"),
+        ("/v1/transfers?amount[]=5000000", b'{"amount": 5}', "application/json"),
+    ]:
+        status, got, _ = await send(proxy.base, token, "POST", target, body, kind)
+        assert status == 400 and "query" in got["detail"], (target, got)
+    assert json_api.read == []
+    status, got, _ = await send(proxy.base, token, "POST", "/v1/transfers?dry=1", b'{"amount": 5}')
+    assert status == 200 and json_api.read == [{"amount": 5}], got
+
+
+# --- answers: obligations nobody can apply ----------------------------------------------------
+
+
+async def test_check_never_allows_a_call_whose_answer_must_be_shaped(
+    make_proxy: ProxyFactory, json_api: JsonApi, keys: Keys
+) -> None:
+    # Authorizer.Check answers a gateway that forwards the call itself: the answer never
+    # passes the proxy, so the salary the obligation removes would reach the agent.
+    proxy = await make_proxy(
+        policy=POLICY, upstream_url=json_api.url, listen='admin_grpc: "127.0.0.1:0"'
+    )
+    token = keys.token("payer")
+    status, got, _ = await send(proxy.base, token, "GET", "/v1/employees", content_type=None)
+    assert status == 200 and got == {"items": [{"name": "Ann"}]}, got
+    async with aio.insecure_channel(f"127.0.0.1:{proxy.server.admin_grpc_port}") as channel:
+        make: Any = authorizer_pb2_grpc.AuthorizerStub
+        answer = await make(channel).Check(
+            authorizer_pb2.CheckRequest(
+                token=token, http=authorizer_pb2.HttpCall(method="GET", path="/v1/employees")
+            )
+        )
+        assert answer.outcome != authorizer_pb2.Outcome.ALLOWED, answer
+        assert "employee-reads" in answer.reason and not answer.context, answer
+        other = await make(channel).Check(
+            authorizer_pb2.CheckRequest(
+                token=token, http=authorizer_pb2.HttpCall(method="PATCH", path="/v1/employees/7")
+            )
+        )
+        assert other.outcome == authorizer_pb2.Outcome.ALLOWED, other
+
+
+# --- keys a case-insensitive decoder reads as the field policy looked for -----------------------
+
+GO_APP = """
+package main
+
+import (
+	"encoding/json"
+	"fmt"
+	"net"
+	"net/http"
+	"os"
+	"sync"
+)
+
+type employee struct {
+	Title string `json:"title"`
+	Role  string `json:"role"`
+}
+
+var (
+	mu   sync.Mutex
+	seen = []employee{}
+)
+
+func main() {
+	http.HandleFunc("/v1/employees/7", func(w http.ResponseWriter, r *http.Request) {
+		var e employee
+		if err := json.NewDecoder(r.Body).Decode(&e); err != nil {
+			http.Error(w, err.Error(), http.StatusBadRequest)
+			return
+		}
+		mu.Lock()
+		seen = append(seen, e)
+		mu.Unlock()
+		w.Header().Set("Content-Type", "application/json")
+		fmt.Fprint(w, `{"ok":true}`)
+	})
+	http.HandleFunc("/seen", func(w http.ResponseWriter, r *http.Request) {
+		mu.Lock()
+		defer mu.Unlock()
+		json.NewEncoder(w).Encode(seen)
+	})
+	listener, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		os.Exit(1)
+	}
+	fmt.Printf("PORT %d\\n", listener.Addr().(*net.TCPAddr).Port)
+	os.Stdout.Sync()
+	http.Serve(listener, nil)
+}
+"""
+
+
+@pytest.mark.skipif(not go_upstream.go_available(), reason="needs the go toolchain")
+@pytest.mark.xfail(
+    strict=True,
+    reason="a deny on has(args.role) misses {'Role': ...}, which Go's encoding/json (and "
+    "ASP.NET, Jackson with case-insensitive properties) binds to the field role: strict_json "
+    "refuses two keys that fold together, not one key in another case. Closing it needs "
+    "args lookups that fold case for such upstreams (a `keys: insensitive` upstream setting "
+    "read by the CEL activation), which is larger than this review.",
+)
+async def test_a_key_in_another_case_is_the_field_to_go(
+    make_proxy: ProxyFactory, keys: Keys, tmp_path: Path
+) -> None:
+    (tmp_path / "app.go").write_text(GO_APP)
+    binary = await asyncio.to_thread(go_upstream.build, tmp_path, tmp_path / "app.go")
+    async with go_upstream.run(binary) as go:
+        proxy = await make_proxy(policy=POLICY, upstream_url=go.url)
+        token = keys.token("payer")
+        status, got, _ = await send(
+            proxy.base, token, "PATCH", "/v1/employees/7", b'{"title": "x", "Role": "admin"}'
+        )
+        seen = await go.seen()
+        assert status == 403 and seen == [], (got, seen)
