@@ -59,8 +59,12 @@ rules:
     actions: ["http:GET /v1/employees"]
     effect: allow
     obligations:
-      redact_fields: ["items[].salary"]
+      redact_fields: ["items[].salary", "pad"]
 """
+
+
+# 8 MiB of empty lists: nothing in it calls back into Python while the C scanner reads it.
+MANY_LISTS = b'{"items":[{"salary":1}],"pad":[' + b",".join([b"[]"] * 3_000_000) + b"]}"
 
 
 @dataclass
@@ -85,6 +89,8 @@ async def json_api() -> AsyncIterator[JsonApi]:
         return JSONResponse({"ok": True})
 
     async def employees(request: Request) -> Response:
+        if request.query_params.get("many") == "lists":
+            return Response(MANY_LISTS, media_type="application/json")
         return JSONResponse({"items": [{"name": "Ann", "salary": 100}]})
 
     app = Starlette(
@@ -319,6 +325,35 @@ async def test_check_never_allows_a_call_whose_answer_must_be_shaped(
             )
         )
         assert other.outcome == authorizer_pb2.Outcome.ALLOWED, other
+
+
+async def test_a_large_answer_to_shape_does_not_stop_other_agents(
+    make_proxy: ProxyFactory, json_api: JsonApi, keys: Keys
+) -> None:
+    # The answer is parsed on the worker thread, but a parse that never calls back into
+    # Python never lets the loop (every agent's calls) have the GIL: it stood still ~1 s.
+    proxy = await make_proxy(
+        policy=POLICY, upstream_url=json_api.url, upstream_extra="    max_response_bytes: 16777216"
+    )
+    token = keys.token("payer")
+    gaps: list[float] = []
+    loop = asyncio.get_running_loop()
+
+    async def tick() -> None:
+        while True:
+            before = loop.time()
+            await asyncio.sleep(0.005)
+            gaps.append(loop.time() - before)
+
+    ticker = asyncio.create_task(tick())
+    try:
+        status, got, _ = await send(
+            proxy.base, token, "GET", "/v1/employees?many=lists", content_type=None
+        )
+    finally:
+        ticker.cancel()
+    assert status == 200 and got["items"] == [{}], str(got)[:200]
+    assert max(gaps) < 0.4, max(gaps)
 
 
 # --- keys a case-insensitive decoder reads as the field policy looked for -----------------------

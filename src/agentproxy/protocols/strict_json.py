@@ -20,6 +20,7 @@ import math
 import re
 import sys
 import unicodedata
+from collections.abc import Callable
 from typing import Any, Final
 
 from agentproxy.core import plain
@@ -190,7 +191,13 @@ _SURROGATE: Final = re.compile(r"[\ud800-\udfff\x00]")
 def parse_answer(raw: bytes) -> Any:
     """UTF-8 JSON without a byte order mark, duplicate keys, NaN or out-of-range numbers.
     Raises JsonError."""
-    return _parse(raw, _DECODER)
+    if len(raw) <= YIELDING_ABOVE:
+        return _parse(raw, _DECODER)
+    # A large answer is parsed on the worker thread too (an answer an obligation shapes), and
+    # the C scanner calls back for none of its lists and strings: 14 MiB of "[]," held the
+    # GIL, and so every agent's calls, for 0.9 s. It is parsed so that it yields, uncapped
+    # (max_response_bytes bounds it), with the answer's own key check.
+    return _parse(raw, _counting_decoder(raw, sys.maxsize, object_pairs=_unique_keys))
 
 
 def _parse(raw: bytes, decoder: json.JSONDecoder) -> Any:
@@ -233,7 +240,12 @@ def _request_decoder(raw: bytes, max_elements: int) -> json.JSONDecoder:
     return _counting_decoder(raw, max_elements)
 
 
-def _counting_decoder(raw: bytes, max_elements: int) -> json.JSONDecoder:
+def _counting_decoder(
+    raw: bytes,
+    max_elements: int,
+    *,
+    object_pairs: Callable[[list[tuple[str, Any]]], dict[str, Any]] = _unique_folded_keys,
+) -> json.JSONDecoder:
     """A decoder for one large document whose hooks also count the values they see, and
     stop the parse once they pass `max_elements`: a flood of values costs the worker a
     fraction of its parse. They see fewer values than there are (never true, false or null;
@@ -249,7 +261,7 @@ def _counting_decoder(raw: bytes, max_elements: int) -> json.JSONDecoder:
 
     def pairs(members: list[tuple[str, Any]]) -> dict[str, Any]:
         spend(1)
-        return _unique_folded_keys(members)
+        return object_pairs(members)
 
     def integer(text: str) -> int:
         spend(1)
@@ -263,7 +275,8 @@ def _counting_decoder(raw: bytes, max_elements: int) -> json.JSONDecoder:
         object_pairs_hook=pairs, parse_constant=_no_constant, parse_float=number, parse_int=integer
     )
     # Counted in C at memory speed; brackets and quotes inside strings only overcount.
-    if raw.count(b"[") + raw.count(b'"') // 2 > max_elements:
+    # Past MAX_ELEMENTS of them (or the cap, if lower) the C scanner would hold the GIL long.
+    if raw.count(b"[") + raw.count(b'"') // 2 > min(max_elements, MAX_ELEMENTS):
         # The Python scanner's steps, read off the decoder when it is made (json/scanner.py).
         scanner: Any = decoder
         array, string = scanner.parse_array, scanner.parse_string
