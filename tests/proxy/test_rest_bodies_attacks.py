@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import gzip
 import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -19,13 +20,14 @@ import uvicorn
 from grpc import aio
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from agentproxy.v1 import authorizer_pb2, authorizer_pb2_grpc
 from tests.conftest import Keys, ProxyFactory
 from tests.harness import go_upstream
 from tests.harness.processes import free_port
+from tests.proxy.conftest import raw_request
 from tests.proxy.test_rest_bodies import send
 
 NODE_MODULES = Path(__file__).resolve().parents[2] / ".cache" / "node" / "node_modules"
@@ -60,9 +62,35 @@ rules:
     effect: allow
     obligations:
       redact_fields: ["items[].salary", "pad"]
+  - id: answer-reads
+    agents: [payer]
+    actions: ["http:GET /v1/answers/{kind}", "http:HEAD /v1/answers/{kind}"]
+    effect: allow
+    obligations:
+      redact_fields: ["items[].salary"]
+      keep_items: {path: items, when: 'item.manager == "alice"'}
 """
 
 
+UPLOADS = """
+  - id: uploads
+    agents: [payer]
+    actions: ["http:POST /v1/files"]
+    effect: allow
+"""
+# Answer media types a client may read as JSON, which the proxy must not pass on unshaped.
+ANSWER_TYPES = {
+    "text-json": "text/json",
+    "text-plain": "text/plain",
+    "json-in-list": "application/json, text/html",
+    "json-quoted-param": 'application/json; x="',
+}
+ANSWER_CODINGS = {
+    "br": "br",
+    "x-gzip": "x-gzip",
+    "gzip-identity": "gzip, identity",
+    "deflate": "deflate",
+}
 # 8 MiB of empty lists: nothing in it calls back into Python while the C scanner reads it.
 MANY_LISTS = b'{"items":[{"salary":1}],"pad":[' + b",".join([b"[]"] * 3_000_000) + b"]}"
 
@@ -93,8 +121,53 @@ async def json_api() -> AsyncIterator[JsonApi]:
             return Response(MANY_LISTS, media_type="application/json")
         return JSONResponse({"items": [{"name": "Ann", "salary": 100}]})
 
+    async def answers(request: Request) -> Response:
+        kind = request.path_params["kind"]
+        items = orjson.dumps({"items": [{"manager": "alice", "salary": 7}]})
+        salaried = b'{"items": [{"manager": "alice", "salary": 7}], "n": %s}'
+        if kind in ANSWER_TYPES:
+            return Response(items, headers={"Content-Type": ANSWER_TYPES[kind]})
+        if kind == "no-type":
+            return Response(items, headers={"Content-Type": ""})
+        if kind == "bom":
+            return Response(b"\xef\xbb\xbf" + items, media_type="application/json")
+        if kind in ANSWER_CODINGS:
+            coded = gzip.compress(items) if "gzip" in ANSWER_CODINGS[kind] else items
+            return Response(
+                coded,
+                media_type="application/json",
+                headers={"Content-Encoding": ANSWER_CODINGS[kind]},
+            )
+        if kind == "huge-number":
+            return Response(salaried % b"1" + b"0" * 30, media_type="application/json")
+        if kind == "huge-float":
+            return Response(salaried % b"1e400", media_type="application/json")
+        if kind == "deep":
+            deep = b'{"items": [{"manager": "alice", "salary": 7}], "d": ' + b"[" * 300
+            return Response(deep + b"]" * 300 + b"}", media_type="application/json")
+        if kind == "redirect":
+            return Response(
+                items, status_code=302, media_type="application/json", headers={"Location": "/x"}
+            )
+        if kind == "not-modified":
+            return Response(status_code=304, headers={"ETag": '"1"'})
+        if kind == "no-manager":
+            return JSONResponse({"items": [{"salary": 7}, {"manager": "alice", "salary": 8}]})
+        if kind == "stream":
+
+            async def events() -> AsyncIterator[bytes]:
+                yield b'data: {"salary": 7}\n\n'
+
+            return StreamingResponse(events(), media_type="text/event-stream")
+        return Response(items, media_type="application/json")
+
+    async def upload(request: Request) -> Response:
+        return JSONResponse({"received": len(await request.body())})
+
     app = Starlette(
         routes=[
+            Route("/v1/files", upload, methods=["POST"]),
+            Route("/v1/answers/{kind}", answers, methods=["GET", "HEAD"]),
             Route("/v1/transfers", act, methods=["POST"]),
             Route("/v1/payouts", act, methods=["POST"]),
             Route("/v1/employees/{id}", act, methods=["PATCH"]),
@@ -296,6 +369,29 @@ async def test_a_body_field_also_in_the_query_is_refused(
     assert status == 200 and json_api.read == [{"amount": 5}], got
 
 
+async def test_an_upload_only_the_audit_would_read_still_streams(
+    make_proxy: ProxyFactory, json_api: JsonApi, keys: Keys, tmp_path: Path
+) -> None:
+    # audit.redact naming args.* made every upload that is not JSON or a form a 415, on
+    # every endpoint, though nothing decides on it and it has no args to redact.
+    (tmp_path / "hmac").write_text("k" * 32)
+    trail = tmp_path / "audit.jsonl"
+    proxy = await make_proxy(
+        policy=POLICY + UPLOADS,
+        upstream_url=json_api.url,
+        extra=f"audit: {{file: {trail}, hmac_key_file: {tmp_path / 'hmac'}, redact: [args.ssn]}}",
+    )
+    token = keys.token("payer")
+    blob = bytes(range(256)) * 64
+    status, got, _ = await send(
+        proxy.base, token, "POST", "/v1/files", blob, "application/octet-stream"
+    )
+    assert status == 200 and got == {"received": len(blob)}, got
+    # A rule that reads the body still refuses another media type.
+    status, got, _ = await send(proxy.base, token, "POST", "/v1/transfers", blob, "text/plain")
+    assert status == 415, got
+
+
 # --- answers: obligations nobody can apply ----------------------------------------------------
 
 
@@ -325,6 +421,53 @@ async def test_check_never_allows_a_call_whose_answer_must_be_shaped(
             )
         )
         assert other.outcome == authorizer_pb2.Outcome.ALLOWED, other
+
+
+@pytest.mark.parametrize(
+    "kind",
+    [
+        *ANSWER_TYPES,
+        "no-type",
+        "bom",
+        *ANSWER_CODINGS,
+        "huge-number",
+        "huge-float",
+        "deep",
+        "stream",
+    ],
+)
+async def test_answers_no_shape_can_be_applied_to_are_502(
+    make_proxy: ProxyFactory, json_api: JsonApi, keys: Keys, kind: str
+) -> None:
+    proxy = await make_proxy(policy=POLICY, upstream_url=json_api.url)
+    reply = await raw_request(
+        proxy.base,
+        "GET",
+        f"/v1/answers/{kind}",
+        [("Authorization", f"Bearer {keys.token('payer')}")],
+    )
+    assert reply.status == 502, (reply.status, reply.body)
+    assert b"salary" not in reply.body and b"alice" not in reply.body, reply.body
+
+
+async def test_answers_of_other_shapes_are_shaped_or_carry_nothing(
+    make_proxy: ProxyFactory, json_api: JsonApi, keys: Keys
+) -> None:
+    proxy = await make_proxy(policy=POLICY, upstream_url=json_api.url)
+    auth = [("Authorization", f"Bearer {keys.token('payer')}")]
+    # A redirect's body is shaped like any other (and the client is not made to follow it).
+    reply = await raw_request(proxy.base, "GET", "/v1/answers/redirect", auth)
+    assert reply.status == 302 and reply.json() == {"items": [{"manager": "alice"}]}, reply
+    assert reply.header("Location") == "/x"
+    # A 304 carries nothing; HEAD neither, and no length of the unshaped body.
+    reply = await raw_request(proxy.base, "GET", "/v1/answers/not-modified", auth)
+    assert reply.status == 304 and reply.body == b""
+    reply = await raw_request(proxy.base, "HEAD", "/v1/answers/ok", auth)
+    assert reply.status == 200 and reply.body == b""
+    assert reply.header("Content-Length") in (None, "0"), reply.headers
+    # An item the keep_items condition cannot be evaluated on is dropped, not kept.
+    reply = await raw_request(proxy.base, "GET", "/v1/answers/no-manager", auth)
+    assert reply.status == 200 and reply.json() == {"items": [{"manager": "alice"}]}, reply
 
 
 async def test_a_large_answer_to_shape_does_not_stop_other_agents(

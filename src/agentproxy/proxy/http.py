@@ -24,6 +24,7 @@ from agentproxy.errors import (
     PayloadTooLarge,
     Refusal,
     UnshapedAnswer,
+    UnsupportedMediaType,
     UpstreamFailed,
     UpstreamTimeout,
 )
@@ -76,8 +77,13 @@ def why_read_body(runtime: Runtime, upstream: Upstream, action: Action) -> str |
     if rule is not None:
         return f"rule {rule} reads the request body"
     if runtime.audit_reads_args:
-        return "audit.redact names args"
+        return AUDIT_ONLY
     return None
+
+
+# Only the audit's redaction wants the body: one that is neither JSON nor a form has no args to
+# redact, and streams unread as it would without the audit (no rule decides on it).
+AUDIT_ONLY = "audit.redact names args"
 
 
 class HttpExchange:
@@ -145,7 +151,12 @@ class HttpExchange:
             return
         content_type = self._single_header("Content-Type")
         encoding = self._single_header("Content-Encoding")
-        kind = body_kind(upstream.body, content_type, why=why)
+        try:
+            kind = body_kind(upstream.body, content_type, why=why)
+        except UnsupportedMediaType:
+            if why is AUDIT_ONLY:
+                return
+            raise
         body = await self._read_body(call, upstream.max_body_bytes)
         read = functools.partial(
             parse_body, kind, encoding, body, max_bytes=upstream.max_body_bytes
