@@ -51,6 +51,15 @@ rules:
     when: 'has(args.role)'
     effect: deny
     reason: agents never change roles
+  - id: searches
+    agents: [payer]
+    actions: ["http:GET /v1/search"]
+    effect: allow
+  - id: no-admin-searches
+    agents: ["*"]
+    actions: ["http:* /v1/search"]
+    when: 'has(args.role)'
+    effect: deny
   - id: payouts-to-alice
     agents: [payer]
     actions: ["http:POST /v1/payouts"]
@@ -174,6 +183,7 @@ async def json_api() -> AsyncIterator[JsonApi]:
             Route("/v1/answers/{kind}", answers, methods=["GET", "HEAD"]),
             Route("/v1/transfers", act, methods=["POST"]),
             Route("/v1/payouts", act, methods=["POST"]),
+            Route("/v1/search", act, methods=["GET"]),
             Route("/v1/employees/{id}", act, methods=["PATCH"]),
             Route("/v1/employees", employees, methods=["GET"]),
         ]
@@ -394,6 +404,78 @@ async def test_an_upload_only_the_audit_would_read_still_streams(
     # A rule that reads the body still refuses another media type.
     status, got, _ = await send(proxy.base, token, "POST", "/v1/transfers", blob, "text/plain")
     assert status == 415, got
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        [("Content-Encoding", "gzip, identity")],
+        [("Content-Encoding", "identity, gzip")],
+        [("Content-Encoding", "x-gzip")],
+        [("Content-Encoding", "deflate")],
+        [("Content-Encoding", "gzip"), ("Content-Encoding", "gzip")],
+        [("Content-Encoding", "identity"), ("Content_Encoding", "gzip")],
+        [("Content-Type", "application/json"), ("Content_Type", "application/json")],
+        [("Transfer-Encoding", "chunked")],  # with a Content-Length: smuggling
+    ],
+)
+async def test_content_codings_and_framing_read_two_ways_are_refused(
+    make_proxy: ProxyFactory, express: Express, keys: Keys, headers: list[tuple[str, str]]
+) -> None:
+    proxy = await make_proxy(policy=POLICY, upstream_url=express.url)
+    body = gzip.compress(b'{"amount": 5000000}')
+    sent = [("Authorization", f"Bearer {keys.token('payer')}"), ("Content-Length", str(len(body)))]
+    if not any(k == "Content-Type" for k, _ in headers):
+        sent.append(("Content-Type", "application/json"))
+    reply = await raw_request(proxy.base, "POST", "/v1/transfers", sent + headers, body)
+    assert reply.status == 400, (reply.status, reply.body)
+    assert await express.read() == []
+
+
+async def test_a_body_on_a_get_is_read_when_a_rule_on_every_method_reads_it(
+    make_proxy: ProxyFactory, json_api: JsonApi, keys: Keys
+) -> None:
+    proxy = await make_proxy(policy=POLICY, upstream_url=json_api.url)
+    token = keys.token("payer")
+    status, got, _ = await send(proxy.base, token, "GET", "/v1/search", b'{"role": "admin"}')
+    assert status == 403, got
+    status, got, _ = await send(proxy.base, token, "GET", "/v1/search", b'{"q": "x"}')
+    assert status == 200 and json_api.read == [{"q": "x"}], got
+
+
+async def test_a_path_in_another_case_reads_the_body_as_the_rule_would(
+    make_proxy: ProxyFactory, express: Express, keys: Keys
+) -> None:
+    # Express routes /V1/TRANSFERS to /v1/transfers; the rule, and the body it reads, follow.
+    proxy = await make_proxy(
+        policy=POLICY, upstream_url=express.url, upstream_extra="    paths: {case: insensitive}"
+    )
+    token = keys.token("payer")
+    status, got, _ = await send(proxy.base, token, "POST", "/v1/transfers", b'{"amount": 5}')
+    assert status == 200, got  # the lower-case spelling first: the reading is remembered
+    status, got, _ = await send(proxy.base, token, "POST", "/V1/TRANSFERS", b'{"amount": 5e6}')
+    assert status == 403, got
+    assert await express.read() == [{"amount": 5}]
+
+
+async def test_no_100_continue_before_the_token_is_checked(
+    make_proxy: ProxyFactory, json_api: JsonApi
+) -> None:
+    proxy = await make_proxy(policy=POLICY, upstream_url=json_api.url)
+    host, port = proxy.base.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(
+            b"POST /v1/transfers HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer not-a-jwt\r\n"
+            b"Content-Type: application/json\r\nContent-Length: 13\r\n"
+            b"Expect: 100-continue\r\nConnection: close\r\n\r\n"
+        )
+        await writer.drain()
+        answer = await asyncio.wait_for(reader.read(), 5)
+    finally:
+        writer.close()
+    assert answer.startswith(b"HTTP/1.1 401"), answer[:80]
+    assert json_api.read == []
 
 
 # --- answers: obligations nobody can apply ----------------------------------------------------
