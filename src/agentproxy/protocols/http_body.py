@@ -21,7 +21,7 @@ from typing import Any, Final, Literal
 from agentproxy.errors import BadRequest, UnsupportedMediaType
 from agentproxy.protocols.body import decode_content
 from agentproxy.protocols.http_token import TOKEN
-from agentproxy.protocols.strict_json import JsonError, check_keys, parse_request
+from agentproxy.protocols.strict_json import JsonError, check_keys, key_folds, parse_request
 
 __all__ = [
     "MAX_FORM_FIELDS",
@@ -30,6 +30,7 @@ __all__ = [
     "HttpBody",
     "body_kind",
     "check_query_overlap",
+    "check_spellings",
     "is_json_media",
     "parse_body",
     "parse_form",
@@ -139,13 +140,20 @@ def body_kind(mode: BodyMode, content_type: str | None, *, why: str) -> BodyKind
 
 
 def parse_body(
-    kind: BodyKind, content_encoding: str | None, body: bytes, *, max_bytes: int
+    kind: BodyKind,
+    content_encoding: str | None,
+    body: bytes,
+    *,
+    max_bytes: int,
+    spellings: Mapping[str, frozenset[str]] | None = None,
 ) -> HttpBody:
     """The arguments of a body read as `kind`, with its content coding removed.
 
     Raises BadRequest ("JSON body: …", "form body: …") for a body that parsers could read
-    differently or that is not the kind declared; PayloadTooLarge when it decodes to more
-    than `max_bytes` (or inflates past the ratio `decode_content` allows).
+    differently or that is not the kind declared, or with a key that is one of `spellings`
+    (policy's names of args members, by lower-case form) in another case
+    (`check_spellings`); PayloadTooLarge when it decodes to more than `max_bytes` (or
+    inflates past the ratio `decode_content` allows).
     """
     raw = decode_content(content_encoding, body, max_bytes)
     decoded = raw is not body
@@ -159,7 +167,34 @@ def parse_body(
             raise BadRequest(f"JSON body: {exc}") from None
     else:
         args = parse_form(raw)
+    if spellings:
+        check_spellings(args, spellings)
     return HttpBody(args, raw, kind, decoded)
+
+
+def check_spellings(document: Any, spellings: Mapping[str, frozenset[str]]) -> None:
+    """Raises BadRequest for an object key, at any depth, that a case-insensitive parser
+    reads as a name policy reads (`spellings`: those names by lower-case form) but that is
+    spelled otherwise: {"Role": "admin"} is the field role to Go's encoding/json, ASP.NET
+    and Jackson, and no key at all to has(args.role)."""
+    stack = [document]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, list):
+            stack.extend(value)
+            continue
+        if not isinstance(value, dict):
+            continue
+        for key, item in value.items():
+            for fold in key_folds(key):
+                names = spellings.get(fold)
+                if names is not None and key not in names:
+                    raise BadRequest(
+                        f"key {key[:64]!r} is {sorted(names)[0]!r} to a parser that ignores "
+                        "case (Go's encoding/json, ASP.NET), which policy reads: spell it so"
+                    )
+            if isinstance(item, (dict, list)):
+                stack.append(item)
 
 
 def parse_form(raw: bytes) -> dict[str, str | list[str]]:

@@ -32,6 +32,7 @@ __all__ = [
     "JsonError",
     "check_keys",
     "check_value",
+    "key_folds",
     "parse_answer",
     "parse_request",
 ]
@@ -82,6 +83,12 @@ def check_keys(keys: dict[str, Any]) -> None:
     """Raises JsonError when two of `keys` are one key to a parser that ignores case or
     normalizes Unicode (the check every JSON object of a request passes; form fields too)."""
     _check_folded(keys)
+
+
+def key_folds(key: str) -> tuple[str, ...]:
+    """The lower-case spellings a parser that ignores case or normalizes Unicode may match
+    `key` as (`Kelvin` with the Kelvin sign is "kelvin")."""
+    return (key.lower(),) if key.isascii() else _unicode_folds(key)
 
 
 def _check_folded(keys: dict[str, Any]) -> None:

@@ -97,6 +97,7 @@ async def explain(
                     body=body,
                     content_type=content_type,
                     body_mode=route.body,
+                    spellings=runtime.policy.arg_spellings,
                 )
             except UnsupportedMediaType:
                 if why is not AUDIT_ONLY:

@@ -159,7 +159,12 @@ class HttpExchange:
             raise
         body = await self._read_body(call, upstream.max_body_bytes)
         read = functools.partial(
-            parse_body, kind, encoding, body, max_bytes=upstream.max_body_bytes
+            parse_body,
+            kind,
+            encoding,
+            body,
+            max_bytes=upstream.max_body_bytes,
+            spellings=self.runtime.policy.arg_spellings,
         )
         agent = call.principal.agent if call.principal is not None else ""
         parsed = await parse_off_loop(agent, body, encoding, read)
