@@ -214,6 +214,12 @@ app.get("/v1/employees", (req, res) => {
   console.log(JSON.stringify({body: {listed: req.path}}));
   res.json({items: [{name: "Ann", salary: 100}]});
 });
+app.patch("/v1/employees/:id", (req, res) => {
+  // The PATCH handler as Node apps write it: the body's members assigned onto the record.
+  const employee = Object.assign({title: "Dev"}, req.body);
+  console.log(JSON.stringify({body: {title: employee.title, role: employee.role || null}}));
+  res.json({ok: true});
+});
 app.post("/v1/transfers", (req, res) => {
   console.log(JSON.stringify({body: req.body}));
   res.json({ok: true});
@@ -348,6 +354,21 @@ async def test_a_nul_cuts_no_string_policy_reads(
     assert json_api.read == []
     status, got, _ = await send(proxy.base, token, "POST", "/v1/payouts", b'{"to": "alice"}')
     assert status == 200 and json_api.read == [{"to": "alice"}], got
+
+
+async def test_a_proto_key_is_refused(
+    make_proxy: ProxyFactory, express: Express, keys: Keys
+) -> None:
+    # JSON.parse keeps "__proto__" as a member, Object.assign sets it as the prototype: the
+    # record then has role "admin", which has(args.role) never saw.
+    proxy = await make_proxy(policy=POLICY, upstream_url=express.url)
+    token = keys.token("payer")
+    for body in [b'{"__proto__": {"role": "admin"}}', b'{"a": {"__proto__": {"role": 1}}}']:
+        status, got, _ = await send(proxy.base, token, "PATCH", "/v1/employees/7", body)
+        assert status == 400 and "__proto__" in got["detail"], got
+    status, got, _ = await send(proxy.base, token, "PATCH", "/v1/employees/7", b'{"title": "x"}')
+    assert status == 200, got
+    assert await express.read() == [{"title": "x", "role": None}]
 
 
 # --- form names that frameworks cut or merge ---------------------------------------------------

@@ -73,9 +73,14 @@ def _unique_folded_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
             # A repeat (exact or in another case) or a key needing Unicode folding: rare.
             result = _unique_keys(pairs)
             _check_folded(result)
-            return result
+            break
         lowered.add(folded)
         result[key] = value
+    if "__proto__" in result:
+        # JSON.parse keeps it as a member; Object.assign(record, body), the way Node handlers
+        # apply a PATCH, sets it as the record's prototype: {"__proto__": {"role": "admin"}}
+        # gives the record a role that has(args.role) never saw.
+        raise JsonError("a __proto__ key (JavaScript reads it as the object's prototype)")
     return result
 
 
