@@ -60,6 +60,11 @@ rules:
     actions: ["http:* /v1/search"]
     when: 'has(args.role)'
     effect: deny
+  - id: statements-of-alice
+    agents: [payer]
+    actions: ["http:GET /v1/statements"]
+    when: 'resource.query.to == "alice"'
+    effect: allow
   - id: payouts-to-alice
     agents: [payer]
     actions: ["http:POST /v1/payouts"]
@@ -180,6 +185,10 @@ async def json_api() -> AsyncIterator[JsonApi]:
             return StreamingResponse(events(), media_type="text/event-stream")
         return Response(items, media_type="application/json")
 
+    async def statements(request: Request) -> Response:
+        state.read.append(dict(request.query_params))
+        return JSONResponse({"ok": True})
+
     async def upload(request: Request) -> Response:
         return JSONResponse({"received": len(await request.body())})
 
@@ -190,6 +199,7 @@ async def json_api() -> AsyncIterator[JsonApi]:
             Route("/v1/transfers", act, methods=["POST"]),
             Route("/v1/payouts", act, methods=["POST"]),
             Route("/v1/search", act, methods=["GET"]),
+            Route("/v1/statements", statements, methods=["GET"]),
             Route("/v1/employees/{id}", act, methods=["PATCH"]),
             Route("/v1/employees", employees, methods=["GET"]),
         ]
@@ -369,6 +379,20 @@ async def test_a_proto_key_is_refused(
     status, got, _ = await send(proxy.base, token, "PATCH", "/v1/employees/7", b'{"title": "x"}')
     assert status == 200, got
     assert await express.read() == [{"title": "x", "role": None}]
+
+
+async def test_a_nul_in_the_query_is_refused(
+    make_proxy: ProxyFactory, json_api: JsonApi, keys: Keys
+) -> None:
+    proxy = await make_proxy(policy=POLICY, upstream_url=json_api.url)
+    token = keys.token("payer")
+    path = "/v1/statements?to=alice%00mallory"
+    status, got, _ = await send(proxy.base, token, "GET", path, content_type=None)
+    assert status == 400 and "NUL" in got["detail"], got
+    status, got, _ = await send(
+        proxy.base, token, "GET", "/v1/statements?to=alice", content_type=None
+    )
+    assert status == 200 and json_api.read == [{"to": "alice"}], got
 
 
 # --- form names that frameworks cut or merge ---------------------------------------------------
