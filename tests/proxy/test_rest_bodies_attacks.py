@@ -630,14 +630,18 @@ async def test_a_large_answer_to_shape_does_not_stop_other_agents(
             gaps.append(loop.time() - before)
 
     ticker = asyncio.create_task(tick())
+    started = loop.time()
     try:
         status, got, _ = await send(
             proxy.base, token, "GET", "/v1/employees?many=lists", content_type=None
         )
     finally:
         ticker.cancel()
+    took = loop.time() - started
     assert status == 200 and got["items"] == [{}], str(got)[:200]
-    assert max(gaps) < 0.4, max(gaps)
+    # Held whole, the loop's longest pause was the parse (~90% of the call); yielding, it is
+    # a garbage collection's or a switch interval's, a fraction of it whatever the machine.
+    assert max(gaps) < 0.4 * took, (max(gaps), took)
 
 
 @pytest.mark.xfail(
