@@ -175,6 +175,9 @@ async def json_api() -> AsyncIterator[JsonApi]:
             return Response(status_code=304, headers={"ETag": '"1"'})
         if kind == "no-manager":
             return JSONResponse({"items": [{"salary": 7}, {"manager": "alice", "salary": 8}]})
+        if kind == "pascal":
+            pascal = {"Items": [{"Manager": "bob", "Salary": 7}, {"manager": "alice", "SALARY": 8}]}
+            return JSONResponse(pascal)
         if kind == "many":
             return Response(MANY_ITEMS, media_type="application/json")
         if kind == "stream":
@@ -606,6 +609,9 @@ async def test_answers_of_other_shapes_are_shaped_or_carry_nothing(
     reply = await raw_request(proxy.base, "HEAD", "/v1/answers/ok", auth)
     assert reply.status == 200 and reply.body == b""
     assert reply.header("Content-Length") in (None, "0"), reply.headers
+    # Members in another case are the members to a case-insensitive client (a Go agent).
+    reply = await raw_request(proxy.base, "GET", "/v1/answers/pascal", auth)
+    assert reply.status == 200 and reply.json() == {"Items": [{"manager": "alice"}]}, reply
     # An item the keep_items condition cannot be evaluated on is dropped, not kept.
     reply = await raw_request(proxy.base, "GET", "/v1/answers/no-manager", auth)
     assert reply.status == 200 and reply.json() == {"items": [{"manager": "alice"}]}, reply
