@@ -246,7 +246,7 @@ def parse_query(raw_query: str) -> Mapping[str, str | tuple[str, ...]]:
 
     Raises:
         BadRequest: a space, control, non-ASCII or "#" character; a malformed percent-escape;
-            escapes that are not UTF-8; more than MAX_QUERY_FIELDS fields.
+            escapes that are not UTF-8 or are NUL; more than MAX_QUERY_FIELDS fields.
     """
     if not raw_query:
         return _EMPTY_QUERY
@@ -271,6 +271,10 @@ def parse_query(raw_query: str) -> Mapping[str, str | tuple[str, ...]]:
         raise BadRequest(f"query has more than {MAX_QUERY_FIELDS} fields") from None
     values: dict[str, str | tuple[str, ...]] = {}
     for name, value in pairs:
+        if "\x00" in name or "\x00" in value:
+            # CEL reads a string up to its first NUL: `?to=alice%00mallory` would be "alice"
+            # to resource.query.to, and the whole string to the upstream.
+            raise BadRequest("query contains an encoded NUL")
         seen = values.get(name)
         if seen is None:
             values[name] = value
