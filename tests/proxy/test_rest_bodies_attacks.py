@@ -650,14 +650,6 @@ async def test_a_large_answer_to_shape_does_not_stop_other_agents(
     assert max(gaps) < 0.4 * took, (max(gaps), took)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="answers are shaped on the one worker thread that also reads every agent's large "
-    "request bodies, first come first served: one agent's two large shaped answers (seconds "
-    "of keep_items conditions each) hold another agent's 20 KiB body behind them. Fixing it "
-    "needs a fair (per-agent round-robin) queue or a worker of their own for answers; a "
-    "second thread costs the loop GIL turns (proxy/offload.py), a design decision.",
-)
 async def test_one_agents_shaped_answers_do_not_queue_in_front_of_anothers_body(
     make_proxy: ProxyFactory, json_api: JsonApi, keys: Keys
 ) -> None:
@@ -681,14 +673,6 @@ async def test_one_agents_shaped_answers_do_not_queue_in_front_of_anothers_body(
     assert waited < 1.0, waited
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a third large shaped answer of one agent is refused 429 (large-bodies-in-flight, "
-    "'send the next one when one is answered') after the upstream acted on the call: a client "
-    "that retries repeats a POST. The cap is checked before forwarding for request bodies; an "
-    "answer's size is known only once it arrives, so the fix (reserve a slot before forwarding "
-    "a call an obligation shapes, or wait) is a design decision.",
-)
 async def test_a_shaped_answer_is_never_refused_after_the_upstream_acted(
     make_proxy: ProxyFactory, json_api: JsonApi, keys: Keys
 ) -> None:

@@ -48,7 +48,7 @@ from agentproxy.protocols.http_body import (
 from agentproxy.protocols.openapi import BodyValidator
 from agentproxy.protocols.strict_json import JsonError, parse_answer
 from agentproxy.proxy.context import context_headers
-from agentproxy.proxy.offload import parse_off_loop
+from agentproxy.proxy.offload import parse_off_loop, shape_off_loop
 from agentproxy.proxy.runtime import Runtime
 from agentproxy.proxy.upstream import HttpProcessingError, UpstreamAnswer, UpstreamClient, origin_of
 
@@ -442,7 +442,8 @@ class HttpExchange:
             encoding = headers.get("Content-Encoding")
             # Inflated on the worker with the parse: 160 KiB of gzip is 16 MiB to inflate.
             work = functools.partial(_shape_answer, raw, encoding, limit, shape)
-            body, shaped = await parse_off_loop(agent, raw, encoding, work)
+            compressed = encoding is not None and encoding.strip().lower() != "identity"
+            body, shaped = await shape_off_loop(agent, raw, compressed, work)
             call.shaped = (shape.rules, shaped.fields, shaped.items)
         response = web.Response(status=status, reason=upstream_response.reason, body=body)
         for name, value in response_headers_to_return(headers.items()):
