@@ -29,8 +29,10 @@ __all__ = [
     "BodyMode",
     "HttpBody",
     "body_kind",
+    "check_method_override",
     "check_query_overlap",
     "check_spellings",
+    "form_names",
     "is_json_media",
     "parse_body",
     "parse_form",
@@ -288,3 +290,33 @@ def check_query_overlap(args: Any, query: Mapping[str, Any]) -> None:
 
 def _param_key(name: str) -> str:
     return name.replace(".", "_").replace(" ", "_").lower()
+
+
+# Rails (Rack::MethodOverride), Laravel and Symfony run a POST as the method this field names.
+METHOD_OVERRIDE: Final = "_method"
+
+
+def check_method_override(method: str, args: Any, query: Mapping[str, Any]) -> None:
+    """Raises BadRequest for a POST that names another method in a `_method` field of its form
+    body or its query: those frameworks would run, say, a DELETE that policy decided as a
+    POST (the header overrides are dropped: `protocols.http`)."""
+    if method != "POST":
+        return
+    names = [*query, *(args if isinstance(args, dict) else ())]
+    if any(_param_key(name.partition("[")[0]) == METHOD_OVERRIDE for name in names):
+        raise BadRequest(
+            "a _method field makes Rails, Laravel and Symfony run the POST as another method; "
+            "send that method instead"
+        )
+
+
+def form_names(raw: bytes) -> dict[str, None]:
+    """The field names of a form body, read leniently (a body no rule reads is not held to
+    `parse_form`'s strictness; only its names are looked at)."""
+    text = raw.decode("latin-1")
+    return {
+        name: None
+        for name, _ in urllib.parse.parse_qsl(
+            text.replace(";", "&"), keep_blank_values=True, errors="replace"
+        )
+    }

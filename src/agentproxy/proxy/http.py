@@ -41,7 +41,9 @@ from agentproxy.protocols.http_body import (
     BodyKind,
     HttpBody,
     body_kind,
+    check_method_override,
     check_query_overlap,
+    form_names,
     is_json_media,
     parse_body,
 )
@@ -149,7 +151,12 @@ class HttpExchange:
         too when the query names a field of the body (`check_query_overlap`).
         """
         upstream = self.upstream
-        if upstream is None or upstream.body == "stream":
+        if upstream is None:
+            return
+        action = call.action
+        if action.operation == "POST" and action.query:
+            check_method_override("POST", None, action.query)
+        if upstream.body == "stream":
             return
         body_exists = self.request.body_exists
         if not body_exists and not upstream.openapi:
@@ -604,9 +611,23 @@ async def read_described_body(
             raise BadRequest(f"operation {operation.spec.id} requires a request body")
         return None
     why = why_read_body(runtime, upstream, action)
+    content_type = header("Content-Type")
+    if (
+        why is None
+        and action.operation == "POST"
+        and upstream.body == "auto"
+        and content_type is not None
+        and _FORM in content_type.lower()
+    ):
+        # No rule reads it, so it is not held to the strict form reading: only looked
+        # through for a `_method` field, and forwarded as read.
+        raw = await read()
+        if header("Content-Encoding") in (None, "identity"):
+            check_method_override("POST", form_names(raw), {})
+        return HttpBody(None, raw, "form", decoded=False)
     if why is None:
         return None
-    content_type, encoding = header("Content-Type"), header("Content-Encoding")
+    encoding = header("Content-Encoding")
     try:
         kind = body_kind(upstream.body, content_type, why=why)
     except UnsupportedMediaType:
@@ -634,4 +655,5 @@ async def read_described_body(
     )
     parsed = await parse_off_loop(agent, body, encoding, work)
     check_query_overlap(parsed.args, action.query)
+    check_method_override(action.operation, parsed.args, action.query)
     return parsed
