@@ -284,6 +284,9 @@ class LimitSpec:
     spend: float | None = None
     currency: str | None = None
     position: Position = Position("<memory>", 1, 1)
+    # A calendar window (UTC): "day", "week" (ISO, from Monday) or "month"; None: `window`
+    # seconds, aligned to multiples of it since the epoch.
+    calendar: Literal["day", "week", "month"] | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -113,6 +113,7 @@ class Limit:
     calls: int | None
     spend: float | None
     currency: str | None = None
+    calendar: str | None = None  # "day", "week", "month" (UTC), or None: `window` seconds
 
 
 @dataclass(frozen=True, slots=True)
@@ -320,6 +321,7 @@ def _compile_rule(spec: RuleSpec, issues: list[Issue]) -> Rule | None:
                 spec_limit.calls,
                 spec_limit.spend,
                 spec_limit.currency,
+                spec_limit.calendar,
             )
         )
     cost_expr = None

@@ -112,7 +112,6 @@ from agentproxy.store.base import (
     TaskHistory,
     decode_cursor,
     encode_cursor,
-    window_start,
 )
 
 log = logging.getLogger("agentproxy.store")
@@ -659,7 +658,7 @@ class RedisStore:
         keys: list[str] = []
         args: list[str] = []
         for r in wanted:
-            start = window_start(now, r.window)
+            start = r.window_at(now)
             keys.append(self._counter(r, start))
             lifetime = math.ceil((start + r.window - now + WINDOW_MARGIN) * 1000)
             args += [repr(float(r.amount)), repr(float(r.limit)), str(lifetime)]
@@ -669,7 +668,7 @@ class RedisStore:
                 return None
             index, used = int(result[0]), float(result[1])
         r = wanted[index - 1]
-        start = window_start(now, r.window)
+        start = r.window_at(now)
         return LimitExceeded(r.name, used, r.limit, start + r.window - now)
 
     async def release(self, reservations: Iterable[Reservation], now: float) -> None:
@@ -678,7 +677,7 @@ class RedisStore:
         given = list(reservations)
         if not given:
             return
-        keys = [self._counter(r, window_start(now, r.window)) for r in given]
+        keys = [self._counter(r, r.window_at(now)) for r in given]
         args = [repr(-float(r.amount)) for r in given]
         async with self._bounded("release"):
             await self._release(keys=keys, args=args)
