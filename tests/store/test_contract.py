@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from agentproxy.approvals.lifecycle import Approval, Event, IllegalTransition, State, advance
-from agentproxy.config.model import RedisSettings
+from agentproxy.config.model import RedisSettings, SentinelSettings
 from agentproxy.store import (
     ApprovalGrant,
     LimitExceeded,
@@ -26,25 +26,44 @@ from agentproxy.store import (
     TaskHistory,
 )
 from agentproxy.store.redis import RedisStore
+from tests.harness.redis import SENTINEL_SERVICE, ClusterSetup, RedisServer, SentinelSetup
 
 NOW = 1_000_000.5  # inside the window [999_960, 1_000_020) of a 60 s window
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", "redis", "valkey", "sentinel", "cluster"])
 async def store(request: pytest.FixtureRequest) -> AsyncIterator[Store]:
     implementation: Store
     if request.param == "memory":
         implementation = MemoryStore()
     else:
-        url: str = request.getfixturevalue("redis_url")
-        # A generous timeout: this suite checks semantics; test_redis_failures checks bounds.
-        settings = RedisSettings(url=url, key_prefix=f"t{uuid.uuid4().hex}:", timeout=2.0)
-        implementation = RedisStore(settings)
+        implementation = RedisStore(redis_settings(request, request.param))
     await implementation.start()
     try:
         yield implementation
     finally:
         await implementation.close()
+
+
+def redis_settings(request: pytest.FixtureRequest, kind: str) -> RedisSettings:
+    """A fresh key prefix on the session's server of `kind`. A generous timeout: this suite
+    checks semantics; test_redis_failures checks bounds."""
+    prefix = f"t{uuid.uuid4().hex}:"
+    if kind == "redis":
+        url: str = request.getfixturevalue("redis_url")
+        return RedisSettings(url=url, key_prefix=prefix, timeout=2.0)
+    if kind == "valkey":
+        valkey: RedisServer = request.getfixturevalue("valkey_server_process")
+        return RedisSettings(url=valkey.url, key_prefix=prefix, timeout=2.0)
+    if kind == "sentinel":
+        sentinel: SentinelSetup = request.getfixturevalue("redis_sentinel")
+        return RedisSettings(
+            sentinel=SentinelSettings(SENTINEL_SERVICE, (sentinel.node,)),
+            key_prefix=prefix,
+            timeout=2.0,
+        )
+    cluster: ClusterSetup = request.getfixturevalue("redis_cluster")
+    return RedisSettings(cluster_nodes=tuple(cluster.nodes), key_prefix=prefix, timeout=2.0)
 
 
 def calls(key: str = "agent:a", *, amount: float = 1, limit: float = 3) -> Reservation:

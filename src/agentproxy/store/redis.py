@@ -83,15 +83,12 @@ from typing import Any, cast
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import orjson
-from redis.asyncio import BlockingConnectionPool, Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
+from redis.asyncio import Redis
+from redis.crc import key_slot
 from redis.exceptions import RedisError
-from redis.maint_notifications import MaintNotificationsConfig
-from redis.typing import EncodableT, FieldT
 
 from agentproxy.approvals.lifecycle import TRANSITIONS, Approval, Event, State, advance
-from agentproxy.config.model import RedisSettings, redact_url
+from agentproxy.config.model import RedisSettings
 from agentproxy.store.base import (
     PAGE_LIMIT,
     PAGE_SCAN,
@@ -106,6 +103,7 @@ from agentproxy.store.base import (
     encode_cursor,
     window_start,
 )
+from agentproxy.store.topology import Topology
 
 log = logging.getLogger("agentproxy.store")
 
@@ -205,6 +203,28 @@ if g['uses'] ~= cjson.null then
   end
 end
 return grant
+"""
+
+# KEYS: the epoch marker, the revocations hash. ARGV[1]: a marker, set if there is none.
+# Returns {the marker, the hash's field, value list}: a store's start, in one round trip.
+_OPEN = """
+redis.call('SET', KEYS[1], ARGV[1], 'NX')
+return {redis.call('GET', KEYS[1]), redis.call('HGETALL', KEYS[2])}
+"""
+
+# KEYS: the epoch marker, the revocations hash. Returns {marker or '', field, value list}.
+# A script rather than MULTI: redis-py's Cluster pipelines have no transactions.
+_READ = """
+return {redis.call('GET', KEYS[1]) or '', redis.call('HGETALL', KEYS[2])}
+"""
+
+# KEYS[1]: a task's hash. ARGV: calls, spend, TTL in ms, then the label fields to set.
+_RECORD_TASK = """
+redis.call('HINCRBY', KEYS[1], 'calls', ARGV[1])
+redis.call('HINCRBYFLOAT', KEYS[1], 'spent', ARGV[2])
+for i = 4, #ARGV do redis.call('HSET', KEYS[1], ARGV[i], 1) end
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+return 0
 """
 
 # The lifecycle table, generated so that Lua applies exactly `lifecycle.TRANSITIONS`.
@@ -500,15 +520,24 @@ class RedisStore:
         """
         self._prefix = settings.key_prefix
         self._bound = settings.timeout * BOUND_FACTOR
-        self._where = redact_url(settings.url)
-        self._secrets = _secrets_in(settings.url)
+        self._where = settings.where
+        self._secrets = _secrets_in(settings)
+        # Calls queue here, bounded, for one of the pool's connections: a burst waits
+        # briefly instead of failing, and the round trip's own bound starts once it has one.
+        self._pool_size = settings.pool_size
+        self._pool_timeout = settings.pool_timeout
+        self._slots = asyncio.Semaphore(settings.pool_size)
         try:
-            self._redis: Redis = Redis.from_pool(self._pool(settings, settings.pool_size))
-            # The approval subscription holds a connection of its own: it never takes one
-            # from the calls, however small the pool.
-            self._listener: Redis = Redis.from_pool(self._pool(settings, 1))
+            self._topology = Topology(settings, pool_wait=self._bound)
         except ValueError as exc:
             raise StoreError(self._scrub(f"invalid redis url {self._where}: {exc}")) from None
+        self._redis: Any = self._topology.commands
+        self._cluster = self._topology.cluster
+        # The keys that scripts touch together (approvals, grants, revocations, the epoch) on
+        # one Cluster slot: the prefix is their hash tag, so nothing a caller names (an agent
+        # id with braces) can move one of them to another slot. Counters and task histories
+        # are single keys, spread over the Cluster. On one Redis the layout is unchanged.
+        self._core = f"{{{self._prefix}}}" if self._cluster else self._prefix
         self._reserve = self._redis.register_script(_RESERVE)
         self._release = self._redis.register_script(_RELEASE)
         self._reapply = self._redis.register_script(_REAPPLY)
@@ -519,13 +548,17 @@ class RedisStore:
         self._list_approvals = self._redis.register_script(_LIST_APPROVALS)
         self._page_approvals = self._redis.register_script(_PAGE_APPROVALS)
         self._decide_approval = self._redis.register_script(_DECIDE_APPROVAL)
-        self._changed_channel = f"{self._prefix}approvals:changed"
+        self._open = self._redis.register_script(_OPEN)
+        self._read = self._redis.register_script(_READ)
+        self._record_task = self._redis.register_script(_RECORD_TASK)
+        self._changed_channel = f"{self._core}approvals:changed"
+        self._pending_key = f"{self._core}approvals:pending"
         self._waits: dict[str, set[asyncio.Event]] = {}  # approval id → its waiters' events
         self._watcher: asyncio.Task[None] | None = None
         self._watch_failing = False
         self._closing = False
-        self._revocations_key = f"{self._prefix}revocations"
-        self._epoch_key = f"{self._prefix}epoch"
+        self._revocations_key = f"{self._core}revocations"
+        self._epoch_key = f"{self._core}epoch"
         self._epoch: str | None = None
         self._mirror: dict[_RevocationKey, Revocation] = {}
         # Revocations this store wrote, with the sequence number of each write, kept until a
@@ -539,13 +572,10 @@ class RedisStore:
         Raises StoreError if Redis is unreachable or refuses.
         """
         async with self._bounded("start"):
-            await self._redis.ping()
-            pipe = self._redis.pipeline(transaction=True)
-            pipe.set(self._epoch_key, secrets.token_hex(16), nx=True)
-            pipe.get(self._epoch_key)
-            pipe.hgetall(self._revocations_key)
-            _, epoch, raw = await pipe.execute()
-            revocations = _parse_revocations(raw)
+            epoch, flat = await self._open(
+                keys=[self._epoch_key, self._revocations_key], args=[secrets.token_hex(16)]
+            )
+            revocations = _parse_revocations(_pairs(flat))
         self._epoch = epoch
         self._mirror = {(r.kind, r.subject): r for r in revocations.values()}
 
@@ -560,26 +590,7 @@ class RedisStore:
             await asyncio.wait([self._watcher])
             self._watcher = None
         async with self._bounded("close"):
-            await self._listener.aclose()
-            await self._redis.aclose()
-
-    def _pool(self, settings: RedisSettings, size: int) -> BlockingConnectionPool:
-        """Raises ValueError if the URL cannot be parsed."""
-        return BlockingConnectionPool.from_url(
-            settings.url,
-            max_connections=size,
-            # Waiting for a free connection is bounded like everything else.
-            timeout=self._bound,
-            socket_timeout=settings.timeout,
-            socket_connect_timeout=settings.timeout,
-            retry=Retry(NoBackoff(), 0),
-            # With maintenance notifications (on by default for RESP3), redis-py stops
-            # checking a pooled connection for the server's close before reusing it, so the
-            # first calls after a Redis restart would fail; it also relaxes timeouts to
-            # seconds during a "maintenance". We need neither.
-            maint_notifications_config=MaintNotificationsConfig(enabled=False),
-            decode_responses=True,
-        )
+            await self._topology.aclose()
 
     async def revoke(self, revocation: Revocation) -> None:
         """Adds or replaces the revocation of `(kind, subject)`. Raises StoreError."""
@@ -632,20 +643,38 @@ class RedisStore:
         if not wanted:
             return None
         keys: list[str] = []
-        args: list[str] = []
+        args: list[list[str]] = []
         for r in wanted:
             start = window_start(now, r.window)
             keys.append(self._counter(r, start))
             lifetime = math.ceil((start + r.window - now + WINDOW_MARGIN) * 1000)
-            args += [repr(float(r.amount)), repr(float(r.limit)), str(lifetime)]
-        async with self._bounded("reserve"):
-            result = await self._reserve(keys=keys, args=args)
-            if result == 0:
-                return None
-            index, used = int(result[0]), float(result[1])
-        r = wanted[index - 1]
-        start = window_start(now, r.window)
-        return LimitExceeded(r.name, used, r.limit, start + r.window - now)
+            args.append([repr(float(r.amount)), repr(float(r.limit)), str(lifetime)])
+        # One script per slot: on a single Redis, one for all. Across Cluster slots, each
+        # group is taken all-or-nothing in turn and the groups taken are given back if a
+        # later one does not fit, so a counter is never overspent; a concurrent caller may
+        # meet the momentary charge and be refused, the closed side.
+        taken: list[int] = []
+        try:
+            for group in self._by_slot(keys):
+                async with self._bounded("reserve"):
+                    result = await self._reserve(
+                        keys=[keys[i] for i in group], args=[a for i in group for a in args[i]]
+                    )
+                    if result != 0:
+                        index, used = group[int(result[0]) - 1], float(result[1])
+                if result == 0:
+                    taken += group
+                    continue
+                await self._give_back(wanted, keys, taken)
+                r = wanted[index]
+                start = window_start(now, r.window)
+                return LimitExceeded(r.name, used, r.limit, start + r.window - now)
+        except StoreError:
+            if taken:
+                with suppress(StoreError):
+                    await self._give_back(wanted, keys, taken)
+            raise
+        return None
 
     async def release(self, reservations: Iterable[Reservation], now: float) -> None:
         """Gives back reservations taken in the window that contains `now`, never going below
@@ -654,9 +683,29 @@ class RedisStore:
         if not given:
             return
         keys = [self._counter(r, window_start(now, r.window)) for r in given]
-        args = [repr(-float(r.amount)) for r in given]
-        async with self._bounded("release"):
-            await self._release(keys=keys, args=args)
+        await self._give_back(given, keys, range(len(given)))
+
+    async def _give_back(
+        self, reservations: list[Reservation], keys: list[str], which: Iterable[int]
+    ) -> None:
+        """Raises StoreError."""
+        chosen = list(which)
+        for group in self._by_slot([keys[i] for i in chosen]):
+            picked = [chosen[i] for i in group]
+            async with self._bounded("release"):
+                await self._release(
+                    keys=[keys[i] for i in picked],
+                    args=[repr(-float(reservations[i].amount)) for i in picked],
+                )
+
+    def _by_slot(self, keys: list[str]) -> list[list[int]]:
+        """The indexes of `keys`, grouped by Cluster slot (one group off a Cluster)."""
+        if not self._cluster:
+            return [list(range(len(keys)))] if keys else []
+        groups: dict[int, list[int]] = {}
+        for i, key in enumerate(keys):
+            groups.setdefault(key_slot(key.encode()), []).append(i)
+        return list(groups.values())
 
     async def put_grant(self, grant: ApprovalGrant, now: float) -> None:
         """Stores the grant under `grant:<fingerprint>`, expiring with it. Raises StoreError."""
@@ -693,7 +742,7 @@ class RedisStore:
             raise StoreError(f"unreadable grant for {fingerprint[:16]}…: {exc}") from None
 
     def _grant_key(self, fingerprint: str) -> str:
-        return f"{self._prefix}grant:{fingerprint}"
+        return f"{self._core}grant:{fingerprint}"
 
     async def open_approval(
         self,
@@ -729,7 +778,7 @@ class RedisStore:
             str(max_pending_per_rule),
         ]
         async with self._bounded("open_approval"):
-            result = await self._open_approval(keys=[], args=args)
+            result = await self._open_approval(keys=[self._pending_key], args=args)
             if not result:
                 return None
             return _approval_from(result[1]), bool(result[0])
@@ -738,7 +787,7 @@ class RedisStore:
         """The approval, expired first if overdue (one script), or None. Raises StoreError."""
         async with self._bounded("get_approval"):
             fields = await self._get_approval(
-                keys=[], args=[*self._approval_args(now), approval_id]
+                keys=[self._pending_key], args=[*self._approval_args(now), approval_id]
             )
             return _approval_from(fields) if fields else None
 
@@ -749,7 +798,7 @@ class RedisStore:
         wanted = "" if state is None else State(state).value
         args = [*self._approval_args(now), wanted, str(LIST_LIMIT), str(LIST_SCAN)]
         async with self._bounded("list_approvals"):
-            found = await self._list_approvals(keys=[], args=args)
+            found = await self._list_approvals(keys=[self._pending_key], args=args)
             approvals = [_approval_from(fields) for fields in found]
         return sorted(approvals, key=lambda a: (a.created, a.id))
 
@@ -764,7 +813,7 @@ class RedisStore:
         after = ("", "") if cursor is None else decode_cursor(cursor)[1:]
         args = [*self._approval_args(now), wanted, str(limit), str(PAGE_SCAN), *after]
         async with self._bounded("page_approvals"):
-            score, last, found = await self._page_approvals(keys=[], args=args)
+            score, last, found = await self._page_approvals(keys=[self._pending_key], args=args)
             approvals = [_approval_from(fields) for fields in found]
         # decode_responses=True: the score and id are str, the score as Redis wrote it.
         return ApprovalPage(approvals, encode_cursor(score, last) if score else None)
@@ -772,9 +821,7 @@ class RedisStore:
     async def count_pending(self, now: float) -> int:
         """The pending set scores ids by `expires`: those after `now`, in one ZCOUNT."""
         async with self._bounded("count_pending"):
-            count = await self._redis.zcount(
-                f"{self._prefix}approvals:pending", f"({float(now)!r}", "+inf"
-            )
+            count = await self._redis.zcount(self._pending_key, f"({float(now)!r}", "+inf")
         return int(count)
 
     async def decide_approval(
@@ -784,7 +831,7 @@ class RedisStore:
         notification). Raises KeyError (unknown id), IllegalTransition, StoreError."""
         args = [*self._approval_args(now), approval_id, event.value, by, reason]
         async with self._bounded("decide_approval"):
-            result = await self._decide_approval(keys=[], args=args)
+            result = await self._decide_approval(keys=[self._pending_key], args=args)
             outcome = result[0]
             decided = _approval_from(result[1]) if outcome == "ok" else None
         if decided is not None:
@@ -849,30 +896,35 @@ class RedisStore:
         waiters after each (re)subscription and every POLL_INTERVAL. Runs until `close`."""
         loop = asyncio.get_running_loop()
         while not self._closing:
-            pubsub = self._listener.pubsub()
-            try:
-                await pubsub.subscribe(self._changed_channel)
-                poll_at = loop.time() + POLL_INTERVAL
-                while not self._closing:
-                    message = await pubsub.get_message(timeout=max(0.0, poll_at - loop.time()))
-                    if message is not None and message["type"] == "message":
-                        self._wake(str(message["data"]))
-                    elif message is not None and message["type"] == "subscribe":
-                        await self._recheck()
-                    if loop.time() >= poll_at:
-                        await self._recheck()
-                        poll_at = loop.time() + POLL_INTERVAL
-            except (RedisError, OSError, StoreError) as exc:
-                self._watch_failed(exc)
-                await asyncio.sleep(POLL_INTERVAL)
-            except Exception:
-                # A bug: say so, and keep waking waiters rather than leave them to time out.
-                log.exception("approval notifications stopped by a bug; resubscribing")
-                await asyncio.sleep(POLL_INTERVAL)
-            finally:
-                # The connection is being dropped either way: closing a broken one may fail.
-                with suppress(RedisError, OSError):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call,unused-ignore]  # typed from redis 8.2
+            async with self._topology.listener() as listener:
+                await self._listen(listener, loop)
+
+    async def _listen(self, listener: Redis, loop: asyncio.AbstractEventLoop) -> None:
+        """One subscription, until it fails (then a pause) or the store closes."""
+        pubsub = listener.pubsub()
+        try:
+            await pubsub.subscribe(self._changed_channel)
+            poll_at = loop.time() + POLL_INTERVAL
+            while not self._closing:
+                message = await pubsub.get_message(timeout=max(0.0, poll_at - loop.time()))
+                if message is not None and message["type"] == "message":
+                    self._wake(str(message["data"]))
+                elif message is not None and message["type"] == "subscribe":
+                    await self._recheck()
+                if loop.time() >= poll_at:
+                    await self._recheck()
+                    poll_at = loop.time() + POLL_INTERVAL
+        except (RedisError, OSError, StoreError) as exc:
+            self._watch_failed(exc)
+            await asyncio.sleep(POLL_INTERVAL)
+        except Exception:
+            # A bug: say so, and keep waking waiters rather than leave them to time out.
+            log.exception("approval notifications stopped by a bug; resubscribing")
+            await asyncio.sleep(POLL_INTERVAL)
+        finally:
+            # The connection is being dropped either way: closing a broken one may fail.
+            with suppress(RedisError, OSError):
+                await pubsub.aclose()  # type: ignore[no-untyped-call,unused-ignore]  # typed from redis 8.2
 
     async def _recheck(self) -> None:
         """Wakes the waiters of every approval no longer pending: one pipelined round trip
@@ -909,10 +961,10 @@ class RedisStore:
             woken.set()
 
     def _approval_args(self, now: float) -> list[str]:
-        return [self._prefix, repr(float(now))]
+        return [self._core, repr(float(now))]
 
     def _approval_key(self, approval_id: str) -> str:
-        return f"{self._prefix}approval:{approval_id}"
+        return f"{self._core}approval:{approval_id}"
 
     async def task_history(self, task: str, now: float) -> TaskHistory:
         """The history of `task` (empty if unknown or expired). `now` is unused: the key's TTL
@@ -937,23 +989,15 @@ class RedisStore:
         """Counts `calls` calls of `task`, adds their labels and spend, and restarts its `ttl`,
         all in one transaction. Raises StoreError."""
         key = self._task_key(task)
-        added: dict[FieldT, EncodableT] = {f"label:{label}": 1 for label in labels}
+        added = [f"label:{label}" for label in labels]
+        # A TTL of zero or less deletes the key, as MemoryStore forgets it at once.
+        args = [str(calls), repr(float(spent)), str(math.ceil(ttl * 1000)), *added]
         async with self._bounded("record_task"):
-            pipe = self._redis.pipeline(transaction=True)
-            pipe.hincrby(key, "calls", calls)
-            pipe.hincrbyfloat(key, "spent", float(spent))
-            if added:
-                pipe.hset(key, mapping=added)
-            # A TTL of zero or less deletes the key, as MemoryStore forgets it at once.
-            pipe.pexpire(key, math.ceil(ttl * 1000))
-            await pipe.execute()
+            await self._record_task(keys=[key], args=args)
 
     async def _read_revocations(self) -> tuple[str | None, dict[str, str]]:
-        pipe = self._redis.pipeline(transaction=True)
-        pipe.get(self._epoch_key)
-        pipe.hgetall(self._revocations_key)
-        epoch, raw = await pipe.execute()
-        return epoch, raw
+        epoch, flat = await self._read(keys=[self._epoch_key, self._revocations_key], args=[])
+        return epoch or None, _pairs(flat)
 
     async def _reapply_mirror(
         self, seen: str | None, now: float
@@ -980,6 +1024,14 @@ class RedisStore:
         """Bounds the block in time. Raises StoreError on a timeout, a Redis or socket error,
         or a reply that cannot be parsed."""
         try:
+            async with asyncio.timeout(self._pool_timeout):
+                await self._slots.acquire()
+        except TimeoutError:
+            raise StoreError(
+                f"redis {operation}: no connection free within {self._pool_timeout:g}s "
+                f"(pool_size {self._pool_size}, {self._where})"
+            ) from None
+        try:
             async with asyncio.timeout(self._bound):
                 yield
         except TimeoutError:
@@ -993,6 +1045,8 @@ class RedisStore:
                     f"redis {operation} failed ({self._where}): {type(exc).__name__}: {exc}"
                 )
             ) from exc
+        finally:
+            self._slots.release()
 
     def _scrub(self, message: str) -> str:
         # redact_url hides the userinfo; this also covers a password given as `?password=`
@@ -1074,10 +1128,19 @@ def _approval_from(flat: list[str] | dict[str, str]) -> Approval:
         raise ValueError(f"malformed approval record: {type(exc).__name__}: {exc}") from None
 
 
-def _secrets_in(url: str) -> list[str]:
-    parts = urlsplit(url)
+def _secrets_in(settings: RedisSettings) -> list[str]:
+    parts = urlsplit(settings.url)
     found = [parts.password or ""]
     found += parse_qs(parts.query).get("password", [])
+    sentinel = None if settings.sentinel is None else settings.sentinel.password
+    for secret in (settings.password, sentinel):
+        if secret is not None:
+            found.append(secret.value.decode(errors="replace"))
     found += [unquote(s) for s in found]
     # Longest first, so a secret containing another is replaced whole.
     return sorted({s for s in found if s}, key=len, reverse=True)
+
+
+def _pairs(flat: list[str]) -> dict[str, str]:
+    """HGETALL's reply inside a script (a flat field, value list) as a dict."""
+    return dict(zip(flat[::2], flat[1::2], strict=True))
