@@ -85,7 +85,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 import orjson
 from redis.asyncio import Redis
 from redis.crc import key_slot
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 from agentproxy.approvals.lifecycle import TRANSITIONS, Approval, Event, State, advance
 from agentproxy.config.model import RedisSettings
@@ -914,7 +914,7 @@ class RedisStore:
                 if loop.time() >= poll_at:
                     await self._recheck()
                     poll_at = loop.time() + POLL_INTERVAL
-        except (RedisError, OSError, StoreError) as exc:
+        except (RedisError, RedisClusterException, OSError, StoreError) as exc:
             self._watch_failed(exc)
             await asyncio.sleep(POLL_INTERVAL)
         except Exception:
@@ -1039,7 +1039,7 @@ class RedisStore:
             raise StoreError(
                 self._scrub(f"redis {operation} timed out after {self._bound:g}s ({self._where})")
             ) from None
-        except (RedisError, OSError, ValueError) as exc:
+        except (RedisError, RedisClusterException, OSError, ValueError) as exc:
             raise StoreError(
                 self._scrub(
                     f"redis {operation} failed ({self._where}): {type(exc).__name__}: {exc}"
