@@ -165,3 +165,75 @@ async def test_allow_cached_lets_memoized_allows_through(
         assert await status(s, "GET", proxy.base + "/v1/employees/43", known) == 503
         # a memoized deny stays a deny
         assert await status(s, "GET", proxy.base + "/v1/employees/7/salary", known) == 403
+
+
+async def test_a_proxy_started_before_its_redis_is_not_ready_until_redis_answers(
+    keys: Keys, make_redis_server: MakeRedisServer, tmp_path: Path, upstream: Upstream
+) -> None:
+    """Kubernetes starts pods in any order: no crash loop, no traceback, not ready until the
+    store answers, then ready by itself."""
+    redis = make_redis_server()
+    await asyncio.to_thread(redis.stop)
+    config = write_config(tmp_path, keys, upstream.url, policy=POLICY, extra=store(redis.url))
+    http_port, admin_port = pin_ports(config)
+    log = tmp_path / "proxy.log"
+    process = await spawn_proxy(config, log)
+    reader = keys.token("reader")
+    try:
+        async with aiohttp.ClientSession() as s:
+            deadline = time.monotonic() + 20
+            while True:
+                assert process.returncode is None, log.read_text()[-2000:]
+                try:
+                    async with s.get(f"http://127.0.0.1:{admin_port}/readyz") as r:
+                        assert r.status == 503
+                        break
+                except aiohttp.ClientError:
+                    assert time.monotonic() < deadline, "the admin listener never opened"
+                    await asyncio.sleep(0.1)
+            base = f"http://127.0.0.1:{http_port}"
+            assert await status(s, "GET", base + "/v1/employees/1", reader) == 503
+            await asyncio.sleep(1.5)
+            assert process.returncode is None
+            await asyncio.to_thread(redis.start)
+            await wait_ready(s, admin_port, process, log, within=10)
+            assert await status(s, "GET", base + "/v1/employees/1", reader) == 200
+        text = log.read_text()
+        assert "Traceback" not in text
+        assert (
+            f"store unreachable at start (redis start failed (redis://127.0.0.1:{redis.port}"
+            in text
+        )
+        assert "store reached: ready" in text
+    finally:
+        process.terminate()
+        await process.wait()
+
+
+async def test_an_unreachable_cluster_at_start_is_one_clear_line(
+    keys: Keys, tmp_path: Path, upstream: Upstream
+) -> None:
+    extra = "store: {redis: {cluster_nodes: ['127.0.0.1:1', '127.0.0.1:2'], timeout: 50ms}}"
+    config = write_config(tmp_path, keys, upstream.url, policy=POLICY, extra=extra)
+    _, admin_port = pin_ports(config)
+    log = tmp_path / "proxy.log"
+    process = await spawn_proxy(config, log)
+    try:
+        async with aiohttp.ClientSession() as s:
+            deadline = time.monotonic() + 20
+            while True:
+                assert process.returncode is None, log.read_text()[-2000:]
+                try:
+                    async with s.get(f"http://127.0.0.1:{admin_port}/readyz") as r:
+                        assert r.status == 503
+                        break
+                except aiohttp.ClientError:
+                    assert time.monotonic() < deadline
+                    await asyncio.sleep(0.1)
+        text = log.read_text()
+        assert "Traceback" not in text
+        assert "store unreachable at start" in text
+        assert "cluster 127.0.0.1:1,127.0.0.1:2" in text
+    finally:
+        process.terminate()
+        await process.wait()
