@@ -16,7 +16,7 @@ from agentproxy.approvals.lifecycle import Event, State
 from agentproxy.config.model import RedisSettings, SentinelSettings
 from agentproxy.store import ApprovalGrant, Reservation, Revocation, StoreError
 from agentproxy.store.redis import RedisStore
-from tests.harness.redis import SENTINEL_SERVICE, ClusterSetup, SentinelSetup
+from tests.harness.redis import SENTINEL_SERVICE, ClusterSetup, MakeRedisServer, SentinelSetup
 from tests.store.test_contract import CAPS, NOW, approval
 
 
@@ -149,4 +149,45 @@ async def test_a_sentinel_failover_is_refused_closed_then_recovered_granting_not
         # The new master counts what it was told; no call was counted twice.
         assert probe is not None and probe.used <= taken
     finally:
+        await store.close()
+
+
+async def test_a_burst_queues_for_the_pool_instead_of_failing(redis_url: str) -> None:
+    """1,000 concurrent limited calls on the default pool (20 connections, 50 ms): they wait
+    their turn (bounded by pool_timeout) rather than fail; before, a pool wait counted
+    against the 200 ms round-trip bound and 4-12% were refused."""
+    store = RedisStore(RedisSettings(url=redis_url, key_prefix=f"t{uuid.uuid4().hex[:8]}:"))
+    await store.start()
+    try:
+        limit = Reservation(name="calls", key="agent:burst", amount=1, limit=10_000, window=60)
+        started = time.monotonic()
+        results = await asyncio.gather(
+            *(store.reserve([limit], NOW) for _ in range(1000)), return_exceptions=True
+        )
+        elapsed = time.monotonic() - started
+        assert [r for r in results if r is not None] == [], elapsed
+        probe = await store.reserve([Reservation("calls", "agent:burst", 1, 0, 60)], NOW)
+        assert probe is not None and probe.used == 1000
+    finally:
+        await store.close()
+
+
+async def test_a_call_that_cannot_get_a_connection_in_time_is_refused(
+    make_redis_server: MakeRedisServer,
+) -> None:
+    server = make_redis_server()
+    settings = RedisSettings(url=server.url, pool_size=1, pool_timeout=0.05, timeout=0.25)
+    store = RedisStore(settings)
+    await store.start()
+    try:
+        limit = Reservation(name="calls", key="agent:q", amount=1, limit=10, window=60)
+        server.freeze()  # the one connection is held by a call that gets no answer
+        held = asyncio.create_task(store.reserve([limit], NOW))
+        await asyncio.sleep(0.01)
+        with pytest.raises(StoreError, match=r"no connection free within 0\.05s \(pool_size 1"):
+            await store.reserve([limit], NOW)
+        with pytest.raises(StoreError, match="redis reserve"):
+            await held
+    finally:
+        server.thaw()
         await store.close()

@@ -576,8 +576,26 @@ class RedisStore:
                 keys=[self._epoch_key, self._revocations_key], args=[secrets.token_hex(16)]
             )
             revocations = _parse_revocations(_pairs(flat))
+        if not self._cluster:
+            await self._open_pool()
         self._epoch = epoch
         self._mirror = {(r.kind, r.subject): r for r in revocations.values()}
+
+    async def _open_pool(self) -> None:
+        """Opens the pool's connections one by one, now, while the loop is quiet: a burst that
+        opened them would find each connect slowed past its timeout by the very calls queued
+        behind it. Best effort: what fails to open now opens when first needed."""
+        pool = self._redis.connection_pool
+        opened = []
+        try:
+            for _ in range(self._pool_size):
+                async with asyncio.timeout(self._bound):
+                    opened.append(await pool.get_connection())
+        except (RedisError, OSError):  # TimeoutError is an OSError
+            pass
+        finally:
+            for connection in opened:
+                await pool.release(connection)
 
     async def close(self) -> None:
         """Stops the approval subscription and closes every connection. Raises StoreError if
