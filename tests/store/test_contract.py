@@ -121,6 +121,21 @@ async def test_a_revocation_for_good_keeps_its_fields(store: Store) -> None:
     assert await store.revocations(NOW + 10**9) == [revocation]
 
 
+async def test_a_revocation_wakes_a_waiting_mirror_at_once(store: Store) -> None:
+    await store.wait_revocations(0.3)  # subscribed (Redis), and nothing pending
+    waiting = asyncio.create_task(store.wait_revocations(10))
+    await asyncio.sleep(0.1)
+    assert not waiting.done()
+    started = time.monotonic()
+    await store.revoke(Revocation("agent", "hr-bot"))
+    await asyncio.wait_for(waiting, 2)
+    assert time.monotonic() - started < 0.5
+    # Without a revocation, the wait is the poll's safety net: it ends at its timeout.
+    started = time.monotonic()
+    await store.wait_revocations(0.2)
+    assert 0.15 < time.monotonic() - started < 1
+
+
 # Reservations
 
 

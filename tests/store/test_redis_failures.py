@@ -238,7 +238,7 @@ async def test_errors_never_carry_the_password(
         assert password not in told
         assert f"redis://***@127.0.0.1:{server.port}/0" in str(error)
     await asyncio.sleep(0.3)  # the approval subscription (started by wait_approval) fails too
-    assert "approval notifications from redis at redis://***@" in caplog.text
+    assert "revocation notifications from redis at redis://***@" in caplog.text
     assert password not in caplog.text
 
 

@@ -52,7 +52,11 @@ async def test_braces_in_what_a_caller_names_keep_the_approval_keys_in_one_slot(
         assert time.monotonic() - started < 0.5
         assert await other.use_grant("{fp}", NOW) is not None
         assert await store.use_grant("{fp}", NOW) is None  # one use, across clients
+        await other.wait_revocations(0.3)  # subscribed
+        pushed = asyncio.create_task(other.wait_revocations(10))
+        await asyncio.sleep(0.1)
         await store.revoke(Revocation("agent", "{a}"))
+        await asyncio.wait_for(pushed, 1)  # pushed across nodes, not polled
         assert [r.subject for r in await other.revocations(NOW)] == ["{a}"]
         slots = set()
         for server in redis_cluster.servers or []:

@@ -171,6 +171,14 @@ redis.call('SET', KEYS[2], ARGV[1], 'NX')
 return redis.call('GET', KEYS[2])
 """
 
+# KEYS[1]: the revocations hash. ARGV: the field, its JSON, the channel that tells every
+# replica (PUBLISH is broadcast to every node of a Cluster): written and told in one step.
+_REVOKE = """
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('PUBLISH', ARGV[3], ARGV[1])
+return 0
+"""
+
 # KEYS[1]: the revocations hash; ARGV: field, JSON pairs read as expired. Compare-and-delete,
 # so a revocation that replaced an expired one since it was read is not deleted with it.
 _PRUNE = """
@@ -551,7 +559,10 @@ class RedisStore:
         self._open = self._redis.register_script(_OPEN)
         self._read = self._redis.register_script(_READ)
         self._record_task = self._redis.register_script(_RECORD_TASK)
+        self._revoke = self._redis.register_script(_REVOKE)
         self._changed_channel = f"{self._core}approvals:changed"
+        self._revoked_channel = f"{self._core}revocations:changed"
+        self._revoked = asyncio.Event()  # a revocation was pushed since the last wait
         self._pending_key = f"{self._core}approvals:pending"
         self._waits: dict[str, set[asyncio.Event]] = {}  # approval id → its waiters' events
         self._watcher: asyncio.Task[None] | None = None
@@ -613,8 +624,9 @@ class RedisStore:
     async def revoke(self, revocation: Revocation) -> None:
         """Adds or replaces the revocation of `(kind, subject)`. Raises StoreError."""
         key = (revocation.kind, revocation.subject)
+        args = [_field(key), _encode(revocation), self._revoked_channel]
         async with self._bounded("revoke"):
-            await self._redis.hset(self._revocations_key, _field(key), _encode(revocation))
+            await self._revoke(keys=[self._revocations_key], args=args)
         self._writes += 1
         self._written[key] = (self._writes, revocation)
         self._mirror[key] = revocation
@@ -875,8 +887,7 @@ class RedisStore:
         # notification or by the re-check that follows each (re)subscription.
         self._waits.setdefault(approval_id, set()).add(woken)
         try:
-            if self._watcher is None or self._watcher.done():
-                self._watcher = asyncio.create_task(self._watch(), name="approval-watcher")
+            self._ensure_watcher()
             while True:
                 woken.clear()
                 try:
@@ -909,6 +920,19 @@ class RedisStore:
                 if not waiters:
                     del self._waits[approval_id]
 
+    async def wait_revocations(self, timeout: float) -> None:  # noqa: ASYNC109
+        """See `Store`: woken by this store's one subscription (started here if it is not
+        running), which also hears the revocations channel."""
+        self._ensure_watcher()
+        with suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                await self._revoked.wait()
+        self._revoked.clear()
+
+    def _ensure_watcher(self) -> None:
+        if not self._closing and (self._watcher is None or self._watcher.done()):
+            self._watcher = asyncio.create_task(self._watch(), name="store-watcher")
+
     async def _watch(self) -> None:
         """The one subscription: wakes the waiters of every id published, and re-checks all
         waiters after each (re)subscription and every POLL_INTERVAL. Runs until `close`."""
@@ -921,11 +945,14 @@ class RedisStore:
         """One subscription, until it fails (then a pause) or the store closes."""
         pubsub = listener.pubsub()
         try:
-            await pubsub.subscribe(self._changed_channel)
+            await pubsub.subscribe(self._changed_channel, self._revoked_channel)
             poll_at = loop.time() + POLL_INTERVAL
             while not self._closing:
                 message = await pubsub.get_message(timeout=max(0.0, poll_at - loop.time()))
-                if message is not None and message["type"] == "message":
+                if message is not None and message["channel"] == self._revoked_channel:
+                    # Pushed, or (re)subscribed after pushes may have been lost: re-read.
+                    self._revoked.set()
+                elif message is not None and message["type"] == "message":
                     self._wake(str(message["data"]))
                 elif message is not None and message["type"] == "subscribe":
                     await self._recheck()
@@ -937,7 +964,7 @@ class RedisStore:
             await asyncio.sleep(POLL_INTERVAL)
         except Exception:
             # A bug: say so, and keep waking waiters rather than leave them to time out.
-            log.exception("approval notifications stopped by a bug; resubscribing")
+            log.exception("approval and revocation notifications stopped by a bug; resubscribing")
             await asyncio.sleep(POLL_INTERVAL)
         finally:
             # The connection is being dropped either way: closing a broken one may fail.
@@ -961,14 +988,15 @@ class RedisStore:
                     self._wake(approval_id)
         if self._watch_failing:
             self._watch_failing = False
-            log.info("approval notifications from redis at %s resumed", self._where)
+            log.info("approval and revocation notifications from redis at %s resumed", self._where)
 
     def _watch_failed(self, exc: BaseException) -> None:
         # Once per outage: waiters still end at their timeout, reading Redis themselves.
         if not self._watch_failing:
             self._watch_failing = True
             log.warning(
-                "approval notifications from redis at %s failed (%s); resubscribing every %gs",
+                "approval and revocation notifications from redis at %s failed (%s); "
+                "resubscribing every %gs",
                 self._where,
                 self._scrub(f"{type(exc).__name__}: {exc}"),
                 POLL_INTERVAL,
