@@ -48,6 +48,14 @@ and the redacted URL, never the password. redis-py does not retry: a command may
 run when its reply is lost, and a retried `INCRBYFLOAT` would count twice. A pooled connection
 the server closed (a restart) is replaced before use, so recovery needs no failed call.
 
+Refused calls are not charged: a reservation's script also sets a marker key (`take:<random>`,
+in the counters' slot on a Cluster, living `MARKER_MS`). When a call is refused after it took
+(a later slot does not fit) or its round trip fails (a timeout: the script may still run, as
+a Redis that froze runs what it had received when it thaws), the store cancels the take: a
+script gives back what the marker says was taken and leaves the marker `cancelled`, so a take
+that runs afterwards takes nothing. While Redis does not answer, the cancel is retried in the
+background every `CANCEL_RETRY` seconds until the window is over, and given up on `close`.
+
 Durability:
 
 - Counters and task history live in Redis memory only. A Redis restart without persistence
@@ -72,13 +80,14 @@ Durability:
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import math
 import secrets
 import sys
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager, suppress
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any, cast
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -117,6 +126,10 @@ WINDOW_MARGIN = 5.0
 LIST_LIMIT = 1000
 LIST_SCAN = 10_000
 SWEEP = 100
+# How long a take's marker lives (ms): past any freeze a refused take is cancelled within.
+MARKER_MS = "60000"
+# The pause between attempts to give back a refused call's reservation while Redis is down.
+CANCEL_RETRY = 0.5
 # How often waiters are re-checked by reading, in case a notification was lost; also the pause
 # before resubscribing after the subscription failed.
 POLL_INTERVAL = 1.0
@@ -127,38 +140,69 @@ RECHECK_BATCH = 500
 # Checking every counter before taking any is what makes a multi-limit call all-or-nothing;
 # doing it in one script is what keeps concurrent callers from overspending between the check
 # and the charge (FIELD-NOTES: BerriAI/litellm#34732).
-# KEYS[i]: the counter of reservation i in the current window.
-# ARGV[3i-2], ARGV[3i-1], ARGV[3i]: its amount, its limit, milliseconds the counter must live.
-# Returns 0 when all were taken, else {i, used} for the first that does not fit.
+# KEYS[1]: this take's marker (see "Refused calls" above); KEYS[i + 1]: the counter of
+# reservation i in the current window. ARGV[1]: the marker's lifetime in ms; ARGV[3i-1],
+# ARGV[3i], ARGV[3i+1]: reservation i's amount, its limit, milliseconds the counter must live.
+# Returns 0 when all were taken, else {i, used} for the first that does not fit, or -1 when
+# the take was cancelled before it ran (its caller gave up on it: nothing is taken).
 _RESERVE = """
-for i, key in ipairs(KEYS) do
-  local used = redis.call('GET', key) or '0'
-  if tonumber(used) + tonumber(ARGV[3 * i - 2]) > tonumber(ARGV[3 * i - 1]) then
+if redis.call('EXISTS', KEYS[1]) == 1 then return -1 end
+for i = 1, #KEYS - 1 do
+  local used = redis.call('GET', KEYS[i + 1]) or '0'
+  if tonumber(used) + tonumber(ARGV[3 * i - 1]) > tonumber(ARGV[3 * i]) then
     return {i, used}
   end
 end
-for i, key in ipairs(KEYS) do
-  redis.call('INCRBYFLOAT', key, ARGV[3 * i - 2])
-  redis.call('PEXPIRE', key, ARGV[3 * i])
+for i = 1, #KEYS - 1 do
+  redis.call('INCRBYFLOAT', KEYS[i + 1], ARGV[3 * i - 1])
+  redis.call('PEXPIRE', KEYS[i + 1], ARGV[3 * i + 1])
 end
+redis.call('SET', KEYS[1], 'taken', 'PX', ARGV[1])
 return 0
 """
 
-# ARGV[i]: the (negative) amount given back to KEYS[i]. A counter never goes below zero, and a
-# counter that is gone (its window is over) stays gone. INCRBYFLOAT and KEEPTTL keep the expiry.
-_RELEASE = """
-for i, key in ipairs(KEYS) do
+# Gives back what a counter holds for a take, never below zero; a counter that is gone (its
+# window is over) stays gone. INCRBYFLOAT and KEEPTTL keep the expiry.
+_GIVE_BACK = """
+local function give_back(key, amount)
   local used = redis.call('GET', key)
   if used then
-    if tonumber(used) + tonumber(ARGV[i]) <= 0 then
+    if tonumber(used) + tonumber(amount) <= 0 then
       redis.call('SET', key, '0', 'KEEPTTL')
     else
-      redis.call('INCRBYFLOAT', key, ARGV[i])
+      redis.call('INCRBYFLOAT', key, amount)
     end
   end
 end
+"""
+
+# ARGV[i]: the (negative) amount given back to KEYS[i].
+_RELEASE = (
+    _GIVE_BACK
+    + """
+for i, key in ipairs(KEYS) do give_back(key, ARGV[i]) end
 return 0
 """
+)
+
+# KEYS[1]: a take's marker, KEYS[i + 1] its counters; ARGV[1]: the marker's lifetime in ms,
+# ARGV[i + 1]: the (negative) amount given back to counter i. Gives back only a take that
+# ran and was not given back yet, and leaves the marker 'cancelled', so a take still on its
+# way (sent before a freeze, run at the thaw) takes nothing. Returns 1 if it gave back.
+_CANCEL = (
+    _GIVE_BACK
+    + """
+local marker = redis.call('GET', KEYS[1])
+if marker == 'cancelled' then return 0 end
+if marker == 'taken' then
+  for i = 1, #KEYS - 1 do give_back(KEYS[i + 1], ARGV[i + 1]) end
+  redis.call('SET', KEYS[1], 'cancelled', 'KEEPTTL')
+  return 1
+end
+redis.call('SET', KEYS[1], 'cancelled', 'PX', ARGV[1])
+return 0
+"""
+)
 
 # KEYS: the revocations hash, the epoch marker. ARGV[1]: a new marker; then field, JSON pairs.
 # HSETNX: a revocation written since the restart (a newer decision) is not overwritten. SET NX:
@@ -518,6 +562,15 @@ return {'ok', redis.call('HGETALL', rec)}
 _RevocationKey = tuple[str, str]
 
 
+@dataclass(frozen=True, slots=True)
+class _Take:
+    """One script's share of a reservation: its marker, counters and amounts to give back."""
+
+    marker: str
+    counters: list[str]
+    back: list[str]
+
+
 class RedisStore:
     """The `Store` protocol on Redis; see the module docstring for keys, bounds, durability."""
 
@@ -548,6 +601,9 @@ class RedisStore:
         self._core = f"{{{self._prefix}}}" if self._cluster else self._prefix
         self._reserve = self._redis.register_script(_RESERVE)
         self._release = self._redis.register_script(_RELEASE)
+        self._cancel = self._redis.register_script(_CANCEL)
+        self._cancelling: set[asyncio.Task[None]] = set()
+        self._slot_tags: dict[int, str] = {}
         self._reapply = self._redis.register_script(_REAPPLY)
         self._prune = self._redis.register_script(_PRUNE)
         self._use_grant = self._redis.register_script(_USE_GRANT)
@@ -609,15 +665,24 @@ class RedisStore:
                 await pool.release(connection)
 
     async def close(self) -> None:
-        """Stops the approval subscription and closes every connection. Raises StoreError if
-        that fails."""
+        """Stops the subscription and the cancels still retrying (logged: their takes stay
+        charged, the closed side), and closes every connection. Raises StoreError if that
+        fails."""
+        # redis-py may turn a cancellation that meets a read's own timeout into that
+        # timeout's None (Python 3.11): the flag ends the watcher within a POLL_INTERVAL.
+        self._closing = True
         if self._watcher is not None:
-            # redis-py may turn a cancellation that meets a read's own timeout into that
-            # timeout's None (Python 3.11): the flag ends the watcher within a POLL_INTERVAL.
-            self._closing = True
             self._watcher.cancel()
             await asyncio.wait([self._watcher])
             self._watcher = None
+        if self._cancelling:
+            log.warning(
+                "closing with %d refused call(s) whose reservations redis has not given back",
+                len(self._cancelling),
+            )
+            for task in self._cancelling:
+                task.cancel()
+            await asyncio.wait(self._cancelling)
         async with self._bounded("close"):
             await self._topology.aclose()
 
@@ -683,28 +748,77 @@ class RedisStore:
         # group is taken all-or-nothing in turn and the groups taken are given back if a
         # later one does not fit, so a counter is never overspent; a concurrent caller may
         # meet the momentary charge and be refused, the closed side.
-        taken: list[int] = []
+        token = secrets.token_hex(8)
+        takes: list[_Take] = []
         try:
             for group in self._by_slot(keys):
+                take = _Take(
+                    self._marker(token, len(takes), keys[group[0]]),
+                    [keys[i] for i in group],
+                    [repr(-float(wanted[i].amount)) for i in group],
+                )
+                takes.append(take)
                 async with self._bounded("reserve"):
                     result = await self._reserve(
-                        keys=[keys[i] for i in group], args=[a for i in group for a in args[i]]
+                        keys=[take.marker, *take.counters],
+                        args=[MARKER_MS, *(a for i in group for a in args[i])],
                     )
                     if result != 0:
                         index, used = group[int(result[0]) - 1], float(result[1])
                 if result == 0:
-                    taken += group
                     continue
-                await self._give_back(wanted, keys, taken)
+                takes.pop()  # refused: it took nothing
+                for taken in takes:
+                    await self._cancel_take(taken)
                 r = wanted[index]
                 start = window_start(now, r.window)
                 return LimitExceeded(r.name, used, r.limit, start + r.window - now)
         except StoreError:
-            if taken:
-                with suppress(StoreError):
-                    await self._give_back(wanted, keys, taken)
+            # The call is refused; whatever it took, or may yet take (a script sent to a
+            # Redis that froze runs when it thaws), is given back exactly once, now or as
+            # soon as Redis answers.
+            left = max(window_start(now, r.window) + r.window - now for r in wanted)
+            for take in takes:
+                self._cancel_later(take, left + WINDOW_MARGIN)
             raise
         return None
+
+    async def _cancel_take(self, take: _Take) -> None:
+        """Raises StoreError."""
+        async with self._bounded("reserve (giving back)"):
+            await self._cancel(keys=[take.marker, *take.counters], args=[MARKER_MS, *take.back])
+
+    def _cancel_later(self, take: _Take, within: float) -> None:
+        task = asyncio.create_task(self._keep_cancelling(take, within))
+        self._cancelling.add(task)
+        task.add_done_callback(self._cancelling.discard)
+
+    async def _keep_cancelling(self, take: _Take, within: float) -> None:
+        """Cancels the take, retrying while Redis does not answer, for `within` seconds (its
+        counters' window: after it there is nothing left to give back)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + within
+        while not self._closing:
+            try:
+                await self._cancel_take(take)
+                return
+            except StoreError as exc:
+                if loop.time() >= deadline:
+                    log.error("a refused call's reservation was not given back: %s", exc)
+                    return
+            await asyncio.sleep(CANCEL_RETRY)
+
+    def _marker(self, token: str, group: int, counter: str) -> str:
+        """A take's marker: in its counters' slot on a Cluster (the tag of a short string
+        that hashes there), whatever braces the counter's key holds."""
+        if not self._cluster:
+            return f"{self._prefix}take:{token}:{group}"
+        slot = key_slot(counter.encode())
+        tag = self._slot_tags.get(slot)
+        if tag is None:
+            tag = next(t for n in itertools.count() if key_slot((t := str(n)).encode()) == slot)
+            self._slot_tags[slot] = tag
+        return f"{self._prefix}take:{{{tag}}}:{token}:{group}"
 
     async def release(self, reservations: Iterable[Reservation], now: float) -> None:
         """Gives back reservations taken in the window that contains `now`, never going below
