@@ -23,6 +23,7 @@ from agentproxy.clock import SYSTEM
 from agentproxy.proxy.runtime import load_config
 from agentproxy.proxy.server import ProxyServer
 from tests.harness.redis import (
+    make_cluster,
     make_redis_server,
     make_sentinel,
     redis_cluster,
@@ -34,6 +35,7 @@ from tests.harness.redis import (
 
 # fixtures, shared with tests/store
 __all__ = [
+    "make_cluster",
     "make_redis_server",
     "make_sentinel",
     "redis_cluster",

@@ -30,7 +30,6 @@ REDIS_SERVER = os.environ.get("AGENTPROXY_TEST_REDIS_SERVER") or (
 REDIS_CLI = os.environ.get("AGENTPROXY_TEST_REDIS_CLI") or shutil.which("redis-cli") or "redis-cli"
 STARTUP_TIMEOUT = 10.0
 SENTINEL_SERVICE = "mymaster"
-CLUSTER_CREATE = ("--cluster-replicas", "0", "--cluster-yes")
 
 
 def valkey_server() -> str | None:
@@ -321,10 +320,12 @@ class SentinelSetup:
 @dataclass
 class ClusterSetup:
     """Three private masters with `--cluster-enabled yes`, joined by `redis-cli --cluster
-    create` (no replicas), each owning a third of the slots."""
+    create`, each owning a third of the slots; with `replicas`, a replica of each too, so
+    killing a master fails its slots over."""
 
     workdir: Path
     servers: list[RedisServer] | None = None
+    replicas: int = 0
 
     @property
     def nodes(self) -> list[str]:
@@ -333,7 +334,7 @@ class ClusterSetup:
     def start(self) -> None:
         """Raises RuntimeError."""
         self.servers = []
-        for i in range(3):
+        for i in range(3 * (1 + self.replicas)):
             workdir = self.workdir / f"node{i}"
             workdir.mkdir(exist_ok=True)
             server = RedisServer(
@@ -357,7 +358,7 @@ class ClusterSetup:
                 "create",
                 *self.nodes,
                 "--cluster-replicas",
-                "0",
+                str(self.replicas),
                 "--cluster-yes",
             ],
             capture_output=True,
@@ -367,9 +368,14 @@ class ClusterSetup:
         if created.returncode != 0:
             self.stop()
             raise RuntimeError(f"redis-cli --cluster create failed: {created.stdout[-2000:]!r}")
-        deadline = time.monotonic() + 30
+        self.wait_ok()
+
+    def wait_ok(self, timeout: float = 30) -> None:
+        """Until every running server reports cluster_state:ok. Raises RuntimeError."""
+        running = [s for s in self.servers or [] if s.process is not None]
+        deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if all(self._ok(s) for s in self.servers):
+            if all(self._ok(s) for s in running):
                 return
             time.sleep(0.05)
         self.stop()
@@ -377,8 +383,28 @@ class ClusterSetup:
 
     @staticmethod
     def _ok(server: RedisServer) -> bool:
-        with server.client() as client:
-            return "cluster_state:ok" in str(client.execute_command("CLUSTER", "INFO"))
+        try:
+            with server.client() as client:
+                return "cluster_state:ok" in str(client.execute_command("CLUSTER", "INFO"))
+        except redis.RedisError:
+            return False
+
+    def master_of(self, key: str) -> RedisServer:
+        """The running master that serves `key`'s slot. Raises RuntimeError."""
+        for server in self.servers or []:
+            if server.process is None:
+                continue
+            with server.client() as client:
+                slot = int(client.execute_command("CLUSTER", "KEYSLOT", key))
+                for line in str(client.execute_command("CLUSTER", "NODES")).splitlines():
+                    fields = line.split()
+                    if "myself" not in fields[2] or "master" not in fields[2]:
+                        continue
+                    for part in fields[8:]:
+                        low, _, high = part.partition("-")
+                        if low.isdigit() and int(low) <= slot <= int(high or low):
+                            return server
+        raise RuntimeError(f"no running master serves {key!r}")
 
     def flush(self) -> None:
         for server in self.servers or []:
@@ -410,6 +436,26 @@ def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClusterS
         yield setup
     finally:
         setup.stop()
+
+
+@pytest.fixture
+def make_cluster(tmp_path: Path) -> Iterator[Callable[[int], ClusterSetup]]:
+    """Clusters of the test's own (`replicas` per master), which it may break."""
+    setups: list[ClusterSetup] = []
+
+    def factory(replicas: int = 1) -> ClusterSetup:
+        workdir = tmp_path / f"cluster{len(setups)}"
+        workdir.mkdir()
+        setup = ClusterSetup(workdir, replicas=replicas)
+        setups.append(setup)
+        setup.start()
+        return setup
+
+    try:
+        yield factory
+    finally:
+        for setup in setups:
+            setup.stop()
 
 
 @pytest.fixture

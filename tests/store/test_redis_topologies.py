@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from collections.abc import Callable
 
 import pytest
 from redis.crc import key_slot
@@ -195,3 +196,45 @@ async def test_a_call_that_cannot_get_a_connection_in_time_is_refused(
     finally:
         server.thaw()
         await store.close()
+
+
+async def test_a_cluster_master_failover_is_survived(
+    make_cluster: Callable[[int], ClusterSetup],
+) -> None:
+    """A master of the approvals' slot dies: its replica takes over; meanwhile calls are
+    refused closed, then they and the approval notifications recover by themselves."""
+    cluster = await asyncio.to_thread(make_cluster, 1)
+    prefix = "fo:"
+    settings = RedisSettings(cluster_nodes=tuple(cluster.nodes), key_prefix=prefix, timeout=0.2)
+    store, other = RedisStore(settings), RedisStore(settings)
+    await store.start()
+    await other.start()
+    try:
+        limit = Reservation(name="calls", key="agent:a", amount=1, limit=10_000, window=60)
+        assert await store.reserve([limit], NOW) is None
+        await other.wait_revocations(0.3)  # subscribed somewhere
+        doomed = cluster.master_of(f"{{{prefix}}}approvals:pending")
+        await asyncio.to_thread(doomed.stop)
+        refused, deadline = 0, time.monotonic() + 30
+        while True:
+            try:
+                opened = await store.open_approval(approval("fp-fo"), NOW, **CAPS)
+                break
+            except StoreError:
+                refused += 1
+                assert time.monotonic() < deadline, "the store did not recover by itself"
+                await asyncio.sleep(0.1)
+        assert refused > 0  # the failover was seen, and refused closed
+        assert opened is not None
+        waiting = asyncio.create_task(other.wait_approval(opened[0].id, timeout=20))
+        await asyncio.sleep(0.3)
+        decided_at = time.monotonic()
+        await store.decide_approval(opened[0].id, Event.APPROVE, "carol", "", NOW)
+        woken = await waiting
+        assert woken is not None and woken.state is State.APPROVED
+        # Within the poll's second at worst: the subscription moved off the dead node.
+        assert time.monotonic() - decided_at < 1.5
+        assert await store.reserve([limit], NOW) is None
+    finally:
+        await store.close()
+        await other.close()
