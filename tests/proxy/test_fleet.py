@@ -7,10 +7,12 @@ import asyncio
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import aiohttp
 import orjson
+import pytest
 
 from tests.conftest import (
     Keys,
@@ -20,7 +22,7 @@ from tests.conftest import (
 )
 from tests.harness.clock import FakeClock
 from tests.harness.processes import pin_ports, spawn_proxy, wait_ready
-from tests.harness.redis import MakeRedisServer
+from tests.harness.redis import SENTINEL_SERVICE, ClusterSetup, MakeRedisServer, SentinelSetup
 from tests.proxy.test_state import POLICY
 
 
@@ -237,3 +239,38 @@ async def test_an_unreachable_cluster_at_start_is_one_clear_line(
     finally:
         process.terminate()
         await process.wait()
+
+
+@pytest.mark.parametrize("topology", ["sentinel", "cluster"])
+async def test_a_fleet_on_sentinel_or_cluster_shares_limits_and_revocations(
+    topology: str, request: pytest.FixtureRequest, make_proxy: ProxyFactory, keys: Keys
+) -> None:
+    if topology == "sentinel":
+        sentinel: SentinelSetup = request.getfixturevalue("redis_sentinel")
+        where = f"sentinel: {{service: {SENTINEL_SERVICE}, nodes: ['{sentinel.node}']}}"
+    else:
+        cluster: ClusterSetup = request.getfixturevalue("redis_cluster")
+        where = f"cluster_nodes: {list(cluster.nodes)}"
+    extra = (
+        f"store: {{redis: {{{where}, key_prefix: 'fleet-{uuid.uuid4().hex[:8]}:'}}}}\n"
+        'admin: {operators: ["role:security"]}'
+    )
+    a = await make_proxy(policy=POLICY, extra=extra)
+    b = await make_proxy(policy=POLICY, extra=extra)
+    reader = keys.token("reader")
+    async with aiohttp.ClientSession() as s:
+        got = [
+            await status(s, "GET", proxy.base + "/v1/employees/1", reader) for proxy in (a, b, a, b)
+        ]
+        assert got == [200, 200, 200, 429]  # read-rate: 3 an hour per agent, fleet-wide
+        hr = keys.token("hr-bot")
+        assert await status(s, "GET", b.base + "/v1/employees/2", hr) == 200
+        operator = keys.token("sec", roles=["security"])
+        async with s.post(
+            a.admin + "/v1/revocations", headers=auth(operator), json={"agent": "hr-bot"}
+        ) as r:
+            assert r.status == 201
+        revoked_at = time.monotonic()
+        while await status(s, "GET", b.base + "/v1/employees/2", hr) != 403:
+            assert time.monotonic() - revoked_at < 1.5, "replica b did not see the revocation"
+            await asyncio.sleep(0.02)
