@@ -291,6 +291,10 @@ def test_store_redis_takes_sentinel_or_cluster(tmp_path: Path) -> None:
             "$.store.redis.key_prefix: must not contain { or } on a Redis Cluster",
         ),
         ("{url: 'redis://x:6379', pool_timeout: 0s}", "$.store.redis.pool_timeout: must be"),
+        (
+            "{cluster_nodes: ['x:7000'], wait_replicas: 1}",
+            "$.store.redis.wait_replicas: is for a single Redis or Sentinel",
+        ),
     ],
 )
 def test_bad_store_redis_topologies_are_refused_at_their_line(

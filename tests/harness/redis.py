@@ -259,7 +259,14 @@ class SentinelSetup:
         self.sentinel = subprocess.Popen(
             [REDIS_SERVER, str(conf), "--sentinel"], stdout=subprocess.DEVNULL
         )
+        self._until(self._replica_online, "the replica to finish its first sync")
         self._until(lambda: self._replicas_known() >= 1, "the sentinel to see the replica")
+
+    def _replica_online(self) -> bool:
+        assert self.master is not None
+        with self.master.client() as client:
+            replica = client.info("replication").get("slave0")
+            return isinstance(replica, dict) and replica.get("state") == "online"
 
     def sentinel_client(self) -> redis.Redis:
         return redis.Redis(

@@ -238,3 +238,38 @@ async def test_a_cluster_master_failover_is_survived(
     finally:
         await store.close()
         await other.close()
+
+
+async def test_wait_replicas_refuses_what_no_replica_confirmed(
+    make_sentinel: Callable[[], SentinelSetup],
+) -> None:
+    """With wait_replicas: 1 a grant's use, a decision and a revocation go ahead only once the
+    replica holds them, so a failover cannot bring back a used one-use grant."""
+    setup = await asyncio.to_thread(make_sentinel)
+    settings = RedisSettings(
+        sentinel=SentinelSettings(SENTINEL_SERVICE, (setup.node,)), timeout=0.25, wait_replicas=1
+    )
+    store = RedisStore(settings)
+    await store.start()
+    try:
+        await store.put_grant(ApprovalGrant("fp-a", "ap-1", NOW + 600, uses=1), NOW)
+        assert await store.use_grant("fp-a", NOW) is not None
+        await store.revoke(Revocation("agent", "a"))
+        opened = await store.open_approval(approval("fp-w"), NOW, **CAPS)
+        assert opened is not None
+        assert setup.replica is not None
+        await asyncio.to_thread(setup.replica.stop)
+        await store.put_grant(ApprovalGrant("fp-b", "ap-2", NOW + 600, uses=1), NOW)
+        # Refused: WAIT answers "0 of 1", or (Redis checks WAIT's timeout 10 times a second)
+        # the socket times out first.
+        unconfirmed = r"confirmed by 0 of 1 replica|Timeout reading"
+        with pytest.raises(StoreError, match=unconfirmed):
+            await store.use_grant("fp-b", NOW)
+        with pytest.raises(StoreError, match=unconfirmed):
+            await store.decide_approval(opened[0].id, Event.APPROVE, "carol", "", NOW)
+        with pytest.raises(StoreError, match=unconfirmed):
+            await store.revoke(Revocation("agent", "b"))
+        # Reads and limits are not held up by the replica.
+        assert await store.reserve([calls("agent:w")], NOW) is None
+    finally:
+        await store.close()

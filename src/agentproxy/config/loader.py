@@ -509,6 +509,7 @@ class _Loader:
                 "pool_size",
                 "pool_timeout",
                 "timeout",
+                "wait_replicas",
             ),
         )
         url = doc.get(r, rpath, "url", str) or ""
@@ -547,6 +548,15 @@ class _Loader:
         doc.check(0 < timeout <= 10, f"{rpath}.timeout", "must be between 1ms and 10s")
         pool_timeout = doc.duration(r, rpath, "pool_timeout", 1.0)
         doc.check(0 < pool_timeout <= 60, f"{rpath}.pool_timeout", "must be between 1ms and 60s")
+        wait = doc.get(r, rpath, "wait_replicas", int, 0) or 0
+        doc.check(0 <= wait <= 16, f"{rpath}.wait_replicas", "must be between 0 and 16")
+        # WAIT counts one connection's writes on one server: a Cluster spreads them.
+        doc.check(
+            not (wait and cluster),
+            f"{rpath}.wait_replicas",
+            "is for a single Redis or Sentinel; on a Cluster set min-replicas-to-write on "
+            "the masters",
+        )
         prefix = doc.get(r, rpath, "key_prefix", str, "agentproxy:") or "agentproxy:"
         # On a Cluster the store wraps the prefix in a hash tag ({prefix}) to keep the keys
         # its scripts touch together in one slot; a brace of the prefix's own would end it.
@@ -564,6 +574,7 @@ class _Loader:
             cluster_nodes=cluster,
             password=password,
             pool_timeout=pool_timeout,
+            wait_replicas=wait,
         )
 
     def metering(self, value: Any) -> MeteringSettings:

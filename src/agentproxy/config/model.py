@@ -318,7 +318,8 @@ class RedisSettings:
     `redis://:pw@host:6379/0`, which `repr` hides), `sentinel`, or `cluster_nodes` ("host:port"
     seeds of a Redis Cluster). `password` is the data nodes' password for the latter two.
     `pool_timeout`: how long a call queues for one of the `pool_size` connections before it is
-    refused (the round trip's own bound starts once it has one)."""
+    refused (the round trip's own bound starts once it has one). `wait_replicas`: approval,
+    grant and revocation writes are confirmed by this many replicas (`WAIT`) or refused."""
 
     url: str = ""
     key_prefix: str = "agentproxy:"
@@ -328,6 +329,7 @@ class RedisSettings:
     cluster_nodes: tuple[str, ...] = ()
     password: Secret | None = None
     pool_timeout: float = 1.0
+    wait_replicas: int = 0
 
     def __repr__(self) -> str:
         return f"RedisSettings(where={self.where!r}, key_prefix={self.key_prefix!r})"

@@ -94,6 +94,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 import orjson
 from redis.asyncio import Redis
+from redis.commands.core import AsyncScript
 from redis.crc import key_slot
 from redis.exceptions import RedisClusterException, RedisError
 
@@ -588,6 +589,8 @@ class RedisStore:
         # briefly instead of failing, and the round trip's own bound starts once it has one.
         self._pool_size = settings.pool_size
         self._pool_timeout = settings.pool_timeout
+        self._wait_replicas = settings.wait_replicas
+        self._wait_ms = max(1, int(settings.timeout * 800))
         self._slots = asyncio.Semaphore(settings.pool_size)
         try:
             self._topology = Topology(settings, pool_wait=self._bound)
@@ -708,7 +711,7 @@ class RedisStore:
         key = (revocation.kind, revocation.subject)
         args = [_field(key), _encode(revocation), self._revoked_channel]
         async with self._bounded("revoke"):
-            await self._revoke(keys=[self._revocations_key], args=args)
+            await self._confirmed(self._revoke, [self._revocations_key], args)
         self._writes += 1
         self._written[key] = (self._writes, revocation)
         self._mirror[key] = revocation
@@ -882,7 +885,9 @@ class RedisStore:
     async def use_grant(self, fingerprint: str, now: float) -> ApprovalGrant | None:
         """Uses the grant once, atomically (one Lua script). Raises StoreError."""
         async with self._bounded("use_grant"):
-            raw = await self._use_grant(keys=[self._grant_key(fingerprint)], args=[repr(now)])
+            raw = await self._confirmed(
+                self._use_grant, [self._grant_key(fingerprint)], [repr(now)]
+            )
         if not raw:
             return None
         try:
@@ -935,7 +940,7 @@ class RedisStore:
             str(max_pending_per_rule),
         ]
         async with self._bounded("open_approval"):
-            result = await self._open_approval(keys=[self._pending_key], args=args)
+            result = await self._confirmed(self._open_approval, [self._pending_key], args)
             if not result:
                 return None
             return _approval_from(result[1]), bool(result[0])
@@ -988,7 +993,7 @@ class RedisStore:
         notification). Raises KeyError (unknown id), IllegalTransition, StoreError."""
         args = [*self._approval_args(now), approval_id, event.value, by, reason]
         async with self._bounded("decide_approval"):
-            result = await self._decide_approval(keys=[self._pending_key], args=args)
+            result = await self._confirmed(self._decide_approval, [self._pending_key], args)
             outcome = result[0]
             decided = _approval_from(result[1]) if outcome == "ok" else None
         if decided is not None:
@@ -1191,6 +1196,27 @@ class RedisStore:
             )
         _, raw = await self._read_revocations()
         return epoch, raw
+
+    async def _confirmed(self, script: AsyncScript, keys: list[str], args: list[str]) -> Any:
+        """Runs the script; with `wait_replicas`, on the same connection as `WAIT` (which
+        counts the replicas holding this connection's writes), and refuses when fewer
+        confirm within 80% of `timeout`: then what it wrote may be lost in a failover,
+        and the call it served must not go ahead. Raises StoreError (and what `_bounded`
+        turns into one)."""
+        if not self._wait_replicas:
+            return await script(keys=keys, args=args)
+        pipe = self._redis.pipeline(transaction=False)
+        await script(keys=keys, args=args, client=pipe)
+        # Below the socket timeout, so WAIT's own answer (too few) arrives before it.
+        pipe.execute_command("WAIT", self._wait_replicas, self._wait_ms)
+        result, confirmed = await pipe.execute()
+        if int(confirmed) < self._wait_replicas:
+            raise StoreError(
+                f"redis write confirmed by {confirmed} of {self._wait_replicas} replica(s) "
+                f"within {self._wait_ms} ms ({self._where}): refused, as a failover could "
+                "lose it"
+            )
+        return result
 
     @asynccontextmanager
     async def _bounded(self, operation: str) -> AsyncIterator[None]:
