@@ -273,3 +273,29 @@ async def test_wait_replicas_refuses_what_no_replica_confirmed(
         assert await store.reserve([calls("agent:w")], NOW) is None
     finally:
         await store.close()
+
+
+async def test_after_a_sentinel_failover_the_subscription_moves_to_the_new_master(
+    make_sentinel: Callable[[], SentinelSetup],
+) -> None:
+    """A demoted master keeps its clients: a subscription left there hears only what
+    replication brings, and nothing while it resyncs. Within a poll it moves."""
+    setup = await asyncio.to_thread(make_sentinel)
+    store = RedisStore(
+        RedisSettings(sentinel=SentinelSettings(SENTINEL_SERVICE, (setup.node,)), timeout=0.5)
+    )
+    await store.start()
+    try:
+        await store.wait_revocations(0.3)  # subscribed, on the master
+        await asyncio.to_thread(setup.failover)
+        new = setup.current_master()
+        deadline = time.monotonic() + 5
+        while True:
+            with new.client() as client:
+                subscribers = [c for c in client.client_list() if int(c.get("sub", 0)) == 2]
+            if subscribers:
+                break
+            assert time.monotonic() < deadline, "the subscription stayed on the old master"
+            await store.wait_revocations(0.1)
+    finally:
+        await store.close()

@@ -135,6 +135,8 @@ CANCEL_RETRY = 0.5
 # How often waiters are re-checked by reading, in case a notification was lost; also the pause
 # before resubscribing after the subscription failed.
 POLL_INTERVAL = 1.0
+# The pause before the first resubscription after a subscription failed.
+RESUBSCRIBE_AT_ONCE = 0.05
 # Waiters re-checked per pipelined round trip: redis-py (8.2+) packs a pipeline of 1,000
 # commands or more in a worker thread, and the watcher runs on the event loop alone.
 RECHECK_BATCH = 500
@@ -1091,9 +1093,15 @@ class RedisStore:
                 if loop.time() >= poll_at:
                     await self._recheck()
                     poll_at = loop.time() + POLL_INTERVAL
+                    if await self._topology.moved(pubsub):
+                        return  # a failover left it on a replica: resubscribe on the master
         except (RedisError, RedisClusterException, OSError, StoreError) as exc:
+            # The first retry at once: a failover or a restart drops the subscription of a
+            # healthy store, and its notifications should not wait for the poll. After that,
+            # one attempt per POLL_INTERVAL.
+            pause = POLL_INTERVAL if self._watch_failing else RESUBSCRIBE_AT_ONCE
             self._watch_failed(exc)
-            await asyncio.sleep(POLL_INTERVAL)
+            await asyncio.sleep(pause)
         except Exception:
             # A bug: say so, and keep waking waiters rather than leave them to time out.
             log.exception("approval and revocation notifications stopped by a bug; resubscribing")

@@ -29,6 +29,7 @@ from redis.asyncio import BlockingConnectionPool, Redis, RedisCluster, Sentinel
 from redis.asyncio.cluster import ClusterNode
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
 from redis.maint_notifications import MaintNotificationsConfig
 
 from agentproxy.config.model import RedisSettings
@@ -65,6 +66,7 @@ class Topology:
         self._seeds = [parse_node(n) for n in settings.cluster_nodes]
         self._next = 0
         self._sentinel: Sentinel | None = None
+        self._service: str | None = None
         self._listener: Redis | None = None
         self.commands: Redis | RedisCluster
         if settings.sentinel is not None:
@@ -82,6 +84,7 @@ class Topology:
                 **common,
             )
             service = settings.sentinel.service
+            self._service = service
             self.commands = self._sentinel.master_for(service, max_connections=settings.pool_size)
             self._listener = self._sentinel.master_for(service, max_connections=1)
         elif self.cluster:
@@ -124,6 +127,21 @@ class Topology:
             yield client
         finally:
             await client.aclose()
+
+    async def moved(self, pubsub: Any) -> bool:
+        """Whether the subscription's connection is no longer on the master Sentinel names
+        (a failover demoted it: it stays connected and hears only what reaches a replica).
+        False off Sentinel, and when the sentinels cannot say (the master may be fine)."""
+        if self._sentinel is None or self._service is None:
+            return False
+        connection = pubsub.connection
+        if connection is None:
+            return False
+        try:
+            host, port = await self._sentinel.discover_master(self._service)
+        except (RedisError, OSError):
+            return False
+        return (connection.host, int(connection.port)) != (host, int(port))
 
     async def aclose(self) -> None:
         if self._listener is not None:
