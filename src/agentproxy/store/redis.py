@@ -1,6 +1,10 @@
-"""The shared store: one Redis for every sidecar replica of a deployment.
+"""The shared store: one Redis (a single server, Sentinel's master, or a Cluster; Valkey too,
+see `store/topology.py`) for every sidecar replica of a deployment.
 
-Keys, all under `RedisSettings.key_prefix`:
+Keys, all under `RedisSettings.key_prefix` (P). On a Cluster, the keys that scripts touch
+together — revocations, epoch, grants, approvals and their sets — are under `{P}` instead (a
+hash tag: one slot, whatever an id holds); counters, take markers and tasks stay under P,
+spread over the slots, a take's marker in its counters' slot (`take:{<n>}:…`).
 
 - `limit:<key>:<window start>`: the float counter of one fixed window, expiring a few seconds
   after the window ends.
@@ -22,16 +26,21 @@ Keys, all under `RedisSettings.key_prefix`:
   scored by `expires`; the caps count their members not yet overdue.
 - `approvals:all`: a sorted set of every approval id, scored by `created`, for listing.
   Members whose record expired are dropped by the next list or open that meets them.
+- `take:<random>:<n>`: a reservation's marker, `taken` or `cancelled`, for a minute (see
+  "Refused calls").
 - Channel `approvals:changed`: every change of an approval (created, decided, expired)
-  publishes its id.
+  publishes its id. Channel `revocations:changed`: every revocation written publishes its
+  field, and each replica's mirror re-reads at once.
 
 Approvals: every operation is one Lua script, which first expires the overdue pending
 approvals it meets (the lifecycle's `pending --expire--> expired`, decided_at = expires) and
 publishes them. `decide_approval` carries the lifecycle table into Lua, generated from
 `lifecycle.TRANSITIONS` so the two cannot drift. The scripts build keys from the prefix they
-are given, so they suit a single Redis (or a replicated one), not Redis Cluster.
-`wait_approval` costs no thread: each store holds ONE subscription to `approvals:changed` (a
-background task started by the first wait, on its own connection), which sets the events of
+are given and name the pending set among their KEYS, which routes them on a Cluster to the
+one slot all those keys share. `wait_approval` costs no thread: each store holds ONE
+subscription to `approvals:changed` and `revocations:changed` (a background task started by
+the first wait, on its own connection; after a Sentinel failover it follows the master at
+the next poll), which sets the events of
 the ids it hears; after each (re)subscription and every `POLL_INTERVAL` it re-reads the state
 of every waited-on approval in one pipelined round trip, so a decision published before the
 subscription, or lost with a connection, still wakes its waiters within a second.
@@ -41,8 +50,9 @@ Time: windows and revocation expiry use the caller's `now`, never Redis `TIME`, 
 between a replica's clock and Redis's only shifts when memory is reclaimed.
 
 Bounds: the socket timeouts bound each wait and `asyncio.timeout(timeout * 4)` bounds each
-round trip's sum of them (a pool wait, a connect, and after a restart `EVALSHA` → `NOSCRIPT`
-→ `SCRIPT LOAD` → `EVALSHA`); `revocations()` makes up to three such round trips when it
+round trip's sum of them (a connect, and after a restart `EVALSHA` → `NOSCRIPT` → `SCRIPT
+LOAD` → `EVALSHA`), after a wait of up to `pool_timeout` for one of the `pool_size`
+connections (opened at start); `revocations()` makes up to three such round trips when it
 re-applies. Any Redis error, socket error or timeout raises `StoreError` naming the operation
 and the redacted URL, never the password. redis-py does not retry: a command may already have
 run when its reply is lost, and a retried `INCRBYFLOAT` would count twice. A pooled connection
