@@ -108,6 +108,7 @@ class ProxyServer:
         self._grpc_servers: list[aio.Server] = []
         self._health: HealthServicer | None = None
         self._ready = False
+        self._store_up = False
         self.http_port = 0
         self.admin_port = 0
         self.grpc_port = 0
@@ -156,7 +157,7 @@ class ProxyServer:
             raise
         self.metrics.policy_reloads.labels("success").inc()
         services = self.services
-        store_up = await self._connect_store(first=True)
+        store_up = self._store_up = await self._connect_store(first=True)
         if services.audit is not None:
             await services.audit.start()
         if self.notifier is not None:
@@ -204,7 +205,10 @@ class ProxyServer:
             if await self._connect_store():
                 break
         log.info("store reached: ready")
+        self._store_up = True
         self._ready = not self._stopping.is_set()
+        if self._health is not None and self._ready:
+            await self._health.set("", health_pb2.HealthCheckResponse.SERVING)
 
     def _use(self, runtime: runtime_module.Runtime) -> None:
         """Makes `runtime` the snapshot in force: new pipelines, built whole, swapped in."""
@@ -284,7 +288,9 @@ class ProxyServer:
         self.grpc_port = _bind(server, address)
         await server.start()
         self._grpc_servers.append(server)
-        await self._health.set("", health_pb2.HealthCheckResponse.SERVING)
+        # Like /readyz: not serving while the store has not been reached.
+        status = health_pb2.HealthCheckResponse
+        await self._health.set("", status.SERVING if self._store_up else status.NOT_SERVING)
 
     async def _start_admin_grpc(self, address: str) -> None:
         """agentproxy.v1.Authorizer and Approvals, with the health service too."""
