@@ -65,6 +65,8 @@ bench: bench-deps
 	$(PY) bench/wake_cost.py
 	$(PY) bench/body_flood.py
 	$(PY) bench/attacks.py
+	$(PY) bench/bodies.py
+	$(PY) bench/ext_authz.py
 
 ## make bench-quick: every benchmark with short runs (~5 minutes), for a first look; writes
 ## bench/results/*_quick.md (not committed), leaving the full runs' results alone
@@ -78,6 +80,8 @@ bench-quick: bench-deps
 	$(PY) bench/wake_cost.py --rounds 2 --name wake_cost_quick
 	$(PY) bench/body_flood.py --seconds 2 --rounds 1 --name body_flood_quick
 	$(PY) bench/attacks.py --seconds 2 --rounds 1 --name attacks_quick
+	$(PY) bench/bodies.py --calls 100 --name bodies_quick
+	$(PY) bench/ext_authz.py --seconds 2 --rounds 1 --name ext_authz_quick
 
 ## make bench-profile: py-spy samples the full HTTP pipeline under wrk load
 bench-profile: bench-deps

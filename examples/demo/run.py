@@ -60,6 +60,14 @@ Deleting a record needs an HR lead's approval (the call is held 20s, then answer
 An assistant acting for alice (RFC 8693 delegation):
   TOKEN=$({ap} token --key {key} --issuer {ISSUER} --audience agentproxy --agent assistant --for-user alice)
   curl -s -H "Authorization: Bearer $TOKEN" http://127.0.0.1:8080/v1/employees/alice       # allowed: its own user
+  curl -s -H "Authorization: Bearer $TOKEN" http://127.0.0.1:8080/v1/employees             # alice's direct reports, no salaries
+
+The onboarding workflow changes a title and a phone, nothing else (the body is policy's args):
+  TOKEN=$({ap} token --key {key} --issuer {ISSUER} --audience agentproxy --agent hr-bot --role hr)
+  curl -s -X PATCH -H "Authorization: Bearer $TOKEN" -H "Content-Type: application/json" \
+       -d '{{"title": "Staff Engineer"}}' http://127.0.0.1:8080/v1/employees/42              # allowed
+  curl -s -X PATCH -H "Authorization: Bearer $TOKEN" -H "Content-Type: application/json" \
+       -d '{{"salary": 1000000}}' http://127.0.0.1:8080/v1/employees/42                     # denied (403)
 """,
         flush=True,
     )

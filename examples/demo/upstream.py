@@ -15,9 +15,17 @@ from aiohttp import web
 
 API_KEY_FILE = "upstream-api-key.txt"
 EMPLOYEES = {
-    "1": {"id": "1", "name": "Ada (CEO)"},
-    "42": {"id": "42", "name": "Grace"},
-    "alice": {"id": "alice", "name": "Alice"},
+    "1": {"id": "1", "name": "Ada (CEO)", "manager": None, "title": "CEO", "salary": 900_000},
+    "42": {"id": "42", "name": "Grace", "manager": "alice", "title": "Engineer", "salary": 150_000},
+    "43": {"id": "43", "name": "Linus", "manager": "alice", "title": "Engineer", "salary": 140_000},
+    "44": {"id": "44", "name": "Barbara", "manager": "bob", "title": "Analyst", "salary": 120_000},
+    "alice": {
+        "id": "alice",
+        "name": "Alice",
+        "manager": "1",
+        "title": "Director",
+        "salary": 200_000,
+    },
 }
 
 
@@ -58,6 +66,19 @@ def make_app(api_key: str, jwks_url: str) -> web.Application:
             }
         )
 
+    async def list_employees(request: web.Request) -> web.Response:
+        # The whole directory, salaries included: the proxy's obligations decide what an
+        # agent sees of it.
+        return web.json_response({"items": list(EMPLOYEES.values())})
+
+    async def patch(request: web.Request) -> web.Response:
+        employee = EMPLOYEES.get(request.match_info["id"])
+        if employee is None:
+            return web.json_response({"error": "no such employee"}, status=404)
+        changes = await request.json()
+        employee.update(changes)
+        return web.json_response({"updated": employee["id"], "changed": sorted(changes)})
+
     async def salary(request: web.Request) -> web.Response:
         return web.json_response({"salary": 1_000_000})
 
@@ -70,7 +91,9 @@ def make_app(api_key: str, jwks_url: str) -> web.Application:
         return web.json_response({"deleted": request.match_info["id"]})
 
     app = web.Application(middlewares=[require_key])
+    app.router.add_get("/v1/employees", list_employees)
     app.router.add_get("/v1/employees/{id}", get_employee)
+    app.router.add_patch("/v1/employees/{id}", patch)
     app.router.add_get("/v1/employees/{id}/salary", salary)
     app.router.add_put("/v1/employees/{id}", update)
     app.router.add_delete("/v1/employees/{id}", delete)

@@ -64,6 +64,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     token.add_argument("--role", action="append", default=[], help="a role (repeatable)")
     token.add_argument("--task", help="task id claim")
+    token.add_argument(
+        "--claim",
+        action="append",
+        default=[],
+        metavar="K=V",
+        help="an extra claim (repeatable; V as JSON if it parses, else a string), "
+        "e.g. parent_task=plan-1",
+    )
     token.add_argument("--ttl", default="15m", help='lifetime, e.g. "15m"')
 
     revoke = commands.add_parser("revoke", help="put an agent or a token on the fleet's deny list")
@@ -87,6 +95,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     explain.add_argument(
         "--args", help="gRPC request fields or MCP arguments, as a JSON object", default=None
     )
+    explain.add_argument(
+        "--body",
+        help="an HTTP call's body as sent (or @FILE), read as args like the data plane reads it",
+    )
+    explain.add_argument(
+        "--content-type",
+        default="application/json",
+        help="the body's Content-Type (application/json, application/x-www-form-urlencoded)",
+    )
     explain.add_argument("--task", help="a declared task id (X-Agentproxy-Task)")
     explain.add_argument("--json", action="store_true", help="machine-readable output")
 
@@ -109,6 +126,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         query.add_argument(f"--{name}")
     query.add_argument("--since", help="RFC 3339 time, or a duration back from now (24h)")
     query.add_argument("--until", help="RFC 3339 time, or a duration back from now")
+    trace = audit_commands.add_parser(
+        "trace", help="a task's chain from the trail: agents, subtasks, actions, approvals"
+    )
+    trace.add_argument("task")
+    trace.add_argument("files", nargs="+", type=Path)
+    trace.add_argument("--json", action="store_true", help="the tree as JSON")
     audit_hash = audit_commands.add_parser(
         "hash", help="the HMAC a redacted value would have (is it this value?)"
     )
@@ -267,6 +290,9 @@ def _run(path: Path, level: str, *, worker: bool = False) -> int:
     except OSError as exc:
         print(f"cannot start: {exc}", file=sys.stderr)
         return 1
+    except (ImportError, ValueError) as exc:  # tracing without the otel extra, a bad OTEL_*
+        print(f"cannot start: {exc}", file=sys.stderr)
+        return 1
 
 
 def tune_gc() -> None:
@@ -397,6 +423,17 @@ async def _explain(args: argparse.Namespace) -> int:
         if not isinstance(call_args, dict):
             print("--args must be a JSON object", file=sys.stderr)
             return 2
+    body = None
+    if args.body is not None:
+        try:
+            body = (
+                await asyncio.to_thread(Path(args.body[1:]).read_bytes)
+                if args.body.startswith("@")
+                else args.body.encode("utf-8")
+            )
+        except OSError as exc:
+            print(f"--body {args.body}: {exc}", file=sys.stderr)
+            return 2
     services = _explain_services(config)
     try:
         await services.store.start()
@@ -404,7 +441,15 @@ async def _explain(args: argparse.Namespace) -> int:
         # own, so a CLI explain with it knows none (the admin API's explain does).
         await services.revocations.refresh()
         pipeline = assemble.build_explain(runtime, services)
-        result = await explain(pipeline, args.token, args.request, task=args.task, args=call_args)
+        result = await explain(
+            pipeline,
+            args.token,
+            args.request,
+            task=args.task,
+            args=call_args,
+            body=body,
+            content_type=args.content_type,
+        )
     except Refusal as exc:
         print(
             f"the proxy would refuse this call before deciding: {exc.status} {exc.detail}",
@@ -443,9 +488,12 @@ def _policy_test(directory: Path, verbose: bool) -> int:
     from agentproxy.policy.testing import format_report, run_dir
     from agentproxy.protocols.request_line import describe_line
 
-    def describe_request(line: str) -> Action:
-        # No upstream is running: gRPC arguments are taken as written.
-        return describe_line(line, None, lambda service, path: None)
+    def describe_request(line: str, body: bytes | None, content_type: str | None) -> Action:
+        # No upstream is running: gRPC arguments are taken as written, an HTTP body is read
+        # by its Content-Type (JSON if none is given).
+        return describe_line(
+            line, None, lambda service, path: None, body=body, content_type=content_type
+        )
 
     if not directory.is_dir():
         print(f"{directory} is not a directory", file=sys.stderr)
@@ -513,6 +561,23 @@ def _audit(args: argparse.Namespace) -> int:
         except OSError as exc:
             print(f"cannot read: {exc}", file=sys.stderr)
             return 1
+        return 0
+    if args.audit_command == "trace":
+        from agentproxy.audit.tree import records, render, task_tree
+
+        try:
+            tree = task_tree(args.task, records(args.files))
+        except OSError as exc:
+            print(f"cannot read: {exc}", file=sys.stderr)
+            return 1
+        if tree is None:
+            print(f"no record names task {args.task!r}", file=sys.stderr)
+            return 1
+        if args.json:
+            sys.stdout.buffer.write(orjson.dumps(tree.to_json(), option=orjson.OPT_INDENT_2))
+            sys.stdout.buffer.write(b"\n")
+        else:
+            print(render(tree))
         return 0
     from agentproxy.audit.chain import hmac_value
 
@@ -600,6 +665,11 @@ def approval_lines(a: dict[str, Any]) -> str:
         f" ({a.get('arguments_bytes', 0)} bytes, sha256 {digest}…;"
         f" `approvals show` has them whole){query}",
     ]
+    quorum = int(a.get("quorum") or 1)
+    if quorum > 1:
+        votes = a.get("votes") or []
+        given = ", ".join(f"{v['by']} at {rfc3339(v['at'])}" for v in votes) or "none yet"
+        lines.append(f"    approvals {len(votes)} of {quorum}: {given}")
     return "\n".join(lines)
 
 
@@ -646,7 +716,20 @@ def _token(args: argparse.Namespace) -> int:
     if ttl is None:
         print(f'invalid --ttl {args.ttl!r} (write e.g. "15m")', file=sys.stderr)
         return 1
-    extra = {"task": args.task} if args.task else {}
+    import orjson
+
+    extra: dict[str, Any] = {}
+    for pair in args.claim:
+        name, sep, text = pair.partition("=")
+        if not sep or not name:
+            print(f"invalid --claim {pair!r} (write K=V)", file=sys.stderr)
+            return 1
+        try:
+            extra[name] = orjson.loads(text)
+        except orjson.JSONDecodeError:
+            extra[name] = text
+    if args.task:
+        extra["task"] = args.task
     if args.via and not args.for_user:
         print("--via needs --for-user: a delegation chain acts for a user", file=sys.stderr)
         return 1

@@ -103,6 +103,9 @@ class Action:
     # The upstream reads paths case-insensitively (`paths: {case: insensitive}`): patterns
     # match whatever the case; bindings keep the case sent, as such frameworks pass them on.
     fold_case: bool = False
+    # An LLM API call's normalized facts (CEL `llm`): model, max_output_tokens (whichever of
+    # max_tokens, max_completion_tokens, max_output_tokens), stream, tools; None otherwise.
+    llm: Mapping[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if not self.protocol or ":" in self.protocol:
@@ -132,6 +135,7 @@ class Principal:
     token_id: str | None = None
     expires_at: float = 0.0
     task: str | None = None
+    parent_task: str | None = None  # the task that delegated this one (the token says so)
 
     def __post_init__(self) -> None:
         for value in (self.agent, self.acting_for, *self.chain):
@@ -229,6 +233,7 @@ class Facts:
     task_labels: frozenset[str] = frozenset()
     task_calls: int = 0
     task_spent: float = 0.0
+    task_parent: str | None = None  # the task that delegated this one (CEL task.parent)
 
 
 def task_history_key(agent: str, task: str) -> str:
@@ -258,12 +263,21 @@ class Reservation:
 
 @dataclass(frozen=True, slots=True)
 class TraceContext:
-    """W3C Trace Context (traceparent): the trace we continue and our own span in it."""
+    """W3C Trace Context (traceparent): the trace we continue and our own span in it.
+
+    `parent_id`: the caller's span (from its `traceparent`), None when we started the trace.
+    `span_id` is the proxy's SERVER span: the parent the upstream sees."""
 
     trace_id: str
     span_id: str
     flags: str = "01"
     state: str | None = None
+    parent_id: str | None = None
+
+    @property
+    def sampled(self) -> bool:
+        """The sampled flag (W3C Trace Context §3.2.2.5)."""
+        return int(self.flags, 16) & 1 == 1
 
     @property
     def traceparent(self) -> str:
@@ -286,8 +300,13 @@ class Call:
     trace: TraceContext
     bearer: str | None = field(default=None, repr=False)
     declared_task: str | None = None
+    declared_parent: str | None = None  # X-Agentproxy-Parent-Task, as the agent sent it
     principal: Principal | None = None
     task: str | None = None
+    parent_task: str | None = None
+    # Who named the parent: "token" (its parent_task claim) or "header" (the orchestrator's
+    # X-Agentproxy-Parent-Task, the agent's own word).
+    parent_source: str | None = None
     decision: Decision | None = None
     enforced: bool = True
     refusal: Refusal | None = None
@@ -322,8 +341,15 @@ class Call:
     store_error: str | None = None
     reservations: tuple[Reservation, ...] = ()
     grpc_status: int | None = None  # a gRPC call's status code (`status` is its HTTP mapping)
+    # The answer shaped by obligations: the rules, and how many fields and items it lost.
+    shaped: tuple[tuple[str, ...], int, int] | None = None
     # explain's collecting tracer: when set, decide() appends the steps of its evaluation.
     trace_steps: list[Any] | None = field(default=None, repr=False)
+    # A sampled call's stage timings for its spans: [stage, started, ended or None (it
+    # raised)] on the monotonic clock. None: the call is not traced.
+    spans: list[list[Any]] | None = field(default=None, repr=False)
+    # Reasoning capture (telemetry.capture_messages): the LLM answer's text, bounded.
+    completion: str | None = field(default=None, repr=False)
 
     def allowed(self) -> list[tuple[Action, Decision]]:
         """Each message of the call (the one, or every message of a batch) that a rule

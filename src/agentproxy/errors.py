@@ -186,6 +186,15 @@ class PayloadTooLarge(Refusal):
     fault = "client"
 
 
+class UnsupportedMediaType(Refusal):
+    """A body policy must read is not in a media type the proxy reads (JSON, form)."""
+
+    status = 415
+    problem = "unsupported-media-type"
+    title = "Unsupported media type"
+    fault = "client"
+
+
 class BodyTimeout(Refusal):
     """The request body stopped arriving for longer than `listen.body_timeout`."""
 
@@ -220,6 +229,14 @@ class UpstreamFailed(Refusal):
     problem = "upstream-unavailable"
     title = "Upstream unavailable"
     fault = "upstream"
+
+
+class UnshapedAnswer(UpstreamFailed):
+    """An answer the allowing rule must shape (`redact_fields`, `keep_items`) that cannot be:
+    not JSON, too large, compressed unreadably. Never passed on unshaped."""
+
+    problem = "answer-not-shaped"
+    title = "Answer could not be shaped"
 
 
 class UpstreamTimeout(Refusal, TimeoutError):

@@ -170,3 +170,109 @@ async def test_the_approvals_page_in_chromium(
         finally:
             await browser.close()
     assert upstream.seen[-1].headers["X-Agentproxy-Approval"]
+
+
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+
+
+async def test_the_console_detail_view_history_and_signed_in_approver(
+    make_proxy: ProxyFactory, keys: Keys, upstream: Upstream
+) -> None:
+    from playwright.async_api import async_playwright, expect
+
+    proxy = await make_proxy(policy=policy(hold="30s"))
+    bot, carol = keys.token("pay-bot", task="t-77"), keys.token("carol")
+    arguments = {"to": "DE89 3704 0044 0532 0130 00", "memo": "m" * 400, "lines": [{"sku": "a1"}]}
+
+    async def send(amount: int) -> int:
+        async with (
+            aiohttp.ClientSession() as s,
+            s.post(
+                f"{proxy.base}/v1/transfers?amount={amount}",
+                json=arguments,
+                headers={"Authorization": f"Bearer {bot}"},
+            ) as r,
+        ):
+            await r.read()
+            return r.status
+
+    async with aiohttp.ClientSession() as s, async_playwright() as pw:
+        held = asyncio.ensure_future(send(7777))
+        browser = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            context = await browser.new_context(timezone_id="Asia/Tokyo", locale="en-US")
+            page = await context.new_page()
+            errors: list[str] = []
+            page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            await page.goto(f"{proxy.admin}/ui/approvals#token={carol}")
+            whoami = page.locator("#whoami")
+            await expect(whoami).to_contain_text("carol")
+            assert "Signed in as carol" in await whoami.inner_text()
+            assert "Asia/Tokyo" in await whoami.inner_text()
+            row = page.locator("#approvals tbody tr", has_text="pay-bot")
+            await row.wait_for(timeout=10_000)
+            assert "GMT+9" in await row.inner_text()  # the approver's zone, named
+            # The detail view: everything the grant releases, whole.
+            await row.locator("a.open").click()
+            detail = page.locator("#detail")
+            await detail.wait_for(state="visible")
+            text = await detail.inner_text()
+            approval_id = await page.locator("#d-id").inner_text()
+            assert f"approval={approval_id}" in page.url
+            for shown in ("t-77", "tool", "POST", "/v1/transfers?amount=7777", "big-transfers"):
+                assert shown in text, shown
+            pretty = await page.locator("#d-arguments").inner_text()
+            assert '"memo": "' + "m" * 400 + '"' in pretty and '"sku": "a1"' in pretty
+            await page.locator("#d-raw").click()
+            raw = await page.locator("#d-arguments").inner_text()
+            assert "\n" not in raw and orjson.loads(raw) == arguments
+            # Reading and typing in the detail view across refreshes: nothing is disturbed.
+            reason = page.locator("#d-reason")
+            await reason.click()
+            await reason.press_sequentially("vendor confirmed by phone", delay=120)
+            assert await reason.input_value() == "vendor confirmed by phone"
+            dialogs: list[str] = []
+
+            async def accept(dialog: Any) -> None:
+                dialogs.append(dialog.message)
+                await dialog.accept()
+
+            page.on("dialog", lambda d: asyncio.ensure_future(accept(d)))
+            await page.locator("#d-approve").click()
+            assert await asyncio.wait_for(held, 10) == 200
+            assert "DE89 3704" in dialogs[0] and "a1" in dialogs[0]
+            await expect(page.locator("#d-state")).to_have_text("approved")
+            assert await page.locator("#d-decision").is_hidden()
+            # A second one, denied through the API, for the history.
+            second = asyncio.ensure_future(send(8888))
+            for _ in range(50):
+                waiting = [a for a in await pending(s, proxy, carol) if a["id"] != approval_id]
+                if waiting:
+                    break
+                await asyncio.sleep(0.1)
+            assert await decide(s, proxy, carol, waiting[0]["id"], "deny", "no such vendor") == 200
+            assert await asyncio.wait_for(second, 10) == 403
+            await page.locator("#tab-history").click()
+            decided = page.locator("#decided tbody tr")
+            await expect(decided).to_have_count(2)
+            texts = [await decided.nth(i).inner_text() for i in range(2)]
+            assert "denied" in texts[0] and "no such vendor" in texts[0] and "carol" in texts[0]
+            assert "approved" in texts[1] and "vendor confirmed by phone" in texts[1]
+            await page.select_option("#f-state", "approved")
+            await expect(decided).to_have_count(1)
+            await page.select_option("#f-state", "")
+            await page.locator("#f-agent").fill("someone-else")
+            await page.locator("#history-empty").wait_for(state="visible")
+            await page.locator("#f-agent").fill("pay")
+            await expect(decided).to_have_count(2)
+            assert errors == []
+        finally:
+            await browser.close()

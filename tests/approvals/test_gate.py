@@ -8,6 +8,7 @@ from typing import Any
 
 import aiohttp
 import orjson
+import pytest
 
 from agentproxy.approvals.lifecycle import Event
 from tests.conftest import Keys, Proxy, ProxyFactory, Upstream
@@ -352,3 +353,61 @@ async def test_the_cli_lists_approvals_with_times_chain_and_what_is_bound(
     assert 'query {"amount":"640"}' in listed and "sha256 " in listed
     shown = orjson.loads(await cli("show", approval_id))
     assert shown["query"] == {"amount": "640"} and shown["chain"] == ["planner"]
+
+
+QUORUM_POLICY = """
+default: deny
+rules:
+  - id: big-transfers
+    agents: [pay-bot]
+    actions: ["http:POST /v1/transfers"]
+    effect: require_approval
+    reason: two of the treasury must agree
+    approval: {approvers: ["user:carol", "user:dave", "user:erin"], quorum: 2, hold: 0s}
+"""
+
+
+async def test_two_of_three_approvers_release_the_call(
+    make_proxy: ProxyFactory, keys: Keys, upstream: Upstream, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from agentproxy.admin.grpc import approval_message
+    from agentproxy.approvals.lifecycle import Approval
+    from agentproxy.cli import approval_lines
+
+    proxy = await make_proxy(policy=QUORUM_POLICY)
+    bot = keys.token("pay-bot")
+    carol, dave, erin = keys.token("carol"), keys.token("dave"), keys.token("erin")
+    async with aiohttp.ClientSession() as s:
+        status, body = await transfer(s, proxy, bot, 500)
+        assert status == 403 and body["type"].endswith("/approval-pending")
+        approval_id = body["approval_id"]
+        assert await decide(s, proxy, carol, approval_id, "approve", "checked") == 200
+        # One of two: still pending, nothing released; carol cannot count twice.
+        status, body = await transfer(s, proxy, bot, 500)
+        assert status == 403 and body["approval_id"] == approval_id
+        assert await decide(s, proxy, carol, approval_id, "approve") == 409
+        assert not any(seen.path.startswith("/v1/transfers") for seen in upstream.seen)
+        async with s.get(f"{proxy.admin}/v1/approvals/{approval_id}", headers=auth(erin)) as r:
+            shown = await r.json()
+        assert shown["quorum"] == 2 and [v["by"] for v in shown["votes"]] == ["carol"]
+        assert "approvals 1 of 2: carol at " in approval_lines(shown)
+        message = approval_message(Approval.from_json(shown))
+        assert message.quorum == 2 and [v.by for v in message.votes] == ["carol"]
+        assert await decide(s, proxy, dave, approval_id, "approve", "agreed") == 200
+        status, _ = await transfer(s, proxy, bot, 500)
+        assert status == 200
+        # Another: one denial refuses it, whatever approvals came before.
+        status, body = await transfer(s, proxy, bot, 900)
+        second = body["approval_id"]
+        assert await decide(s, proxy, erin, second, "approve") == 200
+        assert await decide(s, proxy, carol, second, "deny", "not this vendor") == 200
+        status, body = await transfer(s, proxy, bot, 900)
+        assert status == 403 and body["type"].endswith("/approval-denied")
+    out = capsys.readouterr().out
+    events = [
+        orjson.loads(line)["event"]
+        for line in out.splitlines()
+        if line.startswith("{") and '"kind":"approval"' in line
+    ]
+    assert events[:4] == ["requested", "voted", "approved", "used"]
+    assert events[4:] == ["requested", "voted", "denied"]

@@ -147,14 +147,33 @@ async def test_payload_is_slack_shaped_and_machine_readable(receiver: Receiver) 
     [section] = body["blocks"]
     assert section["type"] == "section"
     assert section["text"] == {"type": "mrkdwn", "text": body["text"]}
-    assert [f["type"] for f in section["fields"]] == ["mrkdwn"] * 5
+    assert [f["type"] for f in section["fields"]] == ["mrkdwn"] * 9
     assert [f["text"] for f in section["fields"]] == [
         "*Agent*\npay-bot",
         "*User*\nalice",
+        "*Chain*\npay-bot → pay-bot",
         "*Action*\nmcp:tools/call/transfer",
+        "*Upstream*\n—",
+        "*Task*\n—",
         "*Rule*\nbig-transfers",
+        "*Arguments*\n—",
         "*Expires*\n2026-01-01T00:00:00Z",
     ]
+    # An HTTP approval names its query, task and upstream too.
+    http = make_approval(
+        action="http:POST /v1/transfers",
+        query={"amount": "7777", "tag": ("a", "b")},
+        task="t-1",
+        upstream="payments",
+        arguments_bytes=12,
+        arguments_sha256="ab" * 32,
+    )
+    fields = [f["text"] for f in payload("requested", http)["blocks"][0]["fields"]]
+    assert (
+        "*Action*\nhttp:POST /v1/transfers?amount=7777&amp;tag=a&amp;tag=b" in fields
+    )  # Slack-escaped
+    assert "*Task*\nt-1" in fields and "*Upstream*\npayments" in fields
+    assert "*Arguments*\n12 bytes, SHA-256 abababababababab…" in fields
 
 
 def test_decided_event_names_the_approver_and_links_details() -> None:

@@ -215,11 +215,16 @@ def test_validate_command_prints_every_problem_and_exits_1(tmp_path: Path) -> No
 def test_validate_command_accepts_the_examples(example: Path, tmp_path: Path) -> None:
     from agentproxy.identity.issue import generate_demo_keypair
 
-    # A copy, with the issuer key its run.py would make (never committed).
-    copy = tmp_path / example.parent.name
-    shutil.copytree(example.parent, copy, ignore=shutil.ignore_patterns(".keys"))
-    (copy / ".keys").mkdir()
-    generate_demo_keypair(copy / ".keys" / "issuer.pem", copy / ".keys" / "issuer.pub.pem")
+    # A copy of every example (one may use another's files), with the issuer keys their
+    # run.py would make (never committed).
+    shutil.copytree(
+        example.parent.parent, tmp_path / "examples", ignore=shutil.ignore_patterns(".keys")
+    )
+    for each in (tmp_path / "examples").iterdir():
+        if each.is_dir():
+            (each / ".keys").mkdir()
+            generate_demo_keypair(each / ".keys" / "issuer.pem", each / ".keys" / "issuer.pub.pem")
+    copy = tmp_path / "examples" / example.parent.name
     out = subprocess.run(
         [sys.executable, "-m", "agentproxy", "validate", "--config", str(copy / example.name)],
         capture_output=True,
@@ -424,3 +429,83 @@ def test_max_body_bytes_defaults_by_protocol_and_is_checked(tmp_path: Path) -> N
         "$.upstreams[0].max_body_bytes: must be a positive number of bytes" in line
         for line in problems(write(tmp_path, bad))
     )
+
+
+SILENT_POLICY = """\
+default: deny
+rules:
+  - id: by-amount
+    agents: [payer]
+    actions: ["http:POST /v1/transfers"]
+    when: 'args.amount <= 100'
+    effect: allow
+  - id: get-by-args
+    agents: [payer]
+    actions: ["http:GET /v1/transfers"]
+    when: 'args.id == "1"'
+    effect: allow
+  - id: unbound
+    agents: [payer]
+    actions: ["http:GET /v1/employees/{id}", "http:GET /v1/employees"]
+    when: 'resource.employee == "1" && "resource.nope" != ""'
+    effect: allow
+  - id: guarded
+    agents: [payer]
+    actions: ["http:GET /v1/teams/{team}", "http:GET /v1/teams"]
+    when: '!has(resource.team) || resource.team == "a"'
+    effect: allow
+"""
+
+BAD_SHAPES = """\
+rules:
+  - id: shapes
+    agents: [payer]
+    actions: ["http:GET /v1/**", "mcp:tools/call/x"]
+    effect: allow
+    obligations: {redact_fields: ["items[]", "a..b"], keep_items: {path: "x y", when: "item."}}
+  - id: bad-when
+    agents: [payer]
+    actions: ["http:GET /v1/**"]
+    effect: allow
+    obligations: {keep_items: {path: items, when: "item."}}
+"""
+
+
+def test_validate_catches_what_would_silently_deny(tmp_path: Path) -> None:
+    main = MAIN.replace("    timeout: 5s", "    timeout: 5s\n    body: stream")
+    text = "\n".join(problems(write(tmp_path, main, SILENT_POLICY)))
+    assert "rule by-amount.when: reads args on HTTP calls, but upstream hr never reads" in text
+    assert "rule get-by-args.when: reads args, but 'http:GET /v1/transfers' calls carry" in text
+    assert "resource.employee: action 'http:GET /v1/employees/{id}' binds id" in text
+    assert "resource.employee: action 'http:GET /v1/employees' binds nothing" in text
+    assert "resource.nope" not in text  # a string, not a read
+    assert "rule guarded" not in text
+
+
+def test_validate_catches_bad_obligations_and_claim_paths(tmp_path: Path) -> None:
+    main = MAIN.replace(
+        "policy_files:",
+        "  claims: {roles: 'realm_access.roles[0]', task: 'ctx..task'}\npolicy_files:",
+    )
+    text = "\n".join(problems(write(tmp_path, main, BAD_SHAPES)))
+    assert "every action must start with http: (not 'mcp:tools/call/x')" in text
+    assert "path 'items[]': ends in []" in text and "path 'a..b'" in text
+    assert "path 'x y'" in text
+    assert "rule bad-when.obligations.keep_items.when: CEL does not compile" in text
+    assert "$.identity.claims.roles: 'realm_access.roles[0]' is not a claim name" in text
+    assert "$.identity.claims.task: 'ctx..task'" in text
+
+
+def test_claims_are_read_by_dotted_paths() -> None:
+    from agentproxy.config.model import ClaimNames
+    from agentproxy.identity.principal import principal_from_claims
+
+    names = ClaimNames(agent="azp", roles="realm_access.roles", task="https://ex.com/task")
+    claims = {
+        "azp": "bot",
+        "realm_access": {"roles": ["hr"]},
+        "https://ex.com/task": "t-1",
+    }
+    principal = principal_from_claims(claims, names, "https://idp", 0.0)
+    assert principal.agent == "bot" and principal.roles == {"hr"} and principal.task == "t-1"
+    assert principal_from_claims({"azp": "bot"}, names, "i", 0.0).roles == frozenset()

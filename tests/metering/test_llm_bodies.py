@@ -81,5 +81,5 @@ async def test_keys_one_case_apart_never_reach_the_provider(
 ) -> None:
     status, answer = await post(llm_proxy, keys.token("writer"), body)
     assert status == 400
-    assert "one key to a parser that ignores case" in orjson.loads(answer)["detail"]
+    assert "one key to a parser that ignores case" in orjson.loads(answer)["error"]["message"]
     assert llm_upstream.received == []

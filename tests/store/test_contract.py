@@ -11,6 +11,7 @@ import math
 import time
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import replace
 
 import pytest
 
@@ -492,6 +493,38 @@ async def test_approve_stores_a_one_use_grant(store: Store) -> None:
     # The grant is spent: an identical request is a new approval, not the used one.
     again = approval(pending.fingerprint, created=NOW + 7)
     assert await store.open_approval(again, NOW + 7, **CAPS) == (again, True)
+
+
+async def test_a_quorum_needs_that_many_distinct_approvers(store: Store) -> None:
+    pending = await opened(store, replace(approval(), quorum=3))
+    first = await store.decide_approval(pending.id, Event.APPROVE, "carol", "looks right", NOW + 1)
+    assert first.state is State.PENDING and [v.by for v in first.votes] == ["carol"]
+    assert await store.use_grant(pending.fingerprint, NOW + 1) is None  # nothing released
+    # No approver counts twice.
+    with pytest.raises(IllegalTransition, match="carol already approved"):
+        await store.decide_approval(pending.id, Event.APPROVE, "carol", "again", NOW + 2)
+    second = await store.decide_approval(pending.id, Event.APPROVE, "dave", "", NOW + 2)
+    assert second.state is State.PENDING and len(second.votes) == 2
+    assert await store.get_approval(pending.id, NOW + 2) == second
+    third = await store.decide_approval(pending.id, Event.APPROVE, "erin", "ok", NOW + 3)
+    assert third.state is State.APPROVED and third.decided_by == "erin"
+    assert [(v.by, v.reason, v.at) for v in third.votes] == [
+        ("carol", "looks right", NOW + 1),
+        ("dave", "", NOW + 2),
+        ("erin", "ok", NOW + 3),
+    ]
+    grant = await store.use_grant(pending.fingerprint, NOW + 4)
+    assert grant is not None and grant.approver == "erin"
+
+
+async def test_one_denial_refuses_a_quorum(store: Store) -> None:
+    pending = await opened(store, replace(approval(), quorum=2))
+    await store.decide_approval(pending.id, Event.APPROVE, "carol", "", NOW + 1)
+    denied = await store.decide_approval(pending.id, Event.DENY, "dave", "no", NOW + 2)
+    assert denied.state is State.DENIED and denied.decided_by == "dave"
+    with pytest.raises(IllegalTransition):
+        await store.decide_approval(pending.id, Event.APPROVE, "erin", "", NOW + 3)
+    assert await store.use_grant(pending.fingerprint, NOW + 3) is None
 
 
 async def test_approve_with_a_ttl_stores_a_grant_for_many_calls(store: Store) -> None:

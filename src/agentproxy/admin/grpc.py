@@ -209,6 +209,11 @@ def approval_message(approval: Approval, *, arguments: bool = False) -> Any:
         task=approval.task or "",
         arguments_bytes=approval.arguments_bytes,
         arguments_sha256=approval.arguments_sha256,
+        quorum=approval.quorum,
+        votes=[
+            approvals_pb2.Vote(by=v.by, reason=v.reason, at=_timestamp(v.at))
+            for v in approval.votes
+        ],
     )
     if arguments and approval.arguments is not None:
         message.arguments_json = orjson.dumps(approval.arguments).decode()

@@ -15,12 +15,15 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 from prometheus_client.aiohttp import make_aiohttp_handler
 
+from agentproxy.admin import authzen
 from agentproxy.approvals.authorize import is_listed
 from agentproxy.approvals.lifecycle import Approval, Event, State
+from agentproxy.audit import tree as tree_module
+from agentproxy.audit.tree import records
 from agentproxy.clock import SYSTEM, Clock, parse_rfc3339
 from agentproxy.config.model import names_principal
 from agentproxy.config.yamldoc import parse_duration
-from agentproxy.core import Principal
+from agentproxy.core import Action, Call, Principal
 from agentproxy.errors import (
     Denied,
     InternalError,
@@ -83,9 +86,34 @@ class AdminBackend(ApprovalsBackend, Protocol):
         """Raises StoreError."""
 
     async def explain(
-        self, token: str, request: str, task: str | None, args: dict[str, Any] | None = None
+        self,
+        token: str,
+        request: str,
+        task: str | None,
+        args: dict[str, Any] | None = None,
+        body: bytes | None = None,
+        content_type: str | None = None,
     ) -> dict[str, Any]:
-        """Raises Refusal (the token or request would be refused) or StoreError."""
+        """Raises Refusal (the token, request or body would be refused) or StoreError."""
+
+    async def check(
+        self,
+        *,
+        token: str | None,
+        describe: Action | Refusal,
+        task: str | None,
+        traceparent: str | None,
+        upstream: str | None = None,
+    ) -> tuple[Call, list[tuple[str, str]]]:
+        """The finished call of an Authorizer.Check (AuthZEN too) and the context it would
+        add. Never raises for the call itself: its refusal is on the call."""
+
+    async def gateway_check(
+        self, method: str, path: str, headers: dict[str, str], body: bytes | None
+    ) -> tuple[bool, int, list[tuple[str, str]], list[str], bytes] | None:
+        """Envoy's HTTP ext_authz: (allowed, status, headers to set or answer with, headers
+        to remove, body) for a request a gateway holds; None when listen.ext_authz is not
+        set (the mode is off)."""
 
     async def accept_tool(self, upstream: str, tool: str) -> str:
         """Pins a changed MCP tool's new definition; its fingerprint. Raises NotFound when the
@@ -95,6 +123,10 @@ class AdminBackend(ApprovalsBackend, Protocol):
         """Reloads config and policy; False when the new files were rejected."""
 
     def policy_version(self) -> str: ...
+
+    def audit_files(self) -> list[Path]:
+        """The audit trail's files, oldest first (rotated ones, then the current); empty when
+        `audit.file` is not configured."""
 
 
 def admin_app(backend: AdminBackend, clock: Clock = SYSTEM) -> web.Application:
@@ -121,7 +153,9 @@ def admin_app(backend: AdminBackend, clock: Clock = SYSTEM) -> web.Application:
 
     async def explain(request: web.Request) -> web.Response:
         await _operator(request)
-        data = _json_object(await request.read(), {"token", "request", "task", "args"})
+        data = _json_object(
+            await request.read(), {"token", "request", "task", "args", "body", "content_type"}
+        )
         token, line, task = data.get("token"), data.get("request"), data.get("task")
         if not isinstance(token, str) or not isinstance(line, str):
             raise BadAdminRequest('send {"token": "…", "request": "GET /path"}')
@@ -130,7 +164,13 @@ def admin_app(backend: AdminBackend, clock: Clock = SYSTEM) -> web.Application:
         args = data.get("args")
         if args is not None and not isinstance(args, dict):
             raise BadAdminRequest('"args" must be an object')
-        return web.json_response(await backend.explain(token, line, task, args))
+        body, content_type = data.get("body"), data.get("content_type")
+        if body is not None and not isinstance(body, str):
+            raise BadAdminRequest('"body" must be a string: the HTTP body as it is sent')
+        if content_type is not None and not isinstance(content_type, str):
+            raise BadAdminRequest('"content_type" must be a string')
+        raw = None if body is None else body.encode("utf-8")
+        return web.json_response(await backend.explain(token, line, task, args, raw, content_type))
 
     async def accept_tool(request: web.Request) -> web.Response:
         operator = await _operator(request)
@@ -148,6 +188,72 @@ def admin_app(backend: AdminBackend, clock: Clock = SYSTEM) -> web.Application:
         if token is None:
             raise Unauthenticated("an approver's bearer token is required")
         return await backend.approver(token)
+
+    async def ext_authz_http(request: web.Request) -> web.Response:
+        """Envoy's HTTP ext_authz mode: the request as Envoy received it, under
+        /ext_authz (`http_service.path_prefix`). Allowed: 200, the headers to set (list them
+        in `allowed_upstream_headers`) and `x-envoy-auth-headers-to-remove`; refused: the
+        data plane's own answer."""
+        body = await request.read() if request.body_exists else None
+        path = request.raw_path.removeprefix("/ext_authz") or "/"
+        headers = {k.lower(): v for k, v in request.headers.items()}
+        answer = await backend.gateway_check(request.method, path, headers, body)
+        if answer is None:
+            raise NotFound("the ext_authz mode is off (set listen.ext_authz)")
+        allowed, status, set_headers, remove, reply = answer
+        if not allowed and status < 300:
+            # Envoy's HTTP mode reads any 200 as "allowed": a refusal the data plane answers
+            # 200 (an MCP JSON-RPC error) must not be, or the call would be forwarded.
+            status = 403
+        response = web.Response(status=200 if allowed else status, body=reply)
+        for name, value in set_headers:
+            response.headers.add(name, value)
+        if allowed and remove:
+            response.headers["x-envoy-auth-headers-to-remove"] = ",".join(remove)
+        return response
+
+    async def authzen_evaluation(request: web.Request) -> web.Response:
+        """OpenID AuthZEN access evaluation, for operators (a gateway's identity)."""
+        await _operator(request)
+        data = _json_object(await request.read(), set(authzen.MEMBERS))
+        asked = authzen.evaluation(data)
+        call, _ = await backend.check(
+            token=asked.token,
+            describe=asked.describe,
+            task=asked.task,
+            traceparent=asked.traceparent,
+        )
+        return web.json_response(authzen.answer(call), headers=NO_STORE)
+
+    async def authzen_evaluations(request: web.Request) -> web.Response:
+        await _operator(request)
+        data = _json_object(await request.read(), set(authzen.MEMBERS) | {"evaluations", "options"})
+        try:
+            asked = authzen.evaluations(data)
+        except Refusal as exc:
+            raise BadAdminRequest(exc.detail) from None
+        results = []
+        for one in asked:
+            call, _ = await backend.check(
+                token=one.token, describe=one.describe, task=one.task, traceparent=one.traceparent
+            )
+            results.append(authzen.answer(call))
+        return web.json_response({"evaluations": results}, headers=NO_STORE)
+
+    async def whoami(request: web.Request) -> web.Response:
+        """Who the bearer token says the caller is (the approvals page shows it)."""
+        principal = await _approver(request)
+        return web.json_response(
+            {
+                "agent": principal.agent,
+                "user": principal.acting_for,
+                "chain": list(principal.chain),
+                "roles": sorted(principal.roles),
+                "issuer": principal.issuer,
+                "operator": backend.is_operator(principal),
+            },
+            headers=NO_STORE,
+        )
 
     async def approvals_list(request: web.Request) -> web.Response:
         """One page: `?state=&cursor=&limit=` (limit 1..1000, 100 by default); the answer's
@@ -188,6 +294,12 @@ def admin_app(backend: AdminBackend, clock: Clock = SYSTEM) -> web.Application:
         approval = await backend.decide_approval(request.match_info["id"], event, principal, reason)
         return web.json_response(approval.to_json(), headers=NO_STORE)
 
+    async def tasks_page(_: web.Request) -> web.StreamResponse:
+        path = UI_DIR / "tasks.html"
+        return web.FileResponse(
+            path, headers={**UI_HEADERS, "Content-Type": UI_FILES["tasks.html"]}
+        )
+
     async def ui_page(request: web.Request) -> web.StreamResponse:
         name = request.match_info.get("file") or "approvals.html"
         if name not in UI_FILES:
@@ -207,6 +319,25 @@ def admin_app(backend: AdminBackend, clock: Clock = SYSTEM) -> web.Application:
             body["error"] = "the new config or policy was rejected; see the proxy's log"
         return web.json_response(body, status=200 if reloaded else 422)
 
+    async def task_tree(request: web.Request) -> web.Response:
+        """A task's tree from the audit file (operators only: it names every agent, user and
+        action of the task). `?format=text`: as `agentproxy audit trace` prints it."""
+        await _operator(request)
+        files = backend.audit_files()
+        if not files:
+            raise NotFound("no audit file to read task trees from (audit.file)")
+        task = request.match_info["task"]
+        try:
+            tree = await asyncio.to_thread(lambda: tree_module.task_tree(task, records(files)))
+        except OSError as exc:
+            log.error("audit: cannot read the trail for a task tree: %s", exc)
+            raise Unavailable("the audit trail cannot be read", component="audit") from None
+        if tree is None:
+            raise NotFound(f"no record names task {task!r}")
+        if request.query.get("format") == "text":
+            return web.Response(text=tree_module.render(tree), headers=NO_STORE)
+        return web.json_response(tree.to_json(), headers=NO_STORE)
+
     async def favicon(_: web.Request) -> web.Response:
         return web.Response(status=204, headers={"Cache-Control": "max-age=86400"})
 
@@ -225,10 +356,16 @@ def admin_app(backend: AdminBackend, clock: Clock = SYSTEM) -> web.Application:
     app.router.add_post("/v1/explain", explain)
     app.router.add_post("/v1/tools/accept", accept_tool)
     app.router.add_post("/v1/reload", reload)
+    app.router.add_get("/v1/whoami", whoami)
+    app.router.add_post("/access/v1/evaluation", authzen_evaluation)
+    app.router.add_route("*", "/ext_authz/{tail:.*}", ext_authz_http)
+    app.router.add_post("/access/v1/evaluations", authzen_evaluations)
     app.router.add_get("/v1/approvals", approvals_list)
     app.router.add_get("/v1/approvals/{id}", approvals_get)
     app.router.add_post("/v1/approvals/{id}/{verb:approve|deny}", approvals_decide)
+    app.router.add_get("/v1/tasks/{task}/tree", task_tree)
     app.router.add_get("/ui/approvals", ui_page)
+    app.router.add_get("/ui/tasks", tasks_page)
     app.router.add_get("/favicon.ico", favicon)
     app.router.add_get("/ui/{file}", ui_page)
     return app
@@ -285,6 +422,8 @@ UI_FILES = {
     "approvals.html": "text/html; charset=utf-8",
     "approvals.js": "text/javascript; charset=utf-8",
     "approvals.css": "text/css; charset=utf-8",
+    "tasks.html": "text/html; charset=utf-8",
+    "tasks.js": "text/javascript; charset=utf-8",
 }
 # A strict Content-Security-Policy: no inline script or style, nothing from elsewhere, no
 # framing (clickjacking an Approve button), no forms posting anywhere.

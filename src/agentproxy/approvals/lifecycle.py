@@ -12,7 +12,7 @@ from __future__ import annotations
 import enum
 import hashlib
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import orjson
@@ -83,6 +83,10 @@ class Approval:
     arguments: Any = None
     arguments_bytes: int = 0
     arguments_sha256: str = ""
+    # N of M: how many distinct approvers must approve, and the approvals given so far (the
+    # last one releases the call; `decided_by` names it).
+    quorum: int = 1
+    votes: tuple[Vote, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -109,6 +113,8 @@ class Approval:
             "arguments": self.arguments,
             "arguments_bytes": self.arguments_bytes,
             "arguments_sha256": self.arguments_sha256,
+            "quorum": self.quorum,
+            "votes": [vote.to_json() for vote in self.votes],
         }
 
     @classmethod
@@ -138,7 +144,35 @@ class Approval:
             arguments=data.get("arguments"),
             arguments_bytes=int(data.get("arguments_bytes") or 0),
             arguments_sha256=str(data.get("arguments_sha256") or ""),
+            quorum=int(data.get("quorum") or 1),
+            votes=tuple(Vote.from_json(v) for v in data.get("votes") or ()),
         )
+
+    def add_vote(self, by: str, reason: str, now: float) -> Approval:
+        """This pending approval with one more approver's vote. Raises IllegalTransition
+        when `by` already approved it (no approver counts twice)."""
+        if any(vote.by == by for vote in self.votes):
+            raise IllegalTransition(
+                f"{by} already approved {self.id}; it needs "
+                f"{self.quorum - len(self.votes)} more approver(s)"
+            )
+        return replace(self, votes=(*self.votes, Vote(by, reason, now)))
+
+
+@dataclass(frozen=True, slots=True)
+class Vote:
+    """One approver's approval of an approval that needs several."""
+
+    by: str
+    reason: str
+    at: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {"by": self.by, "reason": self.reason, "at": self.at}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Vote:
+        return cls(str(data["by"]), str(data.get("reason") or ""), float(data["at"]))
 
 
 def fingerprint(
@@ -151,7 +185,9 @@ def fingerprint(
     upstream: str = "",
 ) -> str:
     """SHA-256 over the canonical JSON of who asks for exactly what, of which upstream (an
-    approval of one server's `export` never releases another server's)."""
+    approval of one server's `export` never releases another server's). Canonical: keys
+    sorted, and a number is one number however it was written (`200`, `2e2`, `200.0`), so an
+    approval binds what the call does, not its spelling."""
     canonical = orjson.dumps(
         {
             "agent": agent,
@@ -159,13 +195,27 @@ def fingerprint(
             "chain": list(chain),
             "action": action,
             "upstream": upstream,
-            "args": args,
+            "args": canonical_numbers(args),
             "query": query,
         },
         option=orjson.OPT_SORT_KEYS,
         default=str,
     )
     return hashlib.sha256(canonical).hexdigest()
+
+
+def canonical_numbers(value: Any) -> Any:
+    """`value` with every float that is a whole number within 64 bits written as an integer
+    (JSON has one number type: 2e2, 200.0 and 200 are the same to an upstream's parser)."""
+    if isinstance(value, float):
+        if value.is_integer() and -(2.0**63) <= value < 2.0**63:
+            return int(value)
+        return value
+    if isinstance(value, dict):
+        return {key: canonical_numbers(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [canonical_numbers(item) for item in value]
+    return value
 
 
 # Arguments up to this size (canonical JSON) are kept whole on the approval; larger ones are

@@ -36,7 +36,7 @@ from agentproxy.clock import SYSTEM, Clock, rfc3339
 
 log = logging.getLogger("agentproxy.approvals")
 
-EVENTS = frozenset({"requested", "approved", "denied", "expired", "used"})
+EVENTS = frozenset({"requested", "voted", "approved", "denied", "expired", "used"})
 
 SIGNATURE_HEADER = "X-Agentproxy-Signature"
 EVENT_HEADER = "X-Agentproxy-Event"
@@ -118,6 +118,10 @@ def slack_escape(text: str) -> str:
     return flat.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 
+def _listed(value: Any) -> list[Any]:
+    return list(value) if isinstance(value, list | tuple) else [value]
+
+
 def _clip(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
@@ -135,6 +139,9 @@ def payload(event: str, approval: Approval, *, ui_url: str | None = None) -> dic
     if approval.reason:
         rule += f": {slack_escape(approval.reason)}"
     parts = [f"agentproxy: approval {event}", f"{who} wants {slack_escape(approval.action)}", rule]
+    if approval.quorum > 1:
+        voters = ", ".join(slack_escape(v.by) for v in approval.votes) or "none yet"
+        parts.append(f"{len(approval.votes)} of {approval.quorum} approvals ({voters})")
     if approval.decided_by is not None:
         by = f"by {slack_escape(approval.decided_by)}"
         if approval.decided_reason:
@@ -145,11 +152,21 @@ def payload(event: str, approval: Approval, *, ui_url: str | None = None) -> dic
         parts.append(f"approve at {link}" if event == "requested" else f"details at {link}")
     text = " — ".join(parts)
 
+    query = "&".join(f"{k}={v}" for k, values in approval.query.items() for v in _listed(values))
     fields = [
         ("Agent", approval.agent),
         ("User", approval.user if approval.user is not None else "—"),
-        ("Action", approval.action),
+        ("Chain", " → ".join((*approval.chain, approval.agent)) if approval.chain else "—"),
+        ("Action", approval.action + (f"?{query}" if query else "")),
+        ("Upstream", approval.upstream or "—"),
+        ("Task", approval.task or "—"),
         ("Rule", approval.rule),
+        (
+            "Arguments",
+            f"{approval.arguments_bytes} bytes, SHA-256 {approval.arguments_sha256[:16]}…"
+            if approval.arguments_sha256
+            else "—",
+        ),
         ("Expires", rfc3339(approval.expires)),
     ]
     if approval.decided_by is not None:

@@ -156,7 +156,8 @@ class ApprovalService:
             raise NotFound("no such approval") from None
         except IllegalTransition as exc:
             raise Conflict(str(exc)) from None
-        self.emit(decided.state.value, decided)
+        # An approval short of its quorum stays pending: the vote is an event of its own.
+        self.emit("voted" if decided.state is State.PENDING else decided.state.value, decided)
         return decided
 
     def subscribe(self) -> asyncio.Queue[tuple[str, Approval]]:

@@ -85,6 +85,7 @@ def entry(call: Call, latency: float, now: float) -> dict[str, Any]:
         "time": rfc3339(now, 3),
         "decision_id": call.id,
         "trace_id": call.trace.trace_id,
+        "span_id": call.trace.span_id,
     }
     if p is not None:
         record["agent"] = p.agent
@@ -94,6 +95,9 @@ def entry(call: Call, latency: float, now: float) -> dict[str, Any]:
             record["chain"] = list(p.chain)
     if call.task is not None:
         record["task"] = call.task
+    if call.parent_task is not None:
+        record["parent_task"] = call.parent_task
+        record["parent_source"] = call.parent_source
     if call.session is not None:
         record["session"] = call.session
     record["action"] = call.action.name
@@ -121,6 +125,9 @@ def entry(call: Call, latency: float, now: float) -> dict[str, Any]:
         record["upstream_ms"] = round(call.upstream_seconds * 1000, 3)
     if call.cost:
         record["cost"] = {"amount": round(call.cost, 9), "currency": call.currency}
+    if call.shaped is not None:
+        rules, fields, items = call.shaped
+        record["shaped"] = {"rules": list(rules), "fields_removed": fields, "items_removed": items}
     if call.grpc_status is not None:
         record["rpc.grpc.status_code"] = call.grpc_status  # OpenTelemetry's name
     if call.action.protocol == "llm":
@@ -133,4 +140,6 @@ def entry(call: Call, latency: float, now: float) -> dict[str, Any]:
         if call.tokens is not None:
             record["gen_ai.usage.input_tokens"] = call.tokens[0] + call.tokens[2]
             record["gen_ai.usage.output_tokens"] = call.tokens[1]
+            # Of the input, what the provider's cache served (priced at the cached rate).
+            record["gen_ai.usage.cache_read.input_tokens"] = call.tokens[2]
     return record

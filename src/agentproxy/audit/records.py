@@ -26,8 +26,11 @@ def decision_record(call: Call, clock: Clock, cost: dict[str, Any] | None = None
         "time": rfc3339(clock.now(), 6),
         "decision_id": call.id,
         "trace_id": call.trace.trace_id,
+        "span_id": call.trace.span_id,
         "principal": None if p is None else {**principal_view(p), "token_id": p.token_id},
         "task": call.task,
+        "parent_task": call.parent_task,
+        "parent_source": call.parent_source,
         "session": call.session,
         "action": call.action.name,
         # Every further message of a batch, with its arguments: what was decided for each.

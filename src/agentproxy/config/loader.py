@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
+
+import yaml
 
 from agentproxy.config.model import (
     AdminSettings,
@@ -27,6 +30,7 @@ from agentproxy.config.model import (
     Issuer,
     Listen,
     MeteringSettings,
+    OpenApiOperation,
     PolicyFile,
     Price,
     PrincipalRef,
@@ -34,10 +38,12 @@ from agentproxy.config.model import (
     Secret,
     SentinelSettings,
     StoreSettings,
+    TelemetrySettings,
     Upstream,
     Webhook,
     redact_url,
 )
+from agentproxy.config.openapi import OpenApiError, operations_of
 from agentproxy.config.policies import CURRENCY, load_policies
 from agentproxy.config.yamldoc import ConfigError, Document, Issue
 from agentproxy.core import Mode
@@ -55,6 +61,7 @@ TOP_KEYS = (
     "audit",
     "approvals",
     "metering",
+    "telemetry",
 )
 ASYMMETRIC_ALGORITHMS = frozenset(
     {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"}
@@ -103,19 +110,70 @@ def load(path: str | Path, *, check_policies: PolicyChecker | None = None) -> Co
         upstreams=loader.upstreams(raw.get("upstreams")),
         identity=loader.identity(raw.get("identity")),
         context_token=loader.context_token(raw.get("context_token")),
-        policy_files=load_policies(globs, base, doc, issues, exclude=source),
+        policy_files=(),
         store=loader.store(raw.get("store")),
         admin=AdminSettings(operators=loader.operators(raw.get("admin"))),
         approvals=loader.approvals(raw.get("approvals")),
         metering=loader.metering(raw.get("metering")),
+        telemetry=loader.telemetry(raw.get("telemetry")),
         audit=loader.audit(raw.get("audit"), store_redis=_redis_section(raw)),
         decision_log=doc.choice(raw, "$", "decision_log", ["stdout", "stderr", "off"], "stdout"),  # type: ignore[arg-type]
     )
+    files = load_policies(globs, base, doc, issues, exclude=source)
+    config = replace(config, policy_files=name_operations(files, config.upstreams, issues))
     if check_policies is not None:
         issues.extend(check_policies(config.policy_files))
     if issues:
         raise ConfigError(issues)
     return config
+
+
+def name_operations(
+    files: tuple[PolicyFile, ...], upstreams: tuple[Upstream, ...], issues: list[Issue]
+) -> tuple[PolicyFile, ...]:
+    """The policy files with every `http:OPERATION_ID` action written as the operation's
+    `http:METHOD /path` (from the upstreams' OpenAPI specs). An id no spec has, or two specs
+    have, is an issue at its rule."""
+    by_id: dict[str, list[tuple[str, OpenApiOperation]]] = {}
+    for upstream in upstreams:
+        for operation in upstream.openapi:
+            by_id.setdefault(operation.id, []).append((upstream.name, operation))
+    out = []
+    for policy in files:
+        rules = []
+        for rule in policy.rules:
+            actions = []
+            for action in rule.actions:
+                op_id = action.removeprefix("http:")
+                if not action.startswith("http:") or " " in op_id or not op_id:
+                    actions.append(action)
+                    continue
+                found = by_id.get(op_id, [])
+                if len(found) == 1:
+                    actions.append(found[0][1].action)
+                    continue
+                pos = rule.position
+                specs = ", ".join(sorted(u.name for u in upstreams if u.openapi)) or "none"
+                why = (
+                    f"is an operationId of upstreams {', '.join(u for u, _ in found)}: scope "
+                    "it with the http:METHOD /path form"
+                    if found
+                    else f'is "http:METHOD /path", or an operationId of an upstream with '
+                    f"openapi: (upstreams with a spec: {specs})"
+                )
+                issues.append(
+                    Issue(
+                        pos.file,
+                        pos.line,
+                        pos.column,
+                        f"rule {rule.id}.actions",
+                        f"{action!r} {why}",
+                    )
+                )
+                actions.append(action)
+            rules.append(replace(rule, actions=tuple(actions)))
+        out.append(replace(policy, rules=tuple(rules)))
+    return tuple(out)
 
 
 class _Loader:
@@ -158,6 +216,16 @@ class _Loader:
             return None
         return file
 
+    def openapi(self, file: Path, path: str, base_path: str) -> tuple[OpenApiOperation, ...]:
+        try:
+            spec = yaml.safe_load(file.read_text(encoding="utf-8"))  # JSON is YAML too
+            return operations_of(spec, base_path)
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+            self.doc.error(path, f"cannot read {file.name}: {exc}")
+        except OpenApiError as exc:
+            self.doc.error(path, f"{file.name}: {exc}")
+        return ()
+
     def listen(self, value: Any) -> Listen:
         doc = self.doc
         section = doc.mapping(
@@ -168,6 +236,7 @@ class _Loader:
                 "admin",
                 "grpc",
                 "admin_grpc",
+                "ext_authz",
                 "max_connections",
                 "header_timeout",
                 "idle_timeout",
@@ -198,6 +267,9 @@ class _Loader:
                 self.host_port(section, "$.listen", "admin_grpc")
                 if "admin_grpc" in section
                 else None
+            ),
+            ext_authz=(
+                self.host_port(section, "$.listen", "ext_authz") if "ext_authz" in section else None
             ),
         )
 
@@ -260,6 +332,9 @@ class _Loader:
             "max_message_bytes",
             "forwarded_host",
             "paths",
+            "body",
+            "max_response_bytes",
+            "openapi",
         )
         section = doc.mapping(value, path, keys)
         name = doc.get(section, path, "name", str, required=True) or ""
@@ -363,7 +438,27 @@ class _Loader:
         integers = doc.choice(paths, ppath, "integer_segments", ["as_sent", "canonical"], "as_sent")
         for key in ("forwarded_host", "paths"):
             doc.check(key not in section or not grpc, f"{path}.{key}", "applies to HTTP protocols")
+        body = doc.choice(section, path, "body", ["auto", "json", "form", "stream"], "auto")
+        for key in ("body", "max_response_bytes", "openapi"):
+            doc.check(
+                key not in section or protocol == "http",
+                f"{path}.{key}",
+                "applies to protocol: http only (MCP, LLM and gRPC bodies are always read)",
+            )
+        max_response = doc.get(section, path, "max_response_bytes", int, 16 * 1024 * 1024) or 0
+        doc.check(
+            max_response > 0,
+            f"{path}.max_response_bytes",
+            "must be a positive number of bytes (the largest answer a rule's obligations shape)",
+        )
+        operations: tuple[OpenApiOperation, ...] = ()
+        spec_file = self.existing_file(section, path, "openapi")
+        if spec_file is not None and url:
+            operations = self.openapi(spec_file, f"{path}.openapi", urlsplit(url).path)
         return Upstream(
+            openapi=operations,
+            body=body,  # type: ignore[arg-type]
+            max_response_bytes=max_response,
             forwarded_host=forwarded_host,
             path_case=case,  # type: ignore[arg-type]
             integer_segments=integers,  # type: ignore[arg-type]
@@ -399,12 +494,23 @@ class _Loader:
         for dup in {n for n in names if names.count(n) > 1}:
             doc.error("$.identity.issuers", f"issuer {dup!r} is configured twice")
         cpath = "$.identity.claims"
-        claims = doc.mapping(section.get("claims"), cpath, ("agent", "roles", "task"))
+        claims = doc.mapping(
+            section.get("claims"), cpath, ("agent", "roles", "task", "parent_task")
+        )
         names_cfg = ClaimNames(
             agent=doc.get(claims, cpath, "agent", str, "sub") or "sub",
             roles=doc.get(claims, cpath, "roles", str, "roles") or "roles",
             task=doc.get(claims, cpath, "task", str, "task") or "task",
+            parent_task=doc.get(claims, cpath, "parent_task", str, "parent_task") or "parent_task",
         )
+        for key in ("agent", "roles", "task", "parent_task"):
+            claim = getattr(names_cfg, key)
+            doc.check(
+                _claim_path_readable(claim),
+                f"{cpath}.{key}",
+                f"{claim!r} is not a claim name or a dotted path to one (realm_access.roles): "
+                "no token would ever have it, so every call would be refused",
+            )
         max_bytes = doc.get(section, "$.identity", "max_token_bytes", int, 8192) or 8192
         sources = doc.strings(section, "$.identity", "task_from") or ["token", "header"]
         doc.check(
@@ -646,6 +752,53 @@ class _Loader:
         )
         return MeteringSettings(currency, tuple(prices), tuple(pairs), max_values, default_cap)
 
+    def telemetry(self, value: Any) -> TelemetrySettings:
+        doc = self.doc
+        path = "$.telemetry"
+        section = doc.mapping(
+            value,
+            path,
+            ("otlp", "sample_ratio", "max_queue_size", "capture_messages", "max_message_bytes"),
+        )
+        otlp = doc.mapping(section.get("otlp"), f"{path}.otlp", ("endpoint", "protocol"))
+        endpoint = doc.get(otlp, f"{path}.otlp", "endpoint", str)
+        if endpoint is not None:
+            doc.check(
+                urlsplit(endpoint).scheme in ("http", "https") and bool(urlsplit(endpoint).netloc),
+                f"{path}.otlp.endpoint",
+                "must be an http(s) URL (e.g. http://otel-collector:4317)",
+            )
+        protocol = None
+        if "protocol" in otlp:
+            protocol = doc.choice(
+                otlp, f"{path}.otlp", "protocol", ["grpc", "http/protobuf"], "grpc"
+            )
+        ratio = doc.get(section, path, "sample_ratio", float)
+        doc.check(
+            ratio is None or 0.0 <= ratio <= 1.0, f"{path}.sample_ratio", "must be between 0 and 1"
+        )
+        queue = doc.get(section, path, "max_queue_size", int, 2048)
+        queue = 2048 if queue is None else queue
+        doc.check(
+            1 <= queue <= 1_000_000, f"{path}.max_queue_size", "must be between 1 and 1000000"
+        )
+        capture = doc.get(section, path, "capture_messages", bool, False)
+        limit = doc.get(section, path, "max_message_bytes", int, 16 * 1024)
+        limit = 16 * 1024 if limit is None else limit
+        doc.check(
+            256 <= limit <= 1024 * 1024,
+            f"{path}.max_message_bytes",
+            "must be between 256 and 1048576",
+        )
+        return TelemetrySettings(
+            endpoint,
+            protocol,  # type: ignore[arg-type]
+            ratio,
+            queue,
+            capture_messages=bool(capture),
+            max_message_bytes=limit,
+        )
+
     def operators(self, value: Any) -> tuple[str, ...]:
         doc = self.doc
         operators = doc.strings(
@@ -798,6 +951,15 @@ def _is_plain_path(path: str) -> bool:
     return path == "/" or all(
         _PLAIN_SEGMENT.fullmatch(seg) and seg not in (".", "..") for seg in segments
     )
+
+
+def _claim_path_readable(path: str) -> bool:
+    """A claim name, or a dotted path whose every step is a name (no empty step, no index:
+    `roles[0]` and `a..b` read nothing). A URL-like namespaced name is read whole."""
+    if "://" in path:
+        return bool(path.strip()) and not any(c.isspace() for c in path)
+    steps = path.split(".")
+    return all(step and not any(c in "[] \t" for c in step) for step in steps)
 
 
 def _valid_url(url: str, grpc: bool) -> bool:

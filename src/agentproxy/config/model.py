@@ -10,7 +10,7 @@ import fnmatch
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Final, Literal
+from typing import Any, Final, Literal
 
 from agentproxy.core import Effect, Mode, Principal
 
@@ -118,6 +118,8 @@ class Listen:
     # Absent: no listener. The gRPC data plane, and agentproxy.v1 (Authorizer, Approvals).
     grpc: HostPort | None = None
     admin_grpc: HostPort | None = None
+    # Envoy's external authorization (envoy.service.auth.v3.Authorization, gRPC).
+    ext_authz: HostPort | None = None
     # Bounds on the HTTP listeners' clients (per listener, so per worker process).
     max_connections: int = 10_000  # data plane; beyond it a new connection gets 503 and closes
     header_timeout: float = 10.0  # a request head, once begun, must arrive within this
@@ -147,6 +149,26 @@ DEFAULT_MAX_BODY_BYTES: Final[Mapping[str, int]] = {
     "llm": 8 * 1024 * 1024,
     "grpc": 64 * 1024 * 1024,
 }
+
+
+@dataclass(frozen=True, slots=True)
+class OpenApiOperation:
+    """One operation: `path` is an action pattern's path template (`/v1/employees/{id}`)."""
+
+    id: str
+    method: str
+    path: str
+    integer_params: tuple[str, ...] = ()
+    # The JSON schema of an application/json request body (with the spec's components, so
+    # its `$ref`s resolve), and whether a body is required.
+    body_schema: Any = None
+    body_required: bool = False
+    body_media: tuple[str, ...] = ()  # the media types its requestBody declares
+    version: str = "3.1"
+
+    @property
+    def action(self) -> str:
+        return f"http:{self.method} {self.path}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,6 +202,14 @@ class Upstream:
     forwarded_host: str | None = None
     path_case: Literal["sensitive", "insensitive"] = "sensitive"
     integer_segments: Literal["as_sent", "canonical"] = "as_sent"
+    # Plain HTTP only: when a request body is read as `args` (`auto`: a JSON or form body,
+    # when a rule that may match reads it; `json`/`form`: every body, as that kind;
+    # `stream`: never), and the largest answer a rule's obligations may shape (buffered
+    # whole to be shaped; a larger one is refused, never passed on unshaped).
+    body: Literal["auto", "json", "form", "stream"] = "auto"
+    max_response_bytes: int = 16 * 1024 * 1024
+    # Plain HTTP only: the operations of the upstream's OpenAPI spec (`openapi:`).
+    openapi: tuple[OpenApiOperation, ...] = ()
 
     def __post_init__(self) -> None:
         if self.max_body_bytes == 0:
@@ -213,6 +243,7 @@ class ClaimNames:
     agent: str = "sub"
     roles: str = "roles"
     task: str = "task"
+    parent_task: str = "parent_task"
 
 
 TaskSource = Literal["token", "header"]
@@ -272,6 +303,18 @@ class ApprovalSpec:
     hold: float = 25.0
     grant_ttl: float | None = None
     reason: str = ""
+    # How many distinct approvers must approve (N of M); one denial refuses.
+    quorum: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class KeepItemsSpec:
+    """An obligation shaping the answer: of the list at `path`, only the items for which the
+    CEL condition `when` (over `item` and the call's variables) is true are passed on."""
+
+    path: str
+    when: str
+    position: Position = Position("<memory>", 1, 1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -289,6 +332,11 @@ class RuleSpec:
     limits: tuple[LimitSpec, ...] = ()
     cost: CostSpec | None = None
     label_task: tuple[str, ...] = ()
+    # Obligations on the JSON answer of a call the rule lets through: fields removed, list
+    # items kept only where a condition holds.
+    redact_fields: tuple[str, ...] = ()
+    keep_items: tuple[KeepItemsSpec, ...] = ()
+    obligations_position: Position | None = None
     builtin: bool = False
     approval: ApprovalSpec | None = None
     # Names of the upstreams the rule applies to (empty: every upstream).
@@ -427,6 +475,26 @@ class AdminSettings:
     operators: tuple[str, ...] = ()
 
 
+OtlpProtocol = Literal["grpc", "http/protobuf"]
+
+
+@dataclass(frozen=True, slots=True)
+class TelemetrySettings:
+    """OpenTelemetry traces (`telemetry:`), exported over OTLP. Unset values fall back to the
+    standard `OTEL_*` variables when the proxy starts; no endpoint in either: no tracing.
+    `max_queue_size`: spans waiting for export; past it they are dropped (and counted), never
+    waited for."""
+
+    endpoint: str | None = None
+    protocol: OtlpProtocol | None = None
+    sample_ratio: float | None = None
+    max_queue_size: int = 2048
+    # Reasoning capture: an LLM call's messages and answer on its span (opt-in; the audit
+    # trail's `redact` paths apply), each attribute at most `max_message_bytes`.
+    capture_messages: bool = False
+    max_message_bytes: int = 16 * 1024
+
+
 DecisionLog = Literal["stdout", "stderr", "off"]
 
 
@@ -445,4 +513,5 @@ class Config:
     audit: AuditConfig = AuditConfig()
     approvals: ApprovalsSettings = ApprovalsSettings()
     metering: MeteringSettings = MeteringSettings()
+    telemetry: TelemetrySettings = TelemetrySettings()
     policy_globs: tuple[str, ...] = ()

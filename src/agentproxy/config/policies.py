@@ -15,6 +15,7 @@ from typing import Any
 from agentproxy.config.model import (
     ApprovalSpec,
     CostSpec,
+    KeepItemsSpec,
     LimitSpec,
     PolicyFile,
     PrincipalRef,
@@ -148,25 +149,36 @@ def _rule(doc: Document, value: Any, path: str) -> RuleSpec | None:
     for i, limit in enumerate(limits):
         if limit.spend is None:
             continue
-        if cost is None:
+        llm_only = bool(actions) and all(a.startswith("llm:") for a in actions)
+        if cost is None and not llm_only:
+            # An LLM call's cost is its tokens at the price table: its rule needs no cost.
             doc.error(
                 f"{path}.limits[{i}]",
-                "a spend limit needs a cost on the rule (cost: {amount, currency})",
+                "a spend limit needs a cost on the rule (cost: {amount, currency}), unless "
+                "every action is an llm: call (priced by metering.prices)",
             )
-        elif limit.currency != cost.currency:
+        elif cost is not None and limit.currency != cost.currency:
             doc.error(
                 f"{path}.limits[{i}].currency",
                 f"must match the rule's cost currency {cost.currency}",
             )
-    obligations = doc.mapping(section.get("obligations"), f"{path}.obligations", ("label_task",))
-    labels = doc.strings(obligations, f"{path}.obligations", "label_task")
+    opath = f"{path}.obligations"
+    obligations = doc.mapping(
+        section.get("obligations"), opath, ("label_task", "redact_fields", "keep_items")
+    )
+    labels = doc.strings(obligations, opath, "label_task")
+    redact = doc.strings(obligations, opath, "redact_fields")
+    keep_value = obligations.get("keep_items")
+    if isinstance(keep_value, dict):
+        keep_value = [keep_value]  # one list to filter, written without a list around it
+    keep = tuple(doc.each(keep_value, f"{opath}.keep_items", lambda v, p: _keep_items(doc, v, p)))
     for label in labels:
         doc.check(
             bool(_LABEL.fullmatch(label)),
             f"{path}.obligations.label_task",
             f"label {label!r}: letters, digits, '.', '_', ':' or '-' (at most 64)",
         )
-    if (limits or cost or labels) and effect == "deny":
+    if (limits or cost or labels or redact or keep) and effect == "deny":
         doc.error(path, "limits, cost and obligations apply to calls a rule allows, not to a deny")
     approval = _approval(doc, section.get("approval"), f"{path}.approval")
     if effect == "require_approval" and approval is None:
@@ -178,6 +190,9 @@ def _rule(doc: Document, value: Any, path: str) -> RuleSpec | None:
         limits=limits,
         cost=cost,
         label_task=labels,
+        redact_fields=redact,
+        keep_items=keep,
+        obligations_position=doc.position(opath) if "obligations" in section else None,
         id=rule_id,
         agents=agents,
         users=doc.strings(section, path, "users"),
@@ -190,6 +205,15 @@ def _rule(doc: Document, value: Any, path: str) -> RuleSpec | None:
         position=doc.position(path),
         when_position=doc.position(f"{path}.when") if when is not None else None,
     )
+
+
+def _keep_items(doc: Document, value: Any, path: str) -> KeepItemsSpec | None:
+    section = doc.mapping(value, path, ("path", "when"))
+    where = doc.get(section, path, "path", str, required=True)
+    when = doc.get(section, path, "when", str, required=True)
+    if where is None or when is None:
+        return None
+    return KeepItemsSpec(where, when, doc.position(f"{path}.when"))
 
 
 def _cost(doc: Document, value: Any, path: str) -> CostSpec | None:
@@ -250,7 +274,9 @@ def _limit(doc: Document, value: Any, path: str) -> LimitSpec | None:
 def _approval(doc: Document, value: Any, path: str) -> ApprovalSpec | None:
     if value is None:
         return None
-    section = doc.mapping(value, path, ("approvers", "timeout", "hold", "grant", "reason"))
+    section = doc.mapping(
+        value, path, ("approvers", "timeout", "hold", "grant", "reason", "quorum")
+    )
     approvers = doc.strings(section, path, "approvers", required=True)
     doc.check(
         "approvers" not in section or bool(approvers),
@@ -281,10 +307,24 @@ def _approval(doc: Document, value: Any, path: str) -> ApprovalSpec | None:
         if not ttl:
             doc.error(f"{path}.grant", 'write "once" or {ttl: 1h}')
         grant_ttl = ttl or None
+    quorum = doc.get(section, path, "quorum", int, 1) or 1
+    doc.check(
+        1 <= quorum <= 10,
+        f"{path}.quorum",
+        "must be between 1 and 10: how many distinct approvers must approve",
+    )
+    people = [a for a in approvers if not a.startswith("role:")]
+    doc.check(
+        quorum == 1 or len(people) >= quorum or len(people) < len(approvers),
+        f"{path}.quorum",
+        f"{quorum} approvals are needed but only {len(people)} approvers are named "
+        "(name more, or a role)",
+    )
     return ApprovalSpec(
         approvers=approvers,
         timeout=timeout,
         hold=min(hold, timeout),
         grant_ttl=grant_ttl,
         reason=doc.get(section, path, "reason", str, "") or "",
+        quorum=max(1, min(quorum, 10)),
     )

@@ -23,6 +23,20 @@ MAX_ACT_DEPTH = 10
 _TASK = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 
+def claim_at(claims: Mapping[str, Any], path: str) -> Any:
+    """The claim `path` names: a claim of that exact name (Auth0's namespaced
+    "https://example.com/roles" holds dots), else a dotted path into nested claims
+    (Keycloak's `realm_access.roles`); None where it leads nowhere."""
+    if path in claims:
+        return claims[path]
+    value: Any = claims
+    for step in path.split("."):
+        if not isinstance(value, Mapping) or step not in value:
+            return None
+        value = value[step]
+    return value
+
+
 def principal_from_claims(
     claims: Mapping[str, Any], names: ClaimNames, issuer: str, expires_at: float
 ) -> Principal:
@@ -38,18 +52,19 @@ def principal_from_claims(
         acting_for: str | None = _identifier(claims.get("sub"), "sub")
         agent, chain = actors[0], tuple(reversed(actors[1:]))
     else:
-        agent, acting_for, chain = _identifier(claims.get(names.agent), names.agent), None, ()
+        agent, acting_for, chain = _identifier(claim_at(claims, names.agent), names.agent), None, ()
     jti = claims.get("jti")
     return Principal(
         agent=agent,
         acting_for=acting_for,
         chain=chain,
-        roles=_roles(claims.get(names.roles), names.roles),
+        roles=_roles(claim_at(claims, names.roles), names.roles),
         claims=MappingProxyType(copy.deepcopy(dict(claims))),
         issuer=issuer,
         token_id=jti if isinstance(jti, str) else None,
         expires_at=expires_at,
-        task=_task(claims.get(names.task), names.task),
+        task=_task(claim_at(claims, names.task), names.task),
+        parent_task=_task(claim_at(claims, names.parent_task), names.parent_task),
     )
 
 

@@ -262,6 +262,11 @@ class Metrics:
             "Audit records that did not reach every sink.",
             registry=r,
         )
+        self.telemetry_dropped = Counter(
+            "agentproxy_telemetry_dropped",
+            "Spans not exported: the export queue was full, or the collector refused them.",
+            registry=r,
+        )
         # Pre-create the children users alert on, so they exist (at 0) from the first scrape.
         for result in ("success", "failure"):
             self.policy_reloads.labels(result)

@@ -26,6 +26,7 @@ from agentproxy.config.model import (
 from agentproxy.config.yamldoc import ConfigError, Issue
 from agentproxy.core import Decision, Effect, Mode, Principal
 from agentproxy.policy.patterns import ActionPattern, PatternError, PatternIndex, compile_pattern
+from agentproxy.policy.shaping import FieldPath, parse_path
 
 _MAP = cel.Type.Map(cel.Type.STRING, cel.Type.DYN)
 CEL_VARIABLES = {
@@ -36,12 +37,33 @@ CEL_VARIABLES = {
     "task": _MAP,
     "request": _MAP,
     "now": cel.Type.TIMESTAMP,
+    "llm": _MAP,
 }
 # The standard string and math extensions (split, lowerAscii, math.greatest, …): policies
 # read paths, ids and amounts.
 CEL_ENV = cel.NewEnv(
     variables=CEL_VARIABLES, extensions=[ext_strings.ExtStrings(), ext_math.ExtMath()]
 )
+# `keep_items` conditions: the call's variables and `item`, the list entry being considered.
+ITEM_ENV = cel.NewEnv(
+    variables={**CEL_VARIABLES, "item": cel.Type.DYN},
+    extensions=[ext_strings.ExtStrings(), ext_math.ExtMath()],
+)
+
+
+@dataclass(frozen=True, slots=True)
+class KeepItems:
+    """A compiled `keep_items` obligation: the lists at `path` keep the items `condition`
+    (over `item` and the call) is true for."""
+
+    path: FieldPath
+    when: str
+    condition: cel.Expression
+    # What the condition may read besides `item` (cel-cpp converts every variable it is
+    # handed, for every item: handing it all of them cost 3x the rest of the shaping).
+    variables: frozenset[str] = frozenset(CEL_VARIABLES)
+    principal_fields: frozenset[str] | None = None
+    claims_fields: frozenset[str] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +112,7 @@ class Limit:
     key_expr: cel.Expression | None
     calls: int | None
     spend: float | None
+    currency: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,11 +133,16 @@ class Rule:
     # decision for a principal and action cannot be reused for the next call.
     memoizable: bool = True
     reads_task: bool = False
+    # The condition, a limit key or the cost reads `args` (the body, for HTTP).
+    reads_args: bool = False
     builtin: bool = False
     approval: ApprovalSpec | None = None
     cost_expr: cel.Expression | None = None
     # The upstreams (by name) the rule applies to; empty: all of them.
     upstreams: frozenset[str] = frozenset()
+    # Obligations on the JSON answer (policy/shaping.py).
+    redact_fields: tuple[FieldPath, ...] = ()
+    keep_items: tuple[KeepItems, ...] = ()
     # The CEL variables the condition may read (a superset): all that it is handed.
     variables: frozenset[str] = frozenset(CEL_VARIABLES)
     # The members of `principal` and of `principal.claims` it may read (supersets), None for
@@ -139,6 +167,8 @@ class PolicySet:
     rules: tuple[Rule, ...]
     index: PatternIndex[tuple[Rule, ActionPattern]]
     reads_task: bool = False
+    # Whether any rule shapes answers (its obligations): if none, no answer is looked at.
+    shapes: bool = False
     # The pipeline looks the deciding rule up several times per allowed call (limits, cost,
     # metering): a scan would make every call pay for the size of the policy.
     _by_id: Mapping[str, Rule] = field(init=False, repr=False, compare=False)
@@ -146,6 +176,11 @@ class PolicySet:
     # difference), by rule, matched pattern and memoizability: a Decision is immutable, so
     # one is shared instead of built for every call. Bounded: two per pattern.
     decisions: dict[tuple[int, str, bool], Decision] = field(init=False, repr=False, compare=False)
+    # The rule that reads an action's body, if any (policy/bodies.body_reader), by action
+    # name, upstream and case folding. Bounded there.
+    body_needs: dict[tuple[str, str, bool], str | None] = field(
+        init=False, repr=False, compare=False
+    )
 
     def __post_init__(self) -> None:
         by_id: dict[str, Rule] = {}
@@ -153,6 +188,7 @@ class PolicySet:
             by_id.setdefault(rule.id, rule)  # the first rule of an id, as a scan would find
         object.__setattr__(self, "_by_id", by_id)
         object.__setattr__(self, "decisions", {})
+        object.__setattr__(self, "body_needs", {})
 
     def rule(self, rule_id: str) -> Rule:
         """Raises KeyError for an id no rule has."""
@@ -189,6 +225,7 @@ def compile_policy(files: Iterable[PolicyFile], builtin: Sequence[RuleSpec] = ()
         rules=tuple(rules),
         index=index,
         reads_task=any(r.reads_task for r in rules),
+        shapes=any(r.redact_fields or r.keep_items for r in rules),
     )
 
 
@@ -269,6 +306,7 @@ def _compile_rule(spec: RuleSpec, issues: list[Issue]) -> Rule | None:
                 key_expr,
                 spec_limit.calls,
                 spec_limit.spend,
+                spec_limit.currency,
             )
         )
     cost_expr = None
@@ -286,6 +324,9 @@ def _compile_rule(spec: RuleSpec, issues: list[Issue]) -> Rule | None:
                 )
             )
             ok = False
+    redact_fields, keep_items = _shaping(spec, issues)
+    if redact_fields is None or keep_items is None:
+        ok = False
     principals = None
     try:
         principals = _principal_matcher(spec.agents, spec.users)
@@ -309,20 +350,95 @@ def _compile_rule(spec: RuleSpec, issues: list[Issue]) -> Rule | None:
         limits=tuple(limits),
         cost=spec.cost,
         label_task=spec.label_task,
-        memoizable=not reads & {"args", "now", "task", "request"},
+        memoizable=not reads & {"args", "now", "task", "request", "llm"},
         reads_task="task" in reads,
+        reads_args="args" in reads | _reads(spec.cost.expr if spec.cost else None),
         builtin=spec.builtin,
         approval=spec.approval,
         upstreams=frozenset(spec.upstreams),
         cost_expr=cost_expr,
+        redact_fields=redact_fields or (),
+        keep_items=keep_items or (),
         variables=mentioned_variables(spec.when),
         principal_fields=principal_fields(spec.when),
         claims_fields=claims_fields(spec.when),
     )
 
 
+def _shaping(
+    spec: RuleSpec, issues: list[Issue]
+) -> tuple[tuple[FieldPath, ...] | None, tuple[KeepItems, ...] | None]:
+    """The rule's answer obligations, compiled; None where one does not compile."""
+    if not spec.redact_fields and not spec.keep_items:
+        return (), ()
+    pos = spec.obligations_position or spec.position
+    where = f"rule {spec.id}.obligations"
+    ok = True
+    not_http = [a for a in spec.actions if not a.startswith("http:")]
+    if not_http:
+        issues.append(
+            Issue(
+                pos.file,
+                pos.line,
+                pos.column,
+                where,
+                "redact_fields and keep_items shape the JSON answers of plain HTTP calls: "
+                f"every action must start with http: (not {not_http[0]!r})",
+            )
+        )
+        ok = False
+    fields: list[FieldPath] = []
+    for text in spec.redact_fields:
+        try:
+            fields.append(parse_path(text))
+        except ValueError as exc:
+            issues.append(Issue(pos.file, pos.line, pos.column, f"{where}.redact_fields", str(exc)))
+            ok = False
+    keeps: list[KeepItems] = []
+    for keep in spec.keep_items:
+        kpos = keep.position
+        try:
+            path = parse_path(keep.path, names_list=True)
+        except ValueError as exc:
+            issues.append(Issue(kpos.file, kpos.line, kpos.column, f"{where}.keep_items", str(exc)))
+            ok = False
+            continue
+        try:
+            condition = ITEM_ENV.compile(keep.when)
+        except RuntimeError as exc:
+            issues.append(
+                Issue(
+                    kpos.file,
+                    kpos.line,
+                    kpos.column,
+                    f"{where}.keep_items.when",
+                    f"CEL does not compile: {_cel_message(exc)}",
+                )
+            )
+            ok = False
+            continue
+        keeps.append(
+            KeepItems(
+                path,
+                keep.when,
+                condition,
+                mentioned_variables(keep.when),
+                principal_fields(keep.when),
+                claims_fields(keep.when),
+            )
+        )
+    if not ok:
+        return None, None
+    return tuple(fields), tuple(keeps)
+
+
 _STRING_LITERAL = re.compile(r"'(?:[^'\\]|\\.)*'" + r'|"(?:[^"\\]|\\.)*"')
 _IDENTIFIER = re.compile(r"(?<![.\w])([A-Za-z_]\w*)")
+
+
+def reads(source: str | None) -> set[str]:
+    """The top-level CEL variables `source` may read (its string literals left out)."""
+    return _reads(source)
 
 
 def _reads(source: str | None) -> set[str]:

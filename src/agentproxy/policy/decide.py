@@ -210,6 +210,7 @@ def _args(action: Action, principal: Principal, facts: Facts, now: float) -> Any
 def _task(action: Action, principal: Principal, facts: Facts, now: float) -> Any:
     return {
         "id": facts.task_id,
+        "parent": facts.task_parent,
         "labels": sorted(facts.task_labels),
         "calls": facts.task_calls,
         "spent": facts.task_spent,
@@ -224,6 +225,10 @@ def _query(action: Action) -> dict[str, Any]:
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in action.query.items()}
 
 
+def _llm(action: Action, principal: Principal, facts: Facts, now: float) -> Any:
+    return dict(action.llm) if action.llm is not None else {}
+
+
 def _now(action: Action, principal: Principal, facts: Facts, now: float) -> Any:
     return datetime.fromtimestamp(now, UTC)
 
@@ -235,6 +240,7 @@ _BUILDERS: dict[str, Callable[[Action, Principal, Facts, float], Any]] = {
     "task": _task,
     "request": _request,
     "now": _now,
+    "llm": _llm,
 }
 
 
@@ -340,7 +346,7 @@ def _evaluate(condition: cel.Expression, data: dict[str, Any]) -> bool | str:
 
 
 _STRINGS = re.compile(r"'(?:[^'\\]|\\.)*'" + r'|"(?:[^"\\]|\\.)*"')
-_PATH = re.compile(r"(?<![.\w])((?:principal|resource|request|action|task|args|now)(?:\.\w+)*)")
+_PATH = re.compile(r"(?<![.\w])((?:principal|resource|request|action|task|args|now|llm)(?:\.\w+)*)")
 
 
 def read_values(source: str | None, data: dict[str, Any]) -> dict[str, Any]:

@@ -69,7 +69,10 @@ def compile_pattern(text: str) -> ActionPattern:
     if protocol == "http":
         method, space, path = rest.partition(" ")
         if not space or not method or not path.startswith("/"):
-            raise PatternError('an http action is "http:METHOD /path" (METHOD may be *)')
+            raise PatternError(
+                'an http action is "http:METHOD /path" (METHOD may be *), or the operationId '
+                "of an OpenAPI operation (http:createTransfer; named by the config's upstreams)"
+            )
     parts: list[str] = []
     names: list[str] = []
     pos = 0

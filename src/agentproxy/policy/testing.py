@@ -7,7 +7,9 @@ A suite is a file named `*_test.yaml`; every other `*.yaml` under DIR is a polic
       - name: hr-bot reads employee 42
         principal: {agent: hr-bot, user: alice, roles: [hr], claims: {dept: hr}, chain: []}
         request: "GET /v1/employees/42?limit=10"     # or action: "mcp:tools/call/x", args: {...}
-        task: {id: t-1, labels: [pii], calls: 3, spent: 0.5}   # optional
+        body: {amount: 500}                          # HTTP: a body (JSON; or a string as sent,
+        content_type: application/json               #   read by its content_type), as args
+        task: {id: t-1, parent: t-0, labels: [pii], calls: 3, spent: 0.5}   # optional
         now: "2026-01-01T00:00:00Z"                            # optional
         expect: allow                                # allow | deny | require_approval
         rule: read-employees                         # optional; `none` for the default deny
@@ -20,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import orjson
+
 from agentproxy.clock import parse_rfc3339
 from agentproxy.config.model import RuleSpec
 from agentproxy.config.policies import read_policy_file
@@ -29,12 +33,24 @@ from agentproxy.errors import Refusal
 from agentproxy.policy.compiler import PolicySet, compile_policy
 from agentproxy.policy.decide import TraceStep, decide
 
-# "GET /path?q" → Action, exactly as the protocol adapters describe it
-# (`protocols.request_line.describe_line`); injected by the caller (the CLI) because policy/
-# does not import protocol adapters.
-DescribeRequest = Callable[[str], Action]
+# ("GET /path?q", body, content type) → Action, exactly as the protocol adapters describe it
+# (`protocols.request_line.describe_line`, the body read by the data plane's parser); injected
+# by the caller (the CLI) because policy/ does not import protocol adapters.
+DescribeRequest = Callable[[str, bytes | None, str | None], Action]
 
-CASE_KEYS = ("name", "principal", "request", "action", "args", "task", "now", "expect", "rule")
+CASE_KEYS = (
+    "name",
+    "principal",
+    "request",
+    "action",
+    "args",
+    "body",
+    "content_type",
+    "task",
+    "now",
+    "expect",
+    "rule",
+)
 PRINCIPAL_KEYS = ("agent", "user", "roles", "claims", "chain", "issuer")
 DEFAULT_NOW = parse_rfc3339("2026-01-01T00:00:00Z")
 
@@ -173,11 +189,23 @@ def _action(
     if (request is None) == (name is None):
         doc.error(path, 'give exactly one of "request" ("GET /path") or "action" ("mcp:…")')
         return None
+    body_value = section.get("body")
+    if body_value is not None and request is None:
+        doc.error(f"{path}.body", 'a body goes with an HTTP "request"; give "args" otherwise')
+    body = None
+    if isinstance(body_value, str):
+        body = body_value.encode("utf-8")
+    elif body_value is not None:
+        body = orjson.dumps(body_value)  # written as YAML, sent as the JSON it stands for
+    content_type = doc.get(section, path, "content_type", str)
     if request is not None:
         try:
-            return describe(request)
+            return describe(request, body, content_type)
         except Refusal as exc:
-            doc.error(f"{path}.request", f"{request!r}: {exc.detail}")
+            if body is not None and "body" in exc.detail.lower():
+                doc.error(f"{path}.body", exc.detail)
+            else:
+                doc.error(f"{path}.request", f"{request!r}: {exc.detail}")
             return None
     if name is None:
         return None
@@ -192,9 +220,10 @@ def _action(
 def _facts(doc: Document, value: Any, path: str) -> Facts:
     if value is None:
         return Facts()
-    t = doc.mapping(value, path, ("id", "labels", "calls", "spent"))
+    t = doc.mapping(value, path, ("id", "parent", "labels", "calls", "spent"))
     return Facts(
         task_id=doc.get(t, path, "id", str),
+        task_parent=doc.get(t, path, "parent", str),
         task_labels=frozenset(doc.strings(t, path, "labels")),
         task_calls=doc.get(t, path, "calls", int, 0) or 0,
         task_spent=doc.get(t, path, "spent", float, 0.0) or 0.0,

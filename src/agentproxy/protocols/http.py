@@ -412,7 +412,7 @@ def parse_traceparent(
         # §3.2.2.3, §3.2.2.4: all-zero ids are invalid.
         return fresh
     state = tracestate if tracestate and _TRACESTATE.fullmatch(tracestate) else None
-    return TraceContext(match["trace_id"], new_span_id, match["flags"], state)
+    return TraceContext(match["trace_id"], new_span_id, match["flags"], state, match["parent_id"])
 
 
 # RFC 9110 §7.6.1 (and the obsolete but still sent Keep-Alive, Proxy-Connection), plus Host,

@@ -30,10 +30,11 @@ from typing import Any, Final, Literal
 import orjson
 
 from agentproxy.core import Action, is_safe_identifier
-from agentproxy.errors import BadRequest, PayloadTooLarge
+from agentproxy.errors import BadRequest, PayloadTooLarge, Refusal
 from agentproxy.protocols import sse
 from agentproxy.protocols.body import check_json_content_type, decode_content
-from agentproxy.protocols.http import MAX_PATH_LENGTH
+from agentproxy.protocols.http import MAX_PATH_LENGTH, WireReply
+from agentproxy.protocols.http import render as http_render
 from agentproxy.protocols.http_token import TOKEN
 from agentproxy.protocols.strict_json import JsonError, parse_request
 
@@ -158,12 +159,42 @@ def describe(
     strip_usage = stream and operation in _USAGE_OPT_IN and _ask_for_usage(document)
     # Policy sees what the upstream will read: the injected member included.
     forward = orjson.dumps(document) if strip_usage else raw
+    max_tokens = _max_tokens(document)
+    facts = {
+        "model": model,
+        "max_output_tokens": max_tokens,
+        "stream": stream,
+        "tools": _tool_names(document),
+        "operation": operation,
+        "provider": provider,
+    }
     action = Action(
-        "llm", operation, model, args=document, name=f"{ACTION_PREFIX}{operation}/{model}"
+        "llm",
+        operation,
+        model,
+        args=document,
+        name=f"{ACTION_PREFIX}{operation}/{model}",
+        llm=facts,
     )
-    return LlmRequest(
-        action, provider, operation, model, stream, _max_tokens(document), forward, strip_usage
-    )
+    return LlmRequest(action, provider, operation, model, stream, max_tokens, forward, strip_usage)
+
+
+def _tool_names(document: dict[str, Any]) -> list[str]:
+    """The names of the tools a request offers the model, whichever API's shape: chat's
+    {"type": "function", "function": {"name"}}, the Responses API's {"type": "function",
+    "name"}, Anthropic's {"name"}; a built-in tool by its type ("web_search")."""
+    names: list[str] = []
+    tools = document.get("tools")
+    for tool in tools if isinstance(tools, list) else ():
+        if not isinstance(tool, dict):
+            continue
+        function = tool.get("function")
+        name = function.get("name") if isinstance(function, dict) else tool.get("name")
+        if not isinstance(name, str):
+            name = tool.get("type")
+        if isinstance(name, str):
+            names.append(name)
+    return names
 
 
 def _endpoint(path: str) -> tuple[str, Provider] | None:
@@ -522,3 +553,69 @@ def _event_data(event: bytes, *, first: bool) -> str:
     if first and text.startswith(sse.BOM):
         text = text[1:]
     return sse.data_of(sse.LINE_END_TEXT.split(text))
+
+
+# --- refusals --------------------------------------------------------------------------------
+
+_OPENAI_TYPES: Final = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    408: "timeout",
+    413: "invalid_request_error",
+    415: "invalid_request_error",
+    429: "rate_limit_exceeded",
+}
+_ANTHROPIC_TYPES: Final = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    415: "invalid_request_error",
+    429: "rate_limit_error",
+    503: "overloaded_error",
+}
+
+
+def provider_of(path: str) -> Provider:
+    """Whose API a path is (for refusals of calls that were never described)."""
+    endpoint = _endpoint(path)
+    return endpoint[1] if endpoint is not None else "openai"
+
+
+def render(refusal: Refusal, *, decision_id: str, provider: Provider) -> WireReply:
+    """A refusal in the provider's own error shape, so that every SDK shows why: OpenAI's
+    {"error": {"message", "type", "code", "param"}}, Anthropic's {"type": "error", "error":
+    {"type", "message"}}; `message` is the reason, and `decision_id`, `rule`, the problem
+    type and the refusal's members ride along. Status and headers (Retry-After,
+    WWW-Authenticate) are the problem+json rendering's. Never raises."""
+    plain = http_render(refusal, decision_id=decision_id)
+    extra: dict[str, object] = {"decision_id": decision_id, "problem": refusal.problem_type}
+    if refusal.rule is not None:
+        extra["rule"] = refusal.rule
+    for name, value in refusal.members.items():
+        extra.setdefault(name, value)
+    if provider == "anthropic":
+        kind = _ANTHROPIC_TYPES.get(refusal.status, "api_error")
+        body: dict[str, object] = {
+            "type": "error",
+            "error": {"type": kind, "message": refusal.detail, **extra},
+        }
+    else:
+        kind = _OPENAI_TYPES.get(refusal.status, "server_error")
+        body = {
+            "error": {
+                "message": refusal.detail,
+                "type": kind,
+                "code": refusal.problem_type.rsplit("/", 1)[-1],
+                "param": None,
+                **extra,
+            }
+        }
+    headers = tuple(
+        ("Content-Type", "application/json") if name == "Content-Type" else (name, value)
+        for name, value in plain.headers
+    )
+    return WireReply(plain.status, headers, orjson.dumps(body))

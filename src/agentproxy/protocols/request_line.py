@@ -1,6 +1,6 @@
 """A call written as one line, as `explain`, `policy test` and `Authorizer.Check` take it:
 
-    GET /v1/employees/42?fields=name      an HTTP request line (method, target)
+    GET /v1/employees/42?fields=name      an HTTP request line (method, target; a body as args)
     grpc /package.Service/Method          a gRPC method (arguments as JSON)
     mcp tools/call search                 an MCP method and what it names (arguments as JSON)
 
@@ -11,11 +11,13 @@ served. Pure: text in, `Action` out.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from typing import Any, Final
 
 from agentproxy.core import Action
 from agentproxy.errors import BadRequest
 from agentproxy.protocols import grpc, http, mcp
+from agentproxy.protocols.http_body import BodyMode, body_kind, parse_body
 
 __all__ = ["USAGE", "GrpcMethods", "describe_line"]
 
@@ -24,14 +26,25 @@ USAGE: Final = (
     '"mcp tools/call <tool>" (with args for gRPC and MCP)'
 )
 
+# A body explained or tested is one typed or kept in a file: far below any upstream's cap.
+MAX_EXPLAINED_BODY: Final = 8 * 1024 * 1024
 # (service, method path) → what the upstream's descriptor set says of it, if anything.
 GrpcMethods = Callable[[str, str], grpc.Method | None]
 
 
-def describe_line(line: str, args: Mapping[str, Any] | None, grpc_methods: GrpcMethods) -> Action:
-    """The action `line` names, with `args` as its arguments (gRPC, MCP; HTTP arguments come
-    from a body). Raises BadRequest as the adapter that describes such a call would, or when
-    the line is none of the three forms."""
+def describe_line(
+    line: str,
+    args: Mapping[str, Any] | None,
+    grpc_methods: GrpcMethods,
+    *,
+    body: bytes | None = None,
+    content_type: str | None = None,
+    body_mode: BodyMode = "auto",
+) -> Action:
+    """The action `line` names, with `args` as its arguments (gRPC, MCP), or for HTTP the
+    arguments of `body` (JSON unless `content_type` says form), read by the parser the data
+    plane reads it with. Raises BadRequest (UnsupportedMediaType, PayloadTooLarge) as the
+    adapter that describes such a call would, or when the line is none of the three forms."""
     first, _, rest = line.strip().partition(" ")
     rest = rest.strip()
     if not first or not rest:
@@ -46,4 +59,9 @@ def describe_line(line: str, args: Mapping[str, Any] | None, grpc_methods: GrpcM
     if first == "mcp":
         mcp_method, _, name = rest.partition(" ")
         return mcp.describe_call(mcp_method, name.strip(), dict(args or {}))
-    return http.describe(first, rest)[0]
+    action = http.describe(first, rest)[0]
+    if body is None or body_mode == "stream":
+        return action
+    kind = body_kind(body_mode, content_type or "application/json", why="the body given")
+    parsed = parse_body(kind, None, body, max_bytes=MAX_EXPLAINED_BODY)
+    return replace(action, args=parsed.args)

@@ -29,6 +29,7 @@ __all__ = [
     "MAX_ELEMENTS",
     "YIELDING_ABOVE",
     "JsonError",
+    "check_keys",
     "check_value",
     "parse_answer",
     "parse_request",
@@ -74,6 +75,12 @@ def _unique_folded_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
         lowered.add(folded)
         result[key] = value
     return result
+
+
+def check_keys(keys: dict[str, Any]) -> None:
+    """Raises JsonError when two of `keys` are one key to a parser that ignores case or
+    normalizes Unicode (the check every JSON object of a request passes; form fields too)."""
+    _check_folded(keys)
 
 
 def _check_folded(keys: dict[str, Any]) -> None:

@@ -1,6 +1,7 @@
 """The one place the pipeline's order is written.
 
     identify → describe → pins → decide → gate → limits → audit → (forward) → settle → record
+    → trace (when tracing is on: the call's spans, queued for export)
 
 `build()` assembles the data plane's pipeline from a runtime snapshot and the services that
 outlive it; `build_explain()` the same deciding stages for `explain`, with nothing forwarded
@@ -38,7 +39,9 @@ from agentproxy.proxy.stages.limits import Limits
 from agentproxy.proxy.stages.pins import Pins
 from agentproxy.proxy.stages.record import Record
 from agentproxy.proxy.stages.settle import Settle
+from agentproxy.proxy.stages.trace import Trace
 from agentproxy.store import Store
+from agentproxy.telemetry import Tracing
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +59,7 @@ class Services:
     mcp: McpState
     audit: AuditTrail | None = None
     audit_required: bool = False
+    tracing: Tracing | None = None
 
 
 def services(
@@ -66,6 +70,7 @@ def services(
     metrics: Metrics,
     stopping: asyncio.Event,
     audit: AuditTrail | None = None,
+    tracing: Tracing | None = None,
 ) -> Services:
     """The services for `config` over `store` (not started), nothing yet listening to the
     approval service (`wire_approvals`). Raises ValueError when the metering attribution does
@@ -93,6 +98,7 @@ def services(
         ),
         audit=audit,
         audit_required=config.audit.required,
+        tracing=tracing,
     )
 
 
@@ -120,7 +126,18 @@ def build(runtime: Runtime, services: Services, decision_log: DecisionLog) -> Pi
         ),
         Record(services.metrics, decision_log, services.audit, policy, clock),
     )
-    return Pipeline(runtime, clock, tuple(stages), after)
+    if services.tracing is not None:
+        audit = config.audit
+        after += (
+            Trace(
+                services.tracing,
+                clock,
+                config.telemetry,
+                redact_paths=audit.redact,
+                hmac_key=audit.hmac_key.value if audit.hmac_key else None,
+            ),
+        )
+    return Pipeline(runtime, clock, tuple(stages), after, services.tracing)
 
 
 def build_explain(runtime: Runtime, services: Services) -> Pipeline:

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from pathlib import Path
 from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry
 
 from agentproxy.admin.server import operator_allowed
 from agentproxy.approvals.lifecycle import Approval, Event
+from agentproxy.audit.sinks import rotated_files
 from agentproxy.config import Config
 from agentproxy.core import Action, Call, Principal
 from agentproxy.errors import Denied, NotFound, Refusal
@@ -22,6 +24,7 @@ from agentproxy.protocols.grpc import Method as GrpcMethod
 from agentproxy.proxy.assemble import Services
 from agentproxy.proxy.check import check
 from agentproxy.proxy.explain import explain
+from agentproxy.proxy.ext_authz import GatewayRequest, decide_request
 from agentproxy.proxy.grpc_upstreams import Descriptors
 from agentproxy.proxy.pipeline import Pipeline
 from agentproxy.store import ApprovalPage, Revocation
@@ -69,6 +72,12 @@ class ProxyBackend:
     def policy_version(self) -> str:
         return self._process.pipeline.runtime.policy.version
 
+    def audit_files(self) -> list[Path]:
+        path = self._process.config.audit.file
+        if path is None:
+            return []
+        return [*rotated_files(path), *([path] if path.exists() else [])]
+
     # --- who is asking -----------------------------------------------------------------------
 
     async def approver(self, token: str) -> Principal:
@@ -99,10 +108,24 @@ class ProxyBackend:
         log.warning("revoked %s %s until %s", revocation.kind, revocation.subject, revocation.until)
 
     async def explain(
-        self, token: str, request: str, task: str | None, args: dict[str, Any] | None = None
+        self,
+        token: str,
+        request: str,
+        task: str | None,
+        args: dict[str, Any] | None = None,
+        body: bytes | None = None,
+        content_type: str | None = None,
     ) -> dict[str, Any]:
         """Raises Refusal (the token or request would be refused)."""
-        return await explain(self._process.explainer, token, request, task=task, args=args)
+        return await explain(
+            self._process.explainer,
+            token,
+            request,
+            task=task,
+            args=args,
+            body=body,
+            content_type=content_type,
+        )
 
     async def accept_tool(self, upstream: str, tool: str) -> str:
         """The accepted definition's fingerprint. Raises NotFound when the tool has no
@@ -145,6 +168,16 @@ class ProxyBackend:
         runtime = self._process.pipeline.runtime
         methods = await self._descriptors.methods(runtime, runtime.route_grpc(service))
         return methods.get(path) if methods is not None else None
+
+    async def gateway_check(
+        self, method: str, path: str, headers: dict[str, str], body: bytes | None
+    ) -> tuple[bool, int, list[tuple[str, str]], list[str], bytes] | None:
+        if self._process.pipeline.runtime.config.listen.ext_authz is None:
+            return None
+        answer = await decide_request(
+            self._process.pipeline, GatewayRequest(method, path, headers, body)
+        )
+        return answer.allowed, answer.status, answer.headers, answer.remove, answer.body
 
     async def check(
         self,

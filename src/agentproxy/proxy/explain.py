@@ -21,6 +21,7 @@ from agentproxy.policy.testing import explain_lines
 from agentproxy.protocols.grpc import Method
 from agentproxy.protocols.http import parse_declared_task
 from agentproxy.protocols.request_line import GrpcMethods, describe_line
+from agentproxy.proxy.http import why_read_body
 from agentproxy.proxy.pipeline import Pipeline, start_call
 from agentproxy.proxy.runtime import Runtime
 
@@ -66,14 +67,32 @@ async def explain(
     *,
     task: str | None = None,
     args: Mapping[str, Any] | None = None,
+    body: bytes | None = None,
+    content_type: str | None = None,
 ) -> dict[str, Any]:
-    """Raises Refusal: BadRequest (the request line, or a task id the proxy would refuse),
-    NoRoute, Unauthenticated (the token), Denied (a revoked agent), Unavailable (the store
-    holding the task history, or the issuer's keys)."""
+    """`body`: an HTTP call's body, read as `args` if the data plane would read it (a rule
+    that may match reads it, or the upstream always does), by the same parser.
+
+    Raises Refusal: BadRequest (the request line, the body, or a task id the proxy would
+    refuse), UnsupportedMediaType, NoRoute, Unauthenticated (the token), Denied (a revoked
+    agent), Unavailable (the store holding the task history, or the issuer's keys)."""
     runtime = pipeline.runtime
-    action = describe_line(request, args, described_methods(runtime))
+    methods = described_methods(runtime)
+    action = describe_line(request, args, methods)
     upstream = upstream_of(runtime, action)
     action = replace(action, upstream="" if upstream == "-" else upstream)
+    body_note = None
+    if body is not None and action.protocol == "http":
+        route = runtime.route(action.target)
+        why = why_read_body(runtime, route, action)
+        if why is None:
+            body_note = "not read: no rule that may match reads the body (it would stream)"
+        else:
+            read = describe_line(
+                request, None, methods, body=body, content_type=content_type, body_mode=route.body
+            )
+            action = replace(action, args=read.args)
+            body_note = f"read as args: {why}"
     steps: list[TraceStep] = []
     clock = pipeline.clock
     call = start_call(
@@ -113,12 +132,14 @@ async def explain(
             if decision.shadow_effect is None
             else {"effect": decision.shadow_effect.value, "rule": decision.shadow_rule},
         },
+        "body": body_note,
         "trace": [
             {"rule": s.rule, "pattern": s.pattern, "outcome": s.outcome, "values": dict(s.values)}
             for s in steps
         ],
         "text": "\n".join(
             text_lines(action.name, decision.effect.value, decision.rule_id, decision.reason, steps)
+            + ([f"body:    {body_note}"] if body_note else [])
         ),
     }
 

@@ -7,26 +7,47 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import replace
+from typing import Any
 
 import aiohttp
+import orjson
 from aiohttp import web
 
 from agentproxy.clock import Clock
 from agentproxy.config.model import Upstream
-from agentproxy.core import Call
+from agentproxy.core import Action, Call, Facts
 from agentproxy.errors import (
+    BadRequest,
     BodyTimeout,
     PayloadTooLarge,
+    Refusal,
+    UnshapedAnswer,
+    UnsupportedMediaType,
     UpstreamFailed,
     UpstreamTimeout,
 )
+from agentproxy.policy.bodies import AnswerShape, answer_shape, body_reader
+from agentproxy.policy.shaping import ShapeError
+from agentproxy.protocols.body import decode_content
 from agentproxy.protocols.http import (
+    header_key,
     render,
     request_headers_to_forward,
     response_headers_to_return,
 )
+from agentproxy.protocols.http_body import (
+    BodyKind,
+    HttpBody,
+    body_kind,
+    is_json_media,
+    parse_body,
+)
+from agentproxy.protocols.openapi import BodyValidator
+from agentproxy.protocols.strict_json import JsonError, parse_answer
 from agentproxy.proxy.context import context_headers
+from agentproxy.proxy.offload import parse_off_loop
 from agentproxy.proxy.runtime import Runtime
 from agentproxy.proxy.upstream import HttpProcessingError, UpstreamAnswer, UpstreamClient, origin_of
 
@@ -44,6 +65,24 @@ def _stripped(credential_header: str | None) -> frozenset[str]:
     if credential_header is None:
         return _ALWAYS_STRIPPED
     return _ALWAYS_STRIPPED | {credential_header.lower()}
+
+
+def why_read_body(runtime: Runtime, upstream: Upstream, action: Action) -> str | None:
+    """What needs a plain HTTP call's body read as `args` (for the refusal of one that cannot
+    be), or None to stream it unread."""
+    if upstream.body == "stream":
+        return None
+    operation = runtime.operation(action) if upstream.openapi else None
+    if operation is not None and operation[0].validator is not None:
+        return f"operation {operation[0].spec.id} of upstream {upstream.name} has a body schema"
+    if upstream.body != "auto":
+        return f"upstream {upstream.name} reads every body as {upstream.body}"
+    rule = body_reader(runtime.policy, action)
+    if rule is not None:
+        return f"rule {rule} reads the request body"
+    if runtime.audit_reads_args:
+        return "audit.redact names args"
+    return None
 
 
 class HttpExchange:
@@ -72,6 +111,10 @@ class HttpExchange:
         self._responded = False
         self._body_too_large = False
         self._body_stalled = False
+        self._continued = False
+        # A body read as `args` (forwarded as these bytes), and the answer's obligations.
+        self.parsed_body: HttpBody | None = None
+        self._shape: AnswerShape | None = None
 
     @property
     def responded(self) -> bool:
@@ -91,7 +134,60 @@ class HttpExchange:
         self._response = response
 
     async def describe(self, call: Call) -> None:
-        """Plain HTTP is fully described by its request line."""
+        """Reads the body as `args` when something needs it (`why_read_body`); otherwise plain
+        HTTP is described by its request line and its body streams unread.
+
+        Raises UnsupportedMediaType for a body that must be read but is neither JSON nor a
+        form, BadRequest or PayloadTooLarge for one that cannot be read unambiguously,
+        LimitRefused when this agent already has too many large bodies being read.
+        """
+        upstream = self.upstream
+        if upstream is None or upstream.body == "stream":
+            return
+        found = self.runtime.operation(call.action) if upstream.openapi else None
+        operation = found[0] if found is not None else None
+        if not self.request.body_exists:
+            if operation is not None and operation.spec.body_required:
+                raise BadRequest(f"operation {operation.spec.id} requires a request body")
+            return
+        why = why_read_body(self.runtime, upstream, call.action)
+        if why is None:
+            return
+        content_type = self._single_header("Content-Type")
+        encoding = self._single_header("Content-Encoding")
+        kind = body_kind(upstream.body, content_type, why=why)
+        validator = operation.validator if operation is not None else None
+        if (
+            operation is not None
+            and validator is not None
+            and kind != "json"
+            and _FORM not in operation.spec.body_media
+        ):
+            # Its schema is for JSON: a form would reach the upstream unvalidated.
+            media = ", ".join(operation.spec.body_media)
+            raise UnsupportedMediaType(f"operation {operation.spec.id} takes {media}")
+        body = await self._read_body(call, upstream.max_body_bytes)
+        read = functools.partial(
+            _read_checked,
+            kind,
+            encoding,
+            body,
+            upstream.max_body_bytes,
+            validator if kind == "json" else None,
+        )
+        agent = call.principal.agent if call.principal is not None else ""
+        parsed = await parse_off_loop(agent, body, encoding, read)
+        self.parsed_body = parsed
+        call.action = replace(call.action, args=parsed.args)
+
+    def _single_header(self, name: str) -> str | None:
+        """The one value of a header the body is read by. Raises BadRequest for two (or a
+        spelling, `Content_Type`, that some servers read as the same header)."""
+        key = header_key(name)
+        values = [v for k, v in self.request.headers.items() if header_key(k) == key]
+        if len(values) > 1:
+            raise BadRequest(f"more than one {name} header")
+        return values[0] if values else None
 
     async def refuse(self, call: Call) -> None:
         refusal = call.refusal
@@ -124,14 +220,12 @@ class HttpExchange:
             raise PayloadTooLarge(
                 f"request body is {length} bytes; the limit is {upstream.max_body_bytes}"
             )
-        if (
-            request.version >= (1, 1)
-            and request.headers.get("Expect", "").lower() == "100-continue"
-        ):
-            # RFC 9110 §10.1.1: the client waits for this before sending the body. Only now,
-            # once the call is allowed, is it invited; a refused call never sends its body.
-            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-            request.writer.output_size = 0
+        await self._continue()
+        policy = self.runtime.policy
+        if policy.shapes and call.principal is not None:
+            self._shape = answer_shape(
+                policy, call.action, call.principal, call.facts or _NO_FACTS, call.now
+            )
         headers = self._upstream_headers(call, upstream)
         data = self._request_data(call, upstream)
         if data is not None and not isinstance(data, bytes):
@@ -202,7 +296,34 @@ class HttpExchange:
         )
         if creds is not None:
             headers.append((creds.header, creds.prefix + creds.value.value.decode("latin-1")))
+        dropped: set[str] = set()
+        parsed = self.parsed_body
+        if parsed is not None:
+            # The body goes out as the bytes parsed (decoded), and aiohttp sets its length.
+            dropped |= {"content-length", "transfer-encoding"}
+            if parsed.decoded:
+                dropped.add("content-encoding")
+        if self._shape is not None:
+            # The answer is read whole to be shaped: uncompressed, and whole (a range of it
+            # is not JSON, and a conditional 304 has nothing to shape but is not refused).
+            dropped |= {"accept-encoding", "range", "if-range"}
+        if dropped:
+            headers = [(k, v) for k, v in headers if header_key(k) not in dropped]
         return headers
+
+    async def _continue(self) -> None:
+        """RFC 9110 §10.1.1: a client sending Expect: 100-continue waits for this before it
+        sends the body. Sent once the call is authenticated and its body must be read, or once
+        it is allowed: a caller without a valid token never sends its body."""
+        request = self.request
+        if self._continued:
+            return
+        self._continued = True
+        if request.version >= (1, 1) and request.headers.get("Expect", "").lower() == (
+            "100-continue"
+        ):
+            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            request.writer.output_size = 0
 
     async def _read_body(self, call: Call, limit: int) -> bytes:
         """The whole body, for adapters that must read it to name the action (MCP, LLM).
@@ -214,6 +335,7 @@ class HttpExchange:
         where = f" (max_body_bytes of upstream {self.upstream.name})" if self.upstream else ""
         if length is not None and length > limit:
             raise PayloadTooLarge(f"request body is {length} bytes; the limit is {limit}{where}")
+        await self._continue()
         chunks: list[bytes] = []
         async for chunk in self._chunks():
             call.bytes_in += len(chunk)
@@ -241,7 +363,10 @@ class HttpExchange:
             yield chunk
 
     def _request_data(self, call: Call, upstream: Upstream) -> AsyncIterator[bytes] | bytes | None:
-        """What is sent upstream as the body: the caller's, streamed."""
+        """What is sent upstream as the body: the one read as `args`, else the caller's,
+        streamed."""
+        if self.parsed_body is not None:
+            return self.parsed_body.body
         if not self.request.body_exists:
             return None
         return self._body(call, upstream.max_body_bytes)
@@ -257,6 +382,9 @@ class HttpExchange:
             yield chunk
 
     async def _stream_back(self, call: Call, upstream_response: UpstreamAnswer) -> None:
+        if self._shape is not None:
+            await self._shaped_back(call, upstream_response, self._shape)
+            return
         content = upstream_response.content
         # Most small answers arrive whole with their headers. Those go back in one write,
         # headers and body together, instead of two (a system call and a packet fewer per
@@ -298,6 +426,58 @@ class HttpExchange:
             call.error = f"stream cut short: {type(exc).__name__}"
             self._abort()
 
+    async def _shaped_back(
+        self, call: Call, upstream_response: UpstreamAnswer, shape: AnswerShape
+    ) -> None:
+        """The answer, read whole (up to the upstream's `max_response_bytes`) and shaped by
+        the obligations of the rules that let the call through. Raises UnshapedAnswer for
+        one that cannot be shaped (not JSON, too large, another shape than a path says):
+        nothing is sent then, and the caller gets a 502."""
+        upstream = self.upstream
+        limit = upstream.max_response_bytes if upstream is not None else 0
+        status = upstream_response.status
+        raw = await self._read_answer(upstream_response, limit)
+        headers = upstream_response.headers
+        if status == 206:
+            raise UnshapedAnswer("a partial answer (206) cannot be shaped")
+        body = b""
+        if raw.strip() and self.request.method != "HEAD":
+            if not is_json_media(headers.get("Content-Type")):
+                raise UnshapedAnswer(
+                    f"rule {shape.rules[0]} shapes this answer, but it is not JSON"
+                )
+            try:
+                raw = decode_content(headers.get("Content-Encoding"), raw, limit)
+            except Refusal:
+                raise UnshapedAnswer("the answer's content coding cannot be read") from None
+            agent = call.principal.agent if call.principal is not None else ""
+            work = functools.partial(_shape_answer, raw, shape)
+            body, shaped = await parse_off_loop(agent, raw, None, work)
+            call.shaped = (shape.rules, shaped.fields, shaped.items)
+        response = web.Response(status=status, reason=upstream_response.reason, body=body)
+        for name, value in response_headers_to_return(headers.items()):
+            if header_key(name) not in _RESHAPED_HEADERS:
+                response.headers.add(name, value)
+        self._adjust_response_headers(upstream_response, response)
+        call.status = status
+        call.bytes_out = len(body)
+        self.response = response
+        self._responded = True
+
+    async def _read_answer(self, upstream_response: UpstreamAnswer, limit: int) -> bytes:
+        chunks: list[bytes] = []
+        size = 0
+        name = self.upstream.name if self.upstream is not None else "-"
+        async for chunk in upstream_response.content.iter_any():
+            size += len(chunk)
+            if size > limit:
+                raise UnshapedAnswer(
+                    f"the answer is larger than {limit} bytes, the most this proxy shapes "
+                    f"(max_response_bytes of upstream {name})"
+                )
+            chunks.append(chunk)
+        return b"".join(chunks)
+
     # Hooks for exchanges that read the answer as it passes (LLM usage); plain HTTP passes
     # every byte through as it arrives.
     def _adjust_response_headers(
@@ -317,6 +497,63 @@ class HttpExchange:
         transport = self.request.transport
         if transport is not None:
             transport.abort()
+
+
+_NO_FACTS = Facts()
+# Headers that describe the upstream's bytes, not the shaped answer's.
+_RESHAPED_HEADERS = frozenset(
+    {
+        "content-length",
+        "content-encoding",
+        "etag",
+        "content-md5",
+        "digest",
+        "content-range",
+        "accept-ranges",
+        "transfer-encoding",
+    }
+)
+
+
+_FORM = "application/x-www-form-urlencoded"
+
+
+def _read_checked(
+    kind: BodyKind,
+    encoding: str | None,
+    body: bytes,
+    max_bytes: int,
+    validator: BodyValidator | None,
+) -> HttpBody:
+    """The body parsed and, for an OpenAPI operation with a schema, validated (both on the
+    worker when it is large: validating costs more than parsing). Raises BadRequest,
+    PayloadTooLarge."""
+    parsed = parse_body(kind, encoding, body, max_bytes=max_bytes)
+    if validator is not None:
+        validator.check(parsed.args)
+    return parsed
+
+
+def _shape_answer(raw: bytes, shape: AnswerShape) -> tuple[bytes, Any]:
+    """The answer parsed, shaped and serialized again (on the worker when it is large).
+    Raises UnshapedAnswer."""
+    try:
+        document = parse_answer(raw)
+    except JsonError as exc:
+        # Named in the proxy's log only: the parser's message may quote the answer.
+        log.warning("an answer to be shaped is not strict JSON: %s", exc)
+        raise UnshapedAnswer(
+            "the answer is not JSON that every parser reads alike (duplicate keys, NaN, "
+            "numbers out of range, invalid UTF-8), so it cannot be shaped"
+        ) from None
+    try:
+        shaped = shape.apply(document)
+    except ShapeError as exc:
+        raise UnshapedAnswer(f"the answer cannot be shaped: {exc}") from None
+    try:
+        return orjson.dumps(document), shaped
+    except orjson.JSONEncodeError as exc:
+        raise UnshapedAnswer(f"the shaped answer cannot be written: {exc}") from None
 
 
 # A body's first bytes, up to this many, arrive before the upstream sees the request (a
@@ -341,3 +578,53 @@ async def _chain(first: bytes, rest: AsyncIterator[bytes]) -> AsyncIterator[byte
     yield first
     async for chunk in rest:
         yield chunk
+
+
+async def read_described_body(
+    runtime: Runtime,
+    upstream: Upstream,
+    action: Action,
+    *,
+    body_exists: bool,
+    content_type: str | None,
+    encoding: str | None,
+    read: Callable[[], Awaitable[bytes]],
+    agent: str,
+) -> HttpBody | None:
+    """A plain HTTP body read as `args` when something needs it (`why_read_body`, an OpenAPI
+    schema), else None: what `HttpExchange.describe` does, for shells that hold the body some
+    other way (ext_authz: Envoy sends it). `read` gives the body's bytes, bounded.
+
+    Raises UnsupportedMediaType, BadRequest, PayloadTooLarge, LimitRefused as the data plane.
+    """
+    if upstream.body == "stream":
+        return None
+    found = runtime.operation(action) if upstream.openapi else None
+    operation = found[0] if found is not None else None
+    if not body_exists:
+        if operation is not None and operation.spec.body_required:
+            raise BadRequest(f"operation {operation.spec.id} requires a request body")
+        return None
+    why = why_read_body(runtime, upstream, action)
+    if why is None:
+        return None
+    kind = body_kind(upstream.body, content_type, why=why)
+    validator = operation.validator if operation is not None else None
+    if (
+        operation is not None
+        and validator is not None
+        and kind != "json"
+        and _FORM not in operation.spec.body_media
+    ):
+        media = ", ".join(operation.spec.body_media)
+        raise UnsupportedMediaType(f"operation {operation.spec.id} takes {media}")
+    body = await read()
+    work = functools.partial(
+        _read_checked,
+        kind,
+        encoding,
+        body,
+        upstream.max_body_bytes,
+        validator if kind == "json" else None,
+    )
+    return await parse_off_loop(agent, body, encoding, work)

@@ -40,6 +40,7 @@ class HttpDataPlane:
         runtime = pipeline.runtime
         headers = request.headers
         action, raw_query, upstream, bearer, declared = UNPARSED, "", None, None, None
+        declared_parent: str | None = None
         refusal: Refusal | None = None
         try:
             action, raw_query, upstream = runtime.describe_http(request.method, request.raw_path)
@@ -55,6 +56,7 @@ class HttpDataPlane:
             if len(tasks) > 1:
                 raise BadRequest("more than one X-Agentproxy-Task header")
             declared = parse_declared_task(tasks[0] if tasks else None)
+            declared_parent = _declared_parent(headers.getall("X-Agentproxy-Parent-Task", []))
         except Refusal as exc:
             refusal = exc
         call = start_call(
@@ -64,6 +66,7 @@ class HttpDataPlane:
             now=clock.now(),
             bearer=bearer,
             declared_task=declared,
+            declared_parent=declared_parent,
             refusal=refusal,
             traceparent=headers.get("traceparent"),
             tracestate=headers.get("tracestate"),
@@ -90,3 +93,18 @@ class HttpDataPlane:
 
 def is_mcp_endpoint(upstream: Upstream, path: str) -> bool:
     return upstream.protocol == "mcp" and path == upstream.endpoint
+
+
+def _declared_parent(values: list[str]) -> str | None:
+    """The orchestrator's `X-Agentproxy-Parent-Task`: the task that delegated the one this
+    call declares (the same grammar as `X-Agentproxy-Task`). Raises BadRequest for more than
+    one, or a malformed one."""
+    if len(values) > 1:
+        raise BadRequest("more than one X-Agentproxy-Parent-Task header")
+    try:
+        return parse_declared_task(values[0] if values else None)
+    except BadRequest:
+        raise BadRequest(
+            "X-Agentproxy-Parent-Task must be 1 to 128 characters of A-Z, a-z, 0-9, '.', '_', "
+            "':', '-'"
+        ) from None

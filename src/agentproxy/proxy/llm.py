@@ -21,11 +21,16 @@ from agentproxy.protocols import llm
 from agentproxy.proxy.http import HttpExchange
 from agentproxy.proxy.offload import parse_off_loop
 from agentproxy.proxy.upstream import UpstreamAnswer
+from agentproxy.telemetry.messages import output_text
 
 
 class LlmExchange(HttpExchange):
     parsed: llm.LlmRequest | None = None
     tap: llm.UsageTap | None = None
+    # Reasoning capture: the answer as it passed, at most `_capture_limit` bytes of it.
+    captured: bytearray | None = None
+    _capture_limit = 0
+    _content_type = ""
 
     async def describe(self, call: Call) -> None:
         """Reads the body (bounded by `max_body_bytes`), off the loop when it is large or
@@ -54,6 +59,25 @@ class LlmExchange(HttpExchange):
         call.model = parsed.model
         call.estimate = (llm.estimate_input_tokens(parsed), parsed.max_tokens)
 
+    async def refuse(self, call: Call) -> None:
+        """The refusal in the provider's own error shape (OpenAI or Anthropic), so the SDKs
+        show its reason and decision id, not a bare status."""
+        refusal = call.refusal
+        if refusal is None:
+            raise ValueError("refuse() needs call.refusal")
+        provider = self.parsed.provider if self.parsed is not None else "other"
+        if provider == "other":
+            provider = llm.provider_of(self.path)
+        reply = llm.render(refusal, decision_id=call.id, provider=provider)
+        response = web.Response(status=reply.status, body=reply.body)
+        for name, value in reply.headers:
+            response.headers.add(name, value)
+        response.headers["Server"] = "agentproxy"
+        if self.request.body_exists and self.parsed is None:
+            response.force_close()  # the body was not read
+        call.status = reply.status
+        self.response = response
+
     def _request_data(self, call: Call, upstream: Upstream) -> AsyncIterator[bytes] | bytes | None:
         if self.parsed is None or self.request.method != "POST":
             return None
@@ -76,15 +100,25 @@ class LlmExchange(HttpExchange):
             return
         content_type = upstream_response.headers.get("Content-Type", "")
         self.tap = llm.UsageTap(self.parsed, content_type)
+        telemetry = self.runtime.config.telemetry
+        if telemetry.capture_messages and self.parsed.operation != "other":
+            # A stream's events carry more framing than text: keep a few times the bound.
+            self.captured, self._content_type = bytearray(), content_type
+            self._capture_limit = 4 * telemetry.max_message_bytes
         if self.parsed.strip_usage and "Content-Length" in response.headers:
             del response.headers["Content-Length"]  # a dropped chunk changes the length
 
     def _tap(self, chunk: bytes) -> bytes:
+        captured = self.captured
+        if captured is not None and len(captured) < self._capture_limit:
+            captured += chunk[: self._capture_limit - len(captured)]
         return chunk if self.tap is None else self.tap.feed(chunk)
 
     def _tap_end(self, call: Call) -> bytes:
         if self.tap is None:
             return b""
+        if self.captured is not None:
+            call.completion = output_text(bytes(self.captured), self._content_type)
         rest = self.tap.finish()
         usage = self.tap.usage
         if usage is not None:

@@ -16,15 +16,16 @@ from collections.abc import AsyncIterator
 from dataclasses import replace
 from typing import Any
 
+import orjson
 from aiohttp import web
 
 from agentproxy.clock import Clock
 from agentproxy.config.model import Upstream
-from agentproxy.core import Call
+from agentproxy.core import Call, TraceContext
 from agentproxy.errors import BadRequest, UpstreamFailed
 from agentproxy.policy import could_allow
 from agentproxy.protocols import mcp
-from agentproxy.protocols.http import response_headers_to_return
+from agentproxy.protocols.http import parse_traceparent, response_headers_to_return
 from agentproxy.proxy.http import HttpExchange
 from agentproxy.proxy.offload import parse_off_loop
 from agentproxy.proxy.pins import McpState
@@ -83,6 +84,8 @@ class McpExchange(HttpExchange):
         actions = [replace(action, upstream=upstream.name) for action in parsed.actions]
         call.action = actions[0]
         call.batch = tuple(actions[1:])
+        if call.trace.parent_id is None and not parsed.batch and b'"traceparent"' in parsed.body:
+            call.trace = meta_trace(parsed.body, call.trace)
 
     def _request_data(self, call: Call, upstream: Upstream) -> AsyncIterator[bytes] | bytes | None:
         # Exactly the JSON that was authorized, decoded (already counted in describe).
@@ -189,3 +192,24 @@ class McpExchange(HttpExchange):
             return could_allow(policy, f"mcp:tools/call/{name}", principal, upstream.name)
 
         return keep
+
+
+def meta_trace(body: bytes, trace: TraceContext) -> TraceContext:
+    """The trace a request's `params._meta.traceparent` continues (MCP clients carry the
+    W3C context there; OpenTelemetry's MCP conventions), keeping our span; `trace` when the
+    message names none, or an invalid one. Read only without a `traceparent` header, which
+    wins. The body is not rewritten: what is forwarded is what was authorized, so the
+    upstream finds our span in the `traceparent` header, and the caller's `_meta` as sent."""
+    message = orjson.loads(body)  # already read strictly by the adapter: same document
+    params = message.get("params") if isinstance(message, dict) else None
+    meta = params.get("_meta") if isinstance(params, dict) else None
+    if not isinstance(meta, dict) or not isinstance(meta.get("traceparent"), str):
+        return trace
+    state = meta.get("tracestate")
+    adopted = parse_traceparent(
+        meta["traceparent"],
+        state if isinstance(state, str) else None,
+        trace.trace_id,
+        trace.span_id,
+    )
+    return trace if adopted.parent_id is None else adopted

@@ -18,6 +18,7 @@ from agentproxy.core import Action, Call
 from agentproxy.errors import InternalError, Refusal
 from agentproxy.protocols.http import parse_traceparent
 from agentproxy.proxy.runtime import Runtime
+from agentproxy.telemetry import Tracing
 
 log = logging.getLogger("agentproxy.pipeline")
 
@@ -57,7 +58,7 @@ class Pipeline:
     """The stages of one runtime snapshot, built whole by `assemble`; in-flight calls keep the
     pipeline they started with, and with it every setting its stages were built from."""
 
-    __slots__ = ("after", "before_forward", "clock", "runtime")
+    __slots__ = ("after", "before_forward", "clock", "runtime", "tracing")
 
     def __init__(
         self,
@@ -65,26 +66,46 @@ class Pipeline:
         clock: Clock,
         before_forward: tuple[Stage, ...],
         after: tuple[Finisher, ...],
+        tracing: Tracing | None = None,
     ) -> None:
+        """`tracing`: decides which calls are traced; a traced call's stages are timed."""
         self.runtime = runtime
         self.clock = clock
         self.before_forward = before_forward
         self.after = after
+        self.tracing = tracing
 
     async def run(self, call: Call, exchange: Exchange) -> None:
         """Walks the call through every stage, forwards it if none refused it, and finishes
         it exactly once, on every path."""
+        if self.tracing is not None:
+            self.tracing.begin(call)
+        spans = call.spans
+        clock = self.clock
         try:
             try:
                 # A call the adapter could not describe arrives already refused.
                 if call.refusal is None:
                     for stage in self.before_forward:
-                        await stage(call, exchange)
+                        if spans is None:
+                            await stage(call, exchange)
+                        else:
+                            # [stage, started, ended]: ended stays None if the stage raised.
+                            timing = [type(stage).__name__, clock.monotonic(), None]
+                            spans.append(timing)
+                            await stage(call, exchange)
+                            timing[2] = clock.monotonic()
                         if call.refusal is not None:
                             break
                     else:
                         call.forwarded = True
-                        await exchange.forward(call)
+                        if spans is None:
+                            await exchange.forward(call)
+                        else:
+                            timing = ["forward", clock.monotonic(), None]
+                            spans.append(timing)
+                            await exchange.forward(call)
+                            timing[2] = clock.monotonic()
             except Refusal as refusal:
                 call.refusal = refusal
             except asyncio.CancelledError:
@@ -95,6 +116,9 @@ class Pipeline:
                 call.refusal = InternalError("internal error; the call was not completed")
             if call.refusal is not None and not exchange.responded:
                 await exchange.refuse(call)
+            if spans is not None:
+                answered = clock.monotonic()
+                spans.append(["answered", answered, answered])  # the SERVER span ends here
         finally:
             for finish in self.after:
                 await finish(call)
@@ -109,6 +133,7 @@ def start_call(
     bearer: str | None,
     declared_task: str | None,
     refusal: Refusal | None,
+    declared_parent: str | None = None,
     traceparent: str | None = None,
     tracestate: str | None = None,
     trace_steps: list[Any] | None = None,
@@ -116,6 +141,7 @@ def start_call(
     """A call as a protocol shell hands it to `Pipeline.run` (`refusal`: it could not be
     described; `started` and `now` from the pipeline's clock). One read of the OS's randomness
     gives the trace, span and decision ids; the caller's trace is continued when it sent one.
+    `declared_parent`: the orchestrator's `X-Agentproxy-Parent-Task`, validated.
     `trace_steps`: explain's collecting tracer (decide() appends to it)."""
     ids = _IDS.take()
     call = Call(
@@ -127,6 +153,7 @@ def start_call(
         trace=parse_traceparent(traceparent, tracestate, ids[:32], ids[32:48]),
         bearer=bearer,
         declared_task=declared_task,
+        declared_parent=declared_parent,
     )
     call.refusal = refusal
     call.trace_steps = trace_steps

@@ -6,25 +6,51 @@ changes the rules under a call in flight.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from agentproxy.config import Config, ConfigError, Issue, load
-from agentproxy.config.model import PrincipalRef, RuleSpec, Upstream
+from agentproxy.config.model import OpenApiOperation, PrincipalRef, RuleSpec, Upstream
 from agentproxy.core import Action, Effect
 from agentproxy.errors import NoRoute
 from agentproxy.identity.context import ContextSigner
 from agentproxy.identity.verifier import TokenVerifier
 from agentproxy.metering.meter import compile_attribution
 from agentproxy.policy import PolicySet, compile_policy, policy_issues
+from agentproxy.policy.patterns import ActionPattern, compile_pattern
 from agentproxy.protocols import http, mcp
 from agentproxy.protocols.grpc import DescriptorError, Method, load_descriptor_set
+from agentproxy.protocols.openapi import BodyValidator, check_path_params
 
 # A remembered request line costs its Action and its strings: 4,096 lines of at most 512
 # characters bound the memory to a few MiB, whatever agents send.
 LINES = 4096
 LINE_BYTES = 512
+
+
+@dataclass(frozen=True, slots=True)
+class Operation:
+    """An upstream's OpenAPI operation, compiled: its action pattern, and its body schema."""
+
+    pattern: ActionPattern
+    spec: OpenApiOperation
+    validator: BodyValidator | None
+
+
+def compile_operations(upstream: Upstream) -> tuple[Operation, ...]:
+    """The upstream's operations, concrete paths before templated ones (OpenAPI: `/users/me`
+    is matched before `/users/{id}`)."""
+    ordered = sorted(upstream.openapi, key=lambda op: (op.path.count("{"), -len(op.path)))
+    return tuple(
+        Operation(
+            compile_pattern(op.action),
+            op,
+            BodyValidator(op) if op.body_schema is not None else None,
+        )
+        for op in ordered
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +69,37 @@ class Runtime:
     _lines: dict[tuple[str, str], tuple[Action, str, Upstream]] = field(
         default_factory=dict, repr=False, compare=False
     )
+    # OpenAPI operations by upstream name, and those found lately by action name.
+    operations: Mapping[str, tuple[Operation, ...]] = field(default_factory=dict)
+    _operations_found: dict[tuple[str, str], tuple[Operation, Mapping[str, str]] | None] = field(
+        default_factory=dict, repr=False, compare=False
+    )
+
+    def operation(self, action: Action) -> tuple[Operation, Mapping[str, str]] | None:
+        """The OpenAPI operation an HTTP action calls on its upstream, with its bindings."""
+        ops = self.operations.get(action.upstream)
+        if not ops:
+            return None
+        key = (action.upstream, action.name)
+        if key in self._operations_found:
+            return self._operations_found[key]
+        found = None
+        for op in ops:
+            bindings = op.pattern.match(action.name, action.fold_case)
+            if bindings is not None:
+                found = (op, bindings)
+                break
+        if len(self._operations_found) >= LINES:
+            self._operations_found.clear()
+        self._operations_found[key] = found
+        return found
+
+    @property
+    def audit_reads_args(self) -> bool:
+        """Whether the audit trail redacts an `args.` path: then a JSON or form body is read
+        as `args` whatever the policy reads, so that the trail records it (redacted)."""
+        audit = self.config.audit
+        return audit.enabled and any(path.startswith("args.") for path in audit.redact)
 
     def describe_http(self, method: str, raw_target: str) -> tuple[Action, str, Upstream]:
         """The HTTP adapter's action for a request line, bound to the upstream it routes to,
@@ -60,6 +117,10 @@ class Runtime:
             fold_case=upstream.path_case == "insensitive",
             canonical_integers=upstream.integer_segments == "canonical",
         )
+        if upstream.openapi:
+            operation = self.operation(action)
+            if operation is not None:
+                check_path_params(operation[0].spec, operation[1])
         found = (action, raw_query, upstream)
         if len(method) + len(raw_target) <= LINE_BYTES:
             if len(self._lines) >= LINES:
@@ -131,6 +192,8 @@ def check(config: Config) -> PolicySet:
         issues.append(Issue(str(config.source), 1, 1, "$.context_token.signing_key_file", str(exc)))
     issues.extend(unbound_privileges(config, policy))
     issues.extend(unknown_upstreams(config, policy))
+    issues.extend(silent_denials(config, policy))
+    issues.extend(llm_spend_currencies(config, policy))
     for i, upstream in enumerate(config.upstreams):
         try:
             descriptor_methods(upstream)
@@ -159,6 +222,95 @@ def unknown_upstreams(config: Config, policy: PolicySet | None) -> list[Issue]:
                     f"no upstream is named {name!r} (the config names {known})",
                 )
             )
+    return issues
+
+
+_STRING_LITERALS = re.compile(r"'(?:[^'\\]|\\.)*'" + r'|"(?:[^"\\]|\\.)*"')
+_RESOURCE_MEMBER = re.compile(r"(?<![.\w])resource\s*\.\s*([A-Za-z_]\w*)")
+
+
+def silent_denials(config: Config, policy: PolicySet | None) -> list[Issue]:
+    """Conditions that would deny every call they see, for a reason the config shows: `args`
+    read on HTTP calls whose body is never read (`body: stream`, a GET), `resource.NAME` on
+    a pattern that binds no NAME."""
+    issues: list[Issue] = []
+    http_upstreams = [u for u in config.upstreams if u.protocol == "http"]
+    for rule in policy.rules if policy is not None else ():
+        if rule.builtin:
+            continue
+        pos = rule.position
+        sources = [rule.when or "", rule.cost.expr if rule.cost and rule.cost.expr else ""]
+        sources += [limit.key for limit in rule.limits if limit.key_expr is not None]
+        text = _STRING_LITERALS.sub("''", " ".join(sources))
+        for name in sorted(set(_RESOURCE_MEMBER.findall(text)) - {"query"}):
+            if re.search(rf"has\(\s*resource\s*\.\s*{name}\s*\)", text):
+                continue  # guarded: written for patterns that bind it and ones that do not
+            for pattern in rule.patterns:
+                if name in pattern.names:
+                    continue
+                bound = ", ".join(pattern.names) or "nothing"
+                issues.append(
+                    Issue(
+                        pos.file,
+                        pos.line,
+                        pos.column,
+                        f"rule {rule.id}.when",
+                        f"resource.{name}: action {pattern.text!r} binds {bound}, so the "
+                        f"condition could never read it (name it {{{name}}} in the path)",
+                    )
+                )
+        if not rule.reads_args:
+            continue
+        http_patterns = [p.text for p in rule.patterns if p.text.startswith("http:")]
+        bodyless = [t for t in http_patterns if t.split(" ")[0] in ("http:GET", "http:HEAD")]
+        for text in bodyless:
+            issues.append(
+                Issue(
+                    pos.file,
+                    pos.line,
+                    pos.column,
+                    f"rule {rule.id}.when",
+                    f"reads args, but {text!r} calls carry no body, so args is empty "
+                    "(read the query string as resource.query)",
+                )
+            )
+        scoped = [u for u in http_upstreams if not rule.upstreams or u.name in rule.upstreams]
+        if http_patterns and scoped and all(u.body == "stream" for u in scoped):
+            names = ", ".join(u.name for u in scoped)
+            issues.append(
+                Issue(
+                    pos.file,
+                    pos.line,
+                    pos.column,
+                    f"rule {rule.id}.when",
+                    f"reads args on HTTP calls, but upstream {names} never reads bodies "
+                    "(body: stream), so args is always empty: set body: auto",
+                )
+            )
+    return issues
+
+
+def llm_spend_currencies(config: Config, policy: PolicySet | None) -> list[Issue]:
+    """A spend limit of an LLM rule without a cost is charged in the price table's currency:
+    one in another would never be compared with what calls cost."""
+    issues = []
+    currency = config.metering.currency
+    for rule in policy.rules if policy is not None else ():
+        if rule.cost is not None:
+            continue
+        for limit in rule.limits:
+            if limit.spend is not None and limit.currency not in (None, currency):
+                pos = rule.position
+                issues.append(
+                    Issue(
+                        pos.file,
+                        pos.line,
+                        pos.column,
+                        f"rule {rule.id}.limits",
+                        f"limit {limit.name!r} is in {limit.currency}, but LLM calls are "
+                        f"priced in {currency} (metering.currency)",
+                    )
+                )
     return issues
 
 
@@ -221,4 +373,7 @@ async def build(config: Config) -> Runtime:
         found = descriptor_methods(upstream)
         if found is not None:
             methods[upstream.name] = found
-    return Runtime(config, policy, verifier, signer, tuple(routes), grpc_routes, methods)
+    operations = {u.name: compile_operations(u) for u in config.upstreams if u.openapi}
+    return Runtime(
+        config, policy, verifier, signer, tuple(routes), grpc_routes, methods, operations=operations
+    )

@@ -44,6 +44,7 @@ from agentproxy.proxy.pipeline import Pipeline
 from agentproxy.proxy.upstream import UpstreamClient
 from agentproxy.proxy.watch import watch
 from agentproxy.store import MemoryStore, Store, StoreError
+from agentproxy.telemetry import tracing
 
 log = logging.getLogger("agentproxy")
 HealthServicer = health_aio.HealthServicer
@@ -86,8 +87,24 @@ class ProxyServer:
                 audit_settings(config), on_drop=metrics.audit_dropped.inc, clock=clock
             )
         self.notifier = _notifier(config)
+        # One tracer for the life of the process (a changed `telemetry:` needs a restart).
+        self.tracing = tracing(config.telemetry, on_drop=metrics.telemetry_dropped.inc)
+        if self.tracing is not None:
+            exporter = self.tracing.exporter
+            log.info(
+                "tracing: OTLP %s to %s, sampling %g (parent-based)",
+                exporter.protocol,
+                exporter.endpoint or "the OTEL_EXPORTER_OTLP_* endpoint",
+                exporter.ratio,
+            )
         self.services = assemble.services(
-            config, store, clock, metrics=metrics, stopping=self._stopping, audit=audit
+            config,
+            store,
+            clock,
+            metrics=metrics,
+            stopping=self._stopping,
+            audit=audit,
+            tracing=self.tracing,
         )
         assemble.wire_approvals(
             self.services.approvals,
@@ -113,6 +130,7 @@ class ProxyServer:
         self.admin_port = 0
         self.grpc_port = 0
         self.admin_grpc_port = 0
+        self.ext_authz_port = 0
 
     @property
     def store(self) -> Store:
@@ -264,6 +282,8 @@ class ProxyServer:
             await self._start_grpc(str(listen.grpc))
         if listen.admin_grpc is not None:
             await self._start_admin_grpc(str(listen.admin_grpc))
+        if listen.ext_authz is not None:
+            await self._start_ext_authz(str(listen.ext_authz))
 
     async def _start_grpc(self, address: str) -> None:
         """The gRPC data plane, with the standard health service (no token needed: probes
@@ -299,6 +319,27 @@ class ProxyServer:
         health_pb2_grpc.add_HealthServicer_to_server(health, server)
         add_admin_services(server, self.backend)
         self.admin_grpc_port = _bind(server, address)
+        await server.start()
+        self._grpc_servers.append(server)
+        await health.set("", health_pb2.HealthCheckResponse.SERVING)
+
+    async def _start_ext_authz(self, address: str) -> None:
+        """Envoy's ext_authz v3 (gRPC), with the health service: the decision service behind
+        a gateway, on the pipeline of the snapshot in force."""
+        from agentproxy.proxy.ext_authz import add_authorization_service
+
+        largest = max((u.max_body_bytes for u in self.config.upstreams), default=1 << 20)
+        server = aio.server(
+            options=[
+                # Envoy sends the body it buffered (with_request_body) inside the Check.
+                ("grpc.max_receive_message_length", largest + (1 << 20)),
+                ("grpc.so_reuseport", 1 if self._reuse_port else 0),
+            ]
+        )
+        health = HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health, server)
+        add_authorization_service(server, lambda: self.pipeline)
+        self.ext_authz_port = _bind(server, address)
         await server.start()
         self._grpc_servers.append(server)
         await health.set("", health_pb2.HealthCheckResponse.SERVING)
@@ -369,6 +410,9 @@ class ProxyServer:
                 log.error("audit: records lost at shutdown: %s", exc)
         await self.store.close()
         self.decision_log.flush()
+        if self.tracing is not None:
+            # Sends what is queued; off the loop, since the exporter's calls block.
+            await asyncio.to_thread(self.tracing.close)
 
 
 async def _cancel(task: asyncio.Task[None]) -> None:

@@ -263,6 +263,11 @@ class MemoryStore:
         current = self._meet(approval_id, now)
         if current is None:
             raise KeyError(approval_id)
+        if event is Event.APPROVE and current.state is State.PENDING and current.quorum > 1:
+            current = current.add_vote(by, reason, now)
+            if len(current.votes) < current.quorum:
+                self._approvals[approval_id] = current
+                return current
         decided = replace(current, state=advance(current.state, event))
         if current.state is State.PENDING and decided.state is not State.PENDING:
             decided = replace(decided, decided_by=by, decided_reason=reason, decided_at=now)

@@ -108,7 +108,15 @@ from redis.commands.core import AsyncScript
 from redis.crc import key_slot
 from redis.exceptions import RedisClusterException, RedisError
 
-from agentproxy.approvals.lifecycle import TRANSITIONS, Approval, Event, State, advance
+from agentproxy.approvals.lifecycle import (
+    TRANSITIONS,
+    Approval,
+    Event,
+    IllegalTransition,
+    State,
+    Vote,
+    advance,
+)
 from agentproxy.config.model import RedisSettings
 from agentproxy.store.base import (
     PAGE_LIMIT,
@@ -535,7 +543,8 @@ return {last_s, last_id, out}
 """
 )
 
-# ARGV[3..]: id, event, by, reason. Returns {'ok', fields}, {'unknown'} or {'illegal', state}.
+# ARGV[3..]: id, event, by, reason. Returns {'ok', fields}, {'unknown'}, {'illegal', state} or
+# {'voted', votes still needed} (N of M: `by` already approved).
 # On approve, the grant is written in the same script, in `put_grant`'s format: one use until
 # the approval's own expiry, or any number until now + grant_ttl (formatted %.17g: exact).
 _DECIDE_APPROVAL = (
@@ -547,6 +556,22 @@ if not state then return {'unknown'} end
 local target = TRANSITIONS[state .. ':' .. event]
 if not target then return {'illegal', state} end
 local rec = record_key(id)
+if state == 'pending' and event == 'approve' then
+  -- N of M: a vote per distinct approver; the quorum's last one approves.
+  local quorum = tonumber(cjson.decode(redis.call('HGET', rec, 'json')).quorum) or 1
+  if quorum > 1 then
+    local votes = cjson.decode(redis.call('HGET', rec, 'votes') or '[]')
+    for _, vote in ipairs(votes) do
+      if vote.by == by then return {'voted', tostring(quorum - #votes)} end
+    end
+    votes[#votes + 1] = {by = by, reason = reason, at = NOW}
+    redis.call('HSET', rec, 'votes', cjson.encode(votes))
+    if #votes < quorum then
+      redis.call('PUBLISH', CHANGED, id)
+      return {'ok', redis.call('HGETALL', rec)}
+    end
+  end
+end
 local f = redis.call('HMGET', rec, 'created', 'expires', 'fingerprint', 'grant_ttl')
 redis.call('HSET', rec, 'state', target)
 if state == 'pending' and target ~= 'pending' then
@@ -1012,6 +1037,10 @@ class RedisStore:
             return decided
         if outcome == "unknown":
             raise KeyError(approval_id)
+        if outcome == "voted":
+            raise IllegalTransition(
+                f"{by} already approved {approval_id}; it needs {result[1]} more approver(s)"
+            )
         advance(State(result[1]), event)  # raises the IllegalTransition the script found
         raise StoreError(f"the approval script refused {event.value} on {result[1]}")
 
@@ -1351,12 +1380,14 @@ def _approval_from(flat: list[str] | dict[str, str]) -> Approval:
     try:
         created = Approval.from_json(orjson.loads(fields["json"]))
         decided_at = fields.get("decided_at")
+        votes = fields.get("votes")
         return replace(
             created,
             state=State(fields["state"]),
             decided_by=fields.get("decided_by"),
             decided_reason=fields.get("decided_reason"),
             decided_at=None if decided_at is None else float(decided_at),
+            votes=tuple(Vote.from_json(v) for v in orjson.loads(votes)) if votes else (),
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise ValueError(f"malformed approval record: {type(exc).__name__}: {exc}") from None

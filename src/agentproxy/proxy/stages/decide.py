@@ -92,9 +92,9 @@ class Decide:
             call.refusal = Denied(decision.reason, rule=decision.rule_id)
 
     async def _facts(self, call: Call) -> Facts:
-        task, principal = call.task, call.principal
+        task, principal, parent = call.task, call.principal, call.parent_task
         if not self._policy.reads_task or task is None or principal is None:
-            return Facts(task_id=task)
+            return Facts(task_id=task, task_parent=parent)
         try:
             history = await self._store.task_history(
                 task_history_key(principal.agent, task), call.now
@@ -103,5 +103,5 @@ class Decide:
             self._metrics.store_errors.labels("task_history").inc()
             log.warning("call %s: task history unavailable: %s", call.id, exc)
             call.store_error = str(exc)
-            return Facts(task_id=task)
-        return Facts(task, history.labels, history.calls, history.spent)
+            return Facts(task_id=task, task_parent=parent)
+        return Facts(task, history.labels, history.calls, history.spent, parent)

@@ -95,6 +95,7 @@ class Gate:
                 arguments=shown,
                 arguments_bytes=size,
                 arguments_sha256=digest,
+                quorum=spec.quorum,
             )
             asked = approval
             opened = await approvals.open(asked, self._caps)

@@ -50,7 +50,23 @@ class Identify:
                 "X-Agentproxy-Task is not accepted here: the task id comes from the token "
                 "(identity.task_from)"
             )
-        call.task = (principal.task if self._from_token else None) or call.declared_task
+        if call.declared_parent is not None and not self._from_header:
+            raise BadRequest(
+                "X-Agentproxy-Parent-Task is not accepted here: the task id comes from the token "
+                "(identity.task_from)"
+            )
+        from_token = principal.task if self._from_token else None
+        call.task = from_token or call.declared_task
+        if from_token is not None:
+            # A task the token names has the parent the token names: an agent cannot graft
+            # the identity provider's (or the STS's) task onto another tree.
+            call.parent_task = principal.parent_task
+            call.parent_source = "token" if principal.parent_task is not None else None
+        elif call.task is not None and call.declared_parent is not None:
+            # A declared task's parent is declared too (an orchestrator's header): recorded
+            # as such, so the tree can tell the agent's word from the issuer's.
+            call.parent_task = call.declared_parent
+            call.parent_source = "header"
         revocations = self._revocations
         if not revocations.fresh():
             call.store_error = "revocations could not be refreshed"

@@ -55,12 +55,19 @@ class Record:
                     m.shadow_decisions.labels(
                         action, decision.shadow_rule or "", decision.shadow_effect.value
                     ).inc()
+            # A traced call's latencies carry its trace (OpenMetrics exemplars): a slow bucket
+            # leads to a trace that exists. An untraced call's would lead nowhere.
+            exemplar = (
+                {"trace_id": call.trace.trace_id, "span_id": call.trace.span_id}
+                if call.spans is not None and call.trace.sampled
+                else None
+            )
             if call.decision_seconds is not None:
-                m.decision_seconds.observe(call.decision_seconds)
-            m.request_seconds.labels(call.upstream).observe(total)
+                m.decision_seconds.observe(call.decision_seconds, exemplar)
+            m.request_seconds.labels(call.upstream).observe(total, exemplar)
             if call.upstream_seconds is not None:
-                m.upstream_seconds.labels(call.upstream).observe(call.upstream_seconds)
-            m.overhead_seconds.observe(max(0.0, total - (call.upstream_seconds or 0.0)))
+                m.upstream_seconds.labels(call.upstream).observe(call.upstream_seconds, exemplar)
+            m.overhead_seconds.observe(max(0.0, total - (call.upstream_seconds or 0.0)), exemplar)
             self._decision_log.write(call, total)
             trail = self._trail
             if trail is not None:
