@@ -6,8 +6,13 @@ SHARED ?= ../shared
 
 .PHONY: run test lint pytest smoke install proto system-deps helm node-deps bench demo-metrics clean
 
-$(VENV)/.installed: pyproject.toml setup.py
+# What the proxy itself needs (make run); the test tooling comes with make test.
+$(VENV)/.runtime: pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet -e .
+	touch $@
+
+$(VENV)/.installed: $(VENV)/.runtime pyproject.toml setup.py
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[test]'
 	touch $@
@@ -19,9 +24,10 @@ install: $(VENV)/.installed
 proto: install
 	$(PY) proto/generate.py
 
-## make run: the proxy on the embedded default (memory store, demo policy, demo upstream)
-run: proto
-	$(PY) examples/demo/run.py
+## make run: the proxy on the embedded default (memory store, demo policy, demo upstream);
+## other ports: make run HTTP_PORT=18080 ADMIN_PORT=19901 TOOL_PORT=18000
+run: $(VENV)/.runtime
+	HTTP_PORT=$(HTTP_PORT) ADMIN_PORT=$(ADMIN_PORT) TOOL_PORT=$(TOOL_PORT) $(PY) examples/demo/run.py
 
 ## make test: lint, types, the whole test suite, and the public contract smoke test
 test: proto system-deps helm node-deps lint pytest smoke

@@ -158,6 +158,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if name in ("approve", "deny"):
             sub.add_argument("--reason", default="")
 
+    keys = commands.add_parser("keys", help="key material for a deployment")
+    keys_commands = keys.add_subparsers(dest="keys_command", required=True)
+    generate = keys_commands.add_parser(
+        "generate", help="write the context, audit signing and audit HMAC keys into DIR"
+    )
+    generate.add_argument("dir", type=Path)
+
     tools = commands.add_parser("tools", help="MCP tool pinning")
     tools_commands = tools.add_subparsers(dest="tools_command", required=True)
     accept = tools_commands.add_parser("accept", help="accept a changed tool's new definition")
@@ -181,6 +188,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _policy_test(args.dir, args.verbose)
     if args.command == "audit":
         return _audit(args)
+    if args.command == "keys":
+        return _keys_generate(args.dir)
     if args.command == "tools":
         return asyncio.run(_tools_accept(args))
     if args.command == "approvals":
@@ -671,6 +680,29 @@ def approval_lines(a: dict[str, Any]) -> str:
         given = ", ".join(f"{v['by']} at {rfc3339(v['at'])}" for v in votes) or "none yet"
         lines.append(f"    approvals {len(votes)} of {quorum}: {given}")
     return "\n".join(lines)
+
+
+def _keys_generate(directory: Path) -> int:
+    from agentproxy.identity.issue import DEPLOYMENT_KEYS, generate_deployment_keys
+
+    try:
+        paths = generate_deployment_keys(directory)
+    except FileExistsError as exc:
+        print(f"nothing written: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"cannot write keys into {directory}: {exc}", file=sys.stderr)
+        return 1
+    for path in paths:
+        print(f"{path}  {DEPLOYMENT_KEYS[path.name]}")
+    print(
+        "\nIn agentproxy.yaml:\n"
+        f"  context_token: {{signing_key_file: {paths[0]}}}\n"
+        f"  audit: {{file: …, signing_key_file: {paths[1]}, hmac_key_file: {paths[3]}}}\n"
+        "Keep the private files secret (mounted from a Secret in Kubernetes); publish the"
+        " .pub.pem to whoever verifies the trail."
+    )
+    return 0
 
 
 async def _tools_accept(args: argparse.Namespace) -> int:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import enum
+import math
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -255,10 +256,20 @@ class Reservation:
     amount: float
     limit: float
     window: float
+    # A calendar window's start (its `window` is then its length); None: aligned to multiples
+    # of `window` since the epoch.
+    start: float | None = None
 
     def __post_init__(self) -> None:
         if self.window <= 0 or self.limit < 0 or self.amount < 0:
             raise ValueError(f"invalid reservation {self!r}")
+
+    def window_at(self, now: float) -> float:
+        """The start of the window a take at `now` counts in (the calendar window's own, or
+        the fixed window containing `now`)."""
+        if self.start is not None:
+            return self.start
+        return math.floor(now / self.window) * self.window
 
 
 @dataclass(frozen=True, slots=True)

@@ -36,7 +36,10 @@ KUBERNETES_VERSION = "1.35"
 NAMESPACE = "tools"
 RELEASE = "hr"
 # Custom resources: Kubernetes ships no schema for them; they are checked by hand below.
-CUSTOM_RESOURCES = {("monitoring.coreos.com/v1", "ServiceMonitor")}
+CUSTOM_RESOURCES = {
+    ("monitoring.coreos.com/v1", "ServiceMonitor"),
+    ("security.istio.io/v1", "AuthorizationPolicy"),  # test_decision_service checks its shape
+}
 HTTP_PORT, ADMIN_PORT, TOOL_PORT = 8080, 9901, 8000
 GRPC_PORT, ADMIN_GRPC_PORT = 50051, 9902
 # Written into `secrets.files`: it must reach the Secret and nothing else.
@@ -276,6 +279,43 @@ CASES = [
         {"ConfigMap": 2, "Secret": 1, "Service": 1, "Deployment": 1},
     ),
     Case(
+        "decision-service-istio",
+        "example",
+        {
+            "decisionService": {
+                "enabled": True,
+                "istio": {
+                    "authorizationPolicy": {
+                        "enabled": True,
+                        "selector": {"app": "hr-tool"},
+                        "rules": [{"to": [{"operation": {"paths": ["/v1/*", "/mcp"]}}]}],
+                    }
+                },
+            },
+            "networkPolicy": {"enabled": True},
+            "policies": {"p.yaml": "default: deny\nrules: []\n"},
+            "config": {
+                "identity": {
+                    "issuers": [
+                        {
+                            "issuer": "https://idp.example",
+                            "audiences": ["agentproxy"],
+                            "jwks_url": "https://idp.example/jwks",
+                            "algorithms": ["RS256"],
+                        }
+                    ]
+                }
+            },
+        },
+        {
+            "ConfigMap": 2,
+            "Service": 1,
+            "Deployment": 1,
+            "AuthorizationPolicy": 1,
+            "NetworkPolicy": 1,
+        },
+    ),
+    Case(
         "sidecar-minimal",
         "sidecar",
         {
@@ -443,6 +483,7 @@ def test_pods_carry_the_selector_label_and_scrape_annotations(
 def test_only_the_proxy_ports_are_exposed(rendered: tuple[Case, list[Manifest]]) -> None:
     case, manifests = rendered
     grpc = "grpc" in case.values.get("config", {}).get("listen", {})
+    ext_authz = case.values.get("decisionService", {}).get("enabled", False)
     selector = {"agentproxy/sidecar": f"{RELEASE}-agentproxy"}
     for service in of_kind(manifests, "Service"):
         if service["metadata"]["labels"].get("app.kubernetes.io/component") != "proxy":
@@ -452,6 +493,8 @@ def test_only_the_proxy_ports_are_exposed(rendered: tuple[Case, list[Manifest]])
         expected = {"http": "proxy-http", "admin": "proxy-admin"}
         if grpc:
             expected |= {"grpc": "proxy-grpc", "admin-grpc": "proxy-admingrpc"}
+        if ext_authz:
+            expected |= {"ext-authz": "proxy-extauthz"}
         assert targets == expected
     for pod in proxy_pods(manifests):
         (container,) = [c for c in pod["spec"]["containers"] if c["name"] == "agentproxy"]
@@ -459,6 +502,12 @@ def test_only_the_proxy_ports_are_exposed(rendered: tuple[Case, list[Manifest]])
         if grpc:
             assert names["proxy-grpc"] == GRPC_PORT
             assert names["proxy-admingrpc"] == ADMIN_GRPC_PORT
+        elif ext_authz:
+            assert names == {
+                "proxy-http": HTTP_PORT,
+                "proxy-admin": ADMIN_PORT,
+                "proxy-extauthz": 9191,
+            }
         else:
             assert set(names) == {"proxy-http", "proxy-admin"}
     for policy in of_kind(manifests, "NetworkPolicy"):
@@ -469,7 +518,9 @@ def test_only_the_proxy_ports_are_exposed(rendered: tuple[Case, list[Manifest]])
         proxy_ports = sorted(p["port"] for p in ingress[0]["ports"])
         admin_ports = sorted(p["port"] for p in ingress[1]["ports"])
         # never TOOL_PORT; admin ports stay behind networkPolicy.adminFrom
-        assert proxy_ports == ([HTTP_PORT, GRPC_PORT] if grpc else [HTTP_PORT])
+        assert proxy_ports == (
+            [HTTP_PORT, GRPC_PORT] if grpc else [HTTP_PORT, 9191] if ext_authz else [HTTP_PORT]
+        )
         assert admin_ports == ([ADMIN_PORT, ADMIN_GRPC_PORT] if grpc else [ADMIN_PORT])
     for pdb in of_kind(manifests, "PodDisruptionBudget"):
         assert pdb["spec"]["selector"]["matchLabels"] == selector
@@ -773,3 +824,39 @@ def test_demo_issuer_secret_is_kept_when_given(helm: Path, tmp_path: Path) -> No
     manifests = render(helm, CHART, values, tmp_path)
     data = named(manifests, "Secret", "-secrets")["data"]
     assert base64.b64decode(data["example-issuer-hs256"]) == b"a-demo-secret-of-32-bytes-or-more"
+
+
+def test_decision_service(helm: Path, tmp_path: Path) -> None:
+    """Mode (c): agentproxy alone in its pod, ext_authz on, and Istio's CUSTOM policy naming
+    the provider NOTES tells the mesh config to add."""
+    (case,) = [c for c in CASES if c.name == "decision-service-istio"]
+    manifests = render(helm, CHART, case.helm_values(), tmp_path)
+    (deployment,) = of_kind(manifests, "Deployment")
+    containers = deployment["spec"]["template"]["spec"]["containers"]
+    assert [c["name"] for c in containers] == ["agentproxy"]  # no tool in this pod
+    config = yaml.safe_load(named(manifests, "ConfigMap", "-config")["data"]["agentproxy.yaml"])
+    assert config["listen"]["ext_authz"] == "0.0.0.0:9191"
+    (policy,) = of_kind(manifests, "AuthorizationPolicy")
+    assert policy["spec"]["action"] == "CUSTOM"
+    assert policy["spec"]["provider"] == {"name": "agentproxy"}
+    assert policy["spec"]["selector"] == {"matchLabels": {"app": "hr-tool"}}
+    assert policy["spec"]["rules"] == [{"to": [{"operation": {"paths": ["/v1/*", "/mcp"]}}]}]
+    notes = subprocess.run(
+        [str(helm), "install", RELEASE, str(CHART), "--dry-run=client", "-n", NAMESPACE, "-f", "-"],
+        input=yaml.safe_dump(case.helm_values()),
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert (
+        "envoyExtAuthzGrpc:" in notes and f"service: {RELEASE}-agentproxy.{NAMESPACE}.svc" in notes
+    )
+    both = {**case.helm_values(), "example": {"enabled": True}}
+    failed = subprocess.run(
+        [str(helm), "template", RELEASE, str(CHART), "-f", "-"],
+        input=yaml.safe_dump(both),
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert failed.returncode != 0 and "two modes" in failed.stderr

@@ -194,3 +194,13 @@ rules:
     assert await get(keys.token("worker", task="sub-1", parent_task="plan-1")) == 200
     assert await get(keys.token("worker", task="sub-2", parent_task="plan-2")) == 403
     assert await get(keys.token("worker", task="sub-3")) == 403
+
+
+def test_calendar_windows_are_utc_days_iso_weeks_and_months() -> None:
+    from agentproxy.policy.limits import calendar_window
+
+    now = 1_796_601_600.0 + 13 * 3600  # Mon 2026-12-07 13:00 UTC
+    assert calendar_window("day", now) == (1_796_601_600.0, 86400.0)
+    assert calendar_window("week", now) == (1_796_601_600.0, 7 * 86400.0)  # from Monday
+    assert calendar_window("week", now + 6 * 86400) == (1_796_601_600.0, 7 * 86400.0)
+    assert calendar_window("month", now) == (1_796_083_200.0, 31 * 86400.0)  # December

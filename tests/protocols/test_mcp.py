@@ -399,11 +399,13 @@ def test_malformed_messages_name_their_index(message: Any, match: str) -> None:
      "rlo\u202egnp.exe", "zw\u200bj", "x" * (MAX_NAME_LENGTH + 1)],
 )  # fmt: skip
 def test_unsafe_subject_names_are_refused(name: str) -> None:
-    assert "printable characters" in refused(call(name))
+    # A NUL is refused by the strict parser already (CEL would read the string cut at it).
+    expected = "NUL in a string" if "\x00" in name else "printable characters"
+    assert expected in refused(call(name))
     read = {"jsonrpc": "2.0", "id": 1, "method": "resources/read", "params": {"uri": name}}
-    assert "printable characters" in refused(read)
+    assert expected in refused(read)
     prompt = {"jsonrpc": "2.0", "id": 1, "method": "prompts/get", "params": {"name": name}}
-    assert "printable characters" in refused(prompt)
+    assert expected in refused(prompt)
 
 
 def test_subject_names_at_the_limit_and_unicode_are_fine() -> None:

@@ -104,3 +104,52 @@ async def test_the_demo_shows_the_essays_three_sentences(demo: Demo) -> None:
     assert status == 403, got
     status, got = await demo.call(hr, "GET", "/v1/employees/42")
     assert got["employee"]["title"] == "Staff Engineer"
+
+
+def test_make_run_starts_the_demo_on_other_ports_and_refuses_a_taken_one(tmp_path: Path) -> None:
+    import socket
+    import subprocess
+    import sys
+    import urllib.request
+
+    from tests.harness.processes import free_port
+
+    ports = {"HTTP_PORT": free_port(), "ADMIN_PORT": free_port(), "TOOL_PORT": free_port()}
+    env = {**__import__("os").environ, **{k: str(v) for k, v in ports.items()}}
+    demo = subprocess.Popen(
+        [sys.executable, str(DEMO / "run.py")],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        assert demo.stdout is not None
+        lines = []
+        for line in demo.stdout:
+            lines.append(line.decode())
+            if b"demo is running" in line:
+                break
+        else:
+            raise AssertionError("".join(lines))
+        url = f"http://127.0.0.1:{ports['ADMIN_PORT']}/readyz"
+        with urllib.request.urlopen(url, timeout=5) as ready:
+            assert ready.status == 200
+    finally:
+        demo.terminate()
+        demo.wait(15)
+        if demo.stdout is not None:
+            demo.stdout.close()
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", ports["HTTP_PORT"]))
+        holder.listen()
+        refused = subprocess.run(
+            [sys.executable, str(DEMO / "run.py")],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+    assert refused.returncode == 1
+    assert f"port {ports['HTTP_PORT']} (HTTP_PORT) is taken" in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1 and "Traceback" not in refused.stderr

@@ -714,3 +714,24 @@ async def test_count_pending_counts_past_the_list_limit(store: Store) -> None:
     await store.decide_approval(first.id, Event.DENY, "carol", "", NOW + 1)
     assert await store.count_pending(NOW + 1) == many - 1
     assert await store.count_pending(NOW + LIFETIME) == 0  # overdue ones are not pending
+
+
+async def test_a_calendar_window_counts_from_its_own_start(store: Store) -> None:
+    from agentproxy.policy.limits import calendar_window
+
+    # 2026-01-31 23:59:50 UTC: the month's last seconds, then February.
+    late = 1_769_903_990.0
+    start, length = calendar_window("month", late)
+    assert (start, length) == (1_767_225_600.0, 31 * 86400.0)
+    budget = Reservation("spend", "spend:agent=a", 4.0, 10.0, length, start)
+    assert await store.reserve([budget], late) is None
+    assert await store.reserve([budget], late + 5) is None
+    over = await store.reserve([budget], late + 9)
+    assert over is not None and over.used == 8.0 and 0 < over.retry_after <= 1
+    # A take made at the end of January and settled in February gives back to January.
+    await store.release([replace(budget, amount=4.0)], late + 20)
+    assert await store.reserve([budget], late + 9.5) is None
+    february = calendar_window("month", late + 20)
+    assert february == (1_769_904_000.0, 28 * 86400.0)
+    fresh = Reservation("spend", "spend:agent=a", 10.0, 10.0, february[1], february[0])
+    assert await store.reserve([fresh], late + 20) is None

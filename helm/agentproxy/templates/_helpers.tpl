@@ -91,6 +91,10 @@ issuer), demoPolicy (the example supplies the policy), secretsVolume (a secrets 
 {{- /* gRPC listeners exist only when configured: 0 means none. */ -}}
 {{- $_ := set .out "grpcPort" (include "agentproxy.port" (default "" $listen.grpc) | atoi) -}}
 {{- $_ := set .out "adminGrpcPort" (include "agentproxy.port" (default "" $listen.admin_grpc) | atoi) -}}
+{{- /* Envoy's ext_authz: configured, or 9191 for the decision service (mode c). */ -}}
+{{- $extAuthz := default (ternary "0.0.0.0:9191" "" $values.decisionService.enabled) $listen.ext_authz -}}
+{{- $_ := set .out "extAuthzListen" $extAuthz -}}
+{{- $_ := set .out "extAuthzPort" (include "agentproxy.port" $extAuthz | atoi) -}}
 {{- $_ := set .out "demoIssuer" $demoIssuer -}}
 {{- $_ := set .out "demoPolicy" $demoPolicy -}}
 {{- $_ := set .out "chartSecret" (or (not (empty $values.secrets.files)) $demoIssuer) -}}
@@ -159,6 +163,11 @@ agentproxy/sidecar: {{ .fullname | quote }}
     {{- if .adminGrpcPort }}
     - name: proxy-admingrpc
       containerPort: {{ .adminGrpcPort }}
+      protocol: TCP
+    {{- end }}
+    {{- if .extAuthzPort }}
+    - name: proxy-extauthz
+      containerPort: {{ .extAuthzPort }}
       protocol: TCP
     {{- end }}
   {{- with $v.env }}
@@ -313,6 +322,11 @@ of redis.url / redis.enabled (a URL), redis.sentinel, redis.clusterNodes. */}}
 {{- $redis = merge $redis $chartRedis -}}
 {{- $_ := set $store "redis" $redis -}}
 {{- $_ := set $config "store" $store -}}
+{{- end -}}
+{{- if .extAuthzListen -}}
+{{- $listen := default (dict) $config.listen -}}
+{{- $_ := set $listen "ext_authz" .extAuthzListen -}}
+{{- $_ := set $config "listen" $listen -}}
 {{- end -}}
 {{- $identity := default (dict) $config.identity -}}
 {{- if .demoIssuer -}}

@@ -433,7 +433,10 @@ class _Loader:
             'must be a host[:port] such as "api.example.com" (sent as X-Forwarded-Host)',
         )
         ppath = f"{path}.paths"
-        paths = doc.mapping(section.get("paths"), ppath, ("case", "integer_segments"))
+        paths = doc.mapping(
+            section.get("paths"), ppath, ("case", "integer_segments", "trailing_slash")
+        )
+        slash = doc.choice(paths, ppath, "trailing_slash", ["as_sent", "ignored"], "as_sent")
         case = doc.choice(paths, ppath, "case", ["sensitive", "insensitive"], "sensitive")
         integers = doc.choice(paths, ppath, "integer_segments", ["as_sent", "canonical"], "as_sent")
         for key in ("forwarded_host", "paths"):
@@ -462,6 +465,7 @@ class _Loader:
             forwarded_host=forwarded_host,
             path_case=case,  # type: ignore[arg-type]
             integer_segments=integers,  # type: ignore[arg-type]
+            trailing_slash=slash,  # type: ignore[arg-type]
             service=service,
             descriptor_set=descriptor_set,
             reflection=reflection,

@@ -202,6 +202,9 @@ class Upstream:
     forwarded_host: str | None = None
     path_case: Literal["sensitive", "insensitive"] = "sensitive"
     integer_segments: Literal["as_sent", "canonical"] = "as_sent"
+    # The upstream serves /x/ as /x (Express without strict routing, Spring 5): such a path is
+    # decided, and forwarded, as /x (`paths: {trailing_slash: ignored}`).
+    trailing_slash: Literal["as_sent", "ignored"] = "as_sent"
     # Plain HTTP only: when a request body is read as `args` (`auto`: a JSON or form body,
     # when a rule that may match reads it; `json`/`form`: every body, as that kind;
     # `stream`: never), and the largest answer a rule's obligations may shape (buffered
@@ -281,6 +284,9 @@ class LimitSpec:
     spend: float | None = None
     currency: str | None = None
     position: Position = Position("<memory>", 1, 1)
+    # A calendar window (UTC): "day", "week" (ISO, from Monday) or "month"; None: `window`
+    # seconds, aligned to multiples of it since the epoch.
+    calendar: Literal["day", "week", "month"] | None = None
 
 
 @dataclass(frozen=True, slots=True)

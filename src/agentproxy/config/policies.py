@@ -26,6 +26,7 @@ from agentproxy.core import Effect, Mode
 
 _RULE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}")
 CURRENCY = re.compile(r"[A-Z]{3}")
+CALENDAR_WINDOWS = {"day": 86400.0, "week": 7 * 86400.0, "month": 31 * 86400.0}
 
 
 def load_policies(
@@ -92,6 +93,7 @@ RULE_KEYS = (
 )
 _LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,63}")
 CURRENCY = re.compile(r"[A-Z]{3}")
+CALENDAR_WINDOWS = {"day": 86400.0, "week": 7 * 86400.0, "month": 31 * 86400.0}
 
 
 def read_policy_file(path: Path, issues: list[Issue]) -> PolicyFile:
@@ -254,8 +256,14 @@ def _limit(doc: Document, value: Any, path: str) -> LimitSpec | None:
     if spend is not None and currency is None:
         doc.error(path, 'a spend limit needs "currency"')
     if "window" not in section:
-        doc.error(path, 'missing required key "window" (e.g. "1m", "24h")')
-    window = doc.duration(section, path, "window", 60.0)
+        doc.error(path, 'missing required key "window" (e.g. "1m", "24h", "day", "month")')
+    calendar = section.get("window") if section.get("window") in CALENDAR_WINDOWS else None
+    if calendar is not None:
+        # Calendar windows (UTC): the day, the ISO week from Monday, the month. Nominal length
+        # here; each call's window is computed from its time (policy/limits.py).
+        window = CALENDAR_WINDOWS[calendar]
+    else:
+        window = doc.duration(section, path, "window", 60.0)
     doc.check(window >= 1, f"{path}.window", "must be at least 1s")
     key = doc.get(section, path, "key", str, "agent") or "agent"
     if name is None or (calls is None) == (spend is None):
@@ -263,6 +271,7 @@ def _limit(doc: Document, value: Any, path: str) -> LimitSpec | None:
     return LimitSpec(
         name=name,
         window=window,
+        calendar=calendar,
         key=key,
         calls=calls,
         spend=spend,

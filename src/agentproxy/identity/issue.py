@@ -14,7 +14,7 @@ from typing import Any
 
 import jwt
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
 from agentproxy.identity.keys import (
     PrivateKey,
@@ -114,3 +114,44 @@ def generate_demo_keypair(private_path: Path, public_path: Path) -> None:
         os.fchmod(file.fileno(), 0o600)
         file.write(private_pem)
     public_path.write_bytes(public_pem)
+
+
+# What `agentproxy keys generate DIR` writes: file name → what it is for (the config key).
+DEPLOYMENT_KEYS = {
+    "context-signing.pem": "context_token.signing_key_file (Ed25519: signs the forwarded context)",
+    "audit-signing.pem": "audit.signing_key_file (Ed25519: signs audit checkpoints)",
+    "audit-signing.pub.pem": "audit verify --key (the checkpoints' public key)",
+    "audit-hmac": "audit.hmac_key_file (32 random bytes: HMACs redacted values)",
+}
+
+
+def generate_deployment_keys(directory: Path) -> list[Path]:
+    """Writes the keys a deployment needs into `directory` (created 0700 if absent; private
+    files 0600), and returns their paths.
+
+    Raises FileExistsError naming a file that already exists (keys are never overwritten: a
+    replaced audit key would make every earlier checkpoint unverifiable), OSError otherwise.
+    """
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    paths = [directory / name for name in DEPLOYMENT_KEYS]
+    for path in paths:
+        if path.exists():
+            raise FileExistsError(f"{path} exists: keys are never overwritten")
+    pem = serialization.Encoding.PEM
+    private = serialization.PrivateFormat.PKCS8
+    none = serialization.NoEncryption()
+    context = ed25519.Ed25519PrivateKey.generate()
+    audit = ed25519.Ed25519PrivateKey.generate()
+    _write_private(paths[0], context.private_bytes(pem, private, none))
+    _write_private(paths[1], audit.private_bytes(pem, private, none))
+    paths[2].write_bytes(
+        audit.public_key().public_bytes(pem, serialization.PublicFormat.SubjectPublicKeyInfo)
+    )
+    _write_private(paths[3], secrets.token_hex(32).encode() + b"\n")
+    return paths
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as file:
+        file.write(data)

@@ -16,6 +16,7 @@ from typing import Any
 from agentproxy.core import Action, Effect, Facts, Mode, Principal
 from agentproxy.policy.compiler import KeepItems, PolicySet, Rule
 from agentproxy.policy.decide import _evaluate, rule_activation
+from agentproxy.policy.patterns import ActionPattern
 from agentproxy.policy.shaping import FieldPath, Shaped, keep_items, redact
 
 __all__ = ["AnswerShape", "answer_shape", "body_reader", "reads_body"]
@@ -36,10 +37,10 @@ def body_reader(policy: PolicySet, action: Action) -> str | None:
     if key in policy.body_needs:
         return policy.body_needs[key]
     reader = None
-    for rule, pattern in policy.index.candidates(action.name, action.fold_case):
+    for name, rule, pattern in _candidates(policy, action):
         if rule.upstreams and action.upstream not in rule.upstreams:
             continue
-        if reads_body(rule) and pattern.match(action.name, action.fold_case) is not None:
+        if reads_body(rule) and pattern.match(name, action.fold_case) is not None:
             reader = rule.id
             break
     if len(policy.body_needs) < 4096:
@@ -74,14 +75,14 @@ def answer_shape(
     fields: list[FieldPath] = []
     keeps: list[tuple[FieldPath, Callable[[Any], bool]]] = []
     seen: set[str] = set()
-    for rule, pattern in policy.index.candidates(action.name, action.fold_case):
+    for name, rule, pattern in _candidates(policy, action):
         if rule.id in seen or not (rule.redact_fields or rule.keep_items):
             continue
         if rule.mode is Mode.SHADOW or rule.effect is Effect.DENY:
             continue
         if rule.upstreams and action.upstream not in rule.upstreams:
             continue
-        if pattern.match(action.name, action.fold_case) is None:
+        if pattern.match(name, action.fold_case) is None:
             continue
         if not rule.principals.matches(principal):
             continue
@@ -95,6 +96,22 @@ def answer_shape(
     if not rules:
         return None
     return AnswerShape(tuple(rules), tuple(fields), tuple(keeps))
+
+
+def _candidates(policy: PolicySet, action: Action) -> list[tuple[str, Rule, ActionPattern]]:
+    """The rules that may match `action`, with the name each is matched on: for an HTTP path
+    ending in "/", also the path without it. Express (strict routing off, its default),
+    Spring 5 and others serve /v1/employees/ as /v1/employees, so the obligations and the
+    body reading of a rule for /v1/employees apply to both (only ever more shaping, or a body
+    read that would otherwise stream)."""
+    names = [action.name]
+    if action.protocol == "http" and len(action.target) > 1 and action.target.endswith("/"):
+        names.append(action.name[:-1])
+    return [
+        (name, rule, pattern)
+        for name in names
+        for rule, pattern in policy.index.candidates(name, action.fold_case)
+    ]
 
 
 def _keeper(keep: KeepItems, data: dict[str, Any]) -> Callable[[Any], bool]:

@@ -113,6 +113,7 @@ class Limit:
     calls: int | None
     spend: float | None
     currency: str | None = None
+    calendar: str | None = None  # "day", "week", "month" (UTC), or None: `window` seconds
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,6 +136,9 @@ class Rule:
     reads_task: bool = False
     # The condition, a limit key or the cost reads `args` (the body, for HTTP).
     reads_args: bool = False
+    # The member names of `args` it names (`args.a.b`, `args["a"]`, `"a" in args`): a body
+    # spelling one in another case is refused (`PolicySet.arg_spellings`).
+    arg_names: frozenset[str] = frozenset()
     builtin: bool = False
     approval: ApprovalSpec | None = None
     cost_expr: cel.Expression | None = None
@@ -181,6 +185,11 @@ class PolicySet:
     body_needs: dict[tuple[str, str, bool], str | None] = field(
         init=False, repr=False, compare=False
     )
+    # Every `args` member name a rule names, by its lower-case form: the spellings policy
+    # reads. Go's encoding/json, ASP.NET and Jackson bind {"Role": ...} to a field role that
+    # has(args.role) never sees, so a body key that folds to one of these but is spelled
+    # otherwise is refused (protocols/http_body.check_spellings).
+    arg_spellings: Mapping[str, frozenset[str]] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         by_id: dict[str, Rule] = {}
@@ -189,6 +198,11 @@ class PolicySet:
         object.__setattr__(self, "_by_id", by_id)
         object.__setattr__(self, "decisions", {})
         object.__setattr__(self, "body_needs", {})
+        spellings: dict[str, set[str]] = {}
+        for rule in self.rules:
+            for name in rule.arg_names:
+                spellings.setdefault(name.lower(), set()).add(name)
+        object.__setattr__(self, "arg_spellings", {k: frozenset(v) for k, v in spellings.items()})
 
     def rule(self, rule_id: str) -> Rule:
         """Raises KeyError for an id no rule has."""
@@ -307,6 +321,7 @@ def _compile_rule(spec: RuleSpec, issues: list[Issue]) -> Rule | None:
                 spec_limit.calls,
                 spec_limit.spend,
                 spec_limit.currency,
+                spec_limit.calendar,
             )
         )
     cost_expr = None
@@ -353,6 +368,11 @@ def _compile_rule(spec: RuleSpec, issues: list[Issue]) -> Rule | None:
         memoizable=not reads & {"args", "now", "task", "request", "llm"},
         reads_task="task" in reads,
         reads_args="args" in reads | _reads(spec.cost.expr if spec.cost else None),
+        arg_names=_arg_names(
+            spec.when,
+            spec.cost.expr if spec.cost else None,
+            *(lim.key for lim in spec.limits),
+        ),
         builtin=spec.builtin,
         approval=spec.approval,
         upstreams=frozenset(spec.upstreams),
@@ -446,6 +466,29 @@ def _reads(source: str | None) -> set[str]:
     if not source:
         return set()
     return set(_IDENTIFIER.findall(_STRING_LITERAL.sub("''", source))) & set(CEL_VARIABLES)
+
+
+_ARGS_CHAIN = re.compile(r"(?<![.\w])args((?:\s*\.\s*[A-Za-z_]\w*)+)")
+_ARGS_INDEX = re.compile(r"""(?<![.\w])args\s*\[\s*(?:'([^'\\]*)'|"([^"\\]*)")\s*\]""")
+_IN_ARGS = re.compile(r"""(?:'([^'\\]*)'|"([^"\\]*)")\s+in\s+args\b""")
+
+
+def _arg_names(*sources: str | None) -> frozenset[str]:
+    """The member names of `args` that CEL sources name: each step of `args.a.b`, an index
+    `args["a"]` and `"a" in args` (a superset: a name in a string literal counts too)."""
+    names: set[str] = set()
+    for source in sources:
+        if not source:
+            continue
+        text = _STRING_LITERAL.sub("''", source)
+        for match in _ARGS_CHAIN.finditer(text):
+            steps = [step.strip() for step in match.group(1).split(".") if step.strip()]
+            if text[match.end() :].lstrip().startswith("("):
+                steps.pop()  # a method called on the value: args.to.startsWith(...)
+            names.update(steps)
+        for pattern in (_ARGS_INDEX, _IN_ARGS):
+            names.update(a or b for a, b in pattern.findall(source) if a or b)
+    return frozenset(names)
 
 
 _VARIABLE_WORDS = {name: re.compile(rf"\b{name}\b") for name in CEL_VARIABLES}

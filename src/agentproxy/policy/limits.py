@@ -5,6 +5,8 @@ Pure: the pipeline passes the result to the store, which takes them atomically.
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
+
 from cel_expr_python import cel
 
 from agentproxy.core import Action, Facts, Principal, Reservation
@@ -30,8 +32,29 @@ def reservations(
         key = limit_key(limit, principal, facts, inputs)
         amount = 1.0 if limit.calls is not None else spend
         ceiling = float(limit.calls) if limit.calls is not None else float(limit.spend or 0.0)
-        out.append(Reservation(limit.name, f"{limit.name}:{key}", amount, ceiling, limit.window))
+        start, length = None, limit.window
+        if limit.calendar is not None:
+            start, length = calendar_window(limit.calendar, now)
+        out.append(Reservation(limit.name, f"{limit.name}:{key}", amount, ceiling, length, start))
     return out
+
+
+def calendar_window(kind: str, now: float) -> tuple[float, float]:
+    """(start, length) of the UTC calendar day, ISO week (from Monday) or month containing
+    `now`: budgets that reset when finance's do, not 24 h after the first call."""
+    moment = datetime.fromtimestamp(now, UTC)
+    midnight = moment.replace(hour=0, minute=0, second=0, microsecond=0)
+    if kind == "day":
+        start, end = midnight, midnight + timedelta(days=1)
+    elif kind == "week":
+        start = midnight - timedelta(days=midnight.weekday())
+        end = start + timedelta(days=7)
+    elif kind == "month":
+        start = midnight.replace(day=1)
+        end = (start + timedelta(days=32)).replace(day=1)
+    else:
+        raise ValueError(f"unknown calendar window {kind!r}")
+    return start.timestamp(), (end - start).total_seconds()
 
 
 def limit_key(

@@ -13,6 +13,7 @@ Pure: a parsed document in, the shaped document and what was removed out.
 from __future__ import annotations
 
 import re
+import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final
@@ -84,10 +85,25 @@ def redact(document: Any, path: FieldPath) -> int:
             continue
         if not isinstance(holder, dict):
             raise ShapeError(f"{path.text}: expected an object, the answer has {_kind(holder)}")
-        if last in holder:
-            del holder[last]
+        for key in _members(holder, last):
+            del holder[key]
             removed += 1
     return removed
+
+
+def _fold(name: str) -> str:
+    return name.lower() if name.isascii() else unicodedata.normalize("NFKC", name).casefold()
+
+
+def _members(holder: dict[str, Any], name: str | None) -> list[str]:
+    """The keys of `holder` that are `name` to a client matching names case-insensitively
+    (Go's encoding/json, System.Text.Json with PropertyNameCaseInsensitive, Jackson): an
+    upstream answering {"Salary": 1} or {"Items": [...]} must not pass a rule written
+    for salary or items unshaped."""
+    if name is None:
+        return []
+    folded = _fold(name)
+    return [key for key in holder if key == name or _fold(key) == folded]
 
 
 def keep_items(document: Any, path: FieldPath, keep: Callable[[Any], bool]) -> int:
@@ -120,7 +136,11 @@ def _walk(value: Any, steps: tuple[str | None, ...], path: FieldPath) -> list[An
                     )
                 following.extend(current)
             elif isinstance(current, dict):
-                following.append(current.get(step))
+                found = _members(current, step)
+                if found:
+                    following.extend(current[key] for key in found)
+                else:
+                    following.append(None)
             else:
                 raise ShapeError(
                     f"{path.text}: expected an object with {step!r}, the answer has "

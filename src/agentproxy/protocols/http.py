@@ -246,7 +246,7 @@ def parse_query(raw_query: str) -> Mapping[str, str | tuple[str, ...]]:
 
     Raises:
         BadRequest: a space, control, non-ASCII or "#" character; a malformed percent-escape;
-            escapes that are not UTF-8; more than MAX_QUERY_FIELDS fields.
+            escapes that are not UTF-8 or are NUL; more than MAX_QUERY_FIELDS fields.
     """
     if not raw_query:
         return _EMPTY_QUERY
@@ -271,6 +271,10 @@ def parse_query(raw_query: str) -> Mapping[str, str | tuple[str, ...]]:
         raise BadRequest(f"query has more than {MAX_QUERY_FIELDS} fields") from None
     values: dict[str, str | tuple[str, ...]] = {}
     for name, value in pairs:
+        if "\x00" in name or "\x00" in value:
+            # CEL reads a string up to its first NUL: `?to=alice%00mallory` would be "alice"
+            # to resource.query.to, and the whole string to the upstream.
+            raise BadRequest("query contains an encoded NUL")
         seen = values.get(name)
         if seen is None:
             values[name] = value
@@ -305,17 +309,30 @@ def describe(method: str, raw_target: str) -> tuple[Action, str]:
 _REMEMBERED_LINE = 512
 
 
-def read_as_upstream(action: Action, *, fold_case: bool, canonical_integers: bool) -> Action:
+def read_as_upstream(
+    action: Action,
+    *,
+    fold_case: bool,
+    canonical_integers: bool,
+    ignore_trailing_slash: bool = False,
+) -> Action:
     """`action` as an upstream that reads paths this way sees it (`upstreams[].paths`).
 
     `fold_case`: the upstream routes case-insensitively (Express, nginx `~*`), so patterns
-    must match whatever the case. `canonical_integers`: the upstream reads integer segments
+    must match whatever the case. `ignore_trailing_slash`: it serves /x/ as /x (Express
+    without strict routing): the action, and so the path forwarded, loses the final "/".
+    `canonical_integers`: the upstream reads integer segments
     as numbers (Starlette's `{id:int}`, FastAPI's `id: int`), so `/01`, `/+1` or Arabic-Indic
     digits would be read as 1 past a `resource.id != "1"`: such spellings are refused.
 
     Raises:
         BadRequest: a segment some framework reads as an integer, not in canonical form.
     """
+    if ignore_trailing_slash and len(action.target) > 1 and action.target.endswith("/"):
+        # The upstream routes /x/ to /x: decided (and forwarded) as the route it reaches, so
+        # a deny on /x is not passed by its other spelling.
+        target = action.target.rstrip("/") or "/"
+        action = replace(action, target=target, name=f"http:{action.operation} {target}")
     if canonical_integers:
         for segment in action.target.split("/"):
             _check_integer_segment(segment)

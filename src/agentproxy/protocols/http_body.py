@@ -12,13 +12,16 @@ PHP, matched case-insensitively by ASP.NET). Pure: bytes in, values out.
 
 from __future__ import annotations
 
+import re
 import urllib.parse
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Final, Literal
 
 from agentproxy.errors import BadRequest, UnsupportedMediaType
 from agentproxy.protocols.body import decode_content
-from agentproxy.protocols.strict_json import JsonError, check_keys, parse_request
+from agentproxy.protocols.http_token import TOKEN
+from agentproxy.protocols.strict_json import JsonError, check_keys, key_folds, parse_request
 
 __all__ = [
     "MAX_FORM_FIELDS",
@@ -26,6 +29,10 @@ __all__ = [
     "BodyMode",
     "HttpBody",
     "body_kind",
+    "check_method_override",
+    "check_query_overlap",
+    "check_spellings",
+    "form_names",
     "is_json_media",
     "parse_body",
     "parse_form",
@@ -40,6 +47,7 @@ _FORM = "application/x-www-form-urlencoded"
 # Names a framework reads as something else: PHP turns "." and " " into "_" and "[...]" into
 # arrays, Rails and qs nest on brackets, Spring binds "a.b" to a nested property.
 _RENAMED = frozenset(".[] ")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,20 +61,49 @@ class HttpBody:
     decoded: bool
 
 
+# RFC 9110 §8.3.1 and §5.6.6: type "/" subtype *( OWS ";" OWS [ name "=" value ] ), a value
+# a token or a quoted-string (which may hold ";" and "\"").
+_QUOTED = r'"(?:[^"\\\x00-\x08\x0a-\x1f\x7f]|\\[^\x00-\x08\x0a-\x1f\x7f])*"'
+_PARAMETER = re.compile(rf"({TOKEN.pattern})=({TOKEN.pattern}|{_QUOTED})")
+# One reading only: each ";" starts a parameter, OWS follows it (and a parameter) once.
+_MEDIA_TYPE = re.compile(
+    rf"[ \t]*({TOKEN.pattern}/{TOKEN.pattern})[ \t]*((?:;[ \t]*(?:{_PARAMETER.pattern}[ \t]*)?)*)"
+)
+_QUOTED_PAIR = re.compile(r"\\(.)")
+
+
 def _media(content_type: str) -> tuple[str, dict[str, str]]:
-    media, *params = content_type.split(";")
+    """The media type and parameters of a Content-Type, read by RFC 9110's grammar.
+
+    Raises UnsupportedMediaType for a value outside the grammar or a parameter named twice:
+    a split on ";" reads `charset=utf-7; x="; charset=utf-8"` as UTF-8, Express's
+    content-type (and every parser that follows the grammar) as UTF-7, which turns a string
+    of the body into JSON members policy never saw.
+    """
+    match = _MEDIA_TYPE.fullmatch(content_type)
+    if match is None:
+        raise UnsupportedMediaType(
+            f"Content-Type {content_type[:64]!r} is not type/subtype[; name=value]..."
+        )
     values: dict[str, str] = {}
-    for param in params:
-        name, _, value = param.partition("=")
-        values[name.strip().lower()] = value.strip().strip('"').lower()
-    return media.strip().lower(), values
+    for name, value in _PARAMETER.findall(match.group(2)):
+        name = name.lower()
+        if name in values:
+            raise UnsupportedMediaType(f"Content-Type names the parameter {name!r} twice")
+        if value.startswith('"'):
+            value = _QUOTED_PAIR.sub(r"\1", value[1:-1])
+        values[name] = value.lower()
+    return match.group(1).lower(), values
 
 
 def is_json_media(content_type: str | None) -> bool:
     """application/json or application/*+json (whatever its parameters)."""
     if content_type is None:
         return False
-    media = _media(content_type)[0]
+    try:
+        media = _media(content_type)[0]
+    except UnsupportedMediaType:
+        return False  # a value outside the grammar is no media type at all
     return media == "application/json" or (
         media.startswith("application/") and media.endswith("+json")
     )
@@ -105,13 +142,20 @@ def body_kind(mode: BodyMode, content_type: str | None, *, why: str) -> BodyKind
 
 
 def parse_body(
-    kind: BodyKind, content_encoding: str | None, body: bytes, *, max_bytes: int
+    kind: BodyKind,
+    content_encoding: str | None,
+    body: bytes,
+    *,
+    max_bytes: int,
+    spellings: Mapping[str, frozenset[str]] | None = None,
 ) -> HttpBody:
     """The arguments of a body read as `kind`, with its content coding removed.
 
     Raises BadRequest ("JSON body: …", "form body: …") for a body that parsers could read
-    differently or that is not the kind declared; PayloadTooLarge when it decodes to more
-    than `max_bytes` (or inflates past the ratio `decode_content` allows).
+    differently or that is not the kind declared, or with a key that is one of `spellings`
+    (policy's names of args members, by lower-case form) in another case
+    (`check_spellings`); PayloadTooLarge when it decodes to more than `max_bytes` (or
+    inflates past the ratio `decode_content` allows).
     """
     raw = decode_content(content_encoding, body, max_bytes)
     decoded = raw is not body
@@ -125,7 +169,34 @@ def parse_body(
             raise BadRequest(f"JSON body: {exc}") from None
     else:
         args = parse_form(raw)
+    if spellings:
+        check_spellings(args, spellings)
     return HttpBody(args, raw, kind, decoded)
+
+
+def check_spellings(document: Any, spellings: Mapping[str, frozenset[str]]) -> None:
+    """Raises BadRequest for an object key, at any depth, that a case-insensitive parser
+    reads as a name policy reads (`spellings`: those names by lower-case form) but that is
+    spelled otherwise: {"Role": "admin"} is the field role to Go's encoding/json, ASP.NET
+    and Jackson, and no key at all to has(args.role)."""
+    stack = [document]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, list):
+            stack.extend(value)
+            continue
+        if not isinstance(value, dict):
+            continue
+        for key, item in value.items():
+            for fold in key_folds(key):
+                names = spellings.get(fold)
+                if names is not None and key not in names:
+                    raise BadRequest(
+                        f"key {key[:64]!r} is {sorted(names)[0]!r} to a parser that ignores "
+                        "case (Go's encoding/json, ASP.NET), which policy reads: spell it so"
+                    )
+            if isinstance(item, (dict, list)):
+                stack.append(item)
 
 
 def parse_form(raw: bytes) -> dict[str, str | list[str]]:
@@ -144,6 +215,12 @@ def parse_form(raw: bytes) -> dict[str, str | list[str]]:
     if any(not ("\x21" <= c <= "\x7e") for c in text.rstrip("\r\n")):
         raise BadRequest("form body: a space or control character (percent-encode it)")
     text = text.rstrip("\r\n")
+    if text.startswith(("{", "[")):
+        # Every byte of a JSON text is a legal form character and "&" may sit in its strings:
+        # `{"z":"&amount=5&","amount":5000000}` has amount=5 as a form, and five million to
+        # an upstream that reads JSON whatever the Content-Type (Starlette's request.json(),
+        # Go's json.NewDecoder(r.Body)). No form encoder leaves "{" or "[" unescaped.
+        raise BadRequest("form body: a JSON text sent as a form (send it as application/json)")
     if ";" in text:
         # Some parsers (older Rack, Python's cgi) split fields on ";" as well as "&".
         raise BadRequest("form body: a raw ';' (percent-encode it as %3B)")
@@ -168,6 +245,10 @@ def parse_form(raw: bytes) -> dict[str, str | list[str]]:
         raise BadRequest(f"form body: more than {MAX_FORM_FIELDS} fields") from None
     values: dict[str, str | list[str]] = {}
     for name, value in pairs:
+        if _CONTROL.search(name) or "\x00" in value:
+            # PHP registers a name as a C string ("amount%00x" is $_POST["amount"]), and CEL
+            # reads every string up to its first NUL: policy would see another field or value.
+            raise BadRequest("form body: a NUL or control character in a field (refused)")
         if not name or _RENAMED.intersection(name):
             raise BadRequest(
                 f"form body: field name {name[:64]!r} is read as nested or renamed by some "
@@ -185,3 +266,57 @@ def parse_form(raw: bytes) -> dict[str, str | list[str]]:
     except JsonError as exc:
         raise BadRequest(f"form body: {exc}") from None
     return values
+
+
+def check_query_overlap(args: Any, query: Mapping[str, Any]) -> None:
+    """Raises BadRequest when a top-level field of the body is also named by the query.
+
+    Rails' params (request_parameters.merge(query_parameters)), a servlet's getParameter and
+    Flask's request.values read the query's value first; policy read the body's (`args`), so
+    `?amount=5000000` with a body of amount=5 is five million to them. A query name is
+    compared as those frameworks key it: up to its first "[" (Rails and PHP nest on it), with
+    PHP's "." and " " as "_", in any case (ASP.NET binds either).
+    """
+    if not query or not isinstance(args, dict) or not args:
+        return
+    fields = {_param_key(name) for name in args}
+    for name in query:
+        if _param_key(name.partition("[")[0]) in fields:
+            raise BadRequest(
+                f"the query and the body both name {name[:64]!r}; frameworks that merge them "
+                "read one or the other: send it once"
+            )
+
+
+def _param_key(name: str) -> str:
+    return name.replace(".", "_").replace(" ", "_").lower()
+
+
+# Rails (Rack::MethodOverride), Laravel and Symfony run a POST as the method this field names.
+METHOD_OVERRIDE: Final = "_method"
+
+
+def check_method_override(method: str, args: Any, query: Mapping[str, Any]) -> None:
+    """Raises BadRequest for a POST that names another method in a `_method` field of its form
+    body or its query: those frameworks would run, say, a DELETE that policy decided as a
+    POST (the header overrides are dropped: `protocols.http`)."""
+    if method != "POST":
+        return
+    names = [*query, *(args if isinstance(args, dict) else ())]
+    if any(_param_key(name.partition("[")[0]) == METHOD_OVERRIDE for name in names):
+        raise BadRequest(
+            "a _method field makes Rails, Laravel and Symfony run the POST as another method; "
+            "send that method instead"
+        )
+
+
+def form_names(raw: bytes) -> dict[str, None]:
+    """The field names of a form body, read leniently (a body no rule reads is not held to
+    `parse_form`'s strictness; only its names are looked at)."""
+    text = raw.decode("latin-1")
+    return {
+        name: None
+        for name, _ in urllib.parse.parse_qsl(
+            text.replace(";", "&"), keep_blank_values=True, errors="replace"
+        )
+    }

@@ -40,11 +40,13 @@ def describe_line(
     body: bytes | None = None,
     content_type: str | None = None,
     body_mode: BodyMode = "auto",
+    spellings: Mapping[str, frozenset[str]] | None = None,
 ) -> Action:
     """The action `line` names, with `args` as its arguments (gRPC, MCP), or for HTTP the
     arguments of `body` (JSON unless `content_type` says form), read by the parser the data
-    plane reads it with. Raises BadRequest (UnsupportedMediaType, PayloadTooLarge) as the
-    adapter that describes such a call would, or when the line is none of the three forms."""
+    plane reads it with (refusing keys spelled otherwise than `spellings`). Raises BadRequest
+    (UnsupportedMediaType, PayloadTooLarge) as the adapter that describes such a call would,
+    or when the line is none of the three forms."""
     first, _, rest = line.strip().partition(" ")
     rest = rest.strip()
     if not first or not rest:
@@ -63,5 +65,5 @@ def describe_line(
     if body is None or body_mode == "stream":
         return action
     kind = body_kind(body_mode, content_type or "application/json", why="the body given")
-    parsed = parse_body(kind, None, body, max_bytes=MAX_EXPLAINED_BODY)
+    parsed = parse_body(kind, None, body, max_bytes=MAX_EXPLAINED_BODY, spellings=spellings)
     return replace(action, args=parsed.args)

@@ -20,6 +20,7 @@ import math
 import re
 import sys
 import unicodedata
+from collections.abc import Callable
 from typing import Any, Final
 
 from agentproxy.core import plain
@@ -31,6 +32,7 @@ __all__ = [
     "JsonError",
     "check_keys",
     "check_value",
+    "key_folds",
     "parse_answer",
     "parse_request",
 ]
@@ -71,9 +73,14 @@ def _unique_folded_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
             # A repeat (exact or in another case) or a key needing Unicode folding: rare.
             result = _unique_keys(pairs)
             _check_folded(result)
-            return result
+            break
         lowered.add(folded)
         result[key] = value
+    if "__proto__" in result:
+        # JSON.parse keeps it as a member; Object.assign(record, body), the way Node handlers
+        # apply a PATCH, sets it as the record's prototype: {"__proto__": {"role": "admin"}}
+        # gives the record a role that has(args.role) never saw.
+        raise JsonError("a __proto__ key (JavaScript reads it as the object's prototype)")
     return result
 
 
@@ -81,6 +88,12 @@ def check_keys(keys: dict[str, Any]) -> None:
     """Raises JsonError when two of `keys` are one key to a parser that ignores case or
     normalizes Unicode (the check every JSON object of a request passes; form fields too)."""
     _check_folded(keys)
+
+
+def key_folds(key: str) -> tuple[str, ...]:
+    """The lower-case spellings a parser that ignores case or normalizes Unicode may match
+    `key` as (`Kelvin` with the Kelvin sign is "kelvin")."""
+    return (key.lower(),) if key.isascii() else _unicode_folds(key)
 
 
 def _check_folded(keys: dict[str, Any]) -> None:
@@ -181,13 +194,22 @@ _MAX_INT_DIGITS: Final = 4300
 YIELDING_ABOVE: Final = 16 * 1024
 _INT_LOW: Final = -(2**63)
 _INT_HIGH: Final = 2**64
-_SURROGATE: Final = re.compile(r"[\ud800-\udfff]")
+# A lone surrogate is read as U+FFFD, an error or the raw code unit, parser by parser; a NUL
+# ends the string CEL reads (cel-expr-python converts at the first NUL: "alice\u0000mallory"
+# is "alice" to a condition, and a key "title\u0000role" is "title").
+_SURROGATE: Final = re.compile(r"[\ud800-\udfff\x00]")
 
 
 def parse_answer(raw: bytes) -> Any:
     """UTF-8 JSON without a byte order mark, duplicate keys, NaN or out-of-range numbers.
     Raises JsonError."""
-    return _parse(raw, _DECODER)
+    if len(raw) <= YIELDING_ABOVE:
+        return _parse(raw, _DECODER)
+    # A large answer is parsed on the worker thread too (an answer an obligation shapes), and
+    # the C scanner calls back for none of its lists and strings: 14 MiB of "[]," held the
+    # GIL, and so every agent's calls, for 0.9 s. It is parsed so that it yields, uncapped
+    # (max_response_bytes bounds it), with the answer's own key check.
+    return _parse(raw, _counting_decoder(raw, sys.maxsize, object_pairs=_unique_keys))
 
 
 def _parse(raw: bytes, decoder: json.JSONDecoder) -> Any:
@@ -212,7 +234,7 @@ def _parse(raw: bytes, decoder: json.JSONDecoder) -> Any:
 
 def parse_request(raw: bytes, *, max_elements: int = MAX_ELEMENTS) -> Any:
     """`parse_answer`, and no keys of one object that collide under case folding or NFKC (at
-    any depth), no lone surrogate, no nesting deeper than MAX_DEPTH and at most
+    any depth), no lone surrogate or NUL, no nesting deeper than MAX_DEPTH and at most
     `max_elements` values (objects, arrays and scalars, the document included).
     Raises JsonError."""
     document = _parse(raw, _request_decoder(raw, max_elements))
@@ -230,7 +252,12 @@ def _request_decoder(raw: bytes, max_elements: int) -> json.JSONDecoder:
     return _counting_decoder(raw, max_elements)
 
 
-def _counting_decoder(raw: bytes, max_elements: int) -> json.JSONDecoder:
+def _counting_decoder(
+    raw: bytes,
+    max_elements: int,
+    *,
+    object_pairs: Callable[[list[tuple[str, Any]]], dict[str, Any]] = _unique_folded_keys,
+) -> json.JSONDecoder:
     """A decoder for one large document whose hooks also count the values they see, and
     stop the parse once they pass `max_elements`: a flood of values costs the worker a
     fraction of its parse. They see fewer values than there are (never true, false or null;
@@ -246,7 +273,7 @@ def _counting_decoder(raw: bytes, max_elements: int) -> json.JSONDecoder:
 
     def pairs(members: list[tuple[str, Any]]) -> dict[str, Any]:
         spend(1)
-        return _unique_folded_keys(members)
+        return object_pairs(members)
 
     def integer(text: str) -> int:
         spend(1)
@@ -260,7 +287,8 @@ def _counting_decoder(raw: bytes, max_elements: int) -> json.JSONDecoder:
         object_pairs_hook=pairs, parse_constant=_no_constant, parse_float=number, parse_int=integer
     )
     # Counted in C at memory speed; brackets and quotes inside strings only overcount.
-    if raw.count(b"[") + raw.count(b'"') // 2 > max_elements:
+    # Past MAX_ELEMENTS of them (or the cap, if lower) the C scanner would hold the GIL long.
+    if raw.count(b"[") + raw.count(b'"') // 2 > min(max_elements, MAX_ELEMENTS):
         # The Python scanner's steps, read off the decoder when it is made (json/scanner.py).
         scanner: Any = decoder
         array, string = scanner.parse_array, scanner.parse_string
@@ -281,7 +309,7 @@ def _counting_decoder(raw: bytes, max_elements: int) -> json.JSONDecoder:
 def check_value(document: Any, *, max_elements: int = MAX_ELEMENTS) -> None:
     """What `parse_request` checks, for a value that did not arrive as JSON text (the
     arguments an Authorizer.Check caller sends as a protobuf Struct, and will forward as
-    JSON): no keys of one object that collide, no lone surrogate, no nesting deeper than
+    JSON): no keys of one object that collide, no lone surrogate or NUL, no nesting deeper than
     MAX_DEPTH, at most `max_elements` values. Raises JsonError."""
     # As plain dicts and lists: the walk does not look inside other mappings and sequences.
     tree = plain(document)
@@ -304,7 +332,7 @@ def _check_tree(
             if check_keys:
                 _unique_folded_keys(list(value.items()))
             if check_surrogates and any(_SURROGATE.search(key) for key in value):
-                raise JsonError("lone surrogate in a string")
+                raise JsonError("lone surrogate or NUL in a string")
             items = value.values()
         if depth:
             budget -= len(items)
@@ -324,4 +352,4 @@ def _check_tree(
                     # "1e400" is infinity to Python and an error or another number elsewhere.
                     raise JsonError("number out of range")
             elif check_surrogates and kind is str and _SURROGATE.search(item):
-                raise JsonError("lone surrogate in a string")
+                raise JsonError("lone surrogate or NUL in a string")

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
-from agentproxy.core import Action, Call
-from agentproxy.errors import Refusal
+from agentproxy.core import Action, Call, Facts
+from agentproxy.errors import Refusal, UnshapedAnswer
+from agentproxy.policy.bodies import answer_shape
 from agentproxy.protocols.http import parse_declared_task
 from agentproxy.proxy.context import context_headers
 from agentproxy.proxy.pipeline import Pipeline, start_call
@@ -33,6 +34,19 @@ class CheckExchange:
         """Check requests arrive described."""
 
     async def forward(self, call: Call) -> None:
+        """Collects the context the proxy would add. Raises UnshapedAnswer when an allowing
+        rule's obligations shape the answer: the gateway that asked forwards the call itself,
+        so its answer never passes here to be shaped, and would reach the agent whole."""
+        policy = self.pipeline.runtime.policy
+        if policy.shapes and call.principal is not None:
+            shape = answer_shape(
+                policy, call.action, call.principal, call.facts or Facts(), call.now
+            )
+            if shape is not None:
+                raise UnshapedAnswer(
+                    f"rule {shape.rules[0]} shapes this call's answer (obligations), which only "
+                    "the proxy can do: send the call through it, not through Check"
+                )
         method, path = checked_request(call)
         self.context = [
             (name.lower(), value)

@@ -15,13 +15,14 @@ from dataclasses import replace
 from typing import Any
 
 from agentproxy.core import Action, Call
-from agentproxy.errors import InternalError
+from agentproxy.errors import InternalError, UnsupportedMediaType
 from agentproxy.policy import TraceStep
 from agentproxy.policy.testing import explain_lines
 from agentproxy.protocols.grpc import Method
 from agentproxy.protocols.http import parse_declared_task
+from agentproxy.protocols.http_body import check_query_overlap
 from agentproxy.protocols.request_line import GrpcMethods, describe_line
-from agentproxy.proxy.http import why_read_body
+from agentproxy.proxy.http import AUDIT_ONLY, why_read_body
 from agentproxy.proxy.pipeline import Pipeline, start_call
 from agentproxy.proxy.runtime import Runtime
 
@@ -88,11 +89,26 @@ async def explain(
         if why is None:
             body_note = "not read: no rule that may match reads the body (it would stream)"
         else:
-            read = describe_line(
-                request, None, methods, body=body, content_type=content_type, body_mode=route.body
-            )
-            action = replace(action, args=read.args)
-            body_note = f"read as args: {why}"
+            try:
+                read = describe_line(
+                    request,
+                    None,
+                    methods,
+                    body=body,
+                    content_type=content_type,
+                    body_mode=route.body,
+                    spellings=runtime.policy.arg_spellings,
+                )
+            except UnsupportedMediaType:
+                if why is not AUDIT_ONLY:
+                    raise
+                read = None  # the data plane streams it unread (HttpExchange.describe)
+            if read is None:
+                body_note = "not read: only the audit would, and it is no JSON or form"
+            else:
+                check_query_overlap(read.args, action.query)
+                action = replace(action, args=read.args)
+                body_note = f"read as args: {why}"
     steps: list[TraceStep] = []
     clock = pipeline.clock
     call = start_call(

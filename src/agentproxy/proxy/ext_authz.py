@@ -165,8 +165,7 @@ class ExtAuthzExchange:
             upstream,
             call.action,
             body_exists=request.body is not None and len(body) > 0,
-            content_type=request.headers.get("content-type"),
-            encoding=encoding,
+            header=lambda name: request.headers.get(name.lower()),
             read=read,
             agent=agent,
         )

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import replace
 from typing import Any
 
@@ -41,13 +41,16 @@ from agentproxy.protocols.http_body import (
     BodyKind,
     HttpBody,
     body_kind,
+    check_method_override,
+    check_query_overlap,
+    form_names,
     is_json_media,
     parse_body,
 )
 from agentproxy.protocols.openapi import BodyValidator
 from agentproxy.protocols.strict_json import JsonError, parse_answer
 from agentproxy.proxy.context import context_headers
-from agentproxy.proxy.offload import parse_off_loop
+from agentproxy.proxy.offload import parse_off_loop, shape_off_loop
 from agentproxy.proxy.runtime import Runtime
 from agentproxy.proxy.upstream import HttpProcessingError, UpstreamAnswer, UpstreamClient, origin_of
 
@@ -81,8 +84,13 @@ def why_read_body(runtime: Runtime, upstream: Upstream, action: Action) -> str |
     if rule is not None:
         return f"rule {rule} reads the request body"
     if runtime.audit_reads_args:
-        return "audit.redact names args"
+        return AUDIT_ONLY
     return None
+
+
+# Only the audit's redaction wants the body: one that is neither JSON nor a form has no args to
+# redact, and streams unread as it would without the audit (no rule decides on it).
+AUDIT_ONLY = "audit.redact names args"
 
 
 class HttpExchange:
@@ -139,44 +147,35 @@ class HttpExchange:
 
         Raises UnsupportedMediaType for a body that must be read but is neither JSON nor a
         form, BadRequest or PayloadTooLarge for one that cannot be read unambiguously,
-        LimitRefused when this agent already has too many large bodies being read.
+        LimitRefused when this agent already has too many large bodies being read; BadRequest
+        too when the query names a field of the body (`check_query_overlap`).
         """
         upstream = self.upstream
-        if upstream is None or upstream.body == "stream":
+        if upstream is None:
             return
-        found = self.runtime.operation(call.action) if upstream.openapi else None
-        operation = found[0] if found is not None else None
-        if not self.request.body_exists:
-            if operation is not None and operation.spec.body_required:
-                raise BadRequest(f"operation {operation.spec.id} requires a request body")
+        action = call.action
+        if action.operation == "POST" and action.query:
+            check_method_override("POST", None, action.query)
+        if upstream.body == "stream":
             return
-        why = why_read_body(self.runtime, upstream, call.action)
-        if why is None:
-            return
-        content_type = self._single_header("Content-Type")
-        encoding = self._single_header("Content-Encoding")
-        kind = body_kind(upstream.body, content_type, why=why)
-        validator = operation.validator if operation is not None else None
-        if (
-            operation is not None
-            and validator is not None
-            and kind != "json"
-            and _FORM not in operation.spec.body_media
-        ):
-            # Its schema is for JSON: a form would reach the upstream unvalidated.
-            media = ", ".join(operation.spec.body_media)
-            raise UnsupportedMediaType(f"operation {operation.spec.id} takes {media}")
-        body = await self._read_body(call, upstream.max_body_bytes)
-        read = functools.partial(
-            _read_checked,
-            kind,
-            encoding,
-            body,
-            upstream.max_body_bytes,
-            validator if kind == "json" else None,
+        body_exists = self.request.body_exists
+        if not body_exists and not upstream.openapi:
+            return  # the common call: nothing to read
+
+        async def read() -> bytes:
+            return await self._read_body(call, upstream.max_body_bytes)
+
+        parsed = await read_described_body(
+            self.runtime,
+            upstream,
+            call.action,
+            body_exists=body_exists,
+            header=self._single_header,
+            read=read,
+            agent=call.principal.agent if call.principal is not None else "",
         )
-        agent = call.principal.agent if call.principal is not None else ""
-        parsed = await parse_off_loop(agent, body, encoding, read)
+        if parsed is None:
+            return
         self.parsed_body = parsed
         call.action = replace(call.action, args=parsed.args)
 
@@ -446,13 +445,12 @@ class HttpExchange:
                 raise UnshapedAnswer(
                     f"rule {shape.rules[0]} shapes this answer, but it is not JSON"
                 )
-            try:
-                raw = decode_content(headers.get("Content-Encoding"), raw, limit)
-            except Refusal:
-                raise UnshapedAnswer("the answer's content coding cannot be read") from None
             agent = call.principal.agent if call.principal is not None else ""
-            work = functools.partial(_shape_answer, raw, shape)
-            body, shaped = await parse_off_loop(agent, raw, None, work)
+            encoding = headers.get("Content-Encoding")
+            # Inflated on the worker with the parse: 160 KiB of gzip is 16 MiB to inflate.
+            work = functools.partial(_shape_answer, raw, encoding, limit, shape)
+            compressed = encoding is not None and encoding.strip().lower() != "identity"
+            body, shaped = await shape_off_loop(agent, raw, compressed, work)
             call.shaped = (shape.rules, shaped.fields, shaped.items)
         response = web.Response(status=status, reason=upstream_response.reason, body=body)
         for name, value in response_headers_to_return(headers.items()):
@@ -524,19 +522,26 @@ def _read_checked(
     body: bytes,
     max_bytes: int,
     validator: BodyValidator | None,
+    spellings: Mapping[str, frozenset[str]] | None,
 ) -> HttpBody:
     """The body parsed and, for an OpenAPI operation with a schema, validated (both on the
     worker when it is large: validating costs more than parsing). Raises BadRequest,
     PayloadTooLarge."""
-    parsed = parse_body(kind, encoding, body, max_bytes=max_bytes)
+    parsed = parse_body(kind, encoding, body, max_bytes=max_bytes, spellings=spellings)
     if validator is not None:
         validator.check(parsed.args)
     return parsed
 
 
-def _shape_answer(raw: bytes, shape: AnswerShape) -> tuple[bytes, Any]:
-    """The answer parsed, shaped and serialized again (on the worker when it is large).
-    Raises UnshapedAnswer."""
+def _shape_answer(
+    raw: bytes, encoding: str | None, limit: int, shape: AnswerShape
+) -> tuple[bytes, Any]:
+    """The answer decoded, parsed, shaped and serialized again (on the worker when it is
+    large or compressed). Raises UnshapedAnswer."""
+    try:
+        raw = decode_content(encoding, raw, limit)
+    except Refusal:
+        raise UnshapedAnswer("the answer's content coding cannot be read") from None
     try:
         document = parse_answer(raw)
     except JsonError as exc:
@@ -586,14 +591,14 @@ async def read_described_body(
     action: Action,
     *,
     body_exists: bool,
-    content_type: str | None,
-    encoding: str | None,
+    header: Callable[[str], str | None],
     read: Callable[[], Awaitable[bytes]],
     agent: str,
 ) -> HttpBody | None:
     """A plain HTTP body read as `args` when something needs it (`why_read_body`, an OpenAPI
-    schema), else None: what `HttpExchange.describe` does, for shells that hold the body some
-    other way (ext_authz: Envoy sends it). `read` gives the body's bytes, bounded.
+    schema), else None: `HttpExchange.describe`'s, and ext_authz's (Envoy sends the body).
+    `header(name)` gives the one value of a request header (asked only for a body that is
+    read); `read` the body's bytes, bounded.
 
     Raises UnsupportedMediaType, BadRequest, PayloadTooLarge, LimitRefused as the data plane.
     """
@@ -606,9 +611,29 @@ async def read_described_body(
             raise BadRequest(f"operation {operation.spec.id} requires a request body")
         return None
     why = why_read_body(runtime, upstream, action)
+    content_type = header("Content-Type")
+    if (
+        why is None
+        and action.operation == "POST"
+        and upstream.body == "auto"
+        and content_type is not None
+        and _FORM in content_type.lower()
+    ):
+        # No rule reads it, so it is not held to the strict form reading: only looked
+        # through for a `_method` field, and forwarded as read.
+        raw = await read()
+        if header("Content-Encoding") in (None, "identity"):
+            check_method_override("POST", form_names(raw), {})
+        return HttpBody(None, raw, "form", decoded=False)
     if why is None:
         return None
-    kind = body_kind(upstream.body, content_type, why=why)
+    encoding = header("Content-Encoding")
+    try:
+        kind = body_kind(upstream.body, content_type, why=why)
+    except UnsupportedMediaType:
+        if why is AUDIT_ONLY:
+            return None
+        raise
     validator = operation.validator if operation is not None else None
     if (
         operation is not None
@@ -626,5 +651,9 @@ async def read_described_body(
         body,
         upstream.max_body_bytes,
         validator if kind == "json" else None,
+        runtime.policy.arg_spellings,
     )
-    return await parse_off_loop(agent, body, encoding, work)
+    parsed = await parse_off_loop(agent, body, encoding, work)
+    check_query_overlap(parsed.args, action.query)
+    check_method_override(action.operation, parsed.args, action.query)
+    return parsed

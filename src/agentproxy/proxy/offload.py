@@ -25,7 +25,7 @@ from typing import Final, TypeVar
 from agentproxy.errors import LimitRefused, Refusal
 from agentproxy.protocols.strict_json import YIELDING_ABOVE
 
-__all__ = ["INLINE_BYTES", "MAX_PER_AGENT", "BodyReader", "parse_off_loop"]
+__all__ = ["INLINE_BYTES", "MAX_PER_AGENT", "BodyReader", "parse_off_loop", "shape_off_loop"]
 
 T = TypeVar("T")
 
@@ -43,8 +43,10 @@ SWITCH_INTERVAL: Final = 0.0005
 class BodyReader:
     """The worker thread and each agent's share of it."""
 
-    def __init__(self, max_per_agent: int = MAX_PER_AGENT) -> None:
+    def __init__(self, max_per_agent: int | None = MAX_PER_AGENT, name: str = "body") -> None:
+        """`max_per_agent`: None for no refusal (the work waits its turn)."""
         self._max_per_agent = max_per_agent
+        self._name = name
         self._lock = threading.Lock()
         self._held: dict[str, int] = {}
         self._executor: ThreadPoolExecutor | None = None
@@ -59,7 +61,7 @@ class BodyReader:
         LimitRefused when `agent` already has MAX_PER_AGENT bodies there."""
         with self._lock:
             held = self._held.get(agent, 0)
-            if held >= self._max_per_agent:
+            if self._max_per_agent is not None and held >= self._max_per_agent:
                 raise LimitRefused(
                     f"{held} large request bodies of this agent are already being read; "
                     "send the next one when one is answered",
@@ -72,7 +74,7 @@ class BodyReader:
             if executor is None:
                 sys.setswitchinterval(SWITCH_INTERVAL)
                 executor = self._executor = ThreadPoolExecutor(
-                    max_workers=1, thread_name_prefix="agentproxy-body"
+                    max_workers=1, thread_name_prefix=f"agentproxy-{self._name}"
                 )
             future = executor.submit(_read, read)
         except BaseException:
@@ -111,9 +113,16 @@ def _read(read: Callable[[], T]) -> T:
         raise refusal from None
 
 
-# The process's one worker, shared by every upstream and every reload's pipeline.
+# The process's one worker for request bodies, shared by every upstream and every reload's
+# pipeline.
 _READER: Final = BodyReader()
 os.register_at_fork(after_in_child=_READER.forget)
+# And one for answers an obligation shapes: they arrive after the upstream acted, so they are
+# never refused (a retry would repeat the call) but wait their turn, and on a worker of their
+# own, so that shaping one agent's large answers never queues in front of another agent's
+# request body (the two threads and the loop take turns at SWITCH_INTERVAL).
+_ANSWERS: Final = BodyReader(max_per_agent=None, name="answers")
+os.register_at_fork(after_in_child=_ANSWERS.forget)
 
 
 async def parse_off_loop(
@@ -126,3 +135,11 @@ async def parse_off_loop(
     if len(body) <= INLINE_BYTES and not compressed:
         return read()
     return await _READER.run(agent, read)
+
+
+async def shape_off_loop(agent: str, answer: bytes, compressed: bool, work: Callable[[], T]) -> T:
+    """`work()` (which decodes, parses, shapes and writes an answer): on the loop when the
+    answer is small and not compressed, else on the answers' worker, waiting its turn."""
+    if len(answer) <= INLINE_BYTES and not compressed:
+        return work()
+    return await _ANSWERS.run(agent, work)

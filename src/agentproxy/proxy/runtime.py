@@ -116,6 +116,7 @@ class Runtime:
             replace(action, upstream=upstream.name),
             fold_case=upstream.path_case == "insensitive",
             canonical_integers=upstream.integer_segments == "canonical",
+            ignore_trailing_slash=upstream.trailing_slash == "ignored",
         )
         if upstream.openapi:
             operation = self.operation(action)

@@ -33,7 +33,6 @@ from agentproxy.store.base import (
     admits,
     decode_cursor,
     encode_cursor,
-    window_start,
 )
 
 # Bounds, so that a caller minting keys (task ids, limit keys) cannot grow memory forever.
@@ -103,19 +102,19 @@ class MemoryStore:
         wanted = list(reservations)
         self._sweep(now)
         for r in wanted:
-            start = window_start(now, r.window)
+            start = r.window_at(now)
             used = self._counters.get((r.key, start), (0.0, 0.0))[0]
             if used + r.amount > r.limit:
                 return LimitExceeded(r.name, used, r.limit, start + r.window - now)
         for r in wanted:
-            start = window_start(now, r.window)
+            start = r.window_at(now)
             used = self._counters.get((r.key, start), (0.0, 0.0))[0]
             self._counters[(r.key, start)] = (used + r.amount, start + r.window)
         return None
 
     async def release(self, reservations: Iterable[Reservation], now: float) -> None:
         for r in reservations:
-            slot = (r.key, window_start(now, r.window))
+            slot = (r.key, r.window_at(now))
             if slot in self._counters:
                 used, expires = self._counters[slot]
                 self._counters[slot] = (max(0.0, used - r.amount), expires)

@@ -130,7 +130,6 @@ from agentproxy.store.base import (
     TaskHistory,
     decode_cursor,
     encode_cursor,
-    window_start,
 )
 from agentproxy.store.topology import Topology
 
@@ -797,7 +796,7 @@ class RedisStore:
         keys: list[str] = []
         args: list[list[str]] = []
         for r in wanted:
-            start = window_start(now, r.window)
+            start = r.window_at(now)
             keys.append(self._counter(r, start))
             lifetime = math.ceil((start + r.window - now + WINDOW_MARGIN) * 1000)
             args.append([repr(float(r.amount)), repr(float(r.limit)), str(lifetime)])
@@ -828,13 +827,13 @@ class RedisStore:
                 for taken in takes:
                     await self._cancel_take(taken)
                 r = wanted[index]
-                start = window_start(now, r.window)
+                start = r.window_at(now)
                 return LimitExceeded(r.name, used, r.limit, start + r.window - now)
         except StoreError:
             # The call is refused; whatever it took, or may yet take (a script sent to a
             # Redis that froze runs when it thaws), is given back exactly once, now or as
             # soon as Redis answers.
-            left = max(window_start(now, r.window) + r.window - now for r in wanted)
+            left = max(r.window_at(now) + r.window - now for r in wanted)
             for take in takes:
                 self._cancel_later(take, left + WINDOW_MARGIN)
             raise
@@ -879,7 +878,7 @@ class RedisStore:
         given = list(reservations)
         if not given:
             return
-        keys = [self._counter(r, window_start(now, r.window)) for r in given]
+        keys = [self._counter(r, r.window_at(now)) for r in given]
         await self._give_back(given, keys, range(len(given)))
 
     async def _give_back(

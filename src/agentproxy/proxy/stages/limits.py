@@ -117,7 +117,12 @@ def merge(wanted: list[Reservation]) -> list[Reservation]:
             merged[(r.key, r.window)] = r
         else:
             merged[(r.key, r.window)] = Reservation(
-                found.name, r.key, found.amount + r.amount, min(found.limit, r.limit), r.window
+                found.name,
+                r.key,
+                found.amount + r.amount,
+                min(found.limit, r.limit),
+                r.window,
+                r.start,
             )
     return list(merged.values())
 

@@ -6,8 +6,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+from dataclasses import replace
 
-from agentproxy.core import Action, Call, Decision, Facts, Reservation, task_history_key
+from agentproxy.core import Action, Call, Decision, Facts, task_history_key
 from agentproxy.errors import UpstreamTimeout
 from agentproxy.metering.meter import Meter
 from agentproxy.metering.metrics import Metrics
@@ -93,10 +94,10 @@ class Settle:
             return
         try:
             if difference > 0:
-                extra = [Reservation(r.name, r.key, difference, math.inf, r.window) for r in spend]
+                extra = [replace(r, amount=difference, limit=math.inf) for r in spend]
                 await self._store.reserve(extra, call.now)
             else:
-                back = [Reservation(r.name, r.key, -difference, r.limit, r.window) for r in spend]
+                back = [replace(r, amount=-difference) for r in spend]
                 await self._store.release(back, call.now)
         except StoreError as exc:
             self._metrics.store_errors.labels("settle").inc()
