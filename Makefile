@@ -102,7 +102,7 @@ demo-metrics: install
 
 # Debian packages the tests use: promtool (package prometheus) checks /metrics, redis-server
 # backs the Redis store tests, chromium drives the approvals page. Installed when run as root.
-SYSTEM_TOOLS := promtool:prometheus redis-server:redis-server chromium:chromium go:golang-go
+SYSTEM_TOOLS := promtool:prometheus redis-server:redis-server redis-sentinel:redis-sentinel chromium:chromium go:golang-go
 
 system-deps:
 	@missing=""; for pair in $(SYSTEM_TOOLS); do \

@@ -22,9 +22,28 @@ from grpc_tools import protoc
 from agentproxy.clock import SYSTEM
 from agentproxy.proxy.runtime import load_config
 from agentproxy.proxy.server import ProxyServer
-from tests.harness.redis import make_redis_server, redis_server, redis_url
+from tests.harness.redis import (
+    make_cluster,
+    make_redis_server,
+    make_sentinel,
+    redis_cluster,
+    redis_sentinel,
+    redis_server,
+    redis_url,
+    valkey_server_process,
+)
 
-__all__ = ["make_redis_server", "redis_server", "redis_url"]  # fixtures, shared with tests/store
+# fixtures, shared with tests/store
+__all__ = [
+    "make_cluster",
+    "make_redis_server",
+    "make_sentinel",
+    "redis_cluster",
+    "redis_sentinel",
+    "redis_server",
+    "redis_url",
+    "valkey_server_process",
+]
 
 ISSUER = "https://idp.test"
 GRPC_PROTO_DIR = Path(__file__).parent / "grpc_proxy" / "proto"

@@ -250,6 +250,74 @@ def test_store_and_admin_sections(tmp_path: Path) -> None:
     assert 'unknown key (did you mean "on_error"?)' in text
 
 
+def test_store_redis_takes_sentinel_or_cluster(tmp_path: Path) -> None:
+    (tmp_path / "redis-password").write_text("pw-cluster-9\n")
+    sentinel = MAIN + (
+        "store:\n  redis:\n    sentinel: {service: mymaster, nodes: ['10.0.0.1:26379', "
+        "'s2:26379']}\n    pool_timeout: 250ms\n"
+    )
+    cfg = config.load(write(tmp_path, sentinel))
+    redis = cfg.store.redis
+    assert redis is not None and redis.sentinel is not None and redis.url == ""
+    assert redis.sentinel.service == "mymaster"
+    assert redis.sentinel.nodes == ("10.0.0.1:26379", "s2:26379")
+    assert redis.pool_timeout == 0.25
+    cluster = MAIN + (
+        "store:\n  redis: {cluster_nodes: ['127.0.0.1:7000'], password_file: redis-password}\n"
+    )
+    cfg = config.load(write(tmp_path, cluster))
+    assert cfg.store.redis is not None and cfg.store.redis.cluster_nodes == ("127.0.0.1:7000",)
+    assert cfg.store.redis.password is not None
+    assert cfg.store.redis.password.value == b"pw-cluster-9"
+    assert "pw-cluster-9" not in repr(cfg)
+
+
+@pytest.mark.parametrize(
+    ("redis", "expected"),
+    [
+        ("{}", '$.store.redis: needs one of "url", "sentinel" or "cluster_nodes"'),
+        (
+            "{url: 'redis://x:6379', cluster_nodes: ['x:7000']}",
+            "$.store.redis.cluster_nodes: only one of url, cluster_nodes may be given",
+        ),
+        ("{cluster_nodes: ['x']}", """$.store.redis.cluster_nodes[0]: must be "host:port\""""),
+        ("{cluster_nodes: []}", "$.store.redis.cluster_nodes: must name a cluster node"),
+        (
+            "{sentinel: {nodes: ['s:26379']}}",
+            '$.store.redis.sentinel: missing required key "service"',
+        ),
+        (
+            "{sentinel: {service: m, nodes: ['s:99999']}}",
+            '$.store.redis.sentinel.nodes[0]: must be "host:port"',
+        ),
+        ("{sentinel: {service: m, node: ['s:1']}}", 'unknown key (did you mean "nodes"?)'),
+        (
+            "{cluster_nodes: ['x:7000'], key_prefix: 'a{b}:'}",
+            "$.store.redis.key_prefix: must not contain { or } on a Redis Cluster",
+        ),
+        ("{url: 'redis://x:6379', pool_timeout: 0s}", "$.store.redis.pool_timeout: must be"),
+        (
+            "{cluster_nodes: ['x:7000'], wait_replicas: 1}",
+            "$.store.redis.wait_replicas: is for a single Redis or Sentinel",
+        ),
+    ],
+)
+def test_bad_store_redis_topologies_are_refused_at_their_line(
+    tmp_path: Path, redis: str, expected: str
+) -> None:
+    main = MAIN + f"store:\n  redis: {redis}\n"
+    text = "\n".join(problems(write(tmp_path, main)))
+    assert "agentproxy.yaml:" in text and expected in text, text
+
+
+def test_an_audit_stream_needs_a_single_redis(tmp_path: Path) -> None:
+    main = MAIN + (
+        "store:\n  redis: {cluster_nodes: ['x:7000']}\naudit: {redis_stream: agentproxy:audit}\n"
+    )
+    text = "\n".join(problems(write(tmp_path, main)))
+    assert "$.audit.redis_stream: needs store.redis.url" in text
+
+
 def test_limits_cost_and_obligations_are_checked(tmp_path: Path) -> None:
     policy = GOOD_POLICY + (
         "    cost: {amount: 0.5, currency: usd}\n"

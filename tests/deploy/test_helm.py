@@ -152,6 +152,8 @@ EVERYTHING_ON = {
 SECRET_FILES = {"secrets": {"files": {"hr-api-key": SENTINEL}}}
 BUNDLED_REDIS_URL = f"redis://{RELEASE}-agentproxy-redis:6379/0"
 README_REDIS_URL = "redis://redis.shared.svc:6379/0"
+SENTINEL_NODES = ["redis-sentinel-0.redis-sentinel:26379", "redis-sentinel-1.redis-sentinel:26379"]
+CLUSTER_NODES = ["redis-cluster-0.redis-cluster:6379", "redis-cluster-1.redis-cluster:6379"]
 
 CASES = [
     Case(
@@ -253,6 +255,28 @@ CASES = [
             "NetworkPolicy": 1,
             "PodDisruptionBudget": 1,
         },
+    ),
+    Case(
+        "example-existing-sentinel",
+        "example",
+        merge(
+            SECRET_FILES,
+            {
+                "example": {"enabled": True},
+                "redis": {
+                    "sentinel": {"service": "mymaster", "nodes": SENTINEL_NODES},
+                    "passwordFile": "hr-api-key",
+                },
+            },
+        ),
+        {"ConfigMap": 2, "Secret": 1, "Service": 1, "Deployment": 1},
+        has_secret_files=True,
+    ),
+    Case(
+        "example-existing-cluster",
+        "example",
+        {"example": {"enabled": True}, "redis": {"clusterNodes": CLUSTER_NODES}},
+        {"ConfigMap": 2, "Secret": 1, "Service": 1, "Deployment": 1},
     ),
     Case(
         "decision-service-istio",
@@ -526,6 +550,23 @@ def test_the_store_url_comes_from_the_redis_values(
         assert service["metadata"]["name"] == f"{RELEASE}-agentproxy-redis"
 
 
+def test_the_chart_points_the_store_at_an_existing_sentinel_or_cluster(
+    rendered: tuple[Case, list[Manifest]],
+) -> None:
+    case, manifests = rendered
+    config = yaml.safe_load(named(manifests, "ConfigMap", "-config")["data"]["agentproxy.yaml"])
+    redis = config.get("store", {}).get("redis", {})
+    if case.name == "example-existing-sentinel":
+        assert redis == {
+            "sentinel": {"service": "mymaster", "nodes": SENTINEL_NODES},
+            "password_file": "/etc/agentproxy/secrets/hr-api-key",
+        }
+    elif case.name == "example-existing-cluster":
+        assert redis == {"cluster_nodes": CLUSTER_NODES}
+    else:
+        assert "sentinel" not in redis and "cluster_nodes" not in redis
+
+
 def test_service_monitor(rendered: tuple[Case, list[Manifest]]) -> None:
     case, manifests = rendered
     monitors = of_kind(manifests, "ServiceMonitor")
@@ -583,6 +624,7 @@ FILE_KEYS = frozenset(
         "signing_key_file",
         "hmac_key_file",
         "secret_file",
+        "password_file",
     }
 )
 MOUNTS = ("/etc/agentproxy/", "/var/log/agentproxy/")
@@ -645,6 +687,10 @@ BAD_VALUES = [
     pytest.param({"networkPolicy": {"enable": True}}, "additional properties", id="typo"),
     pytest.param({"policies": {"hr.yml": "default: deny"}}, "hr.yml", id="policy-file-name"),
     pytest.param({"redis": {"url": "http://redis:6379"}}, "/redis/url", id="redis-url-scheme"),
+    pytest.param({"redis": {"clusterNodes": ["redis"]}}, "/redis/clusterNodes/0", id="node"),
+    pytest.param(
+        {"redis": {"sentinel": {"service": "m", "hosts": []}}}, "additional properties", id="s"
+    ),
     pytest.param({"config": {"listen": {"http": "8080"}}}, "/config/listen/http", id="listen"),
     pytest.param({"config": {"mode": "audit"}}, "/config/mode", id="config-mode"),
 ]
@@ -706,6 +752,33 @@ REFUSED = [
         },
         "set twice",
         id="redis-url-twice",
+    ),
+    pytest.param(
+        {"example": {"enabled": True}, "redis": {"sentinel": {"nodes": SENTINEL_NODES}}},
+        "redis.sentinel.service is empty",
+        id="sentinel-without-service",
+    ),
+    pytest.param(
+        {
+            "example": {"enabled": True},
+            "redis": {"sentinel": {"service": "m", "nodes": SENTINEL_NODES}},
+            "config": {"store": {"redis": {"cluster_nodes": CLUSTER_NODES}}},
+        },
+        "set twice",
+        id="redis-store-twice",
+    ),
+    pytest.param(
+        {
+            "example": {"enabled": True},
+            "redis": {"sentinel": {"service": "m", "nodes": SENTINEL_NODES}, "enabled": True},
+        },
+        "not redis.enabled and redis.sentinel",
+        id="bundled-and-sentinel",
+    ),
+    pytest.param(
+        {"example": {"enabled": True}, "redis": {"url": "redis://r:6379", "passwordFile": "p"}},
+        "redis.passwordFile is for redis.sentinel or redis.clusterNodes",
+        id="password-file-with-url",
     ),
     pytest.param(
         {"example": {"enabled": False}, "serviceMonitor": {"enabled": True}},

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -22,6 +23,7 @@ from tests.grpc_proxy.conftest import (
     bearer,
     employees_servicer,
 )
+from tests.harness.redis import MakeRedisServer
 
 
 def stub(hr: Generated, channel: aio.Channel) -> Any:
@@ -545,3 +547,23 @@ def test_peer_addresses_for_x_forwarded_for() -> None:
     assert peer_address("ipv6:[::1]:5555") == "::1"
     assert peer_address("unix:/tmp/socket") is None
     assert peer_address("ipv4:") is None
+
+
+async def test_health_is_not_serving_until_the_store_is_reached(
+    make_grpc_proxy: GrpcProxyFactory, make_redis_server: MakeRedisServer
+) -> None:
+    """As /readyz: a proxy started before its Redis is not serving, then serving by itself."""
+    redis = make_redis_server()
+    await asyncio.to_thread(redis.stop)
+    proxy = await make_grpc_proxy(extra=f"store: {{redis: {{url: '{redis.url}'}}}}")
+    async with proxy.channel() as channel:
+        health: Any = health_pb2_grpc.HealthStub(channel)
+        answer = await health.Check(health_pb2.HealthCheckRequest(service=""))
+        assert answer.status == health_pb2.HealthCheckResponse.NOT_SERVING
+        await asyncio.to_thread(redis.start)
+        deadline = time.monotonic() + 10
+        while (
+            await health.Check(health_pb2.HealthCheckRequest(service=""))
+        ).status != health_pb2.HealthCheckResponse.SERVING:
+            assert time.monotonic() < deadline, "health never turned serving"
+            await asyncio.sleep(0.1)

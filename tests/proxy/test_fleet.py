@@ -7,10 +7,12 @@ import asyncio
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import aiohttp
 import orjson
+import pytest
 
 from tests.conftest import (
     Keys,
@@ -20,7 +22,7 @@ from tests.conftest import (
 )
 from tests.harness.clock import FakeClock
 from tests.harness.processes import pin_ports, spawn_proxy, wait_ready
-from tests.harness.redis import MakeRedisServer
+from tests.harness.redis import SENTINEL_SERVICE, ClusterSetup, MakeRedisServer, SentinelSetup
 from tests.proxy.test_state import POLICY
 
 
@@ -165,3 +167,110 @@ async def test_allow_cached_lets_memoized_allows_through(
         assert await status(s, "GET", proxy.base + "/v1/employees/43", known) == 503
         # a memoized deny stays a deny
         assert await status(s, "GET", proxy.base + "/v1/employees/7/salary", known) == 403
+
+
+async def test_a_proxy_started_before_its_redis_is_not_ready_until_redis_answers(
+    keys: Keys, make_redis_server: MakeRedisServer, tmp_path: Path, upstream: Upstream
+) -> None:
+    """Kubernetes starts pods in any order: no crash loop, no traceback, not ready until the
+    store answers, then ready by itself."""
+    redis = make_redis_server()
+    await asyncio.to_thread(redis.stop)
+    config = write_config(tmp_path, keys, upstream.url, policy=POLICY, extra=store(redis.url))
+    http_port, admin_port = pin_ports(config)
+    log = tmp_path / "proxy.log"
+    process = await spawn_proxy(config, log)
+    reader = keys.token("reader")
+    try:
+        async with aiohttp.ClientSession() as s:
+            deadline = time.monotonic() + 20
+            while True:
+                assert process.returncode is None, log.read_text()[-2000:]
+                try:
+                    async with s.get(f"http://127.0.0.1:{admin_port}/readyz") as r:
+                        assert r.status == 503
+                        break
+                except aiohttp.ClientError:
+                    assert time.monotonic() < deadline, "the admin listener never opened"
+                    await asyncio.sleep(0.1)
+            base = f"http://127.0.0.1:{http_port}"
+            assert await status(s, "GET", base + "/v1/employees/1", reader) == 503
+            await asyncio.sleep(1.5)
+            assert process.returncode is None
+            await asyncio.to_thread(redis.start)
+            await wait_ready(s, admin_port, process, log, within=10)
+            assert await status(s, "GET", base + "/v1/employees/1", reader) == 200
+        text = log.read_text()
+        assert "Traceback" not in text
+        assert (
+            f"store unreachable at start (redis start failed (redis://127.0.0.1:{redis.port}"
+            in text
+        )
+        assert "store reached: ready" in text
+    finally:
+        process.terminate()
+        await process.wait()
+
+
+async def test_an_unreachable_cluster_at_start_is_one_clear_line(
+    keys: Keys, tmp_path: Path, upstream: Upstream
+) -> None:
+    extra = "store: {redis: {cluster_nodes: ['127.0.0.1:1', '127.0.0.1:2'], timeout: 50ms}}"
+    config = write_config(tmp_path, keys, upstream.url, policy=POLICY, extra=extra)
+    _, admin_port = pin_ports(config)
+    log = tmp_path / "proxy.log"
+    process = await spawn_proxy(config, log)
+    try:
+        async with aiohttp.ClientSession() as s:
+            deadline = time.monotonic() + 20
+            while True:
+                assert process.returncode is None, log.read_text()[-2000:]
+                try:
+                    async with s.get(f"http://127.0.0.1:{admin_port}/readyz") as r:
+                        assert r.status == 503
+                        break
+                except aiohttp.ClientError:
+                    assert time.monotonic() < deadline
+                    await asyncio.sleep(0.1)
+        text = log.read_text()
+        assert "Traceback" not in text
+        assert "store unreachable at start" in text
+        assert "cluster 127.0.0.1:1,127.0.0.1:2" in text
+    finally:
+        process.terminate()
+        await process.wait()
+
+
+@pytest.mark.parametrize("topology", ["sentinel", "cluster"])
+async def test_a_fleet_on_sentinel_or_cluster_shares_limits_and_revocations(
+    topology: str, request: pytest.FixtureRequest, make_proxy: ProxyFactory, keys: Keys
+) -> None:
+    if topology == "sentinel":
+        sentinel: SentinelSetup = request.getfixturevalue("redis_sentinel")
+        where = f"sentinel: {{service: {SENTINEL_SERVICE}, nodes: ['{sentinel.node}']}}"
+    else:
+        cluster: ClusterSetup = request.getfixturevalue("redis_cluster")
+        where = f"cluster_nodes: {list(cluster.nodes)}"
+    extra = (
+        f"store: {{redis: {{{where}, key_prefix: 'fleet-{uuid.uuid4().hex[:8]}:'}}}}\n"
+        'admin: {operators: ["role:security"]}'
+    )
+    a = await make_proxy(policy=POLICY, extra=extra)
+    b = await make_proxy(policy=POLICY, extra=extra)
+    reader = keys.token("reader")
+    async with aiohttp.ClientSession() as s:
+        got = [
+            await status(s, "GET", proxy.base + "/v1/employees/1", reader) for proxy in (a, b, a, b)
+        ]
+        assert got == [200, 200, 200, 429]  # read-rate: 3 an hour per agent, fleet-wide
+        hr = keys.token("hr-bot")
+        assert await status(s, "GET", b.base + "/v1/employees/2", hr) == 200
+        operator = keys.token("sec", roles=["security"])
+        async with s.post(
+            a.admin + "/v1/revocations", headers=auth(operator), json={"agent": "hr-bot"}
+        ) as r:
+            assert r.status == 201
+        revoked_at = time.monotonic()
+        while await status(s, "GET", b.base + "/v1/employees/2", hr) != 403:
+            assert time.monotonic() - revoked_at < 1.5, "replica b did not see the revocation"
+            await asyncio.sleep(0.02)

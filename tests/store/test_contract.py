@@ -16,7 +16,7 @@ from dataclasses import replace
 import pytest
 
 from agentproxy.approvals.lifecycle import Approval, Event, IllegalTransition, State, advance
-from agentproxy.config.model import RedisSettings
+from agentproxy.config.model import RedisSettings, SentinelSettings
 from agentproxy.store import (
     ApprovalGrant,
     LimitExceeded,
@@ -27,25 +27,44 @@ from agentproxy.store import (
     TaskHistory,
 )
 from agentproxy.store.redis import RedisStore
+from tests.harness.redis import SENTINEL_SERVICE, ClusterSetup, RedisServer, SentinelSetup
 
 NOW = 1_000_000.5  # inside the window [999_960, 1_000_020) of a 60 s window
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", "redis", "valkey", "sentinel", "cluster"])
 async def store(request: pytest.FixtureRequest) -> AsyncIterator[Store]:
     implementation: Store
     if request.param == "memory":
         implementation = MemoryStore()
     else:
-        url: str = request.getfixturevalue("redis_url")
-        # A generous timeout: this suite checks semantics; test_redis_failures checks bounds.
-        settings = RedisSettings(url=url, key_prefix=f"t{uuid.uuid4().hex}:", timeout=2.0)
-        implementation = RedisStore(settings)
+        implementation = RedisStore(redis_settings(request, request.param))
     await implementation.start()
     try:
         yield implementation
     finally:
         await implementation.close()
+
+
+def redis_settings(request: pytest.FixtureRequest, kind: str) -> RedisSettings:
+    """A fresh key prefix on the session's server of `kind`. A generous timeout: this suite
+    checks semantics; test_redis_failures checks bounds."""
+    prefix = f"t{uuid.uuid4().hex}:"
+    if kind == "redis":
+        url: str = request.getfixturevalue("redis_url")
+        return RedisSettings(url=url, key_prefix=prefix, timeout=2.0)
+    if kind == "valkey":
+        valkey: RedisServer = request.getfixturevalue("valkey_server_process")
+        return RedisSettings(url=valkey.url, key_prefix=prefix, timeout=2.0)
+    if kind == "sentinel":
+        sentinel: SentinelSetup = request.getfixturevalue("redis_sentinel")
+        return RedisSettings(
+            sentinel=SentinelSettings(SENTINEL_SERVICE, (sentinel.node,)),
+            key_prefix=prefix,
+            timeout=2.0,
+        )
+    cluster: ClusterSetup = request.getfixturevalue("redis_cluster")
+    return RedisSettings(cluster_nodes=tuple(cluster.nodes), key_prefix=prefix, timeout=2.0)
 
 
 def calls(key: str = "agent:a", *, amount: float = 1, limit: float = 3) -> Reservation:
@@ -101,6 +120,21 @@ async def test_a_revocation_for_good_keeps_its_fields(store: Store) -> None:
     revocation = Revocation("token", "jti-" + "é" * 100, until=math.inf, reason="leaked: 'x'")
     await store.revoke(revocation)
     assert await store.revocations(NOW + 10**9) == [revocation]
+
+
+async def test_a_revocation_wakes_a_waiting_mirror_at_once(store: Store) -> None:
+    await store.wait_revocations(0.3)  # subscribed (Redis), and nothing pending
+    waiting = asyncio.create_task(store.wait_revocations(10))
+    await asyncio.sleep(0.1)
+    assert not waiting.done()
+    started = time.monotonic()
+    await store.revoke(Revocation("agent", "hr-bot"))
+    await asyncio.wait_for(waiting, 2)
+    assert time.monotonic() - started < 0.5
+    # Without a revocation, the wait is the poll's safety net: it ends at its timeout.
+    started = time.monotonic()
+    await store.wait_revocations(0.2)
+    assert 0.15 < time.monotonic() - started < 1
 
 
 # Reservations

@@ -238,7 +238,7 @@ async def test_errors_never_carry_the_password(
         assert password not in told
         assert f"redis://***@127.0.0.1:{server.port}/0" in str(error)
     await asyncio.sleep(0.3)  # the approval subscription (started by wait_approval) fails too
-    assert "approval notifications from redis at redis://***@" in caplog.text
+    assert "revocation notifications from redis at redis://***@" in caplog.text
     assert password not in caplog.text
 
 
@@ -265,3 +265,36 @@ async def test_a_malformed_approval_fails_closed(
         client.hset("bad:approval:ap-9", mapping={"state": "approved", "json": "{not json"})
     error = await fails_fast(store.get_approval("ap-9", NOW))
     assert "malformed approval" in str(error)
+
+
+async def test_a_call_refused_during_a_freeze_is_not_charged_when_redis_thaws(
+    make_redis_server: MakeRedisServer, connect: Connect
+) -> None:
+    """The reserve scripts sent to a frozen Redis run when it thaws, though every caller was
+    refused (before: a counter read 539 against 535 forwarded calls). Each refused take is
+    cancelled exactly once, whichever runs first at the thaw."""
+    server = make_redis_server()
+    store = await connect(server.url)
+    budget = Reservation(name="calls", key="agent:frozen", amount=1, limit=1000, window=60)
+    assert await store.reserve([budget], NOW) is None  # one forwarded call
+    server.freeze()
+    try:
+        results = await asyncio.gather(
+            *(store.reserve([budget], NOW) for _ in range(20)), return_exceptions=True
+        )
+        assert all(isinstance(r, StoreError) for r in results)
+        await asyncio.sleep(0.6)  # the cancels retry against the frozen server meanwhile
+    finally:
+        server.thaw()
+    probe = Reservation(name="calls", key="agent:frozen", amount=1, limit=0, window=60)
+    deadline = time.monotonic() + 5
+    while True:
+        refused = await store.reserve([probe], NOW)
+        assert refused is not None
+        if refused.used == 1:
+            break
+        assert time.monotonic() < deadline, f"counter {refused.used}, 1 call was forwarded"
+        await asyncio.sleep(0.1)
+    await asyncio.sleep(1.0)  # nothing runs later to charge them after all
+    refused = await store.reserve([probe], NOW)
+    assert refused is not None and refused.used == 1

@@ -30,12 +30,18 @@ async def test_keys_live_under_the_prefix_and_expire(
 
     with redis_server.client() as client:
         keys = set(client.keys("*"))
-        assert keys == {
+        takes = {k for k in keys if k.startswith("app1:take:")}
+        assert keys - takes == {
             "app1:epoch",
             "app1:revocations",
             "app1:limit:user:u:999960",
             "app1:task:t",
         }
+        # The reservation's marker, kept a minute to cancel the take exactly once.
+        assert len(takes) == 1
+        (take,) = takes
+        assert client.get(take) == "taken"
+        assert 59 <= client.ttl(take) <= 60
         assert client.ttl("app1:epoch") == client.ttl("app1:revocations") == -1
         # The window ends 19.5 s after NOW; the counter outlives it by the margin.
         counter_ttl = client.pttl("app1:limit:user:u:999960") / 1000

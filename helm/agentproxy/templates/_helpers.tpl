@@ -264,18 +264,62 @@ directories, never with subPath, so that an update reaches the running pod.
 {{- end -}}
 {{- end -}}
 
+{{/* The store.redis settings the chart puts into the config (SCOPE), as YAML, or "": one
+of redis.url / redis.enabled (a URL), redis.sentinel, redis.clusterNodes. */}}
+{{- define "agentproxy.redisStore" -}}
+{{- $v := .values -}}
+{{- $redis := $v.redis -}}
+{{- $sentinel := default (dict) $redis.sentinel -}}
+{{- $out := dict -}}
+{{- $chosen := list -}}
+{{- $url := include "agentproxy.redisUrl" . -}}
+{{- if $url -}}
+{{- $chosen = append $chosen (ternary "redis.enabled" "redis.url" (default false $redis.enabled)) -}}
+{{- $_ := set $out "url" $url -}}
+{{- end -}}
+{{- if or $sentinel.service $sentinel.nodes -}}
+{{- $chosen = append $chosen "redis.sentinel" -}}
+{{- if not $sentinel.service -}}
+{{- fail "redis.sentinel.service is empty: name the master the sentinels watch (e.g. mymaster)" -}}
+{{- end -}}
+{{- if not $sentinel.nodes -}}
+{{- fail "redis.sentinel.nodes is empty: name at least one sentinel as host:port" -}}
+{{- end -}}
+{{- $_ := set $out "sentinel" (dict "service" $sentinel.service "nodes" $sentinel.nodes) -}}
+{{- end -}}
+{{- if $redis.clusterNodes -}}
+{{- $chosen = append $chosen "redis.clusterNodes" -}}
+{{- $_ := set $out "cluster_nodes" $redis.clusterNodes -}}
+{{- end -}}
+{{- if gt (len $chosen) 1 -}}
+{{- fail (printf "redis: set one of redis.url, redis.enabled, redis.sentinel or redis.clusterNodes, not %s" (join " and " $chosen)) -}}
+{{- end -}}
+{{- if $redis.passwordFile -}}
+{{- if not (or $out.sentinel $out.cluster_nodes) -}}
+{{- fail "redis.passwordFile is for redis.sentinel or redis.clusterNodes (a single Redis is named by redis.url)" -}}
+{{- end -}}
+{{- $_ := set $out "password_file" (printf "%s/%s" $v.secrets.mountPath $redis.passwordFile) -}}
+{{- end -}}
+{{- if $out -}}
+{{- toYaml $out -}}
+{{- end -}}
+{{- end -}}
+
 {{/* agentproxy.yaml (SCOPE): the `config` value plus what the chart owns. */}}
 {{- define "agentproxy.configFile" -}}
 {{- $v := .values -}}
 {{- $config := deepCopy $v.config -}}
-{{- $redisUrl := include "agentproxy.redisUrl" . -}}
-{{- if $redisUrl -}}
+{{- $chartRedis := include "agentproxy.redisStore" . | fromYaml -}}
+{{- if $chartRedis -}}
 {{- $store := default (dict) $config.store -}}
 {{- $redis := default (dict) $store.redis -}}
 {{- if $redis.url -}}
-{{- fail "the Redis URL is set twice: in config.store.redis.url and by redis.url/redis.enabled; keep one" -}}
+{{- fail "the Redis URL is set twice: in config.store.redis.url and by the redis values; keep one" -}}
 {{- end -}}
-{{- $_ := set $redis "url" $redisUrl -}}
+{{- if or $redis.sentinel $redis.cluster_nodes -}}
+{{- fail "the Redis store is set twice: in config.store.redis and by the redis values; keep one" -}}
+{{- end -}}
+{{- $redis = merge $redis $chartRedis -}}
 {{- $_ := set $store "redis" $redis -}}
 {{- $_ := set $config "store" $store -}}
 {{- end -}}

@@ -36,6 +36,7 @@ from agentproxy.config.model import (
     PrincipalRef,
     RedisSettings,
     Secret,
+    SentinelSettings,
     StoreSettings,
     TelemetrySettings,
     Upstream,
@@ -115,7 +116,7 @@ def load(path: str | Path, *, check_policies: PolicyChecker | None = None) -> Co
         approvals=loader.approvals(raw.get("approvals")),
         metering=loader.metering(raw.get("metering")),
         telemetry=loader.telemetry(raw.get("telemetry")),
-        audit=loader.audit(raw.get("audit"), has_redis=bool((raw.get("store") or {}).get("redis"))),
+        audit=loader.audit(raw.get("audit"), store_redis=_redis_section(raw)),
         decision_log=doc.choice(raw, "$", "decision_log", ["stdout", "stderr", "off"], "stdout"),  # type: ignore[arg-type]
     )
     files = load_policies(globs, base, doc, issues, exclude=source)
@@ -597,24 +598,94 @@ class _Loader:
         section = doc.mapping(value, path, ("redis", "on_error", "task_ttl"))
         redis = None
         if section.get("redis") is not None:
-            rpath = f"{path}.redis"
-            r = doc.mapping(section["redis"], rpath, ("url", "key_prefix", "pool_size", "timeout"))
-            url = doc.get(r, rpath, "url", str, required=True) or ""
-            doc.check(
-                not url or urlsplit(url).scheme in ("redis", "rediss", "unix"),
-                f"{rpath}.url",
-                f"must be a redis://, rediss:// or unix:// URL, not {redact_url(url)!r}",
-            )
-            pool = doc.get(r, rpath, "pool_size", int, 20) or 20
-            doc.check(pool > 0, f"{rpath}.pool_size", "must be more than 0")
-            timeout = doc.duration(r, rpath, "timeout", 0.05)
-            doc.check(0 < timeout <= 10, f"{rpath}.timeout", "must be between 1ms and 10s")
-            prefix = doc.get(r, rpath, "key_prefix", str, "agentproxy:") or "agentproxy:"
-            redis = RedisSettings(url=url, key_prefix=prefix, pool_size=pool, timeout=timeout)
+            redis = self.redis(section["redis"], f"{path}.redis")
         on_error = doc.choice(section, path, "on_error", ["deny", "allow_cached"], "deny")
         ttl = doc.duration(section, path, "task_ttl", 24 * 3600.0)
         doc.check(ttl >= 1, f"{path}.task_ttl", "must be at least 1s")
         return StoreSettings(redis=redis, on_error=on_error, task_ttl=ttl)  # type: ignore[arg-type]
+
+    def redis(self, value: Any, rpath: str) -> RedisSettings:
+        """`url`, `sentinel` or `cluster_nodes`: exactly one topology."""
+        doc = self.doc
+        r = doc.mapping(
+            value,
+            rpath,
+            (
+                "url",
+                "sentinel",
+                "cluster_nodes",
+                "password_file",
+                "key_prefix",
+                "pool_size",
+                "pool_timeout",
+                "timeout",
+                "wait_replicas",
+            ),
+        )
+        url = doc.get(r, rpath, "url", str) or ""
+        cluster = doc.strings(r, rpath, "cluster_nodes")
+        sentinel = None
+        if r.get("sentinel") is not None:
+            spath = f"{rpath}.sentinel"
+            s = doc.mapping(r["sentinel"], spath, ("service", "nodes", "password_file"))
+            service = doc.get(s, spath, "service", str, required=True) or ""
+            nodes = doc.strings(s, spath, "nodes", required=True)
+            doc.check(bool(nodes) or "nodes" not in s, f"{spath}.nodes", "must name a sentinel")
+            for i, node in enumerate(nodes):
+                _check_node(doc, f"{spath}.nodes[{i}]", node)
+            password = self.secret(s, spath, "password_file", required=False)
+            sentinel = SentinelSettings(service=service, nodes=nodes, password=password)
+        if "cluster_nodes" in r:
+            doc.check(bool(cluster), f"{rpath}.cluster_nodes", "must name a cluster node")
+        for i, node in enumerate(cluster):
+            _check_node(doc, f"{rpath}.cluster_nodes[{i}]", node)
+        given = [k for k in ("url", "sentinel", "cluster_nodes") if r.get(k) is not None]
+        if not given:
+            doc.error(rpath, 'needs one of "url", "sentinel" or "cluster_nodes"')
+        elif len(given) > 1:
+            doc.error(f"{rpath}.{given[1]}", f"only one of {', '.join(given)} may be given")
+        doc.check(
+            not url or urlsplit(url).scheme in ("redis", "rediss", "unix"),
+            f"{rpath}.url",
+            f"must be a redis://, rediss:// or unix:// URL, not {redact_url(url)!r}",
+        )
+        password = self.secret(r, rpath, "password_file", required=False)
+        if password is not None and url:
+            doc.error(f"{rpath}.password_file", "a single Redis takes its password in the url")
+        pool = doc.get(r, rpath, "pool_size", int, 20) or 20
+        doc.check(pool > 0, f"{rpath}.pool_size", "must be more than 0")
+        timeout = doc.duration(r, rpath, "timeout", 0.05)
+        doc.check(0 < timeout <= 10, f"{rpath}.timeout", "must be between 1ms and 10s")
+        pool_timeout = doc.duration(r, rpath, "pool_timeout", 1.0)
+        doc.check(0 < pool_timeout <= 60, f"{rpath}.pool_timeout", "must be between 1ms and 60s")
+        wait = doc.get(r, rpath, "wait_replicas", int, 0) or 0
+        doc.check(0 <= wait <= 16, f"{rpath}.wait_replicas", "must be between 0 and 16")
+        # WAIT counts one connection's writes on one server: a Cluster spreads them.
+        doc.check(
+            not (wait and cluster),
+            f"{rpath}.wait_replicas",
+            "is for a single Redis or Sentinel; on a Cluster set min-replicas-to-write on "
+            "the masters",
+        )
+        prefix = doc.get(r, rpath, "key_prefix", str, "agentproxy:") or "agentproxy:"
+        # On a Cluster the store wraps the prefix in a hash tag ({prefix}) to keep the keys
+        # its scripts touch together in one slot; a brace of the prefix's own would end it.
+        doc.check(
+            not cluster or not set("{}") & set(prefix),
+            f"{rpath}.key_prefix",
+            "must not contain { or } on a Redis Cluster (the store makes it a hash tag)",
+        )
+        return RedisSettings(
+            url=url,
+            key_prefix=prefix,
+            pool_size=pool,
+            timeout=timeout,
+            sentinel=sentinel,
+            cluster_nodes=cluster,
+            password=password,
+            pool_timeout=pool_timeout,
+            wait_replicas=wait,
+        )
 
     def metering(self, value: Any) -> MeteringSettings:
         doc = self.doc
@@ -787,7 +858,7 @@ class _Loader:
         )
         return Webhook(url, self.secret(section, path, "secret_file", required=False))
 
-    def audit(self, value: Any, *, has_redis: bool) -> AuditConfig:
+    def audit(self, value: Any, *, store_redis: dict[str, Any] | None) -> AuditConfig:
         doc = self.doc
         path = "$.audit"
         keys = (
@@ -810,8 +881,14 @@ class _Loader:
         if file_path is not None and not file_path.parent.is_dir():
             doc.error(f"{path}.file", f"directory {str(file_path.parent)!r} does not exist")
         stream = doc.get(section, path, "redis_stream", str)
-        if stream is not None and not has_redis:
+        if stream is not None and store_redis is None:
             doc.error(f"{path}.redis_stream", "needs store.redis (the stream lives in that Redis)")
+        elif stream is not None and not store_redis.get("url"):  # type: ignore[union-attr]
+            doc.error(
+                f"{path}.redis_stream",
+                "needs store.redis.url: the stream is written to a single Redis, not through "
+                "Sentinel or Cluster",
+            )
         every = doc.get(section, path, "checkpoint_every", int, 1000) or 1000
         doc.check(every > 0, f"{path}.checkpoint_every", "must be more than 0")
         size = doc.get(section, path, "max_file_bytes", int, 100 * 2**20) or 100 * 2**20
@@ -903,3 +980,18 @@ _LABEL_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
 _FIXED_LABELS = frozenset(
     {"agent", "upstream", "action", "model", "currency", "type", "decision", "rule"}
 )
+
+
+def _check_node(doc: Document, path: str, node: str) -> None:
+    host, sep, port = node.rpartition(":")
+    doc.check(
+        bool(sep and host and port.isdigit() and 0 < int(port) < 65536),
+        path,
+        f'must be "host:port", not {node!r}',
+    )
+
+
+def _redis_section(raw: dict[str, Any]) -> dict[str, Any] | None:
+    store = raw.get("store")
+    section = store.get("redis") if isinstance(store, dict) else None
+    return section if isinstance(section, dict) else None

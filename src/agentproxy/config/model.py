@@ -357,16 +357,46 @@ class PolicyFile:
 
 
 @dataclass(frozen=True, slots=True)
-class RedisSettings:
-    """`url` may carry a password (`redis://:pw@host:6379/0`): `repr` hides it."""
+class SentinelSettings:
+    """Redis Sentinel: the master of `service`, as the sentinels at `nodes` ("host:port") name
+    it. `password` is the sentinels' own (their `requirepass`), not the master's."""
 
-    url: str
+    service: str
+    nodes: tuple[str, ...]
+    password: Secret | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RedisSettings:
+    """One of three topologies: `url` (a single Redis; it may carry a password,
+    `redis://:pw@host:6379/0`, which `repr` hides), `sentinel`, or `cluster_nodes` ("host:port"
+    seeds of a Redis Cluster). `password` is the data nodes' password for the latter two.
+    `pool_timeout`: how long a call queues for one of the `pool_size` connections before it is
+    refused (the round trip's own bound starts once it has one). `wait_replicas`: approval,
+    grant and revocation writes are confirmed by this many replicas (`WAIT`) or refused."""
+
+    url: str = ""
     key_prefix: str = "agentproxy:"
     pool_size: int = 20
     timeout: float = 0.05
+    sentinel: SentinelSettings | None = None
+    cluster_nodes: tuple[str, ...] = ()
+    password: Secret | None = None
+    pool_timeout: float = 1.0
+    wait_replicas: int = 0
 
     def __repr__(self) -> str:
-        return f"RedisSettings(url={redact_url(self.url)!r}, key_prefix={self.key_prefix!r})"
+        return f"RedisSettings(where={self.where!r}, key_prefix={self.key_prefix!r})"
+
+    @property
+    def where(self) -> str:
+        """What the store connects to, for logs and errors; never a password."""
+        if self.sentinel is not None:
+            nodes = ",".join(self.sentinel.nodes)
+            return f"sentinel {nodes} (service {self.sentinel.service})"
+        if self.cluster_nodes:
+            return f"cluster {','.join(self.cluster_nodes)}"
+        return redact_url(self.url)
 
 
 def redact_url(url: str) -> str:

@@ -1,15 +1,15 @@
 """The deny list of agents and tokens, mirrored from the store into each proxy.
 
 Asking the store on every call would put a network round trip on the hot path; instead each
-proxy refreshes its copy every `REFRESH_EVERY` seconds (so a revocation made on any replica
-is enforced everywhere within a second) and checks calls against the copy. If the copy has
+proxy keeps a copy, refreshed as soon as the store pushes a revocation written on any replica
+(milliseconds) and at least every `REFRESH_EVERY` seconds (the safety net for a push lost
+with a connection), and checks calls against the copy. If the copy has
 not been refreshed for `STALE_AFTER` seconds the store is treated as unavailable: a
 revocation made meanwhile could be missed, so calls then follow `store.on_error`.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Callable
 
@@ -72,4 +72,6 @@ class RevocationList:
                 if self._on_error is not None:
                     self._on_error("revocations")
                 log.warning("cannot refresh revocations: %s", exc)
-            await asyncio.sleep(REFRESH_EVERY)
+            # A revocation written on any replica is pushed (Redis pub/sub) and refreshes
+            # the copy at once; the poll stays as the safety net for a lost notification.
+            await self._store.wait_revocations(REFRESH_EVERY)

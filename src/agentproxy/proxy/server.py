@@ -43,7 +43,7 @@ from agentproxy.proxy.pins import McpState
 from agentproxy.proxy.pipeline import Pipeline
 from agentproxy.proxy.upstream import UpstreamClient
 from agentproxy.proxy.watch import watch
-from agentproxy.store import MemoryStore, Store
+from agentproxy.store import MemoryStore, Store, StoreError
 from agentproxy.telemetry import tracing
 
 log = logging.getLogger("agentproxy")
@@ -53,6 +53,8 @@ HealthServicer = health_aio.HealthServicer
 # itself); tokens have their own, lower limit (`identity.max_token_bytes`).
 MAX_FIELD = 16 * 1024
 SHUTDOWN_GRACE = 10.0
+# How often a proxy that started without its store tries to reach it again.
+STORE_RETRY = 1.0
 
 
 class ProxyServer:
@@ -123,6 +125,7 @@ class ProxyServer:
         self._grpc_servers: list[aio.Server] = []
         self._health: HealthServicer | None = None
         self._ready = False
+        self._store_up = False
         self.http_port = 0
         self.admin_port = 0
         self.grpc_port = 0
@@ -172,10 +175,9 @@ class ProxyServer:
             raise
         self.metrics.policy_reloads.labels("success").inc()
         services = self.services
-        await services.store.start()
+        store_up = self._store_up = await self._connect_store(first=True)
         if services.audit is not None:
             await services.audit.start()
-        await services.revocations.refresh()
         if self.notifier is not None:
             await self.notifier.start()
         self._use(runtime)
@@ -192,7 +194,39 @@ class ProxyServer:
                     self._watch_interval,
                 )
             )
-        self._ready = True
+        if store_up:
+            self._ready = True
+        else:
+            self._tasks.append(loop.create_task(self._reconnect_store()))
+
+    async def _connect_store(self, *, first: bool = False) -> bool:
+        """Starts the store and loads the revocations. False while the store cannot be
+        reached: a proxy started before its Redis serves not ready (`/readyz` 503; calls
+        that need the store are refused closed) instead of exiting, and connects when Redis
+        answers. Said once, naming what was tried, never as a traceback."""
+        try:
+            await self.services.store.start()
+            await self.services.revocations.refresh()
+        except StoreError as exc:
+            if first:
+                log.warning(
+                    "store unreachable at start (%s): serving not ready, retrying every %gs",
+                    exc,
+                    STORE_RETRY,
+                )
+            return False
+        return True
+
+    async def _reconnect_store(self) -> None:
+        while True:
+            await asyncio.sleep(STORE_RETRY)
+            if await self._connect_store():
+                break
+        log.info("store reached: ready")
+        self._store_up = True
+        self._ready = not self._stopping.is_set()
+        if self._health is not None and self._ready:
+            await self._health.set("", health_pb2.HealthCheckResponse.SERVING)
 
     def _use(self, runtime: runtime_module.Runtime) -> None:
         """Makes `runtime` the snapshot in force: new pipelines, built whole, swapped in."""
@@ -274,7 +308,9 @@ class ProxyServer:
         self.grpc_port = _bind(server, address)
         await server.start()
         self._grpc_servers.append(server)
-        await self._health.set("", health_pb2.HealthCheckResponse.SERVING)
+        # Like /readyz: not serving while the store has not been reached.
+        status = health_pb2.HealthCheckResponse
+        await self._health.set("", status.SERVING if self._store_up else status.NOT_SERVING)
 
     async def _start_admin_grpc(self, address: str) -> None:
         """agentproxy.v1.Authorizer and Approvals, with the health service too."""

@@ -177,6 +177,12 @@ class Store(Protocol):
     async def revocations(self, now: float) -> list[Revocation]:
         """Every revocation still active at `now`. Raises StoreError."""
 
+    # The protocol's signature: the store bounds the wait itself.
+    async def wait_revocations(self, timeout: float) -> None:  # noqa: ASYNC109
+        """Returns once a revocation was written (on any replica, for a shared store) since
+        the last return, or after `timeout` seconds: a mirror refreshes at once on a push
+        and still every `timeout` without one. Raises nothing."""
+
     async def reserve(
         self, reservations: Iterable[Reservation], now: float
     ) -> LimitExceeded | None:

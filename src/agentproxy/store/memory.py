@@ -17,6 +17,7 @@ import asyncio
 import heapq
 import math
 from collections.abc import Iterable
+from contextlib import suppress
 from dataclasses import dataclass, field, replace
 
 from agentproxy.approvals.lifecycle import Approval, Event, State, advance
@@ -60,6 +61,7 @@ class _Watch:
 class MemoryStore:
     def __init__(self) -> None:
         self._revocations: dict[tuple[str, str], Revocation] = {}
+        self._revoked = asyncio.Event()  # a revocation was written since the last wait
         self._counters: dict[tuple[str, float], tuple[float, float]] = {}  # → (used, expires)
         self._tasks: dict[str, _Task] = {}
         self._grants: dict[str, ApprovalGrant] = {}
@@ -80,6 +82,13 @@ class MemoryStore:
 
     async def revoke(self, revocation: Revocation) -> None:
         self._revocations[(revocation.kind, revocation.subject)] = revocation
+        self._revoked.set()
+
+    async def wait_revocations(self, timeout: float) -> None:  # noqa: ASYNC109
+        with suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                await self._revoked.wait()
+        self._revoked.clear()
 
     async def revocations(self, now: float) -> list[Revocation]:
         expired = [k for k, r in self._revocations.items() if not r.active(now)]

@@ -1,6 +1,10 @@
-"""The shared store: one Redis for every sidecar replica of a deployment.
+"""The shared store: one Redis (a single server, Sentinel's master, or a Cluster; Valkey too,
+see `store/topology.py`) for every sidecar replica of a deployment.
 
-Keys, all under `RedisSettings.key_prefix`:
+Keys, all under `RedisSettings.key_prefix` (P). On a Cluster, the keys that scripts touch
+together — revocations, epoch, grants, approvals and their sets — are under `{P}` instead (a
+hash tag: one slot, whatever an id holds); counters, take markers and tasks stay under P,
+spread over the slots, a take's marker in its counters' slot (`take:{<n>}:…`).
 
 - `limit:<key>:<window start>`: the float counter of one fixed window, expiring a few seconds
   after the window ends.
@@ -22,16 +26,21 @@ Keys, all under `RedisSettings.key_prefix`:
   scored by `expires`; the caps count their members not yet overdue.
 - `approvals:all`: a sorted set of every approval id, scored by `created`, for listing.
   Members whose record expired are dropped by the next list or open that meets them.
+- `take:<random>:<n>`: a reservation's marker, `taken` or `cancelled`, for a minute (see
+  "Refused calls").
 - Channel `approvals:changed`: every change of an approval (created, decided, expired)
-  publishes its id.
+  publishes its id. Channel `revocations:changed`: every revocation written publishes its
+  field, and each replica's mirror re-reads at once.
 
 Approvals: every operation is one Lua script, which first expires the overdue pending
 approvals it meets (the lifecycle's `pending --expire--> expired`, decided_at = expires) and
 publishes them. `decide_approval` carries the lifecycle table into Lua, generated from
 `lifecycle.TRANSITIONS` so the two cannot drift. The scripts build keys from the prefix they
-are given, so they suit a single Redis (or a replicated one), not Redis Cluster.
-`wait_approval` costs no thread: each store holds ONE subscription to `approvals:changed` (a
-background task started by the first wait, on its own connection), which sets the events of
+are given and name the pending set among their KEYS, which routes them on a Cluster to the
+one slot all those keys share. `wait_approval` costs no thread: each store holds ONE
+subscription to `approvals:changed` and `revocations:changed` (a background task started by
+the first wait, on its own connection; after a Sentinel failover it follows the master at
+the next poll), which sets the events of
 the ids it hears; after each (re)subscription and every `POLL_INTERVAL` it re-reads the state
 of every waited-on approval in one pipelined round trip, so a decision published before the
 subscription, or lost with a connection, still wakes its waiters within a second.
@@ -41,12 +50,21 @@ Time: windows and revocation expiry use the caller's `now`, never Redis `TIME`, 
 between a replica's clock and Redis's only shifts when memory is reclaimed.
 
 Bounds: the socket timeouts bound each wait and `asyncio.timeout(timeout * 4)` bounds each
-round trip's sum of them (a pool wait, a connect, and after a restart `EVALSHA` → `NOSCRIPT`
-→ `SCRIPT LOAD` → `EVALSHA`); `revocations()` makes up to three such round trips when it
+round trip's sum of them (a connect, and after a restart `EVALSHA` → `NOSCRIPT` → `SCRIPT
+LOAD` → `EVALSHA`), after a wait of up to `pool_timeout` for one of the `pool_size`
+connections (opened at start); `revocations()` makes up to three such round trips when it
 re-applies. Any Redis error, socket error or timeout raises `StoreError` naming the operation
 and the redacted URL, never the password. redis-py does not retry: a command may already have
 run when its reply is lost, and a retried `INCRBYFLOAT` would count twice. A pooled connection
 the server closed (a restart) is replaced before use, so recovery needs no failed call.
+
+Refused calls are not charged: a reservation's script also sets a marker key (`take:<random>`,
+in the counters' slot on a Cluster, living `MARKER_MS`). When a call is refused after it took
+(a later slot does not fit) or its round trip fails (a timeout: the script may still run, as
+a Redis that froze runs what it had received when it thaws), the store cancels the take: a
+script gives back what the marker says was taken and leaves the marker `cancelled`, so a take
+that runs afterwards takes nothing. While Redis does not answer, the cancel is retried in the
+background every `CANCEL_RETRY` seconds until the window is over, and given up on `close`.
 
 Durability:
 
@@ -72,23 +90,23 @@ Durability:
 from __future__ import annotations
 
 import asyncio
+import functools
+import itertools
 import logging
 import math
 import secrets
 import sys
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager, suppress
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any, cast
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import orjson
-from redis.asyncio import BlockingConnectionPool, Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
-from redis.maint_notifications import MaintNotificationsConfig
-from redis.typing import EncodableT, FieldT
+from redis.asyncio import Redis
+from redis.commands.core import AsyncScript
+from redis.crc import key_slot
+from redis.exceptions import RedisClusterException, RedisError
 
 from agentproxy.approvals.lifecycle import (
     TRANSITIONS,
@@ -99,7 +117,7 @@ from agentproxy.approvals.lifecycle import (
     Vote,
     advance,
 )
-from agentproxy.config.model import RedisSettings, redact_url
+from agentproxy.config.model import RedisSettings
 from agentproxy.store.base import (
     PAGE_LIMIT,
     PAGE_SCAN,
@@ -113,6 +131,7 @@ from agentproxy.store.base import (
     decode_cursor,
     encode_cursor,
 )
+from agentproxy.store.topology import Topology
 
 log = logging.getLogger("agentproxy.store")
 
@@ -126,9 +145,15 @@ WINDOW_MARGIN = 5.0
 LIST_LIMIT = 1000
 LIST_SCAN = 10_000
 SWEEP = 100
+# How long a take's marker lives (ms): past any freeze a refused take is cancelled within.
+MARKER_MS = "60000"
+# The pause between attempts to give back a refused call's reservation while Redis is down.
+CANCEL_RETRY = 0.5
 # How often waiters are re-checked by reading, in case a notification was lost; also the pause
 # before resubscribing after the subscription failed.
 POLL_INTERVAL = 1.0
+# The pause before the first resubscription after a subscription failed.
+RESUBSCRIBE_AT_ONCE = 0.05
 # Waiters re-checked per pipelined round trip: redis-py (8.2+) packs a pipeline of 1,000
 # commands or more in a worker thread, and the watcher runs on the event loop alone.
 RECHECK_BATCH = 500
@@ -136,38 +161,69 @@ RECHECK_BATCH = 500
 # Checking every counter before taking any is what makes a multi-limit call all-or-nothing;
 # doing it in one script is what keeps concurrent callers from overspending between the check
 # and the charge (FIELD-NOTES: BerriAI/litellm#34732).
-# KEYS[i]: the counter of reservation i in the current window.
-# ARGV[3i-2], ARGV[3i-1], ARGV[3i]: its amount, its limit, milliseconds the counter must live.
-# Returns 0 when all were taken, else {i, used} for the first that does not fit.
+# KEYS[1]: this take's marker (see "Refused calls" above); KEYS[i + 1]: the counter of
+# reservation i in the current window. ARGV[1]: the marker's lifetime in ms; ARGV[3i-1],
+# ARGV[3i], ARGV[3i+1]: reservation i's amount, its limit, milliseconds the counter must live.
+# Returns 0 when all were taken, else {i, used} for the first that does not fit, or -1 when
+# the take was cancelled before it ran (its caller gave up on it: nothing is taken).
 _RESERVE = """
-for i, key in ipairs(KEYS) do
-  local used = redis.call('GET', key) or '0'
-  if tonumber(used) + tonumber(ARGV[3 * i - 2]) > tonumber(ARGV[3 * i - 1]) then
+if redis.call('EXISTS', KEYS[1]) == 1 then return -1 end
+for i = 1, #KEYS - 1 do
+  local used = redis.call('GET', KEYS[i + 1]) or '0'
+  if tonumber(used) + tonumber(ARGV[3 * i - 1]) > tonumber(ARGV[3 * i]) then
     return {i, used}
   end
 end
-for i, key in ipairs(KEYS) do
-  redis.call('INCRBYFLOAT', key, ARGV[3 * i - 2])
-  redis.call('PEXPIRE', key, ARGV[3 * i])
+for i = 1, #KEYS - 1 do
+  redis.call('INCRBYFLOAT', KEYS[i + 1], ARGV[3 * i - 1])
+  redis.call('PEXPIRE', KEYS[i + 1], ARGV[3 * i + 1])
 end
+redis.call('SET', KEYS[1], 'taken', 'PX', ARGV[1])
 return 0
 """
 
-# ARGV[i]: the (negative) amount given back to KEYS[i]. A counter never goes below zero, and a
-# counter that is gone (its window is over) stays gone. INCRBYFLOAT and KEEPTTL keep the expiry.
-_RELEASE = """
-for i, key in ipairs(KEYS) do
+# Gives back what a counter holds for a take, never below zero; a counter that is gone (its
+# window is over) stays gone. INCRBYFLOAT and KEEPTTL keep the expiry.
+_GIVE_BACK = """
+local function give_back(key, amount)
   local used = redis.call('GET', key)
   if used then
-    if tonumber(used) + tonumber(ARGV[i]) <= 0 then
+    if tonumber(used) + tonumber(amount) <= 0 then
       redis.call('SET', key, '0', 'KEEPTTL')
     else
-      redis.call('INCRBYFLOAT', key, ARGV[i])
+      redis.call('INCRBYFLOAT', key, amount)
     end
   end
 end
+"""
+
+# ARGV[i]: the (negative) amount given back to KEYS[i].
+_RELEASE = (
+    _GIVE_BACK
+    + """
+for i, key in ipairs(KEYS) do give_back(key, ARGV[i]) end
 return 0
 """
+)
+
+# KEYS[1]: a take's marker, KEYS[i + 1] its counters; ARGV[1]: the marker's lifetime in ms,
+# ARGV[i + 1]: the (negative) amount given back to counter i. Gives back only a take that
+# ran and was not given back yet, and leaves the marker 'cancelled', so a take still on its
+# way (sent before a freeze, run at the thaw) takes nothing. Returns 1 if it gave back.
+_CANCEL = (
+    _GIVE_BACK
+    + """
+local marker = redis.call('GET', KEYS[1])
+if marker == 'cancelled' then return 0 end
+if marker == 'taken' then
+  for i = 1, #KEYS - 1 do give_back(KEYS[i + 1], ARGV[i + 1]) end
+  redis.call('SET', KEYS[1], 'cancelled', 'KEEPTTL')
+  return 1
+end
+redis.call('SET', KEYS[1], 'cancelled', 'PX', ARGV[1])
+return 0
+"""
+)
 
 # KEYS: the revocations hash, the epoch marker. ARGV[1]: a new marker; then field, JSON pairs.
 # HSETNX: a revocation written since the restart (a newer decision) is not overwritten. SET NX:
@@ -178,6 +234,14 @@ for i = 2, #ARGV, 2 do
 end
 redis.call('SET', KEYS[2], ARGV[1], 'NX')
 return redis.call('GET', KEYS[2])
+"""
+
+# KEYS[1]: the revocations hash. ARGV: the field, its JSON, the channel that tells every
+# replica (PUBLISH is broadcast to every node of a Cluster): written and told in one step.
+_REVOKE = """
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('PUBLISH', ARGV[3], ARGV[1])
+return 0
 """
 
 # KEYS[1]: the revocations hash; ARGV: field, JSON pairs read as expired. Compare-and-delete,
@@ -212,6 +276,28 @@ if g['uses'] ~= cjson.null then
   end
 end
 return grant
+"""
+
+# KEYS: the epoch marker, the revocations hash. ARGV[1]: a marker, set if there is none.
+# Returns {the marker, the hash's field, value list}: a store's start, in one round trip.
+_OPEN = """
+redis.call('SET', KEYS[1], ARGV[1], 'NX')
+return {redis.call('GET', KEYS[1]), redis.call('HGETALL', KEYS[2])}
+"""
+
+# KEYS: the epoch marker, the revocations hash. Returns {marker or '', field, value list}.
+# A script rather than MULTI: redis-py's Cluster pipelines have no transactions.
+_READ = """
+return {redis.call('GET', KEYS[1]) or '', redis.call('HGETALL', KEYS[2])}
+"""
+
+# KEYS[1]: a task's hash. ARGV: calls, spend, TTL in ms, then the label fields to set.
+_RECORD_TASK = """
+redis.call('HINCRBY', KEYS[1], 'calls', ARGV[1])
+redis.call('HINCRBYFLOAT', KEYS[1], 'spent', ARGV[2])
+for i = 4, #ARGV do redis.call('HSET', KEYS[1], ARGV[i], 1) end
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+return 0
 """
 
 # The lifecycle table, generated so that Lua applies exactly `lifecycle.TRANSITIONS`.
@@ -514,6 +600,15 @@ return {'ok', redis.call('HGETALL', rec)}
 _RevocationKey = tuple[str, str]
 
 
+@dataclass(frozen=True, slots=True)
+class _Take:
+    """One script's share of a reservation: its marker, counters and amounts to give back."""
+
+    marker: str
+    counters: list[str]
+    back: list[str]
+
+
 class RedisStore:
     """The `Store` protocol on Redis; see the module docstring for keys, bounds, durability."""
 
@@ -524,17 +619,32 @@ class RedisStore:
         """
         self._prefix = settings.key_prefix
         self._bound = settings.timeout * BOUND_FACTOR
-        self._where = redact_url(settings.url)
-        self._secrets = _secrets_in(settings.url)
+        self._where = settings.where
+        self._secrets = _secrets_in(settings)
+        # Calls queue here, bounded, for one of the pool's connections: a burst waits
+        # briefly instead of failing, and the round trip's own bound starts once it has one.
+        self._pool_size = settings.pool_size
+        self._pool_timeout = settings.pool_timeout
+        self._wait_replicas = settings.wait_replicas
+        self._wait_ms = max(1, int(settings.timeout * 800))
+        self._slots = asyncio.Semaphore(settings.pool_size)
         try:
-            self._redis: Redis = Redis.from_pool(self._pool(settings, settings.pool_size))
-            # The approval subscription holds a connection of its own: it never takes one
-            # from the calls, however small the pool.
-            self._listener: Redis = Redis.from_pool(self._pool(settings, 1))
+            self._topology = Topology(settings, pool_wait=self._bound)
         except ValueError as exc:
             raise StoreError(self._scrub(f"invalid redis url {self._where}: {exc}")) from None
+        self._redis: Any = self._topology.commands
+        self._cluster = self._topology.cluster
+        # The keys that scripts touch together (approvals, grants, revocations, the epoch) on
+        # one Cluster slot: the prefix is their hash tag, so nothing a caller names (an agent
+        # id with braces) can move one of them to another slot. Counters and task histories
+        # are single keys, spread over the Cluster. On one Redis the layout is unchanged.
+        self._core = f"{{{self._prefix}}}" if self._cluster else self._prefix
+        if self._cluster:
+            _slot_tags()  # built now, not in a call's round trip
         self._reserve = self._redis.register_script(_RESERVE)
         self._release = self._redis.register_script(_RELEASE)
+        self._cancel = self._redis.register_script(_CANCEL)
+        self._cancelling: set[asyncio.Task[None]] = set()
         self._reapply = self._redis.register_script(_REAPPLY)
         self._prune = self._redis.register_script(_PRUNE)
         self._use_grant = self._redis.register_script(_USE_GRANT)
@@ -543,13 +653,20 @@ class RedisStore:
         self._list_approvals = self._redis.register_script(_LIST_APPROVALS)
         self._page_approvals = self._redis.register_script(_PAGE_APPROVALS)
         self._decide_approval = self._redis.register_script(_DECIDE_APPROVAL)
-        self._changed_channel = f"{self._prefix}approvals:changed"
+        self._open = self._redis.register_script(_OPEN)
+        self._read = self._redis.register_script(_READ)
+        self._record_task = self._redis.register_script(_RECORD_TASK)
+        self._revoke = self._redis.register_script(_REVOKE)
+        self._changed_channel = f"{self._core}approvals:changed"
+        self._revoked_channel = f"{self._core}revocations:changed"
+        self._revoked = asyncio.Event()  # a revocation was pushed since the last wait
+        self._pending_key = f"{self._core}approvals:pending"
         self._waits: dict[str, set[asyncio.Event]] = {}  # approval id → its waiters' events
         self._watcher: asyncio.Task[None] | None = None
         self._watch_failing = False
         self._closing = False
-        self._revocations_key = f"{self._prefix}revocations"
-        self._epoch_key = f"{self._prefix}epoch"
+        self._revocations_key = f"{self._core}revocations"
+        self._epoch_key = f"{self._core}epoch"
         self._epoch: str | None = None
         self._mirror: dict[_RevocationKey, Revocation] = {}
         # Revocations this store wrote, with the sequence number of each write, kept until a
@@ -563,53 +680,74 @@ class RedisStore:
         Raises StoreError if Redis is unreachable or refuses.
         """
         async with self._bounded("start"):
-            await self._redis.ping()
-            pipe = self._redis.pipeline(transaction=True)
-            pipe.set(self._epoch_key, secrets.token_hex(16), nx=True)
-            pipe.get(self._epoch_key)
-            pipe.hgetall(self._revocations_key)
-            _, epoch, raw = await pipe.execute()
-            revocations = _parse_revocations(raw)
+            epoch, flat = await self._open(
+                keys=[self._epoch_key, self._revocations_key], args=[secrets.token_hex(16)]
+            )
+            revocations = _parse_revocations(_pairs(flat))
+        await self._open_pool()
         self._epoch = epoch
         self._mirror = {(r.kind, r.subject): r for r in revocations.values()}
 
+    async def _open_pool(self) -> None:
+        """Opens the pool's connections one by one, now, while the loop is quiet: a burst that
+        opened them would find each connect slowed past its timeout by the very calls queued
+        behind it. Best effort: what fails to open now opens when first needed."""
+        if self._cluster:
+            # One pool per node: each connection opened here is kept by its node.
+            for node in self._redis.get_nodes():
+                opened = []
+                try:
+                    for _ in range(self._pool_size):
+                        connection = node.acquire_connection()
+                        opened.append(connection)
+                        async with asyncio.timeout(self._bound):
+                            await connection.connect()
+                except (RedisError, OSError):  # TimeoutError is an OSError
+                    pass
+                finally:
+                    for connection in opened:
+                        node.release(connection)
+            return
+        pool = self._redis.connection_pool
+        opened = []
+        try:
+            for _ in range(self._pool_size):
+                async with asyncio.timeout(self._bound):
+                    opened.append(await pool.get_connection())
+        except (RedisError, OSError):  # TimeoutError is an OSError
+            pass
+        finally:
+            for connection in opened:
+                await pool.release(connection)
+
     async def close(self) -> None:
-        """Stops the approval subscription and closes every connection. Raises StoreError if
-        that fails."""
+        """Stops the subscription and the cancels still retrying (logged: their takes stay
+        charged, the closed side), and closes every connection. Raises StoreError if that
+        fails."""
+        # redis-py may turn a cancellation that meets a read's own timeout into that
+        # timeout's None (Python 3.11): the flag ends the watcher within a POLL_INTERVAL.
+        self._closing = True
         if self._watcher is not None:
-            # redis-py may turn a cancellation that meets a read's own timeout into that
-            # timeout's None (Python 3.11): the flag ends the watcher within a POLL_INTERVAL.
-            self._closing = True
             self._watcher.cancel()
             await asyncio.wait([self._watcher])
             self._watcher = None
+        if self._cancelling:
+            log.warning(
+                "closing with %d refused call(s) whose reservations redis has not given back",
+                len(self._cancelling),
+            )
+            for task in self._cancelling:
+                task.cancel()
+            await asyncio.wait(self._cancelling)
         async with self._bounded("close"):
-            await self._listener.aclose()
-            await self._redis.aclose()
-
-    def _pool(self, settings: RedisSettings, size: int) -> BlockingConnectionPool:
-        """Raises ValueError if the URL cannot be parsed."""
-        return BlockingConnectionPool.from_url(
-            settings.url,
-            max_connections=size,
-            # Waiting for a free connection is bounded like everything else.
-            timeout=self._bound,
-            socket_timeout=settings.timeout,
-            socket_connect_timeout=settings.timeout,
-            retry=Retry(NoBackoff(), 0),
-            # With maintenance notifications (on by default for RESP3), redis-py stops
-            # checking a pooled connection for the server's close before reusing it, so the
-            # first calls after a Redis restart would fail; it also relaxes timeouts to
-            # seconds during a "maintenance". We need neither.
-            maint_notifications_config=MaintNotificationsConfig(enabled=False),
-            decode_responses=True,
-        )
+            await self._topology.aclose()
 
     async def revoke(self, revocation: Revocation) -> None:
         """Adds or replaces the revocation of `(kind, subject)`. Raises StoreError."""
         key = (revocation.kind, revocation.subject)
+        args = [_field(key), _encode(revocation), self._revoked_channel]
         async with self._bounded("revoke"):
-            await self._redis.hset(self._revocations_key, _field(key), _encode(revocation))
+            await self._confirmed(self._revoke, [self._revocations_key], args)
         self._writes += 1
         self._written[key] = (self._writes, revocation)
         self._mirror[key] = revocation
@@ -656,20 +794,83 @@ class RedisStore:
         if not wanted:
             return None
         keys: list[str] = []
-        args: list[str] = []
+        args: list[list[str]] = []
         for r in wanted:
             start = r.window_at(now)
             keys.append(self._counter(r, start))
             lifetime = math.ceil((start + r.window - now + WINDOW_MARGIN) * 1000)
-            args += [repr(float(r.amount)), repr(float(r.limit)), str(lifetime)]
-        async with self._bounded("reserve"):
-            result = await self._reserve(keys=keys, args=args)
-            if result == 0:
-                return None
-            index, used = int(result[0]), float(result[1])
-        r = wanted[index - 1]
-        start = r.window_at(now)
-        return LimitExceeded(r.name, used, r.limit, start + r.window - now)
+            args.append([repr(float(r.amount)), repr(float(r.limit)), str(lifetime)])
+        # One script per slot: on a single Redis, one for all. Across Cluster slots, each
+        # group is taken all-or-nothing in turn and the groups taken are given back if a
+        # later one does not fit, so a counter is never overspent; a concurrent caller may
+        # meet the momentary charge and be refused, the closed side.
+        token = secrets.token_hex(8)
+        takes: list[_Take] = []
+        try:
+            for group in self._by_slot(keys):
+                take = _Take(
+                    self._marker(token, len(takes), keys[group[0]]),
+                    [keys[i] for i in group],
+                    [repr(-float(wanted[i].amount)) for i in group],
+                )
+                takes.append(take)
+                async with self._bounded("reserve"):
+                    result = await self._reserve(
+                        keys=[take.marker, *take.counters],
+                        args=[MARKER_MS, *(a for i in group for a in args[i])],
+                    )
+                    if result != 0:
+                        index, used = group[int(result[0]) - 1], float(result[1])
+                if result == 0:
+                    continue
+                takes.pop()  # refused: it took nothing
+                for taken in takes:
+                    await self._cancel_take(taken)
+                r = wanted[index]
+                start = r.window_at(now)
+                return LimitExceeded(r.name, used, r.limit, start + r.window - now)
+        except StoreError:
+            # The call is refused; whatever it took, or may yet take (a script sent to a
+            # Redis that froze runs when it thaws), is given back exactly once, now or as
+            # soon as Redis answers.
+            left = max(r.window_at(now) + r.window - now for r in wanted)
+            for take in takes:
+                self._cancel_later(take, left + WINDOW_MARGIN)
+            raise
+        return None
+
+    async def _cancel_take(self, take: _Take) -> None:
+        """Raises StoreError."""
+        async with self._bounded("reserve (giving back)"):
+            await self._cancel(keys=[take.marker, *take.counters], args=[MARKER_MS, *take.back])
+
+    def _cancel_later(self, take: _Take, within: float) -> None:
+        task = asyncio.create_task(self._keep_cancelling(take, within))
+        self._cancelling.add(task)
+        task.add_done_callback(self._cancelling.discard)
+
+    async def _keep_cancelling(self, take: _Take, within: float) -> None:
+        """Cancels the take, retrying while Redis does not answer, for `within` seconds (its
+        counters' window: after it there is nothing left to give back)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + within
+        while not self._closing:
+            try:
+                await self._cancel_take(take)
+                return
+            except StoreError as exc:
+                if loop.time() >= deadline:
+                    log.error("a refused call's reservation was not given back: %s", exc)
+                    return
+            await asyncio.sleep(CANCEL_RETRY)
+
+    def _marker(self, token: str, group: int, counter: str) -> str:
+        """A take's marker: in its counters' slot on a Cluster (the tag of a short string
+        that hashes there), whatever braces the counter's key holds."""
+        if not self._cluster:
+            return f"{self._prefix}take:{token}:{group}"
+        tag = _slot_tags()[key_slot(counter.encode())]
+        return f"{self._prefix}take:{{{tag}}}:{token}:{group}"
 
     async def release(self, reservations: Iterable[Reservation], now: float) -> None:
         """Gives back reservations taken in the window that contains `now`, never going below
@@ -678,9 +879,29 @@ class RedisStore:
         if not given:
             return
         keys = [self._counter(r, r.window_at(now)) for r in given]
-        args = [repr(-float(r.amount)) for r in given]
-        async with self._bounded("release"):
-            await self._release(keys=keys, args=args)
+        await self._give_back(given, keys, range(len(given)))
+
+    async def _give_back(
+        self, reservations: list[Reservation], keys: list[str], which: Iterable[int]
+    ) -> None:
+        """Raises StoreError."""
+        chosen = list(which)
+        for group in self._by_slot([keys[i] for i in chosen]):
+            picked = [chosen[i] for i in group]
+            async with self._bounded("release"):
+                await self._release(
+                    keys=[keys[i] for i in picked],
+                    args=[repr(-float(reservations[i].amount)) for i in picked],
+                )
+
+    def _by_slot(self, keys: list[str]) -> list[list[int]]:
+        """The indexes of `keys`, grouped by Cluster slot (one group off a Cluster)."""
+        if not self._cluster:
+            return [list(range(len(keys)))] if keys else []
+        groups: dict[int, list[int]] = {}
+        for i, key in enumerate(keys):
+            groups.setdefault(key_slot(key.encode()), []).append(i)
+        return list(groups.values())
 
     async def put_grant(self, grant: ApprovalGrant, now: float) -> None:
         """Stores the grant under `grant:<fingerprint>`, expiring with it. Raises StoreError."""
@@ -700,7 +921,9 @@ class RedisStore:
     async def use_grant(self, fingerprint: str, now: float) -> ApprovalGrant | None:
         """Uses the grant once, atomically (one Lua script). Raises StoreError."""
         async with self._bounded("use_grant"):
-            raw = await self._use_grant(keys=[self._grant_key(fingerprint)], args=[repr(now)])
+            raw = await self._confirmed(
+                self._use_grant, [self._grant_key(fingerprint)], [repr(now)]
+            )
         if not raw:
             return None
         try:
@@ -717,7 +940,7 @@ class RedisStore:
             raise StoreError(f"unreadable grant for {fingerprint[:16]}…: {exc}") from None
 
     def _grant_key(self, fingerprint: str) -> str:
-        return f"{self._prefix}grant:{fingerprint}"
+        return f"{self._core}grant:{fingerprint}"
 
     async def open_approval(
         self,
@@ -753,7 +976,7 @@ class RedisStore:
             str(max_pending_per_rule),
         ]
         async with self._bounded("open_approval"):
-            result = await self._open_approval(keys=[], args=args)
+            result = await self._confirmed(self._open_approval, [self._pending_key], args)
             if not result:
                 return None
             return _approval_from(result[1]), bool(result[0])
@@ -762,7 +985,7 @@ class RedisStore:
         """The approval, expired first if overdue (one script), or None. Raises StoreError."""
         async with self._bounded("get_approval"):
             fields = await self._get_approval(
-                keys=[], args=[*self._approval_args(now), approval_id]
+                keys=[self._pending_key], args=[*self._approval_args(now), approval_id]
             )
             return _approval_from(fields) if fields else None
 
@@ -773,7 +996,7 @@ class RedisStore:
         wanted = "" if state is None else State(state).value
         args = [*self._approval_args(now), wanted, str(LIST_LIMIT), str(LIST_SCAN)]
         async with self._bounded("list_approvals"):
-            found = await self._list_approvals(keys=[], args=args)
+            found = await self._list_approvals(keys=[self._pending_key], args=args)
             approvals = [_approval_from(fields) for fields in found]
         return sorted(approvals, key=lambda a: (a.created, a.id))
 
@@ -788,7 +1011,7 @@ class RedisStore:
         after = ("", "") if cursor is None else decode_cursor(cursor)[1:]
         args = [*self._approval_args(now), wanted, str(limit), str(PAGE_SCAN), *after]
         async with self._bounded("page_approvals"):
-            score, last, found = await self._page_approvals(keys=[], args=args)
+            score, last, found = await self._page_approvals(keys=[self._pending_key], args=args)
             approvals = [_approval_from(fields) for fields in found]
         # decode_responses=True: the score and id are str, the score as Redis wrote it.
         return ApprovalPage(approvals, encode_cursor(score, last) if score else None)
@@ -796,9 +1019,7 @@ class RedisStore:
     async def count_pending(self, now: float) -> int:
         """The pending set scores ids by `expires`: those after `now`, in one ZCOUNT."""
         async with self._bounded("count_pending"):
-            count = await self._redis.zcount(
-                f"{self._prefix}approvals:pending", f"({float(now)!r}", "+inf"
-            )
+            count = await self._redis.zcount(self._pending_key, f"({float(now)!r}", "+inf")
         return int(count)
 
     async def decide_approval(
@@ -808,7 +1029,7 @@ class RedisStore:
         notification). Raises KeyError (unknown id), IllegalTransition, StoreError."""
         args = [*self._approval_args(now), approval_id, event.value, by, reason]
         async with self._bounded("decide_approval"):
-            result = await self._decide_approval(keys=[], args=args)
+            result = await self._confirmed(self._decide_approval, [self._pending_key], args)
             outcome = result[0]
             decided = _approval_from(result[1]) if outcome == "ok" else None
         if decided is not None:
@@ -838,8 +1059,7 @@ class RedisStore:
         # notification or by the re-check that follows each (re)subscription.
         self._waits.setdefault(approval_id, set()).add(woken)
         try:
-            if self._watcher is None or self._watcher.done():
-                self._watcher = asyncio.create_task(self._watch(), name="approval-watcher")
+            self._ensure_watcher()
             while True:
                 woken.clear()
                 try:
@@ -872,35 +1092,62 @@ class RedisStore:
                 if not waiters:
                     del self._waits[approval_id]
 
+    async def wait_revocations(self, timeout: float) -> None:  # noqa: ASYNC109
+        """See `Store`: woken by this store's one subscription (started here if it is not
+        running), which also hears the revocations channel."""
+        self._ensure_watcher()
+        with suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                await self._revoked.wait()
+        self._revoked.clear()
+
+    def _ensure_watcher(self) -> None:
+        if not self._closing and (self._watcher is None or self._watcher.done()):
+            self._watcher = asyncio.create_task(self._watch(), name="store-watcher")
+
     async def _watch(self) -> None:
         """The one subscription: wakes the waiters of every id published, and re-checks all
         waiters after each (re)subscription and every POLL_INTERVAL. Runs until `close`."""
         loop = asyncio.get_running_loop()
         while not self._closing:
-            pubsub = self._listener.pubsub()
-            try:
-                await pubsub.subscribe(self._changed_channel)
-                poll_at = loop.time() + POLL_INTERVAL
-                while not self._closing:
-                    message = await pubsub.get_message(timeout=max(0.0, poll_at - loop.time()))
-                    if message is not None and message["type"] == "message":
-                        self._wake(str(message["data"]))
-                    elif message is not None and message["type"] == "subscribe":
-                        await self._recheck()
-                    if loop.time() >= poll_at:
-                        await self._recheck()
-                        poll_at = loop.time() + POLL_INTERVAL
-            except (RedisError, OSError, StoreError) as exc:
-                self._watch_failed(exc)
-                await asyncio.sleep(POLL_INTERVAL)
-            except Exception:
-                # A bug: say so, and keep waking waiters rather than leave them to time out.
-                log.exception("approval notifications stopped by a bug; resubscribing")
-                await asyncio.sleep(POLL_INTERVAL)
-            finally:
-                # The connection is being dropped either way: closing a broken one may fail.
-                with suppress(RedisError, OSError):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call,unused-ignore]  # typed from redis 8.2
+            async with self._topology.listener() as listener:
+                await self._listen(listener, loop)
+
+    async def _listen(self, listener: Redis, loop: asyncio.AbstractEventLoop) -> None:
+        """One subscription, until it fails (then a pause) or the store closes."""
+        pubsub = listener.pubsub()
+        try:
+            await pubsub.subscribe(self._changed_channel, self._revoked_channel)
+            poll_at = loop.time() + POLL_INTERVAL
+            while not self._closing:
+                message = await pubsub.get_message(timeout=max(0.0, poll_at - loop.time()))
+                if message is not None and message["channel"] == self._revoked_channel:
+                    # Pushed, or (re)subscribed after pushes may have been lost: re-read.
+                    self._revoked.set()
+                elif message is not None and message["type"] == "message":
+                    self._wake(str(message["data"]))
+                elif message is not None and message["type"] == "subscribe":
+                    await self._recheck()
+                if loop.time() >= poll_at:
+                    await self._recheck()
+                    poll_at = loop.time() + POLL_INTERVAL
+                    if await self._topology.moved(pubsub):
+                        return  # a failover left it on a replica: resubscribe on the master
+        except (RedisError, RedisClusterException, OSError, StoreError) as exc:
+            # The first retry at once: a failover or a restart drops the subscription of a
+            # healthy store, and its notifications should not wait for the poll. After that,
+            # one attempt per POLL_INTERVAL.
+            pause = POLL_INTERVAL if self._watch_failing else RESUBSCRIBE_AT_ONCE
+            self._watch_failed(exc)
+            await asyncio.sleep(pause)
+        except Exception:
+            # A bug: say so, and keep waking waiters rather than leave them to time out.
+            log.exception("approval and revocation notifications stopped by a bug; resubscribing")
+            await asyncio.sleep(POLL_INTERVAL)
+        finally:
+            # The connection is being dropped either way: closing a broken one may fail.
+            with suppress(RedisError, OSError):
+                await pubsub.aclose()  # type: ignore[no-untyped-call,unused-ignore]  # typed from redis 8.2
 
     async def _recheck(self) -> None:
         """Wakes the waiters of every approval no longer pending: one pipelined round trip
@@ -919,14 +1166,15 @@ class RedisStore:
                     self._wake(approval_id)
         if self._watch_failing:
             self._watch_failing = False
-            log.info("approval notifications from redis at %s resumed", self._where)
+            log.info("approval and revocation notifications from redis at %s resumed", self._where)
 
     def _watch_failed(self, exc: BaseException) -> None:
         # Once per outage: waiters still end at their timeout, reading Redis themselves.
         if not self._watch_failing:
             self._watch_failing = True
             log.warning(
-                "approval notifications from redis at %s failed (%s); resubscribing every %gs",
+                "approval and revocation notifications from redis at %s failed (%s); "
+                "resubscribing every %gs",
                 self._where,
                 self._scrub(f"{type(exc).__name__}: {exc}"),
                 POLL_INTERVAL,
@@ -937,10 +1185,10 @@ class RedisStore:
             woken.set()
 
     def _approval_args(self, now: float) -> list[str]:
-        return [self._prefix, repr(float(now))]
+        return [self._core, repr(float(now))]
 
     def _approval_key(self, approval_id: str) -> str:
-        return f"{self._prefix}approval:{approval_id}"
+        return f"{self._core}approval:{approval_id}"
 
     async def task_history(self, task: str, now: float) -> TaskHistory:
         """The history of `task` (empty if unknown or expired). `now` is unused: the key's TTL
@@ -965,23 +1213,15 @@ class RedisStore:
         """Counts `calls` calls of `task`, adds their labels and spend, and restarts its `ttl`,
         all in one transaction. Raises StoreError."""
         key = self._task_key(task)
-        added: dict[FieldT, EncodableT] = {f"label:{label}": 1 for label in labels}
+        added = [f"label:{label}" for label in labels]
+        # A TTL of zero or less deletes the key, as MemoryStore forgets it at once.
+        args = [str(calls), repr(float(spent)), str(math.ceil(ttl * 1000)), *added]
         async with self._bounded("record_task"):
-            pipe = self._redis.pipeline(transaction=True)
-            pipe.hincrby(key, "calls", calls)
-            pipe.hincrbyfloat(key, "spent", float(spent))
-            if added:
-                pipe.hset(key, mapping=added)
-            # A TTL of zero or less deletes the key, as MemoryStore forgets it at once.
-            pipe.pexpire(key, math.ceil(ttl * 1000))
-            await pipe.execute()
+            await self._record_task(keys=[key], args=args)
 
     async def _read_revocations(self) -> tuple[str | None, dict[str, str]]:
-        pipe = self._redis.pipeline(transaction=True)
-        pipe.get(self._epoch_key)
-        pipe.hgetall(self._revocations_key)
-        epoch, raw = await pipe.execute()
-        return epoch, raw
+        epoch, flat = await self._read(keys=[self._epoch_key, self._revocations_key], args=[])
+        return epoch or None, _pairs(flat)
 
     async def _reapply_mirror(
         self, seen: str | None, now: float
@@ -1003,10 +1243,39 @@ class RedisStore:
         _, raw = await self._read_revocations()
         return epoch, raw
 
+    async def _confirmed(self, script: AsyncScript, keys: list[str], args: list[str]) -> Any:
+        """Runs the script; with `wait_replicas`, on the same connection as `WAIT` (which
+        counts the replicas holding this connection's writes), and refuses when fewer
+        confirm within 80% of `timeout`: then what it wrote may be lost in a failover,
+        and the call it served must not go ahead. Raises StoreError (and what `_bounded`
+        turns into one)."""
+        if not self._wait_replicas:
+            return await script(keys=keys, args=args)
+        pipe = self._redis.pipeline(transaction=False)
+        await script(keys=keys, args=args, client=pipe)
+        # Below the socket timeout, so WAIT's own answer (too few) arrives before it.
+        pipe.execute_command("WAIT", self._wait_replicas, self._wait_ms)
+        result, confirmed = await pipe.execute()
+        if int(confirmed) < self._wait_replicas:
+            raise StoreError(
+                f"redis write confirmed by {confirmed} of {self._wait_replicas} replica(s) "
+                f"within {self._wait_ms} ms ({self._where}): refused, as a failover could "
+                "lose it"
+            )
+        return result
+
     @asynccontextmanager
     async def _bounded(self, operation: str) -> AsyncIterator[None]:
         """Bounds the block in time. Raises StoreError on a timeout, a Redis or socket error,
         or a reply that cannot be parsed."""
+        try:
+            async with asyncio.timeout(self._pool_timeout):
+                await self._slots.acquire()
+        except TimeoutError:
+            raise StoreError(
+                f"redis {operation}: no connection free within {self._pool_timeout:g}s "
+                f"(pool_size {self._pool_size}, {self._where})"
+            ) from None
         try:
             async with asyncio.timeout(self._bound):
                 yield
@@ -1015,12 +1284,14 @@ class RedisStore:
             raise StoreError(
                 self._scrub(f"redis {operation} timed out after {self._bound:g}s ({self._where})")
             ) from None
-        except (RedisError, OSError, ValueError) as exc:
+        except (RedisError, RedisClusterException, OSError, ValueError) as exc:
             raise StoreError(
                 self._scrub(
                     f"redis {operation} failed ({self._where}): {type(exc).__name__}: {exc}"
                 )
             ) from exc
+        finally:
+            self._slots.release()
 
     def _scrub(self, message: str) -> str:
         # redact_url hides the userinfo; this also covers a password given as `?password=`
@@ -1036,6 +1307,23 @@ class RedisStore:
 
     def _task_key(self, task: str) -> str:
         return f"{self._prefix}task:{task}"
+
+
+@functools.cache
+def _slot_tags() -> list[str]:
+    """For each of the 16,384 Cluster slots, the shortest decimal number that hashes there
+    (found by counting: ~0.1 s, once per process)."""
+    tags: list[str | None] = [None] * 16384
+    left = len(tags)
+    for n in itertools.count():
+        text = str(n)
+        slot = key_slot(text.encode())
+        if tags[slot] is None:
+            tags[slot] = text
+            left -= 1
+            if not left:
+                return [t for t in tags if t is not None]
+    raise AssertionError("unreachable")
 
 
 def _field(key: _RevocationKey) -> str:
@@ -1104,10 +1392,19 @@ def _approval_from(flat: list[str] | dict[str, str]) -> Approval:
         raise ValueError(f"malformed approval record: {type(exc).__name__}: {exc}") from None
 
 
-def _secrets_in(url: str) -> list[str]:
-    parts = urlsplit(url)
+def _secrets_in(settings: RedisSettings) -> list[str]:
+    parts = urlsplit(settings.url)
     found = [parts.password or ""]
     found += parse_qs(parts.query).get("password", [])
+    sentinel = None if settings.sentinel is None else settings.sentinel.password
+    for secret in (settings.password, sentinel):
+        if secret is not None:
+            found.append(secret.value.decode(errors="replace"))
     found += [unquote(s) for s in found]
     # Longest first, so a secret containing another is replaced whole.
     return sorted({s for s in found if s}, key=len, reverse=True)
+
+
+def _pairs(flat: list[str]) -> dict[str, str]:
+    """HGETALL's reply inside a script (a flat field, value list) as a dict."""
+    return dict(zip(flat[::2], flat[1::2], strict=True))
