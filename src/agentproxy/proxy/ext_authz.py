@@ -21,8 +21,11 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
+
+import grpc
 
 from agentproxy.config.model import Upstream
 from agentproxy.core import Call
@@ -289,34 +292,36 @@ async def decide_request(pipeline: Pipeline, request: GatewayRequest) -> Checked
     return answer
 
 
+# Envoy's Check, by the name Envoy calls it (the messages are wire-compatible copies).
+CHECK_METHOD = "/envoy.service.auth.v3.Authorization/Check"
+_OVERWRITE_IF_EXISTS_OR_ADD = 2
+_GRPC_OK, _GRPC_PERMISSION_DENIED = 0, 7
+
+
 def check_response(answer: Checked) -> Any:
     """The envoy.service.auth.v3.CheckResponse for an answer."""
-    from envoy.config.core.v3 import base_pb2
-    from envoy.service.auth.v3 import external_auth_pb2
-    from envoy.type.v3 import http_status_pb2
-    from google.rpc import code_pb2, status_pb2
-
-    overwrite = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+    from agentproxy.v1 import ext_authz_pb2 as pb
 
     def options(headers: list[tuple[str, str]]) -> list[Any]:
         return [
-            base_pb2.HeaderValueOption(
-                header=base_pb2.HeaderValue(key=name, value=value), append_action=overwrite
+            pb.HeaderValueOption(
+                header=pb.HeaderValue(key=name, value=value),
+                append_action=_OVERWRITE_IF_EXISTS_OR_ADD,
             )
             for name, value in headers
         ]
 
     if answer.allowed:
-        return external_auth_pb2.CheckResponse(
-            status=status_pb2.Status(code=code_pb2.OK),
-            ok_response=external_auth_pb2.OkHttpResponse(
+        return pb.CheckResponse(
+            status=pb.RpcStatus(code=_GRPC_OK),
+            ok_response=pb.OkHttpResponse(
                 headers=options(answer.headers), headers_to_remove=answer.remove
             ),
         )
-    return external_auth_pb2.CheckResponse(
-        status=status_pb2.Status(code=code_pb2.PERMISSION_DENIED),
-        denied_response=external_auth_pb2.DeniedHttpResponse(
-            status=http_status_pb2.HttpStatus(code=answer.status),
+    return pb.CheckResponse(
+        status=pb.RpcStatus(code=_GRPC_PERMISSION_DENIED),
+        denied_response=pb.DeniedHttpResponse(
+            status=pb.HttpStatus(code=answer.status),
             headers=options(answer.headers),
             body=answer.body.decode("utf-8", errors="replace"),
         ),
@@ -324,10 +329,15 @@ def check_response(answer: Checked) -> Any:
 
 
 def gateway_request(check: Any) -> GatewayRequest:
-    """A GatewayRequest of an envoy CheckRequest (raw_body when Envoy packs the body as
-    bytes, else its string form)."""
+    """A GatewayRequest of an envoy CheckRequest: its headers from the map, or from the
+    header list Envoy sends with `encode_raw_headers` (repeated ones joined by ","); its body
+    from raw_body when Envoy packs it as bytes, else its string form."""
     http = check.attributes.request.http
     headers = {key.lower(): value for key, value in http.headers.items()}
+    for header in http.header_map.headers:
+        name = header.key.lower()
+        value = header.raw_value.decode("latin-1") if header.raw_value else header.value
+        headers[name] = f"{headers[name]},{value}" if name in headers else value
     body: bytes | None = None
     if http.raw_body:
         body = bytes(http.raw_body)
@@ -336,21 +346,27 @@ def gateway_request(check: Any) -> GatewayRequest:
     return GatewayRequest(http.method, http.path, headers, body)
 
 
-class AuthorizationServicer:
-    """envoy.service.auth.v3.Authorization on the ext_authz listener; each Check is decided
-    by the pipeline of the snapshot in force."""
+class AuthorizationHandler:
+    """envoy.service.auth.v3.Authorization on the ext_authz listener, as a generic handler;
+    each Check is decided by the pipeline of the snapshot in force."""
 
-    def __init__(self, current: Any) -> None:
+    def __init__(self, current: Callable[[], Pipeline]) -> None:
+        from agentproxy.v1 import ext_authz_pb2 as pb
+
         self._current = current
+        self._method = grpc.unary_unary_rpc_method_handler(
+            self._check,
+            request_deserializer=pb.CheckRequest.FromString,
+            response_serializer=pb.CheckResponse.SerializeToString,
+        )
 
-    async def Check(self, request: Any, context: Any) -> Any:
+    def service(self, details: Any) -> Any:
+        return self._method if details.method == CHECK_METHOD else None
+
+    async def _check(self, request: Any, context: Any) -> Any:
         answer = await decide_request(self._current(), gateway_request(request))
         return check_response(answer)
 
 
-def add_authorization_service(server: Any, current: Any) -> None:
-    from envoy.service.auth.v3 import external_auth_pb2_grpc
-
-    external_auth_pb2_grpc.add_AuthorizationServicer_to_server(
-        AuthorizationServicer(current), server
-    )
+def add_authorization_service(server: Any, current: Callable[[], Pipeline]) -> None:
+    server.add_generic_rpc_handlers((AuthorizationHandler(current),))
