@@ -158,6 +158,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if name in ("approve", "deny"):
             sub.add_argument("--reason", default="")
 
+    budgets = commands.add_parser("budgets", help="what the spend limits have left")
+    budget_commands = budgets.add_subparsers(dest="budgets_command", required=True)
+    show = budget_commands.add_parser("show", help="each budget's window, used and remaining")
+    show.add_argument("--admin", required=True, help="admin URL, e.g. http://127.0.0.1:9901")
+    show.add_argument("--token", required=True, help="an operator's bearer token")
+    show.add_argument("--json", action="store_true", help="machine-readable output")
+
     keys = commands.add_parser("keys", help="key material for a deployment")
     keys_commands = keys.add_subparsers(dest="keys_command", required=True)
     generate = keys_commands.add_parser(
@@ -188,6 +195,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _policy_test(args.dir, args.verbose)
     if args.command == "audit":
         return _audit(args)
+    if args.command == "budgets":
+        return asyncio.run(_budgets_show(args))
     if args.command == "keys":
         return _keys_generate(args.dir)
     if args.command == "tools":
@@ -680,6 +689,44 @@ def approval_lines(a: dict[str, Any]) -> str:
         given = ", ".join(f"{v['by']} at {rfc3339(v['at'])}" for v in votes) or "none yet"
         lines.append(f"    approvals {len(votes)} of {quorum}: {given}")
     return "\n".join(lines)
+
+
+async def _budgets_show(args: argparse.Namespace) -> int:
+    import aiohttp
+    import orjson
+
+    url = args.admin.rstrip("/") + "/v1/budgets"
+    try:
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(url, headers={"Authorization": f"Bearer {args.token}"}) as response,
+        ):
+            payload = await response.read()
+            status = response.status
+    except aiohttp.ClientError as exc:
+        print(f"cannot reach {url}: {exc}", file=sys.stderr)
+        return 1
+    if status != 200:
+        print(f"refused ({status}): {payload.decode(errors='replace')}", file=sys.stderr)
+        return 1
+    data = orjson.loads(payload)
+    if args.json:
+        sys.stdout.buffer.write(orjson.dumps(data, option=orjson.OPT_INDENT_2) + b"\n")
+        return 0
+    for budget in data["budgets"]:
+        print(
+            f"{budget['limit']}: {budget['spend']:g} {budget['currency']} per {budget['window']}"
+            f" (rules {', '.join(budget['rules'])})"
+        )
+        for counter in budget["counters"] or []:
+            print(
+                f"    {counter['key']}  used {counter['used']:.6g}  remaining "
+                f"{counter['remaining']:.6g}  window {counter['window_start']} to "
+                f"{counter['window_end']}"
+            )
+        if not budget["counters"]:
+            print("    nothing spent in this window")
+    return 0
 
 
 def _keys_generate(directory: Path) -> int:

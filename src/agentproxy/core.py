@@ -352,6 +352,8 @@ class Call:
     store_error: str | None = None
     reservations: tuple[Reservation, ...] = ()
     grpc_status: int | None = None  # a gRPC call's status code (`status` is its HTTP mapping)
+    # What the spend limits it took from have left: (limit, remaining, currency).
+    budgets: tuple[tuple[str, float, str], ...] = ()
     # The answer shaped by obligations: the rules, and how many fields and items it lost.
     shaped: tuple[tuple[str, ...], int, int] | None = None
     # explain's collecting tracer: when set, decide() appends the steps of its evaluation.

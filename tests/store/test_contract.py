@@ -735,3 +735,25 @@ async def test_a_calendar_window_counts_from_its_own_start(store: Store) -> None
     assert february == (1_769_904_000.0, 28 * 86400.0)
     fresh = Reservation("spend", "spend:agent=a", 10.0, 10.0, february[1], february[0])
     assert await store.reserve([fresh], late + 20) is None
+
+
+async def test_counters_are_read_for_what_remains_and_listed(store: Store) -> None:
+    spend = Reservation("budget", "budget:agent=a", 2.5, 10.0, 60.0)
+    other = Reservation("budget", "budget:agent={b}*", 1.0, 10.0, 60.0)
+    calls = Reservation("calls", "calls:agent=a", 1.0, 3.0, 60.0)
+    assert await store.usage([spend, calls], NOW) == [0.0, 0.0]
+    assert await store.reserve([spend, calls], NOW) is None
+    assert await store.reserve([spend, other], NOW) is None
+    assert await store.usage([spend, calls, other], NOW) == [5.0, 1.0, 1.0]
+    listed = await store.counters(["budget:"], NOW)
+    start = math.floor(NOW / 60) * 60
+    assert [(c.key, c.start, c.used) for c in listed] == [
+        ("budget:agent=a", start, 5.0),
+        ("budget:agent={b}*", start, 1.0),
+    ]
+    # A glob character in a limit name is matched as itself.
+    assert await store.counters(["budget*:"], NOW) == []
+    assert [c.key for c in await store.counters(["calls:", "budget:agent=a"], NOW)] == [
+        "budget:agent=a",
+        "calls:agent=a",
+    ]

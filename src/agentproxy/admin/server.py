@@ -108,6 +108,10 @@ class AdminBackend(ApprovalsBackend, Protocol):
         """The finished call of an Authorizer.Check (AuthZEN too) and the context it would
         add. Never raises for the call itself: its refusal is on the call."""
 
+    async def budgets(self) -> list[dict[str, Any]]:
+        """Every spend limit and its live counters in their current windows. Raises
+        StoreError."""
+
     async def gateway_check(
         self, method: str, path: str, headers: dict[str, str], body: bytes | None
     ) -> tuple[bool, int, list[tuple[str, str]], list[str], bytes] | None:
@@ -240,6 +244,11 @@ def admin_app(backend: AdminBackend, clock: Clock = SYSTEM) -> web.Application:
             results.append(authzen.answer(call))
         return web.json_response({"evaluations": results}, headers=NO_STORE)
 
+    async def budgets(request: web.Request) -> web.Response:
+        """Every budget (spend limit): its window, and per counter used and remaining."""
+        await _operator(request)
+        return web.json_response({"budgets": await backend.budgets()}, headers=NO_STORE)
+
     async def whoami(request: web.Request) -> web.Response:
         """Who the bearer token says the caller is (the approvals page shows it)."""
         principal = await _approver(request)
@@ -357,6 +366,7 @@ def admin_app(backend: AdminBackend, clock: Clock = SYSTEM) -> web.Application:
     app.router.add_post("/v1/tools/accept", accept_tool)
     app.router.add_post("/v1/reload", reload)
     app.router.add_get("/v1/whoami", whoami)
+    app.router.add_get("/v1/budgets", budgets)
     app.router.add_post("/access/v1/evaluation", authzen_evaluation)
     app.router.add_route("*", "/ext_authz/{tail:.*}", ext_authz_http)
     app.router.add_post("/access/v1/evaluations", authzen_evaluations)

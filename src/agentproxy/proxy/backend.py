@@ -17,9 +17,11 @@ from prometheus_client import CollectorRegistry
 from agentproxy.admin.server import operator_allowed
 from agentproxy.approvals.lifecycle import Approval, Event
 from agentproxy.audit.sinks import rotated_files
+from agentproxy.clock import rfc3339
 from agentproxy.config import Config
 from agentproxy.core import Action, Call, Principal
 from agentproxy.errors import Denied, NotFound, Refusal
+from agentproxy.policy.limits import calendar_window
 from agentproxy.protocols.grpc import Method as GrpcMethod
 from agentproxy.proxy.assemble import Services
 from agentproxy.proxy.check import check
@@ -137,6 +139,57 @@ class ProxyBackend:
 
     async def reload(self) -> bool:
         return await self._process.reload()
+
+    async def budgets(self) -> list[dict[str, Any]]:
+        """Every spend limit of the policy in force, and each of its live counters in its
+        current window: who (the counter's key), the window, used, limit, remaining."""
+        pipeline = self._process.pipeline
+        now = pipeline.clock.now()
+        limits: dict[str, dict[str, Any]] = {}
+        for rule in pipeline.runtime.policy.rules:
+            for limit in rule.limits:
+                if limit.spend is None:
+                    continue
+                entry = limits.setdefault(
+                    limit.name,
+                    {
+                        "limit": limit.name,
+                        "rules": [],
+                        "spend": limit.spend,
+                        "currency": limit.currency or pipeline.runtime.config.metering.currency,
+                        "window": limit.calendar or f"{limit.window:g}s",
+                        "counters": [],
+                    },
+                )
+                entry["rules"].append(rule.id)
+                entry["spend"] = min(entry["spend"], limit.spend)
+                if limit.calendar is not None:
+                    start, length = calendar_window(limit.calendar, now)
+                else:
+                    length = limit.window
+                    start = now - now % length
+                entry.setdefault("_current", (start, length))
+        counters = await self._services.store.counters([f"{name}:" for name in limits], now)
+        for counter in counters:
+            name, _, key = counter.key.partition(":")
+            found = limits.get(name)
+            if found is None:
+                continue
+            start, length = found["_current"]
+            if abs(counter.start - start) > 1e-6:
+                continue  # a window that has ended, kept a few seconds for settlement
+            found["counters"].append(
+                {
+                    "key": key,
+                    "window_start": rfc3339(start),
+                    "window_end": rfc3339(start + length),
+                    "used": round(counter.used, 9),
+                    "remaining": round(max(0.0, found["spend"] - counter.used), 9),
+                }
+            )
+        for entry in limits.values():
+            del entry["_current"]
+        return list(limits.values())
 
     # --- approvals ---------------------------------------------------------------------------
 

@@ -398,6 +398,7 @@ class HttpExchange:
             headers=response_headers_to_return(upstream_response.headers.items()),
         )
         self._adjust_response_headers(upstream_response, response)
+        _budget_header(call, response)
         call.status = upstream_response.status
         self.response = response
         self._responded = True
@@ -457,6 +458,7 @@ class HttpExchange:
             if header_key(name) not in _RESHAPED_HEADERS:
                 response.headers.add(name, value)
         self._adjust_response_headers(upstream_response, response)
+        _budget_header(call, response)
         call.status = status
         call.bytes_out = len(body)
         self.response = response
@@ -514,6 +516,18 @@ _RESHAPED_HEADERS = frozenset(
 
 
 _FORM = "application/x-www-form-urlencoded"
+BUDGET_HEADER = "X-Agentproxy-Budget-Remaining"
+
+
+def _budget_header(call: Call, response: web.StreamResponse) -> None:
+    """What the spend limits the call took from have left (`llm-budget=0.0449 USD`), set by
+    the proxy only (the upstream's own copy never passes)."""
+    response.headers.popall(BUDGET_HEADER, None)
+    if call.budgets:
+        response.headers[BUDGET_HEADER] = ", ".join(
+            f"{name}={remaining:.6g} {currency}".rstrip()
+            for name, remaining, currency in call.budgets
+        )
 
 
 def _read_checked(

@@ -11,7 +11,7 @@ from __future__ import annotations
 import base64
 import binascii
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -21,6 +21,7 @@ from agentproxy.core import Reservation
 __all__ = [
     "ApprovalGrant",
     "ApprovalPage",
+    "Counter",
     "LimitExceeded",
     "Reservation",
     "Revocation",
@@ -133,6 +134,16 @@ class LimitExceeded:
 
 
 @dataclass(frozen=True, slots=True)
+class Counter:
+    """One limit counter as it stands: its key (`<limit name>:<key>`), its window's start,
+    and what is used (settled spend and the reservations of calls still in flight)."""
+
+    key: str
+    start: float
+    used: float
+
+
+@dataclass(frozen=True, slots=True)
 class TaskHistory:
     """What a task has done so far: the facts `task.*` exposes to CEL."""
 
@@ -195,6 +206,14 @@ class Store(Protocol):
     async def release(self, reservations: Iterable[Reservation], now: float) -> None:
         """Gives back reservations taken in the window that contains `now` (a call that was
         refused after its reservation, or settled for less). Raises StoreError."""
+
+    async def usage(self, reservations: Sequence[Reservation], now: float) -> list[float]:
+        """What each reservation's counter holds now, in its window (0 for none): what a
+        caller is told remains. Raises StoreError."""
+
+    async def counters(self, prefixes: Iterable[str], now: float) -> list[Counter]:
+        """Every live counter whose key starts with one of `prefixes` (limit names followed by
+        ":"), for budget listings; a scan, never on a call's path. Raises StoreError."""
 
     async def put_grant(self, grant: ApprovalGrant, now: float) -> None:
         """Stores (or replaces) the grant for its fingerprint. Raises StoreError."""

@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import heapq
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from contextlib import suppress
 from dataclasses import dataclass, field, replace
 
@@ -26,6 +26,7 @@ from agentproxy.store.base import (
     PAGE_SCAN,
     ApprovalGrant,
     ApprovalPage,
+    Counter,
     LimitExceeded,
     Reservation,
     Revocation,
@@ -118,6 +119,19 @@ class MemoryStore:
             if slot in self._counters:
                 used, expires = self._counters[slot]
                 self._counters[slot] = (max(0.0, used - r.amount), expires)
+
+    async def usage(self, reservations: Sequence[Reservation], now: float) -> list[float]:
+        self._sweep(now)
+        return [self._counters.get((r.key, r.window_at(now)), (0.0, 0.0))[0] for r in reservations]
+
+    async def counters(self, prefixes: Iterable[str], now: float) -> list[Counter]:
+        self._sweep(now)
+        wanted = tuple(prefixes)
+        return [
+            Counter(key, start, used)
+            for (key, start), (used, expires) in sorted(self._counters.items())
+            if key.startswith(wanted) and expires > now
+        ]
 
     async def put_grant(self, grant: ApprovalGrant, now: float) -> None:
         self._put_grant(grant, now)

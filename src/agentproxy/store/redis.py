@@ -96,7 +96,7 @@ import logging
 import math
 import secrets
 import sys
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, replace
 from typing import Any, cast
@@ -123,6 +123,7 @@ from agentproxy.store.base import (
     PAGE_SCAN,
     ApprovalGrant,
     ApprovalPage,
+    Counter,
     LimitExceeded,
     Reservation,
     Revocation,
@@ -903,6 +904,34 @@ class RedisStore:
             groups.setdefault(key_slot(key.encode()), []).append(i)
         return list(groups.values())
 
+    async def usage(self, reservations: Sequence[Reservation], now: float) -> list[float]:
+        """Each reservation's counter now (one GET each, in parallel: on a Cluster the
+        counters live on several nodes). Raises StoreError."""
+        keys = [self._counter(r, r.window_at(now)) for r in reservations]
+        if not keys:
+            return []
+        async with self._bounded("usage"):
+            values = await asyncio.gather(*(self._redis.get(key) for key in keys))
+        return [float(v) if v is not None else 0.0 for v in values]
+
+    async def counters(self, prefixes: Iterable[str], now: float) -> list[Counter]:
+        """The live counters of these limits, by SCAN (every node of a Cluster). Raises
+        StoreError."""
+        head = f"{self._prefix}limit:"
+        found: list[Counter] = []
+        async with self._bounded("counters"):
+            for prefix in prefixes:
+                pattern = head + _glob_escape(prefix) + "*"
+                keys = [key async for key in self._redis.scan_iter(match=pattern, count=500)]
+                values = await asyncio.gather(*(self._redis.get(key) for key in keys))
+                for key, value in zip(keys, values, strict=True):
+                    name = key.decode() if isinstance(key, bytes) else str(key)
+                    counter, _, start = name[len(head) :].rpartition(":")
+                    if value is None or not start:
+                        continue
+                    found.append(Counter(counter, float(start), float(value)))
+        return sorted(found, key=lambda c: (c.key, c.start))
+
     async def put_grant(self, grant: ApprovalGrant, now: float) -> None:
         """Stores the grant under `grant:<fingerprint>`, expiring with it. Raises StoreError."""
         ttl_ms = max(1, math.ceil((grant.expires - now) * 1000))
@@ -1408,3 +1437,8 @@ def _secrets_in(settings: RedisSettings) -> list[str]:
 def _pairs(flat: list[str]) -> dict[str, str]:
     """HGETALL's reply inside a script (a flat field, value list) as a dict."""
     return dict(zip(flat[::2], flat[1::2], strict=True))
+
+
+def _glob_escape(text: str) -> str:
+    """`text` matched literally by a Redis glob (MATCH)."""
+    return "".join("\\" + c if c in "*?[]\\" else c for c in text)

@@ -75,6 +75,7 @@ class Limits:
             raise _store_down() from None
         if exceeded is None:
             call.reservations = tuple(merged)
+            await self._tell_remaining(call, limited, merged)
             return
         rule_id = next(
             (r.id for _, r in limited if any(lim.name == exceeded.name for lim in r.limits)),
@@ -91,6 +92,31 @@ class Limits:
             call.refusal = refusal
         else:
             call.error = f"shadow: {refusal.detail}"
+
+    async def _tell_remaining(
+        self, call: Call, limited: list[tuple[Action, Rule]], taken: list[Reservation]
+    ) -> None:
+        """What each spend limit the call took from has left (its counter now, this call's
+        reservation included), for the answer's X-Agentproxy-Budget-Remaining. One read per
+        budgeted call; a failed read only leaves the header out."""
+        currencies = {
+            limit.name: limit.currency or ""
+            for _, rule in limited
+            for limit in rule.limits
+            if limit.spend
+        }
+        budgets = [r for r in taken if r.name in currencies]
+        if not budgets:
+            return
+        try:
+            used = await self._store.usage(budgets, call.now)
+        except StoreError as exc:
+            log.info("call %s: budget left not read: %s", call.id, exc)
+            return
+        call.budgets = tuple(
+            (r.name, max(0.0, r.limit - u), currencies[r.name])
+            for r, u in zip(budgets, used, strict=True)
+        )
 
     def _expected_cost(self, call: Call, action: Action, rule: Rule, principal: Principal) -> float:
         """Rule cost plus, for an LLM call, its tokens' price estimated from the request
