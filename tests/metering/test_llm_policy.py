@@ -170,3 +170,45 @@ async def test_cached_input_is_logged_with_the_genai_names(
     assert record["gen_ai.usage.cache_read.input_tokens"] == 400
     assert record["gen_ai.usage.output_tokens"] == 50
     assert abs(record["cost"]["amount"] - (1000 * 2.5 + 400 * 1.25 + 50 * 10) / 1e6) < 1e-12
+
+
+async def test_langchain_and_the_agents_sdk_show_why_a_call_is_refused(
+    proxy: Proxy, llm_upstream: LlmUpstream, keys: Keys
+) -> None:
+    from agents import (
+        Agent,
+        ModelSettings,
+        OpenAIChatCompletionsModel,
+        Runner,
+        set_tracing_disabled,
+    )
+    from langchain_openai import ChatOpenAI
+
+    set_tracing_disabled(True)  # the Agents SDK would export its traces to OpenAI
+    token = keys.token("writer")
+    base = proxy.base + "/v1"
+    # LangChain sends max_tokens as max_completion_tokens: the cap holds whichever it sends.
+    ok = await ChatOpenAI(
+        model="gpt-4o", base_url=base, api_key=token, max_tokens=500, max_retries=0
+    ).ainvoke("hi")
+    assert ok.content
+    with pytest.raises(openai.PermissionDeniedError) as refused:
+        await ChatOpenAI(
+            model="gpt-4o", base_url=base, api_key=token, max_tokens=5000, max_retries=0
+        ).ainvoke("hi")
+    assert "no rule allows llm:chat/gpt-4o" in str(refused.value)
+    sent = llm_upstream.bodies("/v1/chat/completions")
+    assert len(sent) == 1
+
+    client = openai.AsyncOpenAI(base_url=base, api_key=token, max_retries=0)
+    model = OpenAIChatCompletionsModel(model="gpt-4o", openai_client=client)
+    agent = Agent(name="writer", model=model, model_settings=ModelSettings(max_tokens=500))
+    result = await Runner.run(agent, "hi")
+    assert result.final_output
+    greedy = Agent(name="writer", model=model, model_settings=ModelSettings(max_tokens=9000))
+    with pytest.raises(openai.PermissionDeniedError) as agents_refused:
+        await Runner.run(greedy, "hi")
+    assert "no rule allows llm:chat/gpt-4o" in str(agents_refused.value)
+    assert isinstance(agents_refused.value.body, dict)
+    assert agents_refused.value.body["decision_id"]
+    await client.close()
