@@ -183,19 +183,23 @@ async def test_langchain_and_the_agents_sdk_show_why_a_call_is_refused(
         set_tracing_disabled,
     )
     from langchain_openai import ChatOpenAI
+    from pydantic import SecretStr
 
     set_tracing_disabled(True)  # the Agents SDK would export its traces to OpenAI
     token = keys.token("writer")
     base = proxy.base + "/v1"
+
     # LangChain sends max_tokens as max_completion_tokens: the cap holds whichever it sends.
-    ok = await ChatOpenAI(
-        model="gpt-4o", base_url=base, api_key=token, max_tokens=500, max_retries=0
-    ).ainvoke("hi")
+    def chat(max_tokens: int) -> Any:
+        settings: dict[str, Any] = {"max_tokens": max_tokens}  # a pydantic alias mypy misses
+        return ChatOpenAI(
+            model="gpt-4o", base_url=base, api_key=SecretStr(token), max_retries=0, **settings
+        )
+
+    ok = await chat(500).ainvoke("hi")
     assert ok.content
     with pytest.raises(openai.PermissionDeniedError) as refused:
-        await ChatOpenAI(
-            model="gpt-4o", base_url=base, api_key=token, max_tokens=5000, max_retries=0
-        ).ainvoke("hi")
+        await chat(5000).ainvoke("hi")
     assert "no rule allows llm:chat/gpt-4o" in str(refused.value)
     sent = llm_upstream.bodies("/v1/chat/completions")
     assert len(sent) == 1
