@@ -196,10 +196,16 @@ async def test_langchain_and_the_agents_sdk_show_why_a_call_is_refused(
             model="gpt-4o", base_url=base, api_key=SecretStr(token), max_retries=0, **settings
         )
 
-    ok = await chat(500).ainvoke("hi")
-    assert ok.content
-    with pytest.raises(openai.PermissionDeniedError) as refused:
-        await chat(5000).ainvoke("hi")
+    small, large = chat(500), chat(5000)
+    try:
+        ok = await small.ainvoke("hi")
+        assert ok.content
+        with pytest.raises(openai.PermissionDeniedError) as refused:
+            await large.ainvoke("hi")
+    finally:
+        for model_client in (small, large):  # their own HTTP clients, else left open
+            await model_client.root_async_client.close()
+            model_client.root_client.close()
     assert "no rule allows llm:chat/gpt-4o" in str(refused.value)
     sent = llm_upstream.bodies("/v1/chat/completions")
     assert len(sent) == 1
