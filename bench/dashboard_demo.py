@@ -511,6 +511,8 @@ def parse_seconds(duration: str) -> float:
 
 
 def fmt_value(value: float, unit: str, decimals: int | None = None) -> str:
+    if unit.startswith("suffix:"):  # Grafana's custom unit: the number, then the text
+        return fmt_value(value, "short", decimals) + unit.removeprefix("suffix:").rstrip()
     if unit == "s":
         if value == 0:
             return "0 s"
@@ -542,8 +544,13 @@ def draw_timeseries(fig: Figure, box: tuple[float, float, float, float], data: P
         ax.plot(times, s.values, color=color, linewidth=1.3)
         ax.fill_between(times, s.values, color=color, alpha=0.10, linewidth=0)
         rows.append((s.name, color, sum(s.values) / len(s.values), max(s.values)))
-    ax.set_ylim(bottom=0)
-    ax.yaxis.set_major_locator(MaxNLocator(4))
+    scale = data.panel["fieldConfig"]["defaults"].get("custom", {}).get("scaleDistribution", {})
+    if scale.get("type") == "log":
+        # As Grafana draws it: latencies from µs to s on one readable axis.
+        ax.set_yscale("log", base=scale.get("log", 10))
+    else:
+        ax.set_ylim(bottom=0)
+        ax.yaxis.set_major_locator(MaxNLocator(4))
     ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: fmt_value(v, unit)))
     ax.xaxis.set_major_locator(mdates.AutoDateLocator(maxticks=6))
     ax.xaxis.set_major_formatter(mdates.DateFormatter("%H:%M:%S"))
