@@ -10,7 +10,9 @@ class FakeClock:
     the test verify) and move only when `advance` is called."""
 
     def __init__(self, start: float | None = None) -> None:
-        self._now = time.time() if start is None else start
+        # A second ahead of the wall clock by default: a token the test mints later (its
+        # `iat` the whole second it was minted in) is never "not yet valid" to the proxy.
+        self._now = time.time() + 1.0 if start is None else start
         self._monotonic = 1_000.0
 
     def now(self) -> float:

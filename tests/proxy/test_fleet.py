@@ -119,9 +119,11 @@ async def test_store_down_fails_closed_and_recovers(
     make_proxy: ProxyFactory, keys: Keys, make_redis_server: MakeRedisServer, upstream: Upstream
 ) -> None:
     redis = make_redis_server()
+    # Minted before the clock starts: a token issued in a later second than the fake clock's
+    # now would be "not yet valid" (iat in its future).
+    reader, mailer = keys.token("reader"), keys.token("mailer")
     clock = FakeClock()
     proxy = await make_proxy(policy=POLICY, extra=store(redis.url), clock=clock)
-    reader = keys.token("reader")
     async with aiohttp.ClientSession() as s:
         assert await status(s, "GET", proxy.base + "/v1/employees/1", reader) == 200
         await asyncio.to_thread(redis.stop)
@@ -137,14 +139,14 @@ async def test_store_down_fails_closed_and_recovers(
             assert secret not in text, secret
         # a rule without limits still needs the revocation list: refused once it is stale
         clock.advance(2.2)
-        assert await status(s, "POST", proxy.base + "/v1/mail", keys.token("mailer")) == 503
+        assert await status(s, "POST", proxy.base + "/v1/mail", mailer) == 503
         assert len(upstream.seen) == seen
         async with s.get(proxy.admin + "/metrics") as r:
             assert 'agentproxy_store_errors_total{op="reserve"}' in await r.text()
 
         await asyncio.to_thread(redis.restart)
         deadline = time.monotonic() + 3
-        while await status(s, "POST", proxy.base + "/v1/mail", keys.token("mailer")) != 200:
+        while await status(s, "POST", proxy.base + "/v1/mail", mailer) != 200:
             assert time.monotonic() < deadline, "the proxy did not recover by itself"
             await asyncio.sleep(0.1)
 
