@@ -456,16 +456,16 @@ _STRING_LITERAL = re.compile(r"'(?:[^'\\]|\\.)*'" + r'|"(?:[^"\\]|\\.)*"')
 _IDENTIFIER = re.compile(r"(?<![.\w])([A-Za-z_]\w*)")
 
 
-def reads(source: str | None) -> set[str]:
-    """The top-level CEL variables `source` may read (its string literals left out)."""
-    return _reads(source)
+def without_strings(source: str) -> str:
+    """`source` with every CEL string literal emptied: what it reads, not what it quotes."""
+    return _STRING_LITERAL.sub("''", source)
 
 
 def _reads(source: str | None) -> set[str]:
     """The top-level variables a CEL source may read (string literals removed first)."""
     if not source:
         return set()
-    return set(_IDENTIFIER.findall(_STRING_LITERAL.sub("''", source))) & set(CEL_VARIABLES)
+    return set(_IDENTIFIER.findall(without_strings(source))) & set(CEL_VARIABLES)
 
 
 _ARGS_CHAIN = re.compile(r"(?<![.\w])args((?:\s*\.\s*[A-Za-z_]\w*)+)")

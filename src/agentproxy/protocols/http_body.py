@@ -19,8 +19,7 @@ from dataclasses import dataclass
 from typing import Any, Final, Literal
 
 from agentproxy.errors import BadRequest, UnsupportedMediaType
-from agentproxy.protocols.body import decode_content
-from agentproxy.protocols.http_token import TOKEN
+from agentproxy.protocols.body import MediaTypeError, decode_content, parse_media_type
 from agentproxy.protocols.strict_json import JsonError, check_keys, key_folds, parse_request
 
 __all__ = [
@@ -43,7 +42,8 @@ BodyKind = Literal["json", "form"]
 
 # A form is a flat list of fields; far more than any real one.
 MAX_FORM_FIELDS: Final = 1000
-_FORM = "application/x-www-form-urlencoded"
+FORM_MEDIA = "application/x-www-form-urlencoded"
+_FORM = FORM_MEDIA
 # Names a framework reads as something else: PHP turns "." and " " into "_" and "[...]" into
 # arrays, Rails and qs nest on brackets, Spring binds "a.b" to a nested property.
 _RENAMED = frozenset(".[] ")
@@ -61,39 +61,13 @@ class HttpBody:
     decoded: bool
 
 
-# RFC 9110 §8.3.1 and §5.6.6: type "/" subtype *( OWS ";" OWS [ name "=" value ] ), a value
-# a token or a quoted-string (which may hold ";" and "\"").
-_QUOTED = r'"(?:[^"\\\x00-\x08\x0a-\x1f\x7f]|\\[^\x00-\x08\x0a-\x1f\x7f])*"'
-_PARAMETER = re.compile(rf"({TOKEN.pattern})=({TOKEN.pattern}|{_QUOTED})")
-# One reading only: each ";" starts a parameter, OWS follows it (and a parameter) once.
-_MEDIA_TYPE = re.compile(
-    rf"[ \t]*({TOKEN.pattern}/{TOKEN.pattern})[ \t]*((?:;[ \t]*(?:{_PARAMETER.pattern}[ \t]*)?)*)"
-)
-_QUOTED_PAIR = re.compile(r"\\(.)")
-
-
 def _media(content_type: str) -> tuple[str, dict[str, str]]:
-    """The media type and parameters of a Content-Type, read by RFC 9110's grammar.
-
-    Raises UnsupportedMediaType for a value outside the grammar or a parameter named twice:
-    a split on ";" reads `charset=utf-7; x="; charset=utf-8"` as UTF-8, Express's
-    content-type (and every parser that follows the grammar) as UTF-7, which turns a string
-    of the body into JSON members policy never saw.
-    """
-    match = _MEDIA_TYPE.fullmatch(content_type)
-    if match is None:
-        raise UnsupportedMediaType(
-            f"Content-Type {content_type[:64]!r} is not type/subtype[; name=value]..."
-        )
-    values: dict[str, str] = {}
-    for name, value in _PARAMETER.findall(match.group(2)):
-        name = name.lower()
-        if name in values:
-            raise UnsupportedMediaType(f"Content-Type names the parameter {name!r} twice")
-        if value.startswith('"'):
-            value = _QUOTED_PAIR.sub(r"\1", value[1:-1])
-        values[name] = value.lower()
-    return match.group(1).lower(), values
+    """The media type and parameters (`body.parse_media_type`). Raises UnsupportedMediaType
+    for a value outside RFC 9110's grammar or a parameter named twice."""
+    try:
+        return parse_media_type(content_type)
+    except MediaTypeError as exc:
+        raise UnsupportedMediaType(str(exc)) from None
 
 
 def is_json_media(content_type: str | None) -> bool:

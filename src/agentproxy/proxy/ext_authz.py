@@ -45,6 +45,8 @@ from agentproxy.protocols.http import (
     request_headers_to_forward,
 )
 from agentproxy.protocols.http_body import HttpBody
+from agentproxy.proxy import llm as llm_shell
+from agentproxy.proxy import mcp as mcp_shell
 from agentproxy.proxy.context import context_headers
 from agentproxy.proxy.http import read_described_body
 from agentproxy.proxy.http_plane import UNPARSED, is_mcp_endpoint
@@ -140,9 +142,7 @@ class ExtAuthzExchange:
                     'send "stream_options": {"include_usage": true}'
                 )
             self._llm = parsed_llm
-            call.action = replace(parsed_llm.action, upstream=upstream.name)
-            call.model = parsed_llm.model
-            call.estimate = (llm.estimate_input_tokens(parsed_llm), parsed_llm.max_tokens)
+            llm_shell.described(call, parsed_llm, upstream)
             return
         if is_mcp_endpoint(upstream, self.path):
             call.session = request.headers.get("mcp-session-id")
@@ -155,9 +155,7 @@ class ExtAuthzExchange:
             )
             parsed = await parse_off_loop(agent, body, encoding, read_mcp)
             self._mcp = parsed
-            actions = [replace(action, upstream=upstream.name) for action in parsed.actions]
-            call.action = actions[0]
-            call.batch = tuple(actions[1:])
+            mcp_shell.described(call, parsed, upstream)
             return
 
         async def read() -> bytes:
@@ -231,10 +229,7 @@ class ExtAuthzExchange:
                 refused_index=call.refused_at or 0,
             )
         elif upstream is not None and upstream.protocol == "llm":
-            provider = self._llm.provider if self._llm is not None else "other"
-            if provider == "other":
-                provider = llm.provider_of(self.path)
-            reply = llm.render(refusal, decision_id=call.id, provider=provider)
+            reply = llm_shell.refusal_reply(refusal, call.id, self._llm, self.path)
         else:
             reply = render(refusal, decision_id=call.id)
         answer.status = reply.status

@@ -38,6 +38,7 @@ from agentproxy.protocols.http import (
     response_headers_to_return,
 )
 from agentproxy.protocols.http_body import (
+    FORM_MEDIA,
     BodyKind,
     HttpBody,
     body_kind,
@@ -515,7 +516,7 @@ _RESHAPED_HEADERS = frozenset(
 )
 
 
-_FORM = "application/x-www-form-urlencoded"
+_FORM = FORM_MEDIA
 BUDGET_HEADER = "X-Agentproxy-Budget-Remaining"
 
 

@@ -17,11 +17,31 @@ from aiohttp import web
 
 from agentproxy.config.model import Upstream
 from agentproxy.core import Call
+from agentproxy.errors import Refusal
 from agentproxy.protocols import llm
+from agentproxy.protocols.http import WireReply
 from agentproxy.proxy.http import HttpExchange
 from agentproxy.proxy.offload import parse_off_loop
 from agentproxy.proxy.upstream import UpstreamAnswer
 from agentproxy.telemetry.messages import output_text
+
+
+def described(call: Call, parsed: llm.LlmRequest, upstream: Upstream) -> None:
+    """The call as an LLM request names it: its action on this upstream, its model, and the
+    tokens it may cost (what budgets reserve). Shared with the ext_authz shell."""
+    call.action = replace(parsed.action, upstream=upstream.name)
+    call.model = parsed.model
+    call.estimate = (llm.estimate_input_tokens(parsed), parsed.max_tokens)
+
+
+def refusal_reply(
+    refusal: Refusal, decision_id: str, parsed: llm.LlmRequest | None, path: str
+) -> WireReply:
+    """A refusal in the shape of the API the request is for (as described, else by path)."""
+    provider = parsed.provider if parsed is not None else "other"
+    if provider == "other":
+        provider = llm.provider_of(path)
+    return llm.render(refusal, decision_id=decision_id, provider=provider)
 
 
 class LlmExchange(HttpExchange):
@@ -55,9 +75,7 @@ class LlmExchange(HttpExchange):
         agent = call.principal.agent if call.principal is not None else ""
         parsed = await parse_off_loop(agent, body, headers.get("content-encoding"), read)
         self.parsed = parsed
-        call.action = replace(parsed.action, upstream=upstream.name)
-        call.model = parsed.model
-        call.estimate = (llm.estimate_input_tokens(parsed), parsed.max_tokens)
+        described(call, parsed, upstream)
 
     async def refuse(self, call: Call) -> None:
         """The refusal in the provider's own error shape (OpenAI or Anthropic), so the SDKs
@@ -65,10 +83,7 @@ class LlmExchange(HttpExchange):
         refusal = call.refusal
         if refusal is None:
             raise ValueError("refuse() needs call.refusal")
-        provider = self.parsed.provider if self.parsed is not None else "other"
-        if provider == "other":
-            provider = llm.provider_of(self.path)
-        reply = llm.render(refusal, decision_id=call.id, provider=provider)
+        reply = refusal_reply(refusal, call.id, self.parsed, self.path)
         response = web.Response(status=reply.status, body=reply.body)
         for name, value in reply.headers:
             response.headers.add(name, value)

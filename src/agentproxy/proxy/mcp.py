@@ -38,6 +38,14 @@ log = logging.getLogger("agentproxy.mcp")
 MAX_LISTING_BYTES = 16 * 1024 * 1024
 
 
+def described(call: Call, parsed: mcp.McpRequest, upstream: Upstream) -> None:
+    """The call as its JSON-RPC messages name it: the first message's action, and the rest
+    of a batch, on this upstream. Shared with the ext_authz shell."""
+    actions = [replace(action, upstream=upstream.name) for action in parsed.actions]
+    call.action = actions[0]
+    call.batch = tuple(actions[1:])
+
+
 class McpExchange(HttpExchange):
     def __init__(
         self,
@@ -81,9 +89,7 @@ class McpExchange(HttpExchange):
         agent = call.principal.agent if call.principal is not None else ""
         parsed = await parse_off_loop(agent, body, headers.get("content-encoding"), read)
         self.parsed = parsed
-        actions = [replace(action, upstream=upstream.name) for action in parsed.actions]
-        call.action = actions[0]
-        call.batch = tuple(actions[1:])
+        described(call, parsed, upstream)
         if call.trace.parent_id is None and not parsed.batch and b'"traceparent"' in parsed.body:
             call.trace = meta_trace(parsed.body, call.trace)
 

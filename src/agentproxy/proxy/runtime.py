@@ -19,6 +19,7 @@ from agentproxy.identity.context import ContextSigner
 from agentproxy.identity.verifier import TokenVerifier
 from agentproxy.metering.meter import compile_attribution
 from agentproxy.policy import PolicySet, compile_policy, policy_issues
+from agentproxy.policy.compiler import without_strings
 from agentproxy.policy.patterns import ActionPattern, compile_pattern
 from agentproxy.protocols import http, mcp
 from agentproxy.protocols.grpc import DescriptorError, Method, load_descriptor_set
@@ -226,7 +227,6 @@ def unknown_upstreams(config: Config, policy: PolicySet | None) -> list[Issue]:
     return issues
 
 
-_STRING_LITERALS = re.compile(r"'(?:[^'\\]|\\.)*'" + r'|"(?:[^"\\]|\\.)*"')
 _RESOURCE_MEMBER = re.compile(r"(?<![.\w])resource\s*\.\s*([A-Za-z_]\w*)")
 
 
@@ -242,7 +242,7 @@ def silent_denials(config: Config, policy: PolicySet | None) -> list[Issue]:
         pos = rule.position
         sources = [rule.when or "", rule.cost.expr if rule.cost and rule.cost.expr else ""]
         sources += [limit.key for limit in rule.limits if limit.key_expr is not None]
-        text = _STRING_LITERALS.sub("''", " ".join(sources))
+        text = without_strings(" ".join(sources))
         for name in sorted(set(_RESOURCE_MEMBER.findall(text)) - {"query"}):
             if re.search(rf"has\(\s*resource\s*\.\s*{name}\s*\)", text):
                 continue  # guarded: written for patterns that bind it and ones that do not
