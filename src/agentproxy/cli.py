@@ -74,10 +74,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     token.add_argument("--ttl", default="15m", help='lifetime, e.g. "15m"')
 
-    revoke = commands.add_parser("revoke", help="put an agent or a token on the fleet's deny list")
+    revoke = commands.add_parser(
+        "revoke", help="put an agent, a user or a token on the fleet's deny list"
+    )
     revoke.add_argument("--config", required=True, type=Path)
     who = revoke.add_mutually_exclusive_group(required=True)
     who.add_argument("--agent", help="the agent id (token sub, or act.sub when delegated)")
+    who.add_argument("--user", help="a user: every token acting for them (sub when delegated)")
     who.add_argument("--token-id", help="one token's jti")
     revoke.add_argument(
         "--until", help='RFC 3339 time or a duration from now ("24h"); default: for good'
@@ -376,6 +379,7 @@ async def _revoke(args: argparse.Namespace) -> int:
     from agentproxy.admin.server import BadAdminRequest, parse_until
     from agentproxy.proxy.server import make_store
     from agentproxy.store import Revocation, StoreError
+    from agentproxy.store.base import RevocationKind
 
     try:
         config = runtime_module.load_config(args.config)
@@ -392,9 +396,8 @@ async def _revoke(args: argparse.Namespace) -> int:
         return 1
     try:
         until = parse_until(args.until, SYSTEM.now())
-        revocation = Revocation(
-            "agent" if args.agent else "token", args.agent or args.token_id, until, args.reason
-        )
+        kind: RevocationKind = "agent" if args.agent else "user" if args.user else "token"
+        revocation = Revocation(kind, args.agent or args.user or args.token_id, until, args.reason)
     except (BadAdminRequest, ValueError) as exc:
         print(f"cannot revoke: {exc}", file=sys.stderr)
         return 1
@@ -787,6 +790,21 @@ def _moment(text: str | None, now: float) -> float | None:
     return parse_until(text, now)
 
 
+def _set_claim(claims: dict[str, Any], name: str, value: Any) -> bool:
+    """Sets `name`, a dotted path (`realm_access.roles` nests, as Keycloak writes it)
+    unless it is a URI-style name (`https://example.com/roles`, Auth0's namespaced claims).
+    False when the path runs into a value that is not an object."""
+    steps = [name] if "/" in name or ":" in name else name.split(".")
+    at = claims
+    for step in steps[:-1]:
+        inner = at.setdefault(step, {})
+        if not isinstance(inner, dict):
+            return False
+        at = inner
+    at[steps[-1]] = value
+    return True
+
+
 def _token(args: argparse.Namespace) -> int:
     from agentproxy.config.yamldoc import parse_duration
     from agentproxy.identity.issue import mint_token
@@ -804,9 +822,12 @@ def _token(args: argparse.Namespace) -> int:
             print(f"invalid --claim {pair!r} (write K=V)", file=sys.stderr)
             return 1
         try:
-            extra[name] = orjson.loads(text)
+            value: Any = orjson.loads(text)
         except orjson.JSONDecodeError:
-            extra[name] = text
+            value = text
+        if not _set_claim(extra, name, value):
+            print(f"invalid --claim {pair!r}: {name} is already set another way", file=sys.stderr)
+            return 1
     if args.task:
         extra["task"] = args.task
     if args.via and not args.for_user:

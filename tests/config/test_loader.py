@@ -134,7 +134,7 @@ def test_audience_and_key_source_are_required(tmp_path: Path) -> None:
     )
     text = "\n".join(problems(write(tmp_path, main)))
     assert 'missing required key "audiences"' in text
-    assert "set exactly one of jwks_url" in text
+    assert "set exactly one of discovery: true, jwks_url" in text
 
 
 def test_missing_files_and_empty_globs(tmp_path: Path) -> None:

@@ -16,6 +16,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.aiohttp import make_aiohttp_handler
 
 from agentproxy.admin import authzen
+from agentproxy.admin.sts import StsBackend, add_sts_routes
 from agentproxy.approvals.authorize import is_listed
 from agentproxy.approvals.lifecycle import Approval, Event, State
 from agentproxy.audit import tree as tree_module
@@ -35,7 +36,7 @@ from agentproxy.errors import (
 )
 from agentproxy.protocols.http import bearer_token, render
 from agentproxy.store import ApprovalPage, Revocation, StoreError
-from agentproxy.store.base import PAGE_LIMIT
+from agentproxy.store.base import PAGE_LIMIT, RevocationKind
 
 log = logging.getLogger("agentproxy.admin")
 DEFAULT_PAGE = 100  # approvals a list answers by default: one store call well within its bound
@@ -71,7 +72,7 @@ def visible(backend: ApprovalsBackend, principal: Principal, approval: Approval)
     return backend.is_operator(principal) or is_listed(principal, approval.approvers)
 
 
-class AdminBackend(ApprovalsBackend, Protocol):
+class AdminBackend(ApprovalsBackend, StsBackend, Protocol):
     @property
     def registry(self) -> CollectorRegistry: ...
 
@@ -361,6 +362,7 @@ def admin_app(backend: AdminBackend, clock: Clock = SYSTEM) -> web.Application:
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/.well-known/jwks.json", jwks_json)
+    add_sts_routes(app, backend)
     app.router.add_post("/v1/revocations", revocations)
     app.router.add_post("/v1/explain", explain)
     app.router.add_post("/v1/tools/accept", accept_tool)
@@ -475,25 +477,24 @@ class BadAdminRequest(Refusal):
 
 
 def parse_revocation(body: bytes, now: float) -> Revocation:
-    """`{"agent" | "token_id", "until"?, "reason"?}`; `until` is RFC 3339 or a duration from
-    now ("1h"). Raises BadAdminRequest saying what to change."""
+    """`{"agent" | "user" | "token_id", "until"?, "reason"?}`; `until` is RFC 3339 or a
+    duration from now ("1h"). Raises BadAdminRequest saying what to change."""
     try:
         data = orjson.loads(body)
     except orjson.JSONDecodeError:
         raise BadAdminRequest("the body must be JSON") from None
-    if not isinstance(data, dict) or set(data) - {"agent", "token_id", "until", "reason"}:
-        raise BadAdminRequest('send {"agent" or "token_id", optional "until" and "reason"}')
-    kinds = [k for k in ("agent", "token_id") if k in data]
+    if not isinstance(data, dict) or set(data) - {"agent", "user", "token_id", "until", "reason"}:
+        raise BadAdminRequest('send {"agent", "user" or "token_id", optional "until" and "reason"}')
+    kinds = [k for k in ("agent", "user", "token_id") if k in data]
     if len(kinds) != 1 or not isinstance(data[kinds[0]], str):
-        raise BadAdminRequest('name exactly one of "agent" or "token_id" (a string)')
+        raise BadAdminRequest('name exactly one of "agent", "user" or "token_id" (a string)')
     reason = data.get("reason", "")
     if not isinstance(reason, str) or len(reason) > 500:
         raise BadAdminRequest('"reason" must be a string of at most 500 characters')
     until = parse_until(data.get("until"), now)
     try:
-        return Revocation(
-            "agent" if kinds[0] == "agent" else "token", data[kinds[0]], until, reason
-        )
+        kind: RevocationKind = "token" if kinds[0] == "token_id" else kinds[0]  # type: ignore[assignment]
+        return Revocation(kind, data[kinds[0]], until, reason)
     except ValueError as exc:
         raise BadAdminRequest(str(exc)) from None
 

@@ -38,13 +38,16 @@ from agentproxy.config.model import (
     Secret,
     SentinelSettings,
     StoreSettings,
+    StsSettings,
     TelemetrySettings,
+    TokenExchange,
     Upstream,
     Webhook,
     redact_url,
 )
 from agentproxy.config.openapi import OpenApiError, operations_of
 from agentproxy.config.policies import CURRENCY, load_policies
+from agentproxy.config.sts import read_sts
 from agentproxy.config.yamldoc import ConfigError, Document, Issue
 from agentproxy.core import Mode
 
@@ -62,6 +65,7 @@ TOP_KEYS = (
     "approvals",
     "metering",
     "telemetry",
+    "sts",
 )
 ASYMMETRIC_ALGORITHMS = frozenset(
     {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"}
@@ -119,8 +123,20 @@ def load(path: str | Path, *, check_policies: PolicyChecker | None = None) -> Co
         audit=loader.audit(raw.get("audit"), store_redis=_redis_section(raw)),
         decision_log=doc.choice(raw, "$", "decision_log", ["stdout", "stderr", "off"], "stdout"),  # type: ignore[arg-type]
     )
+    sts_section = raw.get("sts")
+    sts = read_sts(
+        sts_section,
+        doc,
+        base,
+        issues,
+        key_file=loader.existing_file(sts_section, "$.sts", "signing_key_file")
+        if isinstance(sts_section, dict)
+        else None,
+    )
+    if sts is not None:
+        _check_sts(sts, config, doc, issues)
     files = load_policies(globs, base, doc, issues, exclude=source)
-    config = replace(config, policy_files=name_operations(files, config.upstreams, issues))
+    config = replace(config, policy_files=name_operations(files, config.upstreams, issues), sts=sts)
     if check_policies is not None:
         issues.extend(check_policies(config.policy_files))
     if issues:
@@ -375,9 +391,14 @@ class _Loader:
             )
             prefix = prefix.rstrip("/") or "/"
         credentials = None
-        if section.get("credentials") is not None:
-            cpath = f"{path}.credentials"
-            creds = doc.mapping(section["credentials"], cpath, ("header", "value_file", "prefix"))
+        token_exchange = None
+        cpath = f"{path}.credentials"
+        creds = doc.mapping(
+            section.get("credentials"), cpath, ("header", "value_file", "prefix", "token_exchange")
+        )
+        if creds.get("token_exchange") is not None:
+            token_exchange = self.token_exchange(creds, cpath)
+        elif creds:
             header = doc.get(creds, cpath, "header", str, required=True) or ""
             doc.check(
                 not header or bool(_HEADER_NAME.fullmatch(header)),
@@ -479,6 +500,7 @@ class _Loader:
             path_prefix=prefix,
             timeout=timeout,
             credentials=credentials,
+            token_exchange=token_exchange,
             max_body_bytes=max(max_body, 0),  # 0: the protocol's default
         )
 
@@ -536,6 +558,7 @@ class _Loader:
             "public_key_file",
             "hs256_secret_file",
             "leeway",
+            "discovery",
         )
         section = doc.mapping(value, path, keys)
         name = doc.get(section, path, "issuer", str, required=True)
@@ -552,16 +575,24 @@ class _Loader:
                 f"{path}.algorithms",
                 f"unsupported algorithm {alg!r} (use e.g. RS256, ES256, EdDSA, HS256)",
             )
+        discovery = doc.get(section, path, "discovery", bool, False) or False
         sources = [
             k
-            for k in ("jwks_url", "jwks_file", "public_key_file", "hs256_secret_file")
+            for k in ("jwks_url", "jwks_file", "public_key_file", "hs256_secret_file", "discovery")
             if section.get(k)
         ]
         if len(sources) != 1:
             doc.error(
                 path,
-                "set exactly one of jwks_url, jwks_file, public_key_file, hs256_secret_file"
-                + (f" (found {', '.join(sources)})" if sources else ""),
+                "set exactly one of discovery: true, jwks_url, jwks_file, public_key_file,"
+                " hs256_secret_file" + (f" (found {', '.join(sources)})" if sources else ""),
+            )
+        if discovery and name:
+            doc.check(
+                urlsplit(name).scheme in ("http", "https"),
+                f"{path}.discovery",
+                "OIDC discovery needs an issuer that is an http(s) URL (its"
+                " /.well-known/openid-configuration is read)",
             )
         hmac = bool(section.get("hs256_secret_file"))
         # Key confusion: an HMAC algorithm next to a public key lets anyone who has the
@@ -589,8 +620,57 @@ class _Loader:
             public_key_file=self.existing_file(section, path, "public_key_file"),
             hs256_secret=self.secret(section, path, "hs256_secret_file", required=False),
             leeway=doc.duration(section, path, "leeway", 0.0),
+            discovery=discovery,
         )
         return issuer if name else None
+
+    def token_exchange(self, creds: dict[str, Any], cpath: str) -> TokenExchange | None:
+        """`credentials: {token_exchange: …}`: alone, or the header it sets beside it."""
+        doc = self.doc
+        path = f"{cpath}.token_exchange"
+        for key in ("header", "value_file", "prefix"):
+            doc.check(
+                key not in creds,
+                f"{cpath}.{key}",
+                "a token-exchange credential is obtained per caller: it has no header,"
+                " value_file or prefix beside it (set token_exchange.header to change the header)",
+            )
+        section = doc.mapping(
+            creds["token_exchange"],
+            path,
+            (
+                "token_url",
+                "client_id",
+                "client_secret_file",
+                "audience",
+                "resource",
+                "scope",
+                "header",
+            ),
+        )
+        token_url = doc.get(section, path, "token_url", str, required=True) or ""
+        doc.check(
+            not token_url or urlsplit(token_url).scheme in ("http", "https"),
+            f"{path}.token_url",
+            "must be an http(s) URL (the authorization server's token endpoint)",
+        )
+        client_id = doc.get(section, path, "client_id", str, required=True) or ""
+        header = doc.get(section, path, "header", str, "Authorization") or "Authorization"
+        doc.check(
+            bool(_HEADER_NAME.fullmatch(header)), f"{path}.header", "must be an HTTP header name"
+        )
+        if not token_url or not client_id:
+            return None
+        return TokenExchange(
+            token_url=token_url,
+            client_id=client_id,
+            client_secret=self.secret(section, path, "client_secret_file", required=False),
+            audience=doc.get(section, path, "audience", str),
+            resource=doc.get(section, path, "resource", str),
+            scope=doc.get(section, path, "scope", str),
+            header=header,
+            prefix="Bearer " if header.lower() == "authorization" else "",
+        )
 
     def store(self, value: Any) -> StoreSettings:
         doc = self.doc
@@ -989,6 +1069,37 @@ def _check_node(doc: Document, path: str, node: str) -> None:
         path,
         f'must be "host:port", not {node!r}',
     )
+
+
+def _check_sts(sts: StsSettings, config: Config, doc: Document, issues: list[Issue]) -> None:
+    """What the STS needs of the rest of the config: a key every replica shares, an issuer
+    name of its own, and delegations that name upstreams that exist."""
+    if config.store.redis is not None and sts.signing_key_file is None:
+        doc.error(
+            "$.sts.signing_key_file",
+            "a fleet (store.redis) must share one STS key: set signing_key_file (agentproxy keys"
+            " generate DIR writes one), or tokens issued by one replica fail on another",
+        )
+    if any(i.issuer == sts.issuer for i in config.identity.issuers):
+        doc.error(
+            "$.sts.issuer",
+            f"{sts.issuer!r} is also in identity.issuers: the proxy trusts its own STS issuer"
+            " by itself; remove that entry (or name the STS differently)",
+        )
+    names = {u.name for u in config.upstreams}
+    for rule in sts.delegations:
+        pos = rule.position
+        for audience in rule.audiences:
+            if audience not in names:
+                issues.append(
+                    Issue(
+                        pos.file,
+                        pos.line,
+                        pos.column,
+                        f"delegation {rule.id}.audiences",
+                        f"{audience!r} is not an upstream (known: {', '.join(sorted(names))})",
+                    )
+                )
 
 
 def _redis_section(raw: dict[str, Any]) -> dict[str, Any] | None:

@@ -7,6 +7,7 @@ themselves in `repr` and logs. Paths are absolute (resolved against the config f
 from __future__ import annotations
 
 import fnmatch
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -136,6 +137,22 @@ class Credentials:
     prefix: str = ""
 
 
+@dataclass(frozen=True, slots=True)
+class TokenExchange:
+    """The upstream's credential, obtained per caller: an RFC 8693 token exchange at the
+    upstream's own authorization server, the caller's token as `subject_token`, the proxy
+    authenticating as `client_id` (on-behalf-of). Cached until shortly before it expires."""
+
+    token_url: str
+    client_id: str
+    client_secret: Secret | None = None
+    audience: str | None = None
+    resource: str | None = None
+    scope: str | None = None
+    header: str = "Authorization"
+    prefix: str = "Bearer "
+
+
 Protocol = Literal["http", "mcp", "llm", "grpc"]
 
 # The largest request body, by protocol, when `max_body_bytes` is not set. HTTP bodies stream
@@ -179,6 +196,8 @@ class Upstream:
     path_prefix: str | None = None
     timeout: float = 30.0
     credentials: Credentials | None = None
+    # Or a credential per caller (`credentials: {token_exchange: …}`), never both.
+    token_exchange: TokenExchange | None = None
     # 0: the protocol's default (DEFAULT_MAX_BODY_BYTES).
     max_body_bytes: int = 0
     # MCP only: tool pinning (off | report | enforce) and how a refused tools/call is
@@ -237,6 +256,9 @@ class Issuer:
     public_key_file: Path | None = None
     hs256_secret: Secret | None = None
     leeway: float = 0.0
+    # OIDC discovery: the key set's URL is the `jwks_uri` of the issuer's
+    # /.well-known/openid-configuration, whose `issuer` must be this one (OIDC Discovery §4.3).
+    discovery: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -261,6 +283,43 @@ class Identity:
     # own X-Agentproxy-Task header. `[token]`: the header is refused, so the task (and its
     # history) is the identity provider's to name, not the agent's.
     task_from: tuple[TaskSource, ...] = ("token", "header")
+
+
+# RFC 6749 §3.3: scope-token = 1*( %x21 / %x23-5B / %x5D-7E ).
+SCOPE_TOKEN: Final = re.compile(r"[\x21\x23-\x5b\x5d-\x7e]+")
+
+
+@dataclass(frozen=True, slots=True)
+class Delegation:
+    """One rule of who may act for whom (`sts.delegation_files`): the agents it covers (ids
+    or globs), the users they may act for (None: the agent only for itself), the upstreams
+    the token may be for (by name), the scopes it may carry, how many actors the `act` chain
+    may hold (this agent included), the token's lifetime (None: `sts.ttl`) and a CEL
+    condition over `actor`, `subject`, `user`, `audience`, `scopes` and `now`."""
+
+    id: str
+    agents: tuple[str, ...]
+    audiences: tuple[str, ...]
+    users: tuple[str, ...] | None = None
+    scopes: tuple[str, ...] = ()
+    max_chain: int = 1
+    ttl: float | None = None
+    when: str | None = None
+    position: Position = Position("<memory>", 1, 1)
+
+
+@dataclass(frozen=True, slots=True)
+class StsSettings:
+    """The token exchange endpoint (`POST /v1/token`, RFC 8693) and the tokens it issues.
+    No key file: an ephemeral Ed25519 key, kept for the process's life (one replica only)."""
+
+    issuer: str
+    signing_key_file: Path | None = None
+    ttl: float = 300.0
+    delegation_globs: tuple[str, ...] = ()
+    delegations: tuple[Delegation, ...] = ()
+    # The claim of a subject token (the user's, from the IdP) that names the user.
+    user_claim: str = "sub"
 
 
 @dataclass(frozen=True, slots=True)
@@ -521,3 +580,4 @@ class Config:
     metering: MeteringSettings = MeteringSettings()
     telemetry: TelemetrySettings = TelemetrySettings()
     policy_globs: tuple[str, ...] = ()
+    sts: StsSettings | None = None

@@ -38,6 +38,7 @@ class RevocationList:
         self._shared = shared
         self._agents: dict[str, Revocation] = {}
         self._tokens: dict[str, Revocation] = {}
+        self._users: dict[str, Revocation] = {}
         self._fresh_at = -float("inf")  # monotonic time of the last successful refresh
         self._on_error = on_error
         self._clock = clock
@@ -47,21 +48,34 @@ class RevocationList:
         revocations = await self._store.revocations(self._clock.now())
         self._agents = {r.subject: r for r in revocations if r.kind == "agent"}
         self._tokens = {r.subject: r for r in revocations if r.kind == "token"}
+        self._users = {r.subject: r for r in revocations if r.kind == "user"}
         self._fresh_at = self._clock.monotonic()
 
     def fresh(self) -> bool:
         return not self._shared or self._clock.monotonic() - self._fresh_at < STALE_AFTER
 
     def check(self, principal: Principal, now: float) -> Revocation | None:
-        """The revocation that applies to this principal at `now`, if any."""
-        revoked = self._agents.get(principal.agent)
-        if revoked is not None and revoked.active(now):
-            return revoked
+        """The revocation that applies to this principal at `now`, if any: of the agent,
+        of an earlier actor in its chain (a revoked agent's delegations die with it), of
+        the user it acts for, or of the token."""
+        for agent in (principal.agent, *principal.chain):
+            revoked = self._agents.get(agent)
+            if revoked is not None and revoked.active(now):
+                return revoked
+        if principal.acting_for is not None and self._users:
+            revoked = self._users.get(principal.acting_for)
+            if revoked is not None and revoked.active(now):
+                return revoked
         if principal.token_id is not None:
             revoked = self._tokens.get(principal.token_id)
             if revoked is not None and revoked.active(now):
                 return revoked
         return None
+
+    def check_user(self, user: str, now: float) -> Revocation | None:
+        """The revocation of `user` (every token acting for them) at `now`, if any."""
+        revoked = self._users.get(user)
+        return revoked if revoked is not None and revoked.active(now) else None
 
     async def run(self) -> None:
         """Refreshes until cancelled; store failures are counted and logged, never raised."""

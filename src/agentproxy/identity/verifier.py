@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+import aiohttp
 import jwt
 import orjson
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
@@ -26,10 +27,13 @@ from cryptography.hazmat.primitives.serialization import load_pem_public_key
 from jwt.exceptions import InvalidJTIError, InvalidSubjectError
 from jwt.types import Options
 
-from agentproxy.config.model import Identity, Issuer
+from agentproxy.config.model import ClaimNames, Identity, Issuer
 from agentproxy.core import Principal
 from agentproxy.errors import Unauthenticated, Unavailable
 from agentproxy.identity.principal import principal_from_claims
+
+# The claims the proxy's own STS writes, whatever `identity.claims` says of other issuers.
+OWN_CLAIMS = ClaimNames()
 
 # The PyJWKClient settings: the fetched set is reused for five minutes, and a token with an
 # unknown `kid` triggers at most one refetch per cooldown, so a flood of forged key ids
@@ -83,10 +87,14 @@ class TokenVerifier:
         self,
         identity: Identity,
         *,
+        own: tuple[Issuer, VerificationKey] | None = None,
         cache_size: int = 10_000,
         jwks_cooldown: float = JWKS_COOLDOWN,
     ) -> None:
+        """`own`: the proxy's own STS issuer and its public key, trusted besides the
+        configured issuers, with the claim names the STS writes."""
         self._identity = identity
+        self._own = own
         self._cache_size = cache_size
         self._jwks_cooldown = jwks_cooldown
         self._issuers: dict[str, _TrustedIssuer] = {}
@@ -102,9 +110,12 @@ class TokenVerifier:
         issuers: dict[str, _TrustedIssuer] = {}
         for config in self._identity.issuers:
             _check_algorithms(config)
-            if config.jwks_url is not None:
+            jwks_url = config.jwks_url
+            if config.discovery:
+                jwks_url = await discover_jwks_uri(config.issuer)
+            if jwks_url is not None:
                 keys: _KeySource = await _RemoteKeys.fetch(
-                    config.jwks_url, config.issuer, self._jwks_cooldown
+                    jwks_url, config.issuer, self._jwks_cooldown
                 )
             elif config.jwks_file is not None:
                 keys = _KeyFile.load(config.jwks_file)
@@ -114,7 +125,10 @@ class TokenVerifier:
                 keys = _StaticKey(config.hs256_secret.value)
             else:
                 raise ValueError(f"issuer {config.issuer!r} has no key source")
-            issuers[config.issuer] = _TrustedIssuer(config, keys)
+            issuers[config.issuer] = _TrustedIssuer(config, keys, self._identity.claims)
+        if self._own is not None:
+            config, key = self._own
+            issuers[config.issuer] = _TrustedIssuer(config, _StaticKey(key), OWN_CLAIMS)
         self._issuers = issuers
 
     async def verify(self, token: str, now: float) -> Principal:
@@ -171,8 +185,44 @@ class TokenVerifier:
         except jwt.PyJWTError as exc:
             raise Unauthenticated(_describe(exc)) from None
         expires_at = _check_lifetime(claims, now, config.leeway)
-        principal = principal_from_claims(claims, self._identity.claims, config.issuer, expires_at)
+        principal = principal_from_claims(claims, issuer.claims, config.issuer, expires_at)
         return principal, expires_at + config.leeway
+
+
+async def discover_jwks_uri(issuer: str) -> str:
+    """The `jwks_uri` of an issuer's OpenID Provider Metadata (OIDC Discovery 1.0 §4), read
+    from `{issuer}/.well-known/openid-configuration` once at start.
+
+    Raises `Unavailable` naming the URL when it cannot be read, and ValueError when it
+    names another issuer (§4.3: a metadata document for another issuer must not be used,
+    or a look-alike could substitute its keys) or no http(s) `jwks_uri`.
+    """
+    url = issuer.rstrip("/") + "/.well-known/openid-configuration"
+    try:
+        timeout = aiohttp.ClientTimeout(total=JWKS_TIMEOUT)
+        async with (
+            aiohttp.ClientSession(timeout=timeout) as session,
+            session.get(url, allow_redirects=False) as response,
+        ):
+            if response.status != 200:
+                raise Unavailable(
+                    f"OIDC discovery: {url} answered {response.status}", component="identity"
+                )
+            metadata = orjson.loads(await response.content.read(1024 * 1024))
+    except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+        raise Unavailable(
+            f"OIDC discovery: cannot read {url}: {exc}", component="identity"
+        ) from exc
+    if not isinstance(metadata, dict) or metadata.get("issuer") != issuer:
+        named = metadata.get("issuer") if isinstance(metadata, dict) else None
+        raise ValueError(
+            f"issuer {issuer!r}: its discovery document names issuer {named!r};"
+            " configure the issuer exactly as the identity provider writes it in `iss`"
+        )
+    jwks_uri = metadata.get("jwks_uri")
+    if not isinstance(jwks_uri, str) or not jwks_uri.startswith(("https://", "http://")):
+        raise ValueError(f"issuer {issuer!r}: its discovery document has no http(s) jwks_uri")
+    return jwks_uri
 
 
 def _unverified_segments(token: str) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -251,6 +301,7 @@ class _KeySource(Protocol):
 class _TrustedIssuer:
     config: Issuer
     keys: _KeySource
+    claims: ClaimNames
 
 
 class _StaticKey:

@@ -267,7 +267,14 @@ class Metrics:
             "Spans not exported: the export queue was full, or the collector refused them.",
             registry=r,
         )
+        self.sts_tokens = Counter(
+            "agentproxy_sts_tokens",
+            "Token exchanges (POST /v1/token): issued, or the OAuth error they were refused with.",
+            ["outcome"],
+            registry=r,
+        )
         # Pre-create the children users alert on, so they exist (at 0) from the first scrape.
+        self.sts_tokens.labels("issued")
         for result in ("success", "failure"):
             self.policy_reloads.labels(result)
         for result in ("hit", "miss"):

@@ -24,6 +24,7 @@ from agentproxy.audit.trail import AuditTrail
 from agentproxy.clock import Clock
 from agentproxy.config import Config
 from agentproxy.identity.revocations import RevocationList
+from agentproxy.identity.sts import upstream_audiences
 from agentproxy.metering.meter import Meter
 from agentproxy.metering.metrics import Metrics
 from agentproxy.policy.memo import DecisionMemo
@@ -158,6 +159,8 @@ def _deciding(runtime: Runtime, services: Services) -> tuple[Stage, ...]:
             services.revocations,
             services.clock,
             task_from=config.identity.task_from,
+            own_issuer=config.sts.issuer if config.sts is not None else None,
+            bound={u.name: frozenset((u.name, *upstream_audiences(u))) for u in config.upstreams},
         ),
         Describe(),
         Pins(services.mcp.pins, enforced, runtime.policy.version),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -16,11 +17,13 @@ from prometheus_client import CollectorRegistry
 
 from agentproxy.admin.server import operator_allowed
 from agentproxy.approvals.lifecycle import Approval, Event
-from agentproxy.audit.sinks import rotated_files
+from agentproxy.audit.decision_log import DecisionLog
+from agentproxy.audit.sinks import AuditError, rotated_files
 from agentproxy.clock import rfc3339
 from agentproxy.config import Config
 from agentproxy.core import Action, Call, Principal
-from agentproxy.errors import Denied, NotFound, Refusal
+from agentproxy.errors import Denied, NotFound, Refusal, Unavailable
+from agentproxy.identity.sts import GRANT_TYPE, ExchangeRefused, OAuthError, exchange
 from agentproxy.policy.limits import calendar_window
 from agentproxy.protocols.grpc import Method as GrpcMethod
 from agentproxy.proxy.assemble import Services
@@ -32,6 +35,8 @@ from agentproxy.proxy.pipeline import Pipeline
 from agentproxy.store import ApprovalPage, Revocation
 
 log = logging.getLogger("agentproxy.admin")
+# How long an exchange waits for its record when `audit.required` (as a call does).
+AUDIT_WAIT = 2.0
 
 
 class Process(Protocol):
@@ -45,6 +50,9 @@ class Process(Protocol):
 
     @property
     def explainer(self) -> Pipeline: ...
+
+    @property
+    def decision_log(self) -> DecisionLog: ...
 
     def is_ready(self) -> bool: ...
 
@@ -69,7 +77,73 @@ class ProxyBackend:
         return self._process.is_ready()
 
     def jwks(self) -> dict[str, Any]:
-        return self._process.pipeline.runtime.signer.jwks()
+        """The context signer's key, and the STS's (tools verify both kinds of token)."""
+        runtime = self._process.pipeline.runtime
+        keys = runtime.signer.jwks()
+        if runtime.sts is not None:
+            keys = {"keys": [*keys["keys"], runtime.sts.signer.jwk()]}
+        return keys
+
+    def sts_metadata(self) -> dict[str, Any] | None:
+        """RFC 8414 authorization server metadata of the STS (None: `sts:` is not set)."""
+        sts = self._process.pipeline.runtime.sts
+        if sts is None:
+            return None
+        issuer = sts.signer.settings.issuer
+        base = issuer.rstrip("/")
+        return {
+            "issuer": issuer,
+            "token_endpoint": f"{base}/v1/token",
+            "jwks_uri": f"{base}/.well-known/jwks.json",
+            "grant_types_supported": [GRANT_TYPE],
+            "token_endpoint_auth_methods_supported": ["none", "private_key_jwt"],
+            "token_endpoint_auth_signing_alg_values_supported": [sts.signer.algorithm],
+        }
+
+    async def exchange_token(self, form: Mapping[str, Sequence[str]]) -> dict[str, Any]:
+        """`POST /v1/token`: the RFC 8693 response. Every exchange, issued or refused, is
+        counted, written to the decision log and sealed in the audit trail (never a token).
+        Raises OAuthError (the client's error, None when `sts:` is not set), Unavailable."""
+        runtime = self._process.pipeline.runtime
+        if runtime.sts is None:
+            raise OAuthError(
+                "unsupported_grant_type", "this proxy has no token exchange (configure sts:)"
+            )
+        services = self._services
+        try:
+            done = await exchange(
+                form,
+                signer=runtime.sts.signer,
+                delegations=runtime.sts.delegations,
+                verifier=runtime.verifier,
+                revocations=services.revocations,
+                now=services.clock.now(),
+            )
+        except ExchangeRefused as refused:
+            await self._record_exchange(refused.record)
+            raise refused.error from None
+        await self._record_exchange(done.record)
+        return done.response
+
+    async def _record_exchange(self, record: dict[str, Any]) -> None:
+        """With `audit.required` a token is issued only once its record is sealed
+        (Unavailable otherwise), as a call is forwarded only once its decision is."""
+        services = self._services
+        record = {"at": rfc3339(services.clock.now()), **record}
+        services.metrics.sts_tokens.labels(record["outcome"]).inc()
+        self._process.decision_log.write_event(record)
+        if services.audit is None:
+            return
+        written = services.audit.submit(record)
+        if not services.audit_required or record["outcome"] != "issued":
+            return
+        try:
+            await asyncio.wait_for(asyncio.shield(written), AUDIT_WAIT)
+        except (AuditError, TimeoutError) as exc:
+            raise Unavailable(
+                "the audit trail cannot record this exchange, so no token is issued",
+                component="audit",
+            ) from exc
 
     def policy_version(self) -> str:
         return self._process.pipeline.runtime.policy.version

@@ -12,10 +12,17 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from agentproxy.config import Config, ConfigError, Issue, load
-from agentproxy.config.model import OpenApiOperation, PrincipalRef, RuleSpec, Upstream
+from agentproxy.config.model import (
+    OpenApiOperation,
+    PrincipalRef,
+    RuleSpec,
+    StsSettings,
+    Upstream,
+)
 from agentproxy.core import Action, Effect
 from agentproxy.errors import NoRoute
 from agentproxy.identity.context import ContextSigner
+from agentproxy.identity.sts import DelegationPolicy, StsSigner, compile_condition
 from agentproxy.identity.verifier import TokenVerifier
 from agentproxy.metering.meter import compile_attribution
 from agentproxy.policy import PolicySet, compile_policy, policy_issues
@@ -55,6 +62,14 @@ def compile_operations(upstream: Upstream) -> tuple[Operation, ...]:
 
 
 @dataclass(frozen=True, slots=True)
+class Sts:
+    """The STS of a snapshot: its signer (whose key outlives reloads) and its rules."""
+
+    signer: StsSigner
+    delegations: DelegationPolicy
+
+
+@dataclass(frozen=True, slots=True)
 class Runtime:
     config: Config
     policy: PolicySet
@@ -75,6 +90,8 @@ class Runtime:
     _operations_found: dict[tuple[str, str], tuple[Operation, Mapping[str, str]] | None] = field(
         default_factory=dict, repr=False, compare=False
     )
+    # The token exchange endpoint's key and delegation rules (`sts:`), if configured.
+    sts: Sts | None = None
 
     def operation(self, action: Action) -> tuple[Operation, Mapping[str, str]] | None:
         """The OpenAPI operation an HTTP action calls on its upstream, with its bindings."""
@@ -192,6 +209,12 @@ def check(config: Config) -> PolicySet:
         ContextSigner.load(config.context_token)
     except ValueError as exc:
         issues.append(Issue(str(config.source), 1, 1, "$.context_token.signing_key_file", str(exc)))
+    if config.sts is not None:
+        issues.extend(delegation_issues(config.sts))
+        try:
+            StsSigner.load(config.sts)
+        except ValueError as exc:
+            issues.append(Issue(str(config.source), 1, 1, "$.sts.signing_key_file", str(exc)))
     issues.extend(unbound_privileges(config, policy))
     issues.extend(unknown_upstreams(config, policy))
     issues.extend(silent_denials(config, policy))
@@ -338,6 +361,22 @@ def unbound_privileges(config: Config, policy: PolicySet | None) -> list[Issue]:
     return issues
 
 
+def delegation_issues(settings: StsSettings) -> list[Issue]:
+    """Each delegation condition that does not compile, at its rule."""
+    issues = []
+    for spec in settings.delegations:
+        if spec.when is None:
+            continue
+        try:
+            compile_condition(spec.when)
+        except ValueError as exc:
+            pos = spec.position
+            issues.append(
+                Issue(pos.file, pos.line, pos.column, f"delegation {spec.id}.when", str(exc))
+            )
+    return issues
+
+
 def descriptor_methods(upstream: Upstream) -> dict[str, Method] | None:
     """The methods of the upstream's descriptor set file, if it has one.
     Raises DescriptorError."""
@@ -356,7 +395,16 @@ async def build(config: Config) -> Runtime:
     Raises ConfigError for problems in the files, Unavailable if a JWKS URL cannot be fetched.
     """
     policy = check(config)
-    verifier = TokenVerifier(config.identity)
+    sts = None
+    if config.sts is not None:
+        try:
+            sts = Sts(StsSigner.load(config.sts), DelegationPolicy(config.sts, config.upstreams))
+        except ValueError as exc:
+            raise ConfigError([Issue(str(config.source), 1, 1, "$.sts", str(exc))]) from None
+    verifier = TokenVerifier(
+        config.identity,
+        own=(sts.signer.trusted_issuer(config.upstreams), sts.signer.public_key) if sts else None,
+    )
     try:
         await verifier.start()
     except ValueError as exc:
@@ -376,5 +424,13 @@ async def build(config: Config) -> Runtime:
             methods[upstream.name] = found
     operations = {u.name: compile_operations(u) for u in config.upstreams if u.openapi}
     return Runtime(
-        config, policy, verifier, signer, tuple(routes), grpc_routes, methods, operations=operations
+        config,
+        policy,
+        verifier,
+        signer,
+        tuple(routes),
+        grpc_routes,
+        methods,
+        operations=operations,
+        sts=sts,
     )

@@ -33,7 +33,7 @@ __all__ = [
     "window_start",
 ]
 
-RevocationKind = Literal["agent", "token"]
+RevocationKind = Literal["agent", "token", "user"]
 
 # The most approvals one page of `page_approvals` holds, and how many records one page may
 # examine to find them (a page of decided ones among many others stays bounded in time).
@@ -105,7 +105,8 @@ def decode_cursor(cursor: str) -> tuple[float, str, str]:
 
 @dataclass(frozen=True, slots=True)
 class Revocation:
-    """An agent or a single token (`jti`) on the deny list until `until` (epoch seconds;
+    """An agent, a user (every token acting for them) or a single token (`jti`) on the
+    deny list until `until` (epoch seconds;
     `math.inf` means for good)."""
 
     kind: RevocationKind
@@ -114,8 +115,8 @@ class Revocation:
     reason: str = ""
 
     def __post_init__(self) -> None:
-        if self.kind not in ("agent", "token"):
-            raise ValueError(f"revocation kind must be agent or token, not {self.kind!r}")
+        if self.kind not in ("agent", "token", "user"):
+            raise ValueError(f"revocation kind must be agent, token or user, not {self.kind!r}")
         if not self.subject or len(self.subject) > 512:
             raise ValueError("a revocation needs a subject of at most 512 characters")
 

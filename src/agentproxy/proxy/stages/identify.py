@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 from agentproxy.clock import Clock, rfc3339
-from agentproxy.core import Call
+from agentproxy.core import Call, Principal
 from agentproxy.errors import BadRequest, Denied, MissingCredential, Unauthenticated
 from agentproxy.identity.revocations import RevocationList
 from agentproxy.identity.verifier import TokenVerifier
@@ -19,7 +20,15 @@ class Identify:
     declaration (`X-Agentproxy-Task`), already validated by the protocol adapter.
     """
 
-    __slots__ = ("_clock", "_from_header", "_from_token", "_revocations", "_verifier")
+    __slots__ = (
+        "_bound",
+        "_clock",
+        "_from_header",
+        "_from_token",
+        "_own_issuer",
+        "_revocations",
+        "_verifier",
+    )
 
     def __init__(
         self,
@@ -28,8 +37,14 @@ class Identify:
         clock: Clock,
         *,
         task_from: tuple[str, ...] = ("token", "header"),
+        own_issuer: str | None = None,
+        bound: Mapping[str, frozenset[str]] | None = None,
     ) -> None:
-        """`task_from`: where a task id may come from (`identity.task_from`)."""
+        """`task_from`: where a task id may come from (`identity.task_from`). `own_issuer`:
+        the proxy's STS, whose tokens are each for one upstream: `bound` gives the `aud`
+        values that name each upstream (its name and its resource URIs)."""
+        self._own_issuer = own_issuer
+        self._bound = bound or {}
         self._verifier = verifier
         self._revocations = revocations
         self._clock = clock
@@ -44,6 +59,9 @@ class Identify:
         if call.bearer is None:
             raise MissingCredential()
         principal = await self._verifier.verify(call.bearer, call.now)
+        if principal.issuer == self._own_issuer and not self._for_upstream(principal, call):
+            # RFC 8707: a token the STS issued for one upstream is no key to another.
+            raise Unauthenticated(f"token was issued for another upstream than {call.upstream}")
         call.principal = principal
         if call.declared_task is not None and not self._from_header:
             raise BadRequest(
@@ -76,7 +94,13 @@ class Identify:
             if revoked.kind == "token":
                 raise Unauthenticated(f"token revoked{until}")
             raise Denied(
-                f"agent {principal.agent} is revoked{until}"
+                f"{revoked.kind} {revoked.subject} is revoked{until}"
                 + (f": {revoked.reason}" if revoked.reason else "")
             )
         call.decision_seconds = self._clock.monotonic() - started
+
+    def _for_upstream(self, principal: Principal, call: Call) -> bool:
+        aud = principal.claims.get("aud")
+        audiences = (aud,) if isinstance(aud, str) else aud if isinstance(aud, list) else ()
+        names = self._bound.get(call.upstream, frozenset())
+        return any(a in names for a in audiences)
