@@ -40,7 +40,6 @@ from agentproxy.config.model import (
     StoreSettings,
     StsSettings,
     TelemetrySettings,
-    TokenExchange,
     Upstream,
     Webhook,
     redact_url,
@@ -391,14 +390,9 @@ class _Loader:
             )
             prefix = prefix.rstrip("/") or "/"
         credentials = None
-        token_exchange = None
         cpath = f"{path}.credentials"
-        creds = doc.mapping(
-            section.get("credentials"), cpath, ("header", "value_file", "prefix", "token_exchange")
-        )
-        if creds.get("token_exchange") is not None:
-            token_exchange = self.token_exchange(creds, cpath)
-        elif creds:
+        creds = doc.mapping(section.get("credentials"), cpath, ("header", "value_file", "prefix"))
+        if creds:
             header = doc.get(creds, cpath, "header", str, required=True) or ""
             doc.check(
                 not header or bool(_HEADER_NAME.fullmatch(header)),
@@ -500,7 +494,6 @@ class _Loader:
             path_prefix=prefix,
             timeout=timeout,
             credentials=credentials,
-            token_exchange=token_exchange,
             max_body_bytes=max(max_body, 0),  # 0: the protocol's default
         )
 
@@ -623,54 +616,6 @@ class _Loader:
             discovery=discovery,
         )
         return issuer if name else None
-
-    def token_exchange(self, creds: dict[str, Any], cpath: str) -> TokenExchange | None:
-        """`credentials: {token_exchange: …}`: alone, or the header it sets beside it."""
-        doc = self.doc
-        path = f"{cpath}.token_exchange"
-        for key in ("header", "value_file", "prefix"):
-            doc.check(
-                key not in creds,
-                f"{cpath}.{key}",
-                "a token-exchange credential is obtained per caller: it has no header,"
-                " value_file or prefix beside it (set token_exchange.header to change the header)",
-            )
-        section = doc.mapping(
-            creds["token_exchange"],
-            path,
-            (
-                "token_url",
-                "client_id",
-                "client_secret_file",
-                "audience",
-                "resource",
-                "scope",
-                "header",
-            ),
-        )
-        token_url = doc.get(section, path, "token_url", str, required=True) or ""
-        doc.check(
-            not token_url or urlsplit(token_url).scheme in ("http", "https"),
-            f"{path}.token_url",
-            "must be an http(s) URL (the authorization server's token endpoint)",
-        )
-        client_id = doc.get(section, path, "client_id", str, required=True) or ""
-        header = doc.get(section, path, "header", str, "Authorization") or "Authorization"
-        doc.check(
-            bool(_HEADER_NAME.fullmatch(header)), f"{path}.header", "must be an HTTP header name"
-        )
-        if not token_url or not client_id:
-            return None
-        return TokenExchange(
-            token_url=token_url,
-            client_id=client_id,
-            client_secret=self.secret(section, path, "client_secret_file", required=False),
-            audience=doc.get(section, path, "audience", str),
-            resource=doc.get(section, path, "resource", str),
-            scope=doc.get(section, path, "scope", str),
-            header=header,
-            prefix="Bearer " if header.lower() == "authorization" else "",
-        )
 
     def store(self, value: Any) -> StoreSettings:
         doc = self.doc

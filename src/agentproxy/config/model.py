@@ -137,22 +137,6 @@ class Credentials:
     prefix: str = ""
 
 
-@dataclass(frozen=True, slots=True)
-class TokenExchange:
-    """The upstream's credential, obtained per caller: an RFC 8693 token exchange at the
-    upstream's own authorization server, the caller's token as `subject_token`, the proxy
-    authenticating as `client_id` (on-behalf-of). Cached until shortly before it expires."""
-
-    token_url: str
-    client_id: str
-    client_secret: Secret | None = None
-    audience: str | None = None
-    resource: str | None = None
-    scope: str | None = None
-    header: str = "Authorization"
-    prefix: str = "Bearer "
-
-
 Protocol = Literal["http", "mcp", "llm", "grpc"]
 
 # The largest request body, by protocol, when `max_body_bytes` is not set. HTTP bodies stream
@@ -196,8 +180,6 @@ class Upstream:
     path_prefix: str | None = None
     timeout: float = 30.0
     credentials: Credentials | None = None
-    # Or a credential per caller (`credentials: {token_exchange: …}`), never both.
-    token_exchange: TokenExchange | None = None
     # 0: the protocol's default (DEFAULT_MAX_BODY_BYTES).
     max_body_bytes: int = 0
     # MCP only: tool pinning (off | report | enforce) and how a refused tools/call is
