@@ -310,6 +310,9 @@ class Call:
     now: float
     trace: TraceContext
     bearer: str | None = field(default=None, repr=False)
+    # The upstream's credential for this call (header, value), when it is one per call
+    # (`credentials.token_exchange`): set just before forwarding, never logged or recorded.
+    upstream_credential: tuple[str, str] | None = field(default=None, repr=False)
     declared_task: str | None = None
     declared_parent: str | None = None  # X-Agentproxy-Parent-Task, as the agent sent it
     principal: Principal | None = None

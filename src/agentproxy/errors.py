@@ -239,6 +239,24 @@ class UnshapedAnswer(UpstreamFailed):
     title = "Answer could not be shaped"
 
 
+class CredentialRefused(Refusal):
+    """The upstream's authorization server refused to exchange the caller's token for the
+    upstream's (`credentials.token_exchange`): the caller may not reach that upstream."""
+
+    status = 403
+    problem = "upstream-credential-refused"
+    title = "Upstream credential refused"
+    fault = "upstream"
+
+
+class CredentialUnavailable(UpstreamFailed):
+    """The upstream's authorization server could not be asked, or answered nothing usable:
+    the call is not forwarded without its credential."""
+
+    problem = "upstream-credential-unavailable"
+    title = "Upstream credential unavailable"
+
+
 class UpstreamTimeout(Refusal, TimeoutError):
     status = 504
     problem = "upstream-timeout"

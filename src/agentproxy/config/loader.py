@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 import yaml
 
 from agentproxy.config.model import (
+    SCOPE_TOKEN,
     AdminSettings,
     ApprovalsSettings,
     AuditConfig,
@@ -40,6 +41,7 @@ from agentproxy.config.model import (
     StoreSettings,
     StsSettings,
     TelemetrySettings,
+    TokenExchange,
     Upstream,
     Webhook,
     redact_url,
@@ -221,6 +223,85 @@ class _Loader:
             return None
         return Secret(data, str(file))
 
+    def token_exchange(self, value: Any, path: str) -> TokenExchange | None:
+        """`credentials.token_exchange`: where and as whom the proxy exchanges the caller's
+        token for the upstream's. The client secret travels to `token_url`, so that is https
+        (plain http only to a loopback address, a sidecar's own token service)."""
+        doc = self.doc
+        keys = (
+            "token_url",
+            "client_id",
+            "client_secret_file",
+            "audience",
+            "resource",
+            "scope",
+            "header",
+            "prefix",
+            "auth_method",
+            "timeout",
+        )
+        section = doc.mapping(value, path, keys)
+        url = doc.get(section, path, "token_url", str, required=True) or ""
+        if url:
+            doc.check(
+                _token_url_ok(url),
+                f"{path}.token_url",
+                f"must be an https URL (http only to 127.0.0.1, ::1 or localhost), not {url!r}",
+            )
+        client_id = doc.get(section, path, "client_id", str, required=True) or ""
+        secret = self.secret(section, path, "client_secret_file", required=True)
+        audience = doc.get(section, path, "audience", str)
+        resource = doc.get(section, path, "resource", str)
+        doc.check(
+            audience is not None or resource is not None,
+            path,
+            "needs an audience or a resource (RFC 8707): the upstream the new token is for",
+        )
+        if resource is not None:
+            parts = urlsplit(resource)
+            doc.check(
+                bool(parts.scheme and parts.netloc) and not parts.fragment,
+                f"{path}.resource",
+                f"must be an absolute URI without a fragment (RFC 8707 §2), not {resource!r}",
+            )
+        scope = doc.get(section, path, "scope", str)
+        if scope is not None:
+            doc.check(
+                all(SCOPE_TOKEN.fullmatch(s) for s in scope.split(" ")),
+                f"{path}.scope",
+                "must be scope tokens separated by single spaces (RFC 6749 §3.3)",
+            )
+        header = doc.get(section, path, "header", str, "Authorization") or ""
+        doc.check(
+            bool(_HEADER_NAME.fullmatch(header)), f"{path}.header", "must be an HTTP header name"
+        )
+        prefix = doc.get(section, path, "prefix", str)
+        if prefix is None:
+            prefix = "Bearer " if header.lower() == "authorization" else ""
+        method = doc.choice(
+            section,
+            path,
+            "auth_method",
+            ["client_secret_basic", "client_secret_post"],
+            "client_secret_basic",
+        )
+        timeout = doc.duration(section, path, "timeout", 5.0)
+        doc.check(0 < timeout <= 60, f"{path}.timeout", "must be more than 0 and at most 60s")
+        if not (url and client_id and secret is not None):
+            return None
+        return TokenExchange(
+            token_url=url,
+            client_id=client_id,
+            client_secret=secret,
+            audience=audience,
+            resource=resource,
+            scope=scope,
+            header=header,
+            prefix=prefix,
+            auth_method=method,  # type: ignore[arg-type]
+            timeout=timeout,
+        )
+
     def existing_file(self, section: dict[str, Any], path: str, key: str) -> Path | None:
         name = self.doc.get(section, path, key, str)
         if name is None:
@@ -391,8 +472,19 @@ class _Loader:
             prefix = prefix.rstrip("/") or "/"
         credentials = None
         cpath = f"{path}.credentials"
-        creds = doc.mapping(section.get("credentials"), cpath, ("header", "value_file", "prefix"))
-        if creds:
+        creds = doc.mapping(
+            section.get("credentials"), cpath, ("header", "value_file", "prefix", "token_exchange")
+        )
+        exchange = None
+        if "token_exchange" in creds:
+            doc.check(
+                not {"header", "value_file", "prefix"} & creds.keys(),
+                cpath,
+                "takes either a static credential (header, value_file, prefix) or "
+                "token_exchange, not both",
+            )
+            exchange = self.token_exchange(creds["token_exchange"], f"{cpath}.token_exchange")
+        elif creds:
             header = doc.get(creds, cpath, "header", str, required=True) or ""
             doc.check(
                 not header or bool(_HEADER_NAME.fullmatch(header)),
@@ -494,6 +586,7 @@ class _Loader:
             path_prefix=prefix,
             timeout=timeout,
             credentials=credentials,
+            token_exchange=exchange,
             max_body_bytes=max(max_body, 0),  # 0: the protocol's default
         )
 
@@ -999,6 +1092,15 @@ def _valid_url(url: str, grpc: bool) -> bool:
     if grpc:
         return parts.scheme in ("grpc", "grpcs", "http", "https") and parts.path in ("", "/")
     return parts.scheme in ("http", "https")
+
+
+def _token_url_ok(url: str) -> bool:
+    parts = urlsplit(url)
+    if not parts.hostname or parts.fragment or parts.username:
+        return False
+    if parts.scheme == "https":
+        return True
+    return parts.scheme == "http" and parts.hostname in ("127.0.0.1", "::1", "localhost")
 
 
 _LABEL_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")

@@ -137,6 +137,37 @@ class Credentials:
     prefix: str = ""
 
 
+@dataclass(frozen=True, slots=True)
+class TokenExchange:
+    """A credential per call (`credentials.token_exchange`): the caller's verified token is
+    exchanged (RFC 8693) at the upstream's own authorization server for one the upstream
+    accepts, naming the same user and agent, and sent in `header`. The proxy authenticates as
+    `client_id` (client_secret_basic, or client_secret_post for servers that want the secret
+    in the form)."""
+
+    token_url: str
+    client_id: str
+    client_secret: Secret
+    audience: str | None = None
+    resource: str | None = None
+    scope: str | None = None
+    header: str = "Authorization"
+    prefix: str = "Bearer "
+    auth_method: Literal["client_secret_basic", "client_secret_post"] = "client_secret_basic"
+    timeout: float = 5.0
+
+    @property
+    def key(self) -> tuple[str, ...]:
+        """What makes a cached credential reusable: a reload that changes any of it asks anew."""
+        return (
+            self.token_url,
+            self.client_id,
+            self.audience or "",
+            self.resource or "",
+            self.scope or "",
+        )
+
+
 Protocol = Literal["http", "mcp", "llm", "grpc"]
 
 # The largest request body, by protocol, when `max_body_bytes` is not set. HTTP bodies stream
@@ -180,6 +211,8 @@ class Upstream:
     path_prefix: str | None = None
     timeout: float = 30.0
     credentials: Credentials | None = None
+    # `credentials.token_exchange`: a credential per call instead of one static key.
+    token_exchange: TokenExchange | None = None
     # 0: the protocol's default (DEFAULT_MAX_BODY_BYTES).
     max_body_bytes: int = 0
     # MCP only: tool pinning (off | report | enforce) and how a refused tools/call is

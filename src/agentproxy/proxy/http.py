@@ -50,7 +50,7 @@ from agentproxy.protocols.http_body import (
 )
 from agentproxy.protocols.openapi import BodyValidator
 from agentproxy.protocols.strict_json import JsonError, parse_answer
-from agentproxy.proxy.context import context_headers
+from agentproxy.proxy.context import context_headers, credential_header, upstream_credential
 from agentproxy.proxy.offload import parse_off_loop, shape_off_loop
 from agentproxy.proxy.runtime import Runtime
 from agentproxy.proxy.upstream import HttpProcessingError, UpstreamAnswer, UpstreamClient, origin_of
@@ -277,8 +277,7 @@ class HttpExchange:
             )
 
     def _upstream_headers(self, call: Call, upstream: Upstream) -> list[tuple[str, str]]:
-        creds = upstream.credentials
-        strip = _stripped(creds.header if creds is not None else None)
+        strip = _stripped(credential_header(upstream))
         headers = request_headers_to_forward(self.request.headers.items(), strip=strip)
         peer = self.request.remote
         if peer:
@@ -294,8 +293,9 @@ class HttpExchange:
                 call, self.runtime.signer, method=self.request.method, path=forwarded_path
             )
         )
-        if creds is not None:
-            headers.append((creds.header, creds.prefix + creds.value.value.decode("latin-1")))
+        credential = upstream_credential(call, upstream)
+        if credential is not None:
+            headers.append(credential)
         dropped: set[str] = set()
         parsed = self.parsed_body
         if parsed is not None:
