@@ -7,16 +7,19 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
+import secrets
 import shutil
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import parse_qs, quote, urlsplit
 
 import aiohttp
 import orjson
+from yarl import URL
 
 from tests.harness.processes import free_port
 
@@ -32,6 +35,7 @@ class Client:
     client_secret: str
     grant_types: tuple[str, ...] = ("client_credentials",)
     scope: str = ""
+    redirect_uris: tuple[str, ...] = ()
 
 
 @dataclass
@@ -62,10 +66,65 @@ class OpenIdProvider:
         token: str = body["access_token"]
         return token
 
+    async def sign_in(self, client: Client, user: str, resource: str, scope: str) -> str:
+        """A person's access token, the way a web app gets one: the authorization code flow
+        with PKCE through the provider's own sign-in and consent pages (`user` signs in),
+        then the code redeemed at /token. The token's `sub` is the user."""
+        verifier = secrets.token_urlsafe(48)
+        challenge = (
+            base64.urlsafe_b64encode(hashlib.sha256(verifier.encode()).digest())
+            .rstrip(b"=")
+            .decode()
+        )
+        redirect = client.redirect_uris[0]
+        query = {
+            "client_id": client.client_id,
+            "response_type": "code",
+            "redirect_uri": redirect,
+            "scope": f"openid {scope}",
+            "resource": resource,
+            "state": secrets.token_urlsafe(8),
+            "code_challenge": challenge,
+            "code_challenge_method": "S256",
+        }
+        # The provider's cookies are for 127.0.0.1: an IP host needs the jar's `unsafe`.
+        jar = aiohttp.CookieJar(unsafe=True)
+        async with aiohttp.ClientSession(cookie_jar=jar) as s:
+            location = await _redirected(s.get(self.issuer + "/auth", params=query, allow_redirects=False))
+            for prompt in ("login", "consent"):
+                assert "/interaction/" in location, location
+                form = {"prompt": prompt, "login": user, "password": "any"}
+                resume = await _redirected(s.post(location, data=form, allow_redirects=False))
+                location = await _redirected(s.get(resume, allow_redirects=False))
+            assert location.startswith(redirect), location
+            code = parse_qs(urlsplit(location).query)["code"][0]
+        status, body = await self.token(
+            client,
+            {
+                "grant_type": "authorization_code",
+                "code": code,
+                "redirect_uri": redirect,
+                "code_verifier": verifier,
+                "resource": resource,
+            },
+        )
+        assert status == 200, body
+        token: str = body["access_token"]
+        return token
+
     async def stats(self) -> dict[str, int]:
         async with aiohttp.ClientSession() as s, s.get(self.issuer + "/_test/stats") as r:
             result: dict[str, int] = await r.json()
             return result
+
+
+async def _redirected(request: Any) -> str:
+    """Where a response redirects to (followed by hand: each step is the flow's, not the
+    client library's)."""
+    async with request as response:
+        assert response.status in (302, 303), (response.status, await response.text())
+        location: str = response.headers["Location"]
+    return location if "://" in location else str(response.url.join(URL(location)))
 
 
 def available() -> bool:
@@ -96,6 +155,7 @@ async def run_provider(
                 "client_secret": c.client_secret,
                 "grant_types": list(c.grant_types),
                 "scope": c.scope,
+                "redirect_uris": list(c.redirect_uris),
             }
             for c in clients
         ],

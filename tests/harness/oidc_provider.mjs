@@ -1,6 +1,6 @@
 // A real authorization server for the identity tests: oidc-provider (OpenID Certified), run
 // as its own process on the port the test chose. Configured by one JSON argument:
-//   {port, clients: [{client_id, client_secret, grant_types, scope}],
+//   {port, clients: [{client_id, client_secret, grant_types, scope, redirect_uris}],
 //    resources: {"<uri>": {scope, ttl}}, default_resource, exchange_ttl}
 // It serves OIDC discovery and JWKS, issues JWT access tokens (RFC 9068) for resource
 // indicators (RFC 8707) by client credentials, and takes RFC 8693 token exchange, a grant the
@@ -45,14 +45,15 @@ const provider = new Provider(issuer, {
     client_secret: c.client_secret,
     grant_types: c.grant_types,
     scope: c.scope,
-    redirect_uris: [],
-    response_types: [],
+    redirect_uris: c.redirect_uris ?? [],
+    response_types: c.redirect_uris?.length ? ["code"] : [],
     token_endpoint_auth_method: "client_secret_basic",
   })),
   jwks: { keys: [signing] },
   scopes: [...new Set(Object.values(settings.resources).flatMap((r) => r.scope.split(" ")))],
   features: {
-    devInteractions: { enabled: false },
+    // The provider's own sign-in pages: any user name signs in (users are the tests').
+    devInteractions: { enabled: true },
     clientCredentials: { enabled: true },
     introspection: { enabled: true },
     revocation: { enabled: true },
