@@ -90,7 +90,9 @@ class OpenIdProvider:
         # The provider's cookies are for 127.0.0.1: an IP host needs the jar's `unsafe`.
         jar = aiohttp.CookieJar(unsafe=True)
         async with aiohttp.ClientSession(cookie_jar=jar) as s:
-            location = await _redirected(s.get(self.issuer + "/auth", params=query, allow_redirects=False))
+            location = await _redirected(
+                s.get(self.issuer + "/auth", params=query, allow_redirects=False)
+            )
             for prompt in ("login", "consent"):
                 assert "/interaction/" in location, location
                 form = {"prompt": prompt, "login": user, "password": "any"}
