@@ -87,6 +87,18 @@ class Denied(Refusal):
     fault = "policy"
 
 
+class InsufficientScope(Denied):
+    """Denied for want of token scopes that a rule would allow the call with: the caller can
+    step up (RFC 6750 §3.1). `scopes`: what to ask for, the rule's whole set."""
+
+    problem = "insufficient-scope"
+    title = "Insufficient scope"
+
+    def __init__(self, detail: str, *, scopes: tuple[str, ...], **kw: object) -> None:
+        super().__init__(detail, **kw)  # type: ignore[arg-type]
+        self.scopes = scopes
+
+
 class NoRoute(Refusal):
     """No upstream is configured for this request."""
 

@@ -36,6 +36,7 @@ from agentproxy.config.model import (
     Price,
     PrincipalRef,
     RedisSettings,
+    ResourceAuthorization,
     Secret,
     SentinelSettings,
     StoreSettings,
@@ -222,6 +223,63 @@ class _Loader:
             self.doc.error(f"{path}.{key}", f"secret file {name!r} is empty")
             return None
         return Secret(data, str(file))
+
+    def resource(
+        self, section: dict[str, Any], path: str, protocol: str
+    ) -> tuple[tuple[str, ...], ResourceAuthorization | None, str]:
+        """An upstream as an OAuth protected resource: `audiences` (RFC 8707),
+        `authorization` (RFC 9728 metadata) and, for MCP, `scope_challenge`."""
+        doc = self.doc
+        audiences = tuple(doc.strings(section, path, "audiences"))
+        for i, uri in enumerate(audiences):
+            parts = urlsplit(uri)
+            doc.check(
+                parts.scheme in ("http", "https")
+                and bool(parts.netloc)
+                and not parts.fragment
+                and not parts.query,
+                f"{path}.audiences[{i}]",
+                f"must be the resource's absolute http(s) URI without query or fragment "
+                f"(RFC 8707 §2), e.g. https://tools.example/hr/mcp, not {uri!r}",
+            )
+        apath = f"{path}.authorization"
+        auth = doc.mapping(section.get("authorization"), apath, ("servers", "scopes_supported"))
+        authorization = None
+        if "authorization" in section:
+            doc.check(
+                protocol in ("http", "mcp"),
+                apath,
+                "is for HTTP and MCP upstreams (RFC 9728 metadata is served over HTTP)",
+            )
+            doc.check(
+                bool(audiences),
+                apath,
+                "needs audiences: the first is the resource URI clients ask tokens for "
+                "(RFC 8707), published as the metadata's `resource`",
+            )
+            servers = tuple(doc.strings(auth, apath, "servers"))
+            doc.check(bool(servers), f"{apath}.servers", "name at least one authorization server")
+            for i, server in enumerate(servers):
+                doc.check(
+                    urlsplit(server).scheme in ("http", "https") and bool(urlsplit(server).netloc),
+                    f"{apath}.servers[{i}]",
+                    f"must be an authorization server's issuer URL, not {server!r}",
+                )
+            scopes = tuple(doc.strings(auth, apath, "scopes_supported"))
+            for i, scope in enumerate(scopes):
+                doc.check(
+                    bool(SCOPE_TOKEN.fullmatch(scope)),
+                    f"{apath}.scopes_supported[{i}]",
+                    f"{scope!r} is not a scope token (RFC 6749 §3.3)",
+                )
+            authorization = ResourceAuthorization(servers, scopes)
+        challenge = doc.choice(section, path, "scope_challenge", ["http403", "jsonrpc"], "http403")
+        doc.check(
+            "scope_challenge" not in section or protocol == "mcp",
+            f"{path}.scope_challenge",
+            "is for MCP upstreams",
+        )
+        return audiences, authorization, challenge
 
     def token_exchange(self, value: Any, path: str) -> TokenExchange | None:
         """`credentials.token_exchange`: where and as whom the proxy exchanges the caller's
@@ -431,6 +489,9 @@ class _Loader:
             "body",
             "max_response_bytes",
             "openapi",
+            "audiences",
+            "authorization",
+            "scope_challenge",
         )
         section = doc.mapping(value, path, keys)
         name = doc.get(section, path, "name", str, required=True) or ""
@@ -496,6 +557,7 @@ class _Loader:
                 credentials = Credentials(
                     header, secret, doc.get(creds, cpath, "prefix", str, "") or ""
                 )
+        audiences, authorization, scope_challenge = self.resource(section, path, protocol)
         max_body = doc.get(section, path, "max_body_bytes", int) or 0
         doc.check(
             section.get("max_body_bytes") is None or max_body > 0,
@@ -587,6 +649,9 @@ class _Loader:
             timeout=timeout,
             credentials=credentials,
             token_exchange=exchange,
+            audiences=audiences,
+            authorization=authorization,
+            scope_challenge=scope_challenge,  # type: ignore[arg-type]
             max_body_bytes=max(max_body, 0),  # 0: the protocol's default
         )
 
@@ -607,15 +672,16 @@ class _Loader:
             doc.error("$.identity.issuers", f"issuer {dup!r} is configured twice")
         cpath = "$.identity.claims"
         claims = doc.mapping(
-            section.get("claims"), cpath, ("agent", "roles", "task", "parent_task")
+            section.get("claims"), cpath, ("agent", "roles", "task", "parent_task", "scopes")
         )
         names_cfg = ClaimNames(
             agent=doc.get(claims, cpath, "agent", str, "sub") or "sub",
             roles=doc.get(claims, cpath, "roles", str, "roles") or "roles",
             task=doc.get(claims, cpath, "task", str, "task") or "task",
             parent_task=doc.get(claims, cpath, "parent_task", str, "parent_task") or "parent_task",
+            scopes=doc.get(claims, cpath, "scopes", str, "scope") or "scope",
         )
-        for key in ("agent", "roles", "task", "parent_task"):
+        for key in ("agent", "roles", "task", "parent_task", "scopes"):
             claim = getattr(names_cfg, key)
             doc.check(
                 _claim_path_readable(claim),

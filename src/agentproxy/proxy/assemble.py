@@ -174,6 +174,8 @@ def _deciding(runtime: Runtime, services: Services) -> tuple[Stage, ...]:
             task_from=config.identity.task_from,
             own_issuer=config.sts.issuer if config.sts is not None else None,
             bound={u.name: frozenset((u.name, *upstream_audiences(u))) for u in config.upstreams},
+            resources={u.name: frozenset(u.audiences) for u in config.upstreams if u.audiences},
+            issuer_audiences={i.issuer: frozenset(i.audiences) for i in config.identity.issuers},
         ),
         Describe(),
         Pins(services.mcp.pins, enforced, runtime.policy.version),

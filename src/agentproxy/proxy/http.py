@@ -193,7 +193,13 @@ class HttpExchange:
         refusal = call.refusal
         if refusal is None:
             raise ValueError("refuse() needs call.refusal")
-        reply = render(refusal, decision_id=call.id)
+        protected = self.runtime.protected.get(self.upstream.name) if self.upstream else None
+        reply = render(
+            refusal,
+            decision_id=call.id,
+            resource_metadata=protected.metadata_url if protected else None,
+            scope=protected.scopes if protected else (),
+        )
         response = web.Response(status=reply.status, body=reply.body)
         for name, value in reply.headers:
             response.headers.add(name, value)

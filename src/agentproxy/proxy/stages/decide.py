@@ -6,7 +6,7 @@ import logging
 
 from agentproxy.clock import Clock
 from agentproxy.core import Call, Decision, Effect, Facts, Mode, task_history_key
-from agentproxy.errors import Denied, MissingCredential
+from agentproxy.errors import Denied, InsufficientScope, MissingCredential
 from agentproxy.metering.metrics import Metrics
 from agentproxy.policy import PolicySet, decide
 from agentproxy.policy.memo import DecisionMemo, memo_key
@@ -89,7 +89,12 @@ class Decide:
             degraded(call, self._on_error)
         decision = call.decision
         if decision.effect is Effect.DENY and call.enforced:
-            call.refusal = Denied(decision.reason, rule=decision.rule_id)
+            if decision.missing_scopes:
+                call.refusal = InsufficientScope(
+                    decision.reason, rule=decision.rule_id, scopes=decision.missing_scopes
+                )
+            else:
+                call.refusal = Denied(decision.reason, rule=decision.rule_id)
 
     async def _facts(self, call: Call) -> Facts:
         task, principal, parent = call.task, call.principal, call.parent_task
