@@ -133,10 +133,11 @@ $(HELM_BIN):
 	$@ version --short
 
 # Node packages the tests run, into .cache/node/ from the npm registry: Express, the upstream
-# framework that routes paths case-insensitively (tests/proxy/test_path_readings.py), and
+# framework that routes paths case-insensitively (tests/proxy/test_path_readings.py);
 # oidc-provider, an OpenID Certified authorization server the identity tests start
-# (tests/harness/oidc_provider.mjs: client credentials, discovery, token exchange).
-NODE_PACKAGES := express@4.21.2 oidc-provider@9.13.3
+# (tests/harness/oidc_provider.mjs: client credentials, discovery, token exchange); and the
+# official MCP TypeScript SDK, whose OAuth client the MCP tests run (tests/harness/mcp_client.mjs).
+NODE_PACKAGES := express@4.21.2 oidc-provider@9.13.3 @modelcontextprotocol/sdk@1.32.2
 # The stamp names the packages: a new version in NODE_PACKAGES installs again.
 NODE_STAMP := .cache/node/.installed-$(shell echo "$(NODE_PACKAGES)" | cksum | cut -d" " -f1)
 node-deps: $(NODE_STAMP)

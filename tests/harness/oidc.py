@@ -9,7 +9,6 @@ import asyncio
 import base64
 import hashlib
 import secrets
-import shutil
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -21,9 +20,9 @@ import aiohttp
 import orjson
 from yarl import URL
 
+from tests.harness import node
 from tests.harness.processes import free_port
 
-NODE_MODULES = Path(__file__).resolve().parents[2] / ".cache" / "node" / "node_modules"
 SCRIPT = Path(__file__).with_name("oidc_provider.mjs")
 EXCHANGE = "urn:ietf:params:oauth:grant-type:token-exchange"
 ACCESS_TOKEN = "urn:ietf:params:oauth:token-type:access_token"
@@ -130,7 +129,7 @@ async def _redirected(request: Any) -> str:
 
 
 def available() -> bool:
-    return shutil.which("node") is not None and (NODE_MODULES / "oidc-provider").is_dir()
+    return node.available("oidc-provider")
 
 
 @asynccontextmanager
@@ -143,12 +142,7 @@ async def run_provider(
 ) -> AsyncIterator[OpenIdProvider]:
     """oidc-provider on a free port. `resources`: resource indicator → {scope, ttl}."""
     assert available(), "oidc-provider is missing: run `make node-deps`"
-    # ESM resolves packages from the script's own directory, never NODE_PATH.
-    script = directory / "oidc_provider.mjs"
-    shutil.copyfile(SCRIPT, script)
-    link = directory / "node_modules"
-    if not link.exists():
-        link.symlink_to(NODE_MODULES, target_is_directory=True)
+    script = node.prepare(directory, SCRIPT)
     settings = {
         "port": free_port(),
         "clients": [

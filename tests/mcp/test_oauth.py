@@ -12,6 +12,7 @@ to the official SDK's server, with a real authorization server (oidc-provider):
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ from mcp.shared.auth import OAuthClientInformationFull, OAuthToken
 
 from mcp import Client as McpClient
 from tests.conftest import CustomProxyFactory, Proxy
+from tests.harness import node
 from tests.harness.oidc import Client, OpenIdProvider, run_provider
 from tests.harness.processes import free_port
 from tests.mcp.conftest import McpUpstream
@@ -329,3 +331,64 @@ def test_the_loader_refuses_what_would_not_bind_tokens(
     text = MAIN.replace("    timeout: 5s\n", "    timeout: 5s\n" + upstream)
     found = problems(write(tmp_path, text, policy))
     assert any(expected in line for line in found), found
+
+
+TS_CLIENT = Path(__file__).resolve().parents[1] / "harness" / "mcp_client.mjs"
+
+
+async def ts_client(directory: Path, settings: dict[str, Any]) -> dict[str, Any]:
+    """The official TypeScript SDK's client (tests/harness/mcp_client.mjs), run once."""
+    assert node.available("@modelcontextprotocol/sdk"), "run `make node-deps`"
+    script = node.prepare(directory, TS_CLIENT)
+    process = await asyncio.create_subprocess_exec(
+        "node",
+        str(script),
+        orjson.dumps(settings).decode(),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode == 0, err.decode(errors="replace")
+    result: dict[str, Any] = orjson.loads(out.splitlines()[-1])
+    return result
+
+
+async def test_the_typescript_sdk_discovers_gets_a_token_and_is_challenged_for_scope(
+    op: OpenIdProvider,
+    mcp_upstream: McpUpstream,
+    custom_proxy: CustomProxyFactory,
+    port: int,
+    tmp_path: Path,
+) -> None:
+    proxy = await start(custom_proxy, op, mcp_upstream, port)
+    calls = [
+        {"name": "lookup", "arguments": {"id": "7"}},
+        {"name": "transfer", "arguments": {"amount": 5, "to": "bob"}},
+        {"name": "admin_reset", "arguments": {}},
+    ]
+    settings = {
+        "url": proxy.base + "/mcp",
+        "client_id": AGENT.client_id,
+        "client_secret": AGENT.client_secret,
+        "scope": "hr:read",
+        "issuer": op.issuer,
+        "calls": calls,
+    }
+    result = await ts_client(tmp_path, settings)
+    assert "error" not in result, result
+    # tools/list shows what the agent could use, step-up included; admin_reset has no rule.
+    assert result["tools"] == ["lookup", "transfer"]
+    lookup, transfer, admin = result["results"]
+    assert lookup == {"ok": True, "text": "record 7"}
+    # The SDK reads the 403's insufficient_scope and asks again; its client-credentials
+    # provider (1.32.2) asks for its configured scope, not the challenged one, so the call
+    # stays refused; its authorization-code flow asks for the challenged scope.
+    assert transfer["code"] == 403 and "upscoping" in transfer["error"]
+    assert not admin["ok"] and "no rule allows" in admin["error"]
+    assert result["scope"] == "hr:read"
+    # Configured for the scope the rule needs, the same client makes the call.
+    result = await ts_client(
+        tmp_path, {**settings, "scope": "hr:read hr:write", "calls": calls[1:2]}
+    )
+    assert result["results"] == [{"ok": True, "text": "sent 5.0 to bob"}]
+    assert mcp_upstream.calls == ["lookup", "transfer"]
