@@ -19,7 +19,7 @@ const issuer = `http://127.0.0.1:${settings.port}`;
 const EXCHANGE = "urn:ietf:params:oauth:grant-type:token-exchange";
 const ACCESS_TOKEN = "urn:ietf:params:oauth:token-type:access_token";
 const JWT_TYPE = "urn:ietf:params:oauth:token-type:jwt";
-const stats = { client_credentials: 0, [EXCHANGE]: 0, refused: 0 };
+const stats = { client_credentials: 0, authorization_code: 0, [EXCHANGE]: 0, refused: 0, registered: 0 };
 
 const { privateKey } = crypto.generateKeyPairSync("rsa", { modulusLength: 2048 });
 const signing = { ...privateKey.export({ format: "jwk" }), kid: "test-rs256", use: "sig", alg: "RS256" };
@@ -55,6 +55,9 @@ const provider = new Provider(issuer, {
     // The provider's own sign-in pages: any user name signs in (users are the tests').
     devInteractions: { enabled: true },
     clientCredentials: { enabled: true },
+    // Dynamic client registration (RFC 7591), as MCP clients expect of an authorization
+    // server they discover: open to any client, as a test server may be.
+    registration: { enabled: true },
     introspection: { enabled: true },
     revocation: { enabled: true },
     resourceIndicators: {
@@ -62,6 +65,14 @@ const provider = new Provider(issuer, {
       defaultResource: () => settings.default_resource,
       getResourceServerInfo: (ctx, uri) => resourceInfo(uri),
       useGrantedResource: () => true,
+    },
+  },
+  // A client that registers itself may later ask for any scope the server has (consent
+  // decides), as MCP clients that step up need: this test server's registration policy.
+  extraClientMetadata: {
+    properties: ["x_registered_by_test"],
+    validator(ctx, key, value, metadata) {
+      if (ctx?.oidc?.route === "registration") delete metadata.scope;
     },
   },
   formats: {
@@ -129,7 +140,11 @@ provider.registerGrantType(EXCHANGE, tokenExchange, [
   "requested_token_type",
 ]);
 provider.on("grant.success", (ctx) => {
-  if (ctx.oidc.params.grant_type === "client_credentials") stats.client_credentials += 1;
+  const grant = ctx.oidc.params.grant_type;
+  if (grant === "client_credentials" || grant === "authorization_code") stats[grant] += 1;
+});
+provider.on("registration_create.success", () => {
+  stats.registered += 1;
 });
 provider.on("grant.error", () => {
   stats.refused += 1;

@@ -93,6 +93,7 @@ async def start(
     port: int,
     challenge: str = "http403",
     extra: str = "",
+    policy: bytes = POLICY,
 ) -> Proxy:
     resource = f"http://127.0.0.1:{port}/mcp"
     text = f"""
@@ -115,7 +116,7 @@ upstreams:
 policy_files: [policy.yaml]
 decision_log: "off"
 """
-    return await custom_proxy(text, {"policy.yaml": POLICY})
+    return await custom_proxy(text, {"policy.yaml": policy})
 
 
 async def post(proxy: Proxy, token: str | None, body: dict[str, Any]) -> aiohttp.ClientResponse:
@@ -373,6 +374,7 @@ async def test_the_typescript_sdk_discovers_gets_a_token_and_is_challenged_for_s
         "scope": "hr:read",
         "issuer": op.issuer,
         "calls": calls,
+        "flow": "client_credentials",
     }
     result = await ts_client(tmp_path, settings)
     assert "error" not in result, result
@@ -391,4 +393,40 @@ async def test_the_typescript_sdk_discovers_gets_a_token_and_is_challenged_for_s
         tmp_path, {**settings, "scope": "hr:read hr:write", "calls": calls[1:2]}
     )
     assert result["results"] == [{"ok": True, "text": "sent 5.0 to bob"}]
+    assert mcp_upstream.calls == ["lookup", "transfer"]
+
+
+async def test_the_typescript_sdk_signs_a_person_in_as_ide_clients_do_and_steps_up(
+    op: OpenIdProvider,
+    mcp_upstream: McpUpstream,
+    custom_proxy: CustomProxyFactory,
+    port: int,
+    tmp_path: Path,
+) -> None:
+    # Claude Code, VS Code and Cursor: no client configured anywhere, a person signs in.
+    people = POLICY.replace(b"agents: [mcp-agent]", b"agents: [alice]")
+    proxy = await start(custom_proxy, op, mcp_upstream, port, policy=people)
+    result = await ts_client(
+        tmp_path,
+        {
+            "url": proxy.base + "/mcp",
+            "flow": "authorization_code",
+            "user": "alice",
+            "calls": [
+                {"name": "lookup", "arguments": {"id": "7"}},
+                {"name": "transfer", "arguments": {"amount": 5, "to": "bob"}},
+            ],
+        },
+    )
+    assert "error" not in result, result
+    assert result["tools"] == ["lookup", "transfer"]
+    assert result["results"] == [
+        {"ok": True, "text": "record 7"},
+        {"ok": True, "text": "sent 5.0 to bob"},
+    ]
+    # Registered itself once, signed in for hr:read, and again for hr:write on the 403.
+    stats = await op.stats()
+    assert (stats["registered"], stats["authorization_code"]) == (1, 2)
+    assert result["sign_ins"] == 2
+    assert set(result["scope"].split()) >= {"hr:read", "hr:write"}
     assert mcp_upstream.calls == ["lookup", "transfer"]
