@@ -39,7 +39,7 @@ rules:
 
 @pytest.fixture
 async def op(tmp_path: Path) -> AsyncIterator[OpenIdProvider]:
-    resources = {
+    resources: dict[str, dict[str, Any]] = {
         ENTRY: {"scope": "hr:read hr:write"},
         HR: {"scope": "hr:read hr:write", "ttl": 600},
     }
