@@ -163,4 +163,3 @@ def test_a_static_credential_and_an_exchange_do_not_mix(tmp_path: Path) -> None:
     text = exchange_config(more="        audience: a\n      header: X-Api-Key\n")
     found = problems(write(tmp_path, text))
     assert any("not both" in line for line in found), found
-
