@@ -87,6 +87,17 @@ class Denied(Refusal):
     fault = "policy"
 
 
+class CorsRefused(Refusal):
+    """A browser request from an origin the upstream's `cors.allow_origins` does not list
+    (or to an upstream without `cors:`): 403, with no CORS headers, so the page reads
+    nothing. A preflight is refused this way too, never with a 401."""
+
+    status = 403
+    problem = "cors-refused"
+    title = "Cross-origin request refused"
+    fault = "client"
+
+
 class NoRoute(Refusal):
     """No upstream is configured for this request."""
 

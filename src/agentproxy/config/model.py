@@ -137,6 +137,20 @@ class Credentials:
     prefix: str = ""
 
 
+@dataclass(frozen=True, slots=True)
+class Cors:
+    """The browser origins (the MCP Inspector, a web agent) allowed to call an upstream
+    across origins (`cors: {allow_origins: [...]}`), each as browsers serialize an `Origin`
+    (RFC 6454 §6.1: `scheme://host[:port]`, lower case, no default port), so that an exact
+    comparison is the whole check."""
+
+    allow_origins: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        if not self.allow_origins:
+            raise ValueError("cors needs at least one origin")
+
+
 Protocol = Literal["http", "mcp", "llm", "grpc"]
 
 # The largest request body, by protocol, when `max_body_bytes` is not set. HTTP bodies stream
@@ -214,6 +228,9 @@ class Upstream:
     max_response_bytes: int = 16 * 1024 * 1024
     # Plain HTTP only: the operations of the upstream's OpenAPI spec (`openapi:`).
     openapi: tuple[OpenApiOperation, ...] = ()
+    # HTTP protocols: the browser origins allowed across origins (`cors:`; None: preflights
+    # are refused and the upstream's own CORS headers pass as they are).
+    cors: Cors | None = None
 
     def __post_init__(self) -> None:
         if self.max_body_bytes == 0:

@@ -124,6 +124,20 @@ class HttpExchange:
         # A body read as `args` (forwarded as these bytes), and the answer's obligations.
         self.parsed_body: HttpBody | None = None
         self._shape: AnswerShape | None = None
+        # The CORS headers of the answer (`cors:` on the upstream), set by the data plane.
+        self.cors_headers: tuple[tuple[str, str], ...] = ()
+        self._cors_applied = False
+
+    def apply_cors(self, response: web.StreamResponse) -> None:
+        """Puts `cors_headers` on the answer before it is sent, once, in place of any the
+        upstream set: with `cors:` the proxy alone says which origins may read it."""
+        if not self.cors_headers or self._cors_applied or response.prepared:
+            return
+        self._cors_applied = True
+        for name in {n for n in response.headers if n.lower().startswith("access-control-")}:
+            response.headers.popall(name, None)
+        for name, value in self.cors_headers:
+            response.headers.add(name, value)
 
     @property
     def responded(self) -> bool:
@@ -400,6 +414,7 @@ class HttpExchange:
         )
         self._adjust_response_headers(upstream_response, response)
         _budget_header(call, response)
+        self.apply_cors(response)
         call.status = upstream_response.status
         self.response = response
         self._responded = True
