@@ -51,6 +51,7 @@ from agentproxy.protocols.http_body import (
 from agentproxy.protocols.openapi import BodyValidator
 from agentproxy.protocols.strict_json import JsonError, parse_answer
 from agentproxy.proxy.context import context_headers
+from agentproxy.proxy.listener import BoundedHandler
 from agentproxy.proxy.offload import parse_off_loop, shape_off_loop
 from agentproxy.proxy.runtime import Runtime
 from agentproxy.proxy.upstream import HttpProcessingError, UpstreamAnswer, UpstreamClient, origin_of
@@ -273,9 +274,14 @@ class HttpExchange:
             raise UpstreamFailed(
                 f"upstream {upstream.name} is unreachable or broke the connection"
             ) from None
+        # A caller that goes away mid-answer closes the upstream request at once, not at the
+        # next write (an SSE stream may be silent for minutes): the MCP server must see the
+        # stream end for a `GET` with `Last-Event-ID` to get the live tail.
+        forget = _when_lost(request, upstream_response.abandon)
         try:
             await self._stream_back(call, upstream_response)
         finally:
+            forget()
             upstream_response.release()
             call.upstream_seconds = self.clock.monotonic() - sent
 
@@ -513,6 +519,19 @@ class HttpExchange:
         transport = self.request.transport
         if transport is not None:
             transport.abort()
+
+
+def _when_lost(request: web.BaseRequest, callback: Callable[[], None]) -> Callable[[], None]:
+    """`callback` once the caller's connection is lost (the data plane's listener tells);
+    returns what cancels that."""
+    protocol = request.protocol
+    if isinstance(protocol, BoundedHandler):
+        return protocol.when_lost(callback)
+    return _nothing
+
+
+def _nothing() -> None:
+    return None
 
 
 _NO_FACTS = Facts()
