@@ -132,14 +132,20 @@ $(HELM_BIN):
 	rm -rf $(HELM_DIR)/download
 	$@ version --short
 
-# Express, the upstream framework that routes paths case-insensitively (tests/proxy/
-# test_path_readings.py), into .cache/node/ from the npm registry.
-EXPRESS := express@4.21.2
-node-deps: .cache/node/node_modules/express/package.json
+# Node packages the tests run, into .cache/node/ from the npm registry: Express, the upstream
+# framework that routes paths case-insensitively (tests/proxy/test_path_readings.py);
+# oidc-provider, an OpenID Certified authorization server the identity tests start
+# (tests/harness/oidc_provider.mjs: client credentials, discovery, token exchange); and the
+# official MCP TypeScript SDK, whose OAuth client the MCP tests run (tests/harness/mcp_client.mjs).
+NODE_PACKAGES := express@4.21.2 oidc-provider@9.13.3 @modelcontextprotocol/sdk@1.32.2
+# The stamp names the packages: a new version in NODE_PACKAGES installs again.
+NODE_STAMP := .cache/node/.installed-$(shell echo "$(NODE_PACKAGES)" | cksum | cut -d" " -f1)
+node-deps: $(NODE_STAMP)
 
-.cache/node/node_modules/express/package.json:
+$(NODE_STAMP):
 	@command -v npm >/dev/null 2>&1 || { echo "npm is missing: apt-get install npm"; exit 1; }
-	mkdir -p .cache/node && npm install --prefix .cache/node $(EXPRESS) --no-audit --no-fund --silent
+	mkdir -p .cache/node && npm install --prefix .cache/node $(NODE_PACKAGES) --no-audit --no-fund --silent
+	touch $@
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache src/*.egg-info

@@ -137,6 +137,7 @@ class Principal:
     expires_at: float = 0.0
     task: str | None = None
     parent_task: str | None = None  # the task that delegated this one (the token says so)
+    scopes: frozenset[str] = frozenset()  # the token's OAuth scopes (`identity.claims.scopes`)
 
     def __post_init__(self) -> None:
         for value in (self.agent, self.acting_for, *self.chain):
@@ -161,6 +162,7 @@ def _build_view(principal: Principal) -> dict[str, Any]:
         "roles": sorted(principal.roles),
         "claims": plain(principal.claims),
         "issuer": principal.issuer,
+        "scopes": sorted(principal.scopes),
     }
 
 
@@ -215,6 +217,9 @@ class Decision:
     shadow_effect: Effect | None = None
     shadow_rule: str | None = None
     memoizable: bool = False
+    # A deny only for want of scopes: the scopes the rule that would allow it needs (the
+    # caller may step up: RFC 6750 §3.1 insufficient_scope).
+    missing_scopes: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.rule_id is None and self.effect is not Effect.DENY:
@@ -310,6 +315,9 @@ class Call:
     now: float
     trace: TraceContext
     bearer: str | None = field(default=None, repr=False)
+    # The upstream's credential for this call (header, value), when it is one per call
+    # (`credentials.token_exchange`): set just before forwarding, never logged or recorded.
+    upstream_credential: tuple[str, str] | None = field(default=None, repr=False)
     declared_task: str | None = None
     declared_parent: str | None = None  # X-Agentproxy-Parent-Task, as the agent sent it
     principal: Principal | None = None

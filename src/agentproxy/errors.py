@@ -98,6 +98,18 @@ class CorsRefused(Refusal):
     fault = "client"
 
 
+class InsufficientScope(Denied):
+    """Denied for want of token scopes that a rule would allow the call with: the caller can
+    step up (RFC 6750 §3.1). `scopes`: what to ask for, the rule's whole set."""
+
+    problem = "insufficient-scope"
+    title = "Insufficient scope"
+
+    def __init__(self, detail: str, *, scopes: tuple[str, ...], **kw: object) -> None:
+        super().__init__(detail, **kw)  # type: ignore[arg-type]
+        self.scopes = scopes
+
+
 class NoRoute(Refusal):
     """No upstream is configured for this request."""
 
@@ -248,6 +260,24 @@ class UnshapedAnswer(UpstreamFailed):
 
     problem = "answer-not-shaped"
     title = "Answer could not be shaped"
+
+
+class CredentialRefused(Refusal):
+    """The upstream's authorization server refused to exchange the caller's token for the
+    upstream's (`credentials.token_exchange`): the caller may not reach that upstream."""
+
+    status = 403
+    problem = "upstream-credential-refused"
+    title = "Upstream credential refused"
+    fault = "upstream"
+
+
+class CredentialUnavailable(UpstreamFailed):
+    """The upstream's authorization server could not be asked, or answered nothing usable:
+    the call is not forwarded without its credential."""
+
+    problem = "upstream-credential-unavailable"
+    title = "Upstream credential unavailable"
 
 
 class UpstreamTimeout(Refusal, TimeoutError):

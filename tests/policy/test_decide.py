@@ -360,7 +360,7 @@ def test_a_condition_is_handed_every_variable_it_mentions(
         ('principal["claims"]["dept"] == "hr"', None),
         ('"claims" in principal', None),
         ("principal.?claims.orValue({}) == {}", None),
-        ('principal.claims.dept == "hr" && size(principal) == 6', None),
+        ('principal.claims.dept == "hr" && size(principal) == 7', None),
         ('principal.exists(k, k == "claims")', None),  # a macro over the map, not a member
     ],
 )
@@ -427,7 +427,7 @@ rules:
   - id: whole
     agents: [hr-bot]
     actions: ["http:GET /v1/whole"]
-    when: '"claims" in principal && principal["agent"] == "hr-bot" && size(principal) == 6'
+    when: '"claims" in principal && principal["agent"] == "hr-bot" && size(principal) == 7'
     effect: allow
   - id: members
     agents: [hr-bot]

@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 import yaml
 
 from agentproxy.config.model import (
+    SCOPE_TOKEN,
     AdminSettings,
     ApprovalsSettings,
     AuditConfig,
@@ -36,11 +37,13 @@ from agentproxy.config.model import (
     Price,
     PrincipalRef,
     RedisSettings,
+    ResourceAuthorization,
     Secret,
     SentinelSettings,
     StoreSettings,
     StsSettings,
     TelemetrySettings,
+    TokenExchange,
     Upstream,
     Webhook,
     redact_url,
@@ -228,6 +231,142 @@ class _Loader:
             return None
         return Secret(data, str(file))
 
+    def resource(
+        self, section: dict[str, Any], path: str, protocol: str
+    ) -> tuple[tuple[str, ...], ResourceAuthorization | None, str]:
+        """An upstream as an OAuth protected resource: `audiences` (RFC 8707),
+        `authorization` (RFC 9728 metadata) and, for MCP, `scope_challenge`."""
+        doc = self.doc
+        audiences = tuple(doc.strings(section, path, "audiences"))
+        for i, uri in enumerate(audiences):
+            parts = urlsplit(uri)
+            doc.check(
+                parts.scheme in ("http", "https")
+                and bool(parts.netloc)
+                and not parts.fragment
+                and not parts.query,
+                f"{path}.audiences[{i}]",
+                f"must be the resource's absolute http(s) URI without query or fragment "
+                f"(RFC 8707 §2), e.g. https://tools.example/hr/mcp, not {uri!r}",
+            )
+        apath = f"{path}.authorization"
+        auth = doc.mapping(section.get("authorization"), apath, ("servers", "scopes_supported"))
+        authorization = None
+        if "authorization" in section:
+            doc.check(
+                protocol in ("http", "mcp"),
+                apath,
+                "is for HTTP and MCP upstreams (RFC 9728 metadata is served over HTTP)",
+            )
+            doc.check(
+                bool(audiences),
+                apath,
+                "needs audiences: the first is the resource URI clients ask tokens for "
+                "(RFC 8707), published as the metadata's `resource`",
+            )
+            servers = tuple(doc.strings(auth, apath, "servers"))
+            doc.check(bool(servers), f"{apath}.servers", "name at least one authorization server")
+            for i, server in enumerate(servers):
+                doc.check(
+                    urlsplit(server).scheme in ("http", "https") and bool(urlsplit(server).netloc),
+                    f"{apath}.servers[{i}]",
+                    f"must be an authorization server's issuer URL, not {server!r}",
+                )
+            scopes = tuple(doc.strings(auth, apath, "scopes_supported"))
+            for i, scope in enumerate(scopes):
+                doc.check(
+                    bool(SCOPE_TOKEN.fullmatch(scope)),
+                    f"{apath}.scopes_supported[{i}]",
+                    f"{scope!r} is not a scope token (RFC 6749 §3.3)",
+                )
+            authorization = ResourceAuthorization(servers, scopes)
+        challenge = doc.choice(section, path, "scope_challenge", ["http403", "jsonrpc"], "http403")
+        doc.check(
+            "scope_challenge" not in section or protocol == "mcp",
+            f"{path}.scope_challenge",
+            "is for MCP upstreams",
+        )
+        return audiences, authorization, challenge
+
+    def token_exchange(self, value: Any, path: str) -> TokenExchange | None:
+        """`credentials.token_exchange`: where and as whom the proxy exchanges the caller's
+        token for the upstream's. The client secret travels to `token_url`, so that is https
+        (plain http only to a loopback address, a sidecar's own token service)."""
+        doc = self.doc
+        keys = (
+            "token_url",
+            "client_id",
+            "client_secret_file",
+            "audience",
+            "resource",
+            "scope",
+            "header",
+            "prefix",
+            "auth_method",
+            "timeout",
+        )
+        section = doc.mapping(value, path, keys)
+        url = doc.get(section, path, "token_url", str, required=True) or ""
+        if url:
+            doc.check(
+                _token_url_ok(url),
+                f"{path}.token_url",
+                f"must be an https URL (http only to 127.0.0.1, ::1 or localhost), not {url!r}",
+            )
+        client_id = doc.get(section, path, "client_id", str, required=True) or ""
+        secret = self.secret(section, path, "client_secret_file", required=True)
+        audience = doc.get(section, path, "audience", str)
+        resource = doc.get(section, path, "resource", str)
+        doc.check(
+            audience is not None or resource is not None,
+            path,
+            "needs an audience or a resource (RFC 8707): the upstream the new token is for",
+        )
+        if resource is not None:
+            parts = urlsplit(resource)
+            doc.check(
+                bool(parts.scheme and parts.netloc) and not parts.fragment,
+                f"{path}.resource",
+                f"must be an absolute URI without a fragment (RFC 8707 §2), not {resource!r}",
+            )
+        scope = doc.get(section, path, "scope", str)
+        if scope is not None:
+            doc.check(
+                all(SCOPE_TOKEN.fullmatch(s) for s in scope.split(" ")),
+                f"{path}.scope",
+                "must be scope tokens separated by single spaces (RFC 6749 §3.3)",
+            )
+        header = doc.get(section, path, "header", str, "Authorization") or ""
+        doc.check(
+            bool(_HEADER_NAME.fullmatch(header)), f"{path}.header", "must be an HTTP header name"
+        )
+        prefix = doc.get(section, path, "prefix", str)
+        if prefix is None:
+            prefix = "Bearer " if header.lower() == "authorization" else ""
+        method = doc.choice(
+            section,
+            path,
+            "auth_method",
+            ["client_secret_basic", "client_secret_post"],
+            "client_secret_basic",
+        )
+        timeout = doc.duration(section, path, "timeout", 5.0)
+        doc.check(0 < timeout <= 60, f"{path}.timeout", "must be more than 0 and at most 60s")
+        if not (url and client_id and secret is not None):
+            return None
+        return TokenExchange(
+            token_url=url,
+            client_id=client_id,
+            client_secret=secret,
+            audience=audience,
+            resource=resource,
+            scope=scope,
+            header=header,
+            prefix=prefix,
+            auth_method=method,  # type: ignore[arg-type]
+            timeout=timeout,
+        )
+
     def existing_file(self, section: dict[str, Any], path: str, key: str) -> Path | None:
         name = self.doc.get(section, path, key, str)
         if name is None:
@@ -357,6 +496,9 @@ class _Loader:
             "body",
             "max_response_bytes",
             "openapi",
+            "audiences",
+            "authorization",
+            "scope_challenge",
             "cors",
         )
         section = doc.mapping(value, path, keys)
@@ -399,8 +541,19 @@ class _Loader:
             prefix = prefix.rstrip("/") or "/"
         credentials = None
         cpath = f"{path}.credentials"
-        creds = doc.mapping(section.get("credentials"), cpath, ("header", "value_file", "prefix"))
-        if creds:
+        creds = doc.mapping(
+            section.get("credentials"), cpath, ("header", "value_file", "prefix", "token_exchange")
+        )
+        exchange = None
+        if "token_exchange" in creds:
+            doc.check(
+                not {"header", "value_file", "prefix"} & creds.keys(),
+                cpath,
+                "takes either a static credential (header, value_file, prefix) or "
+                "token_exchange, not both",
+            )
+            exchange = self.token_exchange(creds["token_exchange"], f"{cpath}.token_exchange")
+        elif creds:
             header = doc.get(creds, cpath, "header", str, required=True) or ""
             doc.check(
                 not header or bool(_HEADER_NAME.fullmatch(header)),
@@ -412,6 +565,7 @@ class _Loader:
                 credentials = Credentials(
                     header, secret, doc.get(creds, cpath, "prefix", str, "") or ""
                 )
+        audiences, authorization, scope_challenge = self.resource(section, path, protocol)
         max_body = doc.get(section, path, "max_body_bytes", int) or 0
         doc.check(
             section.get("max_body_bytes") is None or max_body > 0,
@@ -505,6 +659,10 @@ class _Loader:
             path_prefix=prefix,
             timeout=timeout,
             credentials=credentials,
+            token_exchange=exchange,
+            audiences=audiences,
+            authorization=authorization,
+            scope_challenge=scope_challenge,  # type: ignore[arg-type]
             max_body_bytes=max(max_body, 0),  # 0: the protocol's default
         )
 
@@ -551,15 +709,16 @@ class _Loader:
             doc.error("$.identity.issuers", f"issuer {dup!r} is configured twice")
         cpath = "$.identity.claims"
         claims = doc.mapping(
-            section.get("claims"), cpath, ("agent", "roles", "task", "parent_task")
+            section.get("claims"), cpath, ("agent", "roles", "task", "parent_task", "scopes")
         )
         names_cfg = ClaimNames(
             agent=doc.get(claims, cpath, "agent", str, "sub") or "sub",
             roles=doc.get(claims, cpath, "roles", str, "roles") or "roles",
             task=doc.get(claims, cpath, "task", str, "task") or "task",
             parent_task=doc.get(claims, cpath, "parent_task", str, "parent_task") or "parent_task",
+            scopes=doc.get(claims, cpath, "scopes", str, "scope") or "scope",
         )
-        for key in ("agent", "roles", "task", "parent_task"):
+        for key in ("agent", "roles", "task", "parent_task", "scopes"):
             claim = getattr(names_cfg, key)
             doc.check(
                 _claim_path_readable(claim),
@@ -1060,6 +1219,15 @@ def _valid_url(url: str, grpc: bool) -> bool:
     if grpc:
         return parts.scheme in ("grpc", "grpcs", "http", "https") and parts.path in ("", "/")
     return parts.scheme in ("http", "https")
+
+
+def _token_url_ok(url: str) -> bool:
+    parts = urlsplit(url)
+    if not parts.hostname or parts.fragment or parts.username:
+        return False
+    if parts.scheme == "https":
+        return True
+    return parts.scheme == "http" and parts.hostname in ("127.0.0.1", "::1", "localhost")
 
 
 _LABEL_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")

@@ -151,6 +151,65 @@ class Cors:
             raise ValueError("cors needs at least one origin")
 
 
+@dataclass(frozen=True, slots=True)
+class TokenExchange:
+    """A credential per call (`credentials.token_exchange`): the caller's verified token is
+    exchanged (RFC 8693) at the upstream's own authorization server for one the upstream
+    accepts, naming the same user and agent, and sent in `header`. The proxy authenticates as
+    `client_id` (client_secret_basic, or client_secret_post for servers that want the secret
+    in the form)."""
+
+    token_url: str
+    client_id: str
+    client_secret: Secret
+    audience: str | None = None
+    resource: str | None = None
+    scope: str | None = None
+    header: str = "Authorization"
+    prefix: str = "Bearer "
+    auth_method: Literal["client_secret_basic", "client_secret_post"] = "client_secret_basic"
+    timeout: float = 5.0
+
+    @property
+    def key(self) -> tuple[str, ...]:
+        """What makes a cached credential reusable: a reload that changes any of it asks anew."""
+        return (
+            self.token_url,
+            self.client_id,
+            self.audience or "",
+            self.resource or "",
+            self.scope or "",
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class ResourceAuthorization:
+    """`upstreams[].authorization`: where clients get tokens for this upstream (RFC 9728)."""
+
+    servers: tuple[str, ...]
+    scopes_supported: tuple[str, ...] = ()
+
+    def metadata(self, resource: str) -> dict[str, object]:
+        """The protected resource metadata document (RFC 9728 §2)."""
+        document: dict[str, object] = {
+            "resource": resource,
+            "authorization_servers": list(self.servers),
+            "bearer_methods_supported": ["header"],
+        }
+        if self.scopes_supported:
+            document["scopes_supported"] = list(self.scopes_supported)
+        return document
+
+
+def metadata_url(resource: str) -> str:
+    """RFC 9728 §3.1: the well-known path is inserted between the resource's host and its
+    path (`https://h/mcp` → `https://h/.well-known/oauth-protected-resource/mcp`)."""
+    scheme, rest = resource.split("://", 1)
+    host, _, path = rest.partition("/")
+    suffix = "/" + path.rstrip("/") if path.rstrip("/") else ""
+    return f"{scheme}://{host}/.well-known/oauth-protected-resource{suffix}"
+
+
 Protocol = Literal["http", "mcp", "llm", "grpc"]
 
 # The largest request body, by protocol, when `max_body_bytes` is not set. HTTP bodies stream
@@ -194,6 +253,17 @@ class Upstream:
     path_prefix: str | None = None
     timeout: float = 30.0
     credentials: Credentials | None = None
+    # `credentials.token_exchange`: a credential per call instead of one static key.
+    token_exchange: TokenExchange | None = None
+    # RFC 8707: the resource URIs a token must name in `aud` to be used here (the first is
+    # the canonical one, published as `resource` in the protected resource metadata).
+    audiences: tuple[str, ...] = ()
+    # RFC 9728: the protected resource metadata the proxy serves for this upstream.
+    authorization: ResourceAuthorization | None = None
+    # MCP: how a call whose token lacks a rule's scopes is answered: the spec's HTTP 403
+    # with `WWW-Authenticate: Bearer error="insufficient_scope"` (clients step up), or a
+    # JSON-RPC error (older SDK clients tear the session down on a 4xx).
+    scope_challenge: Literal["http403", "jsonrpc"] = "http403"
     # 0: the protocol's default (DEFAULT_MAX_BODY_BYTES).
     max_body_bytes: int = 0
     # MCP only: tool pinning (off | report | enforce) and how a refused tools/call is
@@ -268,6 +338,9 @@ class ClaimNames:
     roles: str = "roles"
     task: str = "task"
     parent_task: str = "parent_task"
+    # The token's scopes (RFC 8693 §4.2 `scope`, a space-separated string; Entra's `scp`
+    # too when this is left at `scope`): what a rule's `scopes:` needs.
+    scopes: str = "scope"
 
 
 TaskSource = Literal["token", "header"]
@@ -405,6 +478,9 @@ class RuleSpec:
     approval: ApprovalSpec | None = None
     # Names of the upstreams the rule applies to (empty: every upstream).
     upstreams: tuple[str, ...] = ()
+    # Token scopes the rule needs (all of them); without them the rule does not apply, and
+    # a call no other rule allows is refused `insufficient_scope` naming them.
+    scopes: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from agentproxy.config.model import (
+    SCOPE_TOKEN,
     ApprovalSpec,
     CostSpec,
     KeepItemsSpec,
@@ -82,6 +83,7 @@ RULE_KEYS = (
     "agents",
     "users",
     "upstreams",
+    "scopes",
     "actions",
     "when",
     "effect",
@@ -182,6 +184,19 @@ def _rule(doc: Document, value: Any, path: str) -> RuleSpec | None:
         )
     if (limits or cost or labels or redact or keep) and effect == "deny":
         doc.error(path, "limits, cost and obligations apply to calls a rule allows, not to a deny")
+    scopes = tuple(doc.strings(section, path, "scopes"))
+    for i, scope in enumerate(scopes):
+        doc.check(
+            bool(SCOPE_TOKEN.fullmatch(scope)),
+            f"{path}.scopes[{i}]",
+            f"{scope!r} is not a scope token (RFC 6749 §3.3)",
+        )
+    if scopes and effect == "deny":
+        doc.error(
+            f"{path}.scopes",
+            "scopes are what a call needs to be allowed; a deny applies whatever the token "
+            "holds (use a when condition on principal.scopes to deny by scope)",
+        )
     approval = _approval(doc, section.get("approval"), f"{path}.approval")
     if effect == "require_approval" and approval is None:
         doc.error(path, 'require_approval needs "approval: {approvers: [...]}" (who may approve)')
@@ -199,6 +214,7 @@ def _rule(doc: Document, value: Any, path: str) -> RuleSpec | None:
         agents=agents,
         users=doc.strings(section, path, "users"),
         upstreams=doc.strings(section, path, "upstreams"),
+        scopes=scopes,
         actions=actions,
         effect=Effect(effect),
         when=when,

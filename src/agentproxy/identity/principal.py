@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Any
 
-from agentproxy.config.model import ClaimNames
+from agentproxy.config.model import SCOPE_TOKEN, ClaimNames
 from agentproxy.core import Principal, is_safe_identifier
 from agentproxy.errors import Unauthenticated
 
@@ -65,6 +65,7 @@ def principal_from_claims(
         expires_at=expires_at,
         task=_task(claim_at(claims, names.task), names.task),
         parent_task=_task(claim_at(claims, names.parent_task), names.parent_task),
+        scopes=_scopes(claims, names.scopes),
     )
 
 
@@ -109,6 +110,25 @@ def _roles(value: Any, claim: str) -> frozenset[str]:
             " of printable roles"
         )
     return frozenset(roles)
+
+
+def _scopes(claims: Mapping[str, Any], claim: str) -> frozenset[str]:
+    """The token's scopes: RFC 8693 §4.2's `scope` (one space-separated string), or a list;
+    with the default name, Entra ID's `scp` when there is no `scope`."""
+    value = claim_at(claims, claim)
+    if value is None and claim == "scope":
+        value, claim = claims.get("scp"), "scp"
+    if value is None:
+        return frozenset()
+    scopes = value.split() if isinstance(value, str) else value
+    if not isinstance(scopes, list) or not all(
+        isinstance(s, str) and SCOPE_TOKEN.fullmatch(s) for s in scopes
+    ):
+        raise Unauthenticated(
+            f"claim {claim!r} must be a space-separated string or a list of scope tokens"
+            " (RFC 6749 §3.3)"
+        )
+    return frozenset(scopes)
 
 
 def _task(value: Any, claim: str) -> str | None:

@@ -315,7 +315,7 @@ def target_of(target: str, upstreams: Sequence[Upstream]) -> tuple[str, str]:
 
 def upstream_audiences(upstream: Upstream) -> tuple[str, ...]:
     """The resource URIs an upstream is known by (`upstreams[].audiences`), if any."""
-    return tuple(getattr(upstream, "audiences", ()) or ())
+    return upstream.audiences
 
 
 class DelegationPolicy:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import dataclasses
 import math
 import re
 from collections import OrderedDict
@@ -88,13 +89,17 @@ class TokenVerifier:
         identity: Identity,
         *,
         own: tuple[Issuer, VerificationKey] | None = None,
+        resources: tuple[str, ...] = (),
         cache_size: int = 10_000,
         jwks_cooldown: float = JWKS_COOLDOWN,
     ) -> None:
         """`own`: the proxy's own STS issuer and its public key, trusted besides the
-        configured issuers, with the claim names the STS writes."""
+        configured issuers, with the claim names the STS writes. `resources`: the upstreams'
+        resource URIs (RFC 8707), audiences of every issuer besides its own; which upstream
+        a token naming one may be used on is the identify stage's to check."""
         self._identity = identity
         self._own = own
+        self._resources = resources
         self._cache_size = cache_size
         self._jwks_cooldown = jwks_cooldown
         self._issuers: dict[str, _TrustedIssuer] = {}
@@ -125,6 +130,9 @@ class TokenVerifier:
                 keys = _StaticKey(config.hs256_secret.value)
             else:
                 raise ValueError(f"issuer {config.issuer!r} has no key source")
+            if self._resources:
+                audiences = (*config.audiences, *self._resources)
+                config = dataclasses.replace(config, audiences=tuple(dict.fromkeys(audiences)))
             issuers[config.issuer] = _TrustedIssuer(config, keys, self._identity.claims)
         if self._own is not None:
             config, key = self._own

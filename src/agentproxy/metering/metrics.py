@@ -273,6 +273,13 @@ class Metrics:
             ["outcome"],
             registry=r,
         )
+        self.upstream_credentials = Counter(
+            "agentproxy_upstream_credentials",
+            "Per-call upstream credentials (credentials.token_exchange), by how each call got"
+            " one: exchanged, cached, refused (by the authorization server) or failed.",
+            ["upstream", "outcome"],
+            registry=r,
+        )
         # Pre-create the children users alert on, so they exist (at 0) from the first scrape.
         self.sts_tokens.labels("issued")
         for result in ("success", "failure"):

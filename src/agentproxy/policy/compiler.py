@@ -144,6 +144,8 @@ class Rule:
     cost_expr: cel.Expression | None = None
     # The upstreams (by name) the rule applies to; empty: all of them.
     upstreams: frozenset[str] = frozenset()
+    # The token scopes it needs (all of them): without them it does not apply.
+    scopes: frozenset[str] = frozenset()
     # Obligations on the JSON answer (policy/shaping.py).
     redact_fields: tuple[FieldPath, ...] = ()
     keep_items: tuple[KeepItems, ...] = ()
@@ -376,6 +378,7 @@ def _compile_rule(spec: RuleSpec, issues: list[Issue]) -> Rule | None:
         builtin=spec.builtin,
         approval=spec.approval,
         upstreams=frozenset(spec.upstreams),
+        scopes=frozenset(spec.scopes),
         cost_expr=cost_expr,
         redact_fields=redact_fields or (),
         keep_items=keep_items or (),

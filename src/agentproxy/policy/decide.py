@@ -64,6 +64,8 @@ def decide(
     inputs: _Inputs | None = None
     seen: set[str] = set()
     memoizable = True
+    # The first rule that would apply but for the token's scopes, and the scopes it lacks.
+    wanting: tuple[Rule, tuple[str, ...]] | None = None
     for rule, pattern in policy.index.candidates(action.name, action.fold_case):
         if rule.id in seen:
             continue
@@ -77,6 +79,15 @@ def decide(
         if not rule.principals.matches(principal):
             if trace is not None:
                 trace.append(TraceStep(rule.id, pattern.text, "agent or user does not match"))
+            continue
+        if rule.scopes and not rule.scopes <= principal.scopes:
+            missing = tuple(sorted(rule.scopes - principal.scopes))
+            if wanting is None and rule.mode is Mode.ENFORCE:
+                wanting = (rule, missing)
+            if trace is not None:
+                trace.append(
+                    TraceStep(rule.id, pattern.text, f"token lacks scope {' '.join(missing)}")
+                )
             continue
         seen.add(rule.id)
         memoizable = memoizable and rule.memoizable
@@ -108,7 +119,21 @@ def decide(
         )
 
     winner = strongest(enforced)
-    if winner is None:
+    if winner is None and wanting is not None:
+        rule, missing = wanting
+        needed = " ".join(sorted(rule.scopes))
+        decision = Decision(
+            effect=Effect.DENY,
+            rule_id=None,
+            reason=(
+                f"rule {rule.id} allows {action.name} only with scope {needed};"
+                f" the token lacks {' '.join(missing)}"
+            ),
+            policy_version=policy.version,
+            memoizable=memoizable,
+            missing_scopes=tuple(sorted(rule.scopes)),
+        )
+    elif winner is None:
         decision = Decision(
             effect=Effect.DENY,
             rule_id=None,

@@ -51,7 +51,7 @@ CASE_KEYS = (
     "expect",
     "rule",
 )
-PRINCIPAL_KEYS = ("agent", "user", "roles", "claims", "chain", "issuer")
+PRINCIPAL_KEYS = ("agent", "user", "roles", "claims", "chain", "issuer", "scopes")
 DEFAULT_NOW = parse_rfc3339("2026-01-01T00:00:00Z")
 
 
@@ -164,6 +164,7 @@ def _case(doc: Document, value: Any, path: str, describe: DescribeRequest) -> Ca
             roles=frozenset(doc.strings(p, f"{path}.principal", "roles")),
             claims=claims,
             issuer=doc.get(p, f"{path}.principal", "issuer", str, "") or "",
+            scopes=frozenset(doc.strings(p, f"{path}.principal", "scopes")),
         )
     except ValueError as exc:
         doc.error(f"{path}.principal", str(exc))

@@ -25,6 +25,7 @@ from agentproxy.errors import (
     ApprovalCap,
     ApprovalRefused,
     BadRequest,
+    CredentialRefused,
     Denied,
     InternalError,
     LimitRefused,
@@ -189,7 +190,7 @@ def code_of(refusal: Refusal) -> Code:
         return Code.UNAUTHENTICATED
     if isinstance(refusal, ApprovalRefused):
         return Code.PERMISSION_DENIED if refusal.outcome == "denied" else Code.FAILED_PRECONDITION
-    if isinstance(refusal, Denied):
+    if isinstance(refusal, Denied | CredentialRefused):
         return Code.PERMISSION_DENIED
     if isinstance(refusal, LimitRefused | ApprovalCap | PayloadTooLarge):
         return Code.RESOURCE_EXHAUSTED

@@ -18,7 +18,13 @@ from typing import Final
 import orjson
 
 from agentproxy.core import Action, TraceContext
-from agentproxy.errors import BadRequest, MissingCredential, Refusal, Unauthenticated
+from agentproxy.errors import (
+    BadRequest,
+    InsufficientScope,
+    MissingCredential,
+    Refusal,
+    Unauthenticated,
+)
 from agentproxy.protocols.http_token import TOKEN
 
 __all__ = [
@@ -603,16 +609,49 @@ class WireReply:
 _NOT_ERROR_DESCRIPTION = re.compile(r"[^\x20\x21\x23-\x5b\x5d-\x7e]")
 # RFC 9110 §5.5: field-value characters (visible ASCII, SP, HTAB; obs-text refused).
 _FIELD_VALUE = re.compile(r"[\t\x20-\x7e]*")
+# What may stand inside a quoted-string of a challenge without escapes (RFC 9110 §5.6.4).
+_QUOTABLE = re.compile(r"[\x21\x23-\x5b\x5d-\x7e]+")
 _SET_BY_RENDER: Final = frozenset({"content-type", "cache-control", "www-authenticate"})
 
 
-def render(refusal: Refusal, *, decision_id: str, instance: str | None = None) -> WireReply:
+def bearer_challenge(
+    refusal: Refusal, resource_metadata: str | None, scope: tuple[str, ...] = ()
+) -> str | None:
+    """The `WWW-Authenticate` of a refusal (RFC 6750 §3, RFC 9728 §5.1), None for refusals
+    that are not about the token."""
+    params: list[str] = []
+    if isinstance(refusal, InsufficientScope):
+        params += ['error="insufficient_scope"', f'scope="{" ".join(refusal.scopes)}"']
+    elif isinstance(refusal, Unauthenticated):
+        if not isinstance(refusal, MissingCredential):
+            description = _NOT_ERROR_DESCRIPTION.sub("", refusal.detail)[:200]
+            params += ['error="invalid_token"', f'error_description="{description}"']
+        if scope and resource_metadata is not None:
+            params.append(f'scope="{" ".join(scope)}"')
+    else:
+        return None
+    if resource_metadata is not None and _QUOTABLE.fullmatch(resource_metadata):
+        params.append(f'resource_metadata="{resource_metadata}"')
+    return "Bearer " + ", ".join(params) if params else "Bearer"
+
+
+def render(
+    refusal: Refusal,
+    *,
+    decision_id: str,
+    instance: str | None = None,
+    resource_metadata: str | None = None,
+    scope: tuple[str, ...] = (),
+) -> WireReply:
     """Render a refusal as an RFC 9457 problem+json response.
 
     Members: type, title, status, detail, decision_id, and `rule`, the refusal's own members
     (e.g. `limit`) and `instance` when set.
     `Unauthenticated` adds `WWW-Authenticate` (RFC 6750 §3): bare `Bearer` for
-    `MissingCredential`, else `error="invalid_token"` with the sanitized detail. The refusal's
+    `MissingCredential`, else `error="invalid_token"` with the sanitized detail;
+    `InsufficientScope` adds `error="insufficient_scope"` with the scopes to ask for. Where the
+    upstream publishes protected resource metadata, `resource_metadata` names it (RFC 9728
+    §5.1) and a 401 carries `scope`, the scopes the rules know for it. The refusal's
     own headers (e.g. Retry-After) are added unless invalid or one render sets itself. Details
     are shown verbatim: `InternalError`'s caller guarantees its detail is generic. Never raises.
     """
@@ -635,17 +674,9 @@ def render(refusal: Refusal, *, decision_id: str, instance: str | None = None) -
         # RFC 9111 §5.2.2.5: a refusal is about this one call; no cache may replay it.
         ("Cache-Control", "no-store"),
     ]
-    if isinstance(refusal, Unauthenticated):
-        if isinstance(refusal, MissingCredential):
-            headers.append(("WWW-Authenticate", "Bearer"))
-        else:
-            description = _NOT_ERROR_DESCRIPTION.sub("", refusal.detail)[:200]
-            headers.append(
-                (
-                    "WWW-Authenticate",
-                    f'Bearer error="invalid_token", error_description="{description}"',
-                )
-            )
+    challenge = bearer_challenge(refusal, resource_metadata, scope)
+    if challenge is not None:
+        headers.append(("WWW-Authenticate", challenge))
     for name, value in refusal.headers.items():
         # A CR or LF here would split the response (header injection); drop rather than raise,
         # since rendering is the last step of an already failing call.

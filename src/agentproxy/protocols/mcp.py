@@ -24,6 +24,7 @@ from agentproxy.core import Action
 from agentproxy.errors import (
     BadRequest,
     Denied,
+    InsufficientScope,
     LimitRefused,
     PayloadTooLarge,
     Refusal,
@@ -402,10 +403,17 @@ def render(
     request: McpRequest | None,
     tool_errors: Literal["jsonrpc", "result"] = "jsonrpc",
     refused_index: int = 0,
+    resource_metadata: str | None = None,
+    scope: tuple[str, ...] = (),
+    scope_challenge: Literal["http403", "jsonrpc"] = "http403",
 ) -> WireReply:
     """Render a refusal the way an MCP client can read it.
 
-    - `Unauthenticated`: the HTTP adapter's 401 with `WWW-Authenticate` (before any JSON-RPC).
+    - `Unauthenticated`: the HTTP adapter's 401 with `WWW-Authenticate` (before any JSON-RPC),
+      naming the protected resource metadata when the upstream publishes it.
+    - `InsufficientScope` with `scope_challenge="http403"`: the spec's HTTP 403 with
+      `WWW-Authenticate: Bearer error="insufficient_scope", scope=…` so the client steps up;
+      with `"jsonrpc"` a JSON-RPC error like any denial (older clients drop a session on 4xx).
     - No `request` (the body could not be read): `BadRequest`/`PayloadTooLarge` answer HTTP
       400/413 with a JSON-RPC error of id null (-32700 when the detail is a parse error, else
       -32600); anything else is the HTTP adapter's problem+json.
@@ -419,8 +427,12 @@ def render(
 
     The refusal's headers (Retry-After) are kept. Never raises.
     """
-    if isinstance(refusal, Unauthenticated):
-        return render_http(refusal, decision_id=decision_id)
+    if isinstance(refusal, Unauthenticated) or (
+        isinstance(refusal, InsufficientScope) and scope_challenge == "http403"
+    ):
+        return render_http(
+            refusal, decision_id=decision_id, resource_metadata=resource_metadata, scope=scope
+        )
     if request is None:
         if isinstance(refusal, BadRequest | PayloadTooLarge):
             code = PARSE_ERROR if "parse error" in refusal.detail else INVALID_REQUEST

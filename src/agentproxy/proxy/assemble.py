@@ -1,6 +1,7 @@
 """The one place the pipeline's order is written.
 
-    identify → describe → pins → decide → gate → limits → audit → (forward) → settle → record
+    identify → describe → pins → decide → gate → limits → audit → credential → (forward)
+    → settle → record
     → trace (when tracing is on: the call's spans, queued for export)
 
 `build()` assembles the data plane's pipeline from a runtime snapshot and the services that
@@ -25,6 +26,7 @@ from agentproxy.clock import Clock
 from agentproxy.config import Config
 from agentproxy.identity.revocations import RevocationList
 from agentproxy.identity.sts import upstream_audiences
+from agentproxy.identity.upstream_tokens import UpstreamTokens
 from agentproxy.metering.meter import Meter
 from agentproxy.metering.metrics import Metrics
 from agentproxy.policy.memo import DecisionMemo
@@ -32,6 +34,7 @@ from agentproxy.proxy.pins import McpState
 from agentproxy.proxy.pipeline import Finisher, Pipeline, Stage
 from agentproxy.proxy.runtime import Runtime
 from agentproxy.proxy.stages.audit import AuditDecision
+from agentproxy.proxy.stages.credential import UpstreamCredential
 from agentproxy.proxy.stages.decide import Decide
 from agentproxy.proxy.stages.describe import Describe
 from agentproxy.proxy.stages.gate import Gate
@@ -58,6 +61,7 @@ class Services:
     meter: Meter
     approvals: ApprovalService
     mcp: McpState
+    upstream_tokens: UpstreamTokens
     audit: AuditTrail | None = None
     audit_required: bool = False
     tracing: Tracing | None = None
@@ -97,6 +101,12 @@ def services(
         mcp=McpState(
             on_tool_change=lambda upstream, tool: metrics.tool_changes.labels(upstream, tool).inc()
         ),
+        upstream_tokens=UpstreamTokens(
+            clock,
+            on_outcome=lambda upstream, outcome: metrics.upstream_credentials.labels(
+                upstream, outcome
+            ).inc(),
+        ),
         audit=audit,
         audit_required=config.audit.required,
         tracing=tracing,
@@ -117,6 +127,9 @@ def build(runtime: Runtime, services: Services, decision_log: DecisionLog) -> Pi
         stages.append(
             AuditDecision(services.audit, policy, clock, required=services.audit_required)
         )
+    exchanges = {u.name: u.token_exchange for u in config.upstreams if u.token_exchange}
+    if exchanges:
+        stages.append(UpstreamCredential(services.upstream_tokens, exchanges))
     after: tuple[Finisher, ...] = (
         Settle(
             policy,
@@ -161,6 +174,8 @@ def _deciding(runtime: Runtime, services: Services) -> tuple[Stage, ...]:
             task_from=config.identity.task_from,
             own_issuer=config.sts.issuer if config.sts is not None else None,
             bound={u.name: frozenset((u.name, *upstream_audiences(u))) for u in config.upstreams},
+            resources={u.name: frozenset(u.audiences) for u in config.upstreams if u.audiences},
+            issuer_audiences={i.issuer: frozenset(i.audiences) for i in config.identity.issuers},
         ),
         Describe(),
         Pins(services.mcp.pins, enforced, runtime.policy.version),

@@ -7,6 +7,7 @@ not trust the network can verify them against the proxy's `/.well-known/jwks.jso
 
 from __future__ import annotations
 
+from agentproxy.config.model import Upstream
 from agentproxy.core import Call
 from agentproxy.identity.context import ContextSigner
 from agentproxy.protocols.http import header_value
@@ -50,3 +51,23 @@ def context_headers(
     )
     headers.append(("X-Agentproxy-Context", token))
     return headers
+
+
+def credential_header(upstream: Upstream) -> str | None:
+    """The header the upstream's credential travels in, static or exchanged per call: the
+    agent's own value of it is never forwarded."""
+    if upstream.token_exchange is not None:
+        return upstream.token_exchange.header
+    return upstream.credentials.header if upstream.credentials is not None else None
+
+
+def upstream_credential(call: Call, upstream: Upstream) -> tuple[str, str] | None:
+    """(header, value) of the upstream's credential for this call: the one exchanged for it
+    (the credential stage set it), else the static one; None without either."""
+    if upstream.token_exchange is not None:
+        # Set by the credential stage before forwarding; a call without it is not forwarded.
+        return call.upstream_credential
+    creds = upstream.credentials
+    if creds is None:
+        return None
+    return creds.header, creds.prefix + creds.value.value.decode("latin-1")

@@ -47,7 +47,7 @@ from agentproxy.protocols.http import (
 from agentproxy.protocols.http_body import HttpBody
 from agentproxy.proxy import llm as llm_shell
 from agentproxy.proxy import mcp as mcp_shell
-from agentproxy.proxy.context import context_headers
+from agentproxy.proxy.context import context_headers, credential_header, upstream_credential
 from agentproxy.proxy.http import read_described_body
 from agentproxy.proxy.http_plane import UNPARSED, is_mcp_endpoint
 from agentproxy.proxy.offload import parse_off_loop
@@ -183,16 +183,15 @@ class ExtAuthzExchange:
         answer.headers = context_headers(
             call, self.pipeline.runtime.signer, method=self.request.method, path=forwarded
         )
-        creds = upstream.credentials
-        if creds is not None:
-            answer.headers.append(
-                (creds.header, creds.prefix + creds.value.value.decode("latin-1"))
-            )
+        credential = upstream_credential(call, upstream)
+        if credential is not None:
+            answer.headers.append(credential)
+        header = credential_header(upstream)
         # What the data plane would not forward: the agent's token and credential header,
         # ours as it sent them, method-override and client-address headers. Envoy's own
         # (pseudo-headers, Host, X-Forwarded-*, X-Request-Id, X-Envoy-*) are its to manage.
         strip = frozenset(
-            {"traceparent", "tracestate"} | ({creds.header.lower()} if creds else set())
+            {"traceparent", "tracestate"} | ({header.lower()} if header is not None else set())
         )
         kept = {
             name.lower()

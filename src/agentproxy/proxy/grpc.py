@@ -38,7 +38,7 @@ from agentproxy.errors import (
 from agentproxy.policy import decide_next_message
 from agentproxy.protocols import grpc as adapter
 from agentproxy.protocols.http import parse_declared_task
-from agentproxy.proxy.context import context_headers
+from agentproxy.proxy.context import context_headers, credential_header, upstream_credential
 from agentproxy.proxy.grpc_reflection import ReflectionExchange, is_reflection
 from agentproxy.proxy.grpc_upstreams import Channels, Descriptors
 from agentproxy.proxy.pipeline import Pipeline, start_call
@@ -245,7 +245,8 @@ class GrpcExchange:
         return message
 
     def _upstream_metadata(self, call: Call, upstream: Upstream) -> list[tuple[str, str | bytes]]:
-        strip = frozenset({upstream.credentials.header}) if upstream.credentials else frozenset()
+        header = credential_header(upstream)
+        strip = frozenset({header.lower()}) if header is not None else frozenset()
         metadata = adapter.metadata_to_forward(self.metadata, strip=strip)
         address = peer_address(self.context.peer())
         if address is not None:
@@ -257,10 +258,9 @@ class GrpcExchange:
                 call, self.runtime.signer, method="POST", path=call.action.target
             )
         )
-        creds = upstream.credentials
-        if creds is not None:
-            value = creds.prefix + creds.value.value.decode("latin-1")
-            metadata.append((creds.header.lower(), value))
+        credential = upstream_credential(call, upstream)
+        if credential is not None:
+            metadata.append((credential[0].lower(), credential[1]))
         return metadata
 
     async def forward(self, call: Call) -> None:

@@ -16,7 +16,8 @@ caller could ever be allowed to call (the check that filters MCP listings):
   a service, in configuration order, until one knows it.
 - every file returned loses the services and methods the principal could never call.
 
-The upstreams are asked with their configured credential, never the caller's token.
+The upstreams are asked with their static credential (none for `credentials.token_exchange`:
+that one is exchanged for a call to one upstream), never the caller's token.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from agentproxy.errors import BadRequest, MissingCredential
 from agentproxy.policy import PolicySet, could_allow
 from agentproxy.protocols import grpc as adapter
 from agentproxy.protocols import grpc_reflection as reflection
+from agentproxy.proxy.context import upstream_credential
 from agentproxy.proxy.grpc_upstreams import Channels
 from agentproxy.proxy.runtime import Runtime
 
@@ -61,6 +63,7 @@ class ReflectionExchange:
         # Per stream: the upstream reflection calls, and what each upstream serves.
         self._calls: dict[str, Any] = {}
         self._services: dict[str, dict[str, tuple[str, ...]]] | None = None
+        self._call: Call | None = None
 
     @property
     def responded(self) -> bool:
@@ -75,6 +78,7 @@ class ReflectionExchange:
         principal = call.principal
         if principal is None:
             raise MissingCredential()
+        self._call = call
         context = self.context
         try:
             while True:
@@ -217,10 +221,15 @@ class ReflectionExchange:
         try:
             if upstream_call is None:
                 metadata: list[tuple[str, str]] = []
-                creds = upstream.credentials
-                if creds is not None:
-                    value = creds.prefix + creds.value.value.decode("latin-1")
-                    metadata.append((creds.header.lower(), value))
+                # The upstream's static credential; a per-call one (token_exchange) is the
+                # caller's on one upstream, and this call is on none: asked without.
+                credential = (
+                    upstream_credential(self._call, upstream)
+                    if upstream.token_exchange is None and self._call is not None
+                    else None
+                )
+                if credential is not None:
+                    metadata.append((credential[0].lower(), credential[1]))
                 multicallable: Any = self.channels.get(upstream).stream_stream(
                     reflection.UPSTREAM_METHOD
                 )

@@ -50,7 +50,7 @@ from agentproxy.protocols.http_body import (
 )
 from agentproxy.protocols.openapi import BodyValidator
 from agentproxy.protocols.strict_json import JsonError, parse_answer
-from agentproxy.proxy.context import context_headers
+from agentproxy.proxy.context import context_headers, credential_header, upstream_credential
 from agentproxy.proxy.listener import BoundedHandler
 from agentproxy.proxy.offload import parse_off_loop, shape_off_loop
 from agentproxy.proxy.runtime import Runtime
@@ -208,7 +208,13 @@ class HttpExchange:
         refusal = call.refusal
         if refusal is None:
             raise ValueError("refuse() needs call.refusal")
-        reply = render(refusal, decision_id=call.id)
+        protected = self.runtime.protected.get(self.upstream.name) if self.upstream else None
+        reply = render(
+            refusal,
+            decision_id=call.id,
+            resource_metadata=protected.metadata_url if protected else None,
+            scope=protected.scopes if protected else (),
+        )
         response = web.Response(status=reply.status, body=reply.body)
         for name, value in reply.headers:
             response.headers.add(name, value)
@@ -297,8 +303,7 @@ class HttpExchange:
             )
 
     def _upstream_headers(self, call: Call, upstream: Upstream) -> list[tuple[str, str]]:
-        creds = upstream.credentials
-        strip = _stripped(creds.header if creds is not None else None)
+        strip = _stripped(credential_header(upstream))
         headers = request_headers_to_forward(self.request.headers.items(), strip=strip)
         peer = self.request.remote
         if peer:
@@ -314,8 +319,9 @@ class HttpExchange:
                 call, self.runtime.signer, method=self.request.method, path=forwarded_path
             )
         )
-        if creds is not None:
-            headers.append((creds.header, creds.prefix + creds.value.value.decode("latin-1")))
+        credential = upstream_credential(call, upstream)
+        if credential is not None:
+            headers.append(credential)
         dropped: set[str] = set()
         parsed = self.parsed_body
         if parsed is not None:

@@ -21,6 +21,7 @@ from agentproxy.proxy.llm import LlmExchange
 from agentproxy.proxy.mcp import McpExchange
 from agentproxy.proxy.pins import McpState
 from agentproxy.proxy.pipeline import Pipeline, start_call
+from agentproxy.proxy.runtime import METADATA_PATH
 from agentproxy.proxy.upstream import UpstreamClient
 
 UNPARSED = Action("http", "?", "<unparsed>")
@@ -40,6 +41,10 @@ class HttpDataPlane:
         clock = pipeline.clock
         started = clock.monotonic()
         runtime = pipeline.runtime
+        if runtime.metadata_documents and request.raw_path.startswith(METADATA_PATH):
+            document = runtime.metadata_documents.get(request.raw_path)
+            if document is not None and request.method in ("GET", "HEAD"):
+                return metadata_response(document)
         headers = request.headers
         action, raw_query, upstream, bearer, declared = UNPARSED, "", None, None, None
         declared_parent: str | None = None
@@ -141,6 +146,20 @@ def _not_listed(upstream: Upstream | None, origin: str) -> str:
     shown = origin.encode("ascii", "replace").decode("ascii")[:200]
     name = upstream.name if upstream is not None else "-"
     return f"origin {shown} is not in cors.allow_origins of upstream {name}"
+
+
+def metadata_response(document: bytes) -> web.Response:
+    """A protected resource metadata document (RFC 9728 §3.2): public, without a token, and
+    readable by browser clients (the MCP Inspector) from any origin."""
+    return web.Response(
+        body=document,
+        content_type="application/json",
+        headers={
+            "Cache-Control": "public, max-age=300",
+            "Access-Control-Allow-Origin": "*",
+            "Server": "agentproxy",
+        },
+    )
 
 
 def is_mcp_endpoint(upstream: Upstream, path: str) -> bool:

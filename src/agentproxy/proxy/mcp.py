@@ -116,12 +116,17 @@ class McpExchange(HttpExchange):
         refusal = call.refusal
         if refusal is None:
             raise ValueError("refuse() needs call.refusal")
+        upstream = self.mcp_upstream
+        protected = self.runtime.protected.get(upstream.name)
         reply = mcp.render(
             refusal,
             decision_id=call.id,
             request=self.parsed,
-            tool_errors=self.mcp_upstream.tool_errors,
+            tool_errors=upstream.tool_errors,
             refused_index=call.refused_at or 0,
+            resource_metadata=protected.metadata_url if protected else None,
+            scope=protected.scopes if protected else (),
+            scope_challenge=upstream.scope_challenge,
         )
         response = web.Response(status=reply.status, body=reply.body)
         for name, value in reply.headers:

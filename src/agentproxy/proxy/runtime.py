@@ -10,6 +10,10 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Final
+from urllib.parse import urlsplit
+
+import orjson
 
 from agentproxy.config import Config, ConfigError, Issue, load
 from agentproxy.config.model import (
@@ -18,6 +22,7 @@ from agentproxy.config.model import (
     RuleSpec,
     StsSettings,
     Upstream,
+    metadata_url,
 )
 from agentproxy.core import Action, Effect
 from agentproxy.errors import NoRoute
@@ -70,6 +75,52 @@ class Sts:
 
 
 @dataclass(frozen=True, slots=True)
+class Protected:
+    """An upstream as an OAuth protected resource (RFC 9728): its metadata document as
+    served, where it is served, and the scopes every scoped rule there needs (a 401's
+    `scope`: what a client asks for first)."""
+
+    resource: str
+    metadata_url: str
+    document: bytes
+    scopes: tuple[str, ...]
+
+
+METADATA_PATH: Final = "/.well-known/oauth-protected-resource"
+
+
+def protected_resources(
+    upstreams: tuple[Upstream, ...], policy: PolicySet
+) -> tuple[dict[str, Protected], dict[str, bytes]]:
+    """By upstream name, the upstreams with `authorization`; and by the data plane path
+    each metadata document is served at (the RFC 9728 §3.1 path of its resource, and the
+    bare well-known path when only one upstream publishes one)."""
+    by_name: dict[str, Protected] = {}
+    by_path: dict[str, bytes] = {}
+    for upstream in upstreams:
+        auth = upstream.authorization
+        if auth is None or not upstream.audiences:
+            continue
+        resource = upstream.audiences[0]
+        # What every scoped rule here needs: the least a client should ask for at first
+        # (the body is not read before a token verifies, so the call is not known yet);
+        # more comes by step-up, an insufficient_scope naming a rule's whole set.
+        scoped = [
+            rule.scopes
+            for rule in policy.rules
+            if rule.scopes and (not rule.upstreams or upstream.name in rule.upstreams)
+        ]
+        scopes = sorted(frozenset.intersection(*scoped)) if scoped else []
+        url = metadata_url(resource)
+        document = orjson.dumps(auth.metadata(resource))
+        by_name[upstream.name] = Protected(resource, url, document, tuple(scopes))
+        by_path[urlsplit(url).path] = document
+    if len(by_name) == 1:
+        by_path.setdefault(METADATA_PATH, next(iter(by_name.values())).document)
+    return by_name, by_path
+
+
+@dataclass(frozen=True, slots=True)
 class Runtime:
     config: Config
     policy: PolicySet
@@ -92,6 +143,9 @@ class Runtime:
     )
     # The token exchange endpoint's key and delegation rules (`sts:`), if configured.
     sts: Sts | None = None
+    # Upstreams that publish protected resource metadata, by name; the documents by path.
+    protected: Mapping[str, Protected] = field(default_factory=dict)
+    metadata_documents: Mapping[str, bytes] = field(default_factory=dict)
 
     def operation(self, action: Action) -> tuple[Operation, Mapping[str, str]] | None:
         """The OpenAPI operation an HTTP action calls on its upstream, with its bindings."""
@@ -419,6 +473,7 @@ async def build(config: Config) -> Runtime:
     verifier = TokenVerifier(
         config.identity,
         own=(sts.signer.trusted_issuer(config.upstreams), sts.signer.public_key) if sts else None,
+        resources=tuple(dict.fromkeys(a for u in config.upstreams for a in u.audiences)),
     )
     try:
         await verifier.start()
@@ -438,6 +493,7 @@ async def build(config: Config) -> Runtime:
         if found is not None:
             methods[upstream.name] = found
     operations = {u.name: compile_operations(u) for u in config.upstreams if u.openapi}
+    protected, documents = protected_resources(config.upstreams, policy)
     return Runtime(
         config,
         policy,
@@ -448,4 +504,6 @@ async def build(config: Config) -> Runtime:
         methods,
         operations=operations,
         sts=sts,
+        protected=protected,
+        metadata_documents=documents,
     )

@@ -15,7 +15,7 @@ from agentproxy.core import (
     Principal,
     task_history_key,
 )
-from agentproxy.errors import Denied, MissingCredential
+from agentproxy.errors import Denied, InsufficientScope, MissingCredential
 from agentproxy.metering.metrics import Metrics
 from agentproxy.policy import PolicySet, could_allow, decide
 from agentproxy.policy.memo import DecisionMemo, memo_key
@@ -102,7 +102,12 @@ class Decide:
             degraded(call, self._on_error)
         decision = call.decision
         if decision.effect is Effect.DENY and call.enforced:
-            call.refusal = Denied(decision.reason, rule=decision.rule_id)
+            if decision.missing_scopes:
+                call.refusal = InsufficientScope(
+                    decision.reason, rule=decision.rule_id, scopes=decision.missing_scopes
+                )
+            else:
+                call.refusal = Denied(decision.reason, rule=decision.rule_id)
 
     def _referenced(self, action: Action, principal: Principal, upstream: str) -> Decision | None:
         """A default deny for an allowed MCP `completion/complete` whose prompt or resource

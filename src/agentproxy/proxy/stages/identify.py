@@ -25,7 +25,9 @@ class Identify:
         "_clock",
         "_from_header",
         "_from_token",
+        "_issuer_audiences",
         "_own_issuer",
+        "_resources",
         "_revocations",
         "_verifier",
     )
@@ -39,12 +41,18 @@ class Identify:
         task_from: tuple[str, ...] = ("token", "header"),
         own_issuer: str | None = None,
         bound: Mapping[str, frozenset[str]] | None = None,
+        resources: Mapping[str, frozenset[str]] | None = None,
+        issuer_audiences: Mapping[str, frozenset[str]] | None = None,
     ) -> None:
         """`task_from`: where a task id may come from (`identity.task_from`). `own_issuer`:
         the proxy's STS, whose tokens are each for one upstream: `bound` gives the `aud`
-        values that name each upstream (its name and its resource URIs)."""
+        values that name each upstream (its name and its resource URIs). `resources`: the
+        upstreams that require their own resource URIs in `aud` (RFC 8707 `audiences`);
+        on the others a token must name its issuer's `audiences` (`issuer_audiences`)."""
         self._own_issuer = own_issuer
         self._bound = bound or {}
+        self._resources = resources or {}
+        self._issuer_audiences = issuer_audiences or {}
         self._verifier = verifier
         self._revocations = revocations
         self._clock = clock
@@ -59,9 +67,23 @@ class Identify:
         if call.bearer is None:
             raise MissingCredential()
         principal = await self._verifier.verify(call.bearer, call.now)
-        if principal.issuer == self._own_issuer and not self._for_upstream(principal, call):
-            # RFC 8707: a token the STS issued for one upstream is no key to another.
-            raise Unauthenticated(f"token was issued for another upstream than {call.upstream}")
+        if principal.issuer == self._own_issuer:
+            if not _names_any(principal, self._bound.get(call.upstream, frozenset())):
+                # RFC 8707: a token the STS issued for one upstream is no key to another.
+                raise Unauthenticated(f"token was issued for another upstream than {call.upstream}")
+        elif self._resources:
+            wanted = self._resources.get(call.upstream)
+            if wanted is not None and not _names_any(principal, wanted):
+                raise Unauthenticated(
+                    f"token is not for upstream {call.upstream}: its aud must name "
+                    f"{' or '.join(sorted(wanted))} (RFC 8707)"
+                )
+            if wanted is None and not _names_any(
+                principal, self._issuer_audiences.get(principal.issuer, frozenset())
+            ):
+                # Its aud names only another upstream's resource: a token issued for one
+                # MCP server is no key to the rest.
+                raise Unauthenticated(f"token was issued for another upstream than {call.upstream}")
         call.principal = principal
         if call.declared_task is not None and not self._from_header:
             raise BadRequest(
@@ -99,8 +121,8 @@ class Identify:
             )
         call.decision_seconds = self._clock.monotonic() - started
 
-    def _for_upstream(self, principal: Principal, call: Call) -> bool:
-        aud = principal.claims.get("aud")
-        audiences = (aud,) if isinstance(aud, str) else aud if isinstance(aud, list) else ()
-        names = self._bound.get(call.upstream, frozenset())
-        return any(a in names for a in audiences)
+
+def _names_any(principal: Principal, names: frozenset[str]) -> bool:
+    aud = principal.claims.get("aud")
+    audiences = (aud,) if isinstance(aud, str) else aud if isinstance(aud, list) else ()
+    return any(a in names for a in audiences)
