@@ -285,3 +285,26 @@ def test_origins_as_browsers_send_them_load(tmp_path: Path) -> None:
     assert config_problems(tmp_path, good, protocol="http") == []
     grpc = config_problems(tmp_path, good, protocol="grpc")
     assert any("applies to HTTP protocols" in line for line in grpc), grpc
+
+
+async def test_a_preflight_for_the_public_metadata_is_answered_for_any_origin(
+    make_proxy: ProxyFactory, upstream: Upstream
+) -> None:
+    # The MCP SDKs fetch RFC 9728 metadata with MCP-Protocol-Version: a browser preflights it.
+    extra = (
+        '    protocol: mcp\n    audiences: ["https://tools.example/mcp"]\n'
+        '    authorization: {servers: ["https://idp.example"]}'
+    )
+    proxy = await make_proxy(policy=POLICY, upstream_extra=extra)
+    ask = preflight(EVIL, "GET") | {"Access-Control-Request-Headers": "mcp-protocol-version"}
+    async with aiohttp.ClientSession() as s:
+        path = proxy.base + "/.well-known/oauth-protected-resource/mcp"
+        async with s.options(path, headers=ask) as r:
+            assert r.status == 204
+            assert r.headers["Access-Control-Allow-Origin"] == "*"
+            assert "MCP-Protocol-Version" in r.headers["Access-Control-Allow-Headers"]
+            assert "Access-Control-Allow-Credentials" not in r.headers
+        # the endpoint itself is not public: its preflight is refused without cors:
+        async with s.options(proxy.base + "/mcp", headers=preflight(EVIL)) as r:
+            assert r.status == 403
+    assert upstream.seen == []

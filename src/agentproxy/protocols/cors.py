@@ -24,6 +24,7 @@ __all__ = [
     "is_allowed",
     "is_preflight",
     "preflight_headers",
+    "public_preflight_headers",
 ]
 
 # What an MCP client sets (Streamable HTTP: the session, the protocol version, the 2026-07-28
@@ -81,6 +82,18 @@ def preflight_headers(protocol: str, origin: str) -> tuple[tuple[str, str], ...]
         ("Access-Control-Allow-Headers", ", ".join(ALLOW_HEADERS)),
         ("Access-Control-Max-Age", str(MAX_AGE)),
         ("Vary", "Origin, Access-Control-Request-Method, Access-Control-Request-Headers"),
+    )
+
+
+def public_preflight_headers() -> tuple[tuple[str, str], ...]:
+    """The 204 answer to a preflight for a public document (RFC 9728 protected resource
+    metadata, readable from any origin and carrying no credential): a browser client's
+    discovery request carries `MCP-Protocol-Version`, which is not CORS-safelisted."""
+    return (
+        ("Access-Control-Allow-Origin", "*"),
+        ("Access-Control-Allow-Methods", "GET, HEAD"),
+        ("Access-Control-Allow-Headers", "MCP-Protocol-Version"),
+        ("Access-Control-Max-Age", str(MAX_AGE)),
     )
 
 

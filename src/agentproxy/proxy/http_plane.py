@@ -45,6 +45,13 @@ class HttpDataPlane:
             document = runtime.metadata_documents.get(request.raw_path)
             if document is not None and request.method in ("GET", "HEAD"):
                 return metadata_response(document)
+            if document is not None and cors.is_preflight(
+                request.method,
+                request.headers.get("Origin"),
+                request.headers.get("Access-Control-Request-Method"),
+            ):
+                # Public from any origin, like the document itself.
+                return _public_preflight()
         headers = request.headers
         action, raw_query, upstream, bearer, declared = UNPARSED, "", None, None, None
         declared_parent: str | None = None
@@ -160,6 +167,14 @@ def metadata_response(document: bytes) -> web.Response:
             "Server": "agentproxy",
         },
     )
+
+
+def _public_preflight() -> web.Response:
+    response = web.Response(status=204)
+    for name, value in cors.public_preflight_headers():
+        response.headers.add(name, value)
+    response.headers["Server"] = "agentproxy"
+    return response
 
 
 def is_mcp_endpoint(upstream: Upstream, path: str) -> bool:
