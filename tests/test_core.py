@@ -22,6 +22,7 @@ def test_a_principals_view_is_built_once_per_object_and_never_confused() -> None
         "roles": ["admin", "hr"],
         "claims": {"dept": ["hr"]},
         "issuer": "",
+        "scopes": [],
     }
     assert principal_view(bot) is view
     twin = Principal(agent="hr-bot", roles=frozenset({"hr", "admin"}), claims={"dept": ("hr",)})

@@ -219,6 +219,10 @@ class ExtAuthzExchange:
             raise ValueError("refuse() needs call.refusal")
         answer = Checked(call)
         upstream = self.upstream
+        # The same challenge as the data plane's: Envoy passes it to the MCP client.
+        protected = self.pipeline.runtime.protected.get(upstream.name) if upstream else None
+        metadata = protected.metadata_url if protected else None
+        scope = protected.scopes if protected else ()
         if self._mcp is not None and upstream is not None:
             reply = mcp.render(
                 refusal,
@@ -226,11 +230,14 @@ class ExtAuthzExchange:
                 request=self._mcp,
                 tool_errors=upstream.tool_errors,
                 refused_index=call.refused_at or 0,
+                resource_metadata=metadata,
+                scope=scope,
+                scope_challenge=upstream.scope_challenge,
             )
         elif upstream is not None and upstream.protocol == "llm":
             reply = llm_shell.refusal_reply(refusal, call.id, self._llm, self.path)
         else:
-            reply = render(refusal, decision_id=call.id)
+            reply = render(refusal, decision_id=call.id, resource_metadata=metadata, scope=scope)
         answer.status = reply.status
         answer.headers = [(k, v) for k, v in reply.headers if k.lower() not in HOP_BY_HOP]
         answer.body = reply.body
