@@ -87,6 +87,17 @@ class Denied(Refusal):
     fault = "policy"
 
 
+class CorsRefused(Refusal):
+    """A browser request from an origin the upstream's `cors.allow_origins` does not list
+    (or to an upstream without `cors:`): 403, with no CORS headers, so the page reads
+    nothing. A preflight is refused this way too, never with a 401."""
+
+    status = 403
+    problem = "cors-refused"
+    title = "Cross-origin request refused"
+    fault = "client"
+
+
 class InsufficientScope(Denied):
     """Denied for want of token scopes that a rule would allow the call with: the caller can
     step up (RFC 6750 §3.1). `scopes`: what to ask for, the rule's whole set."""

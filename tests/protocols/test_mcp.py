@@ -32,12 +32,14 @@ from agentproxy.protocols.mcp import (
     MAX_JSON_DEPTH,
     MAX_NAME_LENGTH,
     McpRequest,
+    completion_reference,
     describe,
-    filter_tools_list,
-    listed_tools,
+    filter_listing,
+    listed_action,
+    listed_items,
+    listing_ids,
     render,
     tool_fingerprint,
-    tools_list_ids,
 )
 
 JSON = {"content-type": "application/json"}
@@ -730,25 +732,37 @@ def no_payments(tool: dict[str, Any]) -> bool:
     return not tool["name"].startswith("payments.")
 
 
-def test_tools_list_ids() -> None:
-    assert tools_list_ids(post({"jsonrpc": "2.0", "id": 1, "method": "tools/list"})) == (1,)
-    assert tools_list_ids(post({"jsonrpc": "2.0", "method": "tools/list"})) == ()
+def test_listing_ids() -> None:
+    assert listing_ids(post({"jsonrpc": "2.0", "id": 1, "method": "tools/list"})) == (
+        (1, "tools/list"),
+    )
+    assert listing_ids(post({"jsonrpc": "2.0", "method": "tools/list"})) == ()
     batch = post(
         [
             {"jsonrpc": "2.0", "id": 1, "method": "ping"},
             {"jsonrpc": "2.0", "id": "a", "method": "tools/list"},
             {"jsonrpc": "2.0", "method": "tools/list"},
             {"jsonrpc": "2.0", "id": 3, "method": "tools/list"},
+            {"jsonrpc": "2.0", "id": 4, "method": "prompts/list"},
+            {"jsonrpc": "2.0", "id": 5, "method": "resources/list"},
+            {"jsonrpc": "2.0", "id": 6, "method": "resources/templates/list"},
+            {"jsonrpc": "2.0", "id": 7, "method": "resources/read", "params": {"uri": "a:b"}},
         ]
     )
-    assert tools_list_ids(batch) == ("a", 3)
-    assert tools_list_ids(SINGLE) == ()
-    assert tools_list_ids(describe("GET", {}, b"", max_bytes=MAX)) == ()
+    assert listing_ids(batch) == (
+        ("a", "tools/list"),
+        (3, "tools/list"),
+        (4, "prompts/list"),
+        (5, "resources/list"),
+        (6, "resources/templates/list"),
+    )
+    assert listing_ids(SINGLE) == ()
+    assert listing_ids(describe("GET", {}, b"", max_bytes=MAX)) == ()
 
 
 def test_filter_json_answer() -> None:
     payload = orjson.dumps(answer(nextCursor="c2"))
-    out = filter_tools_list(payload, "application/json; charset=utf-8", 1, no_payments)
+    out = filter_listing(payload, "application/json; charset=utf-8", 1, "tools/list", no_payments)
     body = orjson.loads(out)
     assert [tool["name"] for tool in body["result"]["tools"]] == ["search", "weather"]
     assert body["result"]["nextCursor"] == "c2"
@@ -757,34 +771,37 @@ def test_filter_json_answer() -> None:
 
 def test_filter_keeping_everything_returns_the_same_bytes() -> None:
     payload = b'{"jsonrpc": "2.0",  "id": 1, "result": {"tools": []}}'
-    assert filter_tools_list(payload, "application/json", 1, no_payments) is payload
+    assert filter_listing(payload, "application/json", 1, "tools/list", no_payments) is payload
     payload = orjson.dumps(answer())
-    assert filter_tools_list(payload, "application/json", 1, lambda _tool: True) is payload
+    everything = filter_listing(payload, "application/json", 1, "tools/list", lambda _tool: True)
+    assert everything is payload
 
 
 @pytest.mark.parametrize("request_id", [2, "1", "one"])
 def test_filter_other_id_leaves_payload_unchanged(request_id: str | int) -> None:
     payload = orjson.dumps(answer())
-    assert filter_tools_list(payload, "application/json", request_id, no_payments) is payload
+    out = filter_listing(payload, "application/json", request_id, "tools/list", no_payments)
+    assert out is payload
 
 
 def test_filter_id_types_are_exact() -> None:
     payload = orjson.dumps(answer(id_=True))
-    assert filter_tools_list(payload, "application/json", 1, no_payments) is payload
+    assert filter_listing(payload, "application/json", 1, "tools/list", no_payments) is payload
     payload = orjson.dumps(answer(id_="7"))
-    assert b"payments" not in filter_tools_list(payload, "application/json", "7", no_payments)
+    out = filter_listing(payload, "application/json", "7", "tools/list", no_payments)
+    assert b"payments" not in out
 
 
 def test_filter_error_answer_and_server_request_unchanged() -> None:
     error = orjson.dumps({"jsonrpc": "2.0", "id": 1, "error": {"code": -1, "message": "x"}})
-    assert filter_tools_list(error, "application/json", 1, no_payments) is error
+    assert filter_listing(error, "application/json", 1, "tools/list", no_payments) is error
     request = orjson.dumps({"jsonrpc": "2.0", "id": 1, "method": "x", "result": {"tools": 1}})
-    assert filter_tools_list(request, "application/json", 1, no_payments) is request
+    assert filter_listing(request, "application/json", 1, "tools/list", no_payments) is request
 
 
 def test_filter_json_batch_answer() -> None:
     payload = orjson.dumps([answer(id_=5), answer(id_=1)])
-    body = orjson.loads(filter_tools_list(payload, "application/json", 1, no_payments))
+    body = orjson.loads(filter_listing(payload, "application/json", 1, "tools/list", no_payments))
     assert len(body[0]["result"]["tools"]) == 3
     assert len(body[1]["result"]["tools"]) == 2
 
@@ -809,9 +826,9 @@ def test_filter_json_batch_answer() -> None:
 )
 def test_unreadable_answers_raise_value_error(payload: bytes, content_type: str) -> None:
     with pytest.raises(ValueError):  # the shell refuses on any of them
-        filter_tools_list(payload, content_type, 1, no_payments)
+        filter_listing(payload, content_type, 1, "tools/list", no_payments)
     with pytest.raises(ValueError):
-        listed_tools(payload, content_type, 1)
+        listed_items(payload, content_type, 1, "tools/list")
 
 
 def sse_stream(newline: str) -> bytes:
@@ -842,7 +859,7 @@ def sse_stream(newline: str) -> bytes:
 @pytest.mark.parametrize("newline", ["\n", "\r\n", "\r"], ids=["lf", "crlf", "cr"])
 def test_filter_sse_rewrites_only_the_answer(newline: str) -> None:
     payload = sse_stream(newline)
-    out = filter_tools_list(payload, "text/event-stream", 1, no_payments)
+    out = filter_listing(payload, "text/event-stream", 1, "tools/list", no_payments)
     before = payload.split(newline.encode() * 2)
     after = out.split(newline.encode() * 2)
     assert len(before) == len(after)
@@ -861,9 +878,9 @@ def test_filter_sse_rewrites_only_the_answer(newline: str) -> None:
 
 def test_filter_sse_without_the_answer_or_unterminated_answer() -> None:
     payload = sse_stream("\n")
-    assert filter_tools_list(payload, "text/event-stream", 2, no_payments) is payload
+    assert filter_listing(payload, "text/event-stream", 2, "tools/list", no_payments) is payload
     tail = b"data: " + orjson.dumps(answer())
-    out = filter_tools_list(tail, "text/event-stream", 1, no_payments)
+    out = filter_listing(tail, "text/event-stream", 1, "tools/list", no_payments)
     assert out.startswith(b"data: ")
     assert not out.endswith(b"\n")
     assert b"payments" not in out
@@ -871,7 +888,7 @@ def test_filter_sse_without_the_answer_or_unterminated_answer() -> None:
 
 def test_filter_sse_keeps_a_bom_and_data_without_space() -> None:
     payload = b"\xef\xbb\xbfdata:" + orjson.dumps(answer()) + b"\n\n"
-    out = filter_tools_list(payload, "text/event-stream; charset=utf-8", 1, no_payments)
+    out = filter_listing(payload, "text/event-stream; charset=utf-8", 1, "tools/list", no_payments)
     assert out.startswith(b"\xef\xbb\xbfdata: {")
     assert out.endswith(b"}\n\n")
     assert b"payments" not in out
@@ -879,13 +896,13 @@ def test_filter_sse_keeps_a_bom_and_data_without_space() -> None:
 
 def test_filter_sse_fields_that_only_look_like_data_are_not_data() -> None:
     payload = b"datax: nope\ndata : nope\n\n"
-    assert filter_tools_list(payload, "text/event-stream", 1, no_payments) is payload
+    assert filter_listing(payload, "text/event-stream", 1, "tools/list", no_payments) is payload
 
 
 def test_listed_tools_reads_without_changing() -> None:
-    assert listed_tools(orjson.dumps(answer()), "application/json", 1) == TOOLS
-    assert listed_tools(sse_stream("\r\n"), "text/event-stream", 1) == TOOLS
-    assert listed_tools(orjson.dumps(answer()), "application/json", 2) == []
+    assert listed_items(orjson.dumps(answer()), "application/json", 1, "tools/list") == TOOLS
+    assert listed_items(sse_stream("\r\n"), "text/event-stream", 1, "tools/list") == TOOLS
+    assert listed_items(orjson.dumps(answer()), "application/json", 2, "tools/list") == []
 
 
 def test_fingerprint_is_stable_across_key_order_and_extra_fields() -> None:
@@ -970,3 +987,101 @@ def test_baseline_actions() -> None:
         p.startswith(("mcp:tools/call", "mcp:resources/read", "mcp:prompts/get"))
         for p in BASELINE_ACTIONS
     )
+
+
+# --- prompts, resources, templates and completions ---------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("method", "item", "action"),
+    [
+        ("tools/list", {"name": "search"}, "mcp:tools/call/search"),
+        ("prompts/list", {"name": "greet"}, "mcp:prompts/get/greet"),
+        ("resources/list", {"uri": "file:///tmp/a.txt"}, "mcp:resources/read/file:///tmp/a.txt"),
+        (
+            "resources/templates/list",
+            {"uriTemplate": "file:///tmp/{name}"},
+            "mcp:resources/read/file:///tmp/{name}",
+        ),
+        # what describe would refuse to read can never be used through the proxy: hidden
+        ("resources/list", {"uri": "file:///tmp/../etc/passwd"}, None),
+        ("resources/list", {"uri": "FILE:///tmp/a"}, None),
+        ("resources/list", {"uri": "file:///tmp/%2F"}, None),
+        ("resources/list", {"uri": "file:///tmp/\u202ea"}, None),
+        ("resources/list", {"name": "no uri"}, None),
+        ("prompts/list", {"name": 7}, None),
+        ("prompts/list", {"name": ""}, None),
+        ("resources/templates/list", {"uri": "file:///tmp/{name}"}, None),
+    ],
+)
+def test_listed_action(method: str, item: dict[str, Any], action: str | None) -> None:
+    assert listed_action(method, item) == action
+
+
+def test_listed_action_refuses_other_methods() -> None:
+    with pytest.raises(ValueError, match="not a listing"):
+        listed_action("tools/call", {"name": "x"})
+
+
+PROMPTS = [{"name": "greet"}, {"name": "payroll_summary"}]
+
+
+@pytest.mark.parametrize(
+    ("method", "member", "items"),
+    [
+        ("prompts/list", "prompts", PROMPTS),
+        ("resources/list", "resources", [{"uri": "a:1"}, {"uri": "payroll:2"}]),
+        ("resources/templates/list", "resourceTemplates", [{"uriTemplate": "payroll:{id}"}]),
+    ],
+)
+def test_filter_listing_reads_each_listings_member(
+    method: str, member: str, items: list[dict[str, Any]]
+) -> None:
+    payload = orjson.dumps({"jsonrpc": "2.0", "id": 1, "result": {member: items}})
+
+    def no_payroll(item: dict[str, Any]) -> bool:
+        return "payroll" not in orjson.dumps(item).decode()
+
+    out = orjson.loads(filter_listing(payload, "application/json", 1, method, no_payroll))
+    assert out["result"][member] == [i for i in items if no_payroll(i)]
+    assert listed_items(payload, "application/json", 1, method) == items
+    # the member of another listing is not this one's: unreadable, so refused by the shell
+    wrong = orjson.dumps({"jsonrpc": "2.0", "id": 1, "result": {"tools": items}})
+    with pytest.raises(ValueError, match=member):
+        filter_listing(wrong, "application/json", 1, method, no_payroll)
+
+
+def complete(ref: Any) -> dict[str, Any]:
+    params = {"ref": ref, "argument": {"name": "n", "value": "a"}}
+    return {"jsonrpc": "2.0", "id": 1, "method": "completion/complete", "params": params}
+
+
+def test_completion_reference_names_the_prompt_or_template() -> None:
+    (prompt,) = post(complete({"type": "ref/prompt", "name": "greet"})).actions
+    assert completion_reference(prompt) == "mcp:prompts/get/greet"
+    assert prompt.name == "mcp:completion/complete"
+    (template,) = post(complete({"type": "ref/resource", "uri": "file:///tmp/{name}"})).actions
+    assert completion_reference(template) == "mcp:resources/read/file:///tmp/{name}"
+    assert completion_reference(post(call("greet")).actions[0]) is None
+
+
+@pytest.mark.parametrize(
+    "ref",
+    [
+        None,
+        "ref/prompt",
+        {"type": "ref/tool", "name": "greet"},
+        {"type": "ref/prompt"},
+        {"type": "ref/prompt", "name": ""},
+        {"type": "ref/prompt", "name": ["greet"]},
+        {"type": "ref/prompt", "uri": "greet"},
+        {"type": "ref/resource", "name": "file:///tmp/{name}"},
+        {"type": "ref/prompt", "name": "greet\u202e"},
+    ],
+)
+def test_a_completion_whose_ref_cannot_be_read_one_way_is_refused(ref: Any) -> None:
+    message = complete(ref)
+    if ref is None:
+        del message["params"]["ref"]
+    with pytest.raises(BadRequest, match="completion/complete"):
+        post(message)

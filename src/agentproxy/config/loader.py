@@ -25,6 +25,7 @@ from agentproxy.config.model import (
     ClaimNames,
     Config,
     ContextToken,
+    Cors,
     Credentials,
     HostPort,
     Identity,
@@ -75,6 +76,12 @@ ASYMMETRIC_ALGORITHMS = frozenset(
 HMAC_ALGORITHMS = frozenset({"HS256", "HS384", "HS512"})
 _NAME = re.compile(r"[a-z0-9][a-z0-9_.-]{0,62}")
 _HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+# An origin as browsers serialize it (RFC 6454 §6.1): scheme, host and a non-default port.
+_ORIGIN = re.compile(
+    r"(?P<scheme>https?)://(?P<host>[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?(?:\.[a-z0-9]"
+    r"(?:[a-z0-9-]{0,61}[a-z0-9])?)*|\[[0-9a-f:.]+\])(?::(?P<port>[1-9][0-9]{0,4}))?"
+)
+_DEFAULT_PORTS = {"http": "80", "https": "443"}
 _FORWARDED_HOST = re.compile(r"[A-Za-z0-9.-]{1,253}(:[0-9]{1,5})?|\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?")
 _SERVICE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
 _SECRET_FILE_LIMIT = 64 * 1024
@@ -492,6 +499,7 @@ class _Loader:
             "audiences",
             "authorization",
             "scope_challenge",
+            "cors",
         )
         section = doc.mapping(value, path, keys)
         name = doc.get(section, path, "name", str, required=True) or ""
@@ -623,11 +631,14 @@ class _Loader:
             f"{path}.max_response_bytes",
             "must be a positive number of bytes (the largest answer a rule's obligations shape)",
         )
+        cors = self.cors(section.get("cors"), f"{path}.cors")
+        doc.check("cors" not in section or not grpc, f"{path}.cors", "applies to HTTP protocols")
         operations: tuple[OpenApiOperation, ...] = ()
         spec_file = self.existing_file(section, path, "openapi")
         if spec_file is not None and url:
             operations = self.openapi(spec_file, f"{path}.openapi", urlsplit(url).path)
         return Upstream(
+            cors=cors,
             openapi=operations,
             body=body,  # type: ignore[arg-type]
             max_response_bytes=max_response,
@@ -654,6 +665,32 @@ class _Loader:
             scope_challenge=scope_challenge,  # type: ignore[arg-type]
             max_body_bytes=max(max_body, 0),  # 0: the protocol's default
         )
+
+    def cors(self, value: Any, path: str) -> Cors | None:
+        """`cors: {allow_origins: [...]}`. Each origin must be written as a browser sends it
+        (compared exactly); `*` is refused: the MCP spec has servers validate `Origin`
+        against DNS rebinding, and `*` would let any page a user opens drive the upstream
+        with whatever token it gets hold of."""
+        doc = self.doc
+        if value is None:
+            return None
+        section = doc.mapping(value, path, ("allow_origins",))
+        if not isinstance(value, dict):
+            return None
+        origins = doc.strings(section, path, "allow_origins", required=True)
+        if not origins:
+            if "allow_origins" in section:
+                doc.error(f"{path}.allow_origins", "must list at least one origin")
+            return None
+        ok = True
+        for i, origin in enumerate(origins):
+            problem = _origin_problem(origin)
+            if problem is None and origin in origins[:i]:
+                problem = f"{origin!r} is listed twice"
+            if problem is not None:
+                doc.error(f"{path}.allow_origins[{i}]", problem)
+                ok = False
+        return Cors(origins) if ok else None
 
     def identity(self, value: Any) -> Identity:
         doc = self.doc
@@ -1130,6 +1167,30 @@ _FIELD_PATH = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*(\.[A-Za-z0-9_-]+)+")
 
 
 _PLAIN_SEGMENT = re.compile(r"[A-Za-z0-9\-._~!$&'()*+,=:@]+")
+
+
+def _origin_problem(origin: str) -> str | None:
+    """Why `origin` is not one a browser would send, or None."""
+    if origin == "*":
+        return (
+            '"*" is not allowed: list the origins of the browser clients (e.g. '
+            '"http://localhost:6274" for the MCP Inspector)'
+        )
+    match = _ORIGIN.fullmatch(origin)
+    if match is None:
+        lowered = origin.lower().rstrip("/")
+        hint = f" (write {lowered!r})" if lowered != origin and _ORIGIN.fullmatch(lowered) else ""
+        return (
+            f'must be an origin "scheme://host[:port]" as browsers send it: http or https, '
+            f"lower case, no path or trailing slash, not {origin!r}{hint}"
+        )
+    port = match["port"]
+    if port is not None and (int(port) > 65535 or port == _DEFAULT_PORTS[match["scheme"]]):
+        if int(port) > 65535:
+            return f"port {port} is out of range"
+        shorter = f"{match['scheme']}://{match['host']}"
+        return f"browsers send the default port as no port: write {shorter!r}"
+    return None
 
 
 def _is_plain_path(path: str) -> bool:

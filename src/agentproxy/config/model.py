@@ -138,6 +138,20 @@ class Credentials:
 
 
 @dataclass(frozen=True, slots=True)
+class Cors:
+    """The browser origins (the MCP Inspector, a web agent) allowed to call an upstream
+    across origins (`cors: {allow_origins: [...]}`), each as browsers serialize an `Origin`
+    (RFC 6454 §6.1: `scheme://host[:port]`, lower case, no default port), so that an exact
+    comparison is the whole check."""
+
+    allow_origins: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        if not self.allow_origins:
+            raise ValueError("cors needs at least one origin")
+
+
+@dataclass(frozen=True, slots=True)
 class TokenExchange:
     """A credential per call (`credentials.token_exchange`): the caller's verified token is
     exchanged (RFC 8693) at the upstream's own authorization server for one the upstream
@@ -284,6 +298,9 @@ class Upstream:
     max_response_bytes: int = 16 * 1024 * 1024
     # Plain HTTP only: the operations of the upstream's OpenAPI spec (`openapi:`).
     openapi: tuple[OpenApiOperation, ...] = ()
+    # HTTP protocols: the browser origins allowed across origins (`cors:`; None: preflights
+    # are refused and the upstream's own CORS headers pass as they are).
+    cors: Cors | None = None
 
     def __post_init__(self) -> None:
         if self.max_body_bytes == 0:

@@ -1,5 +1,6 @@
 """The MCP adapter (Streamable HTTP): an HTTP request in, one `Action` per JSON-RPC message out;
-a `Refusal` in, a JSON-RPC answer out; a `tools/list` answer in, the permitted tools out.
+a `Refusal` in, a JSON-RPC answer out; a listing (`tools/list`, `prompts/list`,
+`resources/list`, `resources/templates/list`) answer in, the permitted items out.
 
 Pure functions, like h11 and the HTTP adapter: nothing here opens a socket or imports aiohttp
 or the `mcp` SDK. Every message of a body is named on its own, so a batch cannot smuggle a
@@ -44,17 +45,20 @@ from agentproxy.protocols.strict_json import (
 __all__ = [
     "ACTION_PREFIX",
     "BASELINE_ACTIONS",
+    "LISTINGS",
     "MAX_BATCH_MESSAGES",
     "MAX_JSON_DEPTH",
     "MAX_NAME_LENGTH",
     "McpRequest",
     "RequestId",
+    "completion_reference",
     "describe",
-    "filter_tools_list",
-    "listed_tools",
+    "filter_listing",
+    "listed_action",
+    "listed_items",
+    "listing_ids",
     "render",
     "tool_fingerprint",
-    "tools_list_ids",
 ]
 
 ACTION_PREFIX: Final = "mcp:"
@@ -236,6 +240,8 @@ def _request_action(where: str, method: str, params: Any) -> Action:
             params = {}
         elif not isinstance(params, dict | list):
             raise BadRequest(f'{where}: "params" must be an object or an array')
+        if method == "completion/complete":
+            _check_completion_ref(where, params)
         return Action("mcp", method, "", args=params, name=ACTION_PREFIX + method)
 
     if not isinstance(params, dict):
@@ -257,6 +263,45 @@ def _request_action(where: str, method: str, params: Any) -> Action:
         elif not isinstance(args, dict):
             raise BadRequest(f'{where}: {method} "arguments" must be an object')
     return Action("mcp", method, subject, args=args)
+
+
+# What a completion/complete `ref` names, and the member holding its name (MCP 2025-06-18
+# "Completion": a prompt, or a resource template by its URI template).
+_COMPLETION_REFS: Final[Mapping[str, tuple[str, str]]] = {
+    "ref/prompt": ("name", "prompts/get/"),
+    "ref/resource": ("uri", "resources/read/"),
+}
+
+
+def _check_completion_ref(where: str, params: Any) -> None:
+    # Completions leak what a prompt or template offers (argument values, file names): the
+    # shell allows one only for what the principal may get, so the ref must be read one way.
+    ref = params.get("ref") if isinstance(params, dict) else None
+    kind = ref.get("type") if isinstance(ref, dict) else None
+    if not isinstance(ref, dict) or not isinstance(kind, str) or kind not in _COMPLETION_REFS:
+        raise BadRequest(
+            f'{where}: completion/complete needs "params.ref" with "type" "ref/prompt" or '
+            '"ref/resource"'
+        )
+    key = _COMPLETION_REFS[kind][0]
+    subject = ref.get(key)
+    if not isinstance(subject, str) or not _is_valid_name(subject):
+        raise BadRequest(
+            f'{where}: completion/complete {kind} "{key}" must be a non-empty string of at '
+            f"most {MAX_NAME_LENGTH} printable characters"
+        )
+
+
+def completion_reference(action: Action) -> str | None:
+    """The action a `completion/complete` message completes arguments of: `mcp:prompts/get/
+    <name>` for a `ref/prompt`, `mcp:resources/read/<uri template>` for a `ref/resource`;
+    None for any other action. `action` comes from `describe`, which checked the ref."""
+    if action.protocol != "mcp" or action.operation != "completion/complete":
+        return None
+    ref = action.args["ref"]
+    key, prefix = _COMPLETION_REFS[ref["type"]]
+    subject: str = ref[key]
+    return ACTION_PREFIX + prefix + subject
 
 
 def _decided_uri(where: str, uri: str) -> str:
@@ -490,50 +535,108 @@ def _json_reply(status: int, refusal: Refusal, decision_id: str, body: object) -
     return WireReply(status, tuple(headers), orjson.dumps(body))
 
 
-# --- tools/list ------------------------------------------------------------------------------
+# --- listings --------------------------------------------------------------------------------
+
+# The listings a shell filters, and the member of their result that holds the items.
+LISTINGS: Final[Mapping[str, str]] = {
+    "tools/list": "tools",
+    "prompts/list": "prompts",
+    "resources/list": "resources",
+    "resources/templates/list": "resourceTemplates",
+}
 
 
-def tools_list_ids(request: McpRequest) -> tuple[RequestId, ...]:
-    """The ids of the `tools/list` requests in `request`, a single one or every one of a batch
-    (whose answers the shell filters and pins); notifications, having no answer, are not."""
-    return tuple(
-        request_id
-        for method, request_id in zip(request.methods, request.ids, strict=True)
-        if method == "tools/list" and request_id is not None
-    )
+def listing_ids(request: McpRequest) -> tuple[tuple[RequestId, str], ...]:
+    """The (id, method) of the listing requests in `request` (`LISTINGS`), a single one or
+    every one of a batch, whose answers the shell filters; notifications, having no answer,
+    are not."""
+    found: list[tuple[RequestId, str]] = []
+    for method, request_id in zip(request.methods, request.ids, strict=True):
+        if method is not None and method in LISTINGS and request_id is not None:
+            found.append((request_id, method))
+    return tuple(found)
 
 
-def filter_tools_list(
+def listed_action(method: str, item: Mapping[str, Any]) -> str | None:
+    """The action that uses a listed item, for the "could ever be allowed" check: a tool is
+    `mcp:tools/call/<name>`, a prompt `mcp:prompts/get/<name>`, a resource
+    `mcp:resources/read/<uri>`, a resource template `mcp:resources/read/<uriTemplate>` as
+    written (its `{…}` expressions are text within a segment: `*`, `**` and `{name}` match
+    them, a literal URI does not). None for an item that could never be used through the
+    proxy (a name or URI `describe` would refuse, or a resource URI not in the canonical
+    form it requires): it is hidden. Raises ValueError for a method not in `LISTINGS`."""
+    if method == "tools/list" or method == "prompts/list":
+        name = item.get("name")
+        if not isinstance(name, str) or not _is_valid_name(name):
+            return None
+        return ACTION_PREFIX + ("tools/call/" if method == "tools/list" else "prompts/get/") + name
+    if method == "resources/list":
+        uri = item.get("uri")
+        if not isinstance(uri, str) or not _is_valid_name(uri):
+            return None
+        try:
+            if normalize_uri(uri) != uri:
+                return None
+        except BadRequest:
+            return None
+        return ACTION_PREFIX + "resources/read/" + uri
+    if method == "resources/templates/list":
+        template = item.get("uriTemplate")
+        if not isinstance(template, str) or not _is_valid_name(template):
+            return None
+        return ACTION_PREFIX + "resources/read/" + template
+    raise ValueError(f"{method} is not a listing")
+
+
+def filter_listing(
     payload: bytes,
     content_type: str,
     request_id: RequestId,
+    method: str,
     keep: Callable[[dict[str, Any]], bool],
 ) -> bytes:
-    """Remove the tools for which `keep(tool)` is False from the upstream's tools/list answer.
+    """Remove the items for which `keep(item)` is False from the upstream's answer to the
+    listing `method` (a key of `LISTINGS`).
 
     `payload` is the whole (decoded) answer: application/json (a JSON-RPC response) or
     text/event-stream (RFC-less SSE as WHATWG defines it: events end at a blank line, "data:"
-    lines join with "\\n"). Only the answer to `request_id` is rewritten, and only when a tool
+    lines join with "\n"). Only the answer to `request_id` is rewritten, and only when an item
     is removed; every other byte (other events, comments, `id:`/`event:`/`retry:` fields, line
     endings) is kept as is. No answer with this id (or an error answer): the payload unchanged.
 
     Raises:
         ValueError: an unknown content type; a payload that is not UTF-8 or holds a message
-            that is not strict JSON; an answer with this id whose result has no list of tool
-            objects.
+            that is not strict JSON; an answer with this id whose result has no list of
+            objects under the listing's member.
     """
-    return _rewrite(payload, content_type, request_id, keep, [])
+    return _rewrite(payload, content_type, request_id, _Listing(method, keep, []))
 
 
-def listed_tools(payload: bytes, content_type: str, request_id: RequestId) -> list[dict[str, Any]]:
-    """The tools of the upstream's tools/list answer to `request_id`, changing nothing.
+def listed_items(
+    payload: bytes, content_type: str, request_id: RequestId, method: str
+) -> list[dict[str, Any]]:
+    """The items of the upstream's answer to the listing `method` with `request_id`, changing
+    nothing.
 
     Raises:
-        ValueError: as `filter_tools_list`.
+        ValueError: as `filter_listing`.
     """
-    seen: list[dict[str, Any]] = []
-    _rewrite(payload, content_type, request_id, lambda _tool: True, seen)
-    return seen
+    listing = _Listing(method, lambda _item: True, [])
+    _rewrite(payload, content_type, request_id, listing)
+    return listing.seen
+
+
+@dataclass(slots=True)
+class _Listing:
+    """What a rewrite looks for: the listing's method, which items stay, the items seen."""
+
+    method: str
+    keep: Callable[[dict[str, Any]], bool]
+    seen: list[dict[str, Any]]
+
+    @property
+    def member(self) -> str:
+        return LISTINGS[self.method]
 
 
 _PINNED_FIELDS: Final = (
@@ -566,21 +669,15 @@ def _media_type(content_type: str) -> str:
     return content_type.partition(";")[0].strip().lower()
 
 
-def _rewrite(
-    payload: bytes,
-    content_type: str,
-    request_id: RequestId,
-    keep: Callable[[dict[str, Any]], bool],
-    seen: list[dict[str, Any]],
-) -> bytes:
+def _rewrite(payload: bytes, content_type: str, request_id: RequestId, listing: _Listing) -> bytes:
     media = _media_type(content_type)
     if media == "application/json":
         message = parse_answer(payload)
-        changed = _filter_message(message, request_id, keep, seen)
-        return _dumps(message) if changed else payload
+        changed = _filter_message(message, request_id, listing)
+        return _dumps(message, listing) if changed else payload
     if media == "text/event-stream":
-        return _rewrite_sse(payload, request_id, keep, seen)
-    raise ValueError(f"not a tools/list answer: Content-Type {media!r}")
+        return _rewrite_sse(payload, request_id, listing)
+    raise ValueError(f"not a {listing.method} answer: Content-Type {media!r}")
 
 
 def _same_id(value: Any, request_id: RequestId) -> bool:
@@ -588,16 +685,11 @@ def _same_id(value: Any, request_id: RequestId) -> bool:
     return type(value) is type(request_id) and value == request_id
 
 
-def _filter_message(
-    message: Any,
-    request_id: RequestId,
-    keep: Callable[[dict[str, Any]], bool],
-    seen: list[dict[str, Any]],
-) -> bool:
-    """Filter the tools of every answer to `request_id` in `message` in place; True if any
-    tool was removed. A JSON array is a batch of messages (2025-03-26)."""
+def _filter_message(message: Any, request_id: RequestId, listing: _Listing) -> bool:
+    """Filter the items of every answer to `request_id` in `message` in place; True if any
+    item was removed. A JSON array is a batch of messages (2025-03-26)."""
     if isinstance(message, list):
-        results = [_filter_message(item, request_id, keep, seen) for item in message]
+        results = [_filter_message(item, request_id, listing) for item in message]
         return any(results)
     if (
         not isinstance(message, dict)
@@ -607,30 +699,26 @@ def _filter_message(
     ):
         return False
     result = message["result"]
-    tools = result.get("tools") if isinstance(result, dict) else None
-    if not isinstance(tools, list) or not all(isinstance(tool, dict) for tool in tools):
-        raise ValueError("the tools/list answer has no list of tool objects")
-    seen.extend(tools)
-    kept = [tool for tool in tools if keep(tool)]
-    if len(kept) == len(tools):
+    member = listing.member
+    items = result.get(member) if isinstance(result, dict) else None
+    if not isinstance(items, list) or not all(isinstance(item, dict) for item in items):
+        raise ValueError(f'the {listing.method} answer has no list of objects in "{member}"')
+    listing.seen.extend(items)
+    kept = [item for item in items if listing.keep(item)]
+    if len(kept) == len(items):
         return False
-    result["tools"] = kept
+    result[member] = kept
     return True
 
 
-def _dumps(message: Any) -> bytes:
+def _dumps(message: Any, listing: _Listing) -> bytes:
     try:
         return orjson.dumps(message)
     except orjson.JSONEncodeError as exc:
-        raise ValueError(f"tools/list answer cannot be re-encoded: {exc}") from None
+        raise ValueError(f"{listing.method} answer cannot be re-encoded: {exc}") from None
 
 
-def _rewrite_sse(
-    payload: bytes,
-    request_id: RequestId,
-    keep: Callable[[dict[str, Any]], bool],
-    seen: list[dict[str, Any]],
-) -> bytes:
+def _rewrite_sse(payload: bytes, request_id: RequestId, listing: _Listing) -> bytes:
     try:
         text = payload.decode("utf-8")
     except UnicodeDecodeError:
@@ -642,22 +730,17 @@ def _rewrite_sse(
     for line in sse.lines(text, len(prefix)):
         block.append(line)
         if not line.rstrip("\r\n"):  # a blank line dispatches the event
-            changed |= _rewrite_event(block, request_id, keep, seen)
+            changed |= _rewrite_event(block, request_id, listing)
             out.extend(block)
             block = []
     if block:
         # An unterminated last event is never dispatched by a client; filter it all the same.
-        changed |= _rewrite_event(block, request_id, keep, seen)
+        changed |= _rewrite_event(block, request_id, listing)
         out.extend(block)
     return "".join(out).encode("utf-8") if changed else payload
 
 
-def _rewrite_event(
-    block: list[str],
-    request_id: RequestId,
-    keep: Callable[[dict[str, Any]], bool],
-    seen: list[dict[str, Any]],
-) -> bool:
+def _rewrite_event(block: list[str], request_id: RequestId, listing: _Listing) -> bool:
     """Filter the event in `block` (its lines with their endings) in place; True if changed."""
     data_lines = [i for i, line in enumerate(block) if sse.field(line.rstrip("\r\n"))[0] == "data"]
     data = sse.data_of(block)
@@ -669,11 +752,11 @@ def _rewrite_event(
     except JsonError as exc:
         # Every MCP event is a JSON-RPC message; one we cannot read might be the answer.
         raise ValueError(f"event stream holds an unreadable message: {exc}") from None
-    if not _filter_message(message, request_id, keep, seen):
+    if not _filter_message(message, request_id, listing):
         return False
     first = data_lines[0]
     ending = block[first][len(block[first].rstrip("\r\n")) :]
-    block[first] = "data: " + _dumps(message).decode("utf-8") + ending
+    block[first] = "data: " + _dumps(message, listing).decode("utf-8") + ending
     for index in reversed(data_lines[1:]):
         del block[index]
     return True

@@ -39,6 +39,7 @@ from agentproxy.policy import decide_next_message
 from agentproxy.protocols import grpc as adapter
 from agentproxy.protocols.http import parse_declared_task
 from agentproxy.proxy.context import context_headers, credential_header, upstream_credential
+from agentproxy.proxy.grpc_reflection import ReflectionExchange, is_reflection
 from agentproxy.proxy.grpc_upstreams import Channels, Descriptors
 from agentproxy.proxy.pipeline import Pipeline, start_call
 from agentproxy.proxy.runtime import Runtime
@@ -107,7 +108,7 @@ class GrpcDataPlane(grpc.GenericRpcHandler):
         context: aio.ServicerContext[bytes, bytes],
     ) -> bytes | None:
         exchange = await self.handle(method, metadata, None, context, unary=request)
-        return exchange.response
+        return exchange.response if exchange is not None else None
 
     async def handle(
         self,
@@ -117,17 +118,21 @@ class GrpcDataPlane(grpc.GenericRpcHandler):
         context: aio.ServicerContext[bytes, bytes],
         *,
         unary: bytes | None = None,
-    ) -> GrpcExchange:
+    ) -> GrpcExchange | None:
         pipeline = self._current()
         clock = pipeline.clock
         started = clock.monotonic()
         runtime = pipeline.runtime
         action, upstream, bearer, declared = UNPARSED, None, None, None
         refusal: Refusal | None = None
+        reflecting = False
         try:
             action = adapter.describe(method)
-            upstream = runtime.route_grpc(action.operation)
-            action = replace(action, upstream=upstream.name)
+            # Reflection is answered for every upstream at once (grpc_reflection.py).
+            reflecting = is_reflection(action.operation)
+            if not reflecting:
+                upstream = runtime.route_grpc(action.operation)
+                action = replace(action, upstream=upstream.name)
             bearer = adapter.bearer(metadata)
             task = adapter.declared_task(metadata)
             if isinstance(task, bytes):
@@ -146,6 +151,9 @@ class GrpcDataPlane(grpc.GenericRpcHandler):
             traceparent=_text(metadata, "traceparent"),
             tracestate=_text(metadata, "tracestate"),
         )
+        if reflecting:
+            await pipeline.run(call, ReflectionExchange(context, runtime, self._channels))
+            return None
         exchange = GrpcExchange(
             context, runtime, upstream, metadata, self._channels, self._descriptors, clock, unary
         )

@@ -51,6 +51,7 @@ from agentproxy.protocols.http_body import (
 from agentproxy.protocols.openapi import BodyValidator
 from agentproxy.protocols.strict_json import JsonError, parse_answer
 from agentproxy.proxy.context import context_headers, credential_header, upstream_credential
+from agentproxy.proxy.listener import BoundedHandler
 from agentproxy.proxy.offload import parse_off_loop, shape_off_loop
 from agentproxy.proxy.runtime import Runtime
 from agentproxy.proxy.upstream import HttpProcessingError, UpstreamAnswer, UpstreamClient, origin_of
@@ -124,6 +125,20 @@ class HttpExchange:
         # A body read as `args` (forwarded as these bytes), and the answer's obligations.
         self.parsed_body: HttpBody | None = None
         self._shape: AnswerShape | None = None
+        # The CORS headers of the answer (`cors:` on the upstream), set by the data plane.
+        self.cors_headers: tuple[tuple[str, str], ...] = ()
+        self._cors_applied = False
+
+    def apply_cors(self, response: web.StreamResponse) -> None:
+        """Puts `cors_headers` on the answer before it is sent, once, in place of any the
+        upstream set: with `cors:` the proxy alone says which origins may read it."""
+        if not self.cors_headers or self._cors_applied or response.prepared:
+            return
+        self._cors_applied = True
+        for name in {n for n in response.headers if n.lower().startswith("access-control-")}:
+            response.headers.popall(name, None)
+        for name, value in self.cors_headers:
+            response.headers.add(name, value)
 
     @property
     def responded(self) -> bool:
@@ -265,9 +280,14 @@ class HttpExchange:
             raise UpstreamFailed(
                 f"upstream {upstream.name} is unreachable or broke the connection"
             ) from None
+        # A caller that goes away mid-answer closes the upstream request at once, not at the
+        # next write (an SSE stream may be silent for minutes): the MCP server must see the
+        # stream end for a `GET` with `Last-Event-ID` to get the live tail.
+        forget = _when_lost(request, upstream_response.abandon)
         try:
             await self._stream_back(call, upstream_response)
         finally:
+            forget()
             upstream_response.release()
             call.upstream_seconds = self.clock.monotonic() - sent
 
@@ -406,6 +426,7 @@ class HttpExchange:
         )
         self._adjust_response_headers(upstream_response, response)
         _budget_header(call, response)
+        self.apply_cors(response)
         call.status = upstream_response.status
         self.response = response
         self._responded = True
@@ -504,6 +525,19 @@ class HttpExchange:
         transport = self.request.transport
         if transport is not None:
             transport.abort()
+
+
+def _when_lost(request: web.BaseRequest, callback: Callable[[], None]) -> Callable[[], None]:
+    """`callback` once the caller's connection is lost (the data plane's listener tells);
+    returns what cancels that."""
+    protocol = request.protocol
+    if isinstance(protocol, BoundedHandler):
+        return protocol.when_lost(callback)
+    return _nothing
+
+
+def _nothing() -> None:
+    return None
 
 
 _NO_FACTS = Facts()

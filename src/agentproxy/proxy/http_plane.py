@@ -9,10 +9,12 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from aiohttp import web
+from multidict import CIMultiDictProxy
 
 from agentproxy.config.model import Upstream
 from agentproxy.core import Action
-from agentproxy.errors import BadRequest, Refusal, Unauthenticated
+from agentproxy.errors import BadRequest, CorsRefused, Refusal, Unauthenticated
+from agentproxy.protocols import cors
 from agentproxy.protocols.http import bearer_token, parse_declared_task
 from agentproxy.proxy.http import HttpExchange
 from agentproxy.proxy.llm import LlmExchange
@@ -43,6 +45,13 @@ class HttpDataPlane:
             document = runtime.metadata_documents.get(request.raw_path)
             if document is not None and request.method in ("GET", "HEAD"):
                 return metadata_response(document)
+            if document is not None and cors.is_preflight(
+                request.method,
+                request.headers.get("Origin"),
+                request.headers.get("Access-Control-Request-Method"),
+            ):
+                # Public from any origin, like the document itself.
+                return _public_preflight()
         headers = request.headers
         action, raw_query, upstream, bearer, declared = UNPARSED, "", None, None, None
         declared_parent: str | None = None
@@ -53,6 +62,17 @@ class HttpDataPlane:
                 # Only the endpoint is decided as MCP, on its JSON-RPC body: a query would
                 # reach the server undecided.
                 raise BadRequest("an MCP request carries no query string")
+            origin = _single(headers, "Origin")
+            if cors.is_preflight(
+                request.method, origin, headers.get("Access-Control-Request-Method")
+            ):
+                # Answered here, never forwarded (it carries no token to decide on); refused
+                # as a call (recorded) when the origin is not listed.
+                return _preflight(upstream, origin)
+            listed = upstream.cors if upstream is not None else None
+            if listed is not None and origin is not None and not cors.is_allowed(listed, origin):
+                # A browser page of another origin (MCP: "validate Origin", DNS rebinding).
+                raise CorsRefused(_not_listed(upstream, origin))
             authorization = headers.getall("Authorization", [])
             if len(authorization) > 1:
                 raise Unauthenticated("more than one Authorization header")
@@ -92,8 +112,47 @@ class HttpDataPlane:
             exchange = HttpExchange(
                 request, runtime, upstream, action.target, raw_query, client, clock
             )
+        if upstream is not None and upstream.cors is not None:
+            exchange.cors_headers = cors.answer_headers(upstream.cors, headers.get("Origin"))
         await pipeline.run(call, exchange)
-        return exchange.response
+        response = exchange.response
+        exchange.apply_cors(response)  # refusals and answers read whole (listings, shaped)
+        return response
+
+
+def _single(headers: CIMultiDictProxy[str], name: str) -> str | None:
+    """The one value of a header, None when absent. Raises BadRequest for two."""
+    values = headers.getall(name, [])
+    if len(values) > 1:
+        raise BadRequest(f"more than one {name} header")
+    return values[0] if values else None
+
+
+def _preflight(upstream: Upstream | None, origin: str | None) -> web.StreamResponse:
+    """The answer to a CORS preflight: 204 for an origin the upstream's `cors:` lists.
+    Raises CorsRefused (403, no CORS headers) otherwise: never 401, since a preflight never
+    carries a token, and never forwarded."""
+    if upstream is None or origin is None:
+        raise CorsRefused("a CORS preflight for no upstream")
+    if upstream.cors is None:
+        raise CorsRefused(
+            f"upstream {upstream.name} takes no cross-origin requests from browsers; to allow "
+            f'{origin}, add to it: cors: {{allow_origins: ["{origin}"]}}'
+        )
+    if not cors.is_allowed(upstream.cors, origin):
+        raise CorsRefused(_not_listed(upstream, origin))
+    response = web.Response(status=204)
+    for name, value in cors.preflight_headers(upstream.protocol, origin):
+        response.headers.add(name, value)
+    response.headers["Server"] = "agentproxy"
+    return response
+
+
+def _not_listed(upstream: Upstream | None, origin: str) -> str:
+    # The origin is the browser's, not a secret; printable ASCII only, as aiohttp parsed it.
+    shown = origin.encode("ascii", "replace").decode("ascii")[:200]
+    name = upstream.name if upstream is not None else "-"
+    return f"origin {shown} is not in cors.allow_origins of upstream {name}"
 
 
 def metadata_response(document: bytes) -> web.Response:
@@ -108,6 +167,14 @@ def metadata_response(document: bytes) -> web.Response:
             "Server": "agentproxy",
         },
     )
+
+
+def _public_preflight() -> web.Response:
+    response = web.Response(status=204)
+    for name, value in cors.public_preflight_headers():
+        response.headers.add(name, value)
+    response.headers["Server"] = "agentproxy"
+    return response
 
 
 def is_mcp_endpoint(upstream: Upstream, path: str) -> bool:

@@ -10,7 +10,10 @@ connection (1,100 idle sockets locked every agent out). Here:
   connection is closed (`header_timeout`);
 - `idle_timeout`: a keep-alive connection waiting for its next request (or a new one that has
   sent nothing) is closed after this (aiohttp's keep-alive timer);
-- `agentproxy_connections{listener}` counts what is open.
+- `agentproxy_connections{listener}` counts what is open;
+- a client that goes away is told to whoever streams to it (`when_lost`), so that the
+  upstream request it was reading is closed at once (MCP stream resumption needs the upstream
+  to see it end).
 
 The body's own bound (`listen.body_timeout`) is the shell's, where the body is read.
 """
@@ -18,12 +21,16 @@ The body's own bound (`listen.body_timeout`) is the shell's, where the body is r
 from __future__ import annotations
 
 import asyncio
+import logging
+from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
 from agentproxy.metering.metrics import Metrics
+
+log = logging.getLogger("agentproxy.listener")
 
 _REFUSAL = (
     b"HTTP/1.1 503 Service Unavailable\r\n"
@@ -84,6 +91,24 @@ class BoundedHandler(RequestHandler):
         self._bounds = manager.bounds
         self._admitted = False
         self._head_deadline: asyncio.TimerHandle | None = None
+        self._lost = False
+        self._on_lost: list[Callable[[], None]] = []
+
+    def when_lost(self, callback: Callable[[], None]) -> Callable[[], None]:
+        """Calls `callback` once the client's connection is lost (at once if it already is),
+        and returns what cancels that. aiohttp does not cancel a handler whose client left
+        (and must not: records are written on the way out), so an exchange streaming an
+        answer learns of it here instead of at its next write, which may never come."""
+        if self._lost:
+            callback()
+            return _nothing
+        self._on_lost.append(callback)
+
+        def forget() -> None:
+            if callback in self._on_lost:
+                self._on_lost.remove(callback)
+
+        return forget
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         if not self._bounds.admit():
@@ -102,6 +127,13 @@ class BoundedHandler(RequestHandler):
             self._admitted = False
             self._bounds.release()
         super().connection_lost(exc)
+        self._lost = True
+        callbacks, self._on_lost = self._on_lost, []
+        for callback in callbacks:
+            try:
+                callback()
+            except Exception:
+                log.exception("a callback for a lost connection failed")
 
     def data_received(self, data: bytes) -> None:
         super().data_received(data)
@@ -128,3 +160,7 @@ class BoundedHandler(RequestHandler):
         if self._head_deadline is not None:
             self._head_deadline.cancel()
             self._head_deadline = None
+
+
+def _nothing() -> None:
+    return None

@@ -4,15 +4,16 @@ After the caller is authenticated it reads the (bounded) JSON-RPC body and lets 
 adapter name every message in it, so policy sees `mcp:tools/call/payments.transfer` with its
 arguments instead of `POST /mcp`. The body forwarded is the one authorized, byte for byte.
 Refusals answer the JSON-RPC request (HTTP 200), since older SDK clients tear the session
-down on a 4xx. A `tools/list` answer is filtered to the tools this principal could ever be
-allowed to call, and its definitions are pinned.
+down on a 4xx. A listing (`tools/list`, `prompts/list`, `resources/list`,
+`resources/templates/list`) is filtered to the items this principal could ever be allowed to
+use, and tool definitions are pinned.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 from typing import Any
 
@@ -34,7 +35,7 @@ from agentproxy.proxy.upstream import UpstreamAnswer, UpstreamClient
 
 log = logging.getLogger("agentproxy.mcp")
 
-# A tools/list answer is read whole to filter it; far larger than any real tool catalogue.
+# A listing is read whole to filter it; far larger than any real catalogue.
 MAX_LISTING_BYTES = 16 * 1024 * 1024
 
 
@@ -106,7 +107,7 @@ class McpExchange(HttpExchange):
             # the body goes out decoded, and aiohttp sets its length
             if k.lower() not in ("content-encoding", "content-length")
         ]
-        if self.parsed is not None and mcp.tools_list_ids(self.parsed):
+        if self.parsed is not None and mcp.listing_ids(self.parsed):
             # The listing is read and filtered here: ask for it uncompressed.
             headers = [(k, v) for k, v in headers if k.lower() != "accept-encoding"]
         return headers
@@ -136,26 +137,25 @@ class McpExchange(HttpExchange):
 
     async def _stream_back(self, call: Call, upstream_response: UpstreamAnswer) -> None:
         parsed = self.parsed
-        listings = mcp.tools_list_ids(parsed) if parsed is not None else ()
+        listings = mcp.listing_ids(parsed) if parsed is not None else ()
         if not listings or upstream_response.status != 200:
             await super()._stream_back(call, upstream_response)
             return
         payload = await self._read_listing(upstream_response)
         content_type = upstream_response.headers.get("Content-Type", "")
-        keep = self._keep(call)
         try:
-            # Every tools/list of a batch is pinned and filtered as a single one would be.
-            for request_id in listings:
-                self._pin(mcp.listed_tools(payload, content_type, request_id))
-                payload = mcp.filter_tools_list(payload, content_type, request_id, keep)
+            # Every listing of a batch is filtered (and tools pinned) as a single one would be.
+            for request_id, method in listings:
+                if method == "tools/list":
+                    self._pin(mcp.listed_items(payload, content_type, request_id, method))
+                keep = self._keep(call, method)
+                payload = mcp.filter_listing(payload, content_type, request_id, method, keep)
         except ValueError as exc:
             # Never pass on a listing we could not read: it might list what is hidden.
             log.warning(
-                "upstream %s sent a tools/list answer we cannot read: %s",
-                self.mcp_upstream.name,
-                exc,
+                "upstream %s sent a listing we cannot read: %s", self.mcp_upstream.name, exc
             )
-            raise UpstreamFailed("the upstream's tools/list answer could not be read") from None
+            raise UpstreamFailed("the upstream's listing answer could not be read") from None
         response = web.Response(status=200, body=payload)
         for name, value in response_headers_to_return(upstream_response.headers.items()):
             if name.lower() not in ("content-length", "content-encoding", "transfer-encoding"):
@@ -166,13 +166,13 @@ class McpExchange(HttpExchange):
 
     async def _read_listing(self, upstream_response: UpstreamAnswer) -> bytes:
         if upstream_response.headers.get("Content-Encoding", "identity") != "identity":
-            raise UpstreamFailed("the upstream compressed its tools/list answer")
+            raise UpstreamFailed("the upstream compressed its listing answer")
         chunks: list[bytes] = []
         size = 0
         async for chunk in upstream_response.content.iter_any():
             size += len(chunk)
             if size > MAX_LISTING_BYTES:
-                raise UpstreamFailed("the upstream's tools/list answer is too large to inspect")
+                raise UpstreamFailed("the upstream's listing answer is too large to inspect")
             chunks.append(chunk)
         return b"".join(chunks)
 
@@ -188,19 +188,20 @@ class McpExchange(HttpExchange):
             if seen == "changed" and self.state.on_tool_change is not None:
                 self.state.on_tool_change(upstream.name, name)
 
-    def _keep(self, call: Call) -> Any:
+    def _keep(self, call: Call, method: str) -> Callable[[dict[str, Any]], bool]:
         policy = self.runtime.policy
         principal = call.principal
         upstream = self.mcp_upstream
         pins = self.state.pins
+        enforce_pins = method == "tools/list" and upstream.pin_tools == "enforce"
 
-        def keep(tool: dict[str, Any]) -> bool:
-            name = tool.get("name")
-            if not isinstance(name, str) or principal is None:
+        def keep(item: dict[str, Any]) -> bool:
+            action = mcp.listed_action(method, item)
+            if action is None or principal is None:
                 return False
-            if upstream.pin_tools == "enforce" and pins.is_changed(upstream.name, name):
+            if enforce_pins and pins.is_changed(upstream.name, item["name"]):
                 return False
-            return could_allow(policy, f"mcp:tools/call/{name}", principal, upstream.name)
+            return could_allow(policy, action, principal, upstream.name)
 
         return keep
 

@@ -33,7 +33,7 @@ from agentproxy.metering.meter import compile_attribution
 from agentproxy.policy import PolicySet, compile_policy, policy_issues
 from agentproxy.policy.compiler import without_strings
 from agentproxy.policy.patterns import ActionPattern, compile_pattern
-from agentproxy.protocols import http, mcp
+from agentproxy.protocols import grpc_reflection, http, mcp
 from agentproxy.protocols.grpc import DescriptorError, Method, load_descriptor_set
 from agentproxy.protocols.openapi import BodyValidator, check_path_params
 
@@ -221,8 +221,9 @@ class Runtime:
 
 
 def builtin_rules() -> tuple[RuleSpec, ...]:
-    """The MCP baseline: session housekeeping and discovery (initialize, ping,
-    notifications, listings) for every authenticated agent unless a policy denies them."""
+    """The MCP baseline (session housekeeping and discovery: initialize, ping, notifications,
+    listings) and gRPC server reflection, for every authenticated agent unless a policy
+    denies them."""
     return (
         RuleSpec(
             id="mcp-baseline",
@@ -231,6 +232,20 @@ def builtin_rules() -> tuple[RuleSpec, ...]:
             actions=mcp.BASELINE_ACTIONS,
             effect=Effect.ALLOW,
             reason="MCP session housekeeping and discovery (built in)",
+            builtin=True,
+        ),
+        RuleSpec(
+            id="grpc-reflection",
+            agents=("*",),
+            users=(),
+            # Answered only with the services and methods the caller could be allowed to
+            # call (proxy/grpc_reflection.py): the gRPC twin of the MCP listings.
+            actions=tuple(
+                f"grpc:/{service}/ServerReflectionInfo"
+                for service in sorted(grpc_reflection.REFLECTION_SERVICES)
+            ),
+            effect=Effect.ALLOW,
+            reason="gRPC server reflection, filtered to what the caller may call (built in)",
             builtin=True,
         ),
     )

@@ -122,6 +122,19 @@ class UpstreamAnswer:
     def headers(self) -> CIMultiDictProxy[str]:
         return self.message.headers
 
+    def abandon(self) -> None:
+        """Closes the connection now, mid-answer (the caller went away): the upstream sees its
+        request end, and a read of `content` waiting for more raises ClientConnectionError
+        (closing alone would leave it waiting: aiohttp detaches the reader first)."""
+        if self._released:
+            return
+        self._released = True
+        sender = self._sender
+        if sender is not None and not sender.done():
+            sender.cancel()
+        self.content.set_exception(ClientConnectionError("the caller went away"))
+        self._protocol.close()
+
     def release(self) -> None:
         if self._released:
             return

@@ -5,11 +5,21 @@ from __future__ import annotations
 import logging
 
 from agentproxy.clock import Clock
-from agentproxy.core import Call, Decision, Effect, Facts, Mode, task_history_key
+from agentproxy.core import (
+    Action,
+    Call,
+    Decision,
+    Effect,
+    Facts,
+    Mode,
+    Principal,
+    task_history_key,
+)
 from agentproxy.errors import Denied, InsufficientScope, MissingCredential
 from agentproxy.metering.metrics import Metrics
-from agentproxy.policy import PolicySet, decide
+from agentproxy.policy import PolicySet, could_allow, decide
 from agentproxy.policy.memo import DecisionMemo, memo_key
+from agentproxy.protocols.mcp import completion_reference
 from agentproxy.proxy.pipeline import Exchange
 from agentproxy.proxy.stages.store_down import OnError, degraded
 from agentproxy.store import Store, StoreError
@@ -19,7 +29,8 @@ log = logging.getLogger("agentproxy.decide")
 
 class Decide:
     """Decides the call's action and every other action of a batch (an MCP JSON-RPC batch):
-    a batch is forwarded only if every message in it is allowed.
+    a batch is forwarded only if every message in it is allowed. An MCP completion is allowed
+    only for a prompt or template the principal could ever get (`_referenced`).
 
     Decisions whose rules read nothing per call are memoized by credential and action; the
     facts (task history) are read from the store only on a miss and only when a rule reads
@@ -74,6 +85,8 @@ class Decide:
                 decision = decide(self._policy, action, principal, facts, call.now, trace)
                 if decision.memoizable and trace is None:
                     self._memo.put(key, decision)
+            if decision.effect is Effect.ALLOW:
+                decision = self._referenced(action, principal, call.upstream) or decision
             decisions.append(decision)
         if call.streaming and facts is None:
             facts = await self._facts(call)  # what every later message is decided on
@@ -95,6 +108,18 @@ class Decide:
                 )
             else:
                 call.refusal = Denied(decision.reason, rule=decision.rule_id)
+
+    def _referenced(self, action: Action, principal: Principal, upstream: str) -> Decision | None:
+        """A default deny for an allowed MCP `completion/complete` whose prompt or resource
+        template (`mcp:prompts/get/<name>`, `mcp:resources/read/<uri template>`) could never
+        be allowed to this principal on this upstream, else None. A completion answers with
+        what the prompt's or template's arguments may be (names, ids, file names): the same
+        check that hides that prompt or template from its listing keeps it from completing."""
+        referenced = completion_reference(action)
+        if referenced is None or could_allow(self._policy, referenced, principal, upstream):
+            return None
+        reason = f"completion/complete refers to {referenced}, which no rule allows"
+        return Decision(Effect.DENY, None, reason, self._policy.version, referenced)
 
     async def _facts(self, call: Call) -> Facts:
         task, principal, parent = call.task, call.principal, call.parent_task
