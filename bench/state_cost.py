@@ -88,6 +88,8 @@ FEATURES: dict[str, str] = {
     "audit trail, required": ALLOW,
 }
 REVOKED = 1000
+# The longest any configuration may take to build, be measured or stop (seconds).
+STEP_TIMEOUT = 120.0
 
 
 @dataclass
@@ -378,13 +380,18 @@ async def main() -> int:
                     url = f"redis://127.0.0.1:{port}/{r * len(configs) + i}"
                     slug = f"r{r}-{i}"
                     redis_url = url if store_name == "Redis" else None
-                    setup = await build(d, slug, feature, store_name, redis_url, token, sink)
+                    print(f"  {store_name}, {feature}", flush=True)
+                    # A configuration that hangs is named, not waited for.
+                    async with asyncio.timeout(STEP_TIMEOUT):
+                        setup = await build(d, slug, feature, store_name, redis_url, token, sink)
                     try:
-                        await measure(setup, Runs(), 200, None)  # caches, pools, the token
-                        pid = redis.pid if redis_url else None
-                        await measure(setup, results[(store_name, feature)], args.calls, pid)
+                        async with asyncio.timeout(STEP_TIMEOUT):
+                            await measure(setup, Runs(), 200, None)  # caches, pools, the token
+                            pid = redis.pid if redis_url else None
+                            await measure(setup, results[(store_name, feature)], args.calls, pid)
                     finally:
-                        await setup.stop()
+                        async with asyncio.timeout(STEP_TIMEOUT):
+                            await setup.stop()
                 print(f"round {r + 1} of {args.rounds} done", flush=True)
         finally:
             redis.terminate()
