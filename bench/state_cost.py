@@ -41,6 +41,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import redis
 import uvloop
 from common import Issuer, best, cpu_seconds, free_port, machine, table, wait_port, write_result
 
@@ -292,6 +293,12 @@ def start_redis(port: int) -> subprocess.Popen[bytes]:
     cmd += ["--appendonly", "no", "--databases", "256"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
     wait_port(port, proc=proc)
+    # Others' tests start Redis servers on free ports too: if one took this port first, ours
+    # exited and the bench must not measure theirs.
+    answering = redis.Redis(host="127.0.0.1", port=port).info("server")["process_id"]
+    if answering != proc.pid:
+        proc.terminate()
+        raise RuntimeError(f"port {port} is another process's Redis (pid {answering})")
     return proc
 
 
@@ -368,7 +375,7 @@ async def main() -> int:
     issuer = Issuer.create(d)
     token = issuer.mint("hr-bot", roles=["hr"], dept="hr")
     port = free_port()
-    redis = start_redis(port)
+    server = start_redis(port)
     features = [f for f in FEATURES if args.only in f or f == BASELINE]
     configs = [(store, f) for store in ("memory", "Redis") for f in features]
     results = {config: Runs() for config in configs}
@@ -387,15 +394,15 @@ async def main() -> int:
                     try:
                         async with asyncio.timeout(STEP_TIMEOUT):
                             await measure(setup, Runs(), 200, None)  # caches, pools, the token
-                            pid = redis.pid if redis_url else None
+                            pid = server.pid if redis_url else None
                             await measure(setup, results[(store_name, feature)], args.calls, pid)
                     finally:
                         async with asyncio.timeout(STEP_TIMEOUT):
                             await setup.stop()
                 print(f"round {r + 1} of {args.rounds} done", flush=True)
         finally:
-            redis.terminate()
-            redis.wait(10)
+            server.terminate()
+            server.wait(10)
     write_result(args.name, report(results, args))
     return 0
 
