@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 SHARED ?= ../shared
 
-.PHONY: run test lint pytest smoke install proto system-deps helm node-deps bench demo-metrics clean
+.PHONY: run test lint pytest smoke install proto system-deps helm node-deps bench bench-state demo-metrics clean
 
 # What the proxy itself needs (make run); the test tooling comes with make test.
 $(VENV)/.runtime: pyproject.toml setup.py
@@ -73,6 +73,7 @@ bench: bench-deps
 	$(PY) bench/attacks.py
 	$(PY) bench/bodies.py
 	$(PY) bench/ext_authz.py
+	$(PY) bench/state_cost.py
 
 ## make bench-quick: every benchmark with short runs (~5 minutes), for a first look; writes
 ## bench/results/*_quick.md (not committed), leaving the full runs' results alone
@@ -88,6 +89,12 @@ bench-quick: bench-deps
 	$(PY) bench/attacks.py --seconds 2 --rounds 1 --name attacks_quick
 	$(PY) bench/bodies.py --calls 100 --name bodies_quick
 	$(PY) bench/ext_authz.py --seconds 2 --rounds 1 --name ext_authz_quick
+	$(PY) bench/state_cost.py --calls 500 --rounds 1 --name state_cost_quick
+
+## make bench-state: what each stateful feature (limits, budgets, revocations, approvals, task
+## history, the audit trail with and without required) adds per call, memory store and Redis
+bench-state: bench-deps
+	$(PY) bench/state_cost.py
 
 ## make bench-profile: py-spy samples the full HTTP pipeline under wrk load
 bench-profile: bench-deps

@@ -166,3 +166,39 @@ def test_a_p384_key_is_refused(tmp_path: Path) -> None:
     path = write(tmp_path / "p384.pem", private_pem(key))
     with pytest.raises(ValueError, match="Ed25519 or EC P-256, not ES384"):
         ContextSigner.load(ContextToken(signing_key_file=path))
+
+
+@pytest.mark.parametrize(
+    "key",
+    [ed25519.Ed25519PrivateKey.generate(), ec.generate_private_key(ec.SECP256R1())],
+    ids=["EdDSA", "ES256"],
+)
+def test_a_token_is_the_compact_jws_pyjwt_writes(key: ed25519.Ed25519PrivateKey) -> None:
+    """The token is written without PyJWT (its header once at load): the same header and
+    payload bytes as `jwt.encode` writes for the same claims, and for Ed25519, whose
+    signatures are deterministic, the same token."""
+    signer = ContextSigner(key, SETTINGS)
+    token = signer.sign(
+        principal=PRINCIPAL, task="TASK-1", rule="r", upstream="hr", now=1000.0, **CALL
+    )
+    claims = verify_with_jwks(signer, token)
+    expected = jwt.encode(claims, key, algorithm=signer.algorithm, headers={"kid": signer.kid})
+    assert token.split(".")[:2] == expected.split(".")[:2]
+    if signer.algorithm == "EdDSA":
+        assert token == expected
+    assert "=" not in token and len(base64url_decode(token.split(".")[2])) == 64
+
+
+def test_non_ascii_identifiers_travel_as_utf8_json() -> None:
+    """orjson writes UTF-8 where PyJWT escaped to \\uXXXX: the same JSON to any parser."""
+    signer = ContextSigner.load(SETTINGS)
+    token = signer.sign(
+        principal=Principal(agent="agent-ü", acting_for="zoë"),
+        task=None,
+        rule=None,
+        upstream="hr",
+        now=1000.0,
+        **CALL,
+    )
+    claims = verify_with_jwks(signer, token)
+    assert (claims["agent"], claims["user"]) == ("agent-ü", "zoë")

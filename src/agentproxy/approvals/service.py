@@ -30,6 +30,8 @@ Listener = Callable[[str, Approval], None]
 WATCH_QUEUE = 1000
 # How often the pending gauge is set and overdue approvals are looked for.
 WATCH_EVERY = 1.0
+# Approved approvals kept for the `used` events of the calls their grants release.
+APPROVED_KEPT = 1024
 
 
 class ApprovalService:
@@ -53,6 +55,11 @@ class ApprovalService:
         self._watchers: set[asyncio.Queue[tuple[str, Approval]]] = set()
         # Approvals this replica opened, by when they expire (to report their expiry once).
         self._opened: dict[str, float] = {}
+        # Approved approvals by id. The lifecycle has no arrow out of `approved`, so the
+        # record a `used` event carries is read from the store once, not for every call a
+        # `grant: {ttl}` releases (with Redis a round trip per call); the grant itself is
+        # still taken from the store on every call.
+        self._approved: dict[str, Approval] = {}
 
     def listen(self, listener: Listener) -> None:
         """`listener(event, approval)` for every event from now on; it must not raise."""
@@ -78,10 +85,19 @@ class ApprovalService:
         now = self._clock.now()
         grant = await self._store.use_grant(fingerprint, now)
         if grant is not None:
-            approval = await self._store.get_approval(grant.approval_id, now)
+            approval = self._approved.get(grant.approval_id)
+            if approval is None:
+                approval = await self._store.get_approval(grant.approval_id, now)
+                if approval is not None and approval.state is State.APPROVED:
+                    self._keep_approved(approval)
             if approval is not None:
                 self.emit("used", approval)
         return grant
+
+    def _keep_approved(self, approval: Approval) -> None:
+        if len(self._approved) >= APPROVED_KEPT:
+            self._approved.clear()  # bounded; the next use of each reads it again
+        self._approved[approval.id] = approval
 
     async def open(
         self, approval: Approval, caps: ApprovalsSettings

@@ -7,15 +7,25 @@ call's decision id, and it names the decided action and the method and path forw
 (`htm`, `htu`, as DPoP, RFC 9449 §4.2, names them), so a tool can check that the token it
 received was minted for the request it received, and refuse a `jti` it has seen (a replay)
 within the token's short lifetime. Signing costs ~27 µs with EdDSA, once per call.
+
+The token is compact JWS (RFC 7515 §7.1) written here rather than by `jwt.encode`: its
+header is the same for every token, so it is encoded once at load, and the call's claims
+are serialized with orjson and signed with `cryptography` directly. PyJWT spent ~25 µs per
+token around the ~32 µs signature (validating headers, json.dumps, looking up and
+preparing the algorithm and key); the tokens are the same format, and PyJWT verifies them.
 """
 
 from __future__ import annotations
 
+import base64
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import jwt
+import orjson
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 
 from agentproxy.config.model import ContextToken
 from agentproxy.core import Principal
@@ -43,6 +53,10 @@ class ContextSigner:
         self._settings = settings
         self._public_jwk = public_jwk(key.public_key())
         self.kid = thumbprint(self._public_jwk)
+        # Sorted and compact, as PyJWT writes it: the same bytes for every token.
+        header = {"alg": self.algorithm, "kid": self.kid, "typ": "JWT"}
+        self._header = _segment(orjson.dumps(header, option=orjson.OPT_SORT_KEYS)) + b"."
+        self._signature = _signature_of(key)
 
     @classmethod
     def load(cls, settings: ContextToken) -> ContextSigner:
@@ -87,7 +101,7 @@ class ContextSigner:
             "jti": decision_id,
             "sub": principal.agent,
             "agent": principal.agent,
-            "chain": list(principal.chain),
+            "chain": principal.chain,  # a tuple: orjson writes it as the array it is
             "upstream": upstream,
             "decision_id": decision_id,
             "action": action,
@@ -104,7 +118,28 @@ class ContextSigner:
             claims["htu"] = path
         if approval is not None:
             claims["approval"] = approval
-        return jwt.encode(claims, self._key, algorithm=self.algorithm, headers={"kid": self.kid})
+        signing_input = self._header + _segment(orjson.dumps(claims))
+        return (signing_input + b"." + _segment(self._signature(signing_input))).decode("ascii")
+
+
+def _segment(data: bytes) -> bytes:
+    """base64url without padding (RFC 7515 §2)."""
+    return base64.urlsafe_b64encode(data).rstrip(b"=")
+
+
+def _signature_of(key: ContextKey) -> Callable[[bytes], bytes]:
+    """The JWS signature function of `key` (RFC 8037 §3.1 EdDSA, RFC 7518 §3.4 ES256)."""
+    if isinstance(key, ed25519.Ed25519PrivateKey):
+        return key.sign
+    ecdsa = ec.ECDSA(hashes.SHA256())
+
+    def es256(data: bytes) -> bytes:
+        # RFC 7518 §3.4: R and S as 32-byte big-endian integers, concatenated (not the DER
+        # sequence cryptography returns).
+        r, s = decode_dss_signature(key.sign(data, ecdsa))
+        return r.to_bytes(32, "big") + s.to_bytes(32, "big")
+
+    return es256
 
 
 def _load_context_key(path: Path) -> ContextKey:
