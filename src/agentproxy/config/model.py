@@ -135,6 +135,11 @@ class Credentials:
     header: str
     value: Secret
     prefix: str = ""
+    # What the header carries, built once: it is sent with every call.
+    header_value: str = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "header_value", self.prefix + self.value.value.decode("latin-1"))
 
 
 @dataclass(frozen=True, slots=True)

@@ -70,4 +70,4 @@ def upstream_credential(call: Call, upstream: Upstream) -> tuple[str, str] | Non
     creds = upstream.credentials
     if creds is None:
         return None
-    return creds.header, creds.prefix + creds.value.value.decode("latin-1")
+    return creds.header, creds.header_value
