@@ -246,3 +246,22 @@ async def test_an_unreachable_or_misconfigured_authorization_server_fails_closed
 async def scrape(proxy: Proxy) -> str:
     async with aiohttp.ClientSession() as s, s.get(proxy.admin + "/metrics") as r:
         return await r.text()
+
+
+async def test_a_reload_that_moves_the_credential_header_sends_the_cached_token_in_the_new_one(
+    op: OpenIdProvider, custom_proxy: CustomProxyFactory, upstream: Upstream
+) -> None:
+    moved = 'scope: "hr:read"\n        header: X-Hr-Token'
+    proxy = await start(custom_proxy, config(op, upstream.url).replace('scope: "hr:read"', moved))
+    token = await op.client_credentials(AGENT_A, ENTRY, "hr:read")
+    assert (await get(proxy, token))[0] == 200
+    issued = upstream.seen[-1].headers["X-Hr-Token"]
+    # The operator moves the credential back to Authorization: the agent's X-Hr-Token is no
+    # longer the credential header, so it is forwarded as any other header, and the token
+    # exchanged before the reload must not be sent in it beside the agent's own value.
+    proxy.config_path.write_text(config(op, upstream.url))
+    assert await proxy.server.reload()
+    assert (await get(proxy, token, **{"X-Hr-Token": "forged"}))[0] == 200
+    seen = upstream.seen[-1]
+    assert seen.headers["Authorization"] == f"Bearer {issued}"
+    assert [v for k, v in seen.header_list if k.lower() == "x-hr-token"] == ["forged"]

@@ -67,6 +67,17 @@ class Credential:
     expires_at: float
 
 
+@dataclass(frozen=True, slots=True)
+class _Issued:
+    """What is cached: the token alone. Its header and prefix are not part of the cache key
+    and come from the settings of each call's own snapshot, so that a reload moving the
+    credential to another header never sends a cached token in the old one, beside the
+    agent's own value of it, which is no longer stripped."""
+
+    token: str
+    expires_at: float
+
+
 def exchange_form(settings: TokenExchange, subject_token: str) -> dict[str, str]:
     """The token request (RFC 8693 §2.1): the caller's token as the subject, for the
     upstream's audience or resource. With client_secret_post the client's credentials go in
@@ -163,8 +174,8 @@ class UpstreamTokens:
         self._clock = clock
         self._on_outcome = on_outcome or (lambda upstream, outcome: None)
         # key → the credential, or the refusal remembered for a moment; oldest first.
-        self._cache: OrderedDict[tuple[str, ...], Credential | ExchangeError] = OrderedDict()
-        self._flights: dict[tuple[str, ...], asyncio.Task[Credential]] = {}
+        self._cache: OrderedDict[tuple[str, ...], _Issued | ExchangeError] = OrderedDict()
+        self._flights: dict[tuple[str, ...], asyncio.Task[_Issued]] = {}
 
     async def credential(
         self, upstream: str, settings: TokenExchange, subject_token: str, subject_expires_at: float
@@ -182,7 +193,7 @@ class UpstreamTokens:
                     self._on_outcome(upstream, "refused")
                     raise ExchangeError(cached.detail, refused=True)
                 self._on_outcome(upstream, "cached")
-                return cached
+                return _credential(settings, cached)
             del self._cache[key]
         flight = self._flights.get(key)
         if flight is None:
@@ -199,7 +210,7 @@ class UpstreamTokens:
             self._on_outcome(upstream, "refused" if error.refused else "failed")
             raise
         self._on_outcome(upstream, "exchanged")
-        return issued
+        return _credential(settings, issued)
 
     async def _exchange(
         self,
@@ -207,7 +218,7 @@ class UpstreamTokens:
         settings: TokenExchange,
         subject_token: str,
         subject_expires_at: float,
-    ) -> Credential:
+    ) -> _Issued:
         try:
             token, lifetime = await _ask(settings, subject_token)
         except ExchangeError as error:
@@ -216,17 +227,17 @@ class UpstreamTokens:
                 self._remember(key, _Refused(error.detail, until))
             raise
         until = cached_until(self._clock.now(), lifetime, subject_expires_at)
-        issued = Credential(settings.header, settings.prefix + token, until)
+        issued = _Issued(token, until)
         self._remember(key, issued)
         return issued
 
-    def _landed(self, key: tuple[str, ...], flight: asyncio.Task[Credential]) -> None:
+    def _landed(self, key: tuple[str, ...], flight: asyncio.Task[_Issued]) -> None:
         if self._flights.get(key) is flight:
             del self._flights[key]
         if not flight.cancelled():
             flight.exception()  # retrieved: every caller may have gone away meanwhile
 
-    def _remember(self, key: tuple[str, ...], entry: Credential | ExchangeError) -> None:
+    def _remember(self, key: tuple[str, ...], entry: _Issued | ExchangeError) -> None:
         self._cache[key] = entry
         self._cache.move_to_end(key)
         while len(self._cache) > _MAX_ENTRIES:
@@ -239,8 +250,12 @@ class _Refused(ExchangeError):
         self.until = until
 
 
-def cached_expiry(entry: Credential | ExchangeError) -> float:
-    if isinstance(entry, Credential):
+def _credential(settings: TokenExchange, issued: _Issued) -> Credential:
+    return Credential(settings.header, settings.prefix + issued.token, issued.expires_at)
+
+
+def cached_expiry(entry: _Issued | ExchangeError) -> float:
+    if isinstance(entry, _Issued):
         return entry.expires_at
     return entry.until if isinstance(entry, _Refused) else 0.0
 
