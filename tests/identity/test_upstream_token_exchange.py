@@ -14,7 +14,9 @@ from typing import Any
 
 import aiohttp
 import jwt
+import orjson
 import pytest
+from aiohttp import web
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
@@ -265,3 +267,42 @@ async def test_a_reload_that_moves_the_credential_header_sends_the_cached_token_
     seen = upstream.seen[-1]
     assert seen.headers["Authorization"] == f"Bearer {issued}"
     assert [v for k, v in seen.header_list if k.lower() == "x-hr-token"] == ["forged"]
+
+
+@pytest.fixture
+async def split_answer() -> AsyncIterator[str]:
+    """A token endpoint that sends its (good) answer in two writes, as any server streaming
+    its body chunked may: the token URL."""
+
+    async def token(request: web.Request) -> web.StreamResponse:
+        await request.post()
+        body = orjson.dumps(
+            {"access_token": "issued-for-hr-bot", "token_type": "Bearer", "expires_in": 300}
+        )
+        response = web.StreamResponse(headers={"Content-Type": "application/json"})
+        await response.prepare(request)
+        await response.write(body[:10])
+        await asyncio.sleep(0.05)
+        await response.write(body[10:])
+        await response.write_eof()
+        return response
+
+    app = web.Application()
+    app.router.add_post("/token", token)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    yield f"http://127.0.0.1:{port}/token"
+    await runner.cleanup()
+
+
+async def test_an_answer_that_arrives_in_pieces_is_read_whole(
+    op: OpenIdProvider, custom_proxy: CustomProxyFactory, upstream: Upstream, split_answer: str
+) -> None:
+    text = config(op, upstream.url, token_url=split_answer, also_trust_test_keys=True)
+    proxy = await start(custom_proxy, text)
+    status, _, body = await get(proxy, foreign_token("hr-bot"))
+    assert status == 200, body
+    assert upstream.seen[-1].headers["Authorization"] == "Bearer issued-for-hr-bot"

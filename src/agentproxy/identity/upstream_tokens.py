@@ -275,7 +275,7 @@ async def _ask(settings: TokenExchange, subject_token: str) -> tuple[str, float]
                 allow_redirects=False,  # the secret goes to token_url and nowhere else
             ) as response,
         ):
-            body = await response.content.read(_MAX_ANSWER + 1)
+            body = await _read_whole(response.content)
             if len(body) > _MAX_ANSWER:
                 raise ExchangeError(
                     "the authorization server's answer is larger than 64 KiB", refused=False
@@ -290,3 +290,15 @@ async def _ask(settings: TokenExchange, subject_token: str) -> tuple[str, float]
         raise ExchangeError(
             f"the authorization server cannot be reached ({type(exc).__name__})", refused=False
         ) from None
+
+
+async def _read_whole(content: aiohttp.StreamReader) -> bytes:
+    """The answer's body, at most one byte past `_MAX_ANSWER`: `read(n)` returns what has
+    arrived so far, so a body sent in pieces (chunked, or a slow link) is read until it ends."""
+    body = bytearray()
+    while len(body) <= _MAX_ANSWER:
+        chunk = await content.read(_MAX_ANSWER + 1 - len(body))
+        if not chunk:
+            break
+        body += chunk
+    return bytes(body)
