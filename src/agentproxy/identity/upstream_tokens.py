@@ -27,6 +27,7 @@ import orjson
 from agentproxy.clock import Clock
 from agentproxy.config.model import TokenExchange
 from agentproxy.identity.sts import ACCESS_TOKEN, JWT_TOKEN
+from agentproxy.identity.verifier import read_at_most
 
 EXCHANGE_GRANT: Final = "urn:ietf:params:oauth:grant-type:token-exchange"
 ACCESS_TOKEN_TYPE: Final = ACCESS_TOKEN
@@ -275,7 +276,7 @@ async def _ask(settings: TokenExchange, subject_token: str) -> tuple[str, float]
                 allow_redirects=False,  # the secret goes to token_url and nowhere else
             ) as response,
         ):
-            body = await _read_whole(response.content)
+            body = await read_at_most(response.content, _MAX_ANSWER + 1)
             if len(body) > _MAX_ANSWER:
                 raise ExchangeError(
                     "the authorization server's answer is larger than 64 KiB", refused=False
@@ -290,15 +291,3 @@ async def _ask(settings: TokenExchange, subject_token: str) -> tuple[str, float]
         raise ExchangeError(
             f"the authorization server cannot be reached ({type(exc).__name__})", refused=False
         ) from None
-
-
-async def _read_whole(content: aiohttp.StreamReader) -> bytes:
-    """The answer's body, at most one byte past `_MAX_ANSWER`: `read(n)` returns what has
-    arrived so far, so a body sent in pieces (chunked, or a slow link) is read until it ends."""
-    body = bytearray()
-    while len(body) <= _MAX_ANSWER:
-        chunk = await content.read(_MAX_ANSWER + 1 - len(body))
-        if not chunk:
-            break
-        body += chunk
-    return bytes(body)
