@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,9 @@ from aiohttp import web
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from agentproxy.clock import SystemClock
+from agentproxy.config.model import Secret, TokenExchange
+from agentproxy.identity.upstream_tokens import ExchangeError, UpstreamTokens
 from tests.conftest import CustomProxyFactory, Proxy, Upstream
 from tests.harness.oidc import EXCHANGE, Client, OpenIdProvider, run_provider
 
@@ -306,3 +310,88 @@ async def test_an_answer_that_arrives_in_pieces_is_read_whole(
     status, _, body = await get(proxy, foreign_token("hr-bot"))
     assert status == 200, body
     assert upstream.seen[-1].headers["Authorization"] == "Bearer issued-for-hr-bot"
+
+
+@dataclass
+class HostileServer:
+    """A token endpoint under the attacker's control (or a broken one): `/slow` answers a
+    good token after `release` is set (`asked` once it is asked), `/moved` redirects to
+    `/steal`; `hits` counts each."""
+
+    base: str
+    asked: asyncio.Event
+    release: asyncio.Event
+    hits: dict[str, int]
+
+
+@pytest.fixture
+async def hostile() -> AsyncIterator[HostileServer]:
+    asked, release = asyncio.Event(), asyncio.Event()
+    hits: dict[str, int] = {}
+
+    async def slow(request: web.Request) -> web.Response:
+        hits["slow"] = hits.get("slow", 0) + 1
+        asked.set()
+        await release.wait()
+        return web.json_response({"access_token": "slow-token", "token_type": "Bearer"})
+
+    async def moved(request: web.Request) -> web.Response:
+        hits["moved"] = hits.get("moved", 0) + 1
+        raise web.HTTPTemporaryRedirect("/steal")  # 307: a client that follows re-POSTs
+
+    async def steal(request: web.Request) -> web.Response:
+        hits["steal"] = hits.get("steal", 0) + 1
+        return web.json_response({"access_token": "stolen", "token_type": "Bearer"})
+
+    app = web.Application()
+    app.router.add_post("/slow", slow)
+    app.router.add_post("/moved", moved)
+    app.router.add_post("/steal", steal)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    yield HostileServer(f"http://127.0.0.1:{runner.addresses[0][1]}", asked, release, hits)
+    release.set()
+    await runner.cleanup()
+
+
+def exchange_settings(token_url: str, **extra: Any) -> TokenExchange:
+    return TokenExchange(
+        token_url=token_url,
+        client_id="agentproxy",
+        client_secret=Secret(b"proxy-secret", "test"),
+        resource=HR,
+        **extra,
+    )
+
+
+async def test_a_redirecting_token_endpoint_gets_no_second_copy_of_the_secret(
+    hostile: HostileServer,
+) -> None:
+    tokens = UpstreamTokens(SystemClock())
+    settings = exchange_settings(hostile.base + "/moved", auth_method="client_secret_post")
+    with pytest.raises(ExchangeError) as info:
+        await tokens.credential("hr", settings, "subject", time.time() + 60)
+    assert not info.value.refused and "HTTP 307" in info.value.detail
+    assert hostile.hits == {"moved": 1}  # the form (secret, subject token) went nowhere else
+
+
+async def test_a_caller_that_goes_away_leaves_the_others_their_exchange(
+    hostile: HostileServer,
+) -> None:
+    tokens = UpstreamTokens(SystemClock())
+    settings = exchange_settings(hostile.base + "/slow")
+    expires = time.time() + 60
+    first = asyncio.ensure_future(tokens.credential("hr", settings, "subject", expires))
+    second = asyncio.ensure_future(tokens.credential("hr", settings, "subject", expires))
+    await hostile.asked.wait()
+    first.cancel()
+    await asyncio.sleep(0.05)
+    hostile.release.set()
+    assert (await second).value == "Bearer slow-token"
+    assert first.cancelled() and hostile.hits == {"slow": 1}
+    # Cached for the next call, however the first caller ended.
+    assert (
+        await tokens.credential("hr", settings, "subject", expires)
+    ).value == "Bearer slow-token"
+    assert hostile.hits == {"slow": 1}
