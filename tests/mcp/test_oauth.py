@@ -465,3 +465,23 @@ async def test_an_mcp_servers_token_opens_no_plain_http_upstream_beside_it(
                 assert r.status == status
     assert len(upstream.seen) == 1
     assert upstream.seen[0].headers.get("Authorization") is None
+
+
+async def test_in_a_batch_a_deny_wins_over_a_step_up(
+    op: OpenIdProvider, mcp_upstream: McpUpstream, custom_proxy: CustomProxyFactory, port: int
+) -> None:
+    # transfer lacks hr:write; wipe is allowed by no rule whatever the token holds. Asking the
+    # person to consent to more scope would not let this batch through: deny-overrides says
+    # it is refused as denied, with no insufficient_scope challenge to step up on.
+    resource = f"http://127.0.0.1:{port}/mcp"
+    token = await op.client_credentials(AGENT, resource, "hr:read")
+    proxy = await start(custom_proxy, op, mcp_upstream, port)
+    wipe = {**CALL, "id": 2, "params": {"name": "wipe", "arguments": {}}}
+    async with aiohttp.ClientSession() as s:
+        headers = {"Authorization": f"Bearer {token}", "Accept": "application/json"}
+        async with s.post(proxy.base + "/mcp", json=[CALL, wipe], headers=headers) as r:
+            assert "insufficient_scope" not in r.headers.get("WWW-Authenticate", "")
+            answers = {a["id"]: a["error"] for a in orjson.loads(await r.read())}
+    assert "no rule allows mcp:tools/call/wipe" in answers[2]["message"]
+    assert answers[1]["message"] == "not forwarded: another request in this batch was refused"
+    assert mcp_upstream.calls == []
