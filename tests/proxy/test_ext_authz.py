@@ -405,3 +405,32 @@ async def test_a_per_call_credential_reaches_the_upstream_and_no_spelling_of_the
     assert "authorization" not in {k.lower() for k, _ in seen.header_list}
     claims = exchanged.verified(values[0], await exchanged.jwks_of(op), op)
     assert claims["sub"] == "agent-a"
+
+
+async def test_a_page_of_an_origin_cors_does_not_list_is_refused_behind_envoy(
+    make_proxy: ProxyFactory, upstream: Upstream, keys: Keys, tmp_path: Path
+) -> None:
+    # The data plane refuses it (MCP: servers validate Origin, against DNS rebinding); the
+    # same upstream behind Envoy must not let that page through.
+    listed = "http://localhost:6274"
+    proxy = await make_proxy(
+        policy=POLICY,
+        listen='ext_authz: "127.0.0.1:0"',
+        upstream_extra='  - {name: tools, url: "' + upstream.url + '", protocol: mcp, '
+        'match: {path_prefix: /mcp}, cors: {allow_origins: ["' + listed + '"]}}',
+    )
+    initialize = {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {}}
+    accept = "application/json, text/event-stream"
+    async with envoy_in_front(proxy, upstream, "grpc", tmp_path) as envoy_:
+        for origin, status in (("https://evil.example", 403), (listed, 200)):
+            got, _, _ = await call(
+                envoy_.base,
+                "POST",
+                "/mcp",
+                keys.token("hr-bot"),
+                initialize,
+                Origin=origin,
+                Accept=accept,
+            )
+            assert got == status
+    assert len(upstream.seen) == 1
