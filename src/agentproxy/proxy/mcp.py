@@ -23,7 +23,7 @@ from aiohttp import web
 from agentproxy.clock import Clock
 from agentproxy.config.model import Upstream
 from agentproxy.core import Call, TraceContext
-from agentproxy.errors import BadRequest, UpstreamFailed
+from agentproxy.errors import BadRequest, Denied, UpstreamFailed
 from agentproxy.policy import could_allow
 from agentproxy.protocols import mcp
 from agentproxy.protocols.http import parse_traceparent, response_headers_to_return
@@ -74,6 +74,14 @@ class McpExchange(HttpExchange):
         request = self.request
         upstream = self.mcp_upstream
         call.session = request.headers.get("Mcp-Session-Id")
+        principal = call.principal
+        if (
+            call.session is not None
+            and principal is not None
+            and self.state.sessions.is_another_principals(upstream.name, call.session, principal)
+        ):
+            # Its id and an event id would let this caller read the owner's answers.
+            raise Denied("Mcp-Session-Id names a session another principal started")
         body = b""
         if request.method == "POST":
             body = await self._read_body(call, upstream.max_body_bytes)
@@ -136,6 +144,17 @@ class McpExchange(HttpExchange):
         self.response = response
 
     async def _stream_back(self, call: Call, upstream_response: UpstreamAnswer) -> None:
+        issued = upstream_response.headers.get("Mcp-Session-Id")
+        if (
+            issued is not None
+            and call.session is None  # a new session: an id the caller sent is never claimed
+            and call.principal is not None
+            and upstream_response.status < 300
+        ):
+            self.state.sessions.bind(self.mcp_upstream.name, issued, call.principal)
+        ended = self.request.method == "DELETE" and upstream_response.status < 300
+        if ended and call.session is not None:
+            self.state.sessions.end(self.mcp_upstream.name, call.session)
         parsed = self.parsed
         listings = mcp.listing_ids(parsed) if parsed is not None else ()
         if not listings or upstream_response.status != 200:
