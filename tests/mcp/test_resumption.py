@@ -226,6 +226,10 @@ async def test_another_agent_cannot_resume_or_end_a_session_it_did_not_start(
             assert r.status == 403, replayed
         async with s.delete(proxy.base + "/mcp", headers=headers(other, session)) as r:
             assert r.status == 403
+        # Nor in the spelling a CGI-style server reads as the same header.
+        folded = headers(other) | {"Mcp_Session_Id": session}
+        async with s.post(proxy.base + "/mcp", data=orjson.dumps(lookup), headers=folded) as r:
+            assert r.status == 403
         # The owner's session is untouched.
         async with s.post(
             proxy.base + "/mcp", data=orjson.dumps(lookup), headers=headers(owner, session)

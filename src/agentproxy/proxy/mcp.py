@@ -26,7 +26,11 @@ from agentproxy.core import Call, TraceContext
 from agentproxy.errors import BadRequest, Denied, UpstreamFailed
 from agentproxy.policy import could_allow
 from agentproxy.protocols import mcp
-from agentproxy.protocols.http import parse_traceparent, response_headers_to_return
+from agentproxy.protocols.http import (
+    header_key,
+    parse_traceparent,
+    response_headers_to_return,
+)
 from agentproxy.proxy.http import HttpExchange
 from agentproxy.proxy.offload import parse_off_loop
 from agentproxy.proxy.pins import McpState
@@ -73,7 +77,11 @@ class McpExchange(HttpExchange):
         """
         request = self.request
         upstream = self.mcp_upstream
-        call.session = request.headers.get("Mcp-Session-Id")
+        # Every spelling a server may read as Mcp-Session-Id (CGI-style servers fold '_').
+        sessions = [v for k, v in request.headers.items() if header_key(k) == "mcp-session-id"]
+        if len(sessions) > 1:
+            raise BadRequest("more than one Mcp-Session-Id header")
+        call.session = sessions[0] if sessions else None
         principal = call.principal
         if (
             call.session is not None
