@@ -235,4 +235,6 @@ async def test_another_agent_cannot_resume_or_end_a_session_it_did_not_start(
             proxy.base + "/mcp", data=orjson.dumps(lookup), headers=headers(owner, session)
         ) as r:
             assert r.status == 200
+            answered = [event.get("data", "") async for event in events(r)]
+            assert any("record 7" in data for data in answered)
     assert resumable.calls == ["lookup", "lookup"]
