@@ -9,15 +9,21 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import jwt
+import orjson
 import pytest
+from aiohttp import web
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from agentproxy.clock import SystemClock
+from agentproxy.config.model import Secret, TokenExchange
+from agentproxy.identity.upstream_tokens import ExchangeError, UpstreamTokens
 from tests.conftest import CustomProxyFactory, Proxy, Upstream
 from tests.harness.oidc import EXCHANGE, Client, OpenIdProvider, run_provider
 
@@ -246,3 +252,146 @@ async def test_an_unreachable_or_misconfigured_authorization_server_fails_closed
 async def scrape(proxy: Proxy) -> str:
     async with aiohttp.ClientSession() as s, s.get(proxy.admin + "/metrics") as r:
         return await r.text()
+
+
+async def test_a_reload_that_moves_the_credential_header_sends_the_cached_token_in_the_new_one(
+    op: OpenIdProvider, custom_proxy: CustomProxyFactory, upstream: Upstream
+) -> None:
+    moved = 'scope: "hr:read"\n        header: X-Hr-Token'
+    proxy = await start(custom_proxy, config(op, upstream.url).replace('scope: "hr:read"', moved))
+    token = await op.client_credentials(AGENT_A, ENTRY, "hr:read")
+    assert (await get(proxy, token))[0] == 200
+    issued = upstream.seen[-1].headers["X-Hr-Token"]
+    # The operator moves the credential back to Authorization: the agent's X-Hr-Token is no
+    # longer the credential header, so it is forwarded as any other header, and the token
+    # exchanged before the reload must not be sent in it beside the agent's own value.
+    proxy.config_path.write_text(config(op, upstream.url))
+    assert await proxy.server.reload()
+    assert (await get(proxy, token, **{"X-Hr-Token": "forged"}))[0] == 200
+    seen = upstream.seen[-1]
+    assert seen.headers["Authorization"] == f"Bearer {issued}"
+    assert [v for k, v in seen.header_list if k.lower() == "x-hr-token"] == ["forged"]
+
+
+@pytest.fixture
+async def split_answer() -> AsyncIterator[str]:
+    """A token endpoint that sends its (good) answer in two writes, as any server streaming
+    its body chunked may: the token URL."""
+
+    async def token(request: web.Request) -> web.StreamResponse:
+        await request.post()
+        body = orjson.dumps(
+            {"access_token": "issued-for-hr-bot", "token_type": "Bearer", "expires_in": 300}
+        )
+        response = web.StreamResponse(headers={"Content-Type": "application/json"})
+        await response.prepare(request)
+        await response.write(body[:10])
+        await asyncio.sleep(0.05)
+        await response.write(body[10:])
+        await response.write_eof()
+        return response
+
+    app = web.Application()
+    app.router.add_post("/token", token)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    yield f"http://127.0.0.1:{port}/token"
+    await runner.cleanup()
+
+
+async def test_an_answer_that_arrives_in_pieces_is_read_whole(
+    op: OpenIdProvider, custom_proxy: CustomProxyFactory, upstream: Upstream, split_answer: str
+) -> None:
+    text = config(op, upstream.url, token_url=split_answer, also_trust_test_keys=True)
+    proxy = await start(custom_proxy, text)
+    status, _, body = await get(proxy, foreign_token("hr-bot"))
+    assert status == 200, body
+    assert upstream.seen[-1].headers["Authorization"] == "Bearer issued-for-hr-bot"
+
+
+@dataclass
+class HostileServer:
+    """A token endpoint under the attacker's control (or a broken one): `/slow` answers a
+    good token after `release` is set (`asked` once it is asked), `/moved` redirects to
+    `/steal`; `hits` counts each."""
+
+    base: str
+    asked: asyncio.Event
+    release: asyncio.Event
+    hits: dict[str, int]
+
+
+@pytest.fixture
+async def hostile() -> AsyncIterator[HostileServer]:
+    asked, release = asyncio.Event(), asyncio.Event()
+    hits: dict[str, int] = {}
+
+    async def slow(request: web.Request) -> web.Response:
+        hits["slow"] = hits.get("slow", 0) + 1
+        asked.set()
+        await release.wait()
+        return web.json_response({"access_token": "slow-token", "token_type": "Bearer"})
+
+    async def moved(request: web.Request) -> web.Response:
+        hits["moved"] = hits.get("moved", 0) + 1
+        raise web.HTTPTemporaryRedirect("/steal")  # 307: a client that follows re-POSTs
+
+    async def steal(request: web.Request) -> web.Response:
+        hits["steal"] = hits.get("steal", 0) + 1
+        return web.json_response({"access_token": "stolen", "token_type": "Bearer"})
+
+    app = web.Application()
+    app.router.add_post("/slow", slow)
+    app.router.add_post("/moved", moved)
+    app.router.add_post("/steal", steal)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    yield HostileServer(f"http://127.0.0.1:{runner.addresses[0][1]}", asked, release, hits)
+    release.set()
+    await runner.cleanup()
+
+
+def exchange_settings(token_url: str, **extra: Any) -> TokenExchange:
+    return TokenExchange(
+        token_url=token_url,
+        client_id="agentproxy",
+        client_secret=Secret(b"proxy-secret", "test"),
+        resource=HR,
+        **extra,
+    )
+
+
+async def test_a_redirecting_token_endpoint_gets_no_second_copy_of_the_secret(
+    hostile: HostileServer,
+) -> None:
+    tokens = UpstreamTokens(SystemClock())
+    settings = exchange_settings(hostile.base + "/moved", auth_method="client_secret_post")
+    with pytest.raises(ExchangeError) as info:
+        await tokens.credential("hr", settings, "subject", time.time() + 60)
+    assert not info.value.refused and "HTTP 307" in info.value.detail
+    assert hostile.hits == {"moved": 1}  # the form (secret, subject token) went nowhere else
+
+
+async def test_a_caller_that_goes_away_leaves_the_others_their_exchange(
+    hostile: HostileServer,
+) -> None:
+    tokens = UpstreamTokens(SystemClock())
+    settings = exchange_settings(hostile.base + "/slow")
+    expires = time.time() + 60
+    first = asyncio.ensure_future(tokens.credential("hr", settings, "subject", expires))
+    second = asyncio.ensure_future(tokens.credential("hr", settings, "subject", expires))
+    await hostile.asked.wait()
+    first.cancel()
+    await asyncio.sleep(0.05)
+    hostile.release.set()
+    assert (await second).value == "Bearer slow-token"
+    assert first.cancelled() and hostile.hits == {"slow": 1}
+    # Cached for the next call, however the first caller ended.
+    assert (
+        await tokens.credential("hr", settings, "subject", expires)
+    ).value == "Bearer slow-token"
+    assert hostile.hits == {"slow": 1}

@@ -6,10 +6,11 @@ import asyncio
 import socket
 from typing import Any
 
+import orjson
 import pytest
 
 from agentproxy.errors import Unauthenticated, Unavailable
-from agentproxy.identity.verifier import TokenVerifier
+from agentproxy.identity.verifier import TokenVerifier, discover_jwks_uri
 
 from .conftest import NOW, URL_ISSUER, JwksServer, Keys, claims, jwk, sign, url_identity
 
@@ -126,3 +127,31 @@ async def test_a_failing_jwks_endpoint_refuses_unknown_kids_with_503(
     with pytest.raises(Unavailable):
         await verifier.verify(url_token(keys, kid="key-new"), NOW)
     assert jwks_server.requests == 2
+
+
+async def test_a_discovery_document_sent_in_pieces_is_read_whole() -> None:
+    # A provider's metadata is several KiB (Keycloak's ~6): over a real network it arrives
+    # in several segments, which a single bounded read would cut at the first.
+    from aiohttp import web
+
+    async def discovery(request: web.Request) -> web.StreamResponse:
+        issuer = f"http://127.0.0.1:{request.url.port}"
+        body = orjson.dumps({"issuer": issuer, "jwks_uri": issuer + "/jwks"})
+        response = web.StreamResponse(headers={"Content-Type": "application/json"})
+        await response.prepare(request)
+        await response.write(body[:10])
+        await asyncio.sleep(0.05)
+        await response.write(body[10:])
+        await response.write_eof()
+        return response
+
+    app = web.Application()
+    app.router.add_get("/.well-known/openid-configuration", discovery)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    issuer = f"http://127.0.0.1:{runner.addresses[0][1]}"
+    try:
+        assert await discover_jwks_uri(issuer) == issuer + "/jwks"
+    finally:
+        await runner.cleanup()

@@ -26,7 +26,7 @@ from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.auth import OAuthClientInformationFull, OAuthToken
 
 from mcp import Client as McpClient
-from tests.conftest import CustomProxyFactory, Proxy
+from tests.conftest import CustomProxyFactory, Proxy, Upstream
 from tests.harness import node
 from tests.harness.oidc import Client, OpenIdProvider, run_provider
 from tests.harness.processes import free_port
@@ -81,6 +81,7 @@ async def op(tmp_path: Path, port: int) -> AsyncIterator[OpenIdProvider]:
     resources = {
         f"http://127.0.0.1:{port}/mcp": {"scope": "hr:read hr:write"},
         OTHER: {"scope": "hr:read hr:write"},
+        "https://agentproxy.test": {"scope": "hr:read hr:write"},  # the issuer's audience
     }
     async with run_provider(tmp_path, [AGENT], resources) as provider:
         yield provider
@@ -430,3 +431,57 @@ async def test_the_typescript_sdk_signs_a_person_in_as_ide_clients_do_and_steps_
     assert result["sign_ins"] == 2
     assert set(result["scope"].split()) >= {"hr:read", "hr:write"}
     assert mcp_upstream.calls == ["lookup", "transfer"]
+
+
+async def test_an_mcp_servers_token_opens_no_plain_http_upstream_beside_it(
+    op: OpenIdProvider,
+    mcp_upstream: McpUpstream,
+    upstream: Upstream,
+    custom_proxy: CustomProxyFactory,
+    port: int,
+) -> None:
+    # The attacker holds a token bound (RFC 8707) to the MCP server only, and tries it on an
+    # ordinary HTTP upstream the same rules would let the agent call.
+    files = f"""  - name: files
+    url: "{upstream.url}"
+    match: {{path_prefix: /files}}
+"""
+    policy = (
+        POLICY
+        + b"""
+  - id: files
+    agents: [mcp-agent]
+    actions: ["http:GET /files/**"]
+    effect: allow
+"""
+    )
+    proxy = await start(custom_proxy, op, mcp_upstream, port, extra=files, policy=policy)
+    hr = await op.client_credentials(AGENT, f"http://127.0.0.1:{port}/mcp", "hr:read")
+    entry = await op.client_credentials(AGENT, "https://agentproxy.test", "hr:read")
+    async with aiohttp.ClientSession() as s:
+        for token, status in ((hr, 401), (entry, 200)):
+            headers = {"Authorization": f"Bearer {token}"}
+            async with s.get(proxy.base + "/files/report", headers=headers) as r:
+                assert r.status == status
+    assert len(upstream.seen) == 1
+    assert upstream.seen[0].headers.get("Authorization") is None
+
+
+async def test_in_a_batch_a_deny_wins_over_a_step_up(
+    op: OpenIdProvider, mcp_upstream: McpUpstream, custom_proxy: CustomProxyFactory, port: int
+) -> None:
+    # transfer lacks hr:write; wipe is allowed by no rule whatever the token holds. Asking the
+    # person to consent to more scope would not let this batch through: deny-overrides says
+    # it is refused as denied, with no insufficient_scope challenge to step up on.
+    resource = f"http://127.0.0.1:{port}/mcp"
+    token = await op.client_credentials(AGENT, resource, "hr:read")
+    proxy = await start(custom_proxy, op, mcp_upstream, port)
+    wipe = {**CALL, "id": 2, "params": {"name": "wipe", "arguments": {}}}
+    async with aiohttp.ClientSession() as s:
+        headers = {"Authorization": f"Bearer {token}", "Accept": "application/json"}
+        async with s.post(proxy.base + "/mcp", json=[CALL, wipe], headers=headers) as r:
+            assert "insufficient_scope" not in r.headers.get("WWW-Authenticate", "")
+            answers = {a["id"]: a["error"] for a in orjson.loads(await r.read())}
+    assert "no rule allows mcp:tools/call/wipe" in answers[2]["message"]
+    assert answers[1]["message"] == "not forwarded: another request in this batch was refused"
+    assert mcp_upstream.calls == []

@@ -99,6 +99,11 @@ async def events(response: aiohttp.ClientResponse) -> AsyncIterator[dict[str, An
         event[name] = value.removeprefix(" ")
 
 
+async def _nothing() -> AsyncIterator[dict[str, Any]]:
+    return
+    yield
+
+
 async def start_session(s: aiohttp.ClientSession, proxy: Proxy, token: str) -> str:
     initialize = {
         "jsonrpc": "2.0",
@@ -185,3 +190,51 @@ async def test_a_cut_off_stream_resumes_with_last_event_id(
         assert answer["result"]["content"][0]["text"] == "done"
         assert "notifications/progress" in replayed[0]
     assert resumable.calls == ["slow"]
+
+
+async def test_another_agent_cannot_resume_or_end_a_session_it_did_not_start(
+    make_proxy: ProxyFactory, resumable: McpUpstream, keys: Keys
+) -> None:
+    # The session id and an event id are all the SDK's server asks for to replay a stream:
+    # an agent that learns them (a log, a shared orchestrator) must not read another's
+    # answers through the proxy, which alone knows who started the session.
+    proxy = await make_proxy(
+        policy=POLICY, upstream_url=resumable.url, upstream_extra="    protocol: mcp"
+    )
+    owner, other = keys.token("mcp-agent"), keys.token("other-bot")
+    lookup = {
+        "jsonrpc": "2.0",
+        "id": 2,
+        "method": "tools/call",
+        "params": {"name": "lookup", "arguments": {"id": "7"}},
+    }
+    async with aiohttp.ClientSession() as s:
+        session = await start_session(s, proxy, owner)
+        async with s.post(
+            proxy.base + "/mcp", data=orjson.dumps(lookup), headers=headers(owner, session)
+        ) as r:
+            first = [event async for event in events(r)]
+        resume = headers(other, session) | {"Last-Event-ID": first[0]["id"]}
+        del resume["Content-Type"]
+        resume["Accept"] = "text/event-stream"
+        async with asyncio.timeout(5), s.get(proxy.base + "/mcp", headers=resume) as r:
+            replayed: list[str] = []
+            async for event in events(r) if r.status == 200 else _nothing():
+                if event.get("data"):
+                    replayed.append(event["data"])
+                    break
+            assert r.status == 403, replayed
+        async with s.delete(proxy.base + "/mcp", headers=headers(other, session)) as r:
+            assert r.status == 403
+        # Nor in the spelling a CGI-style server reads as the same header.
+        folded = headers(other) | {"Mcp_Session_Id": session}
+        async with s.post(proxy.base + "/mcp", data=orjson.dumps(lookup), headers=folded) as r:
+            assert r.status == 403
+        # The owner's session is untouched.
+        async with s.post(
+            proxy.base + "/mcp", data=orjson.dumps(lookup), headers=headers(owner, session)
+        ) as r:
+            assert r.status == 200
+            answered = [event.get("data", "") async for event in events(r)]
+            assert any("record 7" in data for data in answered)
+    assert resumable.calls == ["lookup", "lookup"]

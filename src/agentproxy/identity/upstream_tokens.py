@@ -27,6 +27,7 @@ import orjson
 from agentproxy.clock import Clock
 from agentproxy.config.model import TokenExchange
 from agentproxy.identity.sts import ACCESS_TOKEN, JWT_TOKEN
+from agentproxy.identity.verifier import read_at_most
 
 EXCHANGE_GRANT: Final = "urn:ietf:params:oauth:grant-type:token-exchange"
 ACCESS_TOKEN_TYPE: Final = ACCESS_TOKEN
@@ -64,6 +65,17 @@ class Credential:
 
     header: str
     value: str
+    expires_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class _Issued:
+    """What is cached: the token alone. Its header and prefix are not part of the cache key
+    and come from the settings of each call's own snapshot, so that a reload moving the
+    credential to another header never sends a cached token in the old one, beside the
+    agent's own value of it, which is no longer stripped."""
+
+    token: str
     expires_at: float
 
 
@@ -163,8 +175,8 @@ class UpstreamTokens:
         self._clock = clock
         self._on_outcome = on_outcome or (lambda upstream, outcome: None)
         # key → the credential, or the refusal remembered for a moment; oldest first.
-        self._cache: OrderedDict[tuple[str, ...], Credential | ExchangeError] = OrderedDict()
-        self._flights: dict[tuple[str, ...], asyncio.Task[Credential]] = {}
+        self._cache: OrderedDict[tuple[str, ...], _Issued | ExchangeError] = OrderedDict()
+        self._flights: dict[tuple[str, ...], asyncio.Task[_Issued]] = {}
 
     async def credential(
         self, upstream: str, settings: TokenExchange, subject_token: str, subject_expires_at: float
@@ -182,7 +194,7 @@ class UpstreamTokens:
                     self._on_outcome(upstream, "refused")
                     raise ExchangeError(cached.detail, refused=True)
                 self._on_outcome(upstream, "cached")
-                return cached
+                return _credential(settings, cached)
             del self._cache[key]
         flight = self._flights.get(key)
         if flight is None:
@@ -199,7 +211,7 @@ class UpstreamTokens:
             self._on_outcome(upstream, "refused" if error.refused else "failed")
             raise
         self._on_outcome(upstream, "exchanged")
-        return issued
+        return _credential(settings, issued)
 
     async def _exchange(
         self,
@@ -207,7 +219,7 @@ class UpstreamTokens:
         settings: TokenExchange,
         subject_token: str,
         subject_expires_at: float,
-    ) -> Credential:
+    ) -> _Issued:
         try:
             token, lifetime = await _ask(settings, subject_token)
         except ExchangeError as error:
@@ -216,17 +228,17 @@ class UpstreamTokens:
                 self._remember(key, _Refused(error.detail, until))
             raise
         until = cached_until(self._clock.now(), lifetime, subject_expires_at)
-        issued = Credential(settings.header, settings.prefix + token, until)
+        issued = _Issued(token, until)
         self._remember(key, issued)
         return issued
 
-    def _landed(self, key: tuple[str, ...], flight: asyncio.Task[Credential]) -> None:
+    def _landed(self, key: tuple[str, ...], flight: asyncio.Task[_Issued]) -> None:
         if self._flights.get(key) is flight:
             del self._flights[key]
         if not flight.cancelled():
             flight.exception()  # retrieved: every caller may have gone away meanwhile
 
-    def _remember(self, key: tuple[str, ...], entry: Credential | ExchangeError) -> None:
+    def _remember(self, key: tuple[str, ...], entry: _Issued | ExchangeError) -> None:
         self._cache[key] = entry
         self._cache.move_to_end(key)
         while len(self._cache) > _MAX_ENTRIES:
@@ -239,8 +251,12 @@ class _Refused(ExchangeError):
         self.until = until
 
 
-def cached_expiry(entry: Credential | ExchangeError) -> float:
-    if isinstance(entry, Credential):
+def _credential(settings: TokenExchange, issued: _Issued) -> Credential:
+    return Credential(settings.header, settings.prefix + issued.token, issued.expires_at)
+
+
+def cached_expiry(entry: _Issued | ExchangeError) -> float:
+    if isinstance(entry, _Issued):
         return entry.expires_at
     return entry.until if isinstance(entry, _Refused) else 0.0
 
@@ -260,7 +276,7 @@ async def _ask(settings: TokenExchange, subject_token: str) -> tuple[str, float]
                 allow_redirects=False,  # the secret goes to token_url and nowhere else
             ) as response,
         ):
-            body = await response.content.read(_MAX_ANSWER + 1)
+            body = await read_at_most(response.content, _MAX_ANSWER + 1)
             if len(body) > _MAX_ANSWER:
                 raise ExchangeError(
                     "the authorization server's answer is larger than 64 KiB", refused=False

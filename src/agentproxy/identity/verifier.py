@@ -197,6 +197,18 @@ class TokenVerifier:
         return principal, expires_at + config.leeway
 
 
+async def read_at_most(content: aiohttp.StreamReader, limit: int) -> bytes:
+    """A response body, whole, or its first `limit` bytes: `read(n)` returns what has arrived
+    so far, so a body sent in pieces (chunked, several segments) is read until it ends."""
+    body = bytearray()
+    while len(body) < limit:
+        chunk = await content.read(limit - len(body))
+        if not chunk:
+            break
+        body += chunk
+    return bytes(body)
+
+
 async def discover_jwks_uri(issuer: str) -> str:
     """The `jwks_uri` of an issuer's OpenID Provider Metadata (OIDC Discovery 1.0 §4), read
     from `{issuer}/.well-known/openid-configuration` once at start.
@@ -216,7 +228,7 @@ async def discover_jwks_uri(issuer: str) -> str:
                 raise Unavailable(
                     f"OIDC discovery: {url} answered {response.status}", component="identity"
                 )
-            metadata = orjson.loads(await response.content.read(1024 * 1024))
+            metadata = orjson.loads(await read_at_most(response.content, 1024 * 1024))
     except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
         raise Unavailable(
             f"OIDC discovery: cannot read {url}: {exc}", component="identity"

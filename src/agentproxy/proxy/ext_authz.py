@@ -31,13 +31,14 @@ from agentproxy.config.model import Upstream
 from agentproxy.core import Call
 from agentproxy.errors import (
     BadRequest,
+    CorsRefused,
     InternalError,
     NotFound,
     PayloadTooLarge,
     Refusal,
     Unauthenticated,
 )
-from agentproxy.protocols import llm, mcp
+from agentproxy.protocols import cors, llm, mcp
 from agentproxy.protocols.http import (
     HOP_BY_HOP,
     bearer_token,
@@ -50,7 +51,7 @@ from agentproxy.proxy import llm as llm_shell
 from agentproxy.proxy import mcp as mcp_shell
 from agentproxy.proxy.context import context_headers, credential_header, upstream_credential
 from agentproxy.proxy.http import read_described_body
-from agentproxy.proxy.http_plane import UNPARSED, is_mcp_endpoint
+from agentproxy.proxy.http_plane import UNPARSED, is_mcp_endpoint, origin_not_listed
 from agentproxy.proxy.offload import parse_off_loop
 from agentproxy.proxy.pipeline import Pipeline, start_call
 from agentproxy.proxy.upstream import origin_of
@@ -270,6 +271,12 @@ async def decide_request(pipeline: Pipeline, request: GatewayRequest) -> Checked
             )
         if is_mcp_endpoint(upstream, path) and raw_query:
             raise BadRequest("an MCP request carries no query string")
+        origin = headers.get("origin")
+        listed = upstream.cors if upstream is not None else None
+        if listed is not None and origin is not None and not cors.is_allowed(listed, origin):
+            # As the data plane: a page of another origin (MCP: "validate Origin", DNS
+            # rebinding) is refused, whatever token it got hold of.
+            raise CorsRefused(origin_not_listed(upstream, origin))
         bearer = bearer_token(headers.get("authorization"))
         if "," in (headers.get("authorization") or ""):
             raise Unauthenticated("more than one Authorization header")

@@ -72,7 +72,7 @@ class HttpDataPlane:
             listed = upstream.cors if upstream is not None else None
             if listed is not None and origin is not None and not cors.is_allowed(listed, origin):
                 # A browser page of another origin (MCP: "validate Origin", DNS rebinding).
-                raise CorsRefused(_not_listed(upstream, origin))
+                raise CorsRefused(origin_not_listed(upstream, origin))
             authorization = headers.getall("Authorization", [])
             if len(authorization) > 1:
                 raise Unauthenticated("more than one Authorization header")
@@ -140,7 +140,7 @@ def _preflight(upstream: Upstream | None, origin: str | None) -> web.StreamRespo
             f'{origin}, add to it: cors: {{allow_origins: ["{origin}"]}}'
         )
     if not cors.is_allowed(upstream.cors, origin):
-        raise CorsRefused(_not_listed(upstream, origin))
+        raise CorsRefused(origin_not_listed(upstream, origin))
     response = web.Response(status=204)
     for name, value in cors.preflight_headers(upstream.protocol, origin):
         response.headers.add(name, value)
@@ -148,7 +148,7 @@ def _preflight(upstream: Upstream | None, origin: str | None) -> web.StreamRespo
     return response
 
 
-def _not_listed(upstream: Upstream | None, origin: str) -> str:
+def origin_not_listed(upstream: Upstream | None, origin: str) -> str:
     # The origin is the browser's, not a secret; printable ASCII only, as aiohttp parsed it.
     shown = origin.encode("ascii", "replace").decode("ascii")[:200]
     name = upstream.name if upstream is not None else "-"

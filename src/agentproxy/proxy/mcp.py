@@ -23,10 +23,14 @@ from aiohttp import web
 from agentproxy.clock import Clock
 from agentproxy.config.model import Upstream
 from agentproxy.core import Call, TraceContext
-from agentproxy.errors import BadRequest, UpstreamFailed
+from agentproxy.errors import BadRequest, Denied, UpstreamFailed
 from agentproxy.policy import could_allow
 from agentproxy.protocols import mcp
-from agentproxy.protocols.http import parse_traceparent, response_headers_to_return
+from agentproxy.protocols.http import (
+    header_key,
+    parse_traceparent,
+    response_headers_to_return,
+)
 from agentproxy.proxy.http import HttpExchange
 from agentproxy.proxy.offload import parse_off_loop
 from agentproxy.proxy.pins import McpState
@@ -73,7 +77,19 @@ class McpExchange(HttpExchange):
         """
         request = self.request
         upstream = self.mcp_upstream
-        call.session = request.headers.get("Mcp-Session-Id")
+        # Every spelling a server may read as Mcp-Session-Id (CGI-style servers fold '_').
+        sessions = [v for k, v in request.headers.items() if header_key(k) == "mcp-session-id"]
+        if len(sessions) > 1:
+            raise BadRequest("more than one Mcp-Session-Id header")
+        call.session = sessions[0] if sessions else None
+        principal = call.principal
+        if (
+            call.session is not None
+            and principal is not None
+            and self.state.sessions.is_another_principals(upstream.name, call.session, principal)
+        ):
+            # Its id and an event id would let this caller read the owner's answers.
+            raise Denied("Mcp-Session-Id names a session another principal started")
         body = b""
         if request.method == "POST":
             body = await self._read_body(call, upstream.max_body_bytes)
@@ -136,6 +152,17 @@ class McpExchange(HttpExchange):
         self.response = response
 
     async def _stream_back(self, call: Call, upstream_response: UpstreamAnswer) -> None:
+        issued = upstream_response.headers.get("Mcp-Session-Id")
+        if (
+            issued is not None
+            and call.session is None  # a new session: an id the caller sent is never claimed
+            and call.principal is not None
+            and upstream_response.status < 300
+        ):
+            self.state.sessions.bind(self.mcp_upstream.name, issued, call.principal)
+        ended = self.request.method == "DELETE" and upstream_response.status < 300
+        if ended and call.session is not None:
+            self.state.sessions.end(self.mcp_upstream.name, call.session)
         parsed = self.parsed
         listings = mcp.listing_ids(parsed) if parsed is not None else ()
         if not listings or upstream_response.status != 200:

@@ -14,6 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
+from agentproxy.proxy.sessions import SessionOwners
+
 log = logging.getLogger("agentproxy.pins")
 
 Seen = Literal["new", "same", "changed"]
@@ -58,8 +60,9 @@ class ToolPins:
 
 @dataclass(slots=True)
 class McpState:
-    """What MCP exchanges share across calls and reloads: tool pins, and how to count a
-    changed tool (upstream, tool)."""
+    """What MCP exchanges share across calls and reloads: tool pins, how to count a changed
+    tool (upstream, tool), and who started each session."""
 
     pins: ToolPins = field(default_factory=ToolPins)
+    sessions: SessionOwners = field(default_factory=SessionOwners)
     on_tool_change: Callable[[str, str], None] | None = None

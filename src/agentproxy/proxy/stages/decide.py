@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 
 from agentproxy.clock import Clock
 from agentproxy.core import (
@@ -93,7 +94,7 @@ class Decide:
         call.facts = facts
         call.memo_hit = hits == len(decisions)
         call.decisions = tuple(decisions)
-        refused = next((i for i, d in enumerate(decisions) if d.effect is not Effect.ALLOW), None)
+        refused = refused_index(decisions)
         call.refused_at = refused
         call.decision = decisions[refused if refused is not None else 0]
         call.enforced = self._mode is Mode.ENFORCE
@@ -135,3 +136,19 @@ class Decide:
             call.store_error = str(exc)
             return Facts(task_id=task, task_parent=parent)
         return Facts(task, history.labels, history.calls, history.spent, parent)
+
+
+def refused_index(decisions: Sequence[Decision]) -> int | None:
+    """Which message of a batch the call is refused for, None when all are allowed: the
+    strongest refusal, the first of equals. Deny overrides require_approval, and a deny
+    overrides one that a step-up could lift (a scope the token lacks): a client must never
+    be challenged to ask a person for more scope for a batch that would still be denied."""
+    strengths = [_refusal_strength(d) for d in decisions]
+    strongest = max(strengths)
+    return strengths.index(strongest) if strongest else None
+
+
+def _refusal_strength(decision: Decision) -> int:
+    if decision.effect is Effect.DENY:
+        return 2 if decision.missing_scopes else 3
+    return 1 if decision.effect is Effect.REQUIRE_APPROVAL else 0
