@@ -3,6 +3,9 @@ user's for one bound to one upstream, which the data plane takes there and nowhe
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import AsyncIterator
+
 import aiohttp
 
 from tests.conftest import AUDIENCE, ISSUER, Keys, Upstream
@@ -93,3 +96,31 @@ async def test_exchanged_token_works_on_its_upstream_only(
         async with s.get(proxy.admin + "/metrics") as r:
             assert 'agentproxy_sts_tokens_total{outcome="issued"} 1.0' in await r.text()
     assert len(upstream.seen) == 1
+
+
+async def test_a_form_sent_in_pieces_is_read_whole(
+    custom_proxy: CustomProxyFactory, keys: Keys, upstream: Upstream
+) -> None:
+    """A client that streams its form (chunked, a piece at a time) is answered as if it had
+    sent it at once, not refused for its first piece."""
+    proxy = await custom_proxy(
+        config(upstream.url),
+        {"ours.pem": keys.public_pem, "policy.yaml": POLICY, "delegation.yaml": DELEGATION},
+    )
+    form = (
+        f"grant_type={GRANT}&subject_token={keys.token('alice')}&subject_token_type={ACCESS}"
+        f"&actor_token={keys.token('support-bot')}&actor_token_type={ACCESS}&audience=tool"
+    ).encode()
+
+    async def pieces() -> AsyncIterator[bytes]:
+        for at in range(0, len(form), 100):
+            yield form[at : at + 100]
+            await asyncio.sleep(0.01)
+
+    headers = {"Content-Type": "application/x-www-form-urlencoded"}
+    async with (
+        aiohttp.ClientSession() as s,
+        s.post(proxy.admin + "/v1/token", data=pieces(), headers=headers) as r,
+    ):
+        assert r.status == 200, await r.text()
+        assert (await r.json())["scope"] == "pay:read"

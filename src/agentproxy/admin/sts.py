@@ -13,6 +13,7 @@ from aiohttp import web
 
 from agentproxy.errors import Unavailable
 from agentproxy.identity.sts import OAuthError
+from agentproxy.identity.verifier import read_at_most
 from agentproxy.protocols.body import MediaTypeError, parse_media_type
 
 # A token request is a few KiB (two JWTs of at most identity.max_token_bytes and a scope).
@@ -71,7 +72,8 @@ async def _read_form(request: web.Request) -> dict[str, list[str]]:
         )
     if request.content_length is not None and request.content_length > MAX_FORM_BYTES:
         raise OAuthError("invalid_request", f"the request is larger than {MAX_FORM_BYTES} bytes")
-    body = await request.content.read(MAX_FORM_BYTES + 1)
+    # Read to its end: a form sent in pieces (chunked) is a form, not its first piece.
+    body = await read_at_most(request.content, MAX_FORM_BYTES + 1)
     if len(body) > MAX_FORM_BYTES:
         raise OAuthError("invalid_request", f"the request is larger than {MAX_FORM_BYTES} bytes")
     try:
