@@ -302,7 +302,7 @@ class ProxyBackend:
         if self._process.pipeline.runtime.config.listen.ext_authz is None:
             return None
         answer = await decide_request(
-            self._process.pipeline, GatewayRequest(method, path, headers, body)
+            self._process.pipeline, GatewayRequest(method, path, headers, body, http_mode=True)
         )
         return answer.allowed, answer.status, answer.headers, answer.remove, answer.body
 

@@ -65,13 +65,24 @@ class GatewayRequest:
     """One request as a gateway describes it: method, path with query, lower-case headers
     (Envoy joins repeated ones with ","), and the body it buffered (None: none sent)."""
 
-    __slots__ = ("body", "headers", "method", "path")
+    __slots__ = ("body", "headers", "http_mode", "method", "path")
 
-    def __init__(self, method: str, path: str, headers: dict[str, str], body: bytes | None) -> None:
+    def __init__(
+        self,
+        method: str,
+        path: str,
+        headers: dict[str, str],
+        body: bytes | None,
+        *,
+        http_mode: bool = False,
+    ) -> None:
+        """`http_mode`: asked by Envoy's HTTP ext_authz (headers it may set are only those
+        its `allowed_upstream_headers` lists), not the gRPC Check (which overwrites)."""
         self.method = method
         self.path = path
         self.headers = headers
         self.body = body
+        self.http_mode = http_mode
 
 
 class Checked:
@@ -271,6 +282,15 @@ async def decide_request(pipeline: Pipeline, request: GatewayRequest) -> Checked
             )
         if is_mcp_endpoint(upstream, path) and raw_query:
             raise BadRequest("an MCP request carries no query string")
+        credential = credential_header(upstream)
+        if request.http_mode and credential is not None and credential.lower() in headers:
+            # Envoy's HTTP mode sets the credential only if its allowed_upstream_headers names
+            # it; if not, the agent's own value would reach the upstream. The agent never has
+            # a reason to send it: refused rather than trusted to Envoy's config.
+            raise BadRequest(
+                f"the request carries {credential}, the upstream's credential header, which "
+                "only the proxy sets"
+            )
         origin = headers.get("origin")
         listed = upstream.cors if upstream is not None else None
         if listed is not None and origin is not None and not cors.is_allowed(listed, origin):
