@@ -388,10 +388,11 @@ async def test_a_caller_that_goes_away_leaves_the_others_their_exchange(
     first.cancel()
     await asyncio.sleep(0.05)
     hostile.release.set()
-    assert (await second).value == "Bearer slow-token"
+    assert await second == ("Authorization", "Bearer slow-token")
     assert first.cancelled() and hostile.hits == {"slow": 1}
     # Cached for the next call, however the first caller ended.
-    assert (
-        await tokens.credential("hr", settings, "subject", expires)
-    ).value == "Bearer slow-token"
+    assert await tokens.credential("hr", settings, "subject", expires) == (
+        "Authorization",
+        "Bearer slow-token",
+    )
     assert hostile.hits == {"slow": 1}

@@ -12,8 +12,8 @@ import orjson
 import pytest
 
 from agentproxy.config.model import Secret, TokenExchange
+from agentproxy.identity.sts import GRANT_TYPE
 from agentproxy.identity.upstream_tokens import (
-    EXCHANGE_GRANT,
     ExchangeError,
     basic_auth,
     cached_until,
@@ -38,7 +38,7 @@ def answer(**members: object) -> bytes:
 def test_the_form_names_the_caller_as_subject_and_the_upstream_as_audience() -> None:
     form = exchange_form(SETTINGS, "caller.token")
     assert form == {
-        "grant_type": EXCHANGE_GRANT,
+        "grant_type": GRANT_TYPE,
         "subject_token": "caller.token",
         "subject_token_type": "urn:ietf:params:oauth:token-type:access_token",
         "requested_token_type": "urn:ietf:params:oauth:token-type:access_token",

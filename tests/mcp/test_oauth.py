@@ -317,6 +317,15 @@ def test_scopes_are_read_as_issuers_write_them() -> None:
         ),
         ('    audiences: ["hr-api"]\n', "", "absolute http(s) URI"),
         ("    scope_challenge: jsonrpc\n", "", "is for MCP upstreams"),
+        (
+            '    audiences: ["https://a.example/mcp"]\n'
+            "    authorization: {servers: [https://idp.example]}\n"
+            '  - name: b\n    url: "http://127.0.0.1:8001"\n    match: {path_prefix: /b}\n'
+            '    audiences: ["https://b.example/mcp"]\n'
+            "    authorization: {servers: [https://idp.example]}\n",
+            "",
+            "give the resources different paths",
+        ),
         ("", "    scopes: [hr:write]\n", "a deny applies whatever the token holds"),
         ("", '    scopes: ["bad scope"]\n', "not a scope token"),
     ],

@@ -26,11 +26,8 @@ import orjson
 
 from agentproxy.clock import Clock
 from agentproxy.config.model import TokenExchange
-from agentproxy.identity.sts import ACCESS_TOKEN, JWT_TOKEN
+from agentproxy.identity.sts import ACCESS_TOKEN, GRANT_TYPE, JWT_TOKEN
 from agentproxy.identity.verifier import read_at_most
-
-EXCHANGE_GRANT: Final = "urn:ietf:params:oauth:grant-type:token-exchange"
-ACCESS_TOKEN_TYPE: Final = ACCESS_TOKEN
 
 # RFC 6750 §2.1 b64token: what may follow "Bearer " in a header. Anything else (a CR/LF above
 # all) would let the authorization server's answer write headers of its own.
@@ -60,15 +57,6 @@ class ExchangeError(Exception):
 
 
 @dataclass(frozen=True, slots=True)
-class Credential:
-    """One exchanged credential: the header the upstream reads and its value."""
-
-    header: str
-    value: str
-    expires_at: float
-
-
-@dataclass(frozen=True, slots=True)
 class _Issued:
     """What is cached: the token alone. Its header and prefix are not part of the cache key
     and come from the settings of each call's own snapshot, so that a reload moving the
@@ -79,15 +67,23 @@ class _Issued:
     expires_at: float
 
 
+@dataclass(frozen=True, slots=True)
+class _Refused:
+    """A refusal, remembered for a moment: the same token would be refused again."""
+
+    detail: str
+    expires_at: float
+
+
 def exchange_form(settings: TokenExchange, subject_token: str) -> dict[str, str]:
     """The token request (RFC 8693 §2.1): the caller's token as the subject, for the
     upstream's audience or resource. With client_secret_post the client's credentials go in
     the form (RFC 6749 §2.3.1); otherwise in the Authorization header (`basic_auth`)."""
     form = {
-        "grant_type": EXCHANGE_GRANT,
+        "grant_type": GRANT_TYPE,
         "subject_token": subject_token,
-        "subject_token_type": ACCESS_TOKEN_TYPE,
-        "requested_token_type": ACCESS_TOKEN_TYPE,
+        "subject_token_type": ACCESS_TOKEN,
+        "requested_token_type": ACCESS_TOKEN,
     }
     if settings.audience is not None:
         form["audience"] = settings.audience
@@ -141,8 +137,8 @@ def read_answer(status: int, body: bytes) -> tuple[str, float]:
             f"the authorization server issued a {token_type!r} token, not a Bearer token",
             refused=False,
         )
-    issued = answer.get("issued_token_type", ACCESS_TOKEN_TYPE)
-    if issued not in (ACCESS_TOKEN_TYPE, JWT_TOKEN):
+    issued = answer.get("issued_token_type", ACCESS_TOKEN)
+    if issued not in (ACCESS_TOKEN, JWT_TOKEN):
         raise ExchangeError(
             f"the authorization server issued a token of type {issued!r}", refused=False
         )
@@ -175,22 +171,22 @@ class UpstreamTokens:
         self._clock = clock
         self._on_outcome = on_outcome or (lambda upstream, outcome: None)
         # key → the credential, or the refusal remembered for a moment; oldest first.
-        self._cache: OrderedDict[tuple[str, ...], _Issued | ExchangeError] = OrderedDict()
+        self._cache: OrderedDict[tuple[str, ...], _Issued | _Refused] = OrderedDict()
         self._flights: dict[tuple[str, ...], asyncio.Task[_Issued]] = {}
 
     async def credential(
         self, upstream: str, settings: TokenExchange, subject_token: str, subject_expires_at: float
-    ) -> Credential:
-        """The credential for a call by the holder of `subject_token` (already verified).
-        Raises ExchangeError."""
+    ) -> tuple[str, str]:
+        """(header, value) of the credential for a call by the holder of `subject_token`
+        (already verified). Raises ExchangeError."""
         digest = hashlib.sha256(subject_token.encode()).hexdigest()
         key = (*settings.key, digest)
         now = self._clock.now()
         cached = self._cache.get(key)
         if cached is not None:
-            if cached_expiry(cached) > now:
+            if cached.expires_at > now:
                 self._cache.move_to_end(key)
-                if isinstance(cached, ExchangeError):
+                if isinstance(cached, _Refused):
                     self._on_outcome(upstream, "refused")
                     raise ExchangeError(cached.detail, refused=True)
                 self._on_outcome(upstream, "cached")
@@ -238,27 +234,15 @@ class UpstreamTokens:
         if not flight.cancelled():
             flight.exception()  # retrieved: every caller may have gone away meanwhile
 
-    def _remember(self, key: tuple[str, ...], entry: _Issued | ExchangeError) -> None:
+    def _remember(self, key: tuple[str, ...], entry: _Issued | _Refused) -> None:
         self._cache[key] = entry
         self._cache.move_to_end(key)
         while len(self._cache) > _MAX_ENTRIES:
             self._cache.popitem(last=False)
 
 
-class _Refused(ExchangeError):
-    def __init__(self, detail: str, until: float) -> None:
-        super().__init__(detail, refused=True)
-        self.until = until
-
-
-def _credential(settings: TokenExchange, issued: _Issued) -> Credential:
-    return Credential(settings.header, settings.prefix + issued.token, issued.expires_at)
-
-
-def cached_expiry(entry: _Issued | ExchangeError) -> float:
-    if isinstance(entry, _Issued):
-        return entry.expires_at
-    return entry.until if isinstance(entry, _Refused) else 0.0
+def _credential(settings: TokenExchange, issued: _Issued) -> tuple[str, str]:
+    return settings.header, settings.prefix + issued.token
 
 
 async def _ask(settings: TokenExchange, subject_token: str) -> tuple[str, float]:

@@ -233,9 +233,8 @@ class ExtAuthzExchange:
         answer = Checked(call)
         upstream = self.upstream
         # The same challenge as the data plane's: Envoy passes it to the MCP client.
-        protected = self.pipeline.runtime.protected.get(upstream.name) if upstream else None
-        metadata = protected.metadata_url if protected else None
-        scope = protected.scopes if protected else ()
+        challenge = self.pipeline.runtime.challenge(upstream)
+        metadata, scope = challenge.metadata_url, challenge.scopes
         if self._mcp is not None and upstream is not None:
             reply = mcp.render(
                 refusal,

@@ -208,12 +208,12 @@ class HttpExchange:
         refusal = call.refusal
         if refusal is None:
             raise ValueError("refuse() needs call.refusal")
-        protected = self.runtime.protected.get(self.upstream.name) if self.upstream else None
+        challenge = self.runtime.challenge(self.upstream)
         reply = render(
             refusal,
             decision_id=call.id,
-            resource_metadata=protected.metadata_url if protected else None,
-            scope=protected.scopes if protected else (),
+            resource_metadata=challenge.metadata_url,
+            scope=challenge.scopes,
         )
         response = web.Response(status=reply.status, body=reply.body)
         for name, value in reply.headers:

@@ -133,15 +133,15 @@ class McpExchange(HttpExchange):
         if refusal is None:
             raise ValueError("refuse() needs call.refusal")
         upstream = self.mcp_upstream
-        protected = self.runtime.protected.get(upstream.name)
+        challenge = self.runtime.challenge(upstream)
         reply = mcp.render(
             refusal,
             decision_id=call.id,
             request=self.parsed,
             tool_errors=upstream.tool_errors,
             refused_index=call.refused_at or 0,
-            resource_metadata=protected.metadata_url if protected else None,
-            scope=protected.scopes if protected else (),
+            resource_metadata=challenge.metadata_url,
+            scope=challenge.scopes,
             scope_challenge=upstream.scope_challenge,
         )
         response = web.Response(status=reply.status, body=reply.body)

@@ -75,15 +75,16 @@ class Sts:
 
 
 @dataclass(frozen=True, slots=True)
-class Protected:
-    """An upstream as an OAuth protected resource (RFC 9728): its metadata document as
-    served, where it is served, and the scopes every scoped rule there needs (a 401's
-    `scope`: what a client asks for first)."""
+class Challenge:
+    """What a refusal's `WWW-Authenticate` names for an upstream (RFC 9728 §5.1): where its
+    protected resource metadata is, and the scopes every scoped rule there needs (a 401's
+    `scope`: what a client asks for first). Empty for upstreams that publish none."""
 
-    resource: str
-    metadata_url: str
-    document: bytes
-    scopes: tuple[str, ...]
+    metadata_url: str | None = None
+    scopes: tuple[str, ...] = ()
+
+
+NO_CHALLENGE: Final = Challenge()
 
 
 METADATA_PATH: Final = "/.well-known/oauth-protected-resource"
@@ -91,11 +92,13 @@ METADATA_PATH: Final = "/.well-known/oauth-protected-resource"
 
 def protected_resources(
     upstreams: tuple[Upstream, ...], policy: PolicySet
-) -> tuple[dict[str, Protected], dict[str, bytes]]:
-    """By upstream name, the upstreams with `authorization`; and by the data plane path
-    each metadata document is served at (the RFC 9728 §3.1 path of its resource, and the
-    bare well-known path when only one upstream publishes one)."""
-    by_name: dict[str, Protected] = {}
+) -> tuple[dict[str, Challenge], dict[str, bytes]]:
+    """By upstream name, the challenge of each upstream with `authorization`; and by the
+    data plane path each metadata document is served at (the RFC 9728 §3.1 path of its
+    resource, and the bare well-known path when only one upstream publishes one). Raises
+    ValueError when two resources would be served at one path (the data plane serves them
+    by path: `https://a/mcp` and `https://b/mcp` are one path)."""
+    by_name: dict[str, Challenge] = {}
     by_path: dict[str, bytes] = {}
     for upstream in upstreams:
         auth = upstream.authorization
@@ -113,10 +116,16 @@ def protected_resources(
         scopes = sorted(frozenset.intersection(*scoped)) if scoped else []
         url = metadata_url(resource)
         document = orjson.dumps(auth.metadata(resource))
-        by_name[upstream.name] = Protected(resource, url, document, tuple(scopes))
-        by_path[urlsplit(url).path] = document
-    if len(by_name) == 1:
-        by_path.setdefault(METADATA_PATH, next(iter(by_name.values())).document)
+        path = urlsplit(url).path
+        if path in by_path:
+            raise ValueError(
+                f"upstream {upstream.name}'s resource {resource} has its metadata at {path},"
+                " as another upstream's does: give the resources different paths"
+            )
+        by_name[upstream.name] = Challenge(url, tuple(scopes))
+        by_path[path] = document
+    if len(by_path) == 1:
+        by_path.setdefault(METADATA_PATH, next(iter(by_path.values())))
     return by_name, by_path
 
 
@@ -144,8 +153,14 @@ class Runtime:
     # The token exchange endpoint's key and delegation rules (`sts:`), if configured.
     sts: Sts | None = None
     # Upstreams that publish protected resource metadata, by name; the documents by path.
-    protected: Mapping[str, Protected] = field(default_factory=dict)
+    challenges: Mapping[str, Challenge] = field(default_factory=dict)
     metadata_documents: Mapping[str, bytes] = field(default_factory=dict)
+
+    def challenge(self, upstream: Upstream | None) -> Challenge:
+        """What a refusal of a call to `upstream` names in `WWW-Authenticate`."""
+        if upstream is None or not self.challenges:
+            return NO_CHALLENGE
+        return self.challenges.get(upstream.name, NO_CHALLENGE)
 
     def operation(self, action: Action) -> tuple[Operation, Mapping[str, str]] | None:
         """The OpenAPI operation an HTTP action calls on its upstream, with its bindings."""
@@ -288,6 +303,11 @@ def check(config: Config) -> PolicySet:
     issues.extend(unknown_upstreams(config, policy))
     issues.extend(silent_denials(config, policy))
     issues.extend(llm_spend_currencies(config, policy))
+    if policy is not None:
+        try:
+            protected_resources(config.upstreams, policy)
+        except ValueError as exc:
+            issues.append(Issue(str(config.source), 1, 1, "$.upstreams", str(exc)))
     for i, upstream in enumerate(config.upstreams):
         try:
             descriptor_methods(upstream)
@@ -493,7 +513,10 @@ async def build(config: Config) -> Runtime:
         if found is not None:
             methods[upstream.name] = found
     operations = {u.name: compile_operations(u) for u in config.upstreams if u.openapi}
-    protected, documents = protected_resources(config.upstreams, policy)
+    try:
+        challenges, documents = protected_resources(config.upstreams, policy)
+    except ValueError as exc:
+        raise ConfigError([Issue(str(config.source), 1, 1, "$.upstreams", str(exc))]) from None
     return Runtime(
         config,
         policy,
@@ -504,6 +527,6 @@ async def build(config: Config) -> Runtime:
         methods,
         operations=operations,
         sts=sts,
-        protected=protected,
+        challenges=challenges,
         metadata_documents=documents,
     )

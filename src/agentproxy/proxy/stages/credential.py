@@ -37,7 +37,7 @@ class UpstreamCredential:
         if principal is None or call.bearer is None:
             raise MissingCredential()
         try:
-            credential = await self._tokens.credential(
+            call.upstream_credential = await self._tokens.credential(
                 call.upstream, settings, call.bearer, principal.expires_at
             )
         except ExchangeError as error:
@@ -49,4 +49,3 @@ class UpstreamCredential:
             raise CredentialUnavailable(
                 f"no credential for upstream {call.upstream}: {error.detail}"
             ) from None
-        call.upstream_credential = (credential.header, credential.value)
