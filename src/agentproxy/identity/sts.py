@@ -160,16 +160,6 @@ def _scopes(text: str | None) -> tuple[str, ...] | None:
     return scopes
 
 
-def token_scopes(claims: Mapping[str, Any]) -> tuple[str, ...]:
-    """The scopes a verified token carries (`scope`, RFC 8693 §4.2; `scp` as Entra writes it)."""
-    value = claims.get("scope", claims.get("scp"))
-    if isinstance(value, str):
-        return tuple(value.split())
-    if isinstance(value, list):
-        return tuple(s for s in value if isinstance(s, str))
-    return ()
-
-
 # --- delegation policy -------------------------------------------------------------------
 
 
@@ -343,7 +333,7 @@ class DelegationPolicy:
         agent, principal = parties.acting()
         user, earlier, delegated = parties.user_and_chain()
         upstream, audience = target_of(request.target, self._upstreams)
-        held: tuple[str, ...] | None = None
+        held: frozenset[str] | None = None
         if delegated is not None:
             # A delegation passes on only what it holds: its upstream and at most its scopes.
             if audience not in _audiences(delegated.claims):
@@ -351,7 +341,7 @@ class DelegationPolicy:
                     "invalid_target",
                     "a delegated subject_token is passed on only for its own audience",
                 )
-            held = token_scopes(delegated.claims)
+            held = delegated.scopes  # read as every token's are (principal.scopes)
         depth = len(earlier) + (1 if user is not None else 0)
         reasons: list[str] = []
         error = "unauthorized_client"
@@ -369,7 +359,7 @@ class DelegationPolicy:
                 reasons.append(f"{spec.id}: not for upstream {upstream}")
                 error = "invalid_target" if error == "unauthorized_client" else error
                 continue
-            allowed = set(spec.scopes) if held is None else set(spec.scopes) & set(held)
+            allowed = set(spec.scopes) if held is None else set(spec.scopes) & held
             scopes = (
                 request.scopes
                 if request.scopes is not None
