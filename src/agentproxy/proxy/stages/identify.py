@@ -67,23 +67,14 @@ class Identify:
         if call.bearer is None:
             raise MissingCredential()
         principal = await self._verifier.verify(call.bearer, call.now)
-        if principal.issuer == self._own_issuer:
-            if not _names_any(principal, self._bound.get(call.upstream, frozenset())):
-                # RFC 8707: a token the STS issued for one upstream is no key to another.
-                raise Unauthenticated(f"token was issued for another upstream than {call.upstream}")
-        elif self._resources:
-            wanted = self._resources.get(call.upstream)
-            if wanted is not None and not _names_any(principal, wanted):
-                raise Unauthenticated(
-                    f"token is not for upstream {call.upstream}: its aud must name "
-                    f"{' or '.join(sorted(wanted))} (RFC 8707)"
-                )
-            if wanted is None and not _names_any(
-                principal, self._issuer_audiences.get(principal.issuer, frozenset())
-            ):
-                # Its aud names only another upstream's resource: a token issued for one
-                # MCP server is no key to the rest.
-                raise Unauthenticated(f"token was issued for another upstream than {call.upstream}")
+        accepted = self._accepted(principal.issuer, call.upstream)
+        if accepted is not None and not _names_any(principal, accepted):
+            # RFC 8707: a token for one upstream (the STS's, or one naming only another
+            # upstream's resource URI) is no key to another.
+            raise Unauthenticated(
+                f"token is not for upstream {call.upstream}: its aud must name "
+                f"{' or '.join(sorted(accepted))} (RFC 8707)"
+            )
         call.principal = principal
         if call.declared_task is not None and not self._from_header:
             raise BadRequest(
@@ -120,6 +111,15 @@ class Identify:
                 + (f": {revoked.reason}" if revoked.reason else "")
             )
         call.decision_seconds = self._clock.monotonic() - started
+
+    def _accepted(self, issuer: str, upstream: str) -> frozenset[str] | None:
+        """The `aud` values that open `upstream` to a token of `issuer`; None where the
+        verifier's own audience check is all there is (no upstream names a resource)."""
+        if issuer == self._own_issuer:
+            return self._bound.get(upstream, frozenset())
+        if not self._resources:
+            return None
+        return self._resources.get(upstream) or self._issuer_audiences.get(issuer, frozenset())
 
 
 def _names_any(principal: Principal, names: frozenset[str]) -> bool:
