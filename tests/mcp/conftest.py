@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import pytest
 import uvicorn
@@ -104,11 +106,9 @@ def build_server(state: McpUpstream) -> MCPServer:
     return server
 
 
-@pytest.fixture
-async def mcp_upstream() -> AsyncIterator[McpUpstream]:
-    port = free_port()
-    state = McpUpstream(url=f"http://127.0.0.1:{port}")
-    app = build_server(state).streamable_http_app()
+@asynccontextmanager
+async def serving(app: Any, port: int) -> AsyncIterator[None]:
+    """An ASGI app (an SDK server's Streamable HTTP app) served by uvicorn on `port`."""
     server = uvicorn.Server(
         uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
     )
@@ -116,11 +116,21 @@ async def mcp_upstream() -> AsyncIterator[McpUpstream]:
     while not server.started:  # noqa: ASYNC110 - uvicorn offers no event for this
         await asyncio.sleep(0.02)
     try:
-        yield state
+        yield
     finally:
-        state.release.set()
         server.should_exit = True
         await task
+
+
+@pytest.fixture
+async def mcp_upstream() -> AsyncIterator[McpUpstream]:
+    port = free_port()
+    state = McpUpstream(url=f"http://127.0.0.1:{port}")
+    async with serving(build_server(state).streamable_http_app(), port):
+        try:
+            yield state
+        finally:
+            state.release.set()  # a tool still waiting must not hold the server open
 
 
 @pytest.fixture

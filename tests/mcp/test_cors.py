@@ -8,21 +8,19 @@ origin (as the SDK's docs suggest): the proxy, not the upstream, says who may re
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
 import orjson
 import pytest
-import uvicorn
 from starlette.middleware.cors import CORSMiddleware
 
 from agentproxy.config import ConfigError
 from agentproxy.proxy.runtime import check, load_config
 from tests.conftest import Keys, ProxyFactory, Upstream
 from tests.harness.processes import free_port
-from tests.mcp.conftest import McpUpstream, build_server
+from tests.mcp.conftest import McpUpstream, build_server, serving
 
 INSPECTOR = "http://localhost:6274"
 EVIL = "https://evil.example"
@@ -59,18 +57,11 @@ async def open_upstream() -> AsyncIterator[McpUpstream]:
         allow_headers=["*"],
         expose_headers=["Mcp-Session-Id"],
     )
-    server = uvicorn.Server(
-        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
-    )
-    task = asyncio.create_task(server.serve())
-    while not server.started:  # noqa: ASYNC110 - uvicorn offers no event for this
-        await asyncio.sleep(0.02)
-    try:
-        yield state
-    finally:
-        state.release.set()
-        server.should_exit = True
-        await task
+    async with serving(app, port):
+        try:
+            yield state
+        finally:
+            state.release.set()
 
 
 def preflight(origin: str, method: str = "POST") -> dict[str, str]:

@@ -7,7 +7,6 @@ protocol generations; a plain aiohttp server answers the batches the SDK does no
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -17,7 +16,6 @@ import aiohttp
 import httpx2
 import orjson
 import pytest
-import uvicorn
 from aiohttp import web
 from mcp.client.streamable_http import streamable_http_client
 from mcp.server.mcpserver import MCPServer
@@ -27,6 +25,7 @@ from mcp.types import Completion, PromptReference, ResourceTemplateReference
 from mcp import Client
 from tests.conftest import Keys, Proxy, ProxyFactory, start_app
 from tests.harness.processes import free_port
+from tests.mcp.conftest import serving
 
 POLICY = """
 default: deny
@@ -114,17 +113,8 @@ async def catalogue() -> AsyncIterator[Catalogue]:
     port = free_port()
     state = Catalogue(url=f"http://127.0.0.1:{port}")
     app = build_server(state).streamable_http_app()
-    server = uvicorn.Server(
-        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
-    )
-    task = asyncio.create_task(server.serve())
-    while not server.started:  # noqa: ASYNC110 - uvicorn offers no event for this
-        await asyncio.sleep(0.02)
-    try:
+    async with serving(app, port):
         yield state
-    finally:
-        server.should_exit = True
-        await task
 
 
 @pytest.fixture

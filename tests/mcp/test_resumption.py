@@ -15,13 +15,12 @@ from typing import Any
 import aiohttp
 import orjson
 import pytest
-import uvicorn
 from mcp.server.streamable_http import EventCallback, EventMessage, EventStore
 from mcp.types import JSONRPCMessage
 
 from tests.conftest import Keys, Proxy, ProxyFactory
 from tests.harness.processes import free_port
-from tests.mcp.conftest import POLICY, McpUpstream, build_server
+from tests.mcp.conftest import POLICY, McpUpstream, build_server, serving
 
 VERSION = "2025-11-25"  # the first to prime streams with an event id
 
@@ -56,18 +55,11 @@ async def resumable() -> AsyncIterator[McpUpstream]:
     port = free_port()
     state = McpUpstream(url=f"http://127.0.0.1:{port}")
     app = build_server(state).streamable_http_app(event_store=MemoryEvents())
-    server = uvicorn.Server(
-        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
-    )
-    task = asyncio.create_task(server.serve())
-    while not server.started:  # noqa: ASYNC110 - uvicorn offers no event for this
-        await asyncio.sleep(0.02)
-    try:
-        yield state
-    finally:
-        state.release.set()
-        server.should_exit = True
-        await task
+    async with serving(app, port):
+        try:
+            yield state
+        finally:
+            state.release.set()
 
 
 def headers(token: str, session: str | None = None) -> dict[str, str]:

@@ -40,6 +40,7 @@ from agentproxy.protocols import grpc as adapter
 from agentproxy.protocols.http import parse_declared_task
 from agentproxy.proxy.context import context_headers, credential_header, upstream_credential
 from agentproxy.proxy.grpc_reflection import ReflectionExchange, is_reflection
+from agentproxy.proxy.grpc_refusal import answer_refusal
 from agentproxy.proxy.grpc_upstreams import Channels, Descriptors
 from agentproxy.proxy.pipeline import Pipeline, start_call
 from agentproxy.proxy.runtime import Runtime
@@ -48,7 +49,6 @@ log = logging.getLogger("agentproxy.grpc")
 
 UNPARSED = Action("grpc", "?", "<unparsed>", name="grpc:<unparsed>")
 _EOF_CONFIRMATIONS = 2
-STATUS = {code.value[0]: code for code in grpc.StatusCode}
 
 
 def _text(metadata: Sequence[tuple[str, str | bytes]], key: str) -> str | None:
@@ -413,13 +413,5 @@ class GrpcExchange:
         call.error = f"shadow: {reason}"
 
     async def refuse(self, call: Call) -> None:
-        refusal = call.refusal
-        if refusal is None:
-            raise ValueError("refuse() needs call.refusal")
-        reply = adapter.render(refusal, decision_id=call.id)
-        self.context.set_trailing_metadata(reply.trailers)
-        self.context.set_code(STATUS[reply.code])
-        self.context.set_details(reply.message)
-        call.status = reply.http_status
-        call.grpc_status = reply.code.value
+        answer_refusal(self.context, call)
         self._finished = True

@@ -34,9 +34,9 @@ from agentproxy.config.model import Upstream
 from agentproxy.core import Call, Principal
 from agentproxy.errors import BadRequest, MissingCredential
 from agentproxy.policy import PolicySet, could_allow
-from agentproxy.protocols import grpc as adapter
 from agentproxy.protocols import grpc_reflection as reflection
 from agentproxy.proxy.context import upstream_credential
+from agentproxy.proxy.grpc_refusal import answer_refusal
 from agentproxy.proxy.grpc_upstreams import Channels
 from agentproxy.proxy.runtime import Runtime
 
@@ -100,15 +100,7 @@ class ReflectionExchange:
         self._finished = True
 
     async def refuse(self, call: Call) -> None:
-        refusal = call.refusal
-        if refusal is None:
-            raise ValueError("refuse() needs call.refusal")
-        reply = adapter.render(refusal, decision_id=call.id)
-        self.context.set_trailing_metadata(reply.trailers)
-        self.context.set_code(_STATUS[reply.code])
-        self.context.set_details(reply.message)
-        call.status = reply.http_status
-        call.grpc_status = reply.code.value
+        answer_refusal(self.context, call)
         self._finished = True
 
     async def _answer(self, ask: reflection.Ask, principal: Principal) -> bytes:
@@ -251,6 +243,3 @@ def _may_call(
     policy: PolicySet, principal: Principal, upstream: str, service: str, method: str
 ) -> bool:
     return could_allow(policy, f"grpc:/{service}/{method}", principal, upstream)
-
-
-_STATUS = {code.value[0]: code for code in grpc.StatusCode}
