@@ -64,6 +64,7 @@ bench-deps: install
 bench: bench-deps
 	$(PY) bench/http_overhead.py --breakdown
 	$(PY) bench/peers.py
+	$(PY) bench/sdk_paths.py
 	$(PY) bench/scale.py
 	$(PY) bench/decision_store.py
 	$(PY) bench/grpc_overhead.py
@@ -80,6 +81,7 @@ bench: bench-deps
 bench-quick: bench-deps
 	$(PY) bench/http_overhead.py --quick --name http_overhead_quick
 	$(PY) bench/peers.py --quick --name peers_quick
+	$(PY) bench/sdk_paths.py --quick --name sdk_paths_quick
 	$(PY) bench/scale.py --quick --name scale_quick
 	$(PY) bench/decision_store.py --calls 5000 --name decision_store_quick
 	$(PY) bench/grpc_overhead.py --seconds 2 --rounds 1 --name grpc_overhead_quick
