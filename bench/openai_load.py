@@ -4,11 +4,11 @@ as an application using the SDK sends them. Closed loop: each loop awaits its an
 it sends again.
 
     python bench/openai_load.py http://127.0.0.1:8080/v1 --api-key TOKEN \
-        --concurrency 16 --seconds 8 [--cpu-pid PID]
+        --concurrency 16 --seconds 8 [--cpu-pid PID ...]
 
 Prints one JSON object: calls, seconds, rps, p50, p90, p99 (ms), errors, the load process's
-own CPU seconds in the measured window (`load_cpu_s`) and, with `--cpu-pid`, that process's
-(`cpu_s`). A short warm-up (connections opened, the SDK's first-call work done) is not counted.
+own CPU seconds in the measured window (`load_cpu_s`) and, for each `--cpu-pid`, that
+process's (`cpu_s`, a list in the same order). A short warm-up (connections opened, the SDK's first-call work done) is not counted.
 """
 
 from __future__ import annotations
@@ -58,14 +58,14 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
         latencies: list[float] = []
         errors: list[str] = []
         own_before = cpu_seconds(os.getpid())
-        before = cpu_seconds(args.cpu_pid) if args.cpu_pid else 0.0
+        before = [cpu_seconds(pid) for pid in args.cpu_pid]
         start = time.perf_counter()
         until = start + args.seconds
         await asyncio.gather(
             *(loop(client, until, latencies, errors) for _ in range(args.concurrency))
         )
         elapsed = time.perf_counter() - start
-        after = cpu_seconds(args.cpu_pid) if args.cpu_pid else 0.0
+        after = [cpu_seconds(pid) for pid in args.cpu_pid]
         own_after = cpu_seconds(os.getpid())
     latencies.sort()
     return {
@@ -78,7 +78,7 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
         "errors": len(errors) + len(warm_errors),
         "error_kinds": sorted(set(errors + warm_errors)),
         "load_cpu_s": own_after - own_before,
-        "cpu_s": (after - before) if args.cpu_pid else None,
+        "cpu_s": [a - b for a, b in zip(after, before, strict=True)],
     }
 
 
@@ -89,7 +89,7 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--seconds", type=float, default=8)
     parser.add_argument("--warmup", type=float, default=0.5)
-    parser.add_argument("--cpu-pid", type=int)
+    parser.add_argument("--cpu-pid", type=int, action="append", default=[])
     args = parser.parse_args()
     print(json.dumps(asyncio.run(run(args))), flush=True)
     return 0

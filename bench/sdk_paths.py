@@ -39,6 +39,7 @@ from common import (
     Processes,
     agentproxy_config,
     best,
+    cpu_seconds,
     free_port,
     machine,
     start_agentproxy,
@@ -111,6 +112,7 @@ class Sdk:
     p50: float
     p99: float
     cpu_us: float
+    upstream_cpu_us: float
     load_busy: float  # the load process's share of one core during the run
 
 
@@ -171,11 +173,12 @@ def metered_cost(admin: int) -> float:
     )
 
 
-def sdk_load(base_url: str, api_key: str, args: argparse.Namespace, pid: int) -> Sdk:
-    """One bench/openai_load.py run; raises RuntimeError if any call failed."""
+def sdk_load(base_url: str, api_key: str, args: argparse.Namespace, pid: int, upstream: int) -> Sdk:
+    """One bench/openai_load.py run, CPU counted for the contender `pid` and the `upstream`
+    process; raises RuntimeError if any call failed."""
     cmd = [sys.executable, str(HERE / "openai_load.py"), base_url, "--api-key", api_key]
     cmd += ["--concurrency", str(args.concurrency), "--seconds", str(args.seconds)]
-    cmd += ["--cpu-pid", str(pid)]
+    cmd += ["--cpu-pid", str(pid), "--cpu-pid", str(upstream)]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     data = json.loads(out.strip().splitlines()[-1])
     if data["errors"] or not data["calls"]:
@@ -184,7 +187,8 @@ def sdk_load(base_url: str, api_key: str, args: argparse.Namespace, pid: int) ->
         data["rps"],
         data["p50"],
         data["p99"],
-        data["cpu_s"] / data["calls"] * 1e6,
+        data["cpu_s"][0] / data["calls"] * 1e6,
+        data["cpu_s"][1] / data["calls"] * 1e6,
         data["load_cpu_s"] / data["seconds"],
     )
 
@@ -228,7 +232,8 @@ def main() -> int:
             '    "gpt-4o-mini*": {input_per_mtok: 0.15, output_per_mtok: 0.6}\n'
         ),
     )
-    mcp_runs: dict[str, list[Closed]] = {MCP_DIRECT: [], MCP_PROXY: []}
+    # Each MCP run with the upstream's CPU µs per call during it.
+    mcp_runs: dict[str, list[tuple[Closed, float]]] = {MCP_DIRECT: [], MCP_PROXY: []}
     llm_runs: dict[str, list[Sdk]] = {LLM_DIRECT: [], LLM_PROXY: []}
     with Processes() as procs:
         mcp_server = procs.start(
@@ -277,6 +282,7 @@ def main() -> int:
             wrk(url, seconds=1, connections=args.connections, script=scripts[name])
         for _ in range(args.rounds):
             for name, (url, _, pid) in mcp.items():
+                upstream_before = cpu_seconds(mcp_server.pid)
                 run = wrk(
                     url,
                     seconds=args.seconds,
@@ -284,10 +290,13 @@ def main() -> int:
                     script=scripts[name],
                     cpu_pid=pid,
                 )
-                mcp_runs[name].append(run)
+                # wrk reports no call count beside its rate: calls ≈ rate * duration.
+                calls = run.rps * max(1, round(args.seconds))
+                upstream_us = (cpu_seconds(mcp_server.pid) - upstream_before) / calls * 1e6
+                mcp_runs[name].append((run, upstream_us))
                 print(f"  {name}: {run.rps:,.0f}/s, {run.cpu_us or 0:.0f} µs CPU/call", flush=True)
             for name, (url, key, pid) in llm.items():
-                sdk = sdk_load(url, key, args, pid)
+                sdk = sdk_load(url, key, args, pid, fake.pid)
                 llm_runs[name].append(sdk)
                 print(f"  {name}: {sdk.rps:,.0f}/s, {sdk.cpu_us:.0f} µs CPU/call", flush=True)
     write_result(args.name, report(args, command, mcp_runs, llm_runs))
@@ -303,7 +312,7 @@ def _verdict(what: str, ratio: float) -> str:
 def report(
     args: argparse.Namespace,
     command: str,
-    mcp_runs: dict[str, list[Closed]],
+    mcp_runs: dict[str, list[tuple[Closed, float]]],
     llm_runs: dict[str, list[Sdk]],
 ) -> str:
     lines = [
@@ -318,20 +327,23 @@ def report(
         "priced (spend metered, checked on /metrics before measuring). Checked before "
         "measuring: each contender answers the call correctly, agentproxy refuses it without "
         "a token. CPU µs/call: the contender process's user + system CPU during the run "
-        "divided by the calls it served (for direct: the upstream's own).",
+        "divided by the calls it served (for direct: the upstream's own); upstream CPU "
+        "µs/call: the upstream's during the same run (with wrk, per call at its reported "
+        "rate × duration).",
         "",
     ]
     verdicts = []
     if mcp_runs:
-        direct = best(r.rps for r in mcp_runs[MCP_DIRECT])
+        direct = best(r.rps for r, _ in mcp_runs[MCP_DIRECT])
         rows = [
             [
                 name,
-                f"{best(r.rps for r in runs):,.0f}",
-                f"{best(r.rps for r in runs) / direct:.2f}",
-                f"{best((r.cpu_us for r in runs if r.cpu_us is not None), high=False):,.0f}",
-                f"{best((r.p50 for r in runs), high=False):.2f}",
-                f"{best((r.p99 for r in runs), high=False):.2f}",
+                f"{best(r.rps for r, _ in runs):,.0f}",
+                f"{best(r.rps for r, _ in runs) / direct:.2f}",
+                f"{best((r.cpu_us for r, _ in runs if r.cpu_us is not None), high=False):,.0f}",
+                f"{best((u for _, u in runs), high=False):,.0f}",
+                f"{best((r.p50 for r, _ in runs), high=False):.2f}",
+                f"{best((r.p99 for r, _ in runs), high=False):.2f}",
             ]
             for name, runs in mcp_runs.items()
         ]
@@ -339,15 +351,27 @@ def report(
             "## MCP tools/call to the official MCP SDK server",
             "",
             f"Upstream: `mcp` {_version('mcp')} `MCPServer` (Streamable HTTP, stateless, JSON "
-            f"answers) on uvicorn {_version('uvicorn')}, one process. Load: wrk -t1 "
+            f"answers) on uvicorn {_version('uvicorn')} ({_uvicorn_stack()}), one process. "
+            f"Load: wrk -t1 "
             f"-c{args.connections}, the same POST for both (MCP-Protocol-Version 2025-06-18; "
             "agentproxy's with the bearer token).",
             "",
-            table(["contender", "calls/s", "× direct", "CPU µs/call", "p50 ms", "p99 ms"], rows),
+            table(
+                [
+                    "contender",
+                    "calls/s",
+                    "× direct",
+                    "CPU µs/call",
+                    "upstream CPU µs/call",
+                    "p50 ms",
+                    "p99 ms",
+                ],
+                rows,
+            ),
             "",
         ]
         verdicts.append(
-            _verdict("agentproxy MCP path", best(r.rps for r in mcp_runs[MCP_PROXY]) / direct)
+            _verdict("agentproxy MCP path", best(r.rps for r, _ in mcp_runs[MCP_PROXY]) / direct)
         )
     if llm_runs:
         direct = best(r.rps for r in llm_runs[LLM_DIRECT])
@@ -357,6 +381,7 @@ def report(
                 f"{best(r.rps for r in runs):,.1f}",
                 f"{best(r.rps for r in runs) / direct:.2f}",
                 f"{best((r.cpu_us for r in runs), high=False):,.0f}",
+                f"{best((r.upstream_cpu_us for r in runs), high=False):,.0f}",
                 f"{best((r.p50 for r in runs), high=False):.2f}",
                 f"{best((r.p99 for r in runs), high=False):.2f}",
                 f"{max(r.load_busy for r in runs):.0%}",
@@ -380,6 +405,7 @@ def report(
                     "calls/s",
                     "× direct",
                     "CPU µs/call",
+                    "upstream CPU µs/call",
                     "p50 ms",
                     "p99 ms",
                     "load busy",
@@ -393,6 +419,15 @@ def report(
         )
     lines += ["## Targets (issue 30)", "", *verdicts, ""]
     return "\n".join(lines)
+
+
+def _uvicorn_stack() -> str:
+    """What uvicorn's defaults (loop and http "auto") pick in this venv."""
+    from importlib.util import find_spec
+
+    loop = "uvloop" if find_spec("uvloop") else "asyncio"
+    http = "httptools" if find_spec("httptools") else "h11: httptools is not installed"
+    return f"{loop}, {http}"
 
 
 def _version(package: str) -> str:
