@@ -62,6 +62,22 @@ class BadRequest(Refusal):
     fault = "client"
 
 
+class HeadTooLarge(BadRequest):
+    """A request head over the listener's bounds (fields, their number, its size)."""
+
+    status = 431
+    problem = "head-too-large"
+    title = "Request header fields too large"
+
+
+class TargetTooLong(BadRequest):
+    """A request target over the listener's bound."""
+
+    status = 414
+    problem = "target-too-long"
+    title = "Request target too long"
+
+
 class Unauthenticated(Refusal):
     """No credential, or one that does not verify. Maps to 401 + `WWW-Authenticate`."""
 

@@ -13,7 +13,6 @@ from typing import Any
 
 import aiohttp
 import orjson
-from aiohttp import web
 
 from agentproxy.clock import Clock
 from agentproxy.config.model import Upstream
@@ -51,7 +50,7 @@ from agentproxy.protocols.http_body import (
 from agentproxy.protocols.openapi import BodyValidator
 from agentproxy.protocols.strict_json import JsonError, parse_answer
 from agentproxy.proxy.context import context_headers, credential_header, upstream_credential
-from agentproxy.proxy.listener import BoundedHandler
+from agentproxy.proxy.http_wire import Request, Response, StreamResponse
 from agentproxy.proxy.offload import parse_off_loop, shape_off_loop
 from agentproxy.proxy.runtime import Runtime
 from agentproxy.proxy.upstream import HttpProcessingError, UpstreamAnswer, UpstreamClient, origin_of
@@ -100,7 +99,7 @@ class HttpExchange:
 
     def __init__(
         self,
-        request: web.BaseRequest,
+        request: Request,
         runtime: Runtime,
         upstream: Upstream | None,
         path: str,
@@ -117,7 +116,7 @@ class HttpExchange:
         # a protocol adapter later names (an MCP tool) for policy.
         self.path = path
         self.upstream_client = upstream_client
-        self._response: web.StreamResponse | None = None
+        self._response: StreamResponse | None = None
         self._responded = False
         self._body_too_large = False
         self._body_stalled = False
@@ -129,7 +128,7 @@ class HttpExchange:
         self.cors_headers: tuple[tuple[str, str], ...] = ()
         self._cors_applied = False
 
-    def apply_cors(self, response: web.StreamResponse) -> None:
+    def apply_cors(self, response: StreamResponse) -> None:
         """Puts `cors_headers` on the answer before it is sent, once, in place of any the
         upstream set: with `cors:` the proxy alone says which origins may read it."""
         if not self.cors_headers or self._cors_applied or response.prepared:
@@ -145,16 +144,16 @@ class HttpExchange:
         return self._responded
 
     @property
-    def response(self) -> web.StreamResponse:
+    def response(self) -> StreamResponse:
         """What the caller gets: the forwarded answer or the refusal, else a bare 500 (a path
         that set neither is a bug, and must not look like a success). Built only then: a
         placeholder per call would cost as much as the rest of the exchange's setup."""
         if self._response is None:
-            self._response = web.Response(status=500)
+            self._response = Response(status=500)
         return self._response
 
     @response.setter
-    def response(self, response: web.StreamResponse) -> None:
+    def response(self, response: StreamResponse) -> None:
         self._response = response
 
     async def describe(self, call: Call) -> None:
@@ -215,7 +214,7 @@ class HttpExchange:
             resource_metadata=challenge.metadata_url,
             scope=challenge.scopes,
         )
-        response = web.Response(status=reply.status, body=reply.body)
+        response = Response(status=reply.status, body=reply.body)
         for name, value in reply.headers:
             response.headers.add(name, value)
         response.headers["Server"] = "agentproxy"
@@ -283,7 +282,7 @@ class HttpExchange:
         # A caller that goes away mid-answer closes the upstream request at once, not at the
         # next write (an SSE stream may be silent for minutes): the MCP server must see the
         # stream end for a `GET` with `Last-Event-ID` to get the live tail.
-        forget = _when_lost(request, upstream_response.abandon)
+        forget = request.when_lost(upstream_response.abandon)
         try:
             await self._stream_back(call, upstream_response)
         finally:
@@ -348,8 +347,7 @@ class HttpExchange:
         if request.version >= (1, 1) and request.headers.get("Expect", "").lower() == (
             "100-continue"
         ):
-            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-            request.writer.output_size = 0
+            request.send_continue()
 
     async def _read_body(self, call: Call, limit: int) -> bytes:
         """The whole body, for adapters that must read it to name the action (MCP, LLM).
@@ -414,10 +412,10 @@ class HttpExchange:
         content = upstream_response.content
         # Most small answers arrive whole with their headers. Those go back in one write,
         # headers and body together, instead of two (a system call and a packet fewer per
-        # call: web.Response coalesces, StreamResponse sends its headers at once, which an
+        # call: Response coalesces, StreamResponse sends its headers at once, which an
         # answer still streaming needs).
         whole = content.is_eof()
-        response = (web.Response if whole else web.StreamResponse)(
+        response = (Response if whole else StreamResponse)(
             status=upstream_response.status,
             reason=upstream_response.reason,
             # Copied into a CIMultiDict in C instead of an add() per header; duplicates and
@@ -431,7 +429,7 @@ class HttpExchange:
         self.response = response
         self._responded = True
         try:
-            if isinstance(response, web.Response):
+            if isinstance(response, Response):
                 body = self._tap(await content.read()) + self._tap_end(call)
                 call.bytes_out += len(body)
                 response.body = body
@@ -481,7 +479,7 @@ class HttpExchange:
             compressed = encoding is not None and encoding.strip().lower() != "identity"
             body, shaped = await shape_off_loop(agent, raw, compressed, work)
             call.shaped = (shape.rules, shaped.fields, shaped.items)
-        response = web.Response(status=status, reason=upstream_response.reason, body=body)
+        response = Response(status=status, reason=upstream_response.reason, body=body)
         for name, value in response_headers_to_return(headers.items()):
             if header_key(name) not in _RESHAPED_HEADERS:
                 response.headers.add(name, value)
@@ -509,7 +507,7 @@ class HttpExchange:
     # Hooks for exchanges that read the answer as it passes (LLM usage); plain HTTP passes
     # every byte through as it arrives.
     def _adjust_response_headers(
-        self, upstream_response: UpstreamAnswer, response: web.StreamResponse
+        self, upstream_response: UpstreamAnswer, response: StreamResponse
     ) -> None:
         return None
 
@@ -525,19 +523,6 @@ class HttpExchange:
         transport = self.request.transport
         if transport is not None:
             transport.abort()
-
-
-def _when_lost(request: web.BaseRequest, callback: Callable[[], None]) -> Callable[[], None]:
-    """`callback` once the caller's connection is lost (the data plane's listener tells);
-    returns what cancels that."""
-    protocol = request.protocol
-    if isinstance(protocol, BoundedHandler):
-        return protocol.when_lost(callback)
-    return _nothing
-
-
-def _nothing() -> None:
-    return None
 
 
 _NO_FACTS = Facts()
@@ -560,7 +545,7 @@ _FORM = FORM_MEDIA
 BUDGET_HEADER = "X-Agentproxy-Budget-Remaining"
 
 
-def _budget_header(call: Call, response: web.StreamResponse) -> None:
+def _budget_header(call: Call, response: StreamResponse) -> None:
     """What the spend limits the call took from have left (`llm-budget=0.0449 USD`), set by
     the proxy only (the upstream's own copy never passes)."""
     response.headers.popall(BUDGET_HEADER, None)

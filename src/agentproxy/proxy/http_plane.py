@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from aiohttp import web
 from multidict import CIMultiDictProxy
 
 from agentproxy.config.model import Upstream
@@ -17,6 +16,7 @@ from agentproxy.errors import BadRequest, CorsRefused, Refusal, Unauthenticated
 from agentproxy.protocols import cors
 from agentproxy.protocols.http import bearer_token, parse_declared_task
 from agentproxy.proxy.http import HttpExchange
+from agentproxy.proxy.http_wire import Request, Response, StreamResponse
 from agentproxy.proxy.llm import LlmExchange
 from agentproxy.proxy.mcp import McpExchange
 from agentproxy.proxy.pins import McpState
@@ -36,7 +36,7 @@ class HttpDataPlane:
         self._upstream_client = upstream_client
         self._mcp = mcp
 
-    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+    async def handle(self, request: Request) -> StreamResponse:
         pipeline = self._current()
         clock = pipeline.clock
         started = clock.monotonic()
@@ -128,7 +128,7 @@ def _single(headers: CIMultiDictProxy[str], name: str) -> str | None:
     return values[0] if values else None
 
 
-def _preflight(upstream: Upstream | None, origin: str | None) -> web.StreamResponse:
+def _preflight(upstream: Upstream | None, origin: str | None) -> StreamResponse:
     """The answer to a CORS preflight: 204 for an origin the upstream's `cors:` lists.
     Raises CorsRefused (403, no CORS headers) otherwise: never 401, since a preflight never
     carries a token, and never forwarded."""
@@ -141,7 +141,7 @@ def _preflight(upstream: Upstream | None, origin: str | None) -> web.StreamRespo
         )
     if not cors.is_allowed(upstream.cors, origin):
         raise CorsRefused(origin_not_listed(upstream, origin))
-    response = web.Response(status=204)
+    response = Response(status=204)
     for name, value in cors.preflight_headers(upstream.protocol, origin):
         response.headers.add(name, value)
     response.headers["Server"] = "agentproxy"
@@ -155,10 +155,10 @@ def origin_not_listed(upstream: Upstream | None, origin: str) -> str:
     return f"origin {shown} is not in cors.allow_origins of upstream {name}"
 
 
-def metadata_response(document: bytes) -> web.Response:
+def metadata_response(document: bytes) -> Response:
     """A protected resource metadata document (RFC 9728 §3.2): public, without a token, and
     readable by browser clients (the MCP Inspector) from any origin."""
-    return web.Response(
+    return Response(
         body=document,
         content_type="application/json",
         headers={
@@ -169,8 +169,8 @@ def metadata_response(document: bytes) -> web.Response:
     )
 
 
-def _public_preflight() -> web.Response:
-    response = web.Response(status=204)
+def _public_preflight() -> Response:
+    response = Response(status=204)
     for name, value in cors.public_preflight_headers():
         response.headers.add(name, value)
     response.headers["Server"] = "agentproxy"

@@ -13,14 +13,13 @@ import functools
 from collections.abc import AsyncIterator
 from dataclasses import replace
 
-from aiohttp import web
-
 from agentproxy.config.model import Upstream
 from agentproxy.core import Call
 from agentproxy.errors import Refusal
 from agentproxy.protocols import llm
 from agentproxy.protocols.http import WireReply
 from agentproxy.proxy.http import HttpExchange
+from agentproxy.proxy.http_wire import Response, StreamResponse
 from agentproxy.proxy.offload import parse_off_loop
 from agentproxy.proxy.upstream import UpstreamAnswer
 from agentproxy.telemetry.messages import output_text
@@ -84,7 +83,7 @@ class LlmExchange(HttpExchange):
         if refusal is None:
             raise ValueError("refuse() needs call.refusal")
         reply = refusal_reply(refusal, call.id, self.parsed, self.path)
-        response = web.Response(status=reply.status, body=reply.body)
+        response = Response(status=reply.status, body=reply.body)
         for name, value in reply.headers:
             response.headers.add(name, value)
         response.headers["Server"] = "agentproxy"
@@ -109,7 +108,7 @@ class LlmExchange(HttpExchange):
         return [(k, v) for k, v in headers if k.lower() not in dropped]
 
     def _adjust_response_headers(
-        self, upstream_response: UpstreamAnswer, response: web.StreamResponse
+        self, upstream_response: UpstreamAnswer, response: StreamResponse
     ) -> None:
         if self.parsed is None:
             return

@@ -18,7 +18,6 @@ from dataclasses import replace
 from typing import Any
 
 import orjson
-from aiohttp import web
 
 from agentproxy.clock import Clock
 from agentproxy.config.model import Upstream
@@ -32,6 +31,7 @@ from agentproxy.protocols.http import (
     response_headers_to_return,
 )
 from agentproxy.proxy.http import HttpExchange
+from agentproxy.proxy.http_wire import Request, Response
 from agentproxy.proxy.offload import parse_off_loop
 from agentproxy.proxy.pins import McpState
 from agentproxy.proxy.runtime import Runtime
@@ -54,7 +54,7 @@ def described(call: Call, parsed: mcp.McpRequest, upstream: Upstream) -> None:
 class McpExchange(HttpExchange):
     def __init__(
         self,
-        request: web.BaseRequest,
+        request: Request,
         runtime: Runtime,
         upstream: Upstream,
         path: str,
@@ -144,7 +144,7 @@ class McpExchange(HttpExchange):
             scope=challenge.scopes,
             scope_challenge=upstream.scope_challenge,
         )
-        response = web.Response(status=reply.status, body=reply.body)
+        response = Response(status=reply.status, body=reply.body)
         for name, value in reply.headers:
             response.headers.add(name, value)
         response.headers["Server"] = "agentproxy"
@@ -183,7 +183,7 @@ class McpExchange(HttpExchange):
                 "upstream %s sent a listing we cannot read: %s", self.mcp_upstream.name, exc
             )
             raise UpstreamFailed("the upstream's listing answer could not be read") from None
-        response = web.Response(status=200, body=payload)
+        response = Response(status=200, body=payload)
         for name, value in response_headers_to_return(upstream_response.headers.items()):
             if name.lower() not in ("content-length", "content-encoding", "transfer-encoding"):
                 response.headers.add(name, value)

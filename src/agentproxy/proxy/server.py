@@ -38,7 +38,7 @@ from agentproxy.proxy.backend import ProxyBackend
 from agentproxy.proxy.grpc import GrpcDataPlane
 from agentproxy.proxy.grpc_upstreams import Channels, Descriptors
 from agentproxy.proxy.http_plane import HttpDataPlane
-from agentproxy.proxy.listener import BoundedServer, ConnectionBounds
+from agentproxy.proxy.listener import ConnectionBounds, HttpListener
 from agentproxy.proxy.pins import McpState
 from agentproxy.proxy.pipeline import Pipeline
 from agentproxy.proxy.upstream import UpstreamClient
@@ -49,9 +49,6 @@ from agentproxy.telemetry import tracing
 log = logging.getLogger("agentproxy")
 HealthServicer = health_aio.HealthServicer
 
-# Request lines and header fields up to 16 KiB reach us (aiohttp refuses longer ones with 400
-# itself); tokens have their own, lower limit (`identity.max_token_bytes`).
-MAX_FIELD = 16 * 1024
 SHUTDOWN_GRACE = 10.0
 # How often a proxy that started without its store tries to reach it again.
 STORE_RETRY = 1.0
@@ -121,7 +118,8 @@ class ProxyServer:
         self._explainer: Pipeline | None = None
         self._tasks: list[asyncio.Task[None]] = []  # the revocation mirror, approval expiry
         self._watcher: asyncio.Task[None] | None = None
-        self._runners: list[web.BaseRunner] = []
+        self._runners: list[web.BaseRunner] = []  # the admin listener's
+        self._http: HttpListener | None = None
         self._grpc_servers: list[aio.Server] = []
         self._health: HealthServicer | None = None
         self._ready = False
@@ -247,37 +245,22 @@ class ProxyServer:
             self.metrics,
             max_connections=listen.max_connections,
             header_timeout=listen.header_timeout,
+            idle_timeout=listen.idle_timeout,
         )
-        http = web.ServerRunner(
-            # auto_decompress=False: bodies pass through as sent (a gzip body stays gzip, with
-            # its Content-Encoding and length); the MCP adapter decodes what it authorizes.
-            BoundedServer(
-                data_plane.handle,
-                bounds=bounds,
-                keepalive_timeout=listen.idle_timeout,
-                # After a refusal whose body was not read, aiohttp drains it before closing
-                # (so the client reads the answer, not a reset): 2 s, not its 10.
-                lingering_time=2.0,
-                max_field_size=MAX_FIELD,
-                max_line_size=MAX_FIELD,
-                auto_decompress=False,
-                # No access log: aiohttp's writes the full query (an ?access_token= in clear)
-                # and the agent's User-Agent unescaped; the decision log records every call.
-                access_log=None,
-            ),
-            access_log=None,
-            shutdown_timeout=SHUTDOWN_GRACE,
-        )
-        for runner in (admin, http):
-            await runner.setup()
-            self._runners.append(runner)
+        await admin.setup()
+        self._runners.append(admin)
         reuse = self._reuse_port or None
         admin_site = web.TCPSite(admin, listen.admin.host, listen.admin.port, reuse_port=reuse)
-        http_site = web.TCPSite(http, listen.http.host, listen.http.port, reuse_port=reuse)
         await admin_site.start()
-        await http_site.start()
         self.admin_port = _bound_port(admin)
-        self.http_port = _bound_port(http)
+        # Bodies pass through as sent (a gzip body stays gzip, with its Content-Encoding and
+        # length); the MCP and LLM adapters decode what they authorize. No access log: the
+        # decision log records every call (an access log would write an ?access_token= in
+        # clear).
+        self._http = HttpListener(data_plane.handle, bounds, self.clock)
+        self.http_port = await self._http.start(
+            listen.http.host, listen.http.port, reuse_port=self._reuse_port
+        )
         if listen.grpc is not None:
             await self._start_grpc(str(listen.grpc))
         if listen.admin_grpc is not None:
@@ -387,12 +370,12 @@ class ProxyServer:
         # flight finish within SHUTDOWN_GRACE; the admin listener answers not-ready meanwhile.
         if self._health is not None:
             await self._health.enter_graceful_shutdown()
-        admin, data_planes = self._runners[:1], self._runners[1:]  # admin started first
+        http, self._http = self._http, None
         await asyncio.gather(
             *(server.stop(SHUTDOWN_GRACE) for server in self._grpc_servers),
-            *(runner.cleanup() for runner in data_planes),
+            *((http.close(SHUTDOWN_GRACE),) if http is not None else ()),
         )
-        for runner in admin:
+        for runner in self._runners:
             await runner.cleanup()
         self._grpc_servers.clear()
         self._runners.clear()
