@@ -110,7 +110,7 @@ def main() -> int:
         subprocess.run(
             [
                 *(spy, "record", "--pid", str(proxy.pid), "--duration", str(args.seconds)),
-                *("--rate", "500", "--format", "raw", "--output", str(out), "--nonblocking"),
+                *("--rate", "500", "--format", "raw", "--output", str(out)),
             ],
             check=True,
             stdout=subprocess.DEVNULL,
