@@ -238,7 +238,7 @@ class Metrics:
         self.connections_refused = Counter(
             "agentproxy_connections_refused",
             "Client connections closed by the proxy's bounds, by reason (max_connections, "
-            "header_timeout, body_timeout).",
+            "header_timeout, body_timeout, malformed_request).",
             ["reason"],
             registry=r,
         )

@@ -180,9 +180,8 @@ class HttpConnection(asyncio.Protocol):
         if self._reading is not None:
             self._reading.content.fail(lost)
             self._reading = None
-        for request in self._queue:
+        for request in self._queue:  # left to `_serve`, which stops at the one it answers
             request.content.fail(lost)
-        self._queue.clear()
         drained = self._drained
         if drained is not None and not drained.done():
             drained.set_exception(lost)
