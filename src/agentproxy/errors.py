@@ -234,6 +234,16 @@ class UnsupportedMediaType(Refusal):
     fault = "client"
 
 
+class ClientLeft(Refusal, ConnectionResetError):
+    """The client closed its connection before its request body ended: routine, not a bug
+    (nothing can be answered, but the call is recorded as refused, not as a fault)."""
+
+    status = 400
+    problem = "bad-request"
+    title = "Bad request"
+    fault = "client"
+
+
 class BodyTimeout(Refusal):
     """The request body stopped arriving for longer than `listen.body_timeout`."""
 

@@ -101,7 +101,8 @@ class Body:
 
     async def read(self, n: int = -1) -> bytes:
         """Up to `n` bytes (-1: whatever is buffered) once some have arrived; b"" at the end.
-        Raises ConnectionResetError when the client left before the end."""
+        Raises ClientLeft (a ConnectionResetError) when the client left before the end, or
+        the Refusal the listener found in the body (an invalid chunk, a trailer too large)."""
         while not self._chunks:
             if self._eof:
                 if self._error is not None:

@@ -12,11 +12,13 @@ the whole pipeline's. What it keeps of aiohttp's behaviour, and the bounds aioht
 - `header_timeout`: once a request head has begun, all of it must arrive within this, or the
   connection is closed (`header_timeout`);
 - `idle_timeout`: a keep-alive connection waiting for its next request (or a new one that has
-  sent nothing) is closed after this;
+  sent nothing) is closed after this, and so is one whose client reads nothing of its answer
+  for this long (a zero receive window);
 - heads are bounded: a request line or header field over 16 KiB, more than 128 header fields
   or 64 KiB of head, and anything llhttp refuses (both Content-Length and Transfer-Encoding,
   two lengths, a bare LF, a space before a colon, an invalid chunk) get a problem+json `400`
-  (`414`, `431`) and the connection is closed (`malformed_request`);
+  (`414`, `431`) and the connection is closed (`malformed_request`), as is a trailer over
+  64 KiB and more than `MAX_PIPELINED` requests waiting on one connection;
 - requests on one connection are answered in order (pipelining), one at a time; a body is
   buffered up to `http_wire.HIGH_WATER` before the connection stops reading;
 - an answer sent while the request's body was still arriving (a refusal that did not read
@@ -42,7 +44,14 @@ import httptools
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from agentproxy.clock import Clock
-from agentproxy.errors import BadRequest, HeadTooLarge, InternalError, Refusal, TargetTooLong
+from agentproxy.errors import (
+    BadRequest,
+    ClientLeft,
+    HeadTooLarge,
+    InternalError,
+    Refusal,
+    TargetTooLong,
+)
 from agentproxy.metering.metrics import Metrics
 from agentproxy.protocols.http import render
 from agentproxy.proxy.http_wire import (
@@ -66,6 +75,10 @@ MAX_HEAD = 64 * 1024
 # After an answer sent before its request's body ended: how long the rest may take to
 # arrive (read and dropped) before the connection closes.
 LINGER = 2.0
+# Requests parsed and waiting for their answer on one connection. llhttp parses a whole read
+# (up to 256 KiB: ~14,000 bodiless requests) before the connection can stop reading; past
+# this many the connection is refused rather than holding them all.
+MAX_PIPELINED = 64
 # How often deadlines (head, idle, linger) are checked: one timer for every connection.
 SWEEP = 0.25
 
@@ -137,6 +150,10 @@ class HttpConnection(asyncio.Protocol):
         self._head_size = 0
         self._head_stream = 0
         self._in_head = False
+        # Bytes of reads that carried no body while a body is arriving: chunk-size lines,
+        # extensions and the trailer, whose fields llhttp buffers until they end.
+        self._framing = 0
+        self._body_fed = False
         self._reading: Request | None = None  # the request whose body is arriving
         self._queue: collections.deque[Request] = collections.deque()
         self._task: asyncio.Task[None] | None = None
@@ -176,7 +193,7 @@ class HttpConnection(asyncio.Protocol):
         self._listener.bounds.release()
         self._listener.connections.discard(self)
         self._listener.maybe_idle()
-        lost = ConnectionResetError("the client closed the connection")
+        lost = ClientLeft("the client closed the connection before its request ended")
         if self._reading is not None:
             self._reading.content.fail(lost)
             self._reading = None
@@ -199,6 +216,8 @@ class HttpConnection(asyncio.Protocol):
             # Bytes of a head begun in an earlier read: llhttp buffers a field until it ends,
             # so a field that never ends is bounded here, not by its callback.
             self._head_stream += len(data)
+        reading = self._reading
+        self._body_fed = False
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -217,10 +236,27 @@ class HttpConnection(asyncio.Protocol):
         if self._in_head and self._head_stream > MAX_HEAD + MAX_FIELD:
             self._malformed(HeadTooLarge(f"the request head exceeds {MAX_HEAD} bytes"))
             return
+        if reading is not None and reading is self._reading and not self._body_fed:
+            # A trailer field that never ends grows (and is copied) inside httptools with
+            # every read: it gets the head's bound.
+            self._framing += len(data)
+            if self._framing > MAX_HEAD + MAX_FIELD:
+                self._malformed(
+                    HeadTooLarge(f"the chunked body's trailer exceeds {MAX_HEAD} bytes")
+                )
+                return
         if self._queue and self._task is None:
             # Started only once the bytes read so far parsed: a head that llhttp refuses
             # after its last field (an invalid Transfer-Encoding) is never handled.
             self._task = self._loop.create_task(self._serve())
+
+    def eof_received(self) -> bool:
+        """A client that half-closes after its request (RFC 9112 §9.6 lets it) still gets
+        the answers to what it sent; the connection closes once they are out."""
+        self._closing = True
+        if self._reading is not None or self._in_head:
+            return False  # what it began cannot end: connection_lost fails it
+        return self._task is not None or bool(self._queue)
 
     def pause_writing(self) -> None:
         self._write_paused = True
@@ -290,6 +326,11 @@ class HttpConnection(asyncio.Protocol):
             body_exists=body_exists,
             keep_alive=parser.should_keep_alive(),
         )
+        if len(self._queue) >= MAX_PIPELINED:
+            raise BadRequest(
+                f"more than {MAX_PIPELINED} requests pipelined; wait for answers to send more"
+            )
+        self._framing = 0
         self._reading = request if body_exists else None
         self._queue.append(request)
         if len(self._queue) > 1:
@@ -297,6 +338,8 @@ class HttpConnection(asyncio.Protocol):
             self.pause_reading()
 
     def on_body(self, body: bytes) -> None:
+        self._body_fed = True
+        self._framing = 0
         request = self._reading
         if request is not None:
             if self._lingering:
@@ -350,8 +393,15 @@ class HttpConnection(asyncio.Protocol):
         if self._lost:
             raise ConnectionResetError("the client closed the connection")
         drained = self._drained = self._loop.create_future()
+        idle = self._listener.bounds.idle_timeout
         try:
-            await drained
+            # A client that stops reading (a zero window) would hold the answer's writer, its
+            # upstream request and this connection for as long as it liked.
+            async with asyncio.timeout(idle):
+                await drained
+        except TimeoutError:
+            self.abort()
+            raise ConnectionResetError(f"the client read nothing for {idle:g}s") from None
         finally:
             self._drained = None
 
@@ -392,6 +442,8 @@ class HttpConnection(asyncio.Protocol):
             while self._queue and not self._lost:
                 request = self._queue[0]
                 response = await self._answer(request)
+                if self._lost:
+                    return  # connection_lost has failed and dropped what was queued
                 self._queue.popleft()
                 if self._read_paused and self._reading is None and len(self._queue) <= 1:
                     self.resume_reading()
@@ -410,8 +462,12 @@ class HttpConnection(asyncio.Protocol):
                     # (its refusal goes last, when the connection is still in step).
                     if not ended:
                         self._send_refusal()
-                    self._close()
+                    self._close_lingering()
                     return
+                if self._queue:
+                    # The next pipelined answer may never suspend (a refusal): without this
+                    # one read of tiny requests would hold the loop for all of them.
+                    await asyncio.sleep(0)
         finally:
             self._task = None
             self._listener.maybe_idle()
@@ -476,15 +532,19 @@ class HttpConnection(asyncio.Protocol):
         self.deadline_reason = ""
         reading = self._reading
         if reading is not None:
-            # The refused message itself (its head parsed, its body not valid): never handled.
+            # The refused message itself (its head parsed, its body not valid).
             self._reading = None
-            reading.content.fail(ConnectionResetError(f"the request is not valid: {refusal}"))
+            reading.content.fail(refusal)
             if (
                 self._queue
                 and self._queue[-1] is reading
                 and (self._task is None or len(self._queue) > 1)
             ):
-                self._queue.pop()
+                self._queue.pop()  # never handled: its refusal goes last
+            else:
+                # Being handled: the exchange reading its body gets the refusal and answers
+                # with it; a second answer to the one request would desynchronize the client.
+                self._refusal = None
         if self._task is None and self._queue:
             self._task = self._loop.create_task(self._serve())
         elif self._task is None:
@@ -496,7 +556,27 @@ class HttpConnection(asyncio.Protocol):
         if refusal is None or transport is None or transport.is_closing():
             return
         transport.write(refusal_bytes(refusal))
-        transport.close()
+        self._close_lingering()
+
+    def _close_lingering(self) -> None:
+        """Closes after the answers sent (RFC 9112 §9.6): closing with bytes of the client
+        unread sends a reset, and a reset destroys the answers it has not read yet (those
+        pipelined before a refused request, the refusal itself). What it still sends is
+        dropped unparsed until it closes too, or LINGER passes."""
+        self._closing = True
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        if not transport.can_write_eof():
+            transport.close()  # TLS: no half-close
+            return
+        try:
+            transport.write_eof()
+        except OSError:  # the client is already gone (ENOTCONN after its reset)
+            transport.abort()
+            return
+        self.resume_reading()
+        self._wait("linger", LINGER)
 
     def expired(self, now: float) -> None:
         """Called by the sweeper once `deadline` has passed."""
