@@ -250,14 +250,6 @@ class HttpConnection(asyncio.Protocol):
             # after its last field (an invalid Transfer-Encoding) is never handled.
             self._task = self._loop.create_task(self._serve())
 
-    def eof_received(self) -> bool:
-        """A client that half-closes after its request (RFC 9112 §9.6 lets it) still gets
-        the answers to what it sent; the connection closes once they are out."""
-        self._closing = True
-        if self._reading is not None or self._in_head:
-            return False  # what it began cannot end: connection_lost fails it
-        return self._task is not None or bool(self._queue)
-
     def pause_writing(self) -> None:
         self._write_paused = True
 
@@ -564,6 +556,7 @@ class HttpConnection(asyncio.Protocol):
         pipelined before a refused request, the refusal itself). What it still sends is
         dropped unparsed until it closes too, or LINGER passes."""
         self._closing = True
+        self._queue.clear()  # parsed after the last answer: never answered
         transport = self.transport
         if transport is None or transport.is_closing():
             return
