@@ -128,7 +128,8 @@ async def test_one_read_of_tiny_pipelined_requests_does_not_hold_the_loop(
         writer.write(b"GET / HTTP/1.1\r\n\r\n" * 20_000)
         raw = await asyncio.wait_for(reader.read(-1), 10)
     writer.close()
-    assert max(gaps) < 0.1, f"the loop was held for {max(gaps):.3f}s"
+    # ~0.5 s before; well under 1 ms alone now (the margin is for a loaded test run).
+    assert max(gaps) < 0.25, f"the loop was held for {max(gaps):.3f}s"
     answers = raw.count(b"HTTP/1.1 ")
     assert answers == MAX_PIPELINED + 1  # those queued, then the refusal, then closed
     assert raw.count(b"HTTP/1.1 401 ") == MAX_PIPELINED

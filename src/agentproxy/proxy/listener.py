@@ -435,7 +435,7 @@ class HttpConnection(asyncio.Protocol):
                 request = self._queue[0]
                 response = await self._answer(request)
                 if self._lost:
-                    return  # connection_lost has failed and dropped what was queued
+                    return  # connection_lost has failed what was queued: nothing more is sent
                 self._queue.popleft()
                 if self._read_paused and self._reading is None and len(self._queue) <= 1:
                     self.resume_reading()
