@@ -262,6 +262,9 @@ async def test_a_client_gone_mid_body_is_no_bug_and_never_reaches_the_upstream(
     await asyncio.sleep(0.4)
     assert upstream.seen == []
     assert errors(caplog) == []
+    # The caller left: never blamed on the upstream (it was a 502 "upstream failed").
+    blamed = [r.getMessage() for r in caplog.records if "upstream" in r.getMessage()]
+    assert blamed == []
 
 
 async def test_an_invalid_chunk_mid_body_is_one_400_and_no_bug(

@@ -120,6 +120,7 @@ class HttpExchange:
         self._responded = False
         self._body_too_large = False
         self._body_stalled = False
+        self._body_failed: Refusal | None = None
         self._continued = False
         # A body read as `args` (forwarded as these bytes), and the answer's obligations.
         self.parsed_body: HttpBody | None = None
@@ -291,6 +292,8 @@ class HttpExchange:
             call.upstream_seconds = self.clock.monotonic() - sent
 
     def _check_body_size(self, upstream: Upstream) -> None:
+        if self._body_failed is not None:
+            raise self._body_failed
         if self._body_stalled:
             raise BodyTimeout(
                 f"the request body stopped arriving for "
@@ -377,6 +380,11 @@ class HttpExchange:
             try:
                 async with asyncio.timeout(wait):
                     chunk = await content.read(CHUNK)
+            except Refusal as exc:
+                # The caller left mid-body, or its body broke its framing: the upstream's
+                # request fails with it, and the call is refused for what the caller did.
+                self._body_failed = exc
+                raise
             except TimeoutError:
                 self._body_stalled = True
                 raise BodyTimeout(
