@@ -264,15 +264,21 @@ class StreamResponse:
         await connection.drain()
 
     async def write_eof(self) -> None:
+        request = self._ending()
+        if request is not None and self._chunked:
+            request.connection.write(b"0\r\n\r\n")
+            await request.connection.drain()
+
+    def _ending(self) -> Request | None:
+        """The request this answer ends now, None if it already has. Raises RuntimeError
+        before `prepare`."""
         request = self._request
         if request is None:
             raise RuntimeError("write_eof() before prepare()")
         if self._eof_sent:
-            return
+            return None
         self._eof_sent = True
-        if self._chunked:
-            request.connection.write(b"0\r\n\r\n")
-            await request.connection.drain()
+        return request
 
     def _head(self, request: Request) -> bytes:
         headers = self.headers
@@ -317,12 +323,9 @@ class Response(StreamResponse):
         raise RuntimeError("a Response is sent whole: set its body")
 
     async def write_eof(self) -> None:
-        request = self._request
+        request = self._ending()
         if request is None:
-            raise RuntimeError("write_eof() before prepare()")
-        if self._eof_sent:
             return
-        self._eof_sent = True
         headers = self.headers
         body = self.body
         if self.status in _EMPTY_STATUS:
