@@ -202,3 +202,15 @@ def test_non_ascii_identifiers_travel_as_utf8_json() -> None:
     )
     claims = verify_with_jwks(signer, token)
     assert (claims["agent"], claims["user"]) == ("agent-ü", "zoë")
+
+
+def test_libsodium_signs_exactly_what_openssl_signs() -> None:
+    """Ed25519 is deterministic (RFC 8032 §5.1.6): the libsodium signature of a token is the
+    one `cryptography` (OpenSSL) makes for the same key and bytes, so the token verifies
+    wherever it did before."""
+    key = ed25519.Ed25519PrivateKey.generate()
+    token = ContextSigner(key, SETTINGS).sign(
+        principal=PRINCIPAL, task="t", rule="r", upstream="u", now=1_000_000.0, **CALL
+    )
+    signing_input, _, signature = token.rpartition(".")
+    assert base64url_decode(signature) == key.sign(signing_input.encode())
