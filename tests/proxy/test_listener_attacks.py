@@ -396,20 +396,19 @@ async def test_a_client_that_never_reads_a_download_is_cut_off(
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     sock.connect(("127.0.0.1", port_of(proxy)))
     sock.setblocking(False)
+    gauge = 'agentproxy_connections{listener="http"}'
     try:
         sock.send(get("/download?bytes=500000000", keys.token()))
-        await asyncio.sleep(6)  # the kernel's buffers fill first, then the 1 s stall
-        received = 0
-        closed = False
-        with contextlib.suppress(BlockingIOError):
-            while data := sock.recv(1 << 20):
-                received += len(data)
-            closed = True
-    except ConnectionResetError:
-        closed = True
+        # The kernel's buffers fill first, then the 1 s stall; the client reads nothing
+        # meanwhile (a read would open its window), so the proxy's own count says when.
+        for _ in range(80):  # 20 s
+            await asyncio.sleep(0.25)
+            if await metric(proxy, gauge) == 0:
+                break
+        open_ = await metric(proxy, gauge)
     finally:
         sock.close()
-    assert closed, f"still open after 6 s; {received} bytes were waiting"
+    assert open_ == 0, "the proxy still holds a client that has read nothing for 20 s"
 
 
 # Framing of answers, and requests after the last one

@@ -118,8 +118,8 @@ class HttpExchange:
         self.upstream_client = upstream_client
         self._response: StreamResponse | None = None
         self._responded = False
-        self._body_too_large = False
-        self._body_stalled = False
+        # Why the caller's body stopped (too large, stalled, the caller gone): the refusal
+        # the call gets when the upstream request fails with it.
         self._body_failed: Refusal | None = None
         self._continued = False
         # A body read as `args` (forwarded as these bytes), and the answer's obligations.
@@ -268,13 +268,13 @@ class HttpExchange:
                 upstream.timeout,
             )
         except TimeoutError:
-            self._check_body_size(upstream)
+            self._raise_body_failure()
             call.upstream_seconds = self.clock.monotonic() - sent
             raise UpstreamTimeout(
                 f"upstream {upstream.name} did not answer within {upstream.timeout:g}s"
             ) from None
         except (aiohttp.ClientError, OSError, HttpProcessingError) as exc:
-            self._check_body_size(upstream)
+            self._raise_body_failure()
             call.upstream_seconds = self.clock.monotonic() - sent
             log.warning("upstream %s failed for call %s: %r", upstream.name, call.id, exc)
             raise UpstreamFailed(
@@ -291,18 +291,11 @@ class HttpExchange:
             upstream_response.release()
             call.upstream_seconds = self.clock.monotonic() - sent
 
-    def _check_body_size(self, upstream: Upstream) -> None:
+    def _raise_body_failure(self) -> None:
+        """Raises the refusal the caller's body ended with, if it did: the upstream request
+        failed because of it, not because of the upstream."""
         if self._body_failed is not None:
             raise self._body_failed
-        if self._body_stalled:
-            raise BodyTimeout(
-                f"the request body stopped arriving for "
-                f"{self.runtime.config.listen.body_timeout:g}s (listen.body_timeout)"
-            )
-        if self._body_too_large:
-            raise PayloadTooLarge(
-                f"request body exceeds the limit of {upstream.max_body_bytes} bytes"
-            )
 
     def _upstream_headers(self, call: Call, upstream: Upstream) -> list[tuple[str, str]]:
         strip = _stripped(credential_header(upstream))
@@ -386,10 +379,10 @@ class HttpExchange:
                 self._body_failed = exc
                 raise
             except TimeoutError:
-                self._body_stalled = True
-                raise BodyTimeout(
+                stalled = self._body_failed = BodyTimeout(
                     f"the request body stopped arriving for {wait:g}s (listen.body_timeout)"
-                ) from None
+                )
+                raise stalled from None
             if not chunk:
                 return
             yield chunk
@@ -409,8 +402,10 @@ class HttpExchange:
             if call.bytes_in > limit:
                 # Aborting the upload cuts the upstream request short: it never sees a
                 # complete body, and the caller gets a 413.
-                self._body_too_large = True
-                raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
+                too_large = self._body_failed = PayloadTooLarge(
+                    f"request body exceeds the limit of {limit} bytes"
+                )
+                raise too_large
             yield chunk
 
     async def _stream_back(self, call: Call, upstream_response: UpstreamAnswer) -> None:

@@ -89,12 +89,6 @@ class Body:
             self._eof = True
             self._wake()
 
-    def discard(self) -> None:
-        """Drops what is buffered and reads on: the answer is out, the rest is unwanted."""
-        self._chunks.clear()
-        self._size = 0
-        self._resume()
-
     def is_eof(self) -> bool:
         """Whether all of it has arrived (read or not)."""
         return self._eof

@@ -3,9 +3,10 @@ request handed to the data plane and its answer written back, and its bounds on 
 that no client can hold the proxy.
 
 It replaced aiohttp's server on the data plane (the admin listener still runs on aiohttp):
-a call through aiohttp's server, before any of our stages, cost ~40 µs of CPU more than
-through this one (request and response objects, its writer, its timers), about an eighth of
-the whole pipeline's. What it keeps of aiohttp's behaviour, and the bounds aiohttp lacked:
+a bare answer costs ~40 µs of CPU through it against ~59 through aiohttp's `web.Server`
+(request and response objects, its writer, its timers); a call of the whole pipeline 0.93x
+(policy only) to 0.98x (full) of what it cost (bench/results/listener.md). What it keeps of
+aiohttp's behaviour, and the bounds aiohttp lacked:
 
 - `max_connections`: a connection beyond the cap is answered `503` and closed at once, before
   any byte of it is read (counted as refused, reason `max_connections`);
@@ -21,9 +22,9 @@ the whole pipeline's. What it keeps of aiohttp's behaviour, and the bounds aioht
   64 KiB and more than `MAX_PIPELINED` requests waiting on one connection;
 - requests on one connection are answered in order (pipelining), one at a time; a body is
   buffered up to `http_wire.HIGH_WATER` before the connection stops reading;
-- an answer sent while the request's body was still arriving (a refusal that did not read
-  it) is followed by reading, and dropping, the rest of it for up to `LINGER` seconds before
-  the connection closes, so that the client reads the answer rather than a reset;
+- a connection closes after its last answer by a half-close (RFC 9112 §9.6): what the client
+  still sends (the rest of a body a refusal did not read) is dropped unparsed until it closes
+  too, or for `LINGER` seconds, so that it reads the answer rather than a reset;
 - a client that goes away is told to whoever streams to it (`when_lost`), so that the
   upstream request it was reading is closed at once (MCP stream resumption needs the upstream
   to see it end); the handler itself is not cancelled (records are written on the way out);
@@ -159,7 +160,6 @@ class HttpConnection(asyncio.Protocol):
         self._task: asyncio.Task[None] | None = None
         self._closing = False  # no request after the one being answered
         self._refusal: Refusal | None = None  # sent once the queued requests are answered
-        self._lingering = False
         self._read_paused = False
         self._write_paused = False
         self._drained: asyncio.Future[None] | None = None
@@ -210,8 +210,8 @@ class HttpConnection(asyncio.Protocol):
                 log.exception("a callback for a lost connection failed")
 
     def data_received(self, data: bytes) -> None:
-        if self._closing and not self._lingering:
-            return  # after a refused head or an upgrade: nothing more is HTTP/1.1 to us
+        if self._closing:
+            return  # closing (lingering, a refused head, an upgrade): nothing more is parsed
         if self._in_head:
             # Bytes of a head begun in an earlier read: llhttp buffers a field until it ends,
             # so a field that never ends is bounded here, not by its callback.
@@ -225,9 +225,7 @@ class HttpConnection(asyncio.Protocol):
             # HTTP/1.1; whatever follows it is not HTTP/1.1, so nothing more is read.
             self._closing = True
         except httptools.HttpParserError as exc:
-            if self._lingering:
-                self._close()  # the answer is out; what is dropped need not parse
-            elif isinstance(exc, httptools.HttpParserCallbackError):
+            if isinstance(exc, httptools.HttpParserCallbackError):
                 cause = exc.__context__
                 self._malformed(cause if isinstance(cause, Refusal) else BadRequest(str(exc)))
             else:
@@ -292,36 +290,33 @@ class HttpConnection(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         self._in_head = False
         self.deadline_reason = ""  # the head arrived in time
-        if self._closing or self._lingering:
+        if self._closing:
             return  # nothing after the request being answered last is answered
         parser = self._parser
         version = parser.get_http_version()
         if version not in ("1.1", "1.0"):
             raise BadRequest(f"HTTP/{version} is not served here: send HTTP/1.1")
-        length: int | None = None
-        chunked = False
-        for name, value in self._fields:
-            lowered = name.lower()
-            if lowered == "content-length":
-                length = int(value)  # llhttp refused anything but one run of digits
-            elif lowered == "transfer-encoding":
-                chunked = True  # llhttp refused one that does not end with chunked
-        body_exists = chunked or (length is not None and length > 0)
+        if len(self._queue) >= MAX_PIPELINED:
+            raise BadRequest(
+                f"more than {MAX_PIPELINED} requests pipelined; wait for answers to send more"
+            )
+        headers = CIMultiDictProxy(CIMultiDict(self._fields))
+        # llhttp refused a length that is not one run of digits, two of them, and a
+        # Transfer-Encoding that does not end with chunked.
+        declared = headers.get("Content-Length")
+        length = int(declared) if declared is not None else None
+        body_exists = "Transfer-Encoding" in headers or bool(length)
         request = Request(
             self,
             parser.get_method().decode("ascii"),
             b"".join(self._url).decode("utf-8", "surrogateescape"),
             (1, 1) if version == "1.1" else (1, 0),
-            CIMultiDictProxy(CIMultiDict(self._fields)),
+            headers,
             content=Body(self) if body_exists else EMPTY_BODY,
             content_length=length,
             body_exists=body_exists,
             keep_alive=parser.should_keep_alive(),
         )
-        if len(self._queue) >= MAX_PIPELINED:
-            raise BadRequest(
-                f"more than {MAX_PIPELINED} requests pipelined; wait for answers to send more"
-            )
         self._framing = 0
         self._reading = request if body_exists else None
         self._queue.append(request)
@@ -334,8 +329,6 @@ class HttpConnection(asyncio.Protocol):
         self._framing = 0
         request = self._reading
         if request is not None:
-            if self._lingering:
-                return  # dropped: the answer is out
             request.content.feed(body)
 
     def on_message_complete(self) -> None:
@@ -343,8 +336,6 @@ class HttpConnection(asyncio.Protocol):
         if request is not None:
             self._reading = None
             request.content.end()
-            if self._lingering and self.transport is not None:
-                self.transport.close()
 
     # The exchanges' side
 
@@ -366,18 +357,18 @@ class HttpConnection(asyncio.Protocol):
 
     def write(self, data: bytes) -> None:
         """Raises ConnectionResetError once the client has gone."""
-        transport = self.transport
-        if transport is None or self._lost or transport.is_closing():
-            raise ConnectionResetError("the client closed the connection")
-        self.sent += 1
-        transport.write(data)
+        self._writable().write(data)
 
     def writelines(self, data: tuple[bytes, ...]) -> None:
+        """One send for several buffers (writev). Raises ConnectionResetError."""
+        self._writable().writelines(data)
+
+    def _writable(self) -> asyncio.Transport:
         transport = self.transport
         if transport is None or self._lost or transport.is_closing():
             raise ConnectionResetError("the client closed the connection")
         self.sent += 1
-        transport.writelines(data)
+        return transport
 
     async def drain(self) -> None:
         if not self._write_paused:
@@ -443,8 +434,8 @@ class HttpConnection(asyncio.Protocol):
                     self.abort()  # an answer cut short must not look complete
                     return
                 if not request.content.is_eof():
-                    # Answered before its body ended: read and drop the rest, then close.
-                    self._linger(request)
+                    # Answered before its body ended: the rest is dropped as it comes.
+                    self._close_lingering()
                     return
                 ended = not (
                     response.keep_alive and request.keep_alive and not self._listener.closing
@@ -497,12 +488,6 @@ class HttpConnection(asyncio.Protocol):
             except ConnectionError:
                 return None
         return response
-
-    def _linger(self, request: Request) -> None:
-        self._lingering = True
-        request.content.discard()
-        self.resume_reading()
-        self._wait("linger", LINGER)
 
     def _close(self) -> None:
         self._closing = True
